@@ -1,0 +1,32 @@
+"""moeaudit: audit which experts in a Mixture-of-Experts language model actually matter.
+
+Heavy modules (torch, transformers) are imported on first use so that ``moeaudit --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "moeaudit.models",
+    "MoEModel": "moeaudit.models",
+    "MoELayer": "moeaudit.models",
+    "Ablation": "moeaudit.models",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from moeaudit.models import Ablation, MoELayer, MoEModel, load_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    if name in {"stats", "metrics", "data", "models", "observe", "errors"}:
+        return import_module(f"moeaudit.{name}")
+    raise AttributeError(f"module 'moeaudit' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "load_model", "MoEModel", "MoELayer", "Ablation"]

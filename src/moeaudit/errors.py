@@ -1,0 +1,43 @@
+"""User-facing errors.
+
+Every error a user can cause is a :class:`MoeAuditError` whose message is one line that names the fix.
+The CLI prints that line and exits non-zero without a traceback; library users catch the subclasses.
+"""
+
+from __future__ import annotations
+
+
+class MoeAuditError(Exception):
+    """Base class: an error the user can fix; ``str(err)`` is one line that says how."""
+
+    exit_code: int = 2
+
+
+class ModelLoadError(MoeAuditError):
+    """The model could not be found, reached, or read."""
+
+
+class UnsupportedModelError(MoeAuditError):
+    """The model is dense, of an unsupported MoE family, or needs ``trust_remote_code``."""
+
+
+class ContractError(MoeAuditError):
+    """The installed transformers does not behave as the adapter was written for."""
+
+
+class InvalidParameterError(MoeAuditError, ValueError):
+    """A parameter is out of its allowed range (a layer index, a ratio, a kind)."""
+
+
+class CorpusError(MoeAuditError):
+    """The corpus could not be read or is unusable."""
+
+
+class RunDirectoryError(MoeAuditError):
+    """The run directory is missing, unwritable, or belongs to another configuration."""
+
+
+def invalid(name: str, allowed: str, got: object, context: str = "") -> InvalidParameterError:
+    """Build the house message: "`layer` must be in [0, 15] for X; got 16."."""
+    where = f" for {context}" if context else ""
+    return InvalidParameterError(f"`{name}` must be {allowed}{where}; got {got!r}.")
