@@ -1,0 +1,48 @@
+"""The ``moeaudit`` command. Sub-commands live one per module; heavy imports happen inside them."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from moeaudit import __version__
+from moeaudit.errors import MoeAuditError
+
+app = typer.Typer(
+    name="moeaudit",
+    help="Audit which experts in a Mixture-of-Experts language model actually matter.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moeaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Audit which experts in a Mixture-of-Experts language model actually matter."""
+
+
+from moeaudit.cli import inspect as _inspect  # noqa: E402  (registers the sub-command)
+
+_inspect.register(app)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app()
+    except MoeAuditError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,69 @@
+"""``moeaudit inspect MODEL``: the MoE layout of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    from moeaudit.errors import invalid
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise invalid("--layers", "a comma-separated list of integers such as 0,4,7", text) from None
+
+
+def inspect_command(
+    model: str = typer.Argument(..., help="Built-in name (tiny-olmoe, ...), local checkpoint directory, or hub id."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Only these MoE layers, e.g. 0,4,7."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+) -> None:
+    """Show family, MoE layers, experts / top-k / shared experts per layer, routing rule, parameters, dtype."""
+    from moeaudit.models import load_model
+
+    moe = load_model(model, dtype=dtype, device=device)
+    wanted = _parse_layers(layers)
+    description = moe.describe()
+    if wanted is not None:
+        keep = {moe.layer(index).layer for index in wanted}
+        description["moe_layers"] = [row for row in description["moe_layers"] if row["layer"] in keep]
+    if as_json:
+        typer.echo(json.dumps(description, indent=2))
+        return
+    _print_table(description)
+
+
+def _print_table(d: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    params = d["parameters"]
+    console.print(f"[bold]{d['name']}[/bold]  family={d['family']}  architecture={d['architecture']}  "
+                  f"dtype={d['dtype']}  device={d['device']}")
+    console.print(f"decoder layers={d['num_decoder_layers']}  hidden={d['hidden_size']}  vocab={d['vocab_size']}  "
+                  f"dense layers={d['dense_layers'] or 'none'}  experts kernel={d['experts_implementation']}")
+    console.print(f"parameters: total={params['total']:,}  routed experts={params['routed_experts']:,}  "
+                  f"shared experts={params['shared_experts']:,}  active per token={params['active_per_token']:,}")
+    table = Table(title="MoE layers")
+    for column in ("layer", "experts", "top-k", "shared", "shared gate", "routing rule", "expert params"):
+        table.add_column(column, justify="right" if column not in ("routing rule", "shared gate") else "left")
+    for row in d["moe_layers"]:
+        table.add_row(str(row["layer"]), str(row["num_experts"]), str(row["top_k"]), str(row["num_shared"]),
+                      "sigmoid" if row["shared_gated"] else ("-" if not row["num_shared"] else "none"),
+                      row["routing_rule"], f"{row['expert_parameters']:,}")
+    console.print(table)
+    for rule, text in d["routing_rules"].items():
+        console.print(f"  {rule}: {text}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_command)

@@ -1,0 +1,242 @@
+"""The adapter contract: one small class per MoE family, all exposing the same view of a model.
+
+An adapter knows where its family keeps the router, the fused experts and the shared experts, and
+re-implements the family's routing rule (:meth:`FamilyAdapter.route`) so that edited router logits can be
+re-routed exactly as the library would. Everything else in moeaudit talks to :class:`MoELayer` and
+:class:`Routing` only.
+
+Facts relied on (transformers 5.13 – 5.23; checked at load time by :mod:`moeaudit.models.contract`):
+
+* every router module returns ``(router_logits, topk_weights, topk_idx)``, with raw logits first;
+* every experts module is called as ``experts(hidden[N, H], topk_idx[N, k], topk_weights[N, k])`` and
+  stores its weights fused as 3-D parameters ``gate_up_proj`` and ``down_proj`` (no per-expert modules);
+* the experts module multiplies each selected expert's output by its ``topk_weights`` entry and sums over
+  the k slots, so calling its ``forward`` on one (token, slot) row with weight 1 yields the *ungated*
+  expert output f_e(x).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+RoutingRule = Literal[
+    "softmax_topk",
+    "softmax_topk_renorm",
+    "softmax_greedy_scaled",
+    "softmax_group_limited_scaled",
+    "topk_logits_softmax",
+]
+
+ROUTING_RULE_DOC: dict[str, str] = {
+    "softmax_topk": "softmax over all experts, top-k of the probabilities, weights not renormalised",
+    "softmax_topk_renorm": "softmax over all experts, top-k, weights renormalised to sum to 1",
+    "softmax_greedy_scaled": "softmax over all experts, greedy top-k, weights x routed_scaling_factor",
+    "softmax_group_limited_scaled": (
+        "softmax over all experts, top groups by max score, top-k inside them, x routed_scaling_factor"
+    ),
+    "topk_logits_softmax": "top-k of the raw logits (with bias), softmax over the k selected",
+}
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The routing decision for N tokens at one MoE layer.
+
+    Attributes
+    ----------
+    router_logits : Tensor [N, E]
+        Raw router logits (the router's first output).
+    router_probs : Tensor [N, E], float32
+        Softmax over all routed experts of the router logits (DESIGN.md "router probabilities").
+    topk_idx : Tensor [N, k], int64
+        Selected experts, in the module's own slot order.
+    raw_gate : Tensor [N, k], float32
+        ``router_probs`` gathered at ``topk_idx``.
+    combine_weight : Tensor [N, k]
+        What the experts module multiplies each expert's output by, bit-identical to the library's.
+    """
+
+    router_logits: torch.Tensor
+    router_probs: torch.Tensor
+    topk_idx: torch.Tensor
+    raw_gate: torch.Tensor
+    combine_weight: torch.Tensor
+
+
+@dataclass
+class MoELayer:
+    """One MoE layer of a model, described uniformly across families.
+
+    Attributes
+    ----------
+    layer : int
+        The model's own decoder-layer index (DeepSeek-V2-Lite's first MoE layer is 1).
+    block, router, experts : nn.Module
+        The library's MoE block, its router and its fused experts module.
+    shared : nn.Module or None
+        The shared-expert MLP (all shared experts fused into one module where the family does that).
+    shared_gate : nn.Module or None
+        The shared expert's gate (Qwen2-MoE: a sigmoid of a linear map); None when ungated.
+    num_experts, top_k : int
+        Routed experts and experts per token.
+    num_shared : int
+        Number of shared experts (0 when none).
+    shared_intermediate : int
+        Intermediate width of one shared expert (to ablate one of several fused shared experts).
+    routing_rule : str
+        One of :data:`ROUTING_RULE_DOC`.
+    """
+
+    layer: int
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    num_experts: int
+    top_k: int
+    routing_rule: str
+    shared: nn.Module | None = None
+    shared_gate: nn.Module | None = None
+    num_shared: int = 0
+    shared_intermediate: int = 0
+    adapter: "FamilyAdapter | None" = field(default=None, repr=False)
+
+    @property
+    def shared_gated(self) -> bool:
+        return self.shared_gate is not None
+
+    def route(self, router_logits: torch.Tensor, removed: torch.Tensor | None = None) -> Routing:
+        """Re-route from (possibly edited) logits with the family's own rule; see FamilyAdapter.route."""
+        assert self.adapter is not None
+        return self.adapter.route(self, router_logits, removed)
+
+    def ungated_outputs(self, hidden: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
+        """f_e(x) for every (token, slot): hidden [N, H], topk_idx [N, k] -> [N, k, H].
+
+        Calls the experts module's own ``forward`` (not ``__call__``, so no hooks fire) on one row per
+        (token, slot) with weight 1, so the library's kernel computes the expert function itself.
+        """
+        n, k = topk_idx.shape
+        rows = hidden.repeat_interleave(k, dim=0)
+        ones = torch.ones((n * k, 1), dtype=hidden.dtype, device=hidden.device)
+        out = type(self.experts).forward(self.experts, rows, topk_idx.reshape(-1, 1), ones)
+        return out.reshape(n, k, -1)
+
+    def expert_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.experts.parameters())
+
+    def router_weight(self) -> torch.Tensor:
+        return self.router.weight
+
+
+class FamilyAdapter(abc.ABC):
+    """Base adapter; a family subclasses it and sets the class attributes (and overrides what differs)."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    architectures: ClassVar[tuple[str, ...]]
+    router_attr: ClassVar[str] = "gate"
+    shared_attr: ClassVar[str | None] = None
+    shared_gate_attr: ClassVar[str | None] = None
+
+    # ----------------------------------------------------------------- discovery
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.model.layers
+
+    def is_moe_block(self, mlp: nn.Module) -> bool:
+        return hasattr(mlp, "experts") and hasattr(mlp, self.router_attr)
+
+    def find_layers(self, model: nn.Module) -> list[MoELayer]:
+        found = []
+        for index, decoder_layer in enumerate(self.decoder_layers(model)):
+            mlp = getattr(decoder_layer, "mlp", None)
+            if mlp is None or not self.is_moe_block(mlp):
+                continue
+            found.append(self.describe_layer(model.config, index, mlp))
+        return found
+
+    def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:
+        router = getattr(block, self.router_attr)
+        shared = getattr(block, self.shared_attr) if self.shared_attr else None
+        shared_gate = getattr(block, self.shared_gate_attr) if self.shared_gate_attr else None
+        num_shared, shared_intermediate = self.shared_layout(config, shared)
+        return MoELayer(
+            layer=index,
+            block=block,
+            router=router,
+            experts=block.experts,
+            num_experts=int(router.num_experts),
+            top_k=int(router.top_k),
+            routing_rule=self.routing_rule(config),
+            shared=shared,
+            shared_gate=shared_gate,
+            num_shared=num_shared,
+            shared_intermediate=shared_intermediate,
+            adapter=self,
+        )
+
+    def shared_layout(self, config, shared: nn.Module | None) -> tuple[int, int]:
+        if shared is None:
+            return 0, 0
+        return 1, int(shared.intermediate_size)
+
+    # ----------------------------------------------------------------- routing
+    @abc.abstractmethod
+    def routing_rule(self, config) -> str:
+        """The name of the family's routing rule for this config (a key of ROUTING_RULE_DOC)."""
+
+    def route(self, layer: MoELayer, router_logits: torch.Tensor, removed: torch.Tensor | None = None) -> Routing:
+        """Select experts from router logits exactly as the library's router does.
+
+        Parameters
+        ----------
+        layer : MoELayer
+        router_logits : Tensor [N, E]
+            Raw logits as the router returned them.
+        removed : bool Tensor [N, E], optional
+            Experts removed per token: their logit is set to -inf before routing (what a pruned model's
+            router computes), so the softmax and the top-k see only the survivors.
+
+        Returns
+        -------
+        Routing
+            ``router_probs`` and ``raw_gate`` always come from the *unedited* logits' softmax for the
+            experts that remain selected only when ``removed`` is None; with ``removed`` they are the
+            softmax over the survivors, as a pruned router would produce.
+        """
+        logits = router_logits
+        if removed is not None:
+            logits = logits.masked_fill(removed, float("-inf"))
+        return self._route(layer, router_logits, logits)
+
+    @abc.abstractmethod
+    def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor) -> Routing:
+        """Route from ``logits`` (edited or not); ``router_logits`` is kept as the record of the original."""
+
+
+class SoftmaxTopKAdapter(FamilyAdapter):
+    """Families whose router is softmax -> top-k [-> renormalise] (OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral)."""
+
+    def renormalises(self, config) -> bool:
+        return bool(getattr(config, "norm_topk_prob", False))
+
+    def routing_rule(self, config) -> str:
+        return "softmax_topk_renorm" if self.renormalises(config) else "softmax_topk"
+
+    def _route(self, layer, router_logits, logits):
+        # Mirrors e.g. OlmoeTopKRouter.forward op for op, so indices and weights are bit-identical.
+        router_probs = F.softmax(logits, dtype=torch.float, dim=-1)
+        top_value, topk_idx = torch.topk(router_probs, layer.top_k, dim=-1)
+        raw_gate = top_value
+        if layer.routing_rule == "softmax_topk_renorm":
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        combine_weight = top_value.to(self.combine_dtype(router_logits))
+        return Routing(router_logits, router_probs, topk_idx, raw_gate, combine_weight)
+
+    def combine_dtype(self, router_logits: torch.Tensor) -> torch.dtype:
+        return router_logits.dtype

@@ -1,0 +1,72 @@
+"""Check at load time that the installed transformers behaves as the adapters assume.
+
+Silent nonsense is the failure mode of MoE tooling on transformers 5 (a router that starts returning
+probabilities instead of logits, an experts module with a new calling convention): every later number
+would be wrong without an error. So each MoE layer is probed on a few random hidden states:
+
+1. the experts module holds fused 3-D weights with one slice per routed expert;
+2. the router returns the 3-tuple ``(router_logits, topk_weights, topk_idx)`` and the logits are the raw
+   linear map of the input (plus bias where the family has one);
+3. the adapter's re-implemented routing reproduces the module's indices exactly and its weights to
+   rounding;
+4. ``experts(hidden, topk_idx, topk_weights)`` equals the weighted sum of the ungated outputs that
+   moeaudit computes by calling the experts with weight 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeaudit.errors import ContractError
+from moeaudit.models.base import MoELayer
+
+_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
+    """Raise ContractError naming the broken assumption for ``layer``; return None when it holds."""
+    where = f"layer {layer.layer} ({type(layer.block).__name__})"
+    fix = "install the versions in moeaudit's constraints.txt (transformers==5.23.0)"
+    experts = layer.experts
+    for name in ("down_proj",):
+        weight = getattr(experts, name, None)
+        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 3 or weight.shape[0] != layer.num_experts:
+            raise ContractError(f"{where}: expected fused 3-D expert weights `{name}` [E, ., .]; {fix}")
+    if getattr(experts, "gate_up_proj", None) is None and getattr(experts, "up_proj", None) is None:
+        raise ContractError(f"{where}: expected fused expert weights `gate_up_proj`; {fix}")
+
+    weight = layer.router.weight
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(tokens, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        output = layer.router(hidden)
+        if not (isinstance(output, tuple) and len(output) == 3):
+            raise ContractError(f"{where}: the router must return (router_logits, topk_weights, topk_idx); {fix}")
+        router_logits, topk_weights, topk_idx = output
+        if tuple(router_logits.shape) != (tokens, layer.num_experts) or tuple(topk_idx.shape) != (tokens, layer.top_k):
+            raise ContractError(f"{where}: unexpected router output shapes; {fix}")
+        bias = getattr(layer.router, "bias", None)
+        expected = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        rtol = _RTOL.get(weight.dtype, 1e-3)
+        if not torch.allclose(router_logits.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item()):
+            raise ContractError(f"{where}: the router's first output is not its raw logits; {fix}")
+        routing = layer.route(router_logits)
+        if not torch.equal(routing.topk_idx, topk_idx):
+            raise ContractError(f"{where}: moeaudit's {layer.routing_rule} routing selects other experts than "
+                                f"the library's router; {fix}")
+        if not torch.allclose(routing.combine_weight.float(), topk_weights.float(), rtol=rtol, atol=1e-7):
+            raise ContractError(f"{where}: moeaudit's {layer.routing_rule} routing gives other weights than "
+                                f"the library's router; {fix}")
+        combined = experts(hidden, topk_idx, topk_weights)
+        ungated = layer.ungated_outputs(hidden, topk_idx)
+        recomposed = (ungated.float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+        scale = recomposed.abs().max().item() + 1e-12
+        if not torch.allclose(combined.float(), recomposed, rtol=rtol, atol=rtol * scale):
+            raise ContractError(f"{where}: experts(hidden, topk_idx, topk_weights) is not the weighted sum of "
+                                f"the experts' outputs; {fix}")
+
+
+def check_contract(layers: list[MoELayer]) -> None:
+    for layer in layers:
+        check_layer(layer)

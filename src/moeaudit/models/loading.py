@@ -1,0 +1,222 @@
+"""`load_model`: from a hub id, a local directory or a built-in name to a checked `MoEModel`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeaudit.errors import ModelLoadError, UnsupportedModelError, invalid
+from moeaudit.models.contract import check_contract
+from moeaudit.models.moe_model import MoEModel
+from moeaudit.models.registry import KNOWN_UNSUPPORTED_MOE, adapter_for, supported_families_text
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise invalid("dtype", "one of " + ", ".join(DTYPES), dtype)
+    return DTYPES[dtype]
+
+
+def _builtin_source(name: str) -> Path | None:
+    try:
+        from moeaudit.models import builtin
+    except ImportError:  # the built-in models are package data and may be absent in a trimmed install
+        return None
+    return builtin.builtin_path(name) if name in builtin.BUILTIN_MODELS else None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
+
+
+def resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
+    """Return (source for from_pretrained, is_local); refuse missing local paths clearly."""
+    name = str(name_or_path)
+    builtin = _builtin_source(name)
+    if builtin is not None:
+        return str(builtin), True
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{name} is a file; pass the checkpoint directory that holds config.json")
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"no config.json in {name}; pass a directory written by save_pretrained")
+        return str(path), True
+    if isinstance(name_or_path, Path) or _looks_like_path(name):
+        raise ModelLoadError(f"no such directory: {name}; pass an existing checkpoint directory, a hub id "
+                             "(org/name) or a built-in model name (see `moeaudit inspect --help`)")
+    return name, False
+
+
+def _read_local_config(source: str) -> dict[str, Any]:
+    try:
+        return json.loads((Path(source) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def load_config(source: str, is_local: bool, display: str):
+    """AutoConfig without remote code, with one-line errors for the usual failures."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+    except ValueError as err:
+        raw = _read_local_config(source) if is_local else {}
+        text = str(err)
+        if "trust_remote_code" in text or "custom code" in text or raw.get("auto_map"):
+            raise UnsupportedModelError(
+                f"{display} needs trust_remote_code (custom modelling code), which moeaudit never runs; use a "
+                f"checkpoint in transformers' native format; supported families: {supported_families_text()}"
+            ) from None
+        model_type = raw.get("model_type", "unknown")
+        raise UnsupportedModelError(
+            f"{display} has model_type '{model_type}', which this transformers does not know; "
+            f"supported families: {supported_families_text()}"
+        ) from None
+    except OSError as err:
+        text = str(err)
+        if is_local:
+            raise ModelLoadError(f"could not read the checkpoint in {display}: {text.splitlines()[0]}") from None
+        if "not a valid model identifier" in text or "Repository Not Found" in text or "404" in text:
+            raise ModelLoadError(f"no model {display} on the model hub; check the id or pass a local directory") from None
+        raise ModelLoadError(
+            f"could not reach the model hub for {display}; pass a local directory (download it where there is "
+            f"network with `hf download {display} --local-dir DIR`)"
+        ) from None
+
+
+def _refuse_unsupported(config, display: str) -> None:
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "")])[0]
+    model_type = getattr(config, "model_type", "?")
+    is_moe = model_type in KNOWN_UNSUPPORTED_MOE or any(
+        (getattr(config, key, 0) or 0) > 1 for key in _MOE_CONFIG_KEYS
+    )
+    if is_moe:
+        raise UnsupportedModelError(
+            f"{display} is a '{model_type}' MoE model ({architecture}), a family moeaudit does not adapt yet; "
+            f"supported families: {supported_families_text()}"
+        )
+    raise UnsupportedModelError(
+        f"no MoE layers found in {display} ({architecture}); supported families: {supported_families_text()}"
+    )
+
+
+def wrap_model(model: nn.Module, *, name: str | None = None, tokenizer: Any = None, check: bool = True) -> MoEModel:
+    """Wrap an already-built transformers causal LM (e.g. from a config with random weights).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+    name : str, optional
+        Display name used in messages and manifests.
+    tokenizer : optional
+    check : bool
+        Run the load-time contract check (:mod:`moeaudit.models.contract`).
+    """
+    config = model.config
+    display = name or getattr(config, "_name_or_path", "") or type(model).__name__
+    adapter = adapter_for(getattr(config, "model_type", ""))
+    if adapter is None:
+        _refuse_unsupported(config, display)
+    layers = adapter.find_layers(model)
+    if not layers:
+        _refuse_unsupported(config, display)
+    if check:
+        check_contract(layers)
+    model.eval()
+    return MoEModel(model=model, adapter=adapter, layers=layers, name=display, tokenizer=tokenizer)
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    device: str | torch.device = "cpu",
+    experts_implementation: str | None = None,
+    attn_implementation: str | None = None,
+    check: bool = True,
+) -> MoEModel:
+    """Load an MoE causal LM through transformers and expose its MoE layers uniformly.
+
+    Parameters
+    ----------
+    name_or_path : str or Path
+        A built-in model name (``tiny-olmoe``, ``tiny-qwen-moe``, ``tiny-deepseek``), a local directory
+        written by ``save_pretrained``, or a hub id (``allenai/OLMoE-1B-7B-0924``; needs network).
+    dtype : {"float32", "bfloat16", "float16"} or torch.dtype
+        Weights and compute dtype; float32 is the default (and the exact reference) on CPU.
+    device : str or torch.device
+        ``cpu``, ``cuda``, ``cuda:1``, ...
+    experts_implementation : str, optional
+        transformers' experts kernel (``eager``, ``batched_mm``, ``grouped_mm``); None keeps the
+        library's default. ``batched_mm`` computes every (token, slot) row independently, which makes
+        token-scope interventions bit-exact at untouched positions.
+    attn_implementation : str, optional
+        transformers' attention kernel (``sdpa``, ``eager``, ...).
+    check : bool
+        Run the contract check (recommended; it costs a few tiny forward calls per layer).
+
+    Returns
+    -------
+    MoEModel
+
+    Notes
+    -----
+    ``trust_remote_code`` is never passed: DeepSeek-V2 loads through transformers' native
+    ``DeepseekV2ForCausalLM``; checkpoints that only work with remote code are refused.
+
+    Examples
+    --------
+    >>> moe = moeaudit.load_model("tiny-olmoe")  # doctest: +SKIP
+    >>> moe.describe()["moe_layers"][0]  # doctest: +SKIP
+    """
+    torch_dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise invalid("device", "a device this machine has (CUDA is not available here; use cpu)", str(device))
+    display = str(name_or_path)
+    source, is_local = resolve_source(name_or_path)
+    config = load_config(source, is_local, display)
+    if adapter_for(getattr(config, "model_type", "")) is None:
+        _refuse_unsupported(config, display)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+    except OSError as err:
+        raise ModelLoadError(f"could not load the weights of {display}: {str(err).splitlines()[0]}") from None
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(f"out of memory loading {display} on {device}; use a smaller dtype "
+                             "(--dtype bfloat16) or a device with more memory") from None
+    try:
+        model.to(device)
+    except torch.OutOfMemoryError:
+        raise ModelLoadError(f"out of memory moving {display} to {device}; use --dtype bfloat16 or another "
+                             "device") from None
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:  # a checkpoint without a tokenizer is still auditable
+        logger.info("no tokenizer loaded for %s: %s", display, str(err).splitlines()[0] if str(err) else err)
+    return wrap_model(model, name=display, tokenizer=tokenizer, check=check)

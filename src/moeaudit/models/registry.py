@@ -1,0 +1,41 @@
+"""Which adapter serves which transformers ``model_type``."""
+
+from __future__ import annotations
+
+from moeaudit.models.base import FamilyAdapter
+from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
+from moeaudit.models.gpt_oss import GptOssAdapter
+from moeaudit.models.mixtral import MixtralAdapter
+from moeaudit.models.olmoe import OlmoeAdapter
+from moeaudit.models.qwen2_moe import Qwen2MoeAdapter
+from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
+
+ADAPTERS: tuple[type[FamilyAdapter], ...] = (
+    OlmoeAdapter,
+    Qwen2MoeAdapter,
+    DeepseekV2Adapter,
+    MixtralAdapter,
+    Qwen3MoeAdapter,
+    GptOssAdapter,
+)
+
+_BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in cls.architectures)
+
+# model_types of MoE families transformers knows but moeaudit does not (yet) adapt; used only to word
+# the error ("unsupported MoE family" rather than "dense model").
+KNOWN_UNSUPPORTED_MOE = (
+    "granitemoe", "granitemoeshared", "granitemoehybrid", "jamba", "jetmoe", "phimoe", "dbrx", "qwen3_next",
+    "switch_transformers", "nllb_moe", "deepseek_v3", "glm4_moe", "minimax", "hunyuan_v1_moe", "ernie4_5_moe",
+    "llama4", "dots1", "bailing_moe", "flex_olmo", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
+)
+
+
+def adapter_for(model_type: str) -> FamilyAdapter | None:
+    cls = _BY_MODEL_TYPE.get(model_type)
+    return cls() if cls is not None else None
+
+
+def supported_families_text() -> str:
+    return ", ".join(f"{cls.family} ({'/'.join(cls.architectures)})" for cls in ADAPTERS)

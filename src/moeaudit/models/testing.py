@@ -1,0 +1,83 @@
+"""Tiny random-weight models of every supported family, for tests, benchmarks and examples.
+
+Nothing is downloaded: each model is built from a small config. Weights are re-drawn with a spread large
+enough that routing is decisive (transformers initialises routers near zero, which makes top-k ties).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+FAMILIES: tuple[str, ...] = (
+    "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
+)
+
+_COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_config(family: str, **overrides: Any):
+    """A small config of ``family`` (one of :data:`FAMILIES`); ``overrides`` replace any field."""
+    from transformers import (DeepseekV2Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
+                              Qwen3MoeConfig)
+
+    if family == "olmoe":
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=False)
+        cls = OlmoeConfig
+    elif family == "qwen2_moe":
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                      mlp_only_layers=[1])
+        cls = Qwen2MoeConfig
+    elif family in ("deepseek_v2", "deepseek_v2_grouped"):
+        grouped = family == "deepseek_v2_grouped"
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                      first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                      kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                      head_dim=8, num_key_value_heads=4, routed_scaling_factor=1.5,
+                      topk_method="group_limited_greedy" if grouped else "greedy",
+                      n_group=4 if grouped else None, topk_group=2 if grouped else None)
+        cls = DeepseekV2Config
+    elif family == "mixtral":
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
+                      num_experts_per_tok=2, sliding_window=None)
+        cls = MixtralConfig
+    elif family == "qwen3_moe":
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True, head_dim=8)
+        cls = Qwen3MoeConfig
+    elif family == "gpt_oss":
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=2, num_local_experts=8,
+                      num_experts_per_tok=2, head_dim=8, sliding_window=16,
+                      layer_types=["sliding_attention", "full_attention"],
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        cls = GptOssConfig
+    else:
+        raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
+    fields.update(overrides)
+    return cls(**fields)
+
+
+def tiny_model(family: str, *, seed: int = 0, experts_implementation: str | None = "batched_mm",
+               router_std: float = 1.0, weight_std: float = 0.2, **overrides: Any):
+    """A randomly initialised tiny causal LM of ``family`` in fp32 eval mode (a transformers model)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(family, **overrides)
+    if experts_implementation is not None:
+        config._experts_implementation = experts_implementation
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or "layernorm" in name:
+                continue
+            is_router = name.endswith(("gate.weight", "router.weight")) and "shared_expert_gate" not in name
+            std = router_std if is_router else weight_std
+            if param.dim() >= 2 or "bias" in name or "sinks" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.eval()

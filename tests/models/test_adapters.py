@@ -1,0 +1,301 @@
+"""Adapters are exact: capture, routing, recomposition and every ablation kind, for every family.
+
+Kernel: ``batched_mm`` (each (token, slot) row computed on its own), which makes untouched positions
+bit-identical; ``test_zero_noise_floor_grouped_mm`` measures the floor of transformers' default kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moeaudit.models import Ablation, SharedAblation, wrap_model
+from moeaudit.models.testing import FAMILIES, tiny_model
+
+BATCH, SEQ = 2, 12
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def moe(request):
+    return wrap_model(tiny_model(request.param, seed=3), name=request.param)
+
+
+@pytest.fixture(scope="module")
+def input_ids():
+    return torch.randint(3, 96, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+
+
+def clean_run(moe, input_ids, layers="all"):
+    with torch.no_grad(), moe.capture(layers, keep_outputs=True) as trace:
+        logits = moe.model(input_ids).logits
+    return logits, trace
+
+
+def row1(pos):
+    """A [B, T] position mask selecting only batch row 1 at ``pos``."""
+    mask = torch.zeros(BATCH, SEQ, dtype=torch.bool)
+    mask[1, pos] = True
+    return mask
+
+
+def pick_active(record, token=7, slot=0):
+    """(flat token index, position in batch row 1, expert, slot) of an active expert."""
+    flat = SEQ + token  # batch row 1
+    return flat, token, int(record.topk_idx[flat, slot]), slot
+
+
+def test_capture_leaves_logits_bit_identical(moe, input_ids):
+    with torch.no_grad():
+        plain = moe.model(input_ids).logits
+    logits, trace = clean_run(moe, input_ids)
+    assert torch.equal(plain, logits)
+    assert trace.layers == moe.moe_layer_indices
+
+
+def test_router_logits_match_transformers_recorder(moe, input_ids):
+    with torch.no_grad(), moe.capture("all") as trace:
+        out = moe.model(input_ids, output_router_logits=True)
+    recorded = [r for r in out.router_logits if r is not None]
+    assert len(recorded) == len(moe.layers)
+    for layer, theirs in zip(moe.layers, recorded):
+        assert torch.equal(trace[layer.layer].router_logits, theirs.reshape(-1, layer.num_experts))
+
+
+def test_reimplemented_routing_equals_module(moe, input_ids):
+    _, trace = clean_run(moe, input_ids)
+    for layer in moe.layers:
+        record = trace[layer.layer]
+        with torch.no_grad():
+            router_logits, weights, idx = layer.router(record.moe_input)
+        routing = layer.route(router_logits)
+        assert torch.equal(routing.topk_idx, idx)
+        assert torch.equal(routing.combine_weight, weights)
+        assert torch.equal(record.topk_idx, idx) and torch.equal(record.combine_weight, weights)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        assert torch.equal(record.raw_gate, probs.gather(-1, idx))
+
+
+def independent_shared_part(layer, hidden):
+    if layer.shared is None:
+        return torch.zeros_like(hidden)
+    out = layer.shared(hidden)
+    if layer.shared_gate is not None:
+        out = torch.sigmoid(layer.shared_gate(hidden)) * out
+    return out
+
+
+def test_recomposition_equals_block_output(moe, input_ids):
+    _, trace = clean_run(moe, input_ids)
+    for layer in moe.layers:
+        r = trace[layer.layer]
+        with torch.no_grad():
+            shared = independent_shared_part(layer, r.moe_input)
+        recomposed = (r.combine_weight.float().unsqueeze(-1) * r.ungated).sum(dim=1) + shared
+        rel = (recomposed - r.moe_output).abs().max() / r.moe_output.abs().max()
+        assert rel <= 1e-6, f"layer {layer.layer}: relative error {rel:.2e}"
+        assert torch.allclose(r.act_norm, torch.linalg.vector_norm(r.ungated, dim=-1))
+        if layer.shared is not None:
+            assert torch.allclose(r.shared_output, shared, atol=1e-6)
+
+
+def test_zero_removes_exactly_one_term(moe, input_ids):
+    clean_logits, clean = clean_run(moe, input_ids)
+    for layer in moe.layers:
+        c = clean[layer.layer]
+        flat, pos, expert, slot = pick_active(c)
+        with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos))],
+                                            capture=[layer.layer], keep_outputs=True) as trace:
+            logits = moe.model(input_ids).logits
+        a = trace[layer.layer]
+        delta = c.moe_output - a.moe_output
+        expected = c.combine_weight[flat, slot].float() * c.ungated[flat, slot]
+        assert torch.allclose(delta[flat], expected, rtol=1e-5, atol=1e-6)
+        others = torch.ones(BATCH * SEQ, dtype=torch.bool)
+        others[flat] = False
+        assert torch.equal(a.moe_output[others], c.moe_output[others])
+        # causal: earlier positions of that row, and the other row, are bit-identical under batched_mm
+        assert torch.equal(logits[1, :pos], clean_logits[1, :pos])
+        assert torch.equal(logits[0], clean_logits[0])
+        assert not torch.equal(logits[1, pos], clean_logits[1, pos])
+
+
+def test_zero_of_inactive_expert_has_no_effect(moe, input_ids):
+    clean_logits, clean = clean_run(moe, input_ids)
+    layer = moe.layers[-1]
+    flat, pos, _, _ = pick_active(clean[layer.layer])
+    inactive = sorted(set(range(layer.num_experts)) - set(clean[layer.layer].topk_idx[flat].tolist()))[0]
+    with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=inactive, positions=row1(pos))]):
+        logits = moe.model(input_ids).logits
+    assert torch.equal(logits[1, : pos + 1], clean_logits[1, : pos + 1])
+
+
+def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set, dict]:
+    """Selected set and combine weights after removing ``removed``, from first principles."""
+    z = logits_row.astype(np.float64).copy()
+    z[removed] = -np.inf
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    k = layer.top_k
+    rule = layer.routing_rule
+    if rule == "topk_logits_softmax":
+        chosen = list(np.argsort(-z)[:k])
+        w = np.exp(z[chosen] - z[chosen].max())
+        return set(chosen), dict(zip(chosen, w / w.sum()))
+    allowed = np.arange(len(z))
+    if rule == "softmax_group_limited_scaled":
+        groups = layer.router.num_group
+        per = len(z) // groups
+        best_groups = np.argsort(-probs.reshape(groups, per).max(axis=1))[: layer.router.topk_group]
+        allowed = np.concatenate([np.arange(g * per, (g + 1) * per) for g in best_groups])
+    chosen = list(allowed[np.argsort(-probs[allowed])[:k]])
+    w = probs[chosen]
+    if rule == "softmax_topk_renorm":
+        w = w / w.sum()
+    if rule.endswith("_scaled"):
+        w = w * layer.router.routed_scaling_factor
+    return set(chosen), dict(zip(chosen, w))
+
+
+def test_reroute_selects_next_best(moe, input_ids):
+    _, clean = clean_run(moe, input_ids)
+    for layer in moe.layers:
+        c = clean[layer.layer]
+        flat, pos, expert, _ = pick_active(c)
+        with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos), kind="reroute")],
+                                            capture=[layer.layer], keep_outputs=True) as trace:
+            moe.model(input_ids)
+        a = trace[layer.layer]
+        chosen, weights = brute_force_route(layer, c.router_logits[flat].double().numpy(), expert)
+        new = a.topk_idx[flat].tolist()
+        assert expert not in new and set(new) == chosen
+        assert len(set(new) & set(c.topk_idx[flat].tolist())) == layer.top_k - 1  # one replacement
+        for slot, e in enumerate(new):
+            assert a.combine_weight[flat, slot].item() == pytest.approx(weights[e], rel=1e-5)
+        others = torch.ones(BATCH * SEQ, dtype=torch.bool)
+        others[flat] = False
+        assert torch.equal(a.topk_idx[others], c.topk_idx[others])  # only (row 1, pos) is re-routed here
+        assert torch.equal(a.router_logits, c.router_logits)  # recorders see the original logits
+
+
+def test_renorm_keeps_surviving_sum(moe, input_ids):
+    _, clean = clean_run(moe, input_ids)
+    for layer in moe.layers:
+        c = clean[layer.layer]
+        flat, pos, expert, slot = pick_active(c, slot=1)
+        with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos), kind="renorm")],
+                                            capture=[layer.layer], keep_outputs=True) as trace:
+            moe.model(input_ids)
+        a = trace[layer.layer]
+        before, after = c.combine_weight[flat].float(), a.combine_weight[flat].float()
+        assert after[slot] == 0
+        assert after.sum().item() == pytest.approx(before.sum().item(), rel=1e-6)
+        keep = torch.arange(layer.top_k) != slot
+        ratio = after[keep] / before[keep]
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-6)
+        expected = (after.unsqueeze(-1) * c.ungated[flat]).sum(0) + (c.moe_output[flat] - c.routed_output[flat])
+        assert torch.allclose(a.moe_output[flat], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_replaces_output(moe, input_ids):
+    _, clean = clean_run(moe, input_ids)
+    for layer in moe.layers:
+        c = clean[layer.layer]
+        flat, pos, expert, slot = pick_active(c)
+        means = torch.randn(layer.num_experts, c.moe_output.shape[-1], generator=torch.Generator().manual_seed(1))
+        with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos), kind="mean",
+                                                      mean_output=means)],
+                                            capture=[layer.layer], keep_outputs=True) as trace:
+            moe.model(input_ids)
+        a = trace[layer.layer]
+        w = c.combine_weight[flat, slot].float()
+        expected = c.moe_output[flat] - w * c.ungated[flat, slot] + w * means[expert]
+        assert torch.allclose(a.moe_output[flat], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_scope_removes_expert_wherever_active(moe, input_ids):
+    _, clean = clean_run(moe, input_ids)
+    layer = moe.layers[0]
+    c = clean[layer.layer]
+    expert = int(c.topk_idx[0, 0])
+    with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert)], capture=[layer.layer],
+                                        keep_outputs=True) as trace:
+        moe.model(input_ids)
+    a = trace[layer.layer]
+    active = (c.topk_idx == expert)
+    assert torch.all(a.combine_weight[active] == 0)
+    assert torch.equal(a.combine_weight[~active], c.combine_weight[~active])
+    rows_unaffected = ~active.any(dim=-1)
+    assert torch.equal(a.moe_output[rows_unaffected], c.moe_output[rows_unaffected])
+
+
+def test_shared_ablation(moe, input_ids):
+    layers = [layer for layer in moe.layers if layer.shared is not None]
+    if not layers:
+        with pytest.raises(Exception, match="shared experts"):
+            with moe.intervene([SharedAblation(moe.layers[0].layer)]):
+                pass
+        return
+    _, clean = clean_run(moe, input_ids)
+    layer = layers[0]
+    c = clean[layer.layer]
+    flat, pos, _, _ = pick_active(c)
+    for index in [None] + list(range(layer.num_shared if layer.num_shared > 1 else 0)):
+        with torch.no_grad(), moe.intervene([SharedAblation(layer.layer, positions=row1(pos), index=index)],
+                                            capture=[layer.layer], keep_outputs=True) as trace:
+            moe.model(input_ids)
+        a = trace[layer.layer]
+        if index is None:
+            expected = c.moe_output[flat] - c.shared_output[flat]
+        else:  # recompute shared expert `index` alone from its slice of the fused MLP
+            s = layer.shared
+            lo, hi = index * layer.shared_intermediate, (index + 1) * layer.shared_intermediate
+            x = c.moe_input[flat]
+            with torch.no_grad():
+                inter = s.act_fn(x @ s.gate_proj.weight[lo:hi].T) * (x @ s.up_proj.weight[lo:hi].T)
+                part = inter @ s.down_proj.weight[:, lo:hi].T
+            expected = c.moe_output[flat] - part
+        assert torch.allclose(a.moe_output[flat], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_removed_after_exception(moe, input_ids):
+    def hooks():  # transformers keeps its own output-recorder hooks; ours must all go
+        return [(id(m), list(m._forward_hooks), list(m._forward_pre_hooks)) for m in moe.model.modules()]
+
+    before = hooks()
+    with pytest.raises(RuntimeError, match="boom"):
+        with moe.intervene([Ablation(moe.layers[0].layer, experts=0)], capture="all"):
+            assert hooks() != before
+            raise RuntimeError("boom")
+    assert hooks() == before
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v2"])
+def test_zero_noise_floor_grouped_mm(family, input_ids):
+    """transformers' default grouped_mm kernel: untouched earlier positions stay within a float32 floor."""
+    moe = wrap_model(tiny_model(family, seed=3, experts_implementation="grouped_mm"))
+    assert moe.experts_implementation == "grouped_mm"
+    layer = moe.layers[0]
+    with torch.no_grad(), moe.capture([layer.layer], keep_outputs=True) as clean:
+        clean_logits = moe.model(input_ids).logits
+    _, pos, expert, _ = pick_active(clean[layer.layer])
+    with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos))]):
+        logits = moe.model(input_ids).logits
+    floor = (logits[1, :pos] - clean_logits[1, :pos]).abs().max().item()
+    assert floor <= 1e-5 * clean_logits.abs().max().item()
+    assert (logits[1, pos] - clean_logits[1, pos]).abs().max().item() > 100 * max(floor, 1e-7)
+
+
+def test_bad_ablation_arguments(moe):
+    from moeaudit.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match="`kind` must be one of zero, renorm, reroute, mean"):
+        Ablation(moe.layers[0].layer, experts=0, kind="drop")
+    with pytest.raises(InvalidParameterError, match="`mean_output`"):
+        Ablation(moe.layers[0].layer, experts=0, kind="mean")
+    with pytest.raises(InvalidParameterError, match="`layer` must be an MoE layer index"):
+        with moe.intervene([Ablation(99, experts=0)]):
+            pass
+    with pytest.raises(InvalidParameterError, match=r"`experts` must be in \[0, 7\]"):
+        with torch.no_grad(), moe.intervene([Ablation(moe.layers[0].layer, experts=8)]):
+            moe.model(torch.ones(1, 4, dtype=torch.long))
