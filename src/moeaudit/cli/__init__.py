@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -38,6 +39,10 @@ _inspect.register(app)
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    # The CLI owns what the terminal shows; transformers' own bars and notices would interleave with it.
+    # Environment switches, read when transformers is first imported, keep `--help` free of that import.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         app()
     except MoeAuditError as err:

@@ -29,11 +29,11 @@ def inspect_command(
     """Show family, MoE layers, experts / top-k / shared experts per layer, routing rule, parameters, dtype."""
     from moeaudit.models import load_model
 
-    moe = load_model(model, dtype=dtype, device=device)
     wanted = _parse_layers(layers)
+    moe = load_model(model, dtype=dtype, device=device, layers=wanted)
     description = moe.describe()
     if wanted is not None:
-        keep = {moe.layer(index).layer for index in wanted}
+        keep = set(wanted)
         description["moe_layers"] = [row for row in description["moe_layers"] if row["layer"] in keep]
     if as_json:
         typer.echo(json.dumps(description, indent=2))

@@ -101,10 +101,14 @@ def load_config(source: str, is_local: bool, display: str):
 
 
 def _refuse_unsupported(config, display: str) -> None:
+    if config is None:
+        raise UnsupportedModelError(f"no MoE layers found in {display}; supported families: "
+                                    f"{supported_families_text()}")
     architecture = (getattr(config, "architectures", None) or [type(config).__name__.replace("Config", "")])[0]
     model_type = getattr(config, "model_type", "?")
-    is_moe = model_type in KNOWN_UNSUPPORTED_MOE or any(
-        (getattr(config, key, 0) or 0) > 1 for key in _MOE_CONFIG_KEYS
+    # A supported family without MoE layers (e.g. every layer in mlp_only_layers) is a dense model.
+    is_moe = adapter_for(model_type) is None and (
+        model_type in KNOWN_UNSUPPORTED_MOE or any((getattr(config, key, 0) or 0) > 1 for key in _MOE_CONFIG_KEYS)
     )
     if is_moe:
         raise UnsupportedModelError(
@@ -114,6 +118,30 @@ def _refuse_unsupported(config, display: str) -> None:
     raise UnsupportedModelError(
         f"no MoE layers found in {display} ({architecture}); supported families: {supported_families_text()}"
     )
+
+
+def probe_moe_layers(config, adapter, display: str) -> list[int]:
+    """MoE layer indices of ``config``, from a weightless skeleton on the meta device (no weights loaded)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    indices = [layer.layer for layer in adapter.find_layers(skeleton)]
+    if not indices:
+        _refuse_unsupported(config, display)
+    return indices
+
+
+def validate_layers(layers, moe_layers: list[int], display: str) -> list[int]:
+    """Check requested layer indices against the model's MoE layers; the house one-line error otherwise."""
+    if not moe_layers:
+        _refuse_unsupported(None, display)
+    for index in layers:
+        if index not in moe_layers:
+            allowed = (f"an MoE layer index, one of {moe_layers}" if len(moe_layers) <= 12
+                       else f"an MoE layer index in [{moe_layers[0]}, {moe_layers[-1]}]")
+            raise invalid("layer", allowed, index, display)
+    return list(layers)
 
 
 def wrap_model(model: nn.Module, *, name: str | None = None, tokenizer: Any = None, check: bool = True) -> MoEModel:
@@ -149,6 +177,7 @@ def load_model(
     device: str | torch.device = "cpu",
     experts_implementation: str | None = None,
     attn_implementation: str | None = None,
+    layers: list[int] | None = None,
     check: bool = True,
 ) -> MoEModel:
     """Load an MoE causal LM through transformers and expose its MoE layers uniformly.
@@ -168,6 +197,8 @@ def load_model(
         token-scope interventions bit-exact at untouched positions.
     attn_implementation : str, optional
         transformers' attention kernel (``sdpa``, ``eager``, ...).
+    layers : list of int, optional
+        MoE layers the caller will use; validated against the config *before* any weight is loaded.
     check : bool
         Run the contract check (recommended; it costs a few tiny forward calls per layer).
 
@@ -192,8 +223,12 @@ def load_model(
     display = str(name_or_path)
     source, is_local = resolve_source(name_or_path)
     config = load_config(source, is_local, display)
-    if adapter_for(getattr(config, "model_type", "")) is None:
+    adapter = adapter_for(getattr(config, "model_type", ""))
+    if adapter is None:
         _refuse_unsupported(config, display)
+    moe_layers = probe_moe_layers(config, adapter, display)
+    if layers is not None:
+        validate_layers(layers, moe_layers, display)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,163 @@
+"""`moeaudit inspect`: save_pretrained round trips for every family, and each user error is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeaudit.cli import main
+from moeaudit.models import wrap_model
+from moeaudit.models.testing import FAMILIES, tiny_config, tiny_model
+
+
+def run_cli(monkeypatch, capsys, *args):
+    capsys.readouterr()  # drop what test set-up printed (save_pretrained progress bars)
+    monkeypatch.setattr(sys, "argv", ["moeaudit", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_round_trip(family, tmp_path, monkeypatch, capsys):
+    model = tiny_model(family, seed=1)
+    model.save_pretrained(tmp_path)
+    expected = wrap_model(model)
+    code, out, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path), "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert d["family"] == expected.family
+    assert [row["layer"] for row in d["moe_layers"]] == expected.moe_layer_indices
+    for row, layer in zip(d["moe_layers"], expected.layers):
+        assert (row["num_experts"], row["top_k"], row["num_shared"], row["routing_rule"]) == (
+            layer.num_experts, layer.top_k, layer.num_shared, layer.routing_rule)
+    assert d["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+    assert d["dtype"] == "float32"
+    code, out, _ = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    assert code == 0 and "MoE layers" in out and expected.layers[0].routing_rule in out
+
+
+def test_inspect_known_layouts(tmp_path, monkeypatch, capsys):
+    tiny_model("deepseek_v2_grouped").save_pretrained(tmp_path / "ds")
+    tiny_model("qwen2_moe").save_pretrained(tmp_path / "qw")
+    _, out, _ = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "ds"), "--json")
+    d = json.loads(out)
+    assert d["dense_layers"] == [0] and d["moe_layers"][0]["layer"] == 1
+    assert d["moe_layers"][0]["num_shared"] == 2 and not d["moe_layers"][0]["shared_gated"]
+    assert d["moe_layers"][0]["routing_rule"] == "softmax_group_limited_scaled"
+    _, out, _ = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "qw"), "--json")
+    d = json.loads(out)
+    assert d["dense_layers"] == [1] and d["moe_layers"][0]["shared_gated"]
+
+
+def save_config_only(path, config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+
+
+def one_line_error(code, err, *fragments):
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_dense_model_refused(tmp_path, monkeypatch, capsys):
+    from transformers import LlamaConfig
+
+    save_config_only(tmp_path, LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=2))
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    one_line_error(code, err, "no MoE layers found in", "(LlamaForCausalLM)", "supported families: olmoe")
+
+
+def test_qwen2_moe_without_experts_is_dense(tmp_path, monkeypatch, capsys):
+    tiny_model("qwen2_moe", mlp_only_layers=[0, 1, 2]).save_pretrained(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    one_line_error(code, err, "no MoE layers found in")
+
+
+def test_unsupported_moe_family_refused(tmp_path, monkeypatch, capsys):
+    from transformers import GraniteMoeConfig
+
+    save_config_only(tmp_path, GraniteMoeConfig(vocab_size=64, hidden_size=16, intermediate_size=8,
+                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                num_local_experts=4, num_experts_per_tok=2))
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    one_line_error(code, err, "'granitemoe' MoE model", "does not adapt yet", "supported families")
+
+
+def test_remote_code_only_refused(tmp_path, monkeypatch, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "deepseek", "architectures": ["DeepseekForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"}}))
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    one_line_error(code, err, "needs trust_remote_code", "never runs")
+
+
+def test_missing_path_refused(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "nope"))
+    one_line_error(code, err, "no such directory", "nope")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "empty"))
+    one_line_error(code, err, "no config.json in")
+
+
+def test_layer_out_of_range(tmp_path, monkeypatch, capsys):
+    tiny_model("deepseek_v2").save_pretrained(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path), "--layers", "0")
+    one_line_error(code, err, "`layer` must be an MoE layer index, one of [1, 2]", "got 0")
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path), "--layers", "x")
+    one_line_error(code, err, "`--layers` must be a comma-separated list")
+
+
+def test_bad_dtype_refused(tmp_path, monkeypatch, capsys):
+    tiny_model("olmoe").save_pretrained(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path), "--dtype", "fp8")
+    one_line_error(code, err, "`dtype` must be one of float32, bfloat16, float16")
+
+
+def test_hub_without_network_is_one_line(tmp_path):
+    """A real process: the hub id cannot be reached (offline mode), one line on stderr, exit 2."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TRANSFORMERS_VERBOSITY="error")
+    proc = subprocess.run([sys.executable, "-m", "moeaudit", "inspect", "allenai/OLMoE-1B-7B-0924"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    one_line_error(proc.returncode, proc.stderr, "could not reach the model hub for allenai/OLMoE-1B-7B-0924",
+                   "pass a local directory")
+
+
+def test_version_and_help():
+    proc = subprocess.run([sys.executable, "-m", "moeaudit", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "moeaudit 0.1.0"
+
+
+def test_contract_violation_is_refused():
+    """A router that returns probabilities instead of logits must be caught at load, not produce numbers."""
+    from moeaudit.errors import ContractError
+
+    model = tiny_model("olmoe")
+    router = model.model.layers[0].mlp.gate
+    original = type(router).forward
+
+    def probs_first(self, hidden):
+        logits, weights, idx = original(self, hidden)
+        return torch.softmax(logits, dim=-1), weights, idx
+
+    router.forward = probs_first.__get__(router)
+    with pytest.raises(ContractError, match="not its raw logits"):
+        wrap_model(model)
+    assert tiny_config("olmoe").num_experts == 8
