@@ -32,9 +32,11 @@ def _root(
     """Audit which experts in a Mixture-of-Experts language model actually matter."""
 
 
-from moeaudit.cli import inspect as _inspect  # noqa: E402  (registers the sub-command)
+from moeaudit.cli import inspect as _inspect  # noqa: E402  (sub-commands register themselves)
+from moeaudit.cli import stages as _stages  # noqa: E402
 
 _inspect.register(app)
+_stages.register(app)
 
 
 def main() -> None:

@@ -7,16 +7,7 @@ from typing import Optional
 
 import typer
 
-
-def _parse_layers(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    from moeaudit.errors import invalid
-
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise invalid("--layers", "a comma-separated list of integers such as 0,4,7", text) from None
+from moeaudit.cli.common import parse_int_list
 
 
 def inspect_command(
@@ -29,7 +20,7 @@ def inspect_command(
     """Show family, MoE layers, experts / top-k / shared experts per layer, routing rule, parameters, dtype."""
     from moeaudit.models import load_model
 
-    wanted = _parse_layers(layers)
+    wanted = parse_int_list(layers, "--layers")
     moe = load_model(model, dtype=dtype, device=device, layers=wanted)
     description = moe.describe()
     if wanted is not None:

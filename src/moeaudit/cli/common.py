@@ -1,0 +1,65 @@
+"""Pieces shared by the stage commands: config from flags/file/manifest, progress bars, summaries."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import typer
+
+
+def parse_int_list(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    from moeaudit.errors import invalid
+
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise invalid(name, "a comma-separated list of integers such as 0,4,7", text) from None
+
+
+def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path | None):
+    """Settings: defaults < stored manifest (existing run) < config file < flags given on the command line."""
+    from moeaudit.config import AuditConfig, build_config
+    from moeaudit.rundir import MANIFEST
+
+    values: dict[str, Any] = {}
+    manifest = run_dir / MANIFEST
+    if manifest.exists():
+        values.update(AuditConfig.from_manifest(manifest).model_dump())
+    if config_file is not None:
+        values.update(AuditConfig.from_toml(config_file).model_dump(exclude_unset=True))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build_config(values)
+
+
+@contextmanager
+def progress_bar(description: str, quiet: bool = False) -> Iterator[Any]:
+    """Yield a callback(done, total) that drives a rich progress bar with ETA (a no-op when quiet)."""
+    if quiet:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), transient=False) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+def print_frame(frame, title: str, float_format: str = "{:.3f}") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in frame.columns:
+        table.add_column(str(column), justify="right")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[float_format.format(v) if isinstance(v, float) else str(v) for v in row])
+    Console().print(table)

@@ -1,0 +1,111 @@
+"""One validated configuration object per run, stored whole in the run's manifest.
+
+The CLI only builds an :class:`AuditConfig`; a TOML file or a manifest gives the same object. Defaults
+cite where they come from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moeaudit.errors import InvalidParameterError
+
+Split = Literal["train", "calibration", "heldout"]
+
+
+class AuditConfig(BaseModel):
+    """Settings of one audit run.
+
+    Attributes
+    ----------
+    model : str
+        Built-in name, local checkpoint directory or hub id.
+    corpus : str
+        ``builtin``, a local ``.txt``/``.jsonl``/``.parquet`` file, or ``hf:NAME:CONFIG:SPLIT``-style hub name.
+    max_len : int
+        Window length in tokens (the paper truncated to 512).
+    max_docs : int or None
+        Cap on documents read from the corpus (seeded selection).
+    split_seed : int
+        Seed of the by-document train/calibration/held-out split. The built-in models were trained with
+        the split of seed 0.
+    observe_splits : list of Split
+        Splits the observe stage runs on: metrics are computed on ``calibration``, effects measured on
+        ``heldout`` (the paper computed both in-sample; moeaudit defaults to held-out).
+    max_windows : int or None
+        Cap on windows per observed split (first windows in ``seq`` order).
+    layers : list of int or None
+        MoE layers to observe (None = all).
+    router_probs_layers : list of int or "all" or None
+        Layers whose full router-probability matrix is kept (for routing entropy and Gini).
+    batch_size : int
+        Windows per forward pass.
+    dtype, device : str
+        Compute dtype and device; float32 is the exact reference on CPU.
+    experts_implementation : str or None
+        transformers' experts kernel; None keeps the library default.
+    seed : int
+        Seed for every sampled quantity downstream.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = "tiny-olmoe"
+    corpus: str = "builtin"
+    max_len: int = Field(256, ge=2, le=131072)
+    max_docs: int | None = Field(None, ge=1)
+    split_seed: int = 0
+    observe_splits: list[Split] = Field(default_factory=lambda: ["calibration", "heldout"])
+    max_windows: int | None = Field(None, ge=1)
+    layers: list[int] | None = None
+    router_probs_layers: list[int] | Literal["all"] | None = "all"
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    experts_implementation: Literal["eager", "batched_mm", "grouped_mm"] | None = None
+    seed: int = 42  # the paper's sampling seed (PAPER.md, "Data")
+
+    @field_validator("observe_splits")
+    @classmethod
+    def _nonempty_splits(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one split")
+        return value
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that decide the content of observe's tables (batching and device excluded)."""
+        return self.model_dump(exclude={"batch_size", "device"})
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "AuditConfig":
+        import tomllib
+
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InvalidParameterError(f"no such config file: {path}; pass an existing TOML file") from None
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidParameterError(f"{path} is not valid TOML: {err}") from None
+        return build_config(data.get("audit", data))
+
+    @classmethod
+    def from_manifest(cls, path: str | Path) -> "AuditConfig":
+        data = json.loads(Path(path).read_text())
+        return build_config(data["config"])
+
+
+def build_config(values: dict[str, Any]) -> AuditConfig:
+    """Validate ``values`` into an AuditConfig; the first problem becomes one line naming the field."""
+    try:
+        return AuditConfig(**values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        name = ".".join(str(part) for part in first["loc"]) or "config"
+        if first["type"] == "extra_forbidden":
+            allowed = ", ".join(AuditConfig.model_fields)
+            raise InvalidParameterError(f"unknown setting `{name}`; allowed settings are: {allowed}.") from None
+        raise InvalidParameterError(f"`{name}` {first['msg'].lower()}; got {first.get('input')!r}.") from None

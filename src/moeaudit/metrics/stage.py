@@ -1,0 +1,81 @@
+"""The metrics stage on a run directory: ``routing`` (+ weights) -> ``expert_metrics``.
+
+Metrics are computed on the ``calibration`` split when the run observed it (held-out support: effects are
+then measured on other windows); otherwise on every observed window, which the manifest records as
+``in_sample``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moeaudit.metrics.compute import compute_expert_metrics, compute_expert_metrics_by_domain
+from moeaudit.models.moe_model import MoEModel
+from moeaudit.rundir import RunDir
+
+
+def layer_weights(moe: MoEModel) -> dict[int, dict[str, Any]]:
+    """Fused expert weights and router rows per MoE layer, for the weight-only metrics."""
+    out = {}
+    for layer in moe.layers:
+        tensors = {name: getattr(layer.experts, name).detach().float().cpu()
+                   for name in ("gate_up_proj", "up_proj", "down_proj") if getattr(layer.experts, name, None) is not None}
+        tensors["router"] = layer.router_weight().detach().float().cpu()
+        out[layer.layer] = tensors
+    return out
+
+
+def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
+    from moeaudit.observe import read_router_probs
+    from moeaudit.observe.stage import model_from_config
+
+    routing = run.read("routing")
+    tokens = run.read("tokens", columns=["seq", "pos", "domain", "split"])
+    routing = routing.astype({"layer": "int64", "seq": "int64", "pos": "int64", "expert": "int64"})
+    calibration = np.unique(tokens.loc[tokens["split"] == "calibration", "seq"].to_numpy())
+    seqs = calibration if len(calibration) else None
+    moe = moe or model_from_config(run.config)
+    num_experts = {layer.layer: layer.num_experts for layer in moe.layers if layer.layer in set(routing["layer"])}
+    probs = read_router_probs(run.table_path("router_probs")) if run.has("router_probs") else {}
+    weights = layer_weights(moe)
+    table = compute_expert_metrics(routing, num_experts, router_probs=probs or None, weights=weights, seqs=seqs)
+    run.write_frame("expert_metrics", table)
+    domains = tokens[["seq", "domain"]].drop_duplicates("seq")
+    with_domain = routing.merge(domains, on="seq", how="left")
+    by_domain = compute_expert_metrics_by_domain(with_domain, num_experts, router_probs=probs or None,
+                                                 weights=weights, seqs=seqs)
+    run.write_frame("expert_metrics_by_domain", by_domain)
+    dead = table.groupby("layer")["count"].apply(lambda c: int((c == 0).sum())).to_dict()
+    info = {
+        "split": "calibration" if seqs is not None else "in_sample",
+        "windows": int(len(calibration)) if seqs is not None else int(tokens["seq"].nunique()),
+        "layers": sorted(num_experts),
+        "dead_experts": {str(k): v for k, v in dead.items()},
+        "metrics": [c for c in table.columns if c not in ("layer", "expert")],
+    }
+    run.record_stage("metrics", info)
+    return info
+
+
+def layer_summary(table, top: int = 3) -> "Any":
+    """Per layer: dead experts, load imbalance (max/mean frequency, Gini of frequency), top experts by REAP."""
+    import pandas as pd
+
+    rows = []
+    for layer, group in table.groupby("layer"):
+        freq = group["frequency"].to_numpy()
+        sorted_freq = np.sort(freq)
+        n = len(freq)
+        gini = float((2 * np.arange(1, n + 1) - n - 1) @ sorted_freq / (n * sorted_freq.sum())) if sorted_freq.sum() else np.nan
+        best = group.nlargest(top, "reap")
+        rows.append({
+            "layer": int(layer),
+            "experts": n,
+            "dead": int((group["count"] == 0).sum()),
+            "max/mean load": float(freq.max() / freq.mean()) if freq.mean() > 0 else np.nan,
+            "load gini": gini,
+            "top by REAP": ", ".join(f"{int(e)} ({v:.2f})" for e, v in zip(best["expert"], best["reap"])),
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,250 @@
+"""Observe: one clean forward pass per batch of windows, streamed to ``tokens`` and ``routing`` tables.
+
+Writes, per the data contract (DESIGN.md):
+
+* ``tokens.parquet`` — one row per real (non-padding) position: ``seq``, ``pos``, ``token_id``, ``nll``
+  (NLL of the next token, null at a window's last position), ``domain``, ``split``;
+* ``routing.parquet`` — one row per (layer, seq, pos, slot): ``expert``, ``raw_gate`` (softmax over all
+  routed experts), ``combine_weight`` (what the architecture multiplies the expert output by),
+  ``renorm_gate`` (raw gate / Σ raw gates of the token's selected experts), ``act_norm`` (L2 norm of the
+  ungated expert output), ``act_max_abs`` (max |f_e(x)_i|). ``slot`` 0 is the largest raw gate;
+* ``router_probs.parquet`` (optional, chosen layers) — ``layer``, ``seq``, ``pos``, ``probs`` (float16
+  list of length E), for routing entropy and Gini.
+
+Memory does not grow with the corpus: each batch becomes one Parquet row group and is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from moeaudit.errors import invalid
+from moeaudit.models.moe_model import MoEModel, nll_from_logits
+
+logger = logging.getLogger(__name__)
+
+TOKENS_SCHEMA = pa.schema([
+    ("seq", pa.int32()), ("pos", pa.int32()), ("token_id", pa.int32()), ("nll", pa.float32()),
+    ("domain", pa.string()), ("split", pa.string()),
+])
+ROUTING_SCHEMA = pa.schema([
+    ("layer", pa.int16()), ("seq", pa.int32()), ("pos", pa.int32()), ("slot", pa.int8()), ("expert", pa.int16()),
+    ("raw_gate", pa.float32()), ("combine_weight", pa.float32()), ("renorm_gate", pa.float32()),
+    ("act_norm", pa.float32()), ("act_max_abs", pa.float32()),
+])
+
+
+def router_probs_schema(num_experts: int) -> pa.Schema:
+    return pa.schema([("layer", pa.int16()), ("seq", pa.int32()), ("pos", pa.int32()),
+                      ("probs", pa.list_(pa.float16(), num_experts))])
+
+
+@dataclass(frozen=True)
+class WindowInput:
+    """The minimal window the observe stage needs (``moeaudit.data.Window`` satisfies it too)."""
+
+    seq: int
+    token_ids: np.ndarray
+    domain: str | None = None
+    split: str | None = None
+
+
+@dataclass
+class ObserveStats:
+    """Counters recorded in the manifest."""
+
+    windows: int = 0
+    tokens: int = 0
+    routing_rows: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    layers: list[int] = field(default_factory=list)
+    router_probs_layers: list[int] = field(default_factory=list)
+    experts_implementation: str = ""
+    mean_nll: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def as_windows(windows: Iterable[Any]) -> list[Any]:
+    """Accept Window-like objects or bare 1-D token arrays (numbered 0, 1, ...)."""
+    out = []
+    for index, window in enumerate(windows):
+        if hasattr(window, "token_ids"):
+            out.append(window)
+        else:
+            out.append(WindowInput(seq=index, token_ids=np.asarray(window, dtype=np.int64)))
+    return out
+
+
+def _batch_tensors(batch: Sequence[Any], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    lengths = [len(w.token_ids) for w in batch]
+    longest = max(lengths)
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for row, window in enumerate(batch):
+        ids[row, : lengths[row]] = torch.as_tensor(np.asarray(window.token_ids, dtype=np.int64))
+        mask[row, : lengths[row]] = 1
+    # Equal lengths need no mask; transformers then takes its plain causal path.
+    return ids.to(device), (None if min(lengths) == longest else mask.to(device))
+
+
+def _routing_columns(record, layer: int, seqs: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> dict:
+    raw_gate = record.raw_gate.float()
+    order = torch.argsort(raw_gate, dim=-1, descending=True, stable=True)
+    take = lambda t: t.gather(-1, order).cpu().numpy()[valid]  # noqa: E731
+    raw = take(raw_gate)
+    k = raw.shape[1]
+    n = raw.shape[0]
+    return {
+        "layer": np.full(n * k, layer, dtype=np.int16),
+        "seq": np.repeat(seqs[valid], k).astype(np.int32),
+        "pos": np.repeat(positions[valid], k).astype(np.int32),
+        "slot": np.tile(np.arange(k, dtype=np.int8), n),
+        "expert": take(record.topk_idx).reshape(-1).astype(np.int16),
+        "raw_gate": raw.reshape(-1).astype(np.float32),
+        "combine_weight": take(record.combine_weight.float()).reshape(-1).astype(np.float32),
+        "renorm_gate": (raw / raw.sum(axis=1, keepdims=True)).reshape(-1).astype(np.float32),
+        "act_norm": take(record.act_norm).reshape(-1).astype(np.float32),
+        "act_max_abs": take(record.act_max_abs).reshape(-1).astype(np.float32),
+    }
+
+
+def observe(
+    moe: MoEModel,
+    windows: Iterable[Any],
+    *,
+    tokens_path: str | Path,
+    routing_path: str | Path,
+    router_probs_path: str | Path | None = None,
+    layers: Sequence[int] | None = None,
+    router_probs_layers: Sequence[int] | str | None = None,
+    batch_size: int = 8,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> ObserveStats:
+    """Run the clean model over ``windows`` and stream the ``tokens`` / ``routing`` tables to Parquet.
+
+    Parameters
+    ----------
+    moe : MoEModel
+    windows : iterable of Window-like objects (``seq``, ``token_ids``, optional ``domain``, ``split``) or
+        of 1-D token-id arrays.
+    tokens_path, routing_path : path
+        Output files (written directly; the run-directory stage wraps them in atomic renames).
+    router_probs_path : path, optional
+        Where to write full router probabilities for ``router_probs_layers``.
+    layers : sequence of int, optional
+        MoE layers to record (default all).
+    router_probs_layers : sequence of int or "all", optional
+        Layers whose full router-probability rows are kept (float16).
+    batch_size : int
+        Windows per forward pass; padding positions are masked out of attention and never written.
+    on_batch : callable(done_windows, total_windows), optional
+        Progress callback.
+
+    Returns
+    -------
+    ObserveStats
+    """
+    if batch_size < 1:
+        raise invalid("batch_size", "a positive integer", batch_size)
+    windows = as_windows(windows)
+    layers = list(moe.moe_layer_indices if layers is None else layers)
+    for index in layers:
+        moe.layer(index)
+    if router_probs_layers == "all":
+        probs_layers = list(layers)
+    else:
+        probs_layers = [i for i in (router_probs_layers or []) if i in layers]
+    if probs_layers and router_probs_path is None:
+        raise invalid("router_probs_path", "a path when router_probs_layers are chosen", None)
+    pad_id = getattr(moe.config, "pad_token_id", None) or 0
+    stats = ObserveStats(layers=layers, router_probs_layers=probs_layers,
+                         experts_implementation=moe.experts_implementation)
+    started = time.perf_counter()
+    num_experts = {index: moe.layer(index).num_experts for index in layers}
+    if len({num_experts[i] for i in probs_layers}) > 1:
+        raise invalid("router_probs_layers", "layers with one expert count", probs_layers)
+    tokens_writer = pq.ParquetWriter(tokens_path, TOKENS_SCHEMA)
+    routing_writer = pq.ParquetWriter(routing_path, ROUTING_SCHEMA)
+    probs_writer = (pq.ParquetWriter(router_probs_path, router_probs_schema(num_experts[probs_layers[0]]))
+                    if probs_layers else None)
+    nll_sum, nll_count = 0.0, 0
+    try:
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            ids, mask = _batch_tensors(batch, pad_id, moe.device)
+            with torch.no_grad(), moe.capture(layers) as trace:
+                logits = moe.model(input_ids=ids, attention_mask=mask).logits
+            nll = nll_from_logits(logits, ids, mask).cpu().numpy()
+            b, t = ids.shape
+            valid_2d = np.zeros((b, t), dtype=bool)
+            for row, window in enumerate(batch):
+                valid_2d[row, : len(window.token_ids)] = True
+            valid = valid_2d.reshape(-1)
+            seqs = np.repeat(np.array([w.seq for w in batch], dtype=np.int64), t)
+            positions = np.tile(np.arange(t, dtype=np.int64), b)
+            finite = np.isfinite(nll[valid_2d])
+            nll_sum += float(nll[valid_2d][finite].sum())
+            nll_count += int(finite.sum())
+            tokens_writer.write_table(pa.table({
+                "seq": seqs[valid].astype(np.int32),
+                "pos": positions[valid].astype(np.int32),
+                "token_id": ids.cpu().numpy().reshape(-1)[valid].astype(np.int32),
+                "nll": pa.array(nll.reshape(-1)[valid], type=pa.float32(), from_pandas=True),
+                "domain": np.repeat(np.array([getattr(w, "domain", None) for w in batch], dtype=object), t)[valid],
+                "split": np.repeat(np.array([getattr(w, "split", None) for w in batch], dtype=object), t)[valid],
+            }, schema=TOKENS_SCHEMA))
+            for index in layers:
+                record = trace[index]
+                columns = _routing_columns(record, index, seqs, positions, valid)
+                routing_writer.write_table(pa.table(columns, schema=ROUTING_SCHEMA))
+                stats.routing_rows += len(columns["expert"])
+                if probs_writer is not None and index in probs_layers:
+                    probs = torch.softmax(record.router_logits.float(), dim=-1).cpu().numpy()[valid]
+                    flat = pa.array(probs.astype(np.float16).reshape(-1), type=pa.float16())
+                    probs_writer.write_table(pa.table({
+                        "layer": np.full(len(probs), index, dtype=np.int16),
+                        "seq": seqs[valid].astype(np.int32), "pos": positions[valid].astype(np.int32),
+                        "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1]),
+                    }, schema=probs_writer.schema))
+            stats.windows += len(batch)
+            stats.tokens += int(valid.sum())
+            stats.batches += 1
+            if on_batch is not None:
+                on_batch(stats.windows, len(windows))
+    finally:
+        tokens_writer.close()
+        routing_writer.close()
+        if probs_writer is not None:
+            probs_writer.close()
+    stats.seconds = time.perf_counter() - started
+    stats.mean_nll = nll_sum / nll_count if nll_count else float("nan")
+    logger.info("observed %d windows (%d tokens) in %.1fs", stats.windows, stats.tokens, stats.seconds)
+    return stats
+
+
+def read_router_probs(path: str | Path, layers: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+    """``{layer: float32 array [tokens, E]}`` with rows in ascending (seq, pos) order, as metrics expects."""
+    table = pq.read_table(path)
+    out: dict[int, np.ndarray] = {}
+    layer_col = table.column("layer").to_numpy()
+    for index in sorted(set(layer_col.tolist()) if layers is None else layers):
+        sub = table.filter(pa.compute.equal(table.column("layer"), index))
+        seq = sub.column("seq").to_numpy().astype(np.int64)
+        pos = sub.column("pos").to_numpy().astype(np.int64)
+        probs = sub.column("probs").combine_chunks()
+        width = probs.type.list_size
+        matrix = probs.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+        out[int(index)] = matrix[np.lexsort((pos, seq))]
+    return out

@@ -1,0 +1,164 @@
+"""The run directory: ``manifest.json`` plus one Parquet table per stage output.
+
+Every stage reads only the run directory and its config, so a stage can be re-run or resumed without
+the others. Files are written to a temporary name and renamed, so a killed run never leaves a
+half-written table under its final name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from moeaudit import __version__
+from moeaudit.config import AuditConfig
+from moeaudit.errors import RunDirectoryError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+TABLES = ("tokens", "routing", "router_probs", "expert_metrics", "effects", "tests", "pruning")
+
+
+def config_fingerprint(config: AuditConfig) -> str:
+    payload = json.dumps(config.fingerprint_fields(), sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def software_versions() -> dict[str, str]:
+    import numpy
+    import pandas
+    import pyarrow
+    import torch
+    import transformers
+
+    return {"moeaudit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": numpy.__version__, "pandas": pandas.__version__,
+            "pyarrow": pyarrow.__version__, "platform": platform.platform()}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise RunDirectoryError(f"could not write {path}: {err.strerror}; free disk space or choose another "
+                                "output directory") from None
+
+
+class RunDir:
+    """A run directory on disk.
+
+    Parameters
+    ----------
+    path : str or Path
+    config : AuditConfig, optional
+        Required to create a new run; for an existing one it must match the stored config's fingerprint
+        (unless ``overwrite``).
+    overwrite : bool
+        Replace an existing run that has another configuration.
+    """
+
+    def __init__(self, path: str | Path, config: AuditConfig | None = None, *, overwrite: bool = False):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if manifest_path.exists():
+            try:
+                self.manifest = json.loads(manifest_path.read_text())
+            except ValueError:
+                raise RunDirectoryError(f"{manifest_path} is not valid JSON; remove the run directory or pass "
+                                        "--overwrite") from None
+            stored = AuditConfig.model_validate(self.manifest["config"])
+            if config is not None and config_fingerprint(config) != config_fingerprint(stored):
+                if not overwrite:
+                    changed = sorted(k for k, v in config.fingerprint_fields().items()
+                                     if stored.fingerprint_fields().get(k) != v)
+                    raise RunDirectoryError(f"{self.path} holds a run with another configuration (differs in "
+                                            f"{', '.join(changed)}); choose a new directory or pass --overwrite")
+                self._create(config)
+            else:
+                self.config = config or stored
+        elif config is None:
+            raise RunDirectoryError(f"{self.path} is not a moeaudit run directory (no {MANIFEST}); run "
+                                    "`moeaudit run` or `moeaudit observe RUN_DIR --model ...` first")
+        else:
+            self._create(config)
+
+    def _create(self, config: AuditConfig) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirectoryError(f"cannot create {self.path}: {err.strerror}; choose a writable directory") from None
+        if not os.access(self.path, os.W_OK):
+            raise RunDirectoryError(f"{self.path} is not writable; choose a writable output directory")
+        for name in TABLES:
+            (self.path / f"{name}.parquet").unlink(missing_ok=True)
+        self.config = config
+        self.manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config": config.model_dump(mode="json"),
+            "config_fingerprint": config_fingerprint(config),
+            "versions": software_versions(),
+            "stages": {},
+        }
+        self.save()
+
+    # ------------------------------------------------------------------ manifest
+    def save(self) -> None:
+        atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, default=str))
+
+    def stage(self, name: str) -> dict[str, Any]:
+        return self.manifest["stages"].get(name, {})
+
+    def record_stage(self, name: str, info: dict[str, Any]) -> None:
+        self.manifest["stages"][name] = dict(info, finished=_dt.datetime.now(_dt.timezone.utc)
+                                             .isoformat(timespec="seconds"))
+        self.save()
+
+    def set(self, key: str, value: Any) -> None:
+        self.manifest[key] = value
+        self.save()
+
+    # ------------------------------------------------------------------ tables
+    def table_path(self, name: str) -> Path:
+        return self.path / f"{name}.parquet"
+
+    def has(self, name: str) -> bool:
+        return self.table_path(name).exists()
+
+    def read(self, name: str, **kwargs):
+        import pandas as pd
+
+        path = self.table_path(name)
+        if not path.exists():
+            raise RunDirectoryError(f"{path.name} is missing in {self.path}; run the stage that writes it first")
+        return pd.read_parquet(path, **kwargs)
+
+    @contextmanager
+    def writing(self, name: str) -> Iterator[Path]:
+        """Yield a temporary path; on success it is renamed to ``name.parquet``, on failure removed."""
+        final = self.table_path(name)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        try:
+            yield tmp
+            os.replace(tmp, final)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise RunDirectoryError(f"could not write {final}: {err.strerror}; free disk space or choose another "
+                                    "output directory") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def write_frame(self, name: str, frame) -> Path:
+        with self.writing(name) as tmp:
+            frame.to_parquet(tmp, index=False)
+        return self.table_path(name)
