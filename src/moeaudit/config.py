@@ -50,6 +50,15 @@ class AuditConfig(BaseModel):
         transformers' experts kernel; None keeps the library default.
     seed : int
         Seed for every sampled quantity downstream.
+    kind, scope : str
+        Intervention whose effects the audit tests (paper: ``zero`` in ``sequence`` scope; moeaudit's
+        census default is the exact per-token effect, ``token`` scope).
+    audit_n : int or None
+        Token positions per audit cell (paper: 200); None = census.
+    correction, alpha : str, float
+        Family-wise correction over metrics × layers and its level (paper: Bonferroni, 0.05).
+    audit_metrics : list of str or None
+        Metrics the audit tests (None = every metric column).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -68,6 +77,12 @@ class AuditConfig(BaseModel):
     device: str = "cpu"
     experts_implementation: Literal["eager", "batched_mm", "grouped_mm"] | None = None
     seed: int = 42  # the paper's sampling seed (PAPER.md, "Data")
+    kind: Literal["zero", "renorm", "reroute", "mean"] = "zero"
+    scope: Literal["token", "sequence"] = "token"
+    audit_n: int | None = Field(200, ge=3)
+    correction: Literal["bonferroni", "holm", "bh"] = "bonferroni"
+    alpha: float = Field(0.05, gt=0, lt=1)
+    audit_metrics: list[str] | None = None
 
     @field_validator("observe_splits")
     @classmethod

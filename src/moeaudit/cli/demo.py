@@ -1,0 +1,65 @@
+"""``moeaudit demo``: the whole pipeline on the built-in models and corpus, offline, in minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moeaudit.cli.common import print_frame, progress_bar
+
+# Window counts sized for the budget on 2 CPU cores: <= 5 minutes for all three models, <= 60 s quick.
+FULL = dict(max_len=128, max_windows=64, batch_size=16)
+QUICK = dict(max_len=64, max_windows=12, batch_size=12)
+
+
+def demo_command(
+    out: Path = typer.Option(Path("moeaudit-demo"), "--out", help="Directory for the run directories."),
+    quick: bool = typer.Option(False, "--quick", help="One model and a few windows (about a minute)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated built-in models (default: all three)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run the pipeline on the built-in tiny models and corpus and summarise what it found."""
+    import time
+
+    from moeaudit.config import AuditConfig
+    from moeaudit.errors import invalid
+    from moeaudit.metrics.stage import layer_summary, run_metrics
+    from moeaudit.models import builtin
+    from moeaudit.observe.stage import build_corpus, model_from_config, run_observe, tokenizer_for
+    from moeaudit.rundir import RunDir
+
+    names = [m.strip() for m in models.split(",")] if models else (
+        list(builtin.BUILTIN_MODELS[:1]) if quick else list(builtin.BUILTIN_MODELS))
+    for name in names:
+        if name not in builtin.BUILTIN_MODELS:
+            raise invalid("--models", "built-in model names: " + ", ".join(builtin.BUILTIN_MODELS), name)
+    sizes = QUICK if quick else FULL
+    corpus = None
+    summary = []
+    for name in names:
+        started = time.perf_counter()
+        config = AuditConfig(model=name, corpus="builtin", **sizes)
+        run = RunDir(out / name, config, overwrite=True)
+        moe = model_from_config(config)
+        if corpus is None:  # the built-in models share one tokenizer, so one corpus serves all three
+            corpus = build_corpus(config, tokenizer_for(moe, config))
+        typer.secho(f"\n== {name} ({moe.family}: {len(moe.layers)} MoE layers, {moe.layers[0].num_experts} experts, "
+                    f"top-{moe.layers[0].top_k}) ==", bold=True)
+        with progress_bar(f"{name} observe", quiet) as update:
+            observed = run_observe(run, moe=moe, corpus=corpus, on_batch=update)
+        run_metrics(run, moe=moe)
+        metrics = run.read("expert_metrics")
+        print_frame(layer_summary(metrics), f"{name}: expert load per layer (calibration split)")
+        summary.append({"model": name, "windows": observed["windows"], "tokens": observed["tokens"],
+                        "mean NLL": observed["mean_nll"],
+                        "dead experts": int((metrics["count"] == 0).sum()),
+                        "seconds": time.perf_counter() - started, "run directory": str(out / name)})
+    import pandas as pd
+
+    print_frame(pd.DataFrame(summary), "demo summary")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo_command)
