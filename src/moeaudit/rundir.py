@@ -42,15 +42,25 @@ def software_versions() -> dict[str, str]:
             "pyarrow": pyarrow.__version__, "platform": platform.platform()}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; rename it to ``final`` on success, remove it on any failure."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        yield tmp
+        os.replace(tmp, final)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise RunDirectoryError(f"could not write {path}: {err.strerror}; free disk space or choose another "
+        raise RunDirectoryError(f"could not write {final}: {err.strerror}; free disk space or choose another "
                                 "output directory") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 class RunDir:
@@ -142,21 +152,9 @@ class RunDir:
             raise RunDirectoryError(f"{path.name} is missing in {self.path}; run the stage that writes it first")
         return pd.read_parquet(path, **kwargs)
 
-    @contextmanager
-    def writing(self, name: str) -> Iterator[Path]:
-        """Yield a temporary path; on success it is renamed to ``name.parquet``, on failure removed."""
-        final = self.table_path(name)
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        try:
-            yield tmp
-            os.replace(tmp, final)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise RunDirectoryError(f"could not write {final}: {err.strerror}; free disk space or choose another "
-                                    "output directory") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    def writing(self, name: str):
+        """Context manager yielding a temporary path that becomes ``name.parquet`` only on success."""
+        return atomic_path(self.table_path(name))
 
     def write_frame(self, name: str, frame) -> Path:
         with self.writing(name) as tmp:

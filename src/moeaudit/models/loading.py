@@ -249,9 +249,35 @@ def load_model(
     except torch.OutOfMemoryError:
         raise ModelLoadError(f"out of memory moving {display} to {device}; use --dtype bfloat16 or another "
                              "device") from None
-    tokenizer = None
+    return wrap_model(model, name=display, tokenizer=load_tokenizer(display, source, is_local), check=check)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(display: str, source: str, is_local: bool):
+    """The checkpoint's tokenizer, or None (a checkpoint without one is still auditable on token ids).
+
+    transformers builds an *empty* tokenizer from a config alone (every text encodes to []), so a local
+    directory must hold tokenizer files, and any tokenizer must encode a probe text to some tokens.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer_source = source
+    builtin = _builtin_source(display)
+    if builtin is not None:
+        from moeaudit.models.builtin import tokenizer_path
+
+        tokenizer_source = str(tokenizer_path())
+    elif is_local and not any((Path(source) / name).exists() for name in _TOKENIZER_FILES):
+        logger.info("no tokenizer files in %s", display)
+        return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError, TypeError) as err:  # a checkpoint without a tokenizer is still auditable
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except (OSError, ValueError, TypeError) as err:
         logger.info("no tokenizer loaded for %s: %s", display, str(err).splitlines()[0] if str(err) else err)
-    return wrap_model(model, name=display, tokenizer=tokenizer, check=check)
+        return None
+    if not tokenizer("probe text", add_special_tokens=False)["input_ids"]:
+        logger.info("the tokenizer of %s encodes text to nothing; ignored", display)
+        return None
+    return tokenizer

@@ -1,0 +1,68 @@
+"""Run directory: atomic tables, config fingerprints, one-line errors."""
+
+from __future__ import annotations
+
+import errno
+
+import pandas as pd
+import pytest
+
+from moeaudit.config import AuditConfig, build_config
+from moeaudit.errors import InvalidParameterError, RunDirectoryError
+from moeaudit.rundir import RunDir
+
+
+def test_failed_write_leaves_no_partial_table(tmp_path):
+    run = RunDir(tmp_path / "run", AuditConfig())
+    with pytest.raises(RunDirectoryError, match="No space left on device; free disk space"):
+        with run.writing("routing") as tmp:
+            tmp.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not run.has("routing")
+    assert [p.name for p in run.path.iterdir()] == ["manifest.json"]
+    run.write_frame("routing", pd.DataFrame({"a": [1]}))
+    assert run.read("routing").a.tolist() == [1]
+
+
+def test_missing_directory_and_table(tmp_path):
+    with pytest.raises(RunDirectoryError, match="is not a moeaudit run directory"):
+        RunDir(tmp_path / "none")
+    run = RunDir(tmp_path / "run", AuditConfig())
+    with pytest.raises(RunDirectoryError, match="effects.parquet is missing"):
+        run.read("effects")
+
+
+def test_overwrite_replaces_config_and_tables(tmp_path):
+    run = RunDir(tmp_path / "run", AuditConfig())
+    run.write_frame("routing", pd.DataFrame({"a": [1]}))
+    changed = AuditConfig(max_len=64)
+    with pytest.raises(RunDirectoryError, match="differs in max_len"):
+        RunDir(tmp_path / "run", changed)
+    again = RunDir(tmp_path / "run", changed, overwrite=True)
+    assert again.config.max_len == 64 and not again.has("routing")
+    assert RunDir(tmp_path / "run", AuditConfig(max_len=64, batch_size=2)).config.batch_size == 2  # batching is free
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"max_len": 1}, "`max_len` input should be greater than or equal to 2; got 1."),
+    ({"dtype": "fp8"}, "`dtype` input should be 'float32', 'bfloat16' or 'float16'; got 'fp8'."),
+    ({"kind": "drop"}, "`kind` input should be"),
+    ({"alpha": 2}, "`alpha` input should be less than 1; got 2."),
+    ({"observe_splits": []}, "`observe_splits` value error, must name at least one split"),
+    ({"colour": 1}, "unknown setting `colour`; allowed settings are: model, corpus"),
+])
+def test_config_errors_are_one_line(values, message):
+    with pytest.raises(InvalidParameterError) as info:
+        build_config(values)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_config_from_toml_and_manifest(tmp_path):
+    (tmp_path / "audit.toml").write_text('model = "tiny-deepseek"\nmax_len = 64\n')
+    config = AuditConfig.from_toml(tmp_path / "audit.toml")
+    assert (config.model, config.max_len) == ("tiny-deepseek", 64)
+    run = RunDir(tmp_path / "run", config)
+    assert AuditConfig.from_manifest(run.path / "manifest.json") == config
+    (tmp_path / "bad.toml").write_text("max_len = [")
+    with pytest.raises(InvalidParameterError, match="is not valid TOML"):
+        AuditConfig.from_toml(tmp_path / "bad.toml")
