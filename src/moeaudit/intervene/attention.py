@@ -1,0 +1,256 @@
+"""Attention against a shared clean key/value cache, registered with transformers' ``AttentionInterface``.
+
+The fast engine recomputes a few positions ("rows") of one window from some decoder layer upward while
+every other position keeps its clean state. Causality makes that exact: a position only attends to
+positions at or before it, so for a row that restarts at position ``p`` the keys and values of positions
+``< p`` are the clean ones at every layer, and only the row's own positions ``p .. p + S - 1`` carry new
+keys and values. This module supplies the attention function that scores each row against
+
+* the **shared** clean keys/values of the window (one tensor per layer, never copied per row), and
+* the row's own keys/values (computed by the model's own attention module from the row's hidden state),
+
+with the mask the model itself built for the clean pass (causal, sliding window, padding), and with
+GPT-OSS's attention sinks. The model's own decoder layers do everything else (projections, rotary
+embeddings, DeepSeek's MLA expansion, norms, MoE blocks), so no architecture is re-implemented here.
+
+Two modes, both selected by :func:`attention_mode`:
+
+``record``
+    Used during the clean forward: every attention call is delegated unchanged to the model's native
+    implementation (``sdpa`` or ``eager``, with the mask the native mask builder made), so the clean
+    logits are bit-identical to a plain forward; the keys, values and the boolean mask are kept per layer.
+``rows``
+    Used for the interventions: the row kernel below (eager arithmetic: ``softmax(q k^T * scaling)`` in
+    float32, sinks appended as an extra logit and dropped after the softmax).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+IMPLEMENTATION = "moeaudit_rows"
+#: Native attention implementations whose masks and outputs the record mode can reproduce.
+SUPPORTED_NATIVE = ("sdpa", "eager")
+
+
+class UnsupportedAttention(RuntimeError):
+    """Raised inside the record pass when the model's attention cannot be replayed exactly."""
+
+
+@dataclass
+class LayerCache:
+    """Clean keys/values and the model's own mask for one decoder layer of one window.
+
+    Attributes
+    ----------
+    key : Tensor [Hkv, T, Dk]
+    value : Tensor [Hkv, T, Dv]
+        As the model's attention function received them (after rotary embeddings and, for DeepSeek's
+        MLA, after the latent expansion).
+    allowed : bool Tensor [T, T]
+        ``allowed[q, j]``: query position q may attend to key position j (the model's own mask).
+    """
+
+    key: torch.Tensor
+    value: torch.Tensor
+    allowed: torch.Tensor
+
+
+@dataclass
+class AttentionState:
+    """What the registered attention function does in the current ``with attention_mode(...)`` block."""
+
+    mode: str  # "record" | "rows"
+    native: str
+    caches: dict[int, LayerCache] = field(default_factory=dict)
+    # rows mode: start position of each row [R] and the number of positions per row
+    row_start: torch.Tensor | None = None
+    row_len: int = 1
+    _mask_cache: dict = field(default_factory=dict)
+
+    def set_rows(self, row_start: torch.Tensor, row_len: int) -> None:
+        self.row_start = row_start
+        self.row_len = int(row_len)
+        self._mask_cache = {}
+
+    # ------------------------------------------------------------------ record
+    def record(self, module, query, key, value, attention_mask, **kwargs):
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx is None:
+            raise UnsupportedAttention(f"{type(module).__name__} has no `layer_idx`")
+        if key.shape[0] != 1:
+            raise UnsupportedAttention("the record pass runs one window at a time")
+        if kwargs.get("softcap") is not None:
+            raise UnsupportedAttention("attention logit soft-capping is not replayed by the row kernel")
+        if layer_idx in self.caches:
+            raise UnsupportedAttention(f"attention of layer {layer_idx} ran twice in one forward")
+        seq_len = key.shape[2]
+        self.caches[layer_idx] = LayerCache(key[0].detach(), value[0].detach(),
+                                            _allowed_from_mask(attention_mask, seq_len, key.device))
+        family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if family_eager is None:
+            raise UnsupportedAttention(f"{type(module).__module__} defines no eager_attention_forward")
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        native = ALL_ATTENTION_FUNCTIONS.get_interface(self.native, family_eager)
+        return native(module, query, key, value, attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ rows
+    def rows(self, module, query, key, value, scaling, sinks):
+        cache = self.caches[module.layer_idx]
+        allow_clean, allow_own = self._row_masks(cache.allowed)
+        return rows_attention(query, key, value, cache.key, cache.value, allow_clean, allow_own,
+                              scaling=scaling, sinks=sinks)
+
+    def _row_masks(self, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row masks against the clean prefix [R, S, P] and within the row's own block [R, S, S]."""
+        key = id(allowed)
+        if key not in self._mask_cache:
+            start = self.row_start
+            span = torch.arange(self.row_len, device=start.device)
+            query_pos = start[:, None] + span[None, :]  # [R, S]
+            prefix = int(start.max().item())
+            keys = torch.arange(prefix, device=start.device)
+            allow_clean = allowed[query_pos][..., :prefix] & (keys[None, None, :] < start[:, None, None])
+            own_pos = query_pos[:, None, :].expand(-1, self.row_len, -1)  # [R, S(q), S(k)]
+            allow_own = allowed[query_pos].gather(-1, own_pos)
+            self._mask_cache[key] = (allow_clean, allow_own)
+        return self._mask_cache[key]
+
+
+_ACTIVE: ContextVar[AttentionState | None] = ContextVar("moeaudit_attention_state", default=None)
+
+
+def _allowed_from_mask(attention_mask, seq_len: int, device) -> torch.Tensor:
+    """The boolean [T, T] pattern of a native mask (None = plain causal, as sdpa's ``is_causal`` skip)."""
+    if attention_mask is None:
+        return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    mask = attention_mask
+    if mask.dim() == 4:
+        if mask.shape[1] != 1:
+            raise UnsupportedAttention("per-head attention masks are not supported by the row kernel")
+        mask = mask[:, 0]
+    mask = mask[0]
+    if tuple(mask.shape) != (seq_len, seq_len):
+        raise UnsupportedAttention(f"attention mask of shape {tuple(attention_mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask.clone()
+    floor = torch.finfo(mask.dtype).min
+    if not bool(((mask == 0) | (mask == floor)).all()):
+        raise UnsupportedAttention("the attention mask carries an additive bias, not only allowed/blocked")
+    return mask == 0
+
+
+def rows_attention(query, key, value, clean_key, clean_value, allow_clean, allow_own, *, scaling, sinks=None):
+    """Attention of R rows against a shared clean prefix plus each row's own keys/values.
+
+    Parameters
+    ----------
+    query : Tensor [R, Hq, S, Dk]
+    key, value : Tensor [R, Hkv, S, Dk] and [R, Hkv, S, Dv]
+        The rows' own keys/values (positions ``start_r .. start_r + S - 1``).
+    clean_key, clean_value : Tensor [Hkv, T, Dk] and [Hkv, T, Dv]
+        The window's clean keys/values (shared by all rows; only the first P positions are read).
+    allow_clean : bool Tensor [R, S, P]
+        Which clean positions each row's queries may attend to (already restricted to ``< start_r``).
+    allow_own : bool Tensor [R, S, S]
+        Which of its own positions each query may attend to (the model's mask on that block).
+    scaling : float
+    sinks : Tensor [Hq], optional
+        GPT-OSS attention-sink logits: one extra logit per head, dropped after the softmax.
+
+    Returns
+    -------
+    (Tensor [R, S, Hq, Dv], None)
+        In the layout transformers' attention functions return.
+
+    Notes
+    -----
+    Arithmetic follows transformers' eager attention: ``(q @ k^T) * scaling``, blocked logits excluded,
+    softmax in float32 (float64 for a float64 model), probabilities cast to the value dtype. Query head h
+    uses key/value head ``h // (Hq / Hkv)`` (``repeat_kv``'s order).
+    """
+    rows, heads, span, _ = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    prefix = allow_clean.shape[-1]
+    q = query.reshape(rows, kv_heads, groups, span, -1)
+    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    neg = torch.finfo(acc).min
+    logits = []
+    if prefix > 0:
+        flat = q.permute(1, 0, 2, 3, 4).reshape(kv_heads, rows * groups * span, -1)
+        clean = torch.matmul(flat, clean_key[:, :prefix].transpose(1, 2)) * scaling
+        clean = clean.view(kv_heads, rows, groups, span, prefix).to(acc)
+        logits.append(clean.masked_fill(~allow_clean[None, :, None], neg))
+    own = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)) * scaling  # [R, Hkv, g, S, S]
+    own = own.to(acc).masked_fill(~allow_own[:, None, None], neg).permute(1, 0, 2, 3, 4)
+    logits.append(own)
+    if sinks is not None:
+        sink = sinks.to(acc).reshape(kv_heads, 1, groups, 1, 1).expand(-1, rows, -1, span, 1)
+        logits.append(sink)
+    probs = torch.softmax(torch.cat(logits, dim=-1), dim=-1).to(value.dtype)
+    own_probs = probs[..., prefix:prefix + span]  # [Hkv, R, g, S, S]
+    out = torch.matmul(own_probs, value.permute(1, 0, 2, 3).unsqueeze(2))  # [Hkv, R, g, S, Dv]
+    if prefix > 0:
+        clean_probs = probs[..., :prefix].reshape(kv_heads, rows * groups * span, prefix)
+        out = out + torch.matmul(clean_probs, clean_value[:, :prefix]).view(kv_heads, rows, groups, span, -1)
+    out = out.permute(1, 3, 0, 2, 4).reshape(rows, span, heads, -1)
+    return out, None
+
+
+def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    state = _ACTIVE.get()
+    if state is None:  # pragma: no cover - only reachable if a config leaks the implementation name
+        raise RuntimeError(f"attention implementation {IMPLEMENTATION!r} used outside moeaudit's engine")
+    if state.mode == "record":
+        return state.record(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return state.rows(module, query, key, value, scaling, kwargs.get("s_aux"))
+
+
+def _mask_function(*args, **kwargs):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    state = _ACTIVE.get()
+    native = state.native if state is not None else "sdpa"
+    return ALL_MASK_ATTENTION_FUNCTIONS[native](*args, **kwargs)
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, _attention_function)
+    AttentionMaskInterface.register(IMPLEMENTATION, _mask_function)
+    _REGISTERED = True
+
+
+def native_implementation(model) -> str:
+    return str(model.config._attn_implementation)
+
+
+@contextmanager
+def attention_mode(model, state: AttentionState) -> Iterator[AttentionState]:
+    """Route ``model``'s attention through :class:`AttentionState` for the block; always restore it."""
+    _register()
+    config = model.config
+    original = config._attn_implementation
+    token = _ACTIVE.set(state)
+    try:
+        config._attn_implementation = IMPLEMENTATION
+        yield state
+    finally:
+        config._attn_implementation = original
+        _ACTIVE.reset(token)

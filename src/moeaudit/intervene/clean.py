@@ -1,0 +1,161 @@
+"""The clean pass over one window: everything the engines reuse, captured in a single native forward.
+
+One forward of the unmodified model (transformers' own attention and experts kernels, so the clean
+logits are bit-identical to a plain forward) with three sets of observers attached:
+
+* the adapter's capture hooks (``keep_outputs=True``): per MoE layer the router logits, the active set
+  ``topk_idx``, ``raw_gate``, ``combine_weight``, the ungated expert outputs f_e(x) [T, k, H], the block
+  input, the routed output and the block output;
+* forward hooks on every decoder layer: its input and output hidden states (the residual stream);
+* the record mode of :mod:`moeaudit.intervene.attention`: each layer's keys, values and mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeaudit.intervene.attention import AttentionState, LayerCache, attention_mode
+from moeaudit.models.hooks import LayerRecord
+from moeaudit.models.moe_model import MoEModel
+
+
+@dataclass
+class CleanWindow:
+    """The clean state of one window (batch of one), as the engines need it.
+
+    Attributes
+    ----------
+    input_ids : LongTensor [T]
+    valid_next : bool Tensor [T]
+        True where position t has a real next token (not the last position, not padding).
+    logits : Tensor [T, V] float32 (float64 for a float64 model)
+    logprobs : Tensor [T, V]
+    nll : Tensor [T] (NaN where ``valid_next`` is False)
+    top1 : LongTensor [T]
+    records : dict[int, LayerRecord]
+        Per MoE layer, the adapter's capture with ``keep_outputs=True`` (N = T rows).
+    layer_input, layer_output : list of Tensor [T, H]
+        The residual stream entering and leaving every decoder layer.
+    caches : dict[int, LayerCache] or None
+        Clean keys/values and masks per decoder layer (None when not recorded).
+    """
+
+    input_ids: torch.Tensor
+    valid_next: torch.Tensor
+    logits: torch.Tensor
+    logprobs: torch.Tensor
+    nll: torch.Tensor
+    top1: torch.Tensor
+    records: dict[int, LayerRecord]
+    layer_input: list[torch.Tensor]
+    layer_output: list[torch.Tensor]
+    caches: dict[int, LayerCache] | None
+    _probs: torch.Tensor | None = None
+    _neg_entropy: torch.Tensor | None = None
+
+    @property
+    def probs(self) -> torch.Tensor:
+        """Clean next-token probabilities [T, V] (``logprobs.exp()``, computed once)."""
+        if self._probs is None:
+            self._probs = self.logprobs.exp()
+        return self._probs
+
+    @property
+    def neg_entropy(self) -> torch.Tensor:
+        """Σ_v p log p of the clean next-token distribution per position, [T] float64 (computed once)."""
+        if self._neg_entropy is None:
+            self._neg_entropy = torch.sum(self.probs * self.logprobs, dim=-1, dtype=torch.float64)
+        return self._neg_entropy
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def upcast(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 for half/bfloat16/float32 tensors; float64 stays float64."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def valid_next_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, T] bool: position t has a next token that is not padding (and is not padding itself)."""
+    valid = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    valid[:, :-1] = True
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        valid[:, :-1] &= real[:, :-1] & real[:, 1:]
+    return valid
+
+
+@torch.no_grad()
+def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  record_attention: bool = True) -> CleanWindow:
+    """Run the clean forward of one window and capture what the engines reuse.
+
+    Parameters
+    ----------
+    moe : MoEModel
+    input_ids : LongTensor [1, T]
+    attention_mask : Tensor [1, T], optional
+    record_attention : bool
+        Also record keys/values/masks (needed by the fast engine only).
+
+    Raises
+    ------
+    moeaudit.intervene.attention.UnsupportedAttention
+        When the attention cannot be replayed exactly (the caller falls back to the reference engine).
+    """
+    model = moe.model
+    decoder_layers = moe.adapter.decoder_layers(model)
+    layer_input: list[torch.Tensor | None] = [None] * len(decoder_layers)
+    layer_output: list[torch.Tensor | None] = [None] * len(decoder_layers)
+    handles = []
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs, output):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            layer_input[index] = hidden.detach()[0]
+            layer_output[index] = out.detach()[0]
+
+        return hook
+
+    state = AttentionState(mode="record", native=str(model.config._attn_implementation))
+    try:
+        for index, decoder_layer in enumerate(decoder_layers):
+            handles.append(decoder_layer.register_forward_hook(make_hook(index), with_kwargs=True))
+        with moe.capture("all", keep_outputs=True) as trace:
+            if record_attention:
+                with attention_mode(model, state):
+                    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            else:
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = upcast(logits[0])
+    logprobs = torch.log_softmax(logits, dim=-1)
+    valid = valid_next_mask(input_ids, attention_mask)[0]
+    targets = torch.roll(input_ids[0], -1)
+    nll = -logprobs.gather(-1, targets[:, None])[:, 0]
+    nll = nll.masked_fill(~valid, float("nan"))
+    if record_attention:
+        missing = [i for i in range(len(decoder_layers)) if i not in state.caches]
+        if missing:
+            from moeaudit.intervene.attention import UnsupportedAttention
+
+            raise UnsupportedAttention(f"no attention call was recorded for decoder layers {missing}")
+    return CleanWindow(
+        input_ids=input_ids[0],
+        valid_next=valid,
+        logits=logits,
+        logprobs=logprobs,
+        nll=nll,
+        top1=logits.argmax(dim=-1),
+        records={index: trace[index] for index in moe.moe_layer_indices},
+        layer_input=layer_input,  # type: ignore[arg-type]
+        layer_output=layer_output,  # type: ignore[arg-type]
+        caches=state.caches if record_attention else None,
+    )

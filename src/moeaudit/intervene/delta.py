@@ -1,0 +1,105 @@
+"""The exact change an intervention makes to one MoE layer's output, from the clean pass's captures.
+
+An intervention at MoE layer ℓ changes nothing before the block's output: the router and the experts
+see the same input x_t. So its whole effect enters the residual stream as
+
+    Δy_t = y_t^(intervened) - y_t = Σ_s (w'_s - w_s) f_s(x_t) + (replacement terms)
+
+with w the clean combine weights and f_s the ungated outputs of the active experts (both captured):
+
+``zero``     w'_s = 0 for the removed slots, unchanged otherwise.
+``renorm``   removed slots 0, survivors rescaled by (Σ_s w_s) / (Σ_kept w_s) (as the adapter's hook).
+``mean``     removed slots' f_s replaced by the expert's mean output: Δy = Σ_removed w_s (mean_e - f_s).
+``reroute``  the family's own routing rule re-run on the logits with the removed experts masked; the
+             experts module is called on the new selection (so a newly selected expert's output is
+             computed by the library's kernel), Δy = experts(x, new_idx, new_w) - routed_output.
+shared       ``index=None``: Δy = -(gated shared output); ``index=j``: minus shared expert j's part,
+             computed from its slice of the fused shared MLP (times the sigmoid gate where there is one).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moeaudit.models.base import MoELayer
+from moeaudit.models.hooks import LayerRecord
+
+
+def routed_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, removed: torch.Tensor,
+                 kind: str, mean_output: torch.Tensor | None = None) -> torch.Tensor:
+    """Δy at ``positions`` for removing ``removed`` experts with ``kind``.
+
+    Parameters
+    ----------
+    layer : MoELayer
+    record : LayerRecord
+        The clean capture of ``layer`` for the window (``keep_outputs=True``).
+    positions : LongTensor [N]
+    removed : bool Tensor [N, E]
+        Experts removed at each position (several for progressive ablation).
+    kind : {"zero", "renorm", "reroute", "mean"}
+    mean_output : Tensor [E, H], optional
+        Required for ``mean``.
+
+    Returns
+    -------
+    Tensor [N, H]
+        In the model's dtype.
+    """
+    topk_idx = record.topk_idx[positions]
+    weights = record.combine_weight[positions]
+    if kind == "reroute":
+        rerouted = layer.route(record.router_logits[positions], removed)
+        hidden = record.moe_input[positions]
+        new_out = type(layer.experts).forward(layer.experts, hidden, rerouted.topk_idx,
+                                              rerouted.combine_weight.to(weights.dtype))
+        return new_out - record.routed_output[positions]
+    ungated = record.ungated[positions]  # [N, k, H]
+    slot_removed = removed.gather(-1, topk_idx)
+    if kind == "zero":
+        change = -(weights * slot_removed)
+        return (change.unsqueeze(-1) * ungated).sum(dim=1)
+    if kind == "renorm":
+        total = weights.sum(dim=-1, keepdim=True)
+        kept = weights.masked_fill(slot_removed, 0.0)
+        kept_total = kept.sum(dim=-1, keepdim=True)
+        scale = torch.where(kept_total != 0, total / kept_total, torch.zeros_like(total))
+        new_weights = torch.where(slot_removed.any(dim=-1, keepdim=True), kept * scale, weights)
+        return ((new_weights - weights).unsqueeze(-1) * ungated).sum(dim=1)
+    if kind == "mean":
+        assert mean_output is not None
+        replacement = mean_output.to(ungated.device, torch.float32)[topk_idx]  # [N, k, H]
+        w = (weights.float() * slot_removed).unsqueeze(-1)
+        return ((w * replacement).sum(dim=1) - (w * ungated.float()).sum(dim=1)).to(ungated.dtype)
+    raise ValueError(kind)
+
+
+def shared_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, index: int | None) -> torch.Tensor:
+    """Δy at ``positions`` for removing all shared experts (``index=None``) or shared expert ``index``."""
+    if index is None:
+        return -record.shared_output[positions]
+    shared = layer.shared
+    x = record.moe_input[positions]
+    inter = shared.act_fn(shared.gate_proj(x)) * shared.up_proj(x)
+    lo, hi = index * layer.shared_intermediate, (index + 1) * layer.shared_intermediate
+    part = F.linear(inter[:, lo:hi], shared.down_proj.weight[:, lo:hi])
+    if layer.shared_gate is not None:
+        part = torch.sigmoid(layer.shared_gate(x)) * part
+    return -part
+
+
+def gap_statistics(record: LayerRecord, positions: torch.Tensor,
+                   delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gap norm ‖y_t - y_t^(-e)‖ and compensation cosine cos(y_t - y_t^(-e), y_t^(-e)).
+
+    Returns two float32 tensors [N]; the cosine is NaN where either vector is zero.
+    """
+    gap = -delta.float()
+    remaining = record.moe_output[positions].float() + delta.float()
+    gap_norm = torch.linalg.vector_norm(gap, dim=-1)
+    rem_norm = torch.linalg.vector_norm(remaining, dim=-1)
+    denom = gap_norm * rem_norm
+    cosine = (gap * remaining).sum(dim=-1) / denom
+    cosine = torch.where(denom > 0, cosine, torch.full_like(cosine, float("nan")))
+    return gap_norm, cosine

@@ -1,0 +1,201 @@
+"""The fast engine: recompute only what an intervention can change, many interventions per call.
+
+Token scope (position t, MoE layer ℓ)
+    Positions < t are untouched at every layer, and position t is untouched up to layer ℓ's MoE block.
+    So the intervened hidden state leaving decoder layer ℓ at t is the clean one plus Δy_t
+    (:mod:`moeaudit.intervene.delta`), and only that single position is run through decoder layers
+    ℓ+1 .. L-1, the final norm and the LM head, attending to the clean keys/values of positions < t
+    (shared, never copied) and to its own key/value at t. Each intervention is one row of a
+    [R, 1, H] batch through the model's own decoder layers
+    (:func:`moeaudit.intervene.attention.rows_attention` supplies the attention).
+
+Sequence scope (expert e removed wherever it is active at layer ℓ)
+    Positions before e's first use p0 are untouched; one row of [T - p0] positions from layer ℓ+1 gives
+    the effect at every later position at once. Several removed experts are batched as rows that share
+    one start position.
+
+Cost per token-scope intervention ≈ one single-token decode step through the remaining layers plus the
+LM head, instead of a full forward over the window.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from moeaudit.intervene.attention import AttentionState, attention_mode
+from moeaudit.intervene.clean import CleanWindow, upcast
+from moeaudit.intervene.delta import gap_statistics
+from moeaudit.models.moe_model import MoEModel
+
+
+def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: torch.Tensor,
+                 row_start: torch.Tensor, *, add_after: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Run rows of one window from decoder layer ``first_layer`` to the logits.
+
+    Parameters
+    ----------
+    moe : MoEModel
+    clean : CleanWindow
+        Supplies the clean keys/values and masks of the window.
+    first_layer : int
+        First decoder layer to run (``len(layers)`` runs only the final norm and the LM head).
+    hidden : Tensor [R, S, H]
+        The residual stream entering ``first_layer`` at positions ``row_start[r] .. row_start[r] + S - 1``.
+    row_start : LongTensor [R]
+    add_after : mapping int -> Tensor [R, S, H], optional
+        Added to the output of the given decoder layers (used by the gradient estimate).
+
+    Returns
+    -------
+    Tensor [R, S, V] float32 (float64 for a float64 model)
+        Next-token logits at the rows' positions.
+    """
+    model = moe.model
+    inner = model.model
+    layers = moe.adapter.decoder_layers(model)
+    span = hidden.shape[1]
+    position_ids = row_start[:, None] + torch.arange(span, device=hidden.device)[None, :]
+    state = AttentionState(mode="rows", native=str(model.config._attn_implementation), caches=clean.caches)
+    state.set_rows(row_start, span)
+    with attention_mode(model, state):
+        if first_layer < len(layers):
+            position_embeddings = inner.rotary_emb(hidden, position_ids)
+        for index in range(first_layer, len(layers)):
+            hidden = layers[index](hidden, attention_mask=None, position_ids=position_ids, past_key_values=None,
+                                   use_cache=False, position_embeddings=position_embeddings)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+            if add_after is not None and index in add_after:
+                hidden = hidden + add_after[index]
+        hidden = inner.norm(hidden)
+        logits = model.get_output_embeddings()(hidden)
+    return upcast(logits)
+
+
+def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Tensor):
+    """ΔNLL, KL(clean ‖ intervened) and top-1 flip at each row's target position.
+
+    Parameters
+    ----------
+    logits : Tensor [R, V] float32
+    positions : LongTensor [R]
+        Target positions (each with a valid next token).
+
+    Returns
+    -------
+    (delta_nll, kl, top1_flip) : float32 [R], float32 [R], bool [R]
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    targets = clean.input_ids[positions + 1]
+    nll = -logprobs.gather(-1, targets[:, None])[:, 0]
+    # KL = Σ p log p - Σ p log q, both sums of float32 products accumulated in float64 (the first is
+    # cached per position), so a null intervention gives exactly 0 and small KLs keep their digits.
+    cross = torch.sum(clean.probs[positions] * logprobs, dim=-1, dtype=torch.float64)
+    kl = (clean.neg_entropy[positions] - cross).to(logprobs.dtype)
+    flip = logprobs.argmax(dim=-1) != clean.top1[positions]
+    return nll - clean.nll[positions], kl, flip
+
+
+def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: torch.Tensor,
+                   make_delta: Callable[[torch.Tensor], torch.Tensor], *, rows_per_call: int):
+    """Token-scope effects of N interventions at MoE layer ``layer`` of one window.
+
+    Parameters
+    ----------
+    positions : LongTensor [N]
+        Target positions (each with a valid next token).
+    make_delta : callable
+        ``make_delta(rows)`` returns Δy [len(rows), H] of the interventions with indices ``rows``.
+    rows_per_call : int
+        Interventions per batched call (rows are sorted by position, so a call reads a short clean prefix).
+
+    Returns
+    -------
+    dict of float32/bool tensors [N]
+        ``delta_nll``, ``kl``, ``top1_flip``, ``gap_norm``, ``compensation_cos``.
+    """
+    n = positions.shape[0]
+    out = outcome_buffers(n)
+    record = clean.records[layer]
+    order = torch.argsort(positions, stable=True)
+    base = clean.layer_output[layer]
+    for lo in range(0, n, rows_per_call):
+        rows = order[lo:lo + rows_per_call]
+        pos = positions[rows]
+        delta = make_delta(rows)
+        logits = forward_rows(moe, clean, layer + 1, (base[pos] + delta).unsqueeze(1), pos)[:, 0]
+        dn, kl, flip = token_outcomes(logits, clean, pos)
+        gap_norm, cosine = gap_statistics(record, pos, delta)
+        for name, value in zip(out, (dn, kl, flip, gap_norm, cosine)):
+            out[name][rows] = value.to("cpu", out[name].dtype)
+    return out
+
+
+def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
+                      changes: list[tuple[torch.Tensor, torch.Tensor]], *, max_logit_elements: int,
+                      max_rows: int = 16):
+    """Sequence-scope passes: ΔNLL at every position for several interventions at MoE layer ``layer``.
+
+    Parameters
+    ----------
+    changes : list of (positions LongTensor [n_i], delta Tensor [n_i, H])
+        For each intervention, where the MoE output changes and by how much.
+    max_logit_elements : int
+        Cap on rows x positions x vocabulary of one call (the logits' memory).
+    max_rows : int
+        Interventions per call at most; rows of one call share the earliest start among them.
+
+    Returns
+    -------
+    list of (delta_nll [T], kl [T], top1_flip [T]) per intervention
+        Positions before the intervention's first change (and positions without a next token) hold 0 /
+        False; they are not recomputed because they cannot change.
+    """
+    seq_len = clean.seq_len
+    vocab = clean.logits.shape[-1]
+    base = clean.layer_output[layer]
+    starts = [int(pos.min()) if pos.numel() else seq_len for pos, _ in changes]
+    order = sorted(range(len(changes)), key=lambda i: starts[i])
+    results: list = [None] * len(changes)
+    i = 0
+    while i < len(order):
+        start = starts[order[i]]
+        if start >= seq_len:
+            results[order[i]] = _no_change(seq_len)
+            i += 1
+            continue
+        span = seq_len - start
+        per_call = max(1, min(max_rows, max_logit_elements // max(1, span * vocab)))
+        batch = order[i:i + per_call]
+        i += len(batch)
+        hidden = base[start:].unsqueeze(0).repeat(len(batch), 1, 1)
+        for row, index in enumerate(batch):
+            pos, delta = changes[index]
+            hidden[row, pos - start] += delta
+        row_start = torch.full((len(batch),), start, dtype=torch.long, device=hidden.device)
+        logits = forward_rows(moe, clean, layer + 1, hidden, row_start)  # [R, S, V]
+        positions = torch.arange(start, seq_len, device=hidden.device)
+        valid = clean.valid_next[start:]
+        safe = positions.clamp(max=seq_len - 2)
+        for row, index in enumerate(batch):
+            # rows batched behind an earlier start recompute a few positions they cannot change: keep those 0
+            keep = valid & (positions >= starts[index])
+            dn, kl, flip = token_outcomes(logits[row], clean, safe)
+            full = _no_change(seq_len)
+            full[0][start:] = torch.where(keep, dn, torch.zeros_like(dn)).cpu()
+            full[1][start:] = torch.where(keep, kl, torch.zeros_like(kl)).cpu()
+            full[2][start:] = (flip & keep).cpu()
+            results[index] = full
+    return results
+
+
+def outcome_buffers(n: int, names=("delta_nll", "kl", "top1_flip", "gap_norm", "compensation_cos")):
+    """Empty per-intervention result tensors (float64; ``top1_flip`` bool)."""
+    return {name: torch.empty(n, dtype=torch.bool if name == "top1_flip" else torch.float64) for name in names}
+
+
+def _no_change(seq_len: int):
+    return (torch.zeros(seq_len, dtype=torch.float64), torch.zeros(seq_len, dtype=torch.float64),
+            torch.zeros(seq_len, dtype=torch.bool))

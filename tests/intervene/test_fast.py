@@ -1,0 +1,78 @@
+"""The fast engine's passes against full forwards: clean replay, token rows, sequence rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeaudit.intervene.clean import capture_clean
+from moeaudit.intervene.delta import routed_delta
+from moeaudit.intervene.fast import forward_rows, run_sequence_rows
+from moeaudit.models import Ablation
+
+
+def test_clean_pass_is_bit_identical_and_restores_the_model(moe, input_ids):
+    original = moe.model.config._attn_implementation
+    with torch.no_grad():
+        plain = moe.model(input_ids[:1]).logits[0]
+    clean = capture_clean(moe, input_ids[:1])
+    assert torch.equal(clean.logits, plain)
+    assert moe.model.config._attn_implementation == original
+    assert set(clean.caches) == set(range(moe.num_decoder_layers))
+    assert clean.valid_next.tolist() == [True] * (input_ids.shape[1] - 1) + [False]
+
+
+def test_null_rows_reproduce_clean_logits(moe, input_ids):
+    """Every position restarted from every layer, with no change, gives back the clean logits."""
+    clean = capture_clean(moe, input_ids[:1])
+    positions = torch.arange(clean.seq_len)
+    for first in range(moe.num_decoder_layers + 1):
+        hidden = (clean.layer_input[first] if first < moe.num_decoder_layers else clean.layer_output[-1])[positions]
+        with torch.no_grad():
+            logits = forward_rows(moe, clean, first, hidden.unsqueeze(1), positions)[:, 0]
+        assert torch.allclose(logits, clean.logits, atol=2e-5, rtol=1e-5), first
+
+
+def test_sequence_scope_exact_and_untouched_before_first_use(moe, input_ids):
+    clean = capture_clean(moe, input_ids[:1])
+    layer = moe.layers[-1]
+    record = clean.records[layer.layer]
+    expert = int(record.topk_idx[6, 0])  # active at position 6
+    where = torch.nonzero((record.topk_idx == expert).any(-1))[:, 0]
+    first_use = int(where.min())
+    removed = torch.zeros(len(where), layer.num_experts, dtype=torch.bool)
+    removed[:, expert] = True
+    with torch.no_grad():
+        delta = routed_delta(layer, record, where, removed, "zero")
+        (fast_dn, _, _), = run_sequence_rows(moe, clean, layer.layer, [(where, delta)], max_logit_elements=1 << 20)
+        with moe.intervene([Ablation(layer.layer, experts=expert, positions=where.tolist())]):
+            logits = moe.model(input_ids[:1]).logits[0].float()
+    logprobs = torch.log_softmax(logits, -1)
+    ref_dn = -logprobs[:-1].gather(-1, input_ids[0, 1:, None])[:, 0] - clean.nll[:-1]
+    assert torch.all(ref_dn[:first_use] == 0)  # bit-identical before e's first use (batched_mm)
+    assert torch.all(fast_dn[:first_use] == 0)
+    assert (fast_dn[:-1] - ref_dn).abs().max() <= 1e-5
+    assert ref_dn[first_use:].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("max_logit_elements", [1, 1 << 20])
+def test_sequence_rows_batching_does_not_change_results(input_ids, max_logit_elements):
+    from .conftest import make_moe
+
+    moe = make_moe("mixtral")
+    clean = capture_clean(moe, input_ids[:1])
+    layer = moe.layers[0]
+    record = clean.records[layer.layer]
+    changes = []
+    for expert in range(layer.num_experts):
+        where = torch.nonzero((record.topk_idx == expert).any(-1))[:, 0]
+        removed = torch.zeros(len(where), layer.num_experts, dtype=torch.bool)
+        removed[:, expert] = True
+        with torch.no_grad():
+            changes.append((where, routed_delta(layer, record, where, removed, "renorm")))
+    with torch.no_grad():
+        batched = run_sequence_rows(moe, clean, layer.layer, changes, max_logit_elements=max_logit_elements)
+        alone = [run_sequence_rows(moe, clean, layer.layer, [change], max_logit_elements=1 << 20)[0]
+                 for change in changes]
+    for (a, _, _), (b, _, _) in zip(batched, alone):
+        assert (a - b).abs().max() <= 1e-5
