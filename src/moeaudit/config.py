@@ -59,6 +59,11 @@ class AuditConfig(BaseModel):
         Family-wise correction over metrics × layers and its level (paper: Bonferroni, 0.05).
     audit_metrics : list of str or None
         Metrics the audit tests (None = every metric column).
+    engine : {"fast", "reference"}
+        Intervention engine; both are exact, ``fast`` recomputes only what an intervention can change.
+    progressive : bool
+        Also run progressive ablation (remove the top-j experts by gate, j = 1..k-1) at ``audit_n``
+        sampled positions per layer, for the redundancy profile.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -83,6 +88,8 @@ class AuditConfig(BaseModel):
     correction: Literal["bonferroni", "holm", "bh"] = "bonferroni"
     alpha: float = Field(0.05, gt=0, lt=1)
     audit_metrics: list[str] | None = None
+    engine: Literal["fast", "reference"] = "fast"
+    progressive: bool = True
 
     @field_validator("observe_splits")
     @classmethod

@@ -112,8 +112,8 @@ class AuditResult:
 def _metric_columns(expert_metrics: pd.DataFrame, wanted: Sequence[str] | None) -> list[str]:
     numeric = [c for c in expert_metrics.columns if c not in ("layer", "expert")
                and pd.api.types.is_numeric_dtype(expert_metrics[c])]
-    if wanted is None:
-        return [c for c in numeric if expert_metrics[c].notna().any()]
+    if wanted is None:  # `count` ranks experts exactly as `frequency` does: testing both adds a duplicate cell
+        return [c for c in numeric if c != "count" and expert_metrics[c].notna().any()]
     missing = [m for m in wanted if m not in numeric]
     if missing:
         raise invalid("metrics", "columns of expert_metrics: " + ", ".join(numeric), missing[0])
@@ -262,14 +262,19 @@ def _random_pairs(sample: pd.DataFrame, rng: np.random.Generator) -> pd.DataFram
                          "high_expert": a_rows["expert"].to_numpy(), "low_expert": b_rows["expert"].to_numpy()})
 
 
-def paper_table(tests: pd.DataFrame, design: str = "paired") -> pd.DataFrame:
-    """The paper-style table: metric × layer cells "d_z [lo, hi] p_t/p_W verdict-mark"."""
+def paper_table(tests: pd.DataFrame, design: str = "paired", *, compact: bool = False) -> pd.DataFrame:
+    """The paper-style table: metric × layer cells "d_z [lo, hi] p_t/p_W" with "*" for significant.
+
+    ``compact`` keeps only "d_z*" (for terminals); the full cell is what papers print.
+    """
     cells = tests[tests["design"] == design]
 
     def cell(row) -> str:
         if not np.isfinite(row.effect):
             return "untestable"
         mark = "*" if row.verdict == "significant" else ""
+        if compact:
+            return f"{row.effect:+.2f}{mark}"
         return (f"{row.effect:+.3f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}] "
                 f"{row.p_t:.2g}/{row.p_wilcoxon:.2g}{mark}")
 

@@ -4,36 +4,54 @@ from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+
 from moeaudit.audit import AuditSettings, audit
+from moeaudit.stats import cliff, progressive_summary
 from moeaudit.errors import RunDirectoryError
 from moeaudit.rundir import RunDir
 
 
-def single_expert_effects(effects, kind: str, scope: str):
-    """Exact single-expert rows of one kind and scope (no estimates, no progressive or shared rows)."""
-    rows = (effects["kind"] == kind) & (effects["scope"] == scope)
-    if "estimate" in effects.columns:
-        rows &= ~effects["estimate"].astype(bool)
-    for column in ("j", "n_removed"):
-        if column in effects.columns:
-            rows &= effects[column].isna() | (effects[column] == 1) if column == "n_removed" else effects[column].isna()
-    if "selection" in effects.columns:
-        rows &= ~effects["selection"].isin(["progressive", "shared"])
+def single_expert_effects(effects: pd.DataFrame, kind: str, scope: str) -> pd.DataFrame:
+    """Exact removals of one routed expert, of one kind and scope (no estimates, progressive or shared rows)."""
+    rows = (effects["kind"] == kind) & (effects["scope"] == scope) & ~effects["estimate"].astype(bool)
+    rows &= ~effects["shared"].astype(bool) & (effects["j"] == 1) & (effects["selection"] != "progressive")
     return effects[rows]
 
 
 def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, Any]:
+    """Write ``tests.parquet`` (every design × metric × layer) and ``redundancy.parquet`` into ``run``."""
     config = run.config
     settings = settings or AuditSettings(metrics=config.audit_metrics, n=config.audit_n, seed=config.seed,
                                          correction=config.correction, alpha=config.alpha)
-    effects = single_expert_effects(run.read("effects"), config.kind, config.scope)
+    all_effects = run.read("effects")
+    effects = single_expert_effects(all_effects, config.kind, config.scope)
     if effects.empty:
         raise RunDirectoryError(f"effects.parquet in {run.path} has no exact {config.kind}/{config.scope} rows; "
                                 "run `moeaudit intervene` with that kind and scope first")
     result = audit(effects, run.read("expert_metrics"), settings)
     run.write_frame("tests", result.tests)
+    redundancy = redundancy_table(all_effects)
+    if not redundancy.empty:
+        run.write_frame("redundancy", redundancy)
     info = dict(result.counters, kind=config.kind, scope=config.scope, n=settings.n, correction=settings.correction,
                 alpha=settings.alpha)
     info["untestable_tokens"] = {k: v for k, v in info.get("untestable_tokens", {}).items() if v}
     run.record_stage("audit", info)
     return info
+
+
+def redundancy_table(effects: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:
+    """Progressive ablation per layer: n, mean, median, p95 ΔNLL for j = 1..k-1 removed by gate, and the
+    cliff (first j whose mean ΔNLL exceeds ``threshold`` nats; the paper's 0.1), from progressive rows."""
+    rows = effects[(effects["selection"] == "progressive") & ~effects["estimate"].astype(bool)]
+    frames = []
+    for layer, group in rows.groupby("layer"):
+        by_j = {int(j): g["delta_nll"].to_numpy() for j, g in group.groupby("j")}
+        summary = progressive_summary(by_j).reset_index().rename(columns={"index": "j"})
+        layer_cliff = cliff(summary["mean"].to_numpy(), threshold=threshold)
+        frames.append(summary.assign(layer=int(layer), cliff=layer_cliff if layer_cliff is not None else pd.NA))
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    return table[["layer"] + [c for c in table.columns if c != "layer"]]

@@ -23,10 +23,15 @@ def demo_command(
     """Run the pipeline on the built-in tiny models and corpus and summarise what it found."""
     import time
 
+    import pandas as pd
+
     from moeaudit.config import AuditConfig
     from moeaudit.errors import invalid
     from moeaudit.metrics.stage import layer_summary, run_metrics
     from moeaudit.models import builtin
+    from moeaudit.audit.stage import run_audit
+    from moeaudit.cli.stages import print_audit
+    from moeaudit.intervene.stage import effects_summary, run_intervene
     from moeaudit.observe.stage import build_corpus, model_from_config, run_observe, tokenizer_for
     from moeaudit.rundir import RunDir
 
@@ -52,13 +57,29 @@ def demo_command(
         run_metrics(run, moe=moe)
         metrics = run.read("expert_metrics")
         print_frame(layer_summary(metrics), f"{name}: expert load per layer (calibration split)")
-        summary.append({"model": name, "windows": observed["windows"], "tokens": observed["tokens"],
-                        "mean NLL": observed["mean_nll"],
+        with progress_bar(f"{name} intervene", quiet) as update:
+            intervened = run_intervene(run, moe=moe, on_batch=update)
+        print_frame(effects_summary(run.read("effects")),
+                    f"{name}: removing one active expert at one held-out token (zero, token scope; "
+                    f"{intervened['interventions']:,} exact interventions, noise floor "
+                    f"{intervened['noise_floor']:.1e} nats)")
+        audited = run_audit(run)
+        print_audit(run.read("tests"), audited)
+        if run.has("redundancy"):
+            redundancy = run.read("redundancy")
+            cliffs = redundancy.groupby("layer")["cliff"].first()
+            print_frame(redundancy.pivot(index="layer", columns="j", values="mean")
+                        .rename(columns=lambda j: f"j={j}").reset_index()
+                        .assign(cliff=[("none" if pd.isna(c) else str(int(c))) for c in cliffs.values]),
+                        f"{name}: mean ΔNLL after removing the top-j experts by gate (cliff: first j > 0.1 nats)")
+        summary.append({"model": name, "tokens": observed["tokens"], "mean NLL": observed["mean_nll"],
                         "dead experts": int((metrics["count"] == 0).sum()),
-                        "seconds": time.perf_counter() - started, "run directory": str(out / name)})
-    import pandas as pd
-
+                        "interventions": intervened["interventions"],
+                        "significant cells": f"{audited['significant']}/{audited['cells']}",
+                        "seconds": time.perf_counter() - started})
     print_frame(pd.DataFrame(summary), "demo summary")
+    typer.echo(f"run directories: {', '.join(str(out / name) for name in names)} "
+               "(manifest.json and Parquet tables, e.g. pandas.read_parquet(DIR + '/tests.parquet'))")
 
 
 def register(app: typer.Typer) -> None:

@@ -50,6 +50,54 @@ def metrics_command(
     print_frame(layer_summary(run.read("expert_metrics")), f"experts per layer ({info['split']} split)")
 
 
+def intervene_command(
+    run_dir: Path = typer.Argument(..., help="A run directory with tokens.parquet (after `moeaudit observe`)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="fast (default) or reference; both exact."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Remove every active expert at every held-out position (exactly) and write effects.parquet."""
+    from moeaudit.intervene.stage import effects_summary, run_intervene
+    from moeaudit.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if engine is not None:
+        run = RunDir(run_dir, resolve_config(run_dir, {"engine": engine}, None))
+    with progress_bar("intervene", quiet) as update:
+        info = run_intervene(run, on_batch=update)
+    print_frame(effects_summary(run.read("effects")), f"effects of removing one expert ({info['kind']}, "
+                f"{info['scope']} scope, {info['split']} windows)")
+    typer.echo(f"{info['interventions']:,} exact interventions in {info['seconds']:.1f}s with the {info['engine']} "
+               f"engine; noise floor {info['noise_floor']:.1e} nats")
+
+
+def audit_command(
+    run_dir: Path = typer.Argument(..., help="A run directory with effects.parquet and expert_metrics.parquet."),
+) -> None:
+    """Test whether each metric predicts the causal effect: writes tests.parquet and redundancy.parquet."""
+    from moeaudit.audit.stage import run_audit
+    from moeaudit.rundir import RunDir
+
+    run = RunDir(run_dir)
+    info = run_audit(run)
+    tests = run.read("tests")
+    print_audit(tests, info)
+
+
+def print_audit(tests, info) -> None:
+    import pandas as pd
+
+    from moeaudit.audit import paper_table
+
+    table = pd.concat([paper_table(tests, "paired", compact=True),
+                       paper_table(tests, "routing_weight", compact=True),
+                       paper_table(tests, "random_pair", compact=True)], ignore_index=True)
+    print_frame(table, f"d_z of ΔNLL(highest) − ΔNLL(lowest) per token, n={info['n']} positions per cell "
+                f"(* = significant: t and Wilcoxon both pass {info['correction']} at α={info['alpha']}); "
+                "full cells with CIs and p-values: tests.parquet")
+
+
 def register(app: typer.Typer) -> None:
     app.command("observe")(observe_command)
     app.command("metrics")(metrics_command)
+    app.command("intervene")(intervene_command)
+    app.command("audit")(audit_command)

@@ -76,6 +76,6 @@ def layer_summary(table, top: int = 3) -> "Any":
             "dead": int((group["count"] == 0).sum()),
             "max/mean load": float(freq.max() / freq.mean()) if freq.mean() > 0 else np.nan,
             "load gini": gini,
-            "top by REAP": ", ".join(f"{int(e)} ({v:.2f})" for e, v in zip(best["expert"], best["reap"])),
+            "top experts by REAP": ", ".join(str(int(e)) for e in best["expert"]),
         })
     return pd.DataFrame(rows)

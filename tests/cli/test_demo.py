@@ -1,0 +1,97 @@
+"""`moeaudit demo --quick` end to end on the built-in model and corpus, and the stage commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moeaudit.cli import main
+from moeaudit.models import builtin
+
+pytestmark = pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
+                                reason="built-in model weights not present")
+
+
+def run_cli(monkeypatch, capsys, *args):
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["moeaudit", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(sys, "argv", ["moeaudit", "demo", "--quick", "--quiet", "--out", str(out)])
+    try:
+        main()
+    except SystemExit as exit_:
+        assert not exit_.code
+    finally:
+        mp.undo()
+    return out / "tiny-olmoe"
+
+
+def test_demo_writes_every_table(demo_dir):
+    for table in ("tokens", "routing", "router_probs", "expert_metrics", "effects", "tests", "redundancy"):
+        assert (demo_dir / f"{table}.parquet").exists(), table
+    manifest = json.loads((demo_dir / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"observe", "metrics", "intervene", "audit"}
+    assert manifest["stages"]["intervene"]["engine"] == "fast"
+    assert manifest["stages"]["intervene"]["noise_floor"] < 1e-4
+    assert manifest["model"]["family"] == "olmoe" and manifest["corpus"]["fingerprint_observed"]
+
+
+def test_census_covers_every_active_expert_of_heldout_tokens(demo_dir):
+    tokens = pd.read_parquet(demo_dir / "tokens.parquet")
+    routing = pd.read_parquet(demo_dir / "routing.parquet")
+    effects = pd.read_parquet(demo_dir / "effects.parquet")
+    census = effects[effects.selection == "census"]
+    heldout = tokens[(tokens.split == "heldout") & tokens.nll.notna()]  # positions with a next token
+    expected = routing.merge(heldout[["seq", "pos"]], on=["seq", "pos"])
+    assert len(census) == len(expected)
+    merged = census.merge(expected, on=["layer", "seq", "pos", "expert"], suffixes=("", "_obs"))
+    assert len(merged) == len(census)
+    assert np.allclose(merged.raw_gate, merged.raw_gate_obs, atol=1e-6)
+    assert np.allclose(census.nll_clean.to_numpy(), census.merge(tokens, on=["seq", "pos"]).nll.to_numpy(), atol=1e-5)
+
+
+def test_metrics_on_calibration_effects_on_heldout(demo_dir):
+    tokens = pd.read_parquet(demo_dir / "tokens.parquet")
+    effects = pd.read_parquet(demo_dir / "effects.parquet")
+    split = tokens.drop_duplicates("seq").set_index("seq").split
+    assert set(split.loc[effects.seq.unique()]) == {"heldout"}
+    manifest = json.loads((demo_dir / "manifest.json").read_text())
+    assert manifest["stages"]["metrics"]["split"] == "calibration"
+
+
+def test_tests_table_has_every_design(demo_dir):
+    tests = pd.read_parquet(demo_dir / "tests.parquet")
+    assert set(tests.design) == {"paired", "routing_weight", "random_pair", "within_token", "expert_level"}
+    paired = tests[tests.design == "paired"]
+    assert set(paired.metric) >= {"frequency", "ean_mean", "mean_gate_active", "act_std", "reap"}
+    assert (paired.n == 200).all()
+    assert paired.verdict.isin(["significant", "not significant", "untestable"]).all()
+
+
+def test_stage_commands_rerun_on_the_demo_directory(demo_dir, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "audit", str(demo_dir))
+    assert code == 0, err
+    assert "token_gate" in out and "frequency" in out
+    code, out, err = run_cli(monkeypatch, capsys, "metrics", str(demo_dir))
+    assert code == 0 and "top experts by REAP" in out
+
+
+def test_stage_on_missing_run_is_one_line(tmp_path, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "audit", str(tmp_path / "nope"))
+    assert code == 2 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
