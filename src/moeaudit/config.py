@@ -64,6 +64,20 @@ class AuditConfig(BaseModel):
     progressive : bool
         Also run progressive ablation (remove the top-j experts by gate, j = 1..k-1) at ``audit_n``
         sampled positions per layer, for the redundancy profile.
+    min_chars : int or None
+        Keep only documents longer than this many characters (the paper: 50).
+    first_docs : int or None
+        Keep the first N documents in corpus order, after ``min_chars`` (the paper: 100). Unlike
+        ``max_docs`` (a seeded sample), this is positional.
+    truncate : bool
+        One window per document (its first ``max_len`` tokens) instead of cutting it into many.
+    in_sample : bool
+        Compute metrics and effects on the same windows, as the paper did (default: metrics on the
+        calibration split, effects on held-out).
+    intervene_n : int or None
+        Target positions per layer for the interventions (every active expert at each; None = census).
+    preset : str or None
+        The preset these settings came from, for the record.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -90,6 +104,12 @@ class AuditConfig(BaseModel):
     audit_metrics: list[str] | None = None
     engine: Literal["fast", "reference"] = "fast"
     progressive: bool = True
+    min_chars: int | None = Field(None, ge=0)
+    first_docs: int | None = Field(None, ge=1)
+    truncate: bool = False
+    in_sample: bool = False
+    intervene_n: int | None = Field(None, ge=1)
+    preset: str | None = None
 
     @field_validator("observe_splits")
     @classmethod

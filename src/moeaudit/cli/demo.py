@@ -10,7 +10,7 @@ import typer
 from moeaudit.cli.common import print_frame, progress_bar
 
 # Window counts sized for the budget on 2 CPU cores: <= 5 minutes for all three models, <= 60 s quick.
-FULL = dict(max_len=128, max_windows=64, batch_size=16)
+FULL = dict(max_len=128, max_windows=128, batch_size=16)
 QUICK = dict(max_len=64, max_windows=12, batch_size=12)
 
 

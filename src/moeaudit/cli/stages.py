@@ -101,3 +101,75 @@ def register(app: typer.Typer) -> None:
     app.command("metrics")(metrics_command)
     app.command("intervene")(intervene_command)
     app.command("audit")(audit_command)
+    app.command("run")(run_command)
+
+
+def run_command(
+    out: Path = typer.Option(..., "--out", help="Run directory to create (or resume with the same settings)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Built-in name, checkpoint directory or hub id."),
+    corpus: Optional[str] = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a hub dataset."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A published protocol: engmann2026."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="MoE layers, e.g. 0,4,7 (default all)."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Window length in tokens."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Cap on windows per observed split."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="zero, renorm, reroute or mean."),
+    scope: Optional[str] = typer.Option(None, "--scope", help="token or sequence."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ..."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file, or a run's manifest.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with another configuration."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Run the whole pipeline: observe -> metrics -> intervene -> audit."""
+    from moeaudit.audit.stage import run_audit
+    from moeaudit.intervene.stage import effects_summary, run_intervene
+    from moeaudit.metrics.stage import layer_summary, run_metrics
+    from moeaudit.observe.stage import model_from_config, run_observe
+    from moeaudit.rundir import RunDir
+
+    flags = dict(model=model, corpus=corpus, layers=parse_int_list(layers, "--layers"), max_len=max_len,
+                 max_windows=max_windows, kind=kind, scope=scope, dtype=dtype, device=device)
+    if config_file is not None and config_file.name == "manifest.json":
+        from moeaudit.config import AuditConfig
+
+        base = AuditConfig.from_manifest(config_file).model_dump()
+        config = resolve_config(out, dict(base, **{k: v for k, v in flags.items() if v is not None}), None)
+    elif preset is not None:
+        config = preset_config(preset, flags, out, config_file)
+    else:
+        config = resolve_config(out, flags, config_file)
+    run = RunDir(out, config, overwrite=overwrite)
+    moe = model_from_config(config)
+    with progress_bar("observe", quiet) as update:
+        run_observe(run, moe=moe, on_batch=update)
+    run_metrics(run, moe=moe)
+    print_frame(layer_summary(run.read("expert_metrics")), "experts per layer")
+    with progress_bar("intervene", quiet) as update:
+        intervened = run_intervene(run, moe=moe, on_batch=update)
+    print_frame(effects_summary(run.read("effects")), f"effects ({config.kind}, {config.scope} scope)")
+    audited = run_audit(run)
+    print_audit(run.read("tests"), audited)
+    typer.echo(f"{intervened['interventions']:,} exact interventions; results in {out}")
+
+
+def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Path]):
+    """A preset's settings for the model named in the flags (flags given explicitly still win)."""
+    from moeaudit.config import build_config
+    from moeaudit.errors import invalid
+    from moeaudit.models.loading import load_config, probe_moe_layers, resolve_source
+    from moeaudit.models.registry import adapter_for
+    from moeaudit.presets import preset_values
+
+    if flags.get("model") is None:
+        raise invalid("--model", "given with --preset", None)
+    source, is_local = resolve_source(flags["model"])
+    hf_config = load_config(source, is_local, flags["model"])
+    adapter = adapter_for(getattr(hf_config, "model_type", ""))
+    moe_layers = probe_moe_layers(hf_config, adapter, flags["model"]) if adapter else []
+    values = preset_values(preset, flags["model"], moe_layers)
+    if config_file is not None:
+        from moeaudit.config import AuditConfig
+
+        values.update(AuditConfig.from_toml(config_file).model_dump(exclude_unset=True))
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return build_config(values)

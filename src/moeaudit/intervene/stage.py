@@ -61,21 +61,25 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
     config = run.config
     moe = moe or model_from_config(config)
     tokens = run.read("tokens", columns=["seq", "pos", "token_id", "split"])
-    split = "heldout" if (tokens["split"] == "heldout").any() else None
+    split = "heldout" if (tokens["split"] == "heldout").any() and not config.in_sample else None
     chosen = tokens[tokens["split"] == split] if split else tokens
     seqs, input_ids, attention_mask = windows_from_tokens(chosen, getattr(moe.config, "pad_token_id", None) or 0)
     if bool(attention_mask.all()):
         attention_mask = None
     engine_config = InterveneConfig(kinds=(config.kind,), scopes=(config.scope,), engine=config.engine)
-    selections = [Selection.census(layers=config.layers)]
+    selections = [Selection.census(layers=config.layers) if config.intervene_n is None
+                  else Selection.sample(config.intervene_n, seed=config.seed, layers=config.layers)]
     if config.progressive:
         selections.append(Selection.progressive(layers=config.layers, n=config.audit_n, seed=config.seed))
     frames, parts = [], []
     total = len(seqs) * len(selections)
     done = 0
     for selection in selections:
-        for start in range(0, len(seqs), WINDOWS_PER_CALL):
-            stop = start + WINDOWS_PER_CALL
+        # A sampled selection draws its n positions per call, so it must see every window at once; the
+        # engine walks windows one by one either way, chunks only give the progress bar something to show.
+        step = len(seqs) if selection.n is not None else WINDOWS_PER_CALL
+        for start in range(0, len(seqs), step):
+            stop = start + step
             mask = None if attention_mask is None else attention_mask[start:stop]
             result = compute_effects(moe, input_ids[start:stop], selection, config=engine_config,
                                      attention_mask=mask)
@@ -90,15 +94,16 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
     run.write_frame("effects", effects)
     info = dict(_merge_stats(parts), split=split or "all", kind=config.kind, scope=config.scope,
                 selections=[s.name for s in selections], rows=len(effects))
-    census = effects[effects["selection"] == "census"]
+    census = effects[effects["selection"] == selections[0].name]
     info["interventions_per_second"] = (len(census) / info["seconds_exact"]) if info["seconds_exact"] else None
     run.record_stage("intervene", info)
     return info
 
 
 def effects_summary(effects: pd.DataFrame) -> pd.DataFrame:
-    """Per layer, over the census rows: interventions, mean / p95 ΔNLL, mean KL, share of top-1 flips."""
-    census = effects[(effects["selection"] == "census") & ~effects["estimate"].astype(bool)]
+    """Per layer, over single-expert removals: interventions, mean / p95 ΔNLL, mean KL, share of top-1 flips."""
+    census = effects[(effects["selection"] != "progressive") & ~effects["estimate"].astype(bool)
+                     & ~effects["shared"].astype(bool)]
     grouped = census.groupby("layer")
     return pd.DataFrame({
         "interventions": grouped.size(),

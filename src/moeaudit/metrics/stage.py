@@ -35,7 +35,7 @@ def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
     tokens = run.read("tokens", columns=["seq", "pos", "domain", "split"])
     routing = routing.astype({"layer": "int64", "seq": "int64", "pos": "int64", "expert": "int64"})
     calibration = np.unique(tokens.loc[tokens["split"] == "calibration", "seq"].to_numpy())
-    seqs = calibration if len(calibration) else None
+    seqs = calibration if len(calibration) and not run.config.in_sample else None
     moe = moe or model_from_config(run.config)
     num_experts = {layer.layer: layer.num_experts for layer in moe.layers if layer.layer in set(routing["layer"])}
     probs = read_router_probs(run.table_path("router_probs")) if run.has("router_probs") else {}
@@ -43,10 +43,11 @@ def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
     table = compute_expert_metrics(routing, num_experts, router_probs=probs or None, weights=weights, seqs=seqs)
     run.write_frame("expert_metrics", table)
     domains = tokens[["seq", "domain"]].drop_duplicates("seq")
-    with_domain = routing.merge(domains, on="seq", how="left")
-    by_domain = compute_expert_metrics_by_domain(with_domain, num_experts, router_probs=probs or None,
-                                                 weights=weights, seqs=seqs)
-    run.write_frame("expert_metrics_by_domain", by_domain)
+    if domains["domain"].notna().any():  # corpora without domain labels have no breakdown
+        with_domain = routing.merge(domains, on="seq", how="left")
+        by_domain = compute_expert_metrics_by_domain(with_domain, num_experts, router_probs=probs or None,
+                                                     weights=weights, seqs=seqs)
+        run.write_frame("expert_metrics_by_domain", by_domain)
     dead = table.groupby("layer")["count"].apply(lambda c: int((c == 0).sum())).to_dict()
     info = {
         "split": "calibration" if seqs is not None else "in_sample",

@@ -37,6 +37,10 @@ def build_corpus(config: AuditConfig, tokenizer):
     from moeaudit.data import build_windows, load_documents, seeded_sample
 
     documents = load_documents(config.corpus)
+    if config.min_chars is not None:
+        documents = [d for d in documents if len(d.text) > config.min_chars]
+    if config.first_docs is not None:
+        documents = documents[: config.first_docs]
     if config.max_docs is not None:
         documents = seeded_sample(documents, config.max_docs, config.split_seed)
     return build_windows(documents, tokenizer, max_len=config.max_len, seed=config.split_seed)
@@ -45,7 +49,7 @@ def build_corpus(config: AuditConfig, tokenizer):
 def observed_windows(corpus, config: AuditConfig) -> list[Any]:
     chosen = []
     for split in config.observe_splits:
-        windows = corpus.select(split)
+        windows = [w for w in corpus.select(split) if w.start == 0] if config.truncate else corpus.select(split)
         chosen.extend(windows[: config.max_windows] if config.max_windows else windows)
     return sorted(chosen, key=lambda w: w.seq)
 
