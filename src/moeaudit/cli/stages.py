@@ -84,16 +84,20 @@ def audit_command(
 
 
 def print_audit(tests, info) -> None:
+    """The paper-style table (full cells) for the paper's metrics and the control, then d_z for all metrics."""
     import pandas as pd
 
-    from moeaudit.audit import paper_table
+    from moeaudit.audit import PAPER_METRICS, paper_table
 
-    table = pd.concat([paper_table(tests, "paired", compact=True),
-                       paper_table(tests, "routing_weight", compact=True),
-                       paper_table(tests, "random_pair", compact=True)], ignore_index=True)
-    print_frame(table, f"d_z of ΔNLL(highest) − ΔNLL(lowest) per token, n={info['n']} positions per cell "
-                f"(* = significant: t and Wilcoxon both pass {info['correction']} at α={info['alpha']}); "
-                "full cells with CIs and p-values: tests.parquet")
+    rule = f"* = significant: t-test and Wilcoxon both pass {info['correction']} at α={info['alpha']}"
+    paper = tests[tests["metric"].isin(PAPER_METRICS + ("token_gate",))]
+    full = pd.concat([paper_table(paper, "paired"), paper_table(paper, "routing_weight")], ignore_index=True)
+    full = full.map(lambda cell: cell.replace(" [", "\n[").replace("] ", "]\n") if isinstance(cell, str) else cell)
+    print_frame(full, f"paired contrast, paper's metrics and routing-weight control: d_z [95% CI] p_t/p_W "
+                f"(n={info['n']} positions per cell; {rule})")
+    compact = pd.concat([paper_table(tests, design, compact=True) for design in
+                         ("paired", "routing_weight", "random_pair")], ignore_index=True)
+    print_frame(compact, f"d_z for every metric ({rule}; all columns in tests.parquet)")
 
 
 def register(app: typer.Typer) -> None:

@@ -112,4 +112,5 @@ def effects_summary(effects: pd.DataFrame) -> pd.DataFrame:
         "mean KL": grouped["kl"].mean(),
         "top-1 flips": grouped["top1_flip"].mean(),
         "mean gap norm": grouped["gap_norm"].mean(),
+        "compensation cos": grouped["compensation_cos"].mean(),
     }).reset_index()
