@@ -75,15 +75,23 @@ class PeakRSS:
 
 
 def load_benchmark_model(choice: str = "auto"):
-    """``tiny-olmoe`` (when the built-in trained models exist, or asked for) or the OLMoE-shaped random model."""
+    """A built-in trained model by name, ``random:FAMILY`` (a random model of that family at the same
+    scale), or ``random`` / ``auto`` (tiny-olmoe when present, else the OLMoE-shaped random model)."""
     import moeaudit
     from moeaudit.models import builtin, wrap_model
     from moeaudit.models.testing import tiny_model
 
     have_builtin = ("tiny-olmoe" in builtin.BUILTIN_MODELS
                     and (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists())
-    if choice == "tiny-olmoe" or (choice == "auto" and have_builtin):
+    if choice in builtin.BUILTIN_MODELS:
+        return moeaudit.load_model(choice), f"{choice} (built-in, trained)"
+    if choice == "auto" and have_builtin:
         return moeaudit.load_model("tiny-olmoe"), "tiny-olmoe (built-in, trained)"
+    if choice.startswith("random:"):
+        family = choice.split(":", 1)[1]
+        scale = dict(hidden_size=128, num_hidden_layers=6, vocab_size=8192, max_position_embeddings=1024)
+        model = tiny_model(family, experts_implementation=None, weight_std=0.05, **scale)
+        return wrap_model(model, name=choice), f"{family}-shaped random model (hidden 128, 6 layers)"
     # weight_std=0.05: tiny_model's default 0.2 gives a residual stream of norm ~150 and attention logits so
     # large that transformers' own sdpa and eager kernels disagree by ~1e-3 nats on it (ill-conditioned);
     # at 0.05 they agree to ~5e-6, as a trained model does.
@@ -171,7 +179,10 @@ def run_length(moe, seq_len: int, args, rows: list) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["auto", "tiny-olmoe", "random"], default="auto")
+    parser.add_argument("--model", default="auto",
+                        help="auto, random, a built-in name (tiny-olmoe, tiny-qwen-moe, tiny-deepseek) or "
+                             "random:FAMILY (olmoe, qwen2_moe, deepseek_v2, deepseek_v2_grouped, mixtral, "
+                             "qwen3_moe, gpt_oss)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--reference-samples", type=int, default=48)

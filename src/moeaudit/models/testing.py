@@ -58,6 +58,9 @@ def tiny_config(family: str, **overrides: Any):
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
+    if family == "gpt_oss" and "layer_types" not in overrides:  # GPT-OSS alternates sliding and full attention
+        fields["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
+                                 for i in range(fields["num_hidden_layers"])]
     return cls(**fields)
 
 
