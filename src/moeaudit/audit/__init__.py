@@ -23,7 +23,10 @@ Designs (``design`` column):
     value; Spearman with a permutation p — the question pruning asks.
 
 Each design's cells form one family over metrics × layers, corrected with ``correction``; the verdict is
-the dual test (both of the design's tests pass the corrected α; ``expert_level`` has one test). Paired
+the dual test: both of the design's tests pass the corrected α (``tests_used`` names them: t-test and
+Wilcoxon for the contrast designs, t-test and sign test for ``within_token``; ``expert_level`` has one
+test, its permutation p). ``p_first_adjusted`` / ``p_second_adjusted`` are the two corrected p-values
+and ``p_adjusted`` the larger. Paired
 cells also carry the minimum detectable d_z at 80 % power (at the corrected α) and a TOST equivalence
 test against ``|d_z| < equivalence_bound``, so a null can be stated as "no effect larger than …".
 """
@@ -188,8 +191,8 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
     -------
     AuditResult
         ``tests``: layer, metric, design, n, effect (d_z for contrast designs, mean ρ or ρ for correlation
-        designs), ci_low, ci_high, p_t, p_wilcoxon (for ``within_token`` the sign test's p), p_adjusted,
-        verdict, plus design-specific columns.
+        designs), ci_low, ci_high, p_t, p_wilcoxon, p_sign, p_permutation (NaN where a design has no such
+        test), tests_used, p_adjusted, verdict, plus design-specific columns.
     """
     settings = settings or AuditSettings()
     metrics = _metric_columns(expert_metrics, settings.metrics)
@@ -214,7 +217,7 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
                     r = within_token_spearman_frame(sample, metric=metric, effect="delta_nll", token=tuple(TOKEN))
                 rows.append(dict(layer=int(layer), metric=metric, design="within_token", n=r.n_tokens,
                                  effect=r.mean_rho, ci_low=r.ci_low, ci_high=r.ci_high, p_t=r.p_t,
-                                 p_wilcoxon=r.p_sign, tests_used="t+sign", n_skipped=r.n_skipped))
+                                 p_wilcoxon=np.nan, p_sign=r.p_sign, tests_used="t+sign", n_skipped=r.n_skipped))
             if "expert_level" in settings.designs:
                 per_expert = layer_effects.groupby("expert")["delta_nll"].mean()
                 values = scores[metric].reindex(per_expert.index)
@@ -223,8 +226,9 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
                     r = expert_level_spearman(values.to_numpy(), per_expert.to_numpy(),
                                               n_permutations=settings.n_permutations, seed=settings.seed)
                 rows.append(dict(layer=int(layer), metric=metric, design="expert_level", n=r.n, effect=r.rho,
-                                 ci_low=np.nan, ci_high=np.nan, p_t=r.p_permutation, p_wilcoxon=r.p_permutation,
-                                 tests_used="permutation", p_asymptotic=r.p_asymptotic))
+                                 ci_low=np.nan, ci_high=np.nan, p_t=np.nan, p_wilcoxon=np.nan,
+                                 p_permutation=r.p_permutation, tests_used="permutation",
+                                 p_asymptotic=r.p_asymptotic))
         if "routing_weight" in settings.designs:
             pairs, _ = high_low(sample, "raw_gate")
             rows.append(_paired_row(pairs, settings, layer=int(layer), metric="token_gate", design="routing_weight"))
@@ -234,7 +238,7 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
     tests = pd.DataFrame(rows)
     if tests.empty:
         return AuditResult(tests, counters)
-    tests = verdicts_for_family(tests, method=settings.correction, alpha=settings.alpha, by="design")
+    tests = _verdicts(tests, settings)
     paired = tests["tests_used"] == "t+wilcoxon"
     family = tests.groupby("design")["design"].transform("size")
     tests["mde_dz"] = np.nan
@@ -246,6 +250,28 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
     counters["cells"] = len(tests)
     counters["significant"] = int((tests["verdict"] == "significant").sum())
     return AuditResult(tests, counters)
+
+
+# The two tests whose corrected p-values must both pass, per design (expert_level has one test).
+_DUAL_TESTS = {"t+wilcoxon": ("p_t", "p_wilcoxon"), "t+sign": ("p_t", "p_sign"),
+               "permutation": ("p_permutation", "p_permutation")}
+
+
+def _verdicts(tests: pd.DataFrame, settings: AuditSettings) -> pd.DataFrame:
+    """Correct each design's pair of tests over its metrics × layers family; the dual-test verdict."""
+    for column in ("p_sign", "p_permutation"):
+        if column not in tests.columns:
+            tests[column] = np.nan
+    first = tests.apply(lambda row: row[_DUAL_TESTS[row.tests_used][0]], axis=1)
+    second = tests.apply(lambda row: row[_DUAL_TESTS[row.tests_used][1]], axis=1)
+    judged = verdicts_for_family(pd.DataFrame({"design": tests["design"], "p_t": first, "p_wilcoxon": second}),
+                                 method=settings.correction, alpha=settings.alpha, by="design")
+    out = tests.copy()
+    out["p_first_adjusted"] = judged["p_t_adjusted"].to_numpy()
+    out["p_second_adjusted"] = judged["p_wilcoxon_adjusted"].to_numpy()
+    out["p_adjusted"] = judged["p_adjusted"].to_numpy()
+    out["verdict"] = judged["verdict"].to_numpy()
+    return out
 
 
 def _random_pairs(sample: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
