@@ -52,6 +52,23 @@ def test_demo_writes_every_table(demo_dir):
     assert manifest["model"]["family"] == "olmoe" and manifest["corpus"]["fingerprint_observed"]
 
 
+def test_demo_writes_a_self_contained_report(demo_dir):
+    html = (demo_dir.parent / "report.html").read_text()
+    assert "tiny-olmoe" in html and "http://" not in html and "https://" not in html
+    assert (demo_dir.parent / "figures").is_dir()
+
+
+def test_table_and_query_commands(demo_dir, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "table", str(demo_dir), "--what", "audit", "--format", "latex")
+    assert code == 0, err
+    assert "\\toprule" in out and "\\bottomrule" in out
+    code, out, err = run_cli(monkeypatch, capsys, "query", str(demo_dir),
+                             "select count(*) as n from effects where selection = 'census'")
+    assert code == 0, err
+    census = pd.read_parquet(demo_dir / "effects.parquet").query("selection == 'census'")
+    assert out.split()[-1] == str(len(census))
+
+
 def test_census_covers_every_active_expert_of_heldout_tokens(demo_dir):
     tokens = pd.read_parquet(demo_dir / "tokens.parquet")
     routing = pd.read_parquet(demo_dir / "routing.parquet")

@@ -78,8 +78,12 @@ def demo_command(
                         "significant cells": f"{audited['significant']}/{audited['cells']}",
                         "seconds": time.perf_counter() - started})
     print_frame(pd.DataFrame(summary), "demo summary")
+    from moeaudit.report import write_report
+
+    report = write_report([out / name for name in names], out / "report.html")
     typer.echo(f"run directories: {', '.join(str(out / name) for name in names)} "
                "(manifest.json and Parquet tables, e.g. pandas.read_parquet(DIR + '/tests.parquet'))")
+    typer.echo(f"report: {report}")
 
 
 def register(app: typer.Typer) -> None:

@@ -153,7 +153,10 @@ def run_command(
     print_frame(effects_summary(run.read("effects")), f"effects ({config.kind}, {config.scope} scope)")
     audited = run_audit(run)
     print_audit(run.read("tests"), audited)
-    typer.echo(f"{intervened['interventions']:,} exact interventions; results in {out}")
+    from moeaudit.report import write_report
+
+    report = write_report(out, out / "report.html")
+    typer.echo(f"{intervened['interventions']:,} exact interventions; results in {out}; report: {report}")
 
 
 def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Path]):

@@ -1,0 +1,355 @@
+"""The report's figures, one function per figure, each returning a matplotlib ``Figure`` (or None: nothing to draw).
+
+Figures are built with the object-oriented API on the Agg canvas (no pyplot, no global state), so they can
+be made in a library call, a notebook or a test without a display. :func:`save` writes PNG and SVG with
+fixed metadata so that the same run gives the same files.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from moeaudit.report import _pruning
+
+#: Style shared by every figure: DejaVu Sans ships with matplotlib, so no system or web font is needed.
+STYLE: dict[str, Any] = {
+    "font.family": "DejaVu Sans", "font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5,
+    "xtick.labelsize": 7.5, "ytick.labelsize": 7.5, "legend.fontsize": 7.5, "axes.spines.top": False,
+    "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.6,
+    "svg.hashsalt": "moeaudit", "figure.dpi": 100, "savefig.dpi": 110, "savefig.bbox": "tight",
+}
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
+           "#7f7f7f"]
+DEAD, DOMINANT, NORMAL = "#d62728", "#ff7f0e", "#4c72b0"
+WIDTH = 10.0  # inches; ~1100 px at savefig.dpi, the report's column width
+
+
+def style():
+    """Context manager applying :data:`STYLE`; build and save figures inside it (rcParams stay untouched)."""
+    import matplotlib
+
+    return matplotlib.rc_context(STYLE)
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
+    cols = min(max_cols, max(1, n))
+    return math.ceil(n / cols), cols
+
+
+def save(fig, stem: Path) -> tuple[Path, Path, str]:
+    """Write ``stem.png`` and ``stem.svg``; return both paths and the PNG as a base64 string."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", metadata={"Software": None})
+    png = buffer.getvalue()
+    png_path, svg_path = stem.with_suffix(".png"), stem.with_suffix(".svg")
+    png_path.write_bytes(png)
+    fig.savefig(svg_path, format="svg", metadata={"Date": None, "Creator": None})
+    return png_path, svg_path, base64.b64encode(png).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------- routing load
+def load_bars(metrics: pd.DataFrame, load: pd.DataFrame, dominant_factor: float):
+    """Per layer: frequency of each expert, the uniform share k/E dashed, dead experts red, dominant orange."""
+    layers = sorted(int(x) for x in metrics["layer"].unique())
+    n_rows, n_cols = _grid(len(layers))
+    fig = _figure(WIDTH, 1.75 * n_rows + 0.3)
+    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False, sharey=True)).ravel()
+    info = load.set_index("layer")
+    for ax, layer in zip(axes, layers):
+        group = metrics[metrics["layer"] == layer].sort_values("expert")
+        freq = group["frequency"].to_numpy(dtype=float)
+        row = info.loc[layer]
+        uniform = (row["top_k"] / row["experts"]) if pd.notna(row["top_k"]) else float(np.mean(freq))
+        count = group["count"].to_numpy() if "count" in group else freq
+        colors = np.where(count == 0, DEAD, np.where(freq >= dominant_factor * uniform, DOMINANT, NORMAL))
+        ax.bar(group["expert"], freq, color=colors, width=0.85)
+        dead = group["expert"].to_numpy()[count == 0]
+        if len(dead):
+            ax.plot(dead, np.zeros(len(dead)), "x", color=DEAD, markersize=5, clip_on=False)
+        ax.axhline(uniform, color="black", linestyle="--", linewidth=0.8)
+        ax.set_title(f"layer {layer}: {int(row['dead'])} dead, {int(row['dominant'])} dominant, "
+                     f"H={row['load_entropy']:.2f}", loc="left")
+        ax.set_xlim(-0.8, len(freq) - 0.2)
+        ax.grid(axis="x", visible=False)
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    for ax in axes[::n_cols]:
+        ax.set_ylabel("frequency")
+    for ax in axes[max(0, len(layers) - n_cols):len(layers)]:
+        ax.set_xlabel("expert")
+    return fig
+
+
+def domain_heatmap(by_domain: pd.DataFrame, metrics: pd.DataFrame, *, max_layers: int = 12):
+    """Per layer: log2 of an expert's frequency on a domain over its overall frequency (domain × expert)."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    layers = sorted(int(x) for x in by_domain["layer"].unique())
+    if len(layers) > max_layers:
+        layers = [layers[i] for i in np.unique(np.linspace(0, len(layers) - 1, max_layers).round().astype(int))]
+    domains = sorted(str(d) for d in by_domain["domain"].dropna().unique())
+    n_rows, n_cols = _grid(len(layers), max_cols=2)
+    fig = _figure(WIDTH, (0.17 * len(domains) + 0.9) * n_rows + 0.6)
+    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    overall = metrics.set_index(["layer", "expert"])["frequency"]
+    norm = TwoSlopeNorm(vmin=-2, vcenter=0, vmax=2)
+    image = None
+    for ax, layer in zip(axes, layers):
+        part = by_domain[by_domain["layer"] == layer]
+        grid = part.pivot_table(index="domain", columns="expert", values="frequency", aggfunc="mean")
+        grid = grid.reindex(index=domains)
+        base = overall.loc[layer].reindex(grid.columns).to_numpy(dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lift = np.log2(grid.to_numpy(dtype=float) / base[None, :])
+        lift = np.clip(np.where(np.isneginf(lift), -2, lift), -2, 2)
+        image = ax.imshow(lift, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+        ax.set_yticks(range(len(domains)), domains)
+        step = max(1, len(grid.columns) // 16)
+        ax.set_xticks(range(0, len(grid.columns), step), [str(int(c)) for c in grid.columns[::step]])
+        ax.set_title(f"layer {layer}", loc="left")
+        ax.set_xlabel("expert")
+        ax.grid(False)
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes[:len(layers)].tolist(), shrink=0.8, aspect=30, pad=0.01)
+        bar.set_label("log2(domain freq / overall freq)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- audit
+def metric_scatter(metrics: pd.DataFrame, expert_effects: pd.DataFrame, tests: pd.DataFrame | None,
+                   metric_names: Sequence[str], layers: Sequence[int]):
+    """Rows = metrics, columns = layers: each expert's metric value vs its mean ΔNLL when removed."""
+    joined = metrics.merge(expert_effects, on=["layer", "expert"], how="inner")
+    rho = {}
+    if tests is not None:
+        level = tests[tests["design"] == "expert_level"]
+        rho = {(r.metric, int(r.layer)): (r.effect, r.verdict) for r in level.itertuples()}
+    n_rows, n_cols = len(metric_names), len(layers)
+    fig = _figure(WIDTH, 1.55 * n_rows + 0.4)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for i, metric in enumerate(metric_names):
+        for j, layer in enumerate(layers):
+            ax = axes[i, j]
+            part = joined[joined["layer"] == layer]
+            ax.scatter(part[metric], part["mean_delta_nll"], s=9, color=PALETTE[i % len(PALETTE)], alpha=0.8,
+                       linewidths=0)
+            effect, verdict = rho.get((metric, layer), (np.nan, None))
+            if np.isfinite(effect):
+                ax.text(0.03, 0.95, f"ρ={effect:+.2f}{'*' if verdict == 'significant' else ''}",
+                        transform=ax.transAxes, va="top", fontsize=7.5,
+                        fontweight="bold" if verdict == "significant" else "normal")
+            if i == 0:
+                ax.set_title(f"layer {layer}")
+            if j == 0:
+                ax.set_ylabel(f"mean ΔNLL\n{metric}" if n_cols > 1 else "mean ΔNLL")
+            ax.set_xlabel(metric if i == n_rows - 1 or n_cols == 1 else "")
+            ax.tick_params(labelsize=6.5)
+            ax.xaxis.get_offset_text().set_fontsize(6)
+    return fig
+
+
+def control_forest(tests: pd.DataFrame):
+    """d_z with 95 % CI per layer for the routing-weight control and the random-pair null."""
+    designs = [("routing_weight", "token gate (routing-weight control)", PALETTE[0]),
+               ("random_pair", "random pair (null)", "#888888")]
+    layers = sorted(int(x) for x in tests.loc[tests["design"].isin([d for d, _, _ in designs]), "layer"].unique())
+    fig = _figure(WIDTH * 0.62, 0.32 * len(layers) + 1.2)
+    ax = fig.subplots()
+    offsets = {"routing_weight": -0.12, "random_pair": 0.12}
+    for design, label, color in designs:
+        cells = tests[tests["design"] == design].sort_values("layer")
+        if cells.empty:
+            continue
+        y = np.array([layers.index(int(x)) for x in cells["layer"]]) + offsets[design]
+        significant = (cells["verdict"] == "significant").to_numpy()
+        ax.errorbar(cells["effect"], y, xerr=[cells["effect"] - cells["ci_low"], cells["ci_high"] - cells["effect"]],
+                    fmt="none", ecolor=color, elinewidth=1.2, capsize=2)
+        ax.scatter(cells["effect"][~significant], y[~significant], color="white", edgecolors=color, zorder=3, s=22,
+                   label=f"{label}")
+        ax.scatter(cells["effect"][significant], y[significant], color=color, zorder=3, s=26,
+                   label=f"{label}, significant" if significant.any() else None)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(layers)), [f"layer {layer}" for layer in layers])
+    ax.invert_yaxis()
+    ax.set_xlabel("d_z of ΔNLL(high gate) − ΔNLL(low gate)   (> 0: the higher-gated expert matters more)")
+    ax.legend(loc="best", frameon=False)
+    return fig
+
+
+def progressive(redundancy: pd.DataFrame, threshold: float = 0.1):
+    """Mean and median ΔNLL after removing the top-j experts by gate, one line per layer, cliff marked."""
+    layers = sorted(int(x) for x in redundancy["layer"].unique())
+    fig = _figure(WIDTH, 3.1)
+    ax_mean, ax_median = fig.subplots(1, 2)
+    cmap = _layer_colors(len(layers))
+    for i, layer in enumerate(layers):
+        part = redundancy[redundancy["layer"] == layer].sort_values("j")
+        ax_mean.plot(part["j"], part["mean"], "-o", color=cmap[i], markersize=3, label=f"layer {layer}")
+        ax_median.plot(part["j"], part["median"], "-o", color=cmap[i], markersize=3, label=f"layer {layer}")
+        if "p95" in part:
+            ax_median.fill_between(part["j"], part["median"], part["p95"], color=cmap[i], alpha=0.08, linewidth=0)
+        cliff = part["cliff"].dropna()
+        if len(cliff):
+            j = int(cliff.iloc[0])
+            at = part.loc[part["j"] == j, "mean"]
+            if len(at):
+                ax_mean.plot([j], [float(at.iloc[0])], marker="v", markersize=10, color=cmap[i],
+                             markeredgecolor="black", zorder=4)
+    for ax in (ax_mean, ax_median):
+        ax.axhline(threshold, color=DEAD, linestyle=":", linewidth=1)
+        ax.set_xlabel("experts removed from the active set (top-j by gate)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax, column in ((ax_mean, "mean"), (ax_median, "median")):
+        values = redundancy[column].to_numpy(dtype=float)
+        values = values[np.isfinite(values)]
+        if len(values) and values.min() > 0:
+            ax.set_yscale("log")
+        elif len(values):  # ΔNLL can be negative (an expert that hurt this token): symlog, no empty margin
+            ax.set_yscale("symlog", linthresh=0.01)
+            ax.set_ylim(bottom=min(0.0, float(values.min()) * 1.2))
+    ax_mean.set_ylabel("mean ΔNLL (nats)")
+    ax_mean.set_title(f"mean; ▼ = cliff (first j with mean > {threshold:g} nats, dotted)", loc="left")
+    ax_median.set_ylabel("median ΔNLL (nats)")
+    ax_median.set_title("median, shaded up to the 95th percentile", loc="left")
+    ax_mean.legend(frameon=False, ncols=2 if len(layers) > 6 else 1)
+    return fig
+
+
+def gap_depth(layer_effects: pd.DataFrame):
+    """Per layer: median gap norm ‖y − y^(−e)‖ with quartiles, and mean ΔNLL / KL of one-expert removals."""
+    frame = layer_effects.sort_values("layer")
+    fig = _figure(WIDTH, 2.9)
+    ax_gap, ax_loss = fig.subplots(1, 2)
+    x = frame["layer"].to_numpy()
+    if frame["gap_median"].notna().any():
+        ax_gap.fill_between(x, frame["gap_q25"], frame["gap_q75"], color=PALETTE[0], alpha=0.2, linewidth=0,
+                            label="quartiles")
+        ax_gap.plot(x, frame["gap_median"], "-o", color=PALETTE[0], markersize=4, label="median")
+        if frame["compensation_cos"].notna().any():
+            twin = ax_gap.twinx()
+            twin.plot(x, frame["compensation_cos"], "--s", color=PALETTE[4], markersize=3,
+                      label="mean compensation cos")
+            twin.set_ylabel("cos(gap, remaining output)", color=PALETTE[4])
+            twin.grid(False)
+            twin.spines["right"].set_visible(True)
+    ax_gap.set_ylabel("gap norm ‖y − y^(−e)‖")
+    ax_gap.set_xlabel("layer")
+    ax_gap.set_title("the hole one removed expert leaves in the MoE output", loc="left")
+    ax_gap.legend(frameon=False, loc="upper left")
+    ax_loss.plot(x, frame["mean_delta_nll"], "-o", color=PALETTE[1], markersize=4, label="mean ΔNLL")
+    ax_loss.plot(x, frame["median_delta_nll"], "--o", color=PALETTE[1], markersize=3, alpha=0.6,
+                 label="median ΔNLL")
+    if frame["mean_kl"].notna().any():
+        ax_loss.plot(x, frame["mean_kl"], "-^", color=PALETTE[3], markersize=4, label="mean KL")
+    ax_loss.axhline(0, color="black", linewidth=0.6)
+    ax_loss.set_xlabel("layer")
+    ax_loss.set_ylabel("nats")
+    ax_loss.set_title("how much of it reaches the next-token prediction", loc="left")
+    ax_loss.legend(frameon=False)
+    for ax in (ax_gap, ax_loss):
+        ax.set_xticks(x)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- pruning
+def pruning_lines(whole: pd.DataFrame, layer_rows: pd.DataFrame, value_label: str, baseline: float | None = None):
+    """Held-out loss vs pruning ratio per criterion, against the random band (5–95 %) and median."""
+    has_layers = not layer_rows.empty
+    fig = _figure(WIDTH, 3.4)
+    axes = fig.subplots(1, 2) if has_layers else [fig.subplots()]
+    for ax in axes[:2 if has_layers else 1]:
+        if baseline is not None:
+            ax.axhline(baseline, color="black", linestyle=":", linewidth=1, label="unpruned")
+    _criterion_lines(axes[0], whole, value_label)
+    axes[0].set_title("whole model pruned", loc="left")
+    if has_layers:
+        ax = axes[1]
+        ratio = sorted(layer_rows["ratio"].unique())[-1]
+        at = layer_rows[layer_rows["ratio"] == ratio]
+        layers = sorted(int(x) for x in at["layer"].unique())
+        random = at[at["criterion"] == _pruning.RANDOM]
+        if not random.empty:
+            band = random.groupby("layer")["value"].quantile(list(_pruning.BAND)).unstack().reindex(layers)
+            ax.fill_between(layers, band.iloc[:, 0], band.iloc[:, 1], color="#bbbbbb", alpha=0.5, linewidth=0,
+                            label="random 5–95%")
+        colors = _criterion_colors(_pruning.criteria_order(at))
+        for criterion, color in colors.items():
+            if criterion == _pruning.RANDOM:
+                continue
+            line = at[at["criterion"] == criterion].groupby("layer")["value"].mean().reindex(layers)
+            ax.plot(layers, line, "-o", color=color, markersize=3, label=criterion)
+        ax.set_xlabel("layer pruned alone")
+        ax.set_ylabel(value_label)
+        ax.set_title(f"one layer pruned at ratio {ratio:g}", loc="left")
+        ax.set_xticks(layers)
+    return fig
+
+
+def _criterion_lines(ax, whole: pd.DataFrame, value_label: str) -> None:
+    random = whole[whole["criterion"] == _pruning.RANDOM]
+    if not random.empty:
+        band = random.groupby("ratio")["value"].quantile([*_pruning.BAND, 0.5]).unstack()
+        ax.fill_between(band.index, band.iloc[:, 0], band.iloc[:, 1], color="#bbbbbb", alpha=0.5, linewidth=0,
+                        label=f"random 5–95% ({random['seed'].nunique()} seeds)")
+        ax.plot(band.index, band.iloc[:, 2], "--", color="#555555", linewidth=1, label="random median")
+    colors = _criterion_colors(_pruning.criteria_order(whole[whole["ratio"] > 0]))
+    for criterion, color in colors.items():
+        if criterion == _pruning.RANDOM:
+            continue
+        line = whole[whole["criterion"] == criterion].groupby("ratio")["value"].mean()
+        ax.plot(line.index, line.to_numpy(), "-o", color=color, markersize=3.5, label=criterion)
+    ax.set_xlabel("share of routed experts pruned per layer")
+    ax.set_ylabel(value_label)
+    ax.legend(frameon=False, fontsize=7, ncols=2 if len(colors) > 8 else 1, loc="upper left")
+
+
+def jaccard(matrices: dict[float, pd.DataFrame]):
+    """Mean Jaccard overlap of the dropped sets between criteria (over layers), one matrix per ratio."""
+    ratios = sorted(matrices)[:3]
+    size = max(len(matrices[r]) for r in ratios)
+    fig = _figure(min(WIDTH, 0.4 * size * len(ratios) + 2.0), 0.32 * size + 1.4)
+    axes = np.atleast_1d(fig.subplots(1, len(ratios), squeeze=False)).ravel()
+    image = None
+    for ax, ratio in zip(axes, ratios):
+        matrix = matrices[ratio]
+        image = ax.imshow(matrix.to_numpy(dtype=float), vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        names = [str(n) for n in matrix.index]
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
+        ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
+        ax.set_title(f"ratio {ratio:g}" if np.isfinite(ratio) else "all ratios", loc="left")
+        ax.grid(False)
+        if size <= 12:
+            for (a, b), value in np.ndenumerate(matrix.to_numpy(dtype=float)):
+                if np.isfinite(value):
+                    ax.text(b, a, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if value < 0.6 else "black")
+    if image is not None:
+        fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="Jaccard of dropped sets")
+    return fig
+
+
+def _layer_colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(0.9 * i / max(1, n - 1)) for i in range(n)]
+
+
+def _criterion_colors(criteria: Sequence[str]) -> dict[str, str]:
+    return {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(criteria)}

@@ -1,0 +1,121 @@
+"""The HTML report: self-contained, every section for every run, figures beside it, and a real browser renders
+it without errors or network requests.
+
+The browser test drives Debian's ``chromium`` through playwright with ``executable_path`` (browser downloads by
+test tools do not work offline); without either it skips and says which is missing.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moeaudit.report import SECTIONS, write_report
+from tests.report.conftest import make_run
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-default-apps", "--disable-sync",
+                 "--disable-extensions", "--mute-audio"]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, synthetic_run, synthetic_run_no_pruning) -> Path:
+    out = tmp_path_factory.mktemp("html") / "report.html"
+    return write_report([synthetic_run, synthetic_run_no_pruning], out)
+
+
+@pytest.fixture(scope="module")
+def page(report) -> str:
+    return report.read_text(encoding="utf-8")
+
+
+def test_self_contained(page):
+    assert page.startswith("<!DOCTYPE html>")
+    assert re.search(r"https?://", page) is None
+    for forbidden in ("<script", "<link", "<iframe", "@import", "url(", "<object", "<embed"):
+        assert forbidden not in page.lower(), forbidden
+    sources = re.findall(r'\b(?:src|href)="([^"]*)"', page)
+    assert sources and all(s.startswith(("data:image/png;base64,", "#")) for s in sources), sources
+
+
+def test_every_section_for_every_run(page):
+    runs = page.split('<section class="run" id="')[1:]
+    assert [run.split('"')[0] for run in runs] == ["synthetic-moe", "no-pruning"]
+    for body in runs:
+        headings = [html.unescape(h) for h in re.findall(r"<h3>(.*?)</h3>", body)]
+        assert headings == list(SECTIONS)
+        assert "could not be drawn" not in body
+
+
+def test_absent_inputs_say_so(page, tmp_path):
+    assert page.count("Pruning was not run for this run") == 1
+    bare = make_run(tmp_path / "bare", pruning=False, effects=False)
+    text = write_report(bare, tmp_path / "bare.html").read_text()
+    assert text.count("it has no <code>effects.parquet</code>") >= 2
+    assert "<code>moeaudit intervene RUN_DIR</code>" in text and "could not be drawn" not in text
+    for name in ("tests", "redundancy", "expert_metrics_by_domain", "expert_metrics"):  # observe only
+        (bare / f"{name}.parquet").unlink()
+    text = write_report(bare, tmp_path / "observed.html").read_text()
+    assert "could not be drawn" not in text and text.count("<h3>") == len(SECTIONS)
+    assert "<code>moeaudit audit RUN_DIR</code>" in text and "<code>moeaudit metrics RUN_DIR</code>" in text
+
+
+def test_figures_written_beside_the_report(report, page):
+    files = sorted(p.name for p in (report.parent / "figures").iterdir())
+    stems = {"routing-load", "domains", "metric-vs-effect", "routing-weight-control", "progressive", "gap-norm",
+             "pruning", "jaccard"}
+    for stem in stems:
+        assert f"synthetic-moe-{stem}.png" in files and f"synthetic-moe-{stem}.svg" in files, stem
+    assert "no-pruning-pruning.png" not in files
+    assert page.count("<img ") == len(stems) + len(stems - {"pruning", "jaccard"})
+
+
+def test_audit_table_colour_codes_verdicts(page):
+    assert page.count('class="v-pos"') >= 2 and 'class="v-neg"' in page and 'class="v-untestable"' in page
+    assert 'class="v-equiv"' in page and 'class="v-ns"' in page
+
+
+def test_accepts_a_single_path(synthetic_run, tmp_path):
+    out = write_report(synthetic_run, tmp_path / "one" / "r.html")
+    assert out == tmp_path / "one" / "r.html" and out.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (Debian: apt-get install chromium)")
+def test_renders_in_headless_chromium(report, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    from PIL import Image
+
+    url = report.resolve().as_uri()
+    requests, blocked, errors = [], [], []
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
+        try:
+            context = browser.new_context(viewport={"width": 1366, "height": 900}, offline=True)
+            context.route(re.compile(r"^(?!file:|data:).*"), lambda route: (blocked.append(route.request.url),
+                                                                            route.abort()))
+            page = context.new_page()
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("console", lambda m: errors.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url, wait_until="load")
+            headings = page.eval_on_selector_all("section.run", "runs => runs.map(r => "
+                                                 "Array.from(r.querySelectorAll('h3')).map(h => h.textContent))")
+            broken = page.evaluate("Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0)"
+                                   ".length")
+            n_images = page.evaluate("document.images.length")
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot))
+        finally:
+            browser.close()
+    assert errors == []
+    assert blocked == [] and [r for r in requests if not r.startswith("data:")] == [url]
+    assert headings == [list(SECTIONS), list(SECTIONS)]
+    assert n_images > 0 and broken == 0
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (900, 1366) and pixels.std() > 20
