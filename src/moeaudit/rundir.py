@@ -22,7 +22,8 @@ from moeaudit.errors import RunDirectoryError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-TABLES = ("tokens", "routing", "router_probs", "expert_metrics", "effects", "tests", "pruning")
+TABLES = ("tokens", "routing", "router_probs", "expert_metrics", "expert_metrics_by_domain", "effects", "tests",
+          "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores")
 
 
 def config_fingerprint(config: AuditConfig) -> str:

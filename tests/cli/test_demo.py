@@ -43,10 +43,14 @@ def demo_dir(tmp_path_factory):
 
 
 def test_demo_writes_every_table(demo_dir):
-    for table in ("tokens", "routing", "router_probs", "expert_metrics", "effects", "tests", "redundancy"):
+    for table in ("tokens", "routing", "router_probs", "expert_metrics", "effects", "tests", "redundancy",
+                  "pruning", "jaccard"):
         assert (demo_dir / f"{table}.parquet").exists(), table
     manifest = json.loads((demo_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"observe", "metrics", "intervene", "audit"}
+    assert set(manifest["stages"]) == {"observe", "metrics", "intervene", "audit", "prune"}
+    pruning = pd.read_parquet(demo_dir / "pruning.parquet")
+    assert {"reap", "frequency", "random", "oracle_delta_nll"} <= set(pruning.criterion)
+    assert pruning[pruning.criterion == "random"].seed.nunique() == 5
     assert manifest["stages"]["intervene"]["engine"] == "fast"
     assert manifest["stages"]["intervene"]["noise_floor"] < 1e-4
     assert manifest["model"]["family"] == "olmoe" and manifest["corpus"]["fingerprint_observed"]

@@ -10,8 +10,12 @@ import typer
 from moeaudit.cli.common import print_frame, progress_bar
 
 # Window counts sized for the budget on 2 CPU cores: <= 5 minutes for all three models, <= 60 s quick.
-FULL = dict(max_len=128, max_windows=128, batch_size=16)
+FULL = dict(max_len=128, max_windows=64, batch_size=16)
 QUICK = dict(max_len=64, max_windows=12, batch_size=12)
+# Pruning evaluates every criterion x ratio x random seed on the held-out windows; the demo prunes all layers
+# at once (per-layer pruning: `moeaudit prune RUN_DIR`) with a 10-seed random distribution.
+PRUNE_FULL = dict(ratios=(0.125, 0.25, 0.5), random_seeds=10, single_layer=False)
+PRUNE_QUICK = dict(ratios=(0.25,), random_seeds=5, single_layer=False)
 
 
 def demo_command(
@@ -33,6 +37,7 @@ def demo_command(
     from moeaudit.cli.stages import print_audit
     from moeaudit.intervene.stage import effects_summary, run_intervene
     from moeaudit.observe.stage import build_corpus, model_from_config, run_observe, tokenizer_for
+    from moeaudit.prune import pruning_summary, run_prune
     from moeaudit.rundir import RunDir
 
     names = [m.strip() for m in models.split(",")] if models else (
@@ -72,6 +77,12 @@ def demo_command(
                         .rename(columns=lambda j: f"j={j}").reset_index()
                         .assign(cliff=[("none" if pd.isna(c) else str(int(c))) for c in cliffs.values]),
                         f"{name}: mean ΔNLL after removing the top-j experts by gate (cliff: first j > 0.1 nats)")
+        with progress_bar(f"{name} prune", quiet) as update:
+            run_prune(run, moe=moe, on_batch=update, **(PRUNE_QUICK if quick else PRUNE_FULL))
+        pruned = pruning_summary(run.read("pruning"), run.read("jaccard"))
+        typer.secho(f"{name}: held-out perplexity after pruning, by criterion (percentile in the random "
+                    "distribution; low = better than random)", bold=True)
+        typer.echo(pruned.to_text())
         summary.append({"model": name, "tokens": observed["tokens"], "mean NLL": observed["mean_nll"],
                         "dead experts": int((metrics["count"] == 0).sum()),
                         "interventions": intervened["interventions"],

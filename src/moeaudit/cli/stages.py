@@ -106,6 +106,7 @@ def register(app: typer.Typer) -> None:
     app.command("intervene")(intervene_command)
     app.command("audit")(audit_command)
     app.command("run")(run_command)
+    app.command("prune")(prune_command)
 
 
 def run_command(
@@ -180,3 +181,42 @@ def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Pat
         values.update(AuditConfig.from_toml(config_file).model_dump(exclude_unset=True))
     values.update({k: v for k, v in flags.items() if v is not None})
     return build_config(values)
+
+
+def prune_command(
+    run_dir: Path = typer.Argument(..., help="A run directory with expert_metrics.parquet (effects enable the oracle)."),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="Shares of experts dropped per layer, e.g. 0.125,0.25,0.5."),
+    criteria: Optional[str] = typer.Option(None, "--criteria", help="Comma-separated criteria (default: all)."),
+    seeds: int = typer.Option(20, "--seeds", help="Random-selection seeds (the random distribution)."),
+    single_layer: bool = typer.Option(True, "--single-layer/--all-layers-only",
+                                      help="Also prune each layer alone (slower)."),
+    guard: int = typer.Option(0, "--guard", help="Never prune the top-N experts by max activation per layer."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write a physically smaller checkpoint here."),
+    criterion: Optional[str] = typer.Option(None, "--criterion", help="With --export: the criterion, e.g. reap."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="With --export: the ratio, e.g. 0.25."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Prune by every criterion vs random vs causal oracles on held-out windows; optionally export."""
+    from moeaudit.errors import invalid
+    from moeaudit.observe.stage import model_from_config
+    from moeaudit.prune import export_pruned, pruning_summary, run_prune, select_kept
+    from moeaudit.rundir import RunDir
+
+    run = RunDir(run_dir)
+    moe = model_from_config(run.config)
+    if export is not None:
+        if criterion is None or ratio is None:
+            raise invalid("--export", "given with --criterion and --ratio", str(export))
+        kept = select_kept(run, criterion, ratio, moe=moe, guard=guard)
+        result = export_pruned(moe, kept, export)
+        typer.echo(f"exported {criterion} at ratio {ratio} to {result.path}")
+        return
+    ratio_list = [float(r) for r in ratios.split(",")] if ratios else None
+    kwargs = dict(criteria=criteria.split(",") if criteria else None, random_seeds=seeds,
+                  single_layer=single_layer, guard=guard)
+    if ratio_list:
+        kwargs["ratios"] = ratio_list
+    with progress_bar("prune", quiet) as update:
+        run_prune(run, moe=moe, on_batch=update, **kwargs)
+    summary = pruning_summary(run.read("pruning"), run.read("jaccard") if run.has("jaccard") else None)
+    typer.echo(summary.to_text())

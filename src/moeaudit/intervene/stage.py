@@ -27,7 +27,7 @@ def windows_from_tokens(tokens: pd.DataFrame, pad_id: int = 0) -> tuple[np.ndarr
     lengths = tokens.groupby("seq", sort=True).size().to_numpy()
     ids = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    flat = torch.as_tensor(tokens["token_id"].to_numpy(dtype=np.int64))
+    flat = torch.from_numpy(np.array(tokens["token_id"], dtype=np.int64))  # a writable copy
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     for row, n in enumerate(lengths):
         ids[row, :n] = flat[offsets[row] : offsets[row] + n]

@@ -1,0 +1,218 @@
+"""Export a pruned model as a physically smaller, standard Hugging Face checkpoint.
+
+The dropped experts are sliced out of every fused expert tensor (``gate_up_proj``, ``down_proj`` and,
+for GPT-OSS, their biases: every parameter of the experts module whose leading axis indexes experts) and
+out of the router (its weight rows and, where present, its bias); the config's routed-expert count is
+updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts``), top-k is kept. The result loads
+with ``AutoModelForCausalLM.from_pretrained(DIR)`` and no moeaudit, and computes exactly what the masked
+evaluation (:mod:`moeaudit.prune.evaluate`) computes: a router without rows for the dropped experts gives
+the same softmax over the survivors as one whose dropped logits are −inf.
+
+Limits
+------
+* One expert count per model: a fused-weights config has a single ``num_experts``, so every MoE layer
+  must keep the same number of experts (uniform ratios); non-uniform budgets are refused.
+* DeepSeek-V2 group-limited routing (``topk_method="group_limited_greedy"``) splits the experts into
+  ``n_group`` equal consecutive groups; the export keeps that routing exact only when every group of every
+  layer keeps the same number of experts, and refuses otherwise (greedy DeepSeek-V2 / V2-Lite always works).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from moeaudit.errors import InvalidParameterError, RunDirectoryError, invalid
+from moeaudit.models.moe_model import MoEModel
+
+logger = logging.getLogger(__name__)
+
+#: Config fields that hold the routed-expert count, by family.
+EXPERT_COUNT_FIELDS: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_pruned` wrote.
+
+    Attributes
+    ----------
+    path : Path
+    num_experts : int
+        Routed experts per MoE layer in the exported model (was ``original_num_experts``).
+    original_num_experts : int
+    kept : dict layer -> list of int
+        Original expert ids kept, in the order of the exported model's experts.
+    parameters : int
+        Parameters of the exported model (``original_parameters`` before).
+    original_parameters : int
+    config_fields : tuple of str
+        Config fields rewritten with the new expert count.
+    """
+
+    path: Path
+    num_experts: int
+    original_num_experts: int
+    kept: dict[int, list[int]]
+    parameters: int
+    original_parameters: int
+    config_fields: tuple[str, ...]
+
+
+def check_kept(moe: MoEModel, kept: Mapping[int, Sequence[int]]) -> dict[int, list[int]]:
+    """Validate a kept map for export; return it complete (every MoE layer), sorted, as ints.
+
+    Layers missing from ``kept`` keep all their experts.
+    """
+    if not isinstance(kept, Mapping):
+        raise invalid("kept", "a mapping {layer: [kept expert ids]}", type(kept).__name__)
+    for layer in kept:
+        moe.layer(layer)  # validates the index
+    full: dict[int, list[int]] = {}
+    for described in moe.layers:
+        experts = kept.get(described.layer, range(described.num_experts))
+        ids = [int(e) for e in experts]
+        if len(set(ids)) != len(ids):
+            raise invalid("kept", "distinct expert ids", ids, f"layer {described.layer}")
+        bad = [e for e in ids if not 0 <= e < described.num_experts]
+        if bad:
+            raise invalid("kept", f"expert ids in [0, {described.num_experts - 1}]", bad[0], f"layer {described.layer}")
+        if len(ids) < described.top_k:
+            raise invalid("kept", f"at least top_k = {described.top_k} experts per layer", len(ids),
+                          f"layer {described.layer}")
+        full[described.layer] = sorted(ids)
+    counts = {layer: len(ids) for layer, ids in full.items()}
+    if len(set(counts.values())) > 1:
+        shown = ", ".join(f"{c} in layer {l}" for l, c in list(counts.items())[:4])
+        raise InvalidParameterError(
+            f"`kept` must keep the same number of experts in every MoE layer to export (a fused-weights "
+            f"checkpoint has one expert count in its config); got {shown}; prune with a uniform ratio "
+            "(no budget_weights) to export.")
+    if len(set(d.num_experts for d in moe.layers)) > 1:
+        raise InvalidParameterError(f"{moe.name} has MoE layers with different expert counts; its config "
+                                    "cannot describe a pruned copy, so it cannot be exported")
+    _check_groups(moe, full)
+    return full
+
+
+def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
+    """DeepSeek-V2 group-limited routing needs equal-sized groups after slicing (see the module notes)."""
+    for described in moe.layers:
+        if described.routing_rule != "softmax_group_limited_scaled":
+            continue
+        n_group = int(described.router.num_group)
+        per_group = described.num_experts // n_group
+        counts = [sum(1 for e in kept[described.layer] if e // per_group == g) for g in range(n_group)]
+        if len(set(counts)) > 1:
+            raise InvalidParameterError(
+                f"`kept` must keep the same number of experts in each of the {n_group} expert groups of layer "
+                f"{described.layer} (DeepSeek group-limited routing, n_group = {n_group}); got {counts}; drop "
+                "experts evenly across groups, or export a model with topk_method='greedy'")
+
+
+def _pruned_state_dict(moe: MoEModel, kept: dict[int, list[int]]) -> dict[str, torch.Tensor]:
+    """The model's state dict with the dropped experts sliced out of expert and router tensors."""
+    slices: dict[int, torch.Tensor] = {}  # id(parameter) -> kept index
+    for described in moe.layers:
+        index = torch.as_tensor(kept[described.layer], dtype=torch.long)
+        for param in described.experts.parameters():
+            if param.dim() >= 1 and param.shape[0] == described.num_experts:
+                slices[id(param)] = index
+        for param in described.router.parameters():
+            if param.shape[0] == described.num_experts:
+                slices[id(param)] = index
+    state = {}
+    for name, tensor in moe.model.state_dict(keep_vars=True).items():
+        index = slices.get(id(tensor))
+        data = tensor.detach()
+        state[name] = data.index_select(0, index.to(data.device)).contiguous() if index is not None else data
+    return state
+
+
+def _expert_count_fields(config, num_experts: int) -> tuple[str, ...]:
+    raw = config.to_dict()
+    fields = tuple(f for f in EXPERT_COUNT_FIELDS if raw.get(f) == num_experts)
+    if not fields:
+        raise InvalidParameterError(f"no routed-expert count field ({', '.join(EXPERT_COUNT_FIELDS)}) equal to "
+                                    f"{num_experts} in the config of {type(config).__name__}; this family "
+                                    "cannot be exported yet")
+    return fields
+
+
+def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str | Path, *,
+                  overwrite: bool = False) -> ExportResult:
+    """Write a physically smaller Hugging Face checkpoint without the dropped experts.
+
+    Parameters
+    ----------
+    moe : MoEModel
+        The unpruned model (left unchanged).
+    kept : mapping layer -> sequence of int
+        Experts to keep per MoE layer (layers not named keep all); the same count in every layer.
+    out_dir : str or Path
+        Destination; created. Must be empty or absent unless ``overwrite``.
+    overwrite : bool
+        Write into a non-empty directory.
+
+    Returns
+    -------
+    ExportResult
+
+    Notes
+    -----
+    Kept experts keep their relative order: exported expert i is original expert ``kept[layer][i]``
+    (recorded in ``moeaudit_pruning.json`` beside the weights). Shared experts, attention and embeddings
+    are untouched. The tokenizer is saved when the model has one.
+
+    Examples
+    --------
+    >>> moe = moeaudit.load_model("tiny-olmoe")  # doctest: +SKIP
+    >>> export_pruned(moe, {l.layer: list(range(24)) for l in moe.layers}, "pruned/")  # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained("pruned/")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+
+    full = check_kept(moe, kept)
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
+        raise RunDirectoryError(f"{out} exists and is not an empty directory; choose a new export directory "
+                                "or pass overwrite=True")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunDirectoryError(f"cannot create {out}: {err.strerror}; choose a writable directory") from None
+    original = moe.layers[0].num_experts
+    new_count = len(next(iter(full.values())))
+    config = copy.deepcopy(moe.model.config)
+    fields = _expert_count_fields(config, original)
+    for name in fields:
+        setattr(config, name, new_count)
+    state = _pruned_state_dict(moe, full)
+    with torch.device("meta"):
+        pruned = AutoModelForCausalLM.from_config(config, dtype=moe.dtype)
+    missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"internal error: pruned state dict does not fit the pruned config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    pruned.tie_weights()  # assign=True gives tied parameters (e.g. lm_head / embeddings) separate tensors
+    pruned.eval()
+    original_parameters = sum(p.numel() for p in moe.model.parameters())
+    parameters = sum(p.numel() for p in pruned.parameters())
+    try:
+        pruned.save_pretrained(out)
+        if moe.tokenizer is not None:
+            moe.tokenizer.save_pretrained(out)
+        record: dict[str, Any] = {"source": moe.name, "original_num_experts": original, "num_experts": new_count,
+                                  "kept": {str(l): ids for l, ids in full.items()}, "config_fields": list(fields)}
+        (out / "moeaudit_pruning.json").write_text(json.dumps(record, indent=2))
+    except OSError as err:
+        raise RunDirectoryError(f"could not write the checkpoint to {out}: {err.strerror}; free disk space or "
+                                "choose another directory") from None
+    logger.info("exported %s with %d of %d experts per layer to %s", moe.name, new_count, original, out)
+    return ExportResult(out, new_count, original, full, parameters, original_parameters, fields)

@@ -1,0 +1,99 @@
+"""Export: the physically smaller checkpoint loads with plain transformers and equals masked pruning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeaudit.errors import InvalidParameterError, RunDirectoryError
+from moeaudit.models.moe_model import nll_from_logits
+from moeaudit.models.testing import FAMILIES
+from moeaudit.prune import export_pruned, pruning_ablations
+
+from tests.prune.conftest import make_moe, windows
+
+#: Kept experts per family (8 experts, top-2); group-limited DeepSeek keeps one expert of each group of 2.
+KEPT = {family: [0, 2, 3, 5, 6, 7] for family in FAMILIES}
+KEPT["deepseek_v2_grouped"] = [0, 3, 4, 7]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_equals_masked_pruning(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    moe = make_moe(family)
+    ids = windows(3, 14, seed=2)
+    kept = {layer.layer: KEPT[family] for layer in moe.layers}
+    result = export_pruned(moe, kept, tmp_path / "pruned")
+    with torch.no_grad():
+        with moe.intervene(pruning_ablations(moe, kept)):
+            masked = nll_from_logits(moe.model(input_ids=ids).logits, ids)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+        exported = nll_from_logits(loaded(input_ids=ids).logits, ids)
+    assert torch.allclose(masked[:, :-1], exported[:, :-1], atol=1e-5, rtol=0)
+    n_kept = len(KEPT[family])
+    assert result.num_experts == n_kept and result.original_num_experts == 8
+    assert result.parameters < result.original_parameters
+    assert sum(p.numel() for p in loaded.parameters()) == result.parameters
+    for name in result.config_fields:
+        assert getattr(loaded.config, name) == n_kept
+    assert loaded.config.num_experts_per_tok == moe.layers[0].top_k
+    record = json.loads((tmp_path / "pruned" / "moeaudit_pruning.json").read_text())
+    assert record["kept"][str(moe.layers[0].layer)] == KEPT[family]
+    # the exported experts are the kept ones, in order
+    layer = moe.layers[0]
+    exported_layer = loaded.model.layers[layer.layer].mlp
+    assert torch.equal(exported_layer.experts.down_proj, layer.experts.down_proj[KEPT[family]])
+
+
+def test_export_refuses_non_uniform_and_bad_kept(tmp_path):
+    moe = make_moe("olmoe")
+    first, second = (layer.layer for layer in moe.layers[:2])
+    with pytest.raises(InvalidParameterError) as err:
+        export_pruned(moe, {first: [0, 1, 2, 3], second: [0, 1, 2, 3, 4]}, tmp_path / "a")
+    assert "same number of experts in every MoE layer" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(InvalidParameterError, match="same number of experts in every MoE layer"):
+        export_pruned(moe, {first: [0, 1, 2, 3]}, tmp_path / "b")  # other layers keep all 8
+    with pytest.raises(InvalidParameterError, match="at least top_k = 2"):
+        export_pruned(moe, {l.layer: [1] for l in moe.layers}, tmp_path / "c")
+    with pytest.raises(InvalidParameterError, match="distinct"):
+        export_pruned(moe, {l.layer: [1, 1, 2] for l in moe.layers}, tmp_path / "d")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(RunDirectoryError, match="not an empty directory"):
+        export_pruned(moe, {l.layer: [0, 1, 2, 3] for l in moe.layers}, tmp_path / "full")
+
+
+def test_export_refuses_unbalanced_deepseek_groups(tmp_path):
+    moe = make_moe("deepseek_v2_grouped")
+    with pytest.raises(InvalidParameterError) as err:
+        export_pruned(moe, {l.layer: [0, 1, 2, 4, 6, 7] for l in moe.layers}, tmp_path / "g")
+    message = str(err.value)
+    assert "each of the 4 expert groups" in message and "[2, 1, 1, 2]" in message and "\n" not in message
+
+
+def test_export_saves_tokenizer(tmp_path):
+    class Tokenizer:
+        def save_pretrained(self, path):
+            (path / "tokenizer.json").write_text("{}")
+
+    moe = make_moe("qwen3_moe")
+    moe.tokenizer = Tokenizer()
+    export_pruned(moe, {l.layer: [0, 1, 2, 3] for l in moe.layers}, tmp_path / "t")
+    assert (tmp_path / "t" / "tokenizer.json").exists()
+
+
+def test_export_keeps_tied_embeddings_tied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    moe = make_moe("olmoe", tie_word_embeddings=True)
+    result = export_pruned(moe, {l.layer: [0, 1, 2, 3] for l in moe.layers}, tmp_path / "tied")
+    expert = moe.layers[0].experts
+    removed = sum(p.numel() // 2 for p in expert.parameters()) * len(moe.layers)
+    router = moe.layers[0].router.weight.numel() // 2 * len(moe.layers)
+    assert result.original_parameters - result.parameters == removed + router
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
