@@ -16,18 +16,6 @@ pytestmark = pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model
                                 reason="built-in model weights not present")
 
 
-def run_cli(monkeypatch, capsys, *args):
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["moeaudit", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
@@ -62,11 +50,11 @@ def test_demo_writes_a_self_contained_report(demo_dir):
     assert (demo_dir.parent / "figures").is_dir()
 
 
-def test_table_and_query_commands(demo_dir, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "table", str(demo_dir), "--what", "audit", "--format", "latex")
+def test_table_and_query_commands(demo_dir, cli):
+    code, out, err = cli("table", str(demo_dir), "--what", "audit", "--format", "latex")
     assert code == 0, err
     assert "\\toprule" in out and "\\bottomrule" in out
-    code, out, err = run_cli(monkeypatch, capsys, "query", str(demo_dir),
+    code, out, err = cli("query", str(demo_dir),
                              "select count(*) as n from effects where selection = 'census'")
     assert code == 0, err
     census = pd.read_parquet(demo_dir / "effects.parquet").query("selection == 'census'")
@@ -105,14 +93,14 @@ def test_tests_table_has_every_design(demo_dir):
     assert paired.verdict.isin(["significant", "not significant", "untestable"]).all()
 
 
-def test_stage_commands_rerun_on_the_demo_directory(demo_dir, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "audit", str(demo_dir))
+def test_stage_commands_rerun_on_the_demo_directory(demo_dir, cli):
+    code, out, err = cli("audit", str(demo_dir))
     assert code == 0, err
     assert "token_gate" in out and "frequency" in out
-    code, out, err = run_cli(monkeypatch, capsys, "metrics", str(demo_dir))
+    code, out, err = cli("metrics", str(demo_dir))
     assert code == 0 and "top experts by REAP" in out
 
 
-def test_stage_on_missing_run_is_one_line(tmp_path, monkeypatch, capsys):
-    code, _, err = run_cli(monkeypatch, capsys, "audit", str(tmp_path / "nope"))
+def test_stage_on_missing_run_is_one_line(tmp_path, cli):
+    code, _, err = cli("audit", str(tmp_path / "nope"))
     assert code == 2 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1

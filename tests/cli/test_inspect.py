@@ -10,29 +10,16 @@ import sys
 import pytest
 import torch
 
-from moeaudit.cli import main
 from moeaudit.models import wrap_model
 from moeaudit.models.testing import FAMILIES, tiny_config, tiny_model
 
 
-def run_cli(monkeypatch, capsys, *args):
-    capsys.readouterr()  # drop what test set-up printed (save_pretrained progress bars)
-    monkeypatch.setattr(sys, "argv", ["moeaudit", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_inspect_round_trip(family, tmp_path, monkeypatch, capsys):
+def test_inspect_round_trip(family, tmp_path, cli):
     model = tiny_model(family, seed=1)
     model.save_pretrained(tmp_path)
     expected = wrap_model(model)
-    code, out, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path), "--json")
+    code, out, err = cli("inspect", str(tmp_path), "--json")
     assert code == 0, err
     d = json.loads(out)
     assert d["family"] == expected.family
@@ -42,19 +29,19 @@ def test_inspect_round_trip(family, tmp_path, monkeypatch, capsys):
             layer.num_experts, layer.top_k, layer.num_shared, layer.routing_rule)
     assert d["parameters"]["total"] == sum(p.numel() for p in model.parameters())
     assert d["dtype"] == "float32"
-    code, out, _ = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    code, out, _ = cli("inspect", str(tmp_path))
     assert code == 0 and "MoE layers" in out and expected.layers[0].routing_rule in out
 
 
-def test_inspect_known_layouts(tmp_path, monkeypatch, capsys):
+def test_inspect_known_layouts(tmp_path, cli):
     tiny_model("deepseek_v2_grouped").save_pretrained(tmp_path / "ds")
     tiny_model("qwen2_moe").save_pretrained(tmp_path / "qw")
-    _, out, _ = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "ds"), "--json")
+    _, out, _ = cli("inspect", str(tmp_path / "ds"), "--json")
     d = json.loads(out)
     assert d["dense_layers"] == [0] and d["moe_layers"][0]["layer"] == 1
     assert d["moe_layers"][0]["num_shared"] == 2 and not d["moe_layers"][0]["shared_gated"]
     assert d["moe_layers"][0]["routing_rule"] == "softmax_group_limited_scaled"
-    _, out, _ = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "qw"), "--json")
+    _, out, _ = cli("inspect", str(tmp_path / "qw"), "--json")
     d = json.loads(out)
     assert d["dense_layers"] == [1] and d["moe_layers"][0]["shared_gated"]
 
@@ -75,59 +62,59 @@ def one_line_error(code, err, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_dense_model_refused(tmp_path, monkeypatch, capsys):
+def test_dense_model_refused(tmp_path, cli):
     from transformers import LlamaConfig
 
     save_config_only(tmp_path, LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                            num_attention_heads=2, num_key_value_heads=2))
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    code, _, err = cli("inspect", str(tmp_path))
     one_line_error(code, err, "no MoE layers found in", "(LlamaForCausalLM)", "supported families: olmoe")
 
 
-def test_qwen2_moe_without_experts_is_dense(tmp_path, monkeypatch, capsys):
+def test_qwen2_moe_without_experts_is_dense(tmp_path, cli):
     tiny_model("qwen2_moe", mlp_only_layers=[0, 1, 2]).save_pretrained(tmp_path)
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    code, _, err = cli("inspect", str(tmp_path))
     one_line_error(code, err, "no MoE layers found in")
 
 
-def test_unsupported_moe_family_refused(tmp_path, monkeypatch, capsys):
+def test_unsupported_moe_family_refused(tmp_path, cli):
     from transformers import GraniteMoeConfig
 
     save_config_only(tmp_path, GraniteMoeConfig(vocab_size=64, hidden_size=16, intermediate_size=8,
                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                                                 num_local_experts=4, num_experts_per_tok=2))
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    code, _, err = cli("inspect", str(tmp_path))
     one_line_error(code, err, "'granitemoe' MoE model", "does not adapt yet", "supported families")
 
 
-def test_remote_code_only_refused(tmp_path, monkeypatch, capsys):
+def test_remote_code_only_refused(tmp_path, cli):
     (tmp_path / "config.json").write_text(json.dumps({
         "model_type": "deepseek", "architectures": ["DeepseekForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekConfig",
                      "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM"}}))
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path))
+    code, _, err = cli("inspect", str(tmp_path))
     one_line_error(code, err, "needs trust_remote_code", "never runs")
 
 
-def test_missing_path_refused(tmp_path, monkeypatch, capsys):
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "nope"))
+def test_missing_path_refused(tmp_path, cli):
+    code, _, err = cli("inspect", str(tmp_path / "nope"))
     one_line_error(code, err, "no such directory", "nope")
     (tmp_path / "empty").mkdir()
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path / "empty"))
+    code, _, err = cli("inspect", str(tmp_path / "empty"))
     one_line_error(code, err, "no config.json in")
 
 
-def test_layer_out_of_range(tmp_path, monkeypatch, capsys):
+def test_layer_out_of_range(tmp_path, cli):
     tiny_model("deepseek_v2").save_pretrained(tmp_path)
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path), "--layers", "0")
+    code, _, err = cli("inspect", str(tmp_path), "--layers", "0")
     one_line_error(code, err, "`layer` must be an MoE layer index, one of [1, 2]", "got 0")
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path), "--layers", "x")
+    code, _, err = cli("inspect", str(tmp_path), "--layers", "x")
     one_line_error(code, err, "`--layers` must be a comma-separated list")
 
 
-def test_bad_dtype_refused(tmp_path, monkeypatch, capsys):
+def test_bad_dtype_refused(tmp_path, cli):
     tiny_model("olmoe").save_pretrained(tmp_path)
-    code, _, err = run_cli(monkeypatch, capsys, "inspect", str(tmp_path), "--dtype", "fp8")
+    code, _, err = cli("inspect", str(tmp_path), "--dtype", "fp8")
     one_line_error(code, err, "`dtype` must be one of float32, bfloat16, float16")
 
 
