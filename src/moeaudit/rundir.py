@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from typing import Any, Iterator
 from moeaudit import __version__
 from moeaudit.config import AuditConfig
 from moeaudit.errors import RunDirectoryError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -133,6 +136,7 @@ class RunDir:
         self.manifest["stages"][name] = dict(info, finished=_dt.datetime.now(_dt.timezone.utc)
                                              .isoformat(timespec="seconds"))
         self.save()
+        logger.info("stage %s finished in %s: %s", name, self.path, json.dumps(info, default=str))
 
     def set(self, key: str, value: Any) -> None:
         self.manifest[key] = value

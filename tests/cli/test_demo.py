@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from moeaudit.cli import main
+from tests.cli.conftest import restored_logging
 from moeaudit.models import builtin
 
 pytestmark = pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
@@ -21,12 +22,13 @@ def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     mp = pytest.MonkeyPatch()
     mp.setattr(sys, "argv", ["moeaudit", "demo", "--quick", "--quiet", "--out", str(out)])
-    try:
-        main()
-    except SystemExit as exit_:
-        assert not exit_.code
-    finally:
-        mp.undo()
+    with restored_logging():
+        try:
+            main()
+        except SystemExit as exit_:
+            assert not exit_.code
+        finally:
+            mp.undo()
     return out / "tiny-olmoe"
 
 
@@ -104,3 +106,17 @@ def test_stage_commands_rerun_on_the_demo_directory(demo_dir, cli):
 def test_stage_on_missing_run_is_one_line(tmp_path, cli):
     code, _, err = cli("audit", str(tmp_path / "nope"))
     assert code == 2 and err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_log_json_emits_one_json_object_per_line(demo_dir, cli):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "moeaudit", "--log-json", "metrics", str(demo_dir)],
+                          capture_output=True, text=True, timeout=120)  # a real process, as a user runs it
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.strip().splitlines()]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    finished = [r for r in records if r["message"].startswith("stage metrics finished")]
+    assert finished and finished[0]["logger"] == "moeaudit.rundir" and finished[0]["level"] == "INFO"
+    code, out, err = cli("metrics", str(demo_dir))  # without the flag: no INFO records on stderr
+    assert code == 0 and "stage metrics finished" not in err

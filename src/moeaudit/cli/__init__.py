@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import sys
 
@@ -25,11 +27,35 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per log record: time, level, logger, message (+ exception text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(log_json: bool, verbose: bool) -> None:
+    """Library code logs through `logging`; the CLI decides how those records reach the terminal."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if log_json else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("moeaudit")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if (log_json or verbose) else logging.WARNING)
+    root.propagate = False
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    log_json: bool = typer.Option(False, "--log-json", help="Log records as JSON lines on stderr (INFO and up)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show INFO log records (stage counters, timings)."),
 ) -> None:
     """Audit which experts in a Mixture-of-Experts language model actually matter."""
+    configure_logging(log_json, verbose)
 
 
 from moeaudit.cli import inspect as _inspect  # noqa: E402  (sub-commands register themselves)
