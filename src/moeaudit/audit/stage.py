@@ -9,14 +9,14 @@ import pandas as pd
 from moeaudit.audit import AuditSettings, audit
 from moeaudit.stats import cliff, progressive_summary
 from moeaudit.errors import RunDirectoryError
+from moeaudit.intervene.engine import single_expert_rows
 from moeaudit.rundir import RunDir
 
 
 def single_expert_effects(effects: pd.DataFrame, kind: str, scope: str) -> pd.DataFrame:
     """Exact removals of one routed expert, of one kind and scope (no estimates, progressive or shared rows)."""
-    rows = (effects["kind"] == kind) & (effects["scope"] == scope) & ~effects["estimate"].astype(bool)
-    rows &= ~effects["shared"].astype(bool) & (effects["j"] == 1) & (effects["selection"] != "progressive")
-    return effects[rows]
+    rows = single_expert_rows(effects)
+    return rows[(rows["kind"] == kind) & (rows["scope"] == scope)]
 
 
 def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, Any]:

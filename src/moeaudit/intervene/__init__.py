@@ -30,11 +30,12 @@ from moeaudit.intervene.engine import (
     estimate_correlation,
     expert_mean_outputs,
     fast_unsupported_reason,
+    single_expert_rows,
 )
 from moeaudit.intervene.selection import OWN_GATE, SELECTION_WHAT, Selection
 
 __all__ = [
     "EFFECT_COLUMNS", "ENGINES", "OWN_GATE", "SCOPES", "SELECTION_WHAT", "EffectsResult", "InterveneConfig",
     "InterveneStats", "Selection", "compute_effects", "estimate_correlation", "expert_mean_outputs",
-    "fast_unsupported_reason",
+    "fast_unsupported_reason", "single_expert_rows",
 ]

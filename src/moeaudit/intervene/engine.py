@@ -47,6 +47,24 @@ EFFECT_COLUMNS: tuple[str, ...] = (
 )
 
 
+def single_expert_rows(effects: pd.DataFrame) -> pd.DataFrame:
+    """Exact removals of one routed expert: no gradient estimates, shared-expert or progressive (j > 1) rows.
+
+    Tolerates tables that lack some of those columns (e.g. written by other tools): a missing column
+    filters nothing.
+    """
+    keep = pd.Series(True, index=effects.index)
+    if "estimate" in effects:
+        keep &= ~effects["estimate"].astype(bool)
+    if "shared" in effects:
+        keep &= ~effects["shared"].astype(bool)
+    if "j" in effects:
+        keep &= effects["j"] == 1
+    if "selection" in effects:
+        keep &= effects["selection"] != "progressive"
+    return effects[keep]
+
+
 @dataclass(frozen=True)
 class InterveneConfig:
     """How to run the interventions (one validated object, stored whole in the manifest).

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moeaudit.intervene import InterveneConfig, Selection, compute_effects
+from moeaudit.intervene import InterveneConfig, Selection, compute_effects, single_expert_rows
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir
 
@@ -102,8 +102,7 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
 
 def effects_summary(effects: pd.DataFrame) -> pd.DataFrame:
     """Per layer, over single-expert removals: interventions, mean / p95 ΔNLL, mean KL, share of top-1 flips."""
-    census = effects[(effects["selection"] != "progressive") & ~effects["estimate"].astype(bool)
-                     & ~effects["shared"].astype(bool)]
+    census = single_expert_rows(effects)
     grouped = census.groupby("layer")
     return pd.DataFrame({
         "interventions": grouped.size(),

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from moeaudit.metrics.compute import compute_expert_metrics, compute_expert_metrics_by_domain
+from moeaudit.metrics.distribution import routing_gini
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir
 
@@ -67,13 +68,11 @@ def layer_summary(table, top: int = 3) -> "Any":
     rows = []
     for layer, group in table.groupby("layer"):
         freq = group["frequency"].to_numpy()
-        sorted_freq = np.sort(freq)
-        n = len(freq)
-        gini = float((2 * np.arange(1, n + 1) - n - 1) @ sorted_freq / (n * sorted_freq.sum())) if sorted_freq.sum() else np.nan
+        gini = float(routing_gini(freq[:, None])[0])  # the Gini of the load vector, as for routing columns
         best = group.nlargest(top, "reap")
         rows.append({
             "layer": int(layer),
-            "experts": n,
+            "experts": len(freq),
             "dead": int((group["count"] == 0).sum()),
             "max/mean load": float(freq.max() / freq.mean()) if freq.mean() > 0 else np.nan,
             "load gini": gini,

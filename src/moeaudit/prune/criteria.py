@@ -289,15 +289,9 @@ def oracle_delta_nll(effects: pd.DataFrame, num_experts: Mapping[int, int], *, k
     missing = needed - set(effects.columns)
     if missing:
         raise RunDirectoryError(f"effects.parquet lacks columns {sorted(missing)}; rerun `moeaudit intervene`")
-    rows = effects
-    if "estimate" in rows:
-        rows = rows[~rows["estimate"].astype(bool)]
-    if "shared" in rows:
-        rows = rows[~rows["shared"].astype(bool)]
-    if "j" in rows:
-        rows = rows[rows["j"] == 1]
-    if "selection" in rows:
-        rows = rows[rows["selection"] != "progressive"]
+    from moeaudit.intervene.engine import single_expert_rows
+
+    rows = single_expert_rows(effects)
     if rows.empty:
         raise RunDirectoryError("effects.parquet has no exact single-expert removals; run `moeaudit intervene`")
     scopes = set(rows["scope"].unique())
