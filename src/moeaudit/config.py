@@ -16,6 +16,9 @@ from moeaudit.errors import InvalidParameterError
 
 Split = Literal["train", "calibration", "heldout"]
 
+#: Settings that say how a run is executed, not what it computes: a run may be resumed with other values.
+EXECUTION_FIELDS = frozenset({"batch_size", "device", "unit_windows", "executor", "ray_address", "workers"})
+
 
 class AuditConfig(BaseModel):
     """Settings of one audit run.
@@ -78,6 +81,16 @@ class AuditConfig(BaseModel):
         Target positions per layer for the interventions (every active expert at each; None = census).
     preset : str or None
         The preset these settings came from, for the record.
+    unit_windows : int
+        Windows per work unit of the observe and intervene stages: each unit is written atomically and
+        marked done in the manifest, so a killed run resumes after its last finished unit.
+    executor : {"local", "ray"}
+        ``local`` runs the units in this process; ``ray`` runs them as Ray tasks, one model replica per
+        worker (``pip install "moeaudit[ray]"``).
+    ray_address : str or None
+        Address of a running Ray cluster (``auto``: the one this machine belongs to); None starts a local one.
+    workers : int or None
+        Model replicas for the ``ray`` executor (default: one per GPU with ``--device cuda``, else one per CPU).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -110,6 +123,10 @@ class AuditConfig(BaseModel):
     in_sample: bool = False
     intervene_n: int | None = Field(None, ge=1)
     preset: str | None = None
+    unit_windows: int = Field(16, ge=1)
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+    workers: int | None = Field(None, ge=1)
 
     @field_validator("observe_splits")
     @classmethod
@@ -119,8 +136,8 @@ class AuditConfig(BaseModel):
         return value
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The fields that decide the content of observe's tables (batching and device excluded)."""
-        return self.model_dump(exclude={"batch_size", "device"})
+        """The fields that decide the content of the tables (batching, device and executor excluded)."""
+        return self.model_dump(exclude=EXECUTION_FIELDS)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "AuditConfig":

@@ -37,6 +37,16 @@ class RunDirectoryError(MoeAuditError):
     """The run directory is missing, unwritable, or belongs to another configuration."""
 
 
+class NonFiniteError(MoeAuditError):
+    """The model produced NaN or inf activations (reported with the layer and position)."""
+
+
+class RunInterrupted(MoeAuditError):
+    """A stage was interrupted (SIGINT / SIGTERM); its finished work units are kept for a resume."""
+
+    exit_code = 130
+
+
 def invalid(name: str, allowed: str, got: object, context: str = "") -> InvalidParameterError:
     """Build the house message: "`layer` must be in [0, 15] for X; got 16."."""
     where = f" for {context}" if context else ""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -77,13 +78,15 @@ class RunDir:
         Required to create a new run; for an existing one it must match the stored config's fingerprint
         (unless ``overwrite``).
     overwrite : bool
-        Replace an existing run that has another configuration.
+        Start afresh: remove an existing run's tables and work units (whatever its configuration).
     """
 
     def __init__(self, path: str | Path, config: AuditConfig | None = None, *, overwrite: bool = False):
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
-        if manifest_path.exists():
+        if manifest_path.exists() and config is not None and overwrite:
+            self._create(config)
+        elif manifest_path.exists():
             try:
                 self.manifest = json.loads(manifest_path.read_text())
             except ValueError:
@@ -91,14 +94,11 @@ class RunDir:
                                         "--overwrite") from None
             stored = AuditConfig.model_validate(self.manifest["config"])
             if config is not None and config_fingerprint(config) != config_fingerprint(stored):
-                if not overwrite:
-                    changed = sorted(k for k, v in config.fingerprint_fields().items()
-                                     if stored.fingerprint_fields().get(k) != v)
-                    raise RunDirectoryError(f"{self.path} holds a run with another configuration (differs in "
-                                            f"{', '.join(changed)}); choose a new directory or pass --overwrite")
-                self._create(config)
-            else:
-                self.config = config or stored
+                changed = sorted(k for k, v in config.fingerprint_fields().items()
+                                 if stored.fingerprint_fields().get(k) != v)
+                raise RunDirectoryError(f"{self.path} holds a run with another configuration (differs in "
+                                        f"{', '.join(changed)}); choose a new directory or pass --overwrite")
+            self.config = config or stored
         elif config is None:
             raise RunDirectoryError(f"{self.path} is not a moeaudit run directory (no {MANIFEST}); run "
                                     "`moeaudit run` or `moeaudit observe RUN_DIR --model ...` first")
@@ -114,6 +114,7 @@ class RunDir:
             raise RunDirectoryError(f"{self.path} is not writable; choose a writable output directory")
         for name in TABLES:
             (self.path / f"{name}.parquet").unlink(missing_ok=True)
+        shutil.rmtree(self.path / "units", ignore_errors=True)
         self.config = config
         self.manifest = {
             "format_version": FORMAT_VERSION,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 import typer
 
 from moeaudit import __version__
-from moeaudit.errors import MoeAuditError
+from moeaudit.errors import MoeAuditError, RunInterrupted
 
 app = typer.Typer(
     name="moeaudit",
@@ -77,11 +78,19 @@ def main() -> None:
     # Environment switches, read when transformers is first imported, keep `--help` free of that import.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # SIGTERM (a scheduler's stop, `kill`) takes the same path as Ctrl-C: the unit in flight is dropped,
+    # finished units stay, and the user is told how to resume.
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         app()
+    except RunInterrupted as err:
+        typer.echo(str(err), err=True)
+        sys.exit(err.exit_code)
     except MoeAuditError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

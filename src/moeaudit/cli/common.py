@@ -9,6 +9,18 @@ from typing import Any, Iterator
 import typer
 
 
+# Execution settings shared by the stage commands (they never change a run's results, so a run may be
+# resumed with other values).
+EXECUTOR_OPTION = typer.Option(None, "--executor", help="local (default) or ray: run the work units as Ray tasks.")
+ADDRESS_OPTION = typer.Option(None, "--address", help="With --executor ray: a running cluster, e.g. auto.")
+WORKERS_OPTION = typer.Option(None, "--workers", help="With --executor ray: model replicas (default: one per GPU/CPU).")
+UNIT_WINDOWS_OPTION = typer.Option(None, "--unit-windows", help="Windows per resumable work unit (default 16).")
+
+
+def execution_flags(executor, address, workers, unit_windows) -> dict[str, Any]:
+    return dict(executor=executor, ray_address=address, workers=workers, unit_windows=unit_windows)
+
+
 def parse_int_list(text: str | None, name: str) -> list[int] | None:
     if text is None:
         return None

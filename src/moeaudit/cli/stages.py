@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from moeaudit.cli.common import parse_int_list, print_frame, progress_bar, resolve_config
+from moeaudit.cli.common import (ADDRESS_OPTION, EXECUTOR_OPTION, UNIT_WINDOWS_OPTION, WORKERS_OPTION,
+                                 execution_flags, parse_int_list, print_frame, progress_bar, resolve_config)
 
 
 def observe_command(
@@ -21,7 +22,11 @@ def observe_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ..."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same settings."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with another configuration."),
+    executor: Optional[str] = EXECUTOR_OPTION,
+    address: Optional[str] = ADDRESS_OPTION,
+    workers: Optional[int] = WORKERS_OPTION,
+    unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh (else a re-run resumes)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Run the clean model over the corpus and write tokens.parquet and routing.parquet."""
@@ -30,12 +35,21 @@ def observe_command(
 
     config = resolve_config(run_dir, dict(model=model, corpus=corpus, max_len=max_len, max_windows=max_windows,
                                           layers=parse_int_list(layers, "--layers"), batch_size=batch_size,
-                                          dtype=dtype, device=device), config_file)
+                                          dtype=dtype, device=device,
+                                          **execution_flags(executor, address, workers, unit_windows)), config_file)
     run = RunDir(run_dir, config, overwrite=overwrite)
     with progress_bar("observe", quiet) as update:
         info = run_observe(run, on_batch=update)
     typer.echo(f"observed {info['windows']} windows, {info['tokens']:,} tokens, {info['routing_rows']:,} routing rows "
-               f"in {info['seconds']:.1f}s (mean NLL {info['mean_nll']:.3f} nats) -> {run_dir}")
+               f"in {info['seconds']:.1f}s (mean NLL {info['mean_nll']:.3f} nats; {resumed_text(info)}) -> {run_dir}")
+
+
+def resumed_text(info) -> str:
+    """How much of a stage came from an earlier, interrupted run, for the closing line."""
+    if not info.get("resumed"):
+        return f"{info['units']} work units, batch size {info.get('batch_size_used', '-')}" \
+            if "batch_size_used" in info else f"{info['units']} work units"
+    return f"{info['resumed']} of {info['units']} work units resumed from an earlier run"
 
 
 def metrics_command(
@@ -53,6 +67,10 @@ def metrics_command(
 def intervene_command(
     run_dir: Path = typer.Argument(..., help="A run directory with tokens.parquet (after `moeaudit observe`)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="fast (default) or reference; both exact."),
+    executor: Optional[str] = EXECUTOR_OPTION,
+    address: Optional[str] = ADDRESS_OPTION,
+    workers: Optional[int] = WORKERS_OPTION,
+    unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Remove every active expert at every held-out position (exactly) and write effects.parquet."""
@@ -60,14 +78,15 @@ def intervene_command(
     from moeaudit.rundir import RunDir
 
     run = RunDir(run_dir)
-    if engine is not None:
-        run = RunDir(run_dir, resolve_config(run_dir, {"engine": engine}, None))
+    overrides = dict(engine=engine, **execution_flags(executor, address, workers, unit_windows))
+    if any(v is not None for v in overrides.values()):
+        run = RunDir(run_dir, resolve_config(run_dir, overrides, None))
     with progress_bar("intervene", quiet) as update:
         info = run_intervene(run, on_batch=update)
     print_frame(effects_summary(run.read("effects")), f"effects of removing one expert ({info['kind']}, "
                 f"{info['scope']} scope, {info['split']} windows)")
     typer.echo(f"{info['interventions']:,} exact interventions in {info['seconds']:.1f}s with the {info['engine']} "
-               f"engine; noise floor {info['noise_floor']:.1e} nats")
+               f"engine ({resumed_text(info)}); noise floor {info['noise_floor']:.1e} nats")
 
 
 def audit_command(
@@ -122,10 +141,14 @@ def run_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ..."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file, or a run's manifest.json."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run made with another configuration."),
+    executor: Optional[str] = EXECUTOR_OPTION,
+    address: Optional[str] = ADDRESS_OPTION,
+    workers: Optional[int] = WORKERS_OPTION,
+    unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh (else a re-run resumes)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
-    """Run the whole pipeline: observe -> metrics -> intervene -> audit."""
+    """Run the whole pipeline: observe -> metrics -> intervene -> audit (a re-run resumes where it stopped)."""
     from moeaudit.audit.stage import run_audit
     from moeaudit.intervene.stage import effects_summary, run_intervene
     from moeaudit.metrics.stage import layer_summary, run_metrics
@@ -133,7 +156,8 @@ def run_command(
     from moeaudit.rundir import RunDir
 
     flags = dict(model=model, corpus=corpus, layers=parse_int_list(layers, "--layers"), max_len=max_len,
-                 max_windows=max_windows, kind=kind, scope=scope, dtype=dtype, device=device)
+                 max_windows=max_windows, kind=kind, scope=scope, dtype=dtype, device=device,
+                 **execution_flags(executor, address, workers, unit_windows))
     if config_file is not None and config_file.name == "manifest.json":
         from moeaudit.config import AuditConfig
 
@@ -144,13 +168,20 @@ def run_command(
     else:
         config = resolve_config(out, flags, config_file)
     run = RunDir(out, config, overwrite=overwrite)
-    moe = model_from_config(config)
-    with progress_bar("observe", quiet) as update:
-        run_observe(run, moe=moe, on_batch=update)
-    run_metrics(run, moe=moe)
-    print_frame(layer_summary(run.read("expert_metrics")), "experts per layer")
-    with progress_bar("intervene", quiet) as update:
-        intervened = run_intervene(run, moe=moe, on_batch=update)
+    from moeaudit.scale import make_executor
+
+    # With Ray the workers hold the model replicas; the driver loads it only for the weight metrics.
+    moe = model_from_config(config) if config.executor == "local" else None
+    executor = make_executor(config, moe)
+    try:
+        with progress_bar("observe", quiet) as update:
+            run_observe(run, moe=moe, on_batch=update, executor=executor)
+        run_metrics(run, moe=moe)
+        print_frame(layer_summary(run.read("expert_metrics")), "experts per layer")
+        with progress_bar("intervene", quiet) as update:
+            intervened = run_intervene(run, moe=moe, on_batch=update, executor=executor)
+    finally:
+        executor.close()
     print_frame(effects_summary(run.read("effects")), f"effects ({config.kind}, {config.scope} scope)")
     audited = run_audit(run)
     print_audit(run.read("tests"), audited)

@@ -17,9 +17,6 @@ from moeaudit.intervene import InterveneConfig, Selection, compute_effects, sing
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir
 
-WINDOWS_PER_CALL = 8
-
-
 def windows_from_tokens(tokens: pd.DataFrame, pad_id: int = 0) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """(seqs, input_ids [B, T], attention_mask [B, T]) from a tokens table, windows in ``seq`` order."""
     tokens = tokens.sort_values(["seq", "pos"])
@@ -53,49 +50,94 @@ def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def intervene_unit(moe: MoEModel, payload: dict[str, Any]):
+    """Compute one intervene work unit: the effects of its selection on its windows, plus counters.
+
+    On out-of-memory the fast engine's rows per call (or the reference engine's batch) is halved and the
+    unit retried; the counters record the size that ran.
+    """
+    import dataclasses
+
+    import pyarrow as pa
+
+    from moeaudit.scale import UnitResult, with_halving
+
+    engine_config: InterveneConfig = payload["engine_config"]
+    field = "reference_batch" if engine_config.engine == "reference" else "rows_per_call"
+
+    def attempt(size: int):
+        return compute_effects(moe, payload["input_ids"], payload["selection"],
+                               config=dataclasses.replace(engine_config, **{field: size}),
+                               attention_mask=payload["attention_mask"])
+
+    result, used = with_halving(attempt, getattr(engine_config, field), field)
+    effects = result.effects
+    effects["seq"] = payload["seqs"][effects["seq"].to_numpy()]
+    stats = dict(result.stats.to_dict(), **{f"{field}_used": used})
+    return UnitResult({"effects": pa.Table.from_pandas(effects, preserve_index=False)}, stats)
+
+
+def intervene_work_units(seqs: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                         selections: list[Selection], engine_config: InterveneConfig, unit_windows: int) -> list:
+    """Per selection, chunks of ``unit_windows`` windows; a sampled selection draws its positions over all
+    windows at once, so it is one unit."""
+    from moeaudit.scale import WorkUnit
+    from moeaudit.scale.units import chunks, unit_id
+
+    units = []
+    for selection in selections:
+        step = len(seqs) if selection.n is not None else unit_windows
+        for start, stop in chunks(len(seqs), step):
+            payload = {"selection": selection, "engine_config": engine_config, "seqs": seqs[start:stop],
+                       "input_ids": input_ids[start:stop],
+                       "attention_mask": None if attention_mask is None else attention_mask[start:stop]}
+            units.append(WorkUnit(unit_id(selection.name, start, stop), payload, windows=stop - start))
+    return units
+
+
 def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
-                  on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Census of single-expert removals (config ``kind`` / ``scope``), plus progressive ablation."""
-    from moeaudit.observe.stage import model_from_config
+                  on_batch: Callable[[int, int], None] | None = None, executor=None) -> dict[str, Any]:
+    """Census of single-expert removals (config ``kind`` / ``scope``), plus progressive ablation.
+
+    The work is cut into units (selection × ``config.unit_windows`` windows); a re-run skips the units
+    (or the whole stage) already done. ``executor`` (default: from the config) runs the units.
+    """
+    from moeaudit.observe.stage import check_model
+    from moeaudit.scale import make_executor, run_units
 
     config = run.config
-    moe = moe or model_from_config(config)
     tokens = run.read("tokens", columns=["seq", "pos", "token_id", "split"])
     split = "heldout" if (tokens["split"] == "heldout").any() and not config.in_sample else None
     chosen = tokens[tokens["split"] == split] if split else tokens
-    seqs, input_ids, attention_mask = windows_from_tokens(chosen, getattr(moe.config, "pad_token_id", None) or 0)
-    if bool(attention_mask.all()):
-        attention_mask = None
-    engine_config = InterveneConfig(kinds=(config.kind,), scopes=(config.scope,), engine=config.engine)
-    selections = [Selection.census(layers=config.layers) if config.intervene_n is None
-                  else Selection.sample(config.intervene_n, seed=config.seed, layers=config.layers)]
-    if config.progressive:
-        selections.append(Selection.progressive(layers=config.layers, n=config.audit_n, seed=config.seed))
-    frames, parts = [], []
-    total = len(seqs) * len(selections)
-    done = 0
-    for selection in selections:
-        # A sampled selection draws its n positions per call, so it must see every window at once; the
-        # engine walks windows one by one either way, chunks only give the progress bar something to show.
-        step = len(seqs) if selection.n is not None else WINDOWS_PER_CALL
-        for start in range(0, len(seqs), step):
-            stop = start + step
-            mask = None if attention_mask is None else attention_mask[start:stop]
-            result = compute_effects(moe, input_ids[start:stop], selection, config=engine_config,
-                                     attention_mask=mask)
-            effects = result.effects
-            effects["seq"] = seqs[start:stop][effects["seq"].to_numpy()]
-            frames.append(effects)
-            parts.append(result.stats.to_dict())
-            done += min(stop, len(seqs)) - start
-            if on_batch is not None:
-                on_batch(done, total)
-    effects = pd.concat(frames, ignore_index=True)
-    run.write_frame("effects", effects)
+    own_executor = executor is None
+    executor = executor or make_executor(config, moe)
+    try:
+        model = executor.describe_model()
+        check_model(run, model)
+        seqs, input_ids, attention_mask = windows_from_tokens(chosen, model.get("pad_token_id") or 0)
+        if bool(attention_mask.all()):
+            attention_mask = None
+        engine_config = InterveneConfig(kinds=(config.kind,), scopes=(config.scope,), engine=config.engine)
+        selections = [Selection.census(layers=config.layers) if config.intervene_n is None
+                      else Selection.sample(config.intervene_n, seed=config.seed, layers=config.layers)]
+        if config.progressive:
+            selections.append(Selection.progressive(layers=config.layers, n=config.audit_n, seed=config.seed))
+        units = intervene_work_units(seqs, input_ids, attention_mask, selections, engine_config,
+                                     config.unit_windows)
+        store, progress = run_units(run, "intervene", units, ("effects",), intervene_unit, executor,
+                                    on_unit=on_batch)
+    finally:
+        if own_executor:
+            executor.close()
+    parts = store.stats()
+    effects = run.read("effects", columns=["selection"])
     info = dict(_merge_stats(parts), split=split or "all", kind=config.kind, scope=config.scope,
-                selections=[s.name for s in selections], rows=len(effects))
-    census = effects[effects["selection"] == selections[0].name]
-    info["interventions_per_second"] = (len(census) / info["seconds_exact"]) if info["seconds_exact"] else None
+                selections=[s.name for s in selections], rows=len(effects), executor=executor.name, **progress)
+    for field in ("rows_per_call_used", "reference_batch_used"):
+        if field in parts[0]:
+            info[field] = min(p[field] for p in parts)
+    census_rows = int((effects["selection"] == selections[0].name).sum())
+    info["interventions_per_second"] = (census_rows / info["seconds_exact"]) if info["seconds_exact"] else None
     run.record_stage("intervene", info)
     return info
 

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +71,9 @@ class ObserveStats:
     router_probs_layers: list[int] = field(default_factory=list)
     experts_implementation: str = ""
     mean_nll: float = float("nan")
+    batch_size_used: int = 0
+    nll_sum: float = 0.0
+    nll_count: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -120,6 +123,133 @@ def _routing_columns(record, layer: int, seqs: np.ndarray, positions: np.ndarray
     }
 
 
+@dataclass
+class BatchTables:
+    """One forward pass's rows: the tokens table and, per observed layer, routing (and router-probs) tables."""
+
+    tokens: pa.Table
+    routing: list[pa.Table]
+    router_probs: list[pa.Table]
+    nll_sum: float
+    nll_count: int
+    windows: int
+
+
+def _check_finite(trace, layers: Sequence[int], logits: torch.Tensor, batch: Sequence[Any],
+                  valid_2d: np.ndarray, dtype: torch.dtype) -> None:
+    """Raise NonFiniteError naming the first layer (in depth order) and position with NaN/inf activations."""
+    b, t = valid_2d.shape
+    valid = torch.from_numpy(valid_2d)
+    checks = []
+    for index in sorted(layers):
+        record = trace[index]
+        checks.append((f"MoE layer {index} input (router logits)", record.router_logits))
+        checks.append((f"MoE layer {index} expert outputs", record.act_norm))
+    checks.append(("output logits", logits))
+    for where, tensor in checks:
+        bad = ~torch.isfinite(tensor.detach().float()).reshape(b, t, -1).all(-1).cpu() & valid
+        if bool(bad.any()):
+            row, pos = (int(i) for i in torch.nonzero(bad)[0])
+            from moeaudit.errors import NonFiniteError
+
+            raise NonFiniteError(
+                f"non-finite activations (NaN/inf) in {where} at window seq {batch[row].seq}, position {pos} "
+                f"({int(bad.sum())} positions in this batch); the checkpoint's weights may be corrupt, or "
+                f"{str(dtype).removeprefix('torch.')} overflows — try --dtype float32")
+
+
+def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], probs_layers: Sequence[int],
+                   probs_schema: pa.Schema | None, pad_id: int) -> BatchTables:
+    ids, mask = _batch_tensors(batch, pad_id, moe.device)
+    with torch.no_grad(), moe.capture(layers) as trace:
+        logits = moe.model(input_ids=ids, attention_mask=mask).logits
+    b, t = ids.shape
+    valid_2d = np.zeros((b, t), dtype=bool)
+    for row, window in enumerate(batch):
+        valid_2d[row, : len(window.token_ids)] = True
+    _check_finite(trace, layers, logits, batch, valid_2d, moe.dtype)
+    nll = nll_from_logits(logits, ids, mask).cpu().numpy()
+    valid = valid_2d.reshape(-1)
+    seqs = np.repeat(np.array([w.seq for w in batch], dtype=np.int64), t)
+    positions = np.tile(np.arange(t, dtype=np.int64), b)
+    finite = np.isfinite(nll[valid_2d])
+    tokens = pa.table({
+        "seq": seqs[valid].astype(np.int32),
+        "pos": positions[valid].astype(np.int32),
+        "token_id": ids.cpu().numpy().reshape(-1)[valid].astype(np.int32),
+        "nll": pa.array(nll.reshape(-1)[valid], type=pa.float32(), from_pandas=True),
+        "domain": np.repeat(np.array([getattr(w, "domain", None) for w in batch], dtype=object), t)[valid],
+        "split": np.repeat(np.array([getattr(w, "split", None) for w in batch], dtype=object), t)[valid],
+    }, schema=TOKENS_SCHEMA)
+    routing, router_probs = [], []
+    for index in layers:
+        record = trace[index]
+        routing.append(pa.table(_routing_columns(record, index, seqs, positions, valid), schema=ROUTING_SCHEMA))
+        if index in probs_layers:
+            probs = torch.softmax(record.router_logits.float(), dim=-1).cpu().numpy()[valid]
+            flat = pa.array(probs.astype(np.float16).reshape(-1), type=pa.float16())
+            router_probs.append(pa.table({
+                "layer": np.full(len(probs), index, dtype=np.int16),
+                "seq": seqs[valid].astype(np.int32), "pos": positions[valid].astype(np.int32),
+                "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1]),
+            }, schema=probs_schema))
+    return BatchTables(tokens, routing, router_probs, float(nll[valid_2d][finite].sum()), int(finite.sum()),
+                       len(batch))
+
+
+def observe_batches(
+    moe: MoEModel,
+    windows: Iterable[Any],
+    *,
+    layers: Sequence[int] | None = None,
+    router_probs_layers: Sequence[int] | str | None = None,
+    batch_size: int = 8,
+    stats: ObserveStats | None = None,
+) -> Iterator[BatchTables]:
+    """Yield one :class:`BatchTables` per forward pass over ``windows`` (see :func:`observe`).
+
+    On out-of-memory the batch is halved and retried; ``stats.batch_size_used`` records the smallest
+    size that ran. NaN/inf activations raise :class:`~moeaudit.errors.NonFiniteError` with the layer and
+    position.
+    """
+    from moeaudit.scale.memory import with_halving
+
+    if batch_size < 1:
+        raise invalid("batch_size", "a positive integer", batch_size)
+    windows = as_windows(windows)
+    layers = list(moe.moe_layer_indices if layers is None else layers)
+    for index in layers:
+        moe.layer(index)
+    if router_probs_layers == "all":
+        probs_layers = list(layers)
+    else:
+        probs_layers = [i for i in (router_probs_layers or []) if i in layers]
+    num_experts = {index: moe.layer(index).num_experts for index in layers}
+    if len({num_experts[i] for i in probs_layers}) > 1:
+        raise invalid("router_probs_layers", "layers with one expert count", probs_layers)
+    probs_schema = router_probs_schema(num_experts[probs_layers[0]]) if probs_layers else None
+    pad_id = getattr(moe.config, "pad_token_id", None) or 0
+    if stats is not None:
+        stats.layers, stats.router_probs_layers = layers, probs_layers
+        stats.experts_implementation = moe.experts_implementation
+    start = 0
+    while start < len(windows):
+        tables, batch_size = with_halving(
+            lambda size: _observe_batch(moe, windows[start : start + size], layers, probs_layers, probs_schema,
+                                        pad_id), batch_size, "batch_size")
+        if stats is not None:
+            stats.windows += tables.windows
+            stats.tokens += tables.tokens.num_rows
+            stats.routing_rows += sum(t.num_rows for t in tables.routing)
+            stats.batches += 1
+            stats.batch_size_used = min(stats.batch_size_used or batch_size, batch_size)
+            stats.nll_sum += tables.nll_sum
+            stats.nll_count += tables.nll_count
+            stats.mean_nll = stats.nll_sum / stats.nll_count if stats.nll_count else float("nan")
+        start += tables.windows
+        yield tables
+
+
 def observe(
     moe: MoEModel,
     windows: Iterable[Any],
@@ -148,7 +278,8 @@ def observe(
     router_probs_layers : sequence of int or "all", optional
         Layers whose full router-probability rows are kept (float16).
     batch_size : int
-        Windows per forward pass; padding positions are masked out of attention and never written.
+        Windows per forward pass (halved and retried on out-of-memory); padding positions are masked
+        out of attention and never written.
     on_batch : callable(done_windows, total_windows), optional
         Progress callback.
 
@@ -156,71 +287,25 @@ def observe(
     -------
     ObserveStats
     """
-    if batch_size < 1:
-        raise invalid("batch_size", "a positive integer", batch_size)
     windows = as_windows(windows)
-    layers = list(moe.moe_layer_indices if layers is None else layers)
-    for index in layers:
-        moe.layer(index)
-    if router_probs_layers == "all":
-        probs_layers = list(layers)
-    else:
-        probs_layers = [i for i in (router_probs_layers or []) if i in layers]
-    if probs_layers and router_probs_path is None:
-        raise invalid("router_probs_path", "a path when router_probs_layers are chosen", None)
-    pad_id = getattr(moe.config, "pad_token_id", None) or 0
-    stats = ObserveStats(layers=layers, router_probs_layers=probs_layers,
-                         experts_implementation=moe.experts_implementation)
+    stats = ObserveStats()
     started = time.perf_counter()
-    num_experts = {index: moe.layer(index).num_experts for index in layers}
-    if len({num_experts[i] for i in probs_layers}) > 1:
-        raise invalid("router_probs_layers", "layers with one expert count", probs_layers)
+    if router_probs_layers and router_probs_path is None:
+        raise invalid("router_probs_path", "a path when router_probs_layers are chosen", None)
+    batches = observe_batches(moe, windows, layers=layers, router_probs_layers=router_probs_layers,
+                              batch_size=batch_size, stats=stats)
     tokens_writer = pq.ParquetWriter(tokens_path, TOKENS_SCHEMA)
     routing_writer = pq.ParquetWriter(routing_path, ROUTING_SCHEMA)
-    probs_writer = (pq.ParquetWriter(router_probs_path, router_probs_schema(num_experts[probs_layers[0]]))
-                    if probs_layers else None)
-    nll_sum, nll_count = 0.0, 0
+    probs_writer = None
     try:
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start : start + batch_size]
-            ids, mask = _batch_tensors(batch, pad_id, moe.device)
-            with torch.no_grad(), moe.capture(layers) as trace:
-                logits = moe.model(input_ids=ids, attention_mask=mask).logits
-            nll = nll_from_logits(logits, ids, mask).cpu().numpy()
-            b, t = ids.shape
-            valid_2d = np.zeros((b, t), dtype=bool)
-            for row, window in enumerate(batch):
-                valid_2d[row, : len(window.token_ids)] = True
-            valid = valid_2d.reshape(-1)
-            seqs = np.repeat(np.array([w.seq for w in batch], dtype=np.int64), t)
-            positions = np.tile(np.arange(t, dtype=np.int64), b)
-            finite = np.isfinite(nll[valid_2d])
-            nll_sum += float(nll[valid_2d][finite].sum())
-            nll_count += int(finite.sum())
-            tokens_writer.write_table(pa.table({
-                "seq": seqs[valid].astype(np.int32),
-                "pos": positions[valid].astype(np.int32),
-                "token_id": ids.cpu().numpy().reshape(-1)[valid].astype(np.int32),
-                "nll": pa.array(nll.reshape(-1)[valid], type=pa.float32(), from_pandas=True),
-                "domain": np.repeat(np.array([getattr(w, "domain", None) for w in batch], dtype=object), t)[valid],
-                "split": np.repeat(np.array([getattr(w, "split", None) for w in batch], dtype=object), t)[valid],
-            }, schema=TOKENS_SCHEMA))
-            for index in layers:
-                record = trace[index]
-                columns = _routing_columns(record, index, seqs, positions, valid)
-                routing_writer.write_table(pa.table(columns, schema=ROUTING_SCHEMA))
-                stats.routing_rows += len(columns["expert"])
-                if probs_writer is not None and index in probs_layers:
-                    probs = torch.softmax(record.router_logits.float(), dim=-1).cpu().numpy()[valid]
-                    flat = pa.array(probs.astype(np.float16).reshape(-1), type=pa.float16())
-                    probs_writer.write_table(pa.table({
-                        "layer": np.full(len(probs), index, dtype=np.int16),
-                        "seq": seqs[valid].astype(np.int32), "pos": positions[valid].astype(np.int32),
-                        "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1]),
-                    }, schema=probs_writer.schema))
-            stats.windows += len(batch)
-            stats.tokens += int(valid.sum())
-            stats.batches += 1
+        for tables in batches:
+            tokens_writer.write_table(tables.tokens)
+            for part in tables.routing:
+                routing_writer.write_table(part)
+            for part in tables.router_probs:
+                if probs_writer is None:
+                    probs_writer = pq.ParquetWriter(router_probs_path, part.schema)
+                probs_writer.write_table(part)
             if on_batch is not None:
                 on_batch(stats.windows, len(windows))
     finally:
@@ -229,7 +314,6 @@ def observe(
         if probs_writer is not None:
             probs_writer.close()
     stats.seconds = time.perf_counter() - started
-    stats.mean_nll = nll_sum / nll_count if nll_count else float("nan")
     logger.info("observed %d windows (%d tokens) in %.1fs", stats.windows, stats.tokens, stats.seconds)
     return stats
 

@@ -1,12 +1,13 @@
-"""The observe stage on a run directory: build the corpus windows from the config, run :func:`observe`."""
+"""The observe stage on a run directory: build the corpus windows from the config, observe them in resumable work units."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
+
+import numpy as np
 
 from moeaudit.config import AuditConfig
 from moeaudit.models.moe_model import MoEModel
-from moeaudit.observe import observe
 from moeaudit.rundir import RunDir
 
 
@@ -54,41 +55,129 @@ def observed_windows(corpus, config: AuditConfig) -> list[Any]:
     return sorted(chosen, key=lambda w: w.seq)
 
 
+OBSERVE_TABLES = ("tokens", "routing", "router_probs")
+
+
+def observe_unit(moe: MoEModel, payload: dict[str, Any]):
+    """Compute one observe work unit: its windows' tokens / routing / router_probs tables and counters."""
+    import pyarrow as pa
+
+    from moeaudit.observe import ObserveStats, TOKENS_SCHEMA, ROUTING_SCHEMA, observe_batches, router_probs_schema
+    from moeaudit.scale import UnitResult
+
+    stats = ObserveStats()
+    parts: dict[str, list] = {name: [] for name in OBSERVE_TABLES}
+    for tables in observe_batches(moe, payload["windows"], layers=payload["layers"],
+                                  router_probs_layers=payload["router_probs_layers"],
+                                  batch_size=payload["batch_size"], stats=stats):
+        parts["tokens"].append(tables.tokens)
+        parts["routing"].extend(tables.routing)
+        parts["router_probs"].extend(tables.router_probs)
+    probs_experts = moe.layer(stats.router_probs_layers[0]).num_experts if stats.router_probs_layers else 1
+    schemas = {"tokens": TOKENS_SCHEMA, "routing": ROUTING_SCHEMA, "router_probs": router_probs_schema(probs_experts)}
+    out = {name: pa.concat_tables(parts[name]) if parts[name] else schemas[name].empty_table()
+           for name in OBSERVE_TABLES}
+    counters = {k: v for k, v in stats.to_dict().items() if k not in ("seconds", "mean_nll")}
+    return UnitResult(out, counters)
+
+
+def observe_work_units(windows: Sequence[Any], config: AuditConfig) -> list[Any]:
+    """The observe stage's units: ``unit_windows`` consecutive windows (in ``seq`` order) each."""
+    from moeaudit.observe import WindowInput
+    from moeaudit.scale import WorkUnit
+    from moeaudit.scale.units import chunks, unit_id
+
+    units = []
+    for start, stop in chunks(len(windows), config.unit_windows):
+        part = [WindowInput(w.seq, np.asarray(w.token_ids, dtype=np.int64), getattr(w, "domain", None),
+                            getattr(w, "split", None)) for w in windows[start:stop]]
+        payload = {"windows": part, "layers": config.layers, "router_probs_layers": config.router_probs_layers,
+                   "batch_size": config.batch_size}
+        units.append(WorkUnit(unit_id("observe", start, stop), payload, windows=stop - start))
+    return units
+
+
+def check_model(run: RunDir, model: dict[str, Any]) -> None:
+    """Refuse to continue a run whose model changed on disk since the run recorded it."""
+    from moeaudit.errors import RunDirectoryError
+
+    stored = run.manifest.get("model")
+    if stored and stored.get("fingerprint") != model["fingerprint"]:
+        raise RunDirectoryError(f"the model {run.config.model!r} changed since {run.path} was made (fingerprint "
+                                f"{stored.get('fingerprint')} -> {model['fingerprint']}); choose a new directory "
+                                "or pass --overwrite")
+    run.set("model", model)
+
+
 def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
-                on_batch: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Write tokens / routing / router_probs tables into ``run`` and record counters in its manifest."""
+                on_batch: Callable[[int, int], None] | None = None, executor=None) -> dict[str, Any]:
+    """Write tokens / routing / router_probs tables into ``run`` and record counters in its manifest.
+
+    The work is cut into units of ``config.unit_windows`` windows; a re-run skips the units (or the whole
+    stage) already done. ``executor`` (default: from the config) runs the units.
+    """
+    import time
+
+    from moeaudit.scale import make_executor, run_units
+
     config = run.config
-    moe = moe or model_from_config(config)
-    corpus = corpus or build_corpus(config, tokenizer_for(moe, config))
-    windows = observed_windows(corpus, config)
-    if not windows:
-        from moeaudit.errors import CorpusError
+    started = time.perf_counter()
+    own_executor = executor is None
+    executor = executor or make_executor(config, moe)
+    try:
+        model = executor.describe_model()
+        check_model(run, model)
+        if corpus is None:
+            local_moe = moe or getattr(executor, "moe", None)
+            tokenizer = tokenizer_for(local_moe, config) if local_moe is not None else tokenizer_from_config(config)
+            corpus = build_corpus(config, tokenizer)
+        windows = observed_windows(corpus, config)
+        if not windows:
+            from moeaudit.errors import CorpusError
 
-        raise CorpusError(f"the corpus {config.corpus!r} gave no windows in splits {config.observe_splits}; "
-                          "use a larger corpus or other splits")
-    with run.writing("tokens") as tokens_tmp, run.writing("routing") as routing_tmp, \
-            run.writing("router_probs") as probs_tmp:
-        stats = observe(moe, windows, tokens_path=tokens_tmp, routing_path=routing_tmp,
-                        router_probs_path=probs_tmp, layers=config.layers,
-                        router_probs_layers=config.router_probs_layers, batch_size=config.batch_size,
-                        on_batch=on_batch)
-        if not stats.router_probs_layers:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            from moeaudit.observe import router_probs_schema
-
-            pq.write_table(pa.table({n: [] for n in router_probs_schema(1).names},
-                                    schema=router_probs_schema(1)), probs_tmp)
-    corpus_info = corpus.manifest() if hasattr(corpus, "manifest") else {}
-    run.set("corpus", dict(corpus_info, fingerprint_observed=_windows_fingerprint(windows)))
-    run.set("model", {"name": moe.name, "family": moe.family, "fingerprint": model_fingerprint(moe),
-                      "moe_layers": moe.moe_layer_indices,
-                      "num_experts": {str(l.layer): l.num_experts for l in moe.layers},
-                      "top_k": {str(l.layer): l.top_k for l in moe.layers}})
-    info = stats.to_dict()
+            raise CorpusError(f"the corpus {config.corpus!r} gave no windows in splits {config.observe_splits}; "
+                              "use a larger corpus or other splits")
+        check_context(windows, model, config)
+        corpus_info = corpus.manifest() if hasattr(corpus, "manifest") else {}
+        run.set("corpus", dict(corpus_info, fingerprint_observed=_windows_fingerprint(windows)))
+        store, progress = run_units(run, "observe", observe_work_units(windows, config), OBSERVE_TABLES,
+                                    observe_unit, executor, on_unit=on_batch)
+    finally:
+        if own_executor:
+            executor.close()
+    parts = store.stats()
+    nll_sum, nll_count = sum(p["nll_sum"] for p in parts), sum(p["nll_count"] for p in parts)
+    info = {key: int(sum(p[key] for p in parts)) for key in ("windows", "tokens", "routing_rows", "batches")}
+    info.update(layers=parts[0]["layers"], router_probs_layers=parts[0]["router_probs_layers"],
+                experts_implementation=parts[0]["experts_implementation"],
+                batch_size_used=min(p["batch_size_used"] for p in parts),
+                mean_nll=nll_sum / nll_count if nll_count else float("nan"),
+                seconds=time.perf_counter() - started, executor=executor.name, **progress)
     run.record_stage("observe", info)
     return info
+
+
+def tokenizer_from_config(config: AuditConfig):
+    """The tokenizer without loading the model (the ray executor's driver)."""
+    from moeaudit.errors import ModelLoadError
+    from moeaudit.models.loading import load_tokenizer, resolve_source
+
+    tokenizer = load_tokenizer(config.model, *resolve_source(config.model))
+    if tokenizer is None:
+        raise ModelLoadError(f"{config.model} has no tokenizer files; save its tokenizer into the checkpoint "
+                             "directory (tokenizer.save_pretrained(DIR))")
+    return tokenizer
+
+
+def check_context(windows: Sequence[Any], model: dict[str, Any], config: AuditConfig) -> None:
+    """Refuse windows longer than the model's context (positions past it are untrained or out of range)."""
+    from moeaudit.errors import invalid
+
+    limit = model.get("max_position_embeddings")
+    longest = max(len(w.token_ids) for w in windows)
+    if limit and longest > limit:
+        raise invalid("max_len", f"at most the model's context length, {limit} tokens", config.max_len,
+                      config.model)
 
 
 def _windows_fingerprint(windows) -> str:

@@ -1,0 +1,37 @@
+"""`--executor ray`: the same work units as Ray tasks on a local 2-worker Ray instance give the local
+run's tables bit for bit."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.cli.conftest import cli  # noqa: F401  (fixture)
+from tests.scale.conftest import SMALL_RUN, assert_same_tables
+
+ray = pytest.importorskip("ray", reason='the ray executor is tested with the [ray] extra installed')
+
+
+def test_ray_run_equals_local_run(cli, tmp_path):  # noqa: F811
+    local, distributed = tmp_path / "local", tmp_path / "ray"
+    code, out, err = cli("run", "--out", str(local), *SMALL_RUN, "--unit-windows", "4")
+    assert code == 0, err
+    code, out, err = cli("run", "--out", str(distributed), *SMALL_RUN, "--unit-windows", "4",
+                         "--executor", "ray", "--workers", "2")
+    assert code == 0, err
+    assert not ray.is_initialized(), "the executor must stop the Ray instance it started"
+    manifest = json.loads((distributed / "manifest.json").read_text())
+    for stage in ("observe", "intervene"):
+        assert manifest["stages"][stage]["executor"] == "ray"
+        assert manifest["stages"][stage]["computed"] == manifest["stages"][stage]["units"] > 1
+    assert manifest["model"] == json.loads((local / "manifest.json").read_text())["model"]
+    assert_same_tables(local, distributed)
+
+
+def test_ray_executor_without_ray_names_the_extra(cli, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code, _, err = cli("observe", str(tmp_path), "--model", "tiny-olmoe", "--max-windows", "2", "--executor", "ray")
+    assert code == 2
+    assert err.strip().splitlines() == ['error: the ray executor needs Ray: pip install "moeaudit[ray]"']

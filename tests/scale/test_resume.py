@@ -1,0 +1,172 @@
+"""Work units: kill a real `moeaudit run` (SIGTERM, SIGINT, SIGKILL) at several points, resume it, and get
+the uninterrupted run's tables bit for bit; damaged unit files are detected and recomputed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moeaudit.config import AuditConfig
+from moeaudit.errors import RunDirectoryError, RunInterrupted
+from moeaudit.intervene.stage import run_intervene
+from moeaudit.models import load_model
+from moeaudit.observe.stage import run_observe
+from moeaudit.rundir import RunDir
+from tests.scale.conftest import SMALL_RUN, assert_same_tables
+
+
+def _moeaudit(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "moeaudit", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _units_done(out: Path, stage: str) -> int:
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+    entry = manifest.get("units", {}).get(stage)
+    return len(entry["done"]) if entry else 0
+
+
+def _signal_when(proc: subprocess.Popen, out: Path, stage: str, units: int, sig: int) -> tuple[int, str]:
+    """Send ``sig`` as soon as ``stage`` has ``units`` finished units; return (exit code, stderr)."""
+    deadline = time.monotonic() + 240
+    while _units_done(out, stage) < units:
+        assert proc.poll() is None, f"the run ended before {units} {stage} units were done: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "the run made no progress"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def test_killed_run_resumes_to_identical_tables(tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "interrupted"
+    args = (*SMALL_RUN, "--unit-windows", "2")
+    done = _moeaudit("run", "--out", str(reference), *args)
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err
+
+    # SIGTERM in the middle of observe: the message says where to resume.
+    code, err = _signal_when(_moeaudit("run", "--out", str(out), *args), out, "observe", 3, signal.SIGTERM)
+    assert code == 130, err
+    assert "interrupted during observe" in err and "re-run the same command to resume" in err
+    # SIGINT in the middle of intervene (observe was resumed, not recomputed).
+    code, err = _signal_when(_moeaudit("run", "--out", str(out), *args), out, "intervene", 1, signal.SIGINT)
+    assert code == 130, err
+    assert "interrupted during intervene" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["observe"]["resumed"] >= 3
+    # SIGKILL: no handler runs at all; the manifest and the finished units must still be consistent.
+    code, _ = _signal_when(_moeaudit("run", "--out", str(out), *args), out, "intervene", 3, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+
+    final = _moeaudit("run", "--out", str(out), *args)
+    _, err = final.communicate(timeout=300)
+    assert final.returncode == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["intervene"]["resumed"] >= 3
+    assert manifest["stages"]["intervene"]["computed"] >= 1
+    assert_same_tables(reference, out)
+    assert not (out / "units").exists() or not any((out / "units").rglob("*")), "unit files left behind"
+    assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+@pytest.fixture(scope="module")
+def moe():
+    return load_model("tiny-olmoe")
+
+
+def _config(**overrides) -> AuditConfig:
+    values = dict(model="tiny-olmoe", max_windows=6, max_len=48, unit_windows=2, progressive=False)
+    return AuditConfig(**dict(values, **overrides))
+
+
+def _interrupt_after(units: int):
+    calls = []
+
+    def on_unit(done, total):
+        calls.append(done)
+        if len(calls) > units:  # the first call reports the starting point
+            raise KeyboardInterrupt
+
+    return on_unit
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, moe):
+    run = RunDir(tmp_path_factory.mktemp("reference"), _config())
+    run_observe(run, moe=moe)
+    run_intervene(run, moe=moe)
+    return run.path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_unit_is_recomputed_not_merged(tmp_path, moe, reference_run, damage, caplog):
+    run = RunDir(tmp_path, _config())
+    run_observe(run, moe=moe)
+    with pytest.raises(RunInterrupted, match="2 of 3 work units are finished"):
+        run_intervene(run, moe=moe, on_batch=_interrupt_after(2))
+    unit = next((tmp_path / "units" / "intervene").glob("census-w000000-000001.effects.parquet"))
+    data = unit.read_bytes()
+    if damage == "truncate":
+        unit.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        unit.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    else:
+        unit.unlink()
+    info = run_intervene(RunDir(tmp_path), moe=moe)
+    assert (info["resumed"], info["computed"]) == (1, 2)
+    assert "census-w000000-000001" in caplog.text and "recomputing it" in caplog.text
+    assert_same_tables(reference_run, tmp_path, tables=("tokens", "routing", "effects"))
+
+
+def test_damaged_merged_table_reopens_the_stage(tmp_path, moe, reference_run, caplog):
+    run = RunDir(tmp_path, _config())
+    run_observe(run, moe=moe)
+    again = run_observe(RunDir(tmp_path), moe=moe)
+    assert (again["computed"], again["resumed"]) == (0, 6)
+    routing = tmp_path / "routing.parquet"
+    routing.write_bytes(routing.read_bytes()[:-50])
+    info = run_observe(RunDir(tmp_path), moe=moe)
+    assert info["computed"] == 6 and "routing.parquet is truncated" in caplog.text
+    assert_same_tables(reference_run, tmp_path, tables=("tokens", "routing", "router_probs"))
+
+
+def test_changed_plan_starts_the_stage_afresh(tmp_path, moe, reference_run):
+    run = RunDir(tmp_path, _config())
+    run_observe(run, moe=moe)
+    with pytest.raises(RunInterrupted):
+        run_intervene(run, moe=moe, on_batch=_interrupt_after(1))
+    info = run_intervene(RunDir(tmp_path, _config(unit_windows=3)), moe=moe)
+    assert (info["units"], info["resumed"], info["computed"]) == (2, 0, 2)
+    assert_same_tables(reference_run, tmp_path, tables=("effects",))
+
+
+def test_changed_model_is_refused(tmp_path, moe):
+    import torch
+    from transformers import AutoTokenizer
+
+    from moeaudit.models.builtin import tokenizer_path
+
+    checkpoint = tmp_path / "ckpt"
+    moe.model.save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(tokenizer_path()).save_pretrained(checkpoint)
+    config = _config(model=str(checkpoint), max_windows=2)
+    run = RunDir(tmp_path / "run", config)
+    run_observe(run)
+    changed = load_model(str(checkpoint))
+    with torch.no_grad():
+        changed.model.lm_head.weight.mul_(1.01)
+    changed.model.save_pretrained(checkpoint)
+    with pytest.raises(RunDirectoryError, match="changed since .* was made .* pass --overwrite"):
+        run_intervene(RunDir(tmp_path / "run", config))
