@@ -45,11 +45,14 @@ def observe_command(
 
 
 def resumed_text(info) -> str:
-    """How much of a stage came from an earlier, interrupted run, for the closing line."""
-    if not info.get("resumed"):
-        return f"{info['units']} work units, batch size {info.get('batch_size_used', '-')}" \
-            if "batch_size_used" in info else f"{info['units']} work units"
-    return f"{info['resumed']} of {info['units']} work units resumed from an earlier run"
+    """Work units (and how many came from an earlier, interrupted run) and the batch sizes that ran."""
+    parts = [f"{info['units']} work unit{'' if info['units'] == 1 else 's'}"]
+    if info.get("resumed"):
+        parts.append(f"{info['resumed']} resumed from an earlier run")
+    for key in ("batch_size_used", "rows_per_call_used", "reference_batch_used"):
+        if key in info:
+            parts.append(f"{key.removesuffix('_used').replace('_', ' ')} {info[key]}")
+    return ", ".join(parts)
 
 
 def metrics_command(
