@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 TABLES = ("tokens", "routing", "router_probs", "expert_metrics", "expert_metrics_by_domain", "effects", "tests",
-          "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores")
+          "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals")
 
 
 def config_fingerprint(config: AuditConfig) -> str:

@@ -170,3 +170,35 @@ def test_changed_model_is_refused(tmp_path, moe):
     changed.model.save_pretrained(checkpoint)
     with pytest.raises(RunDirectoryError, match="changed since .* was made .* pass --overwrite"):
         run_intervene(RunDir(tmp_path / "run", config))
+
+
+PRUNE_ARGS = dict(ratios=[0.25], criteria=["reap", "frequency", "random"], random_seeds=3, single_layer=True)
+
+
+def test_interrupted_prune_resumes_to_identical_tables(tmp_path, moe, reference_run):
+    from moeaudit.metrics.stage import run_metrics
+    from moeaudit.prune import run_prune
+    from moeaudit.prune.evaluate import evaluate_pruned
+    from moeaudit.prune.stage import _windows, kept_from_table
+
+    for path in (tmp_path / "whole", tmp_path / "resumed"):
+        run = RunDir(path, _config())
+        run_observe(run, moe=moe)
+        run_metrics(run, moe=moe)
+    whole = run_prune(RunDir(tmp_path / "whole"), moe=moe, **PRUNE_ARGS)
+    assert whole["distinct_configurations"] > 16  # so the stage has more than one unit
+    with pytest.raises(RunInterrupted, match="interrupted during prune: 1 of 2 work units"):
+        run_prune(RunDir(tmp_path / "resumed"), moe=moe, on_batch=_interrupt_after(1), **PRUNE_ARGS)
+    run_prune(RunDir(tmp_path / "resumed"), moe=moe, **PRUNE_ARGS)
+    assert_same_tables(tmp_path / "whole", tmp_path / "resumed", tables=("pruning", "jaccard", "pruning_evals"))
+
+    # The units give what one pass over every configuration gives, bit for bit.
+    run = RunDir(tmp_path / "whole")
+    table = run.read("pruning")
+    kept = kept_from_table(table, "reap", 0.25)
+    ids, mask, domains = _windows(run.read("tokens"), "heldout", moe.config.pad_token_id)
+    results, clean = evaluate_pruned(moe, ids, {"reap": kept}, attention_mask=None if bool(mask.all()) else mask,
+                                     domains=domains, batch_size=run.config.batch_size)
+    row = table[(table["criterion"] == "reap") & (table["mode"] == "all_layers")].iloc[0]
+    assert (row["heldout_nll"], row["mean_kl"], row["unpruned_nll"]) == (
+        results["reap"].heldout_nll, results["reap"].mean_kl, clean.heldout_nll)

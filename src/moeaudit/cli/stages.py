@@ -228,6 +228,9 @@ def prune_command(
     export: Optional[Path] = typer.Option(None, "--export", help="Write a physically smaller checkpoint here."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="With --export: the criterion, e.g. reap."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="With --export: the ratio, e.g. 0.25."),
+    executor: Optional[str] = EXECUTOR_OPTION,
+    address: Optional[str] = ADDRESS_OPTION,
+    workers: Optional[int] = WORKERS_OPTION,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Prune by every criterion vs random vs causal oracles on held-out windows; optionally export."""
@@ -237,6 +240,9 @@ def prune_command(
     from moeaudit.rundir import RunDir
 
     run = RunDir(run_dir)
+    overrides = execution_flags(executor, address, workers, None)
+    if any(v is not None for v in overrides.values()):
+        run = RunDir(run_dir, resolve_config(run_dir, overrides, None))
     moe = model_from_config(run.config)
     if export is not None:
         if criterion is None or ratio is None:

@@ -136,8 +136,13 @@ def run_prune(
     budget_weights: Mapping[int, float] | None = None,
     directions: Mapping[str, str] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    executor=None,
 ) -> dict[str, Any]:
     """Prune by every criterion at every ratio, evaluate on the held-out windows, write the tables.
+
+    The evaluations run as resumable work units of :data:`CONFIGS_PER_UNIT` distinct pruned
+    configurations each (``pruning_evals.parquet`` holds their results); a re-run with the same
+    arguments skips the finished ones.
 
     Parameters
     ----------
@@ -167,6 +172,8 @@ def run_prune(
         Override which end of a criterion is pruned first (:data:`moeaudit.prune.criteria.DIRECTIONS`).
     on_batch : callable(done, total), optional
         Progress over all forward passes of the stage.
+    executor : optional
+        Runs the evaluation units (default: from the config, on ``moe`` when local).
 
     Returns
     -------
@@ -174,7 +181,7 @@ def run_prune(
         The counters recorded in the manifest under ``prune``.
     """
     from moeaudit.observe.stage import model_from_config
-    from moeaudit.prune.evaluate import _canonical, evaluate_pruned
+    from moeaudit.prune.evaluate import _canonical
 
     started = time.perf_counter()
     config = run.config
@@ -308,9 +315,8 @@ def run_prune(
         attention_mask = None
     t_eval = time.perf_counter()
     total_eval = held_batches * (1 + distinct)
-    results, clean = evaluate_pruned(moe, input_ids, configurations, attention_mask=attention_mask,
-                                     domains=domains, batch_size=batch_size,
-                                     on_batch=progress(total_eval) if on_batch else None)
+    results, clean = _evaluate_in_units(run, moe, configurations, input_ids, attention_mask, domains,
+                                        batch_size, executor, progress(total_eval) if on_batch else None)
     seconds_eval = time.perf_counter() - t_eval
 
     # ---------------------------------------------------------------- tables
@@ -347,6 +353,92 @@ def run_prune(
     logger.info("pruned %d configurations (%d distinct) of %s in %.1f s; skipped criteria: %s", len(configurations),
                 distinct, moe.name, info["seconds"], skipped or "none")
     return info
+
+
+#: Distinct pruned configurations per work unit: each unit also runs the unpruned model once per batch
+#: (for the KL), so larger units waste less; smaller ones lose less to an interruption.
+CONFIGS_PER_UNIT = 16
+EVALS_SCHEMA_FIELDS = (("config", "int32"), ("domain", "string"), ("n_tokens", "int64"), ("heldout_nll", "float64"),
+                       ("heldout_ppl", "float64"), ("mean_kl", "float64"))
+
+
+def _evals_schema():
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in EVALS_SCHEMA_FIELDS])
+
+
+def prune_eval_unit(moe, payload: dict[str, Any]):
+    """One prune work unit: held-out NLL / KL of a chunk of pruned configurations (and of the unpruned
+    model, as ``config = -1``), overall (``domain`` null) and per domain."""
+    import pyarrow as pa
+
+    from moeaudit.prune.evaluate import evaluate_pruned
+    from moeaudit.scale import UnitResult
+
+    results, clean = evaluate_pruned(moe, payload["input_ids"], dict(zip(payload["indices"], payload["kept"])),
+                                     attention_mask=payload["attention_mask"], domains=payload["domains"],
+                                     batch_size=payload["batch_size"])
+    rows = []
+    for index, value in [(-1, clean), *sorted(results.items())]:
+        rows.append(dict(config=index, domain=None, n_tokens=value.n_tokens, heldout_nll=value.heldout_nll,
+                         heldout_ppl=value.heldout_ppl, mean_kl=value.mean_kl))
+        for domain, (n, nll, kl) in value.by_domain.items():
+            rows.append(dict(config=index, domain=domain, n_tokens=n, heldout_nll=nll, heldout_ppl=float("nan"),
+                             mean_kl=kl))
+    return UnitResult({"pruning_evals": pa.Table.from_pylist(rows, schema=_evals_schema())})
+
+
+def _evaluate_in_units(run, moe, configurations, input_ids, attention_mask, domains, batch_size, executor,
+                       on_batch):
+    """``evaluate_pruned`` over ``configurations``, cut into resumable units of distinct configurations."""
+    import hashlib
+    import json
+
+    from moeaudit.prune.evaluate import PrunedEval, _canonical
+    from moeaudit.scale import WorkUnit, make_executor, run_units
+    from moeaudit.scale.units import chunks
+
+    distinct: dict[tuple, int] = {}
+    index_of_key = {}
+    kept_of = []
+    for key, kept in configurations.items():
+        canon = _canonical(moe, kept)
+        if canon not in distinct:
+            distinct[canon] = len(kept_of)
+            kept_of.append({int(l): [int(e) for e in v] for l, v in kept.items()})
+        index_of_key[key] = distinct[canon]
+    held_batches = -(-input_ids.shape[0] // batch_size)
+    units = []
+    for start, stop in chunks(len(kept_of), CONFIGS_PER_UNIT):
+        # The id carries a digest of the unit's configurations, so other criteria, ratios or seeds on a
+        # re-run re-plan the stage instead of reusing results for other configurations.
+        digest = hashlib.sha256(json.dumps(kept_of[start:stop], sort_keys=True).encode()).hexdigest()[:10]
+        payload = dict(indices=list(range(start, stop)), kept=kept_of[start:stop], input_ids=input_ids,
+                       attention_mask=attention_mask, domains=domains, batch_size=batch_size)
+        units.append(WorkUnit(f"configs-{start:05d}-{stop - 1:05d}-{digest}", payload,
+                              windows=held_batches * (stop - start)))
+    own_executor = executor is None
+    executor = executor or make_executor(run.config, moe)
+    try:
+        run_units(run, "prune", units, ("pruning_evals",), prune_eval_unit, executor,
+                  on_unit=(lambda done, total: on_batch(done + held_batches, total + held_batches))
+                  if on_batch else None)
+    finally:
+        if own_executor:
+            executor.close()
+    evals = run.read("pruning_evals")
+
+    def value(config: int) -> PrunedEval:
+        rows = evals[evals["config"] == config]
+        overall = rows[rows["domain"].isna()].iloc[0]
+        by_domain = {str(r.domain): (int(r.n_tokens), float(r.heldout_nll), float(r.mean_kl))
+                     for r in rows[rows["domain"].notna()].itertuples()}
+        return PrunedEval(float(overall.heldout_nll), float(overall.heldout_ppl), float(overall.mean_kl),
+                          int(overall.n_tokens), by_domain)
+
+    by_index = {index: value(index) for index in range(len(kept_of))}
+    return {key: by_index[index] for key, index in index_of_key.items()}, value(-1)
 
 
 def _pruning_rows(configurations, results, clean, dropped, single, num_experts, directions, guard, budget):

@@ -98,7 +98,7 @@ class UnitStore:
         entry = units.get(stage)
         if entry is None or entry.get("plan") != list(plan) or entry.get("tables") != list(self.tables):
             if entry is not None:
-                logger.warning("%s: the work-unit plan changed (other windows or unit size); starting the "
+                logger.warning("%s: the work-unit plan changed (other settings, windows or unit size); starting the "
                                "stage afresh", stage)
             shutil.rmtree(self.dir, ignore_errors=True)
             entry = {"plan": list(plan), "tables": list(self.tables), "done": {}, "complete": None}
