@@ -127,6 +127,10 @@ class RunDir:
         self.save()
 
     # ------------------------------------------------------------------ manifest
+    def reload(self) -> None:
+        """Re-read ``manifest.json`` (another process may have updated it); the config stays as given."""
+        self.manifest = json.loads((self.path / MANIFEST).read_text())
+
     def save(self) -> None:
         atomic_write_text(self.path / MANIFEST, json.dumps(self.manifest, indent=2, default=str))
 

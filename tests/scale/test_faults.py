@@ -188,3 +188,29 @@ def test_windows_longer_than_the_context_are_refused(tmp_path, moe):
     with pytest.raises(InvalidParameterError, match="at most the model's context length, 256 tokens"):
         run_observe(run, moe=moe)
     assert not any((tmp_path / "run" / f"{t}.parquet").exists() for t in TABLES)
+
+
+def test_second_process_on_the_same_run_is_refused(tmp_path, moe):
+    from moeaudit.scale.units import exclusive
+
+    run = RunDir(tmp_path, _config())
+    with exclusive(RunDir(tmp_path), "intervene"):
+        with pytest.raises(RunDirectoryError, match=r"is in use by moeaudit pid \d+ \(intervene\); wait for it"):
+            run_observe(run, moe=moe)
+    run_observe(run, moe=moe)  # released
+    assert run.has("routing")
+
+
+@pytest.mark.parametrize("part", ["router", "experts"])
+def test_corrupt_checkpoint_is_named_at_load(tmp_path, part):
+    from moeaudit.models.testing import tiny_model
+
+    model = tiny_model("olmoe")
+    block = model.model.layers[2].mlp
+    with torch.no_grad():
+        (block.gate.weight if part == "router" else block.experts.down_proj)[0].fill_(float("inf"))
+    model.save_pretrained(tmp_path)
+    verb = "gives" if part == "router" else "give"
+    with pytest.raises(NonFiniteError, match=rf"^layer 2 \(OlmoeSparseMoeBlock\): the {part} {verb} NaN/inf .* "
+                                             "corrupt"):
+        load_model(str(tmp_path))

@@ -35,3 +35,24 @@ def test_ray_executor_without_ray_names_the_extra(cli, tmp_path, monkeypatch):  
     code, _, err = cli("observe", str(tmp_path), "--model", "tiny-olmoe", "--max-windows", "2", "--executor", "ray")
     assert code == 2
     assert err.strip().splitlines() == ['error: the ray executor needs Ray: pip install "moeaudit[ray]"']
+
+
+def test_worker_errors_keep_their_one_line(cli, tmp_path):  # noqa: F811
+    import torch
+    from transformers import AutoTokenizer
+
+    from moeaudit.models.builtin import tokenizer_path
+    from moeaudit.models.testing import tiny_model
+
+    model = tiny_model("olmoe", vocab_size=8192, weight_std=0.05)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.weight.fill_(float("nan"))  # a corrupt checkpoint
+    model.save_pretrained(tmp_path / "corrupt")
+    AutoTokenizer.from_pretrained(tokenizer_path()).save_pretrained(tmp_path / "corrupt")
+    code, _, err = cli("observe", str(tmp_path / "run"), "--model", str(tmp_path / "corrupt"), "--max-windows", "2",
+                       "--max-len", "32", "--executor", "ray", "--workers", "1", "--quiet")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert lines == ["error: layer 1 (OlmoeSparseMoeBlock): the router gives NaN/inf on a random probe input: the "
+                     "checkpoint's weights are corrupt (re-download or re-export it)"], err
+    assert not ray.is_initialized()

@@ -24,6 +24,15 @@ from moeaudit.models.base import MoELayer
 _RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
+def _require_finite(values: torch.Tensor, subject: str) -> None:
+    """Corrupt weights are not a contract break: say so instead of failing a comparison with NaN."""
+    if not bool(torch.isfinite(values).all()):
+        from moeaudit.errors import NonFiniteError
+
+        raise NonFiniteError(f"{subject} NaN/inf on a random probe input: the checkpoint's weights are corrupt "
+                             "(re-download or re-export it)")
+
+
 def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
     """Raise ContractError naming the broken assumption for ``layer``; return None when it holds."""
     where = f"layer {layer.layer} ({type(layer.block).__name__})"
@@ -48,6 +57,7 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
             raise ContractError(f"{where}: unexpected router output shapes; {fix}")
         bias = getattr(layer.router, "bias", None)
         expected = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        _require_finite(expected, f"{where}: the router gives")
         rtol = _RTOL.get(weight.dtype, 1e-3)
         if not torch.allclose(router_logits.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item()):
             raise ContractError(f"{where}: the router's first output is not its raw logits; {fix}")
@@ -60,6 +70,7 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
                                 f"the library's router; {fix}")
         combined = experts(hidden, topk_idx, topk_weights)
         ungated = layer.ungated_outputs(hidden, topk_idx)
+        _require_finite(ungated, f"{where}: the experts give")
         recomposed = (ungated.float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
         scale = recomposed.abs().max().item() + 1e-12
         if not torch.allclose(combined.float(), recomposed, rtol=rtol, atol=rtol * scale):

@@ -62,13 +62,24 @@ class _ModelWorker:
 
         if threads:
             torch.set_num_threads(threads)
-        self.moe = model_from_config(AuditConfig.model_validate_json(config_json))
+        # A failed actor constructor reaches the driver only as "actor died"; keep the user's error
+        # (model not found, corrupt weights) and raise it from the first call instead.
+        self.error: MoeAuditError | None = None
+        try:
+            self.moe = model_from_config(AuditConfig.model_validate_json(config_json))
+        except MoeAuditError as err:
+            self.error = err
+
+    def _model(self) -> MoEModel:
+        if self.error is not None:
+            raise self.error
+        return self.moe
 
     def describe_model(self) -> dict[str, Any]:
-        return describe_model(self.moe)
+        return describe_model(self._model())
 
     def run(self, compute: Compute, unit_id: str, payload: Any) -> tuple[str, UnitResult]:
-        return unit_id, compute(self.moe, payload)
+        return unit_id, compute(self._model(), payload)
 
 
 class RayExecutor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from moeaudit.rundir import RunDir, atomic_path
 logger = logging.getLogger(__name__)
 
 UNITS_DIR = "units"
+LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -190,14 +192,49 @@ class UnitStore:
         return [self.entry["done"][unit_id]["stats"] for unit_id in self.plan]
 
 
+@contextmanager
+def exclusive(run: RunDir, stage: str) -> Iterator[None]:
+    """Hold the run directory's lock: two processes writing one manifest would lose each other's units.
+
+    The lock is an OS file lock, so a killed process (even by SIGKILL) releases it.
+    """
+    import fcntl
+    import os
+
+    path = run.path / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunDirectoryError(f"{run.path} is in use by {holder}; wait for it to finish or use another "
+                                    "run directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"moeaudit pid {os.getpid()} ({stage})")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 def run_units(run: RunDir, stage: str, units: Sequence[WorkUnit], tables: Sequence[str],
               compute: Callable[[Any, Any], UnitResult], executor, *,
               on_unit: Callable[[int, int], None] | None = None) -> tuple[UnitStore, dict[str, int]]:
     """Run the units of ``stage`` that are not done yet through ``executor`` and merge the tables.
 
     Returns the store (its ``stats()`` are every unit's counters) and how many units were computed now
-    and taken from an earlier, interrupted run.
+    and taken from an earlier, interrupted run. Refused while another process works on the same run.
     """
+    with exclusive(run, stage):
+        # Another process may have finished units since this one read the manifest.
+        run.reload()
+        return _run_units(run, stage, units, tables, compute, executor, on_unit)
+
+
+def _run_units(run, stage, units, tables, compute, executor, on_unit):
     store = UnitStore(run, stage, [u.id for u in units], tables)
     total_windows = sum(u.windows for u in units)
     if store.complete():
