@@ -202,3 +202,15 @@ def test_interrupted_prune_resumes_to_identical_tables(tmp_path, moe, reference_
     row = table[(table["criterion"] == "reap") & (table["mode"] == "all_layers")].iloc[0]
     assert (row["heldout_nll"], row["mean_kl"], row["unpruned_nll"]) == (
         results["reap"].heldout_nll, results["reap"].mean_kl, clean.heldout_nll)
+
+
+def test_changed_corpus_is_refused(tmp_path, moe):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i}: routers send tokens to experts, " * 4 for i in range(30)))
+    config = _config(corpus=str(corpus), max_windows=None)
+    with pytest.raises(RunInterrupted):
+        run_observe(RunDir(tmp_path / "run", config), moe=moe, on_batch=_interrupt_after(1))
+    corpus.write_text(corpus.read_text().replace("Document 7:", "Document seven:"))
+    with pytest.raises(RunDirectoryError, match="the corpus .* changed since .* pass --overwrite"):
+        run_observe(RunDir(tmp_path / "run", config), moe=moe)
+    assert run_observe(RunDir(tmp_path / "run", config, overwrite=True), moe=moe)["computed"] > 1

@@ -109,6 +109,17 @@ def check_model(run: RunDir, model: dict[str, Any]) -> None:
     run.set("model", model)
 
 
+def check_corpus(run: RunDir, fingerprint: str, corpus_info: dict[str, Any]) -> None:
+    """Refuse to continue a run whose corpus gives other windows than when the run recorded it."""
+    from moeaudit.errors import RunDirectoryError
+
+    stored = run.manifest.get("corpus", {}).get("fingerprint_observed")
+    if stored and stored != fingerprint:
+        raise RunDirectoryError(f"the corpus {run.config.corpus!r} changed since {run.path} was made (windows "
+                                f"fingerprint {stored} -> {fingerprint}); choose a new directory or pass --overwrite")
+    run.set("corpus", dict(corpus_info, fingerprint_observed=fingerprint))
+
+
 def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
                 on_batch: Callable[[int, int], None] | None = None, executor=None) -> dict[str, Any]:
     """Write tokens / routing / router_probs tables into ``run`` and record counters in its manifest.
@@ -138,8 +149,7 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
             raise CorpusError(f"the corpus {config.corpus!r} gave no windows in splits {config.observe_splits}; "
                               "use a larger corpus or other splits")
         check_context(windows, model, config)
-        corpus_info = corpus.manifest() if hasattr(corpus, "manifest") else {}
-        run.set("corpus", dict(corpus_info, fingerprint_observed=_windows_fingerprint(windows)))
+        check_corpus(run, _windows_fingerprint(windows), corpus.manifest() if hasattr(corpus, "manifest") else {})
         store, progress = run_units(run, "observe", observe_work_units(windows, config), OBSERVE_TABLES,
                                     observe_unit, executor, on_unit=on_batch)
     finally:
