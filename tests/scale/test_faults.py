@@ -122,7 +122,7 @@ def test_planted_non_finite_activation_is_reported_with_layer_and_position(tmp_p
         handle.remove()
     message = str(caught.value)
     assert "MoE layer 2 input (router logits)" in message and "position 17" in message
-    assert "\n" not in message and "--dtype float32" in message
+    assert "\n" not in message and "weights may be corrupt" in message
     assert not (tmp_path / "routing.parquet").exists()
 
 
@@ -214,3 +214,34 @@ def test_corrupt_checkpoint_is_named_at_load(tmp_path, part):
     with pytest.raises(NonFiniteError, match=rf"^layer 2 \(OlmoeSparseMoeBlock\): the {part} {verb} NaN/inf .* "
                                              "corrupt"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("value,fails", [(float("-inf"), False), (float("nan"), True), (float("inf"), True)])
+def test_output_logits_allow_a_minus_inf_mask_only(tmp_path, moe, value, fails):
+    def plant(module, args, output):
+        output = output.clone()
+        output[0, 3, 5] = value
+        return output
+
+    handle = moe.model.lm_head.register_forward_hook(plant)
+    try:
+        run = RunDir(tmp_path, _config(batch_size=1))
+        if fails:
+            with pytest.raises(NonFiniteError, match=r"in output logits at window seq \d+, position 3 .*weights may be corrupt$"):
+                run_observe(run, moe=moe)
+        else:
+            assert run_observe(run, moe=moe)["windows"] == 8
+    finally:
+        handle.remove()
+
+
+def test_low_precision_non_finite_suggests_float32(tmp_path):
+    moe16 = load_model("tiny-olmoe", dtype="bfloat16")
+    handle = moe16.layer(1).block.register_forward_pre_hook(
+        lambda module, args: (args[0].index_fill(-2, torch.tensor([4]), float("inf")), *args[1:]))
+    try:
+        with pytest.raises(NonFiniteError, match=r"MoE layer 1 input .* position 4 .*bfloat16 may overflow "
+                                                 r"\(try --dtype float32\)"):
+            run_observe(RunDir(tmp_path, _config(dtype="bfloat16", batch_size=1)), moe=moe16)
+    finally:
+        handle.remove()

@@ -159,10 +159,11 @@ def _check_finite(trace, layers: Sequence[int], logits: torch.Tensor, batch: Seq
             row, pos = (int(i) for i in torch.nonzero(bad)[0])
             from moeaudit.errors import NonFiniteError
 
-            raise NonFiniteError(
-                f"non-finite activations (NaN/inf) in {where} at window seq {batch[row].seq}, position {pos} "
-                f"({int(bad.sum())} positions in this batch); the checkpoint's weights may be corrupt, or "
-                f"{str(dtype).removeprefix('torch.')} overflows — try --dtype float32")
+            name = str(dtype).removeprefix("torch.")
+            cause = ("the checkpoint's weights may be corrupt" if dtype == torch.float32 else
+                     f"{name} may overflow (try --dtype float32) or the checkpoint's weights may be corrupt")
+            raise NonFiniteError(f"non-finite activations (NaN/inf) in {where} at window seq {batch[row].seq}, "
+                                 f"position {pos} ({int(bad.sum())} positions in this batch); {cause}")
 
 
 def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], probs_layers: Sequence[int],
