@@ -17,7 +17,10 @@ from moeaudit.errors import InvalidParameterError
 Split = Literal["train", "calibration", "heldout"]
 
 #: Settings that say how a run is executed, not what it computes: a run may be resumed with other values.
-EXECUTION_FIELDS = frozenset({"batch_size", "device", "unit_windows", "executor", "ray_address", "workers"})
+#: (Both intervention engines are exact; the intervene units name their engine, so switching engines
+#: recomputes that stage instead of mixing the two.)
+EXECUTION_FIELDS = frozenset({"batch_size", "device", "unit_windows", "executor", "ray_address", "workers",
+                              "engine"})
 
 
 class AuditConfig(BaseModel):

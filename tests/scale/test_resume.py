@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from moeaudit.config import AuditConfig
@@ -214,3 +216,19 @@ def test_changed_corpus_is_refused(tmp_path, moe):
     with pytest.raises(RunDirectoryError, match="the corpus .* changed since .* pass --overwrite"):
         run_observe(RunDir(tmp_path / "run", config), moe=moe)
     assert run_observe(RunDir(tmp_path / "run", config, overwrite=True), moe=moe)["computed"] > 1
+
+
+def test_switching_engine_recomputes_intervene_only(tmp_path, moe):
+    small = dict(max_windows=2, max_len=24, unit_windows=1)
+    run = RunDir(tmp_path, _config(**small))
+    run_observe(run, moe=moe)
+    run_intervene(run, moe=moe)
+    fast = run.read("effects")
+    info = run_intervene(RunDir(tmp_path, _config(engine="reference", **small)), moe=moe)
+    assert (info["engine"], info["computed"], info["resumed"]) == ("reference", 2, 0)
+    reference = RunDir(tmp_path).read("effects")
+    assert set(reference["engine"]) == {"reference"} and set(fast["engine"]) == {"fast"}
+    floats = ["delta_nll", "kl", "gap_norm", "compensation_cos", "engine"]
+    pd.testing.assert_frame_equal(reference.drop(columns=floats), fast.drop(columns=floats))
+    np.testing.assert_allclose(reference["delta_nll"], fast["delta_nll"], atol=1e-5)
+    assert RunDir(tmp_path).stage("observe")["computed"] == 4  # observe was not redone

@@ -91,7 +91,8 @@ def intervene_work_units(seqs: np.ndarray, input_ids: torch.Tensor, attention_ma
             payload = {"selection": selection, "engine_config": engine_config, "seqs": seqs[start:stop],
                        "input_ids": input_ids[start:stop],
                        "attention_mask": None if attention_mask is None else attention_mask[start:stop]}
-            units.append(WorkUnit(unit_id(selection.name, start, stop), payload, windows=stop - start))
+            units.append(WorkUnit(unit_id(f"{selection.name}-{engine_config.engine}", start, stop), payload,
+                                  windows=stop - start))
     return units
 
 
