@@ -44,10 +44,13 @@ def test_run_with_preset_end_to_end(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["moeaudit", "run", "--preset", "engmann2026", "--model", str(model_dir),
                                       "--corpus", str(tmp_path / "corpus.jsonl"), "--out", str(run_dir), "--quiet"])
-    try:
-        main()
-    except SystemExit as exit_:
-        assert not exit_.code, capsys.readouterr().err
+    from tests.cli.conftest import restored_logging
+
+    with restored_logging():
+        try:
+            main()
+        except SystemExit as exit_:
+            assert not exit_.code, capsys.readouterr().err
     manifest = json.loads((run_dir / "manifest.json").read_text())
     config = manifest["config"]
     assert config["preset"] == "engmann2026" and config["layers"] == [0, 1, 2] and config["in_sample"]

@@ -118,7 +118,7 @@ def test_damaged_unit_is_recomputed_not_merged(tmp_path, moe, reference_run, dam
     run_observe(run, moe=moe)
     with pytest.raises(RunInterrupted, match="2 of 3 work units are finished"):
         run_intervene(run, moe=moe, on_batch=_interrupt_after(2))
-    unit = next((tmp_path / "units" / "intervene").glob("census-w000000-000001.effects.parquet"))
+    unit = next((tmp_path / "units" / "intervene").glob("census-fast-w000000-000001.effects.parquet"))
     data = unit.read_bytes()
     if damage == "truncate":
         unit.write_bytes(data[: len(data) // 2])
@@ -128,7 +128,7 @@ def test_damaged_unit_is_recomputed_not_merged(tmp_path, moe, reference_run, dam
         unit.unlink()
     info = run_intervene(RunDir(tmp_path), moe=moe)
     assert (info["resumed"], info["computed"]) == (1, 2)
-    assert "census-w000000-000001" in caplog.text and "recomputing it" in caplog.text
+    assert "census-fast-w000000-000001" in caplog.text and "recomputing it" in caplog.text
     assert_same_tables(reference_run, tmp_path, tables=("tokens", "routing", "effects"))
 
 
