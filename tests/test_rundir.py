@@ -41,6 +41,11 @@ def test_overwrite_replaces_config_and_tables(tmp_path):
     again = RunDir(tmp_path / "run", changed, overwrite=True)
     assert again.config.max_len == 64 and not again.has("routing")
     assert RunDir(tmp_path / "run", AuditConfig(max_len=64, batch_size=2)).config.batch_size == 2  # batching is free
+    # so is how the run executes: a run can be resumed on Ray, with other units or the other exact engine
+    how = dict(executor="ray", workers=3, unit_windows=4, engine="reference", device="cuda", ray_address="auto")
+    assert RunDir(tmp_path / "run", AuditConfig(max_len=64, **how)).config.workers == 3
+    again.write_frame("routing", pd.DataFrame({"a": [1]}))
+    assert not RunDir(tmp_path / "run", AuditConfig(max_len=64), overwrite=True).has("routing")  # same config
 
 
 @pytest.mark.parametrize("values, message", [
@@ -50,6 +55,9 @@ def test_overwrite_replaces_config_and_tables(tmp_path):
     ({"alpha": 2}, "`alpha` input should be less than 1; got 2."),
     ({"observe_splits": []}, "`observe_splits` value error, must name at least one split"),
     ({"colour": 1}, "unknown setting `colour`; allowed settings are: model, corpus"),
+    ({"unit_windows": 0}, "`unit_windows` input should be greater than or equal to 1; got 0."),
+    ({"executor": "slurm"}, "`executor` input should be 'local' or 'ray'; got 'slurm'."),
+    ({"workers": 0}, "`workers` input should be greater than or equal to 1; got 0."),
 ])
 def test_config_errors_are_one_line(values, message):
     with pytest.raises(InvalidParameterError) as info:
