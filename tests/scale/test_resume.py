@@ -21,6 +21,7 @@ from moeaudit.intervene.stage import run_intervene
 from moeaudit.models import load_model
 from moeaudit.observe.stage import run_observe
 from moeaudit.rundir import RunDir
+from tests.cli.conftest import cli  # noqa: F401  (fixture)
 from tests.scale.conftest import SMALL_RUN, assert_same_tables
 
 
@@ -232,3 +233,16 @@ def test_switching_engine_recomputes_intervene_only(tmp_path, moe):
     pd.testing.assert_frame_equal(reference.drop(columns=floats), fast.drop(columns=floats))
     np.testing.assert_allclose(reference["delta_nll"], fast["delta_nll"], atol=1e-5)
     assert RunDir(tmp_path).stage("observe")["computed"] == 4  # observe was not redone
+
+
+def test_interrupt_outside_a_unit_also_says_how_to_resume(cli, tmp_path, monkeypatch):  # noqa: F811
+    import moeaudit.observe.stage as observe_stage
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(observe_stage, "model_from_config", interrupted)
+    code, _, err = cli("run", "--out", str(tmp_path), *SMALL_RUN)
+    assert code == 130
+    assert err.strip() == (f"interrupted; finished work units are kept in {tmp_path}; re-run the same command to "
+                           "resume")

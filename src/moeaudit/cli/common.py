@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import typer
 
@@ -19,6 +20,26 @@ UNIT_WINDOWS_OPTION = typer.Option(None, "--unit-windows", help="Windows per res
 
 def execution_flags(executor, address, workers, unit_windows) -> dict[str, Any]:
     return dict(executor=executor, ray_address=address, workers=workers, unit_windows=unit_windows)
+
+
+def resumable(run_dir_param: str) -> Callable:
+    """Decorate a stage command: Ctrl-C or SIGTERM outside a work unit (loading the model, say) also ends
+    with exit code 130 and says how to resume, as an interrupted unit does."""
+
+    def decorate(command: Callable) -> Callable:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from moeaudit.errors import RunInterrupted
+
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                raise RunInterrupted(f"interrupted; finished work units are kept in {kwargs[run_dir_param]}; "
+                                     "re-run the same command to resume") from None
+
+        return wrapper
+
+    return decorate
 
 
 def parse_int_list(text: str | None, name: str) -> list[int] | None:

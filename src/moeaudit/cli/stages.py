@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from moeaudit.cli.common import (ADDRESS_OPTION, EXECUTOR_OPTION, UNIT_WINDOWS_OPTION, WORKERS_OPTION,
-                                 execution_flags, parse_int_list, print_frame, progress_bar, resolve_config)
+                                 execution_flags, parse_int_list, print_frame, progress_bar, resolve_config,
+                                 resumable)
 
 
 def observe_command(
@@ -123,12 +124,12 @@ def print_audit(tests, info) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("observe")(observe_command)
+    app.command("observe")(resumable("run_dir")(observe_command))
     app.command("metrics")(metrics_command)
-    app.command("intervene")(intervene_command)
+    app.command("intervene")(resumable("run_dir")(intervene_command))
     app.command("audit")(audit_command)
-    app.command("run")(run_command)
-    app.command("prune")(prune_command)
+    app.command("run")(resumable("out")(run_command))
+    app.command("prune")(resumable("run_dir")(prune_command))
 
 
 def run_command(

@@ -124,6 +124,8 @@ class UnitStore:
         complete = self.entry.get("complete")
         if not complete:
             return False
+        # A run killed right after its merge was recorded may have left the unit files behind.
+        shutil.rmtree(self.dir, ignore_errors=True)
         for table, record in complete.items():
             problem = _file_problem(self.run.table_path(table), record)
             if problem is not None:
