@@ -246,3 +246,21 @@ def test_interrupt_outside_a_unit_also_says_how_to_resume(cli, tmp_path, monkeyp
     assert code == 130
     assert err.strip() == (f"interrupted; finished work units are kept in {tmp_path}; re-run the same command to "
                            "resume")
+
+
+def test_status_shows_what_is_done_interrupted_and_running(cli, tmp_path, moe):  # noqa: F811
+    from moeaudit.scale.units import exclusive, run_status
+
+    run = RunDir(tmp_path, _config())
+    run_observe(run, moe=moe)
+    with pytest.raises(RunInterrupted):
+        run_intervene(run, moe=moe, on_batch=_interrupt_after(2))
+    status = run_status(RunDir(tmp_path)).set_index("stage")
+    assert status.loc["observe", ["state", "units_done", "units_planned"]].tolist() == ["done", 6, 6]
+    assert status.loc["intervene", ["state", "units_done", "units_planned"]].tolist() == ["interrupted", 2, 3]
+    code, out, _ = cli("status", str(tmp_path))
+    assert code == 0 and "interrupted" in out and "re-run the command that made it" in out
+    with exclusive(RunDir(tmp_path), "intervene"):
+        assert run_status(RunDir(tmp_path)).set_index("stage").loc["intervene", "state"] == "running"
+        code, out, _ = cli("status", str(tmp_path))
+        assert f"in use by moeaudit pid {os.getpid()} (intervene)" in out

@@ -41,7 +41,27 @@ def query_command(
     typer.echo(frame.to_string(index=False))
 
 
+def status_command(
+    run_dir: Path = typer.Argument(..., help="A run directory."),
+) -> None:
+    """Show each stage's progress: done, running or interrupted, and its work units."""
+    from moeaudit.cli.common import print_frame
+    from moeaudit.rundir import RunDir
+    from moeaudit.scale.units import lock_holder, run_status
+
+    run = RunDir(run_dir)
+    status = run_status(run)
+    print_frame(status.astype(object).where(status.notna(), "-"), f"{run_dir}: {run.config.model} on "
+                f"{run.config.corpus}")
+    holder = lock_holder(run)
+    if holder:
+        typer.echo(f"in use by {holder}")
+    elif (status["state"] == "interrupted").any():
+        typer.echo("interrupted: re-run the command that made it (same settings) to resume")
+
+
 def register(app: typer.Typer) -> None:
     app.command("report")(report_command)
     app.command("table")(table_command)
     app.command("query")(query_command)
+    app.command("status")(status_command)

@@ -222,6 +222,53 @@ def exclusive(run: RunDir, stage: str) -> Iterator[None]:
         handle.close()
 
 
+STAGE_ORDER = ("observe", "metrics", "intervene", "audit", "prune")
+
+
+def lock_holder(run: RunDir) -> str | None:
+    """Who holds the run directory's lock now (None when no process does)."""
+    import fcntl
+
+    path = run.path / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            return handle.read().strip() or "another process"
+        return None
+
+
+def run_status(run: RunDir):
+    """One row per stage: ``stage``, ``state`` (done, running, interrupted), ``units_done``,
+    ``units_planned`` (null for stages without units) and ``finished`` (when the stage last finished)."""
+    import pandas as pd
+
+    holder = lock_holder(run)
+    running = holder.rsplit("(", 1)[-1].rstrip(")") if holder else None
+    stages, units = run.manifest.get("stages", {}), run.manifest.get("units", {})
+    names = [s for s in STAGE_ORDER if s in stages or s in units]
+    names += sorted((set(stages) | set(units)) - set(names))
+    rows = []
+    for name in names:
+        entry = units.get(name)
+        complete = bool(entry and entry.get("complete"))
+        done = (len(entry["plan"]) if complete else len(entry["done"])) if entry else None
+        if name == running:
+            state = "running"
+        elif entry is not None and not complete:
+            state = "interrupted"
+        else:
+            state = "done"
+        rows.append({"stage": name, "state": state, "units_done": done,
+                     "units_planned": len(entry["plan"]) if entry else None,
+                     "finished": stages.get(name, {}).get("finished") if state == "done" else None})
+    return pd.DataFrame(rows, columns=["stage", "state", "units_done", "units_planned", "finished"]).astype(
+        {"units_done": "Int64", "units_planned": "Int64"})
+
+
 def run_units(run: RunDir, stage: str, units: Sequence[WorkUnit], tables: Sequence[str],
               compute: Callable[[Any, Any], UnitResult], executor, *,
               on_unit: Callable[[int, int], None] | None = None) -> tuple[UnitStore, dict[str, int]]:
