@@ -85,7 +85,10 @@ def test_intervene_halves_rows_per_call_on_out_of_memory(tmp_path, moe, monkeypa
     expected = run.read("effects")
     real = intervene_stage.compute_effects
 
+    seen = []
+
     def limited(*args, config, **kwargs):
+        seen.append((config.rows_per_call, config.max_logit_elements))
         if config.rows_per_call > 32:
             raise _oom()
         return real(*args, config=config, **kwargs)
@@ -95,6 +98,7 @@ def test_intervene_halves_rows_per_call_on_out_of_memory(tmp_path, moe, monkeypa
     run_observe(again, moe=moe)
     info = run_intervene(again, moe=moe)
     assert (plain["rows_per_call_used"], info["rows_per_call_used"]) == (256, 32)
+    assert seen[:4] == [(256, 1 << 25), (128, 1 << 24), (64, 1 << 23), (32, 1 << 22)]
     # Rows of one call are computed independently; only float rounding may differ with the batch size.
     got = again.read("effects")
     pd.testing.assert_frame_equal(got.drop(columns=["delta_nll", "kl", "gap_norm", "compensation_cos"]),

@@ -53,8 +53,8 @@ def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def intervene_unit(moe: MoEModel, payload: dict[str, Any]):
     """Compute one intervene work unit: the effects of its selection on its windows, plus counters.
 
-    On out-of-memory the fast engine's rows per call (or the reference engine's batch) is halved and the
-    unit retried; the counters record the size that ran.
+    On out-of-memory the fast engine's rows per call and logit elements per call (or the reference
+    engine's batch) are halved and the unit retried; the counters record the size that ran.
     """
     import dataclasses
 
@@ -64,13 +64,18 @@ def intervene_unit(moe: MoEModel, payload: dict[str, Any]):
 
     engine_config: InterveneConfig = payload["engine_config"]
     field = "reference_batch" if engine_config.engine == "reference" else "rows_per_call"
+    first = getattr(engine_config, field)
 
     def attempt(size: int):
+        sizes = {field: size}
+        if field == "rows_per_call":
+            # sequence-scope calls are bounded by logit elements instead of rows: shrink both alike
+            sizes["max_logit_elements"] = max(1, engine_config.max_logit_elements * size // first)
         return compute_effects(moe, payload["input_ids"], payload["selection"],
-                               config=dataclasses.replace(engine_config, **{field: size}),
+                               config=dataclasses.replace(engine_config, **sizes),
                                attention_mask=payload["attention_mask"])
 
-    result, used = with_halving(attempt, getattr(engine_config, field), field)
+    result, used = with_halving(attempt, first, field)
     effects = result.effects
     effects["seq"] = payload["seqs"][effects["seq"].to_numpy()]
     stats = dict(result.stats.to_dict(), **{f"{field}_used": used})
