@@ -29,6 +29,16 @@ def test_ray_run_equals_local_run(cli, tmp_path):  # noqa: F811
     assert manifest["model"] == json.loads((local / "manifest.json").read_text())["model"]
     assert_same_tables(local, distributed)
 
+    prune = ("--criteria", "reap,frequency,random", "--seeds", "7", "--ratios", "0.25,0.5", "--all-layers-only",
+             "--quiet")  # 18 configurations: two units
+    code, _, err = cli("prune", str(local), *prune)
+    assert code == 0, err
+    code, _, err = cli("prune", str(distributed), *prune, "--executor", "ray", "--workers", "2")
+    assert code == 0, err
+    manifest = json.loads((distributed / "manifest.json").read_text())
+    assert len(manifest["units"]["prune"]["plan"]) > 1
+    assert_same_tables(local, distributed, tables=("pruning", "jaccard", "pruning_evals"))
+
 
 def test_ray_executor_without_ray_names_the_extra(cli, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setitem(sys.modules, "ray", None)
