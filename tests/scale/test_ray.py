@@ -66,3 +66,19 @@ def test_worker_errors_keep_their_one_line(cli, tmp_path):  # noqa: F811
     assert lines == ["error: layer 1 (OlmoeSparseMoeBlock): the router gives NaN/inf on a random probe input: the "
                      "checkpoint's weights are corrupt (re-download or re-export it)"], err
     assert not ray.is_initialized()
+
+
+def test_more_workers_than_cpus_share_them(cli, tmp_path):  # noqa: F811
+    # Ray's local instance here has 2 CPUs; 3 whole-CPU actors would leave one never started.
+    code, out, err = cli("observe", str(tmp_path), "--model", "tiny-olmoe", "--max-windows", "3", "--max-len", "32",
+                         "--unit-windows", "1", "--executor", "ray", "--workers", "3", "--quiet")
+    assert code == 0, err
+    assert json.loads((tmp_path / "manifest.json").read_text())["stages"]["observe"]["units"] == 6
+
+
+def test_cuda_without_gpus_is_one_line_and_stops_ray(cli, tmp_path):  # noqa: F811
+    code, _, err = cli("observe", str(tmp_path), "--model", "tiny-olmoe", "--device", "cuda", "--executor", "ray")
+    assert code == 2
+    assert err.strip().splitlines() == ["error: --device cuda with --executor ray, but the Ray cluster has no GPU; "
+                                        "start workers on GPU nodes or use --device cpu"]
+    assert not ray.is_initialized()

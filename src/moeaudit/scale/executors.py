@@ -120,21 +120,33 @@ class RayExecutor:
                 raise MoeAuditError(f"cannot reach a Ray cluster at {address!r}: {err}; start one with "
                                     "`ray start --head` or leave --address out for a local instance") from None
             self._started = True
+        try:
+            self.workers = self._start_workers(config, workers, threads)
+        except BaseException:
+            if self._started:
+                ray.shutdown()
+            raise
+
+    def _start_workers(self, config: AuditConfig, workers: int | None, threads: int | None) -> list:
+        ray = self._ray
         gpu = str(config.device).startswith("cuda")
         resources = ray.cluster_resources()
-        available = int(resources.get("GPU", 0)) if gpu else int(resources.get("CPU", 1))
-        if gpu and available == 0:
+        cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+        if gpu and gpus == 0:
             raise MoeAuditError("--device cuda with --executor ray, but the Ray cluster has no GPU; start "
                                 "workers on GPU nodes or use --device cpu")
-        count = workers or max(1, available)
-        cpus = 1 if gpu else max(1, int(resources.get("CPU", 1)) // count)
-        actor = ray.remote(num_gpus=1 if gpu else 0, num_cpus=cpus)(_ModelWorker)
+        count = workers or max(1, int(gpus if gpu else cpus))
+        # An actor holds its resources for life: with more workers than devices, each gets a share, or the
+        # ones that do not fit would never start and their units would wait forever.
+        num_gpus = min(1.0, gpus / count) if gpu else 0
+        num_cpus = 1 if gpu else max(cpus / count, 0.01)
+        actor = ray.remote(num_gpus=num_gpus, num_cpus=num_cpus)(_ModelWorker)
         if threads is None and not gpu:
             import torch
 
             threads = torch.get_num_threads()
-        self.workers = [actor.remote(config.model_dump_json(), threads) for _ in range(count)]
-        logger.info("ray executor: %d workers (%s, %d CPU each)", count, "1 GPU" if gpu else "no GPU", cpus)
+        logger.info("ray executor: %d workers (%g GPU, %g CPU each)", count, num_gpus, num_cpus)
+        return [actor.remote(config.model_dump_json(), threads) for _ in range(count)]
 
     def describe_model(self) -> dict[str, Any]:
         return self._get(self.workers[0].describe_model.remote())
