@@ -10,6 +10,16 @@ from typing import Any, Callable, Iterator
 import typer
 
 
+# Settings of the run that several stage commands accept, declared once.
+MODEL_OPTION = typer.Option(None, "--model", help="Built-in name, checkpoint directory or hub id.")
+CORPUS_OPTION = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a hub dataset.")
+MAX_LEN_OPTION = typer.Option(None, "--max-len", help="Window length in tokens.")
+MAX_WINDOWS_OPTION = typer.Option(None, "--max-windows", help="Cap on windows per observed split.")
+DTYPE_OPTION = typer.Option(None, "--dtype", help="float32, bfloat16 or float16.")
+DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda, ...")
+OVERWRITE_OPTION = typer.Option(False, "--overwrite", help="Start afresh (else a re-run resumes).")
+QUIET_OPTION = typer.Option(False, "--quiet", help="No progress bars.")
+
 # Execution settings shared by the stage commands (they never change a run's results, so a run may be
 # resumed with other values).
 EXECUTOR_OPTION = typer.Option(None, "--executor", help="local (default) or ray: run the work units as Ray tasks.")

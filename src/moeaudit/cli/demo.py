@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moeaudit.cli.common import print_frame, progress_bar
+from moeaudit.cli.common import QUIET_OPTION, print_frame, progress_bar
 
 # Window counts sized for the budget on 2 CPU cores: <= 5 minutes for all three models, <= 60 s quick.
 FULL = dict(max_len=128, max_windows=64, batch_size=16)
@@ -22,7 +22,7 @@ def demo_command(
     out: Path = typer.Option(Path("moeaudit-demo"), "--out", help="Directory for the run directories."),
     quick: bool = typer.Option(False, "--quick", help="One model and a few windows (about a minute)."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated built-in models (default: all three)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Run the pipeline on the built-in tiny models and corpus and summarise what it found."""
     import time

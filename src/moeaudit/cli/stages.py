@@ -7,28 +7,29 @@ from typing import Optional
 
 import typer
 
-from moeaudit.cli.common import (ADDRESS_OPTION, EXECUTOR_OPTION, UNIT_WINDOWS_OPTION, WORKERS_OPTION,
-                                 execution_flags, parse_int_list, print_frame, progress_bar, resolve_config,
-                                 resumable)
+from moeaudit.cli.common import (ADDRESS_OPTION, CORPUS_OPTION, DEVICE_OPTION, DTYPE_OPTION, EXECUTOR_OPTION,
+                                 MAX_LEN_OPTION, MAX_WINDOWS_OPTION, MODEL_OPTION, OVERWRITE_OPTION, QUIET_OPTION,
+                                 UNIT_WINDOWS_OPTION, WORKERS_OPTION, execution_flags, parse_int_list, print_frame,
+                                 progress_bar, resolve_config, resumable)
 
 
 def observe_command(
     run_dir: Path = typer.Argument(..., help="Run directory (created if missing)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Built-in name, checkpoint directory or hub id."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a hub dataset."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Cap on windows per observed split."),
+    model: Optional[str] = MODEL_OPTION,
+    corpus: Optional[str] = CORPUS_OPTION,
+    max_len: Optional[int] = MAX_LEN_OPTION,
+    max_windows: Optional[int] = MAX_WINDOWS_OPTION,
     layers: Optional[str] = typer.Option(None, "--layers", help="MoE layers to observe, e.g. 0,4,7 (default all)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per forward pass."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ..."),
+    dtype: Optional[str] = DTYPE_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file with the same settings."),
     executor: Optional[str] = EXECUTOR_OPTION,
     address: Optional[str] = ADDRESS_OPTION,
     workers: Optional[int] = WORKERS_OPTION,
     unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh (else a re-run resumes)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    overwrite: bool = OVERWRITE_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Run the clean model over the corpus and write tokens.parquet and routing.parquet."""
     from moeaudit.observe.stage import run_observe
@@ -75,7 +76,7 @@ def intervene_command(
     address: Optional[str] = ADDRESS_OPTION,
     workers: Optional[int] = WORKERS_OPTION,
     unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Remove every active expert at every held-out position (exactly) and write effects.parquet."""
     from moeaudit.intervene.stage import effects_summary, run_intervene
@@ -134,23 +135,23 @@ def register(app: typer.Typer) -> None:
 
 def run_command(
     out: Path = typer.Option(..., "--out", help="Run directory to create (or resume with the same settings)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Built-in name, checkpoint directory or hub id."),
-    corpus: Optional[str] = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a hub dataset."),
+    model: Optional[str] = MODEL_OPTION,
+    corpus: Optional[str] = CORPUS_OPTION,
     preset: Optional[str] = typer.Option(None, "--preset", help="A published protocol: engmann2026."),
     layers: Optional[str] = typer.Option(None, "--layers", help="MoE layers, e.g. 0,4,7 (default all)."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Window length in tokens."),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="Cap on windows per observed split."),
+    max_len: Optional[int] = MAX_LEN_OPTION,
+    max_windows: Optional[int] = MAX_WINDOWS_OPTION,
     kind: Optional[str] = typer.Option(None, "--kind", help="zero, renorm, reroute or mean."),
     scope: Optional[str] = typer.Option(None, "--scope", help="token or sequence."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ..."),
+    dtype: Optional[str] = DTYPE_OPTION,
+    device: Optional[str] = DEVICE_OPTION,
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file, or a run's manifest.json."),
     executor: Optional[str] = EXECUTOR_OPTION,
     address: Optional[str] = ADDRESS_OPTION,
     workers: Optional[int] = WORKERS_OPTION,
     unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh (else a re-run resumes)."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    overwrite: bool = OVERWRITE_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Run the whole pipeline: observe -> metrics -> intervene -> audit (a re-run resumes where it stopped)."""
     from moeaudit.audit.stage import run_audit
@@ -232,7 +233,7 @@ def prune_command(
     executor: Optional[str] = EXECUTOR_OPTION,
     address: Optional[str] = ADDRESS_OPTION,
     workers: Optional[int] = WORKERS_OPTION,
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Prune by every criterion vs random vs causal oracles on held-out windows; optionally export."""
     from moeaudit.errors import invalid
