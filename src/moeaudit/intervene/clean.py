@@ -108,33 +108,17 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
         When the attention cannot be replayed exactly (the caller falls back to the reference engine).
     """
     model = moe.model
-    decoder_layers = moe.adapter.decoder_layers(model)
-    layer_input: list[torch.Tensor | None] = [None] * len(decoder_layers)
-    layer_output: list[torch.Tensor | None] = [None] * len(decoder_layers)
-    handles = []
-
-    def make_hook(index: int):
-        def hook(module, args, kwargs, output):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            out = output[0] if isinstance(output, tuple) else output
-            layer_input[index] = hidden.detach()[0]
-            layer_output[index] = out.detach()[0]
-
-        return hook
-
+    num_layers = moe.num_decoder_layers
     state = AttentionState(mode="record", native=str(model.config._attn_implementation))
-    try:
-        for index, decoder_layer in enumerate(decoder_layers):
-            handles.append(decoder_layer.register_forward_hook(make_hook(index), with_kwargs=True))
-        with moe.capture("all", keep_outputs=True) as trace:
-            if record_attention:
-                with attention_mode(model, state):
-                    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            else:
+    with moe.intervene((), capture="all", keep_outputs=True, residual=True) as trace:
+        if record_attention:
+            with attention_mode(model, state):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # One call per decoder layer; the last one is the window's (a layer never runs twice in one forward).
+    layer_input = [trace.layer_inputs[index][-1][0] for index in range(num_layers)]
+    layer_output = [trace.layer_outputs[index][-1][0] for index in range(num_layers)]
     logits = upcast(logits[0])
     logprobs = torch.log_softmax(logits, dim=-1)
     valid = valid_next_mask(input_ids, attention_mask)[0]
@@ -142,7 +126,7 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
     nll = -logprobs.gather(-1, targets[:, None])[:, 0]
     nll = nll.masked_fill(~valid, float("nan"))
     if record_attention:
-        missing = [i for i in range(len(decoder_layers)) if i not in state.caches]
+        missing = [i for i in range(num_layers) if i not in state.caches]
         if missing:
             from moeaudit.intervene.attention import UnsupportedAttention
 
@@ -155,7 +139,7 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
         nll=nll,
         top1=logits.argmax(dim=-1),
         records={index: trace[index] for index in moe.moe_layer_indices},
-        layer_input=layer_input,  # type: ignore[arg-type]
-        layer_output=layer_output,  # type: ignore[arg-type]
+        layer_input=layer_input,
+        layer_output=layer_output,
         caches=state.caches if record_attention else None,
     )

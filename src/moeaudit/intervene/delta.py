@@ -8,13 +8,16 @@ see the same input x_t. So its whole effect enters the residual stream as
 with w the clean combine weights and f_s the ungated outputs of the active experts (both captured):
 
 ``zero``     w'_s = 0 for the removed slots, unchanged otherwise.
-``renorm``   removed slots 0, survivors rescaled by (Σ_s w_s) / (Σ_kept w_s) (as the adapter's hook).
+``renorm``   removed slots 0, survivors rescaled by (Σ_s w_s) / (Σ_kept w_s).
 ``mean``     removed slots' f_s replaced by the expert's mean output: Δy = Σ_removed w_s (mean_e - f_s).
 ``reroute``  the family's own routing rule re-run on the logits with the removed experts masked; the
              experts module is called on the new selection (so a newly selected expert's output is
              computed by the library's kernel), Δy = experts(x, new_idx, new_w) - routed_output.
 shared       ``index=None``: Δy = -(gated shared output); ``index=j``: minus shared expert j's part,
              computed from its slice of the fused shared MLP (times the sigmoid gate where there is one).
+
+The weight edits are :func:`moeaudit.models.edits.edited_combine_weight` and
+:func:`~moeaudit.models.edits.mean_replacement`, the same functions the intervention hooks apply.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moeaudit.models.base import MoELayer
+from moeaudit.models.edits import edited_combine_weight, mean_replacement
 from moeaudit.models.hooks import LayerRecord
 
 
@@ -57,22 +61,13 @@ def routed_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, 
         return new_out - record.routed_output[positions]
     ungated = record.ungated[positions]  # [N, k, H]
     slot_removed = removed.gather(-1, topk_idx)
-    if kind == "zero":
-        change = -(weights * slot_removed)
-        return (change.unsqueeze(-1) * ungated).sum(dim=1)
-    if kind == "renorm":
-        total = weights.sum(dim=-1, keepdim=True)
-        kept = weights.masked_fill(slot_removed, 0.0)
-        kept_total = kept.sum(dim=-1, keepdim=True)
-        scale = torch.where(kept_total != 0, total / kept_total, torch.zeros_like(total))
-        new_weights = torch.where(slot_removed.any(dim=-1, keepdim=True), kept * scale, weights)
-        return ((new_weights - weights).unsqueeze(-1) * ungated).sum(dim=1)
     if kind == "mean":
         assert mean_output is not None
-        replacement = mean_output.to(ungated.device, torch.float32)[topk_idx]  # [N, k, H]
         w = (weights.float() * slot_removed).unsqueeze(-1)
-        return ((w * replacement).sum(dim=1) - (w * ungated.float()).sum(dim=1)).to(ungated.dtype)
-    raise ValueError(kind)
+        replaced = mean_replacement(weights, slot_removed, topk_idx, mean_output)
+        return (replaced - (w * ungated.float()).sum(dim=1)).to(ungated.dtype)
+    new_weights = edited_combine_weight(kind, weights, slot_removed)
+    return ((new_weights - weights).unsqueeze(-1) * ungated).sum(dim=1)
 
 
 def shared_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, index: int | None) -> torch.Tensor:

@@ -493,7 +493,7 @@ class _Run:
             raw_gate = weight = np.full(n, np.nan)
         else:
             expert_t = torch.as_tensor(experts, dtype=torch.long, device=positions.device)
-            probs = torch.softmax(record.router_logits[positions].float(), dim=-1)
+            probs = record.router_probs[positions]
             raw_gate = probs.gather(-1, expert_t[:, None])[:, 0].cpu().numpy()
             active = record.topk_idx[positions] == expert_t[:, None]
             weight = (record.combine_weight[positions].float() * active).sum(-1).cpu().numpy()

@@ -33,7 +33,6 @@ def reference_logits(moe: MoEModel, clean: CleanWindow, layer: int, kind: str, r
         Per intervention, in order.
     """
     seq_len = clean.seq_len
-    block = moe.layer(layer).block
     for lo in range(0, len(removal), batch):
         chunk = removal[lo:lo + batch]
         rows = len(chunk)
@@ -44,14 +43,8 @@ def reference_logits(moe: MoEModel, clean: CleanWindow, layer: int, kind: str, r
             ablation = SharedAblation(layer, positions=stacked, index=shared_index)
         else:
             ablation = Ablation(layer, mask=stacked, kind=kind, mean_output=mean_output)
-        outputs = []
-        handle = block.register_forward_hook(
-            lambda module, args, output: outputs.append((output[0] if isinstance(output, tuple) else output).detach()))
-        try:
-            with torch.no_grad(), moe.intervene([ablation]):
-                logits = moe.model(input_ids=ids, attention_mask=mask).logits.float()
-        finally:
-            handle.remove()
-        moe_output = outputs[0].reshape(rows, seq_len, -1)
+        with torch.no_grad(), moe.intervene([ablation], blocks=[layer]) as trace:
+            logits = moe.model(input_ids=ids, attention_mask=mask).logits.float()
+        moe_output = trace.block_outputs[layer][0].reshape(rows, seq_len, -1)
         for row in range(rows):
             yield lo + row, logits[row], moe_output[row]

@@ -53,11 +53,11 @@ class Routing:
     router_logits : Tensor [N, E]
         Raw router logits (the router's first output).
     router_probs : Tensor [N, E], float32
-        Softmax over all routed experts of the router logits (DESIGN.md "router probabilities").
+        The family's router probabilities of all routed experts (:meth:`FamilyAdapter.router_probs`).
     topk_idx : Tensor [N, k], int64
         Selected experts, in the module's own slot order.
     raw_gate : Tensor [N, k], float32
-        ``router_probs`` gathered at ``topk_idx``.
+        ``router_probs`` gathered at ``topk_idx`` (the paper's gate weight, arXiv 2606.10703 Sec. 3.1).
     combine_weight : Tensor [N, k]
         What the experts module multiplies each expert's output by, bit-identical to the library's.
     """
@@ -67,6 +67,15 @@ class Routing:
     topk_idx: torch.Tensor
     raw_gate: torch.Tensor
     combine_weight: torch.Tensor
+
+
+def block_hidden(output) -> torch.Tensor:
+    """The hidden states an MoE block or decoder layer returned.
+
+    Most families return a tensor; GPT-OSS's MLP returns ``(hidden, router_scores)`` and some decoder
+    layers a tuple whose first element is the hidden states.
+    """
+    return output[0] if isinstance(output, tuple) else output
 
 
 @dataclass
@@ -114,6 +123,12 @@ class MoELayer:
         """Re-route from (possibly edited) logits with the family's own rule; see FamilyAdapter.route."""
         assert self.adapter is not None
         return self.adapter.route(self, router_logits, removed)
+
+    def router_probs(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """The router probabilities p_e(x_t) of every routed expert, float32 [N, E]; see
+        :meth:`FamilyAdapter.router_probs`. The one definition behind ``raw_gate`` and ``router_probs``."""
+        assert self.adapter is not None
+        return self.adapter.router_probs(self, router_logits)
 
     def ungated_outputs(self, hidden: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
         """f_e(x) for every (token, slot): hidden [N, H], topk_idx [N, k] -> [N, k, H].
@@ -186,6 +201,17 @@ class FamilyAdapter(abc.ABC):
         return 1, int(shared.intermediate_size)
 
     # ----------------------------------------------------------------- routing
+    def router_probs(self, layer: MoELayer, router_logits: torch.Tensor) -> torch.Tensor:
+        """Router probabilities of all routed experts from raw logits, float32 [N, E].
+
+        The default is the softmax over all routed experts, computed in float32: the score every family
+        supported so far ranks its experts by (for GPT-OSS, which selects on the raw logits, it is the
+        probability the full softmax would give). moeaudit's ``raw_gate`` is this gathered at the selected
+        experts (arXiv 2606.10703, Sec. 3.1: the gate weight of an expert). A family that scores experts
+        otherwise (a sigmoid router) overrides it.
+        """
+        return F.softmax(router_logits, dim=-1, dtype=torch.float32)
+
     @abc.abstractmethod
     def routing_rule(self, config) -> str:
         """The name of the family's routing rule for this config (a key of ROUTING_RULE_DOC)."""
@@ -230,7 +256,7 @@ class SoftmaxTopKAdapter(FamilyAdapter):
 
     def _route(self, layer, router_logits, logits):
         # Mirrors e.g. OlmoeTopKRouter.forward op for op, so indices and weights are bit-identical.
-        router_probs = F.softmax(logits, dtype=torch.float, dim=-1)
+        router_probs = self.router_probs(layer, logits)
         top_value, topk_idx = torch.topk(router_probs, layer.top_k, dim=-1)
         raw_gate = top_value
         if layer.routing_rule == "softmax_topk_renorm":

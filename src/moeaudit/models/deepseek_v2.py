@@ -31,7 +31,7 @@ class DeepseekV2Adapter(FamilyAdapter):
     def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor) -> Routing:
         # Mirrors DeepseekV2TopkRouter.forward (the logits are already float32 there).
         router = layer.router
-        router_probs = logits.softmax(dim=-1, dtype=torch.float32)
+        router_probs = self.router_probs(layer, logits)
         scores = router_probs
         if layer.routing_rule == "softmax_group_limited_scaled":
             n_group, per_group = router.num_group, router.num_experts // router.num_group

@@ -23,6 +23,6 @@ class GptOssAdapter(FamilyAdapter):
         # Mirrors GptOssTopKRouter.forward.
         top_value, topk_idx = torch.topk(logits, layer.top_k, dim=-1)
         combine_weight = F.softmax(top_value, dim=1, dtype=top_value.dtype)
-        router_probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        router_probs = self.router_probs(layer, logits)
         raw_gate = router_probs.gather(-1, topk_idx)
         return Routing(router_logits, router_probs, topk_idx, raw_gate, combine_weight)

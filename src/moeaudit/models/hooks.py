@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
 import torch
 
 from moeaudit.errors import ContractError, invalid
-from moeaudit.models.base import MoELayer
+from moeaudit.models.base import MoELayer, block_hidden
+from moeaudit.models.edits import edited_combine_weight, mean_replacement
+from moeaudit.options import ABLATION_KINDS, WEIGHT_EDIT_KINDS, AblationKind, one_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from moeaudit.models.moe_model import MoEModel
-
-AblationKind = Literal["zero", "renorm", "reroute", "mean"]
-ABLATION_KINDS: tuple[str, ...] = ("zero", "renorm", "reroute", "mean")
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ class Ablation:
 
     def __post_init__(self) -> None:
         if self.kind not in ABLATION_KINDS:
-            raise invalid("kind", "one of " + ", ".join(ABLATION_KINDS), self.kind)
+            raise invalid("kind", one_of(ABLATION_KINDS), self.kind)
         if (self.experts is None) == (self.mask is None):
             raise invalid("experts", "given exactly when `mask` is not", self.experts)
         if self.kind == "mean" and self.mean_output is None:
@@ -134,8 +133,9 @@ class LayerRecord:
     batch_shape: tuple[int, int]
     router_logits: torch.Tensor  # [N, E], as the router returned them
     topk_idx: torch.Tensor  # [N, k], after any re-routing
-    raw_gate: torch.Tensor  # [N, k] float32, softmax over all experts of the router logits
+    raw_gate: torch.Tensor  # [N, k] float32, router_probs gathered at topk_idx
     combine_weight: torch.Tensor  # [N, k], what the experts module actually received
+    router_probs: torch.Tensor | None = None  # [N, E] float32, MoELayer.router_probs of the router logits
     act_norm: torch.Tensor | None = None  # [N, k] L2 norm of each selected expert's ungated output
     act_max_abs: torch.Tensor | None = None  # [N, k] max |f_e(x)_i|
     ungated: torch.Tensor | None = None  # [N, k, H] (keep_outputs=True)
@@ -147,9 +147,25 @@ class LayerRecord:
 
 @dataclass
 class Trace:
-    """Records captured inside :meth:`MoEModel.intervene`; one list of calls per captured layer."""
+    """Records captured inside :meth:`MoEModel.intervene`.
+
+    Attributes
+    ----------
+    records : dict[int, list[LayerRecord]]
+        Per captured MoE layer (``capture=``), one record per forward call.
+    block_inputs, block_outputs : dict[int, list[Tensor]]
+        Per MoE layer of ``blocks=``, the block's input and output hidden states per call, as the block
+        saw and returned them (no copy; [B, T, H] or [N, H]).
+    layer_inputs, layer_outputs : dict[int, list[Tensor]]
+        With ``residual=True``, per decoder layer (every layer, dense ones too) the residual stream
+        entering and leaving it per call.
+    """
 
     records: dict[int, list[LayerRecord]] = field(default_factory=lambda: defaultdict(list))
+    block_inputs: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    block_outputs: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    layer_inputs: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    layer_outputs: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
 
     def __getitem__(self, layer: int) -> LayerRecord:
         """The single record of ``layer`` (raises when the layer was run more than once)."""
@@ -235,7 +251,7 @@ class _LayerHooks:
                 topk_weights[rows] = rerouted.combine_weight.to(topk_weights.dtype)
                 topk_idx[rows] = rerouted.topk_idx
         if self.capture:
-            probs = torch.softmax(router_logits.detach().float(), dim=-1)
+            probs = self.layer.router_probs(router_logits.detach())
             self.record = LayerRecord(
                 layer=self.layer.layer,
                 batch_shape=self.batch_shape,
@@ -243,6 +259,7 @@ class _LayerHooks:
                 topk_idx=topk_idx.detach(),
                 raw_gate=probs.gather(-1, topk_idx.detach()),
                 combine_weight=topk_weights.detach(),
+                router_probs=probs,
             )
         # The original logits go back out so transformers' own router-logit recorders stay clean.
         return router_logits, topk_weights, topk_idx
@@ -268,32 +285,21 @@ class _LayerHooks:
             return None
         topk_weights = topk_weights.clone()
         slot_removed_any = torch.zeros_like(topk_weights, dtype=torch.bool)
-        for kind in ("zero", "renorm", "mean"):
+        for kind in WEIGHT_EDIT_KINDS:
             edits = [a for a in self.weight_edits if a.kind == kind]
             if not edits:
                 continue
             removed = self._removal(edits, hidden.device)
             slot_removed = removed.gather(-1, topk_idx) & ~slot_removed_any
             slot_removed_any |= slot_removed
-            if kind == "renorm":
-                total = topk_weights.sum(dim=-1, keepdim=True)
-                kept = topk_weights.masked_fill(slot_removed, 0.0)
-                kept_total = kept.sum(dim=-1, keepdim=True)
-                scale = torch.where(kept_total != 0, total / kept_total, torch.zeros_like(total))
-                rows = slot_removed.any(dim=-1, keepdim=True)
-                topk_weights = torch.where(rows, kept * scale, topk_weights)
-            elif kind == "mean":
+            if kind == "mean":
                 means = torch.zeros(hidden.shape[0], hidden.shape[-1], dtype=torch.float32, device=hidden.device)
                 for ablation in edits:
                     own = ablation.removal_mask(*self.batch_shape, self.layer.num_experts, hidden.device)
                     own_slots = own.gather(-1, topk_idx) & slot_removed
-                    replacement = ablation.mean_output.to(hidden.device, torch.float32)[topk_idx]  # [N, k, H]
-                    weight = (topk_weights.float() * own_slots).unsqueeze(-1)
-                    means += (weight * replacement).sum(dim=1)
+                    means += mean_replacement(topk_weights, own_slots, topk_idx, ablation.mean_output)
                 self.mean_correction = means
-                topk_weights = topk_weights.masked_fill(slot_removed, 0.0)
-            else:
-                topk_weights = topk_weights.masked_fill(slot_removed, 0.0)
+            topk_weights = edited_combine_weight(kind, topk_weights, slot_removed)
         if self.record is not None:
             self.record.combine_weight = topk_weights.detach()
         return (hidden, topk_idx, topk_weights, *args[3:])
@@ -308,7 +314,7 @@ class _LayerHooks:
         return None
 
     def block_post(self, module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = block_hidden(output)
         if self.record is not None:
             self.record.moe_output = hidden.detach().reshape(-1, hidden.shape[-1])
             self.trace.records[self.layer.layer].append(self.record)
@@ -359,13 +365,16 @@ def intervene(
     *,
     capture: Iterable[int] | Literal["all"] | None = None,
     keep_outputs: bool = False,
+    blocks: Iterable[int] | Literal["all"] | None = None,
+    residual: bool = False,
 ) -> Iterator[Trace]:
     """Attach ablation and capture hooks for the duration of a ``with`` block; always restore the model.
 
     See :meth:`moeaudit.models.MoEModel.intervene`.
     """
     capture_layers = set(moe.moe_layer_indices if capture == "all" else (capture or ()))
-    for index in capture_layers:
+    block_layers = set(moe.moe_layer_indices if blocks == "all" else (blocks or ()))
+    for index in capture_layers | block_layers:
         moe.layer(index)  # validates
     routed: dict[int, list[Ablation]] = defaultdict(list)
     shared: dict[int, list[SharedAblation]] = defaultdict(list)
@@ -383,7 +392,27 @@ def intervene(
             hooks.register(handles)
             if index in capture_layers and not keep_outputs:
                 handles.append(hooks.layer.block.register_forward_hook(lambda m, a, o, h=hooks: h.finish_call()))
+        for index in sorted(block_layers):
+            block = moe.layer(index).block
+            handles.append(block.register_forward_pre_hook(
+                lambda m, args, i=index: trace.block_inputs[i].append(args[0].detach())))
+            handles.append(block.register_forward_hook(
+                lambda m, args, output, i=index: trace.block_outputs[i].append(block_hidden(output).detach())))
+        if residual:
+            for index, decoder_layer in enumerate(moe.adapter.decoder_layers(moe.model)):
+                handles.append(decoder_layer.register_forward_hook(_residual_hook(trace, index), with_kwargs=True))
         yield trace
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _residual_hook(trace: Trace, index: int):
+    """Record the residual stream entering and leaving decoder layer ``index``."""
+
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        trace.layer_inputs[index].append(hidden.detach())
+        trace.layer_outputs[index].append(block_hidden(output).detach())
+
+    return hook

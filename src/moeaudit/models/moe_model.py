@@ -133,6 +133,8 @@ class MoEModel:
         *,
         capture: Iterable[int] | Literal["all"] | None = None,
         keep_outputs: bool = False,
+        blocks: Iterable[int] | Literal["all"] | None = None,
+        residual: bool = False,
     ):
         """Context manager: apply ``ablations`` and capture routing for forwards run inside it.
 
@@ -146,6 +148,12 @@ class MoEModel:
         keep_outputs : bool
             Also keep the ungated outputs [N, k, H], the block input, the routed output and the block
             output (memory grows with tokens x k x hidden; for tests and small runs).
+        blocks : iterable of int, "all", or None
+            MoE layers whose block input and output hidden states to record (``trace.block_inputs[l]``,
+            ``trace.block_outputs[l]``, one entry per call): cheap, nothing is recomputed.
+        residual : bool
+            Record the residual stream entering and leaving every decoder layer (``trace.layer_inputs[i]``,
+            ``trace.layer_outputs[i]``, one entry per call).
 
         Yields
         ------
@@ -158,7 +166,8 @@ class MoEModel:
         ...     out = moe.model(input_ids)  # doctest: +SKIP
         >>> trace[1].topk_idx  # doctest: +SKIP
         """
-        return intervene(self, ablations, capture=capture, keep_outputs=keep_outputs)
+        return intervene(self, ablations, capture=capture, keep_outputs=keep_outputs, blocks=blocks,
+                         residual=residual)
 
     def capture(self, layers: Iterable[int] | Literal["all"] = "all", *, keep_outputs: bool = False):
         """Shorthand for ``intervene((), capture=layers, keep_outputs=keep_outputs)``."""

@@ -358,6 +358,7 @@ def reconstruction_errors(moe, input_ids, attention_mask=None, *, layers: Sequen
     """
     import torch
 
+    from moeaudit.models.base import block_hidden
     from moeaudit.models.hooks import Ablation
 
     chosen = [moe.layer(l).layer for l in (layers if layers is not None else moe.moe_layer_indices)]
@@ -372,25 +373,16 @@ def reconstruction_errors(moe, input_ids, attention_mask=None, *, layers: Sequen
         mask = attention_mask[start:start + batch_size].to(moe.device)
         valid = mask.bool().reshape(-1)
         n_tokens += int(valid.sum())
-        inputs: dict[int, torch.Tensor] = {}
-        handles = []
-        try:
-            for l in chosen:
-                handles.append(moe.layer(l).block.register_forward_pre_hook(
-                    lambda module, args, l=l: inputs.__setitem__(l, args[0].detach())))
-            with torch.no_grad():
-                moe.model(input_ids=ids, attention_mask=mask)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with torch.no_grad(), moe.intervene((), blocks=chosen) as trace:
+            moe.model(input_ids=ids, attention_mask=mask)
         for l in chosen:
             described = moe.layer(l)
-            x = inputs[l]
+            x = trace.block_inputs[l][-1]
             with torch.no_grad():
-                clean = _block_output(described.block(x)).float().reshape(-1, x.shape[-1])[valid]
+                clean = block_hidden(described.block(x)).float().reshape(-1, x.shape[-1])[valid]
                 for e in range(described.num_experts):
                     with moe.intervene([Ablation(layer=l, experts=[e], kind="reroute")]):
-                        out = _block_output(described.block(x)).float().reshape(-1, x.shape[-1])[valid]
+                        out = block_hidden(described.block(x)).float().reshape(-1, x.shape[-1])[valid]
                     sq[l][e] += float(((out - clean).double() ** 2).sum())
             done += 1
             if on_batch is not None:
@@ -399,11 +391,6 @@ def reconstruction_errors(moe, input_ids, attention_mask=None, *, layers: Sequen
                             ORACLE_RECONSTRUCTION: np.sqrt(sq[l] / max(n_tokens, 1)), "n_tokens": n_tokens})
               for l in chosen]
     return pd.concat(frames, ignore_index=True)
-
-
-def _block_output(output):
-    """The hidden-state output of an MoE block (GPT-OSS's MLP returns (hidden, router_scores))."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def criterion_scores(expert_metrics: pd.DataFrame, *, extra: Iterable[pd.DataFrame] = ()) -> pd.DataFrame:

@@ -1,0 +1,44 @@
+"""The closed sets of named options, each declared once (a ``Literal`` and the tuple of its values).
+
+The configuration, the CLI help, the library's validation messages and the tables all take their allowed
+values from here, so a new intervention kind or scope is added in one place. Torch-free and import-free,
+so ``moeaudit --help`` and the configuration stay instant.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+#: How an expert is removed (arXiv 2606.10703, Sec. 3.2 uses ``zero``): ``zero`` drops its term,
+#: ``renorm`` drops it and rescales the survivors to the same total weight, ``reroute`` masks its router
+#: logit and re-selects top-k with the family's rule, ``mean`` replaces its output by a supplied mean.
+AblationKind = Literal["zero", "renorm", "reroute", "mean"]
+ABLATION_KINDS: tuple[str, ...] = get_args(AblationKind)
+
+#: The kinds that edit the combine weights the experts module receives (``reroute`` edits the selection).
+WEIGHT_EDIT_KINDS: tuple[str, ...] = ("zero", "renorm", "mean")
+
+#: Where an intervention applies: only at the target position, or wherever the expert is active in the
+#: window (the paper's per-sequence removal).
+Scope = Literal["token", "sequence"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+
+#: Intervention engines; both are exact (``fast`` recomputes only what an intervention can change).
+Engine = Literal["fast", "reference"]
+ENGINES: tuple[str, ...] = get_args(Engine)
+
+#: Family-wise corrections over metrics x layers (the paper: Bonferroni).
+Correction = Literal["bonferroni", "holm", "bh"]
+CORRECTIONS: tuple[str, ...] = get_args(Correction)
+
+#: Dataset splits (by document).
+Split = Literal["train", "calibration", "heldout"]
+SPLITS: tuple[str, ...] = get_args(Split)
+
+#: The pruning criterion name of the random draws (a distribution of seeds, not one criterion).
+RANDOM = "random"
+
+
+def one_of(values: tuple[str, ...]) -> str:
+    """The house wording of an allowed set: "one of zero, renorm, reroute, mean"."""
+    return "one of " + ", ".join(values)
