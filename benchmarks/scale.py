@@ -131,11 +131,12 @@ def observe_overhead(moe, root: str) -> None:
     to the final files, on the same windows."""
     from moeaudit.config import AuditConfig
     from moeaudit.observe import observe
-    from moeaudit.observe.stage import build_corpus, observed_windows, run_observe, tokenizer_for
+    from moeaudit.models.loading import tokenizer_for
+    from moeaudit.observe.stage import build_corpus, observed_windows, run_observe
     from moeaudit.rundir import RunDir
 
     config = AuditConfig(model="tiny-olmoe", max_windows=48, max_len=256)
-    corpus = build_corpus(config, tokenizer_for(moe, config))
+    corpus = build_corpus(config, tokenizer_for(config.model, moe))
     windows = observed_windows(corpus, config)
     best = {"streamed": float("inf"), "units": float("inf")}
     for attempt in range(3):

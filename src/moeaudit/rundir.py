@@ -147,6 +147,27 @@ class RunDir:
         self.manifest[key] = value
         self.save()
 
+    # ------------------------------------------------------------------ run checks
+    def check_model(self, model: dict[str, Any]) -> None:
+        """Record ``model`` (:func:`moeaudit.models.loading.model_record`); refuse to continue a run whose
+        model changed on disk since the run recorded it."""
+        stored = self.manifest.get("model")
+        if stored and stored.get("fingerprint") != model["fingerprint"]:
+            raise RunDirectoryError(f"the model {self.config.model!r} changed since {self.path} was made "
+                                    f"(fingerprint {stored.get('fingerprint')} -> {model['fingerprint']}); choose a "
+                                    "new directory or pass --overwrite")
+        self.set("model", model)
+
+    def check_corpus(self, fingerprint: str, corpus_info: dict[str, Any]) -> None:
+        """Record the corpus; refuse to continue a run whose corpus gives other windows than when the run
+        recorded it (``fingerprint`` hashes the observed windows' seq numbers and token ids)."""
+        stored = self.manifest.get("corpus", {}).get("fingerprint_observed")
+        if stored and stored != fingerprint:
+            raise RunDirectoryError(f"the corpus {self.config.corpus!r} changed since {self.path} was made (windows "
+                                    f"fingerprint {stored} -> {fingerprint}); choose a new directory or pass "
+                                    "--overwrite")
+        self.set("corpus", dict(corpus_info, fingerprint_observed=fingerprint))
+
     # ------------------------------------------------------------------ tables
     def table_path(self, name: str) -> Path:
         return self.path / f"{name}.parquet"

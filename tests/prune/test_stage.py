@@ -174,7 +174,7 @@ def test_select_kept_for_export_validates_ratio_first(tmp_path):
 
 
 def test_ratios_validated_from_the_manifest_before_loading(tmp_path, monkeypatch):
-    import moeaudit.observe.stage as observe_stage
+    import moeaudit.models.loading as loading
 
     moe = make_moe("olmoe")
     run = make_run(tmp_path, moe, metrics_table(moe))
@@ -184,7 +184,7 @@ def test_ratios_validated_from_the_manifest_before_loading(tmp_path, monkeypatch
     def no_loading(config):
         raise AssertionError("the model was loaded before the settings were validated")
 
-    monkeypatch.setattr(observe_stage, "model_from_config", no_loading)
+    monkeypatch.setattr(loading, "model_from_config", no_loading)
     with pytest.raises(InvalidParameterError, match="keeps at least top_k = 2"):
         run_prune(run, ratios=(0.9,))
     with pytest.raises(InvalidParameterError, match="`guard` must be"):

@@ -236,12 +236,12 @@ def test_switching_engine_recomputes_intervene_only(tmp_path, moe):
 
 
 def test_interrupt_outside_a_unit_also_says_how_to_resume(cli, tmp_path, monkeypatch):  # noqa: F811
-    import moeaudit.observe.stage as observe_stage
+    import moeaudit.models.loading as loading
 
     def interrupted(config):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(observe_stage, "model_from_config", interrupted)
+    monkeypatch.setattr(loading, "model_from_config", interrupted)
     code, _, err = cli("run", "--out", str(tmp_path), *SMALL_RUN)
     assert code == 130
     assert err.strip() == (f"interrupted; finished work units are kept in {tmp_path}; re-run the same command to "

@@ -36,7 +36,8 @@ def demo_command(
     from moeaudit.audit.stage import run_audit
     from moeaudit.cli.stages import print_audit
     from moeaudit.intervene.stage import effects_summary, run_intervene
-    from moeaudit.observe.stage import build_corpus, model_from_config, run_observe, tokenizer_for
+    from moeaudit.models.loading import model_from_config, tokenizer_for
+    from moeaudit.observe.stage import build_corpus, run_observe
     from moeaudit.prune import pruning_summary, run_prune
     from moeaudit.rundir import RunDir
 
@@ -54,7 +55,7 @@ def demo_command(
         run = RunDir(out / name, config, overwrite=True)
         moe = model_from_config(config)
         if corpus is None:  # the built-in models share one tokenizer, so one corpus serves all three
-            corpus = build_corpus(config, tokenizer_for(moe, config))
+            corpus = build_corpus(config, tokenizer_for(config.model, moe))
         typer.secho(f"\n== {name} ({moe.family}: {len(moe.layers)} MoE layers, {moe.layers[0].num_experts} experts, "
                     f"top-{moe.layers[0].top_k}) ==", bold=True)
         with progress_bar(f"{name} observe", quiet) as update:

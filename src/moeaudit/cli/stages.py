@@ -157,7 +157,8 @@ def run_command(
     from moeaudit.audit.stage import run_audit
     from moeaudit.intervene.stage import effects_summary, run_intervene
     from moeaudit.metrics.stage import layer_summary, run_metrics
-    from moeaudit.observe.stage import model_from_config, run_observe
+    from moeaudit.models.loading import model_from_config
+    from moeaudit.observe.stage import run_observe
     from moeaudit.rundir import RunDir
 
     flags = dict(model=model, corpus=corpus, layers=parse_int_list(layers, "--layers"), max_len=max_len,
@@ -237,7 +238,7 @@ def prune_command(
 ) -> None:
     """Prune by every criterion vs random vs causal oracles on held-out windows; optionally export."""
     from moeaudit.errors import invalid
-    from moeaudit.observe.stage import model_from_config
+    from moeaudit.models.loading import model_from_config
     from moeaudit.prune import export_pruned, pruning_summary, run_prune, select_kept
     from moeaudit.rundir import RunDir
 

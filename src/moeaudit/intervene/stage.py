@@ -108,7 +108,6 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
     The work is cut into units (selection × ``config.unit_windows`` windows); a re-run skips the units
     (or the whole stage) already done. ``executor`` (default: from the config) runs the units.
     """
-    from moeaudit.observe.stage import check_model
     from moeaudit.scale import make_executor, run_units
 
     config = run.config
@@ -119,7 +118,7 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
     executor = executor or make_executor(config, moe)
     try:
         model = executor.describe_model()
-        check_model(run, model)
+        run.check_model(model)
         seqs, input_ids, attention_mask = windows_from_tokens(chosen, model.get("pad_token_id") or 0)
         if bool(attention_mask.all()):
             attention_mask = None

@@ -30,7 +30,7 @@ def layer_weights(moe: MoEModel) -> dict[int, dict[str, Any]]:
 
 def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
     from moeaudit.observe import read_router_probs
-    from moeaudit.observe.stage import model_from_config
+    from moeaudit.models.loading import model_from_config
 
     routing = run.read("routing")
     tokens = run.read("tokens", columns=["seq", "pos", "domain", "split"])

@@ -281,3 +281,57 @@ def load_tokenizer(display: str, source: str, is_local: bool):
         logger.info("the tokenizer of %s encodes text to nothing; ignored", display)
         return None
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model of a run: loaded from its configuration, recorded in its manifest.
+
+
+def model_from_config(config) -> MoEModel:
+    """Load the model an :class:`~moeaudit.config.AuditConfig` names (model, dtype, device, kernel, layers)."""
+    return load_model(config.model, dtype=config.dtype, device=config.device,
+                      experts_implementation=config.experts_implementation, layers=config.layers)
+
+
+def tokenizer_for(model: str, moe: MoEModel | None = None):
+    """The tokenizer of ``model``: the loaded model's own, else read from the checkpoint without loading
+    the weights (a Ray driver, which never loads the model). The built-in models share the packaged one.
+
+    Raises
+    ------
+    ModelLoadError
+        When the checkpoint has no usable tokenizer.
+    """
+    if moe is None or (moe.tokenizer is None and _builtin_source(model) is not None):
+        tokenizer = load_tokenizer(model, *resolve_source(model))
+    else:
+        tokenizer = moe.tokenizer
+    if tokenizer is None:
+        raise ModelLoadError(f"{model} has no tokenizer files; save its tokenizer into the checkpoint directory "
+                             "(tokenizer.save_pretrained(DIR))")
+    return tokenizer
+
+
+def model_fingerprint(moe: MoEModel) -> str:
+    """Hash of the config and of every parameter's name, shape and a strided sample of its values."""
+    import hashlib
+
+    digest = hashlib.sha256(moe.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in moe.model.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy()
+            digest.update(name.encode())
+            digest.update(str(tuple(param.shape)).encode())
+            digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def model_record(moe: MoEModel) -> dict[str, Any]:
+    """What a run's manifest records about its model (with a fingerprint of the weights)."""
+    return {"name": moe.name, "family": moe.family, "fingerprint": model_fingerprint(moe),
+            "moe_layers": moe.moe_layer_indices,
+            "num_experts": {str(l.layer): l.num_experts for l in moe.layers},
+            "top_k": {str(l.layer): l.top_k for l in moe.layers},
+            "max_position_embeddings": getattr(moe.config, "max_position_embeddings", None),
+            "pad_token_id": getattr(moe.config, "pad_token_id", None)}

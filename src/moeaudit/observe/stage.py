@@ -7,30 +7,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from moeaudit.config import AuditConfig
+from moeaudit.models.loading import tokenizer_for
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir
-
-
-def model_from_config(config: AuditConfig) -> MoEModel:
-    from moeaudit.models import load_model
-
-    return load_model(config.model, dtype=config.dtype, device=config.device,
-                      experts_implementation=config.experts_implementation, layers=config.layers)
-
-
-def tokenizer_for(moe: MoEModel, config: AuditConfig):
-    """The model's tokenizer; the built-in models share the packaged one."""
-    if moe.tokenizer is not None:
-        return moe.tokenizer
-    from moeaudit.errors import ModelLoadError
-    from moeaudit.models import builtin
-
-    if config.model in builtin.BUILTIN_MODELS:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(builtin.tokenizer_path())
-    raise ModelLoadError(f"{config.model} has no tokenizer files; save its tokenizer into the checkpoint "
-                         "directory (tokenizer.save_pretrained(DIR))")
 
 
 def build_corpus(config: AuditConfig, tokenizer):
@@ -97,29 +76,6 @@ def observe_work_units(windows: Sequence[Any], config: AuditConfig) -> list[Any]
     return units
 
 
-def check_model(run: RunDir, model: dict[str, Any]) -> None:
-    """Refuse to continue a run whose model changed on disk since the run recorded it."""
-    from moeaudit.errors import RunDirectoryError
-
-    stored = run.manifest.get("model")
-    if stored and stored.get("fingerprint") != model["fingerprint"]:
-        raise RunDirectoryError(f"the model {run.config.model!r} changed since {run.path} was made (fingerprint "
-                                f"{stored.get('fingerprint')} -> {model['fingerprint']}); choose a new directory "
-                                "or pass --overwrite")
-    run.set("model", model)
-
-
-def check_corpus(run: RunDir, fingerprint: str, corpus_info: dict[str, Any]) -> None:
-    """Refuse to continue a run whose corpus gives other windows than when the run recorded it."""
-    from moeaudit.errors import RunDirectoryError
-
-    stored = run.manifest.get("corpus", {}).get("fingerprint_observed")
-    if stored and stored != fingerprint:
-        raise RunDirectoryError(f"the corpus {run.config.corpus!r} changed since {run.path} was made (windows "
-                                f"fingerprint {stored} -> {fingerprint}); choose a new directory or pass --overwrite")
-    run.set("corpus", dict(corpus_info, fingerprint_observed=fingerprint))
-
-
 def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
                 on_batch: Callable[[int, int], None] | None = None, executor=None) -> dict[str, Any]:
     """Write tokens / routing / router_probs tables into ``run`` and record counters in its manifest.
@@ -137,11 +93,9 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
     executor = executor or make_executor(config, moe)
     try:
         model = executor.describe_model()
-        check_model(run, model)
+        run.check_model(model)
         if corpus is None:
-            local_moe = moe or getattr(executor, "moe", None)
-            tokenizer = tokenizer_for(local_moe, config) if local_moe is not None else tokenizer_from_config(config)
-            corpus = build_corpus(config, tokenizer)
+            corpus = build_corpus(config, tokenizer_for(config.model, moe or getattr(executor, "moe", None)))
         windows = observed_windows(corpus, config)
         if not windows:
             from moeaudit.errors import CorpusError
@@ -149,7 +103,7 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
             raise CorpusError(f"the corpus {config.corpus!r} gave no windows in splits {config.observe_splits}; "
                               "use a larger corpus or other splits")
         check_context(windows, model, config)
-        check_corpus(run, _windows_fingerprint(windows), corpus.manifest() if hasattr(corpus, "manifest") else {})
+        run.check_corpus(_windows_fingerprint(windows), corpus.manifest() if hasattr(corpus, "manifest") else {})
         store, progress = run_units(run, "observe", observe_work_units(windows, config), OBSERVE_TABLES,
                                     observe_unit, executor, on_unit=on_batch)
     finally:
@@ -165,18 +119,6 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
                 seconds=time.perf_counter() - started, executor=executor.name, **progress)
     run.record_stage("observe", info)
     return info
-
-
-def tokenizer_from_config(config: AuditConfig):
-    """The tokenizer without loading the model (the ray executor's driver)."""
-    from moeaudit.errors import ModelLoadError
-    from moeaudit.models.loading import load_tokenizer, resolve_source
-
-    tokenizer = load_tokenizer(config.model, *resolve_source(config.model))
-    if tokenizer is None:
-        raise ModelLoadError(f"{config.model} has no tokenizer files; save its tokenizer into the checkpoint "
-                             "directory (tokenizer.save_pretrained(DIR))")
-    return tokenizer
 
 
 def check_context(windows: Sequence[Any], model: dict[str, Any], config: AuditConfig) -> None:
@@ -199,21 +141,4 @@ def _windows_fingerprint(windows) -> str:
     for window in windows:
         digest.update(np.int64(window.seq).tobytes())
         digest.update(np.asarray(window.token_ids, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def model_fingerprint(moe: MoEModel) -> str:
-    """Hash of the config and of every parameter's name, shape and a strided sample of its values."""
-    import hashlib
-
-    import torch
-
-    digest = hashlib.sha256(moe.config.to_json_string(use_diff=False).encode())
-    with torch.no_grad():
-        for name, param in moe.model.named_parameters():
-            flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy()
-            digest.update(name.encode())
-            digest.update(str(tuple(param.shape)).encode())
-            digest.update(sample.tobytes())
     return digest.hexdigest()[:16]

@@ -180,7 +180,7 @@ def run_prune(
     dict
         The counters recorded in the manifest under ``prune``.
     """
-    from moeaudit.observe.stage import model_from_config
+    from moeaudit.models.loading import model_from_config
     from moeaudit.prune.evaluate import _canonical
 
     started = time.perf_counter()

@@ -22,15 +22,10 @@ Compute = Callable[[MoEModel, Any], UnitResult]
 
 
 def describe_model(moe: MoEModel) -> dict[str, Any]:
-    """What the manifest records about the model (incl. a fingerprint of its weights)."""
-    from moeaudit.observe.stage import model_fingerprint
+    """What the manifest records about the model; see :func:`moeaudit.models.loading.model_record`."""
+    from moeaudit.models.loading import model_record
 
-    return {"name": moe.name, "family": moe.family, "fingerprint": model_fingerprint(moe),
-            "moe_layers": moe.moe_layer_indices,
-            "num_experts": {str(l.layer): l.num_experts for l in moe.layers},
-            "top_k": {str(l.layer): l.top_k for l in moe.layers},
-            "max_position_embeddings": getattr(moe.config, "max_position_embeddings", None),
-            "pad_token_id": getattr(moe.config, "pad_token_id", None)}
+    return model_record(moe)
 
 
 class LocalExecutor:
@@ -58,7 +53,7 @@ class _ModelWorker:
     def __init__(self, config_json: str, threads: int | None):
         import torch
 
-        from moeaudit.observe.stage import model_from_config
+        from moeaudit.models.loading import model_from_config
 
         if threads:
             torch.set_num_threads(threads)
@@ -194,7 +189,7 @@ def make_executor(config: AuditConfig, moe: MoEModel | None = None):
             logger.info("ray executor: workers load %s themselves; the model passed in is not used", config.model)
         return RayExecutor(config, address=config.ray_address, workers=config.workers)
     if moe is None:
-        from moeaudit.observe.stage import model_from_config
+        from moeaudit.models.loading import model_from_config
 
         moe = model_from_config(config)
     return LocalExecutor(moe)
