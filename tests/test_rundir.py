@@ -49,20 +49,46 @@ def test_overwrite_replaces_config_and_tables(tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"max_len": 1}, "`max_len` input should be greater than or equal to 2; got 1."),
-    ({"dtype": "fp8"}, "`dtype` input should be 'float32', 'bfloat16' or 'float16'; got 'fp8'."),
-    ({"kind": "drop"}, "`kind` input should be"),
-    ({"alpha": 2}, "`alpha` input should be less than 1; got 2."),
-    ({"observe_splits": []}, "`observe_splits` value error, must name at least one split"),
+    ({"max_len": 1}, "`max_len` must be at least 2; got 1."),
+    ({"dtype": "fp8"}, "`dtype` must be one of float32, bfloat16, float16; got 'fp8'."),
+    ({"kind": "drop"}, "`kind` must be one of zero, renorm, reroute, mean; got 'drop'."),
+    ({"alpha": 2}, "`alpha` must be less than 1.0; got 2."),
+    ({"observe_splits": []}, "`observe_splits` must be a non-empty list of splits"),
     ({"colour": 1}, "unknown setting `colour`; allowed settings are: model, corpus"),
-    ({"unit_windows": 0}, "`unit_windows` input should be greater than or equal to 1; got 0."),
-    ({"executor": "slurm"}, "`executor` input should be 'local' or 'ray'; got 'slurm'."),
-    ({"workers": 0}, "`workers` input should be greater than or equal to 1; got 0."),
+    ({"unit_windows": 0}, "`unit_windows` must be at least 1; got 0."),
+    ({"executor": "slurm"}, "`executor` must be one of local, ray; got 'slurm'."),
+    ({"workers": 0}, "`workers` must be at least 1; got 0."),
 ])
 def test_config_errors_are_one_line(values, message):
     with pytest.raises(InvalidParameterError) as info:
         build_config(values)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+#: One bad value per configuration field (a test below checks that every field is listed).
+BAD_VALUES = {
+    "model": 3, "corpus": ["a"], "max_len": 1, "max_docs": 0, "split_seed": "x", "observe_splits": ["test"],
+    "max_windows": 0, "layers": "0,4", "router_probs_layers": "some", "batch_size": 0, "dtype": "float64",
+    "device": 3, "experts_implementation": "fast", "seed": 1.5, "kind": "drop", "scope": "global", "audit_n": 2,
+    "correction": "sidak", "alpha": 0, "audit_metrics": "reap", "engine": "slow", "progressive": "maybe",
+    "min_chars": -1, "first_docs": 0, "truncate": "maybe", "in_sample": "maybe", "intervene_n": 0, "preset": 3,
+    "unit_windows": 0, "executor": "dask", "ray_address": 3, "workers": 0,
+}
+
+
+def test_every_configuration_field_has_a_bad_value_test():
+    assert set(BAD_VALUES) == set(AuditConfig.model_fields)
+
+
+@pytest.mark.parametrize("field", sorted(BAD_VALUES))
+def test_every_field_refuses_a_bad_value_in_one_house_line(field):
+    with pytest.raises(InvalidParameterError) as info:
+        build_config({field: BAD_VALUES[field]})
+    message = str(info.value)
+    assert message.startswith(f"`{field}` must be ")  # the parameter, then what it allows
+    assert f"; got {BAD_VALUES[field]!r}" in message or f"; got {BAD_VALUES[field][0]!r}" in message  # the bad value
+    assert message.endswith("Change it on the command line or in the config file.")  # what to do
+    assert "\n" not in message and "Input should" not in message and "input should" not in message
 
 
 def test_config_from_toml_and_manifest(tmp_path):

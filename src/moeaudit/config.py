@@ -13,8 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moeaudit.errors import InvalidParameterError
-
-Split = Literal["train", "calibration", "heldout"]
+from moeaudit.options import AblationKind, Correction, Engine, Scope, Split
 
 #: Settings that say how a run is executed, not what it computes: a run may be resumed with other values.
 #: (Both intervention engines are exact; the intervene units name their engine, so switching engines
@@ -112,13 +111,13 @@ class AuditConfig(BaseModel):
     device: str = "cpu"
     experts_implementation: Literal["eager", "batched_mm", "grouped_mm"] | None = None
     seed: int = 42  # the paper's sampling seed (PAPER.md, "Data")
-    kind: Literal["zero", "renorm", "reroute", "mean"] = "zero"
-    scope: Literal["token", "sequence"] = "token"
+    kind: AblationKind = "zero"
+    scope: Scope = "token"
     audit_n: int | None = Field(200, ge=3)
-    correction: Literal["bonferroni", "holm", "bh"] = "bonferroni"
+    correction: Correction = "bonferroni"
     alpha: float = Field(0.05, gt=0, lt=1)
     audit_metrics: list[str] | None = None
-    engine: Literal["fast", "reference"] = "fast"
+    engine: Engine = "fast"
     progressive: bool = True
     min_chars: int | None = Field(None, ge=0)
     first_docs: int | None = Field(None, ge=1)
@@ -135,7 +134,7 @@ class AuditConfig(BaseModel):
     @classmethod
     def _nonempty_splits(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError("must name at least one split")
+            raise ValueError("a non-empty list of splits (train, calibration, heldout)")
         return value
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -161,13 +160,69 @@ class AuditConfig(BaseModel):
 
 
 def build_config(values: dict[str, Any]) -> AuditConfig:
-    """Validate ``values`` into an AuditConfig; the first problem becomes one line naming the field."""
+    """Validate ``values`` into an AuditConfig; the first problem becomes one line in the house form."""
     try:
         return AuditConfig(**values)
     except ValidationError as err:
-        first = err.errors()[0]
-        name = ".".join(str(part) for part in first["loc"]) or "config"
-        if first["type"] == "extra_forbidden":
-            allowed = ", ".join(AuditConfig.model_fields)
-            raise InvalidParameterError(f"unknown setting `{name}`; allowed settings are: {allowed}.") from None
-        raise InvalidParameterError(f"`{name}` {first['msg'].lower()}; got {first.get('input')!r}.") from None
+        raise config_error(err.errors()[0]) from None
+
+
+#: What each pydantic error type means, in the house wording (``{…}`` filled from the error's context).
+_ALLOWED = {
+    "greater_than_equal": "at least {ge}",
+    "greater_than": "greater than {gt}",
+    "less_than_equal": "at most {le}",
+    "less_than": "less than {lt}",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "missing": "given",
+}
+
+
+#: Fields whose type error reads better as a description than as "a list".
+_LISTS = {
+    "layers": "a list of MoE layer indices such as [0, 4, 7]",
+    "router_probs_layers": 'a list of MoE layer indices or "all"',
+    "audit_metrics": "a list of metric names such as [\"reap\", \"frequency\"]",
+    "observe_splits": "a list of splits (train, calibration, heldout)",
+}
+
+
+def config_error(error: dict[str, Any]) -> InvalidParameterError:
+    """One pydantic error as the house message: parameter, allowed values, bad value, what to do.
+
+    "`max_len` must be at least 2 (an integer); got 1. Fix it on the command line or in the config file."
+    """
+    loc = [part for part in error["loc"] if isinstance(part, str) and part in AuditConfig.model_fields]
+    name = loc[0] if loc else ".".join(str(part) for part in error["loc"]) or "config"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = ", ".join(AuditConfig.model_fields)
+        return InvalidParameterError(f"unknown setting `{name}`; allowed settings are: {allowed}.")
+    ctx = error.get("ctx") or {}
+    if kind == "literal_error":
+        allowed = "one of " + ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+    elif kind == "value_error":
+        allowed = str(ctx.get("error", error["msg"]))
+    else:
+        allowed = _ALLOWED.get(kind, error["msg"].removeprefix("Input should be ").rstrip("."))
+        allowed = allowed.format(**ctx) if ctx else allowed
+    if len(error["loc"]) > 1 and isinstance(error["loc"][1], int):
+        allowed = f"a list whose items are each {allowed}"
+    got = values_of(error)
+    if kind in ("list_type", "string_type") and name in _LISTS:
+        allowed = _LISTS[name]
+    return InvalidParameterError(f"`{name}` must be {allowed}; got {got!r}. Change it on the command line or in the "
+                                 "config file.")
+
+
+def values_of(error: dict[str, Any]) -> Any:
+    """The offending value (for a list item, the item)."""
+    return error.get("input")
