@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 
 import pandas as pd
 import pytest
@@ -65,30 +66,93 @@ def test_config_errors_are_one_line(values, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-#: One bad value per configuration field (a test below checks that every field is listed).
+#: One bad value per configuration setting (a test below checks that every setting of the tree is listed).
 BAD_VALUES = {
-    "model": 3, "corpus": ["a"], "max_len": 1, "max_docs": 0, "split_seed": "x", "observe_splits": ["test"],
-    "max_windows": 0, "layers": "0,4", "router_probs_layers": "some", "batch_size": 0, "dtype": "float64",
-    "device": 3, "experts_implementation": "fast", "seed": 1.5, "kind": "drop", "scope": "global", "audit_n": 2,
-    "correction": "sidak", "alpha": 0, "audit_metrics": "reap", "engine": "slow", "progressive": "maybe",
-    "min_chars": -1, "first_docs": 0, "truncate": "maybe", "in_sample": "maybe", "intervene_n": 0, "preset": 3,
-    "unit_windows": 0, "executor": "dask", "ray_address": 3, "workers": 0,
+    "model": 3, "corpus": ["a"], "seed": 1.5, "preset": 3,
+    # observe
+    "max_len": 1, "max_docs": 0, "split_seed": "x", "observe_splits": ["test"], "max_windows": 0, "layers": "0,4",
+    "router_probs_layers": "some", "dtype": "float64", "experts_implementation": "fast", "min_chars": -1,
+    "first_docs": 0, "truncate": "maybe", "in_sample": "maybe",
+    # intervene
+    "kind": "drop", "scope": "global", "intervene_n": 0, "progressive": "maybe", "noise_positions": -1,
+    # audit
+    "audit_n": 2, "correction": "sidak", "alpha": 0, "audit_metrics": "reap", "designs": ["pairs"], "ci": "boot",
+    "equivalence_bound": 0, "n_permutations": 0,
+    # prune
+    "ratios": [1.5], "criteria": "reap", "random_seeds": -1, "single_layer": "maybe", "guard": -1,
+    "budget_weights": "flat", "directions": {"reap": "up"},
+    # execution
+    "batch_size": 0, "device": 3, "unit_windows": 0, "executor": "dask", "ray_address": 3, "workers": 0,
+    "engine": "slow", "rows_per_call": 0, "reference_batch": 0, "max_logit_elements": 0,
 }
 
 
-def test_every_configuration_field_has_a_bad_value_test():
-    assert set(BAD_VALUES) == set(AuditConfig.model_fields)
+def test_every_configuration_setting_has_a_bad_value_test():
+    from moeaudit.config import FLAT_PATHS, ROOT_FIELDS
+
+    assert set(BAD_VALUES) == set(ROOT_FIELDS) | set(FLAT_PATHS)
+
+
+def _shown(value) -> list:
+    """The bad value as a message may show it: whole, or the first bad item of a list or table."""
+    items = list(value.values()) if isinstance(value, dict) else list(value) if isinstance(value, list) else []
+    return [value, *items]
 
 
 @pytest.mark.parametrize("field", sorted(BAD_VALUES))
-def test_every_field_refuses_a_bad_value_in_one_house_line(field):
-    with pytest.raises(InvalidParameterError) as info:
-        build_config({field: BAD_VALUES[field]})
-    message = str(info.value)
-    assert message.startswith(f"`{field}` must be ")  # the parameter, then what it allows
-    assert f"; got {BAD_VALUES[field]!r}" in message or f"; got {BAD_VALUES[field][0]!r}" in message  # the bad value
-    assert message.endswith("Change it on the command line or in the config file.")  # what to do
-    assert "\n" not in message and "Input should" not in message and "input should" not in message
+def test_every_setting_refuses_a_bad_value_in_one_house_line(field):
+    from moeaudit.config import FLAT_PATHS
+
+    for values, name in (({field: BAD_VALUES[field]}, field),  # flat, as from the command line
+                         ({FLAT_PATHS[field]: {field: BAD_VALUES[field]}}, f"{FLAT_PATHS[field]}.{field}")
+                         if field in FLAT_PATHS else ({field: BAD_VALUES[field]}, field)):  # nested, as in TOML
+        with pytest.raises(InvalidParameterError) as info:
+            build_config(values)
+        message = str(info.value)
+        assert message.startswith(f"`{name}` must be ")  # the parameter, then what it allows
+        assert any(f"; got {v!r}." in message for v in _shown(BAD_VALUES[field]))  # the bad value
+        assert message.endswith("Change it on the command line or in the config file.")  # what to do
+        assert "\n" not in message and "nput should" not in message
+
+
+def test_the_tree_reads_flat_and_nested_settings_alike(tmp_path):
+    flat = AuditConfig(max_len=64, kind="reroute", batch_size=2, ratios=[0.5])
+    nested = build_config({"observe": {"max_len": 64}, "intervene": {"kind": "reroute"},
+                           "execution": {"batch_size": 2}, "prune": {"ratios": [0.5]}})
+    assert flat == nested and flat.max_len == flat.observe.max_len == 64 and flat.execution.batch_size == 2
+    (tmp_path / "tree.toml").write_text('model = "tiny-qwen-moe"\n[observe]\nmax_len = 64\n[audit]\nalpha = 0.01\n')
+    (tmp_path / "flat.toml").write_text('model = "tiny-qwen-moe"\nmax_len = 64\nalpha = 0.01\n')
+    (tmp_path / "old.toml").write_text('[audit]\nmodel = "tiny-qwen-moe"\nmax_len = 64\nalpha = 0.01\n')
+    configs = [AuditConfig.from_toml(tmp_path / f"{name}.toml") for name in ("tree", "flat", "old")]
+    assert configs[0] == configs[1] == configs[2]
+    assert (configs[0].model, configs[0].observe.max_len, configs[0].audit.alpha) == ("tiny-qwen-moe", 64, 0.01)
+    # the manifest holds the whole tree; execution and prune settings do not change the fingerprint
+    run = RunDir(tmp_path / "run", flat)
+    stored = json.loads((run.path / "manifest.json").read_text())["config"]
+    assert stored["observe"]["max_len"] == 64 and stored["prune"]["ratios"] == [0.5]
+    assert set(stored) == {"model", "corpus", "seed", "preset", "observe", "intervene", "audit", "prune", "execution"}
+    assert RunDir(tmp_path / "run", flat.replace(workers=3, ratios=[0.25], engine="reference")).config.workers == 3
+    with pytest.raises(RunDirectoryError, match="differs in alpha"):
+        RunDir(tmp_path / "run", flat.replace(alpha=0.01))
+
+
+def test_the_tree_defaults_are_the_library_defaults():
+    """The parts mirror the library's own settings objects; their defaults must agree."""
+    import dataclasses
+
+    from moeaudit.audit import AuditSettings
+    from moeaudit.intervene import InterveneConfig
+
+    config = AuditConfig()
+    audit = {f.name: f.default for f in dataclasses.fields(AuditSettings)}
+    assert (config.audit_n, config.correction, config.alpha, config.ci, config.equivalence_bound,
+            config.n_permutations, tuple(config.designs), config.seed) == (
+        audit["n"], audit["correction"], audit["alpha"], audit["ci"], audit["equivalence_bound"],
+        audit["n_permutations"], tuple(audit["designs"]), audit["seed"])
+    engine = InterveneConfig()
+    assert (config.engine, config.rows_per_call, config.reference_batch, config.max_logit_elements,
+            config.noise_positions) == (engine.engine, engine.rows_per_call, engine.reference_batch,
+                                        engine.max_logit_elements, engine.noise_positions)
 
 
 def test_config_from_toml_and_manifest(tmp_path):

@@ -1,7 +1,26 @@
-"""One validated configuration object per run, stored whole in the run's manifest.
+"""One validated configuration tree per run, stored whole in the run's manifest.
 
-The CLI only builds an :class:`AuditConfig`; a TOML file or a manifest gives the same object. Defaults
-cite where they come from.
+:class:`AuditConfig` is composed of typed parts, one per concern:
+
+============  ==============================================================================
+part          settings
+============  ==============================================================================
+(root)        ``model``, ``corpus``, ``seed``, ``preset``: what is audited
+``observe``   :class:`ObserveConfig`: the corpus windows, splits, layers, dtype
+``intervene`` :class:`InterveneSettings`: the measured intervention (kind, scope, sample)
+``audit``     :class:`AuditPart`: the statistical tests (sample, designs, correction, CI)
+``prune``     :class:`PruneConfig`: the pruning experiment (ratios, criteria, random draws)
+``execution`` :class:`ExecutionConfig`: how the work runs (batching, device, units, executor)
+============  ==============================================================================
+
+The CLI only builds an :class:`AuditConfig`; a TOML file (a table per part: ``[observe]``,
+``[intervene]``, ...) or a manifest gives the same object. Every setting has one name, unique across the
+tree, so the flat spelling of earlier versions (``AuditConfig(max_len=512)``, a flat TOML file, an old
+manifest) still works and reads as ``config.max_len``; :data:`FLAT_PATHS` maps each name to its part.
+The fingerprint that guards a run directory covers everything but ``execution`` (how a run executes never
+changes its tables) and ``prune`` (each pruning run rewrites its own tables; its work units carry a digest
+of their settings, and the manifest records the settings of the last one). Defaults cite where they come
+from.
 """
 
 from __future__ import annotations
@@ -10,27 +29,21 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeaudit.errors import InvalidParameterError
-from moeaudit.options import AblationKind, Correction, Engine, Scope, Split
-
-#: Settings that say how a run is executed, not what it computes: a run may be resumed with other values.
-#: (Both intervention engines are exact; the intervene units name their engine, so switching engines
-#: recomputes that stage instead of mixing the two.)
-EXECUTION_FIELDS = frozenset({"batch_size", "device", "unit_windows", "executor", "ray_address", "workers",
-                              "engine"})
+from moeaudit.options import AblationKind, Correction, Design, DESIGNS, Engine, Scope, Split
 
 
-class AuditConfig(BaseModel):
-    """Settings of one audit run.
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ObserveConfig(_Part):
+    """What the observe stage reads: the corpus windows every later stage reuses.
 
     Attributes
     ----------
-    model : str
-        Built-in name, local checkpoint directory or hub id.
-    corpus : str
-        ``builtin``, a local ``.txt``/``.jsonl``/``.parquet`` file, or ``hf:NAME:CONFIG:SPLIT``-style hub name.
     max_len : int
         Window length in tokens (the paper truncated to 512).
     max_docs : int or None
@@ -47,28 +60,10 @@ class AuditConfig(BaseModel):
         MoE layers to observe (None = all).
     router_probs_layers : list of int or "all" or None
         Layers whose full router-probability matrix is kept (for routing entropy and Gini).
-    batch_size : int
-        Windows per forward pass.
-    dtype, device : str
-        Compute dtype and device; float32 is the exact reference on CPU.
+    dtype : str
+        Compute dtype; float32 is the exact reference on CPU.
     experts_implementation : str or None
         transformers' experts kernel; None keeps the library default.
-    seed : int
-        Seed for every sampled quantity downstream.
-    kind, scope : str
-        Intervention whose effects the audit tests (paper: ``zero`` in ``sequence`` scope; moeaudit's
-        census default is the exact per-token effect, ``token`` scope).
-    audit_n : int or None
-        Token positions per audit cell (paper: 200); None = census.
-    correction, alpha : str, float
-        Family-wise correction over metrics × layers and its level (paper: Bonferroni, 0.05).
-    audit_metrics : list of str or None
-        Metrics the audit tests (None = every metric column).
-    engine : {"fast", "reference"}
-        Intervention engine; both are exact, ``fast`` recomputes only what an intervention can change.
-    progressive : bool
-        Also run progressive ablation (remove the top-j experts by gate, j = 1..k-1) at ``audit_n``
-        sampled positions per layer, for the redundancy profile.
     min_chars : int or None
         Keep only documents longer than this many characters (the paper: 50).
     first_docs : int or None
@@ -79,10 +74,147 @@ class AuditConfig(BaseModel):
     in_sample : bool
         Compute metrics and effects on the same windows, as the paper did (default: metrics on the
         calibration split, effects on held-out).
+    """
+
+    max_len: int = Field(256, ge=2, le=131072)
+    max_docs: int | None = Field(None, ge=1)
+    split_seed: int = 0
+    observe_splits: list[Split] = Field(default_factory=lambda: ["calibration", "heldout"])
+    max_windows: int | None = Field(None, ge=1)
+    layers: list[int] | None = None
+    router_probs_layers: list[int] | Literal["all"] | None = "all"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    experts_implementation: Literal["eager", "batched_mm", "grouped_mm"] | None = None
+    min_chars: int | None = Field(None, ge=0)
+    first_docs: int | None = Field(None, ge=1)
+    truncate: bool = False
+    in_sample: bool = False
+
+    @field_validator("observe_splits")
+    @classmethod
+    def _nonempty_splits(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("a non-empty list of splits (train, calibration, heldout)")
+        return value
+
+
+class InterveneSettings(_Part):
+    """The intervention the intervene stage measures (and the audit tests).
+
+    Attributes
+    ----------
+    kind, scope : str
+        Intervention whose effects the audit tests (arXiv 2606.10703, Sec. 3.2: ``zero`` in ``sequence``
+        scope; moeaudit's census default is the exact per-token effect, ``token`` scope).
     intervene_n : int or None
         Target positions per layer for the interventions (every active expert at each; None = census).
-    preset : str or None
-        The preset these settings came from, for the record.
+    progressive : bool
+        Also run progressive ablation (remove the top-j experts by gate, j = 1..k-1) at ``audit_n``
+        sampled positions per layer, for the redundancy profile.
+    noise_positions : int
+        Positions per window and MoE layer for the null intervention that measures the noise floor.
+    """
+
+    kind: AblationKind = "zero"
+    scope: Scope = "token"
+    intervene_n: int | None = Field(None, ge=1)
+    progressive: bool = True
+    noise_positions: int = Field(16, ge=0)
+
+
+class AuditPart(_Part):
+    """The statistical tests of the audit stage (:class:`moeaudit.audit.AuditSettings` is built from it).
+
+    Attributes
+    ----------
+    audit_n : int or None
+        Token positions per audit cell (arXiv 2606.10703, Sec. 3.3: 200); None = census.
+    correction, alpha : str, float
+        Family-wise correction over metrics x layers and its level (the paper: Bonferroni, 0.05).
+    audit_metrics : list of str or None
+        Metrics the audit tests (None = every metric column).
+    designs : list of Design
+        The test designs (every one by default).
+    ci : {"analytic", "bca"}
+        CI of d_z: the paper's analytic normal interval, or a seeded BCa bootstrap.
+    equivalence_bound : float
+        |d_z| bound of the TOST equivalence test.
+    n_permutations : int
+        Permutations of the expert-level Spearman test.
+    """
+
+    audit_n: int | None = Field(200, ge=3)
+    correction: Correction = "bonferroni"
+    alpha: float = Field(0.05, gt=0, lt=1)
+    audit_metrics: list[str] | None = None
+    designs: list[Design] = Field(default_factory=lambda: list(DESIGNS))
+    ci: Literal["analytic", "bca"] = "analytic"
+    equivalence_bound: float = Field(0.2, gt=0)
+    n_permutations: int = Field(9999, ge=1)
+
+    @field_validator("designs")
+    @classmethod
+    def _nonempty_designs(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("a non-empty list of designs (" + ", ".join(DESIGNS) + ")")
+        return value
+
+
+class PruneConfig(_Part):
+    """The pruning experiment (:func:`moeaudit.prune.run_prune`).
+
+    Attributes
+    ----------
+    ratios : list of float
+        Shares of routed experts dropped per layer, each in (0, 1) and leaving at least top-k experts.
+    criteria : list of str or None
+        Criteria to compare (metric columns, ``oracle_delta_nll``, ``oracle_reconstruction``, ``random``);
+        None = all available.
+    random_seeds : int or list of int
+        Random draws per ratio: a count (seeds ``seed``, ``seed + 1``, ...) or explicit seeds (20 by
+        default: enough for a 5-95 % band).
+    single_layer : bool
+        Also prune each layer alone.
+    guard : int
+        Never prune the ``guard`` experts with the largest max activation per layer (super experts).
+    budget_weights : dict of layer -> float, or None
+        Non-uniform budgets for the all-layers mode.
+    directions : dict of criterion -> {"low", "high"}, or None
+        Which end of a criterion is pruned first, where it differs from the default.
+    """
+
+    ratios: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])
+    criteria: list[str] | None = None
+    random_seeds: int | list[int] = Field(20)
+    single_layer: bool = True
+    guard: int = Field(0, ge=0)
+    budget_weights: dict[int, float] | None = None
+    directions: dict[str, Literal["low", "high"]] | None = None
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < r < 1 for r in value):
+            raise ValueError("a non-empty list of shares in (0, 1) such as [0.125, 0.25, 0.5]")
+        return value
+
+    @field_validator("random_seeds")
+    @classmethod
+    def _seeds(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a count >= 0 or a list of seeds")
+        return value
+
+
+class ExecutionConfig(_Part):
+    """How a run executes; never what it computes, so a run may be resumed with other values.
+
+    Attributes
+    ----------
+    batch_size : int
+        Windows per forward pass.
+    device : str
+        Compute device.
     unit_windows : int
         Windows per work unit of the observe and intervene stages: each unit is written atomically and
         marked done in the manifest, so a killed run resumes after its last finished unit.
@@ -93,65 +225,137 @@ class AuditConfig(BaseModel):
         Address of a running Ray cluster (``auto``: the one this machine belongs to); None starts a local one.
     workers : int or None
         Model replicas for the ``ray`` executor (default: one per GPU with ``--device cuda``, else one per CPU).
+    engine : {"fast", "reference"}
+        Intervention engine; both are exact, ``fast`` recomputes only what an intervention can change. (The
+        intervene units name their engine, so switching engines recomputes that stage instead of mixing.)
+    rows_per_call, reference_batch, max_logit_elements : int
+        Token-scope interventions per call of the fast engine, interventions per full forward of the
+        reference engine, and the cap on rows x positions x vocabulary per sequence-scope call.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = "tiny-olmoe"
-    corpus: str = "builtin"
-    max_len: int = Field(256, ge=2, le=131072)
-    max_docs: int | None = Field(None, ge=1)
-    split_seed: int = 0
-    observe_splits: list[Split] = Field(default_factory=lambda: ["calibration", "heldout"])
-    max_windows: int | None = Field(None, ge=1)
-    layers: list[int] | None = None
-    router_probs_layers: list[int] | Literal["all"] | None = "all"
     batch_size: int = Field(8, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
-    experts_implementation: Literal["eager", "batched_mm", "grouped_mm"] | None = None
-    seed: int = 42  # the paper's sampling seed (PAPER.md, "Data")
-    kind: AblationKind = "zero"
-    scope: Scope = "token"
-    audit_n: int | None = Field(200, ge=3)
-    correction: Correction = "bonferroni"
-    alpha: float = Field(0.05, gt=0, lt=1)
-    audit_metrics: list[str] | None = None
-    engine: Engine = "fast"
-    progressive: bool = True
-    min_chars: int | None = Field(None, ge=0)
-    first_docs: int | None = Field(None, ge=1)
-    truncate: bool = False
-    in_sample: bool = False
-    intervene_n: int | None = Field(None, ge=1)
-    preset: str | None = None
     unit_windows: int = Field(16, ge=1)
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
     workers: int | None = Field(None, ge=1)
+    engine: Engine = "fast"
+    rows_per_call: int = Field(256, ge=1)
+    reference_batch: int = Field(1, ge=1)
+    max_logit_elements: int = Field(1 << 25, ge=1)
 
-    @field_validator("observe_splits")
+
+#: The parts of the tree, by the attribute (and TOML table) that holds each.
+PARTS: dict[str, type[_Part]] = {"observe": ObserveConfig, "intervene": InterveneSettings, "audit": AuditPart,
+                                 "prune": PruneConfig, "execution": ExecutionConfig}
+#: Settings held by the root itself.
+ROOT_FIELDS = ("model", "corpus", "seed", "preset")
+#: Every setting's part, by its (unique) name: the flat spelling ``max_len`` is ``observe.max_len``.
+FLAT_PATHS: dict[str, str] = {name: part for part, cls in PARTS.items() for name in cls.model_fields}
+#: Parts left out of the run directory's fingerprint (see the module docstring).
+UNFINGERPRINTED = frozenset({"execution", "prune"})
+#: The execution settings by name (a run may be resumed with other values).
+EXECUTION_FIELDS = frozenset(ExecutionConfig.model_fields)
+
+
+def nest(values: dict[str, Any]) -> dict[str, Any]:
+    """Route flat settings (``max_len``) into their part (``observe``); nested ones pass through.
+
+    A flat setting overrides the same setting given nested (flags win over a stored manifest). An old
+    TOML file that held the whole flat configuration under ``[audit]`` is read as flat settings.
+    """
+    out: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "audit" and isinstance(value, dict) and any(k not in AuditPart.model_fields for k in value):
+            flat.update(value)  # the pre-tree layout: every setting in one [audit] table
+        elif key in PARTS and isinstance(value, dict):
+            out[key] = dict(out.get(key, {}), **value)
+        elif key in FLAT_PATHS:
+            flat[key] = value
+        else:
+            out[key] = value
+    for key, value in flat.items():
+        if key in FLAT_PATHS:
+            part = out.setdefault(FLAT_PATHS[key], {})
+            if isinstance(part, dict):
+                part[key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def merge_values(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Merge settings given as (flat or nested) dicts, later ones winning setting by setting."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in nest(layer).items():
+            if key in PARTS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = dict(merged[key], **value)
+            else:
+                merged[key] = value
+    return merged
+
+
+class AuditConfig(_Part):
+    """Settings of one audit run: a tree of typed parts (see the module docstring).
+
+    Attributes
+    ----------
+    model : str
+        Built-in name, local checkpoint directory or hub id.
+    corpus : str
+        ``builtin``, a local ``.txt``/``.jsonl``/``.parquet`` file, or ``hf:NAME:CONFIG:SPLIT``-style hub name.
+    seed : int
+        Seed for every sampled quantity downstream (the paper's sampling seed, 42).
+    preset : str or None
+        The preset these settings came from, for the record.
+    observe, intervene, audit, prune, execution
+        The parts; each setting may also be read flat (``config.max_len`` is ``config.observe.max_len``).
+
+    Examples
+    --------
+    >>> config = AuditConfig(model="tiny-olmoe", max_len=64)        # flat, as on the command line
+    >>> config.observe.max_len == config.max_len == 64
+    True
+    """
+
+    model: str = "tiny-olmoe"
+    corpus: str = "builtin"
+    seed: int = 42
+    preset: str | None = None
+    observe: ObserveConfig = Field(default_factory=ObserveConfig)
+    intervene: InterveneSettings = Field(default_factory=InterveneSettings)
+    audit: AuditPart = Field(default_factory=AuditPart)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+
+    @model_validator(mode="before")
     @classmethod
-    def _nonempty_splits(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("a non-empty list of splits (train, calibration, heldout)")
-        return value
+    def _nest_flat_settings(cls, values: Any) -> Any:
+        return nest(values) if isinstance(values, dict) else values
+
+    def __getattr__(self, name: str) -> Any:
+        part = FLAT_PATHS.get(name)
+        if part is not None:
+            return getattr(getattr(self, part), name)
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    def replace(self, **changes: Any) -> "AuditConfig":
+        """A copy with some settings changed (flat or nested names), validated like any other."""
+        return build_config(merge_values(self.model_dump(), changes))
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """The fields that decide the content of the tables (batching, device and executor excluded)."""
-        return self.model_dump(exclude=EXECUTION_FIELDS)
+        """The settings that decide the content of the run directory's tables, flat by name."""
+        dumped = self.model_dump(mode="json", exclude=set(UNFINGERPRINTED))
+        out = {name: dumped[name] for name in ROOT_FIELDS}
+        for part in PARTS:
+            out.update(dumped.get(part, {}))
+        return out
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "AuditConfig":
-        import tomllib
-
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise InvalidParameterError(f"no such config file: {path}; pass an existing TOML file") from None
-        except tomllib.TOMLDecodeError as err:
-            raise InvalidParameterError(f"{path} is not valid TOML: {err}") from None
-        return build_config(data.get("audit", data))
+        return build_config(read_toml(path))
 
     @classmethod
     def from_manifest(cls, path: str | Path) -> "AuditConfig":
@@ -159,12 +363,28 @@ class AuditConfig(BaseModel):
         return build_config(data["config"])
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The settings of a TOML file (tables per part, or the flat layout of earlier versions)."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InvalidParameterError(f"no such config file: {path}; pass an existing TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InvalidParameterError(f"{path} is not valid TOML: {err}") from None
+    return nest(data)
+
+
 def build_config(values: dict[str, Any]) -> AuditConfig:
-    """Validate ``values`` into an AuditConfig; the first problem becomes one line in the house form."""
+    """Validate ``values`` (flat or nested) into an AuditConfig; the first problem becomes one house line."""
+    if not isinstance(values, dict):
+        raise InvalidParameterError(f"the configuration must be a table of settings; got {values!r}")
+    flat_given = {key for key in values if key in FLAT_PATHS}
     try:
         return AuditConfig(**values)
     except ValidationError as err:
-        raise config_error(err.errors()[0]) from None
+        raise config_error(err.errors()[0], flat_given) from None
 
 
 #: What each pydantic error type means, in the house wording (``{…}`` filled from the error's context).
@@ -182,30 +402,45 @@ _ALLOWED = {
     "bool_type": "true or false",
     "string_type": "a string",
     "list_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table of settings",
     "missing": "given",
 }
-
-
 #: Fields whose type error reads better as a description than as "a list".
-_LISTS = {
+_DESCRIBED = {
     "layers": "a list of MoE layer indices such as [0, 4, 7]",
     "router_probs_layers": 'a list of MoE layer indices or "all"',
-    "audit_metrics": "a list of metric names such as [\"reap\", \"frequency\"]",
+    "audit_metrics": 'a list of metric names such as ["reap", "frequency"]',
     "observe_splits": "a list of splits (train, calibration, heldout)",
+    "criteria": 'a list of criteria such as ["reap", "random"]',
+    "random_seeds": "a count >= 0 or a list of seeds",
+    "budget_weights": "a table of layer -> weight",
+    "directions": 'a table of criterion -> "low" or "high"',
 }
 
 
-def config_error(error: dict[str, Any]) -> InvalidParameterError:
+def config_error(error: dict[str, Any], flat_given: set[str] = frozenset()) -> InvalidParameterError:
     """One pydantic error as the house message: parameter, allowed values, bad value, what to do.
 
-    "`max_len` must be at least 2 (an integer); got 1. Fix it on the command line or in the config file."
+    "`max_len` must be at least 2; got 1. Change it on the command line or in the config file."  A setting
+    is named as the user spelled it: flat (``max_len``) when given flat, else with its part
+    (``observe.max_len``).
     """
-    loc = [part for part in error["loc"] if isinstance(part, str) and part in AuditConfig.model_fields]
-    name = loc[0] if loc else ".".join(str(part) for part in error["loc"]) or "config"
+    loc = [part for part in error["loc"] if isinstance(part, str)]
+    if loc and loc[0] in PARTS and len(loc) > 1:
+        leaf = loc[1]
+        name = leaf if leaf in flat_given else f"{loc[0]}.{leaf}"
+    else:
+        leaf = loc[0] if loc else "config"
+        name = leaf
     kind = error["type"]
     if kind == "extra_forbidden":
-        allowed = ", ".join(AuditConfig.model_fields)
-        return InvalidParameterError(f"unknown setting `{name}`; allowed settings are: {allowed}.")
+        if loc and loc[0] in PARTS and len(loc) > 1:
+            allowed = ", ".join(PARTS[loc[0]].model_fields)
+            return InvalidParameterError(f"unknown setting `{name}`; allowed in [{loc[0]}]: {allowed}.")
+        allowed = ", ".join([*ROOT_FIELDS[:2], *FLAT_PATHS, *ROOT_FIELDS[2:]])
+        return InvalidParameterError(f"unknown setting `{name}`; allowed settings are: {allowed} (flat, or in "
+                                     f"the tables {', '.join(f'[{p}]' for p in PARTS)}).")
     ctx = error.get("ctx") or {}
     if kind == "literal_error":
         allowed = "one of " + ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
@@ -214,15 +449,9 @@ def config_error(error: dict[str, Any]) -> InvalidParameterError:
     else:
         allowed = _ALLOWED.get(kind, error["msg"].removeprefix("Input should be ").rstrip("."))
         allowed = allowed.format(**ctx) if ctx else allowed
-    if len(error["loc"]) > 1 and isinstance(error["loc"][1], int):
+    if any(isinstance(part, int) for part in error["loc"]) and kind != "value_error":
         allowed = f"a list whose items are each {allowed}"
-    got = values_of(error)
-    if kind in ("list_type", "string_type") and name in _LISTS:
-        allowed = _LISTS[name]
-    return InvalidParameterError(f"`{name}` must be {allowed}; got {got!r}. Change it on the command line or in the "
-                                 "config file.")
-
-
-def values_of(error: dict[str, Any]) -> Any:
-    """The offending value (for a list item, the item)."""
-    return error.get("input")
+    if kind in ("list_type", "string_type", "int_type", "int_parsing", "dict_type") and leaf in _DESCRIBED:
+        allowed = _DESCRIBED[leaf]
+    return InvalidParameterError(f"`{name}` must be {allowed}; got {error.get('input')!r}. Change it on the command "
+                                 "line or in the config file.")

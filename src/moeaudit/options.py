@@ -31,6 +31,11 @@ ENGINES: tuple[str, ...] = get_args(Engine)
 Correction = Literal["bonferroni", "holm", "bh"]
 CORRECTIONS: tuple[str, ...] = get_args(Correction)
 
+#: The audit's test designs (arXiv 2606.10703, Sec. 3.3: ``paired``, the highest- vs lowest-metric contrast;
+#: the others are moeaudit's controls and complements).
+Design = Literal["paired", "routing_weight", "random_pair", "within_token", "expert_level"]
+DESIGNS: tuple[str, ...] = get_args(Design)
+
 #: Dataset splits (by document).
 Split = Literal["train", "calibration", "heldout"]
 SPLITS: tuple[str, ...] = get_args(Split)

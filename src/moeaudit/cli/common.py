@@ -65,17 +65,17 @@ def parse_int_list(text: str | None, name: str) -> list[int] | None:
 
 def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path | None):
     """Settings: defaults < stored manifest (existing run) < config file < flags given on the command line."""
-    from moeaudit.config import AuditConfig, build_config
+    from moeaudit.config import AuditConfig, build_config, merge_values, read_toml
     from moeaudit.rundir import MANIFEST
 
-    values: dict[str, Any] = {}
+    layers: list[dict[str, Any]] = []
     manifest = run_dir / MANIFEST
     if manifest.exists():
-        values.update(AuditConfig.from_manifest(manifest).model_dump())
+        layers.append(AuditConfig.from_manifest(manifest).model_dump())
     if config_file is not None:
-        values.update(AuditConfig.from_toml(config_file).model_dump(exclude_unset=True))
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return build_config(values)
+        layers.append(read_toml(config_file))
+    layers.append({k: v for k, v in overrides.items() if v is not None})
+    return build_config(merge_values(*layers))
 
 
 @contextmanager

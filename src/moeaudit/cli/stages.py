@@ -211,13 +211,11 @@ def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Pat
     hf_config = load_config(source, is_local, flags["model"])
     adapter = adapter_for(getattr(hf_config, "model_type", ""))
     moe_layers = probe_moe_layers(hf_config, adapter, flags["model"]) if adapter else []
-    values = preset_values(preset, flags["model"], moe_layers)
-    if config_file is not None:
-        from moeaudit.config import AuditConfig
+    from moeaudit.config import merge_values, read_toml
 
-        values.update(AuditConfig.from_toml(config_file).model_dump(exclude_unset=True))
-    values.update({k: v for k, v in flags.items() if v is not None})
-    return build_config(values)
+    values = preset_values(preset, flags["model"], moe_layers)
+    from_file = read_toml(config_file) if config_file is not None else {}
+    return build_config(merge_values(values, from_file, {k: v for k, v in flags.items() if v is not None}))
 
 
 def prune_command(
