@@ -53,7 +53,7 @@ def test_run_with_preset_end_to_end(tmp_path, monkeypatch, capsys):
             assert not exit_.code, capsys.readouterr().err
     manifest = json.loads((run_dir / "manifest.json").read_text())
     config = manifest["config"]
-    assert config["preset"] == "engmann2026" and config["layers"] == [0, 1, 2] and config["in_sample"]
+    assert config["preset"] == "engmann2026" and config["observe"]["layers"] == [0, 1, 2] and config["observe"]["in_sample"]
     tokens = pd.read_parquet(run_dir / "tokens.parquet")
     assert tokens.seq.nunique() == 100  # first 100 texts longer than 50 characters, one window each
     assert tokens.groupby("seq").pos.min().eq(0).all()

@@ -345,13 +345,18 @@ class AuditConfig(_Part):
         """A copy with some settings changed (flat or nested names), validated like any other."""
         return build_config(merge_values(self.model_dump(), changes))
 
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """The settings that decide the content of the run directory's tables, flat by name."""
-        dumped = self.model_dump(mode="json", exclude=set(UNFINGERPRINTED))
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name (JSON-ready), e.g. for a report's provenance table."""
+        dumped = self.model_dump(mode="json")
         out = {name: dumped[name] for name in ROOT_FIELDS}
         for part in PARTS:
-            out.update(dumped.get(part, {}))
+            out.update(dumped[part])
         return out
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The settings that decide the content of the run directory's tables, flat by name."""
+        flat = self.flat()
+        return {name: value for name, value in flat.items() if FLAT_PATHS.get(name) not in UNFINGERPRINTED}
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "AuditConfig":

@@ -44,7 +44,14 @@ class RunData:
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.manifest.get("config", {})
+        """The run's settings by flat name (``kind``, ``alpha``, ...), from the manifest's configuration tree."""
+        from moeaudit.config import AuditConfig
+
+        stored = self.manifest.get("config", {})
+        try:
+            return AuditConfig.model_validate(stored).flat()
+        except ValueError:  # a manifest of another version: show what it holds
+            return dict(stored)
 
     def stage(self, name: str) -> dict[str, Any]:
         return self.manifest.get("stages", {}).get(name, {}) or {}
