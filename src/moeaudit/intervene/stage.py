@@ -101,6 +101,15 @@ def intervene_work_units(seqs: np.ndarray, input_ids: torch.Tensor, attention_ma
     return units
 
 
+def engine_config_for(config) -> InterveneConfig:
+    """The engine settings of a run: its ``intervene`` part and the engine's ``execution`` settings."""
+    return InterveneConfig(kinds=(config.intervene.kind,), scopes=(config.intervene.scope,),
+                           engine=config.execution.engine, rows_per_call=config.execution.rows_per_call,
+                           reference_batch=config.execution.reference_batch,
+                           max_logit_elements=config.execution.max_logit_elements,
+                           noise_positions=config.intervene.noise_positions)
+
+
 def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
                   on_batch: Callable[[int, int], None] | None = None, executor=None) -> dict[str, Any]:
     """Census of single-expert removals (config ``kind`` / ``scope``), plus progressive ablation.
@@ -122,7 +131,7 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
         seqs, input_ids, attention_mask = windows_from_tokens(chosen, model.get("pad_token_id") or 0)
         if bool(attention_mask.all()):
             attention_mask = None
-        engine_config = InterveneConfig(kinds=(config.kind,), scopes=(config.scope,), engine=config.engine)
+        engine_config = engine_config_for(config)
         selections = [Selection.census(layers=config.layers) if config.intervene_n is None
                       else Selection.sample(config.intervene_n, seed=config.seed, layers=config.layers)]
         if config.progressive:
