@@ -237,10 +237,6 @@ def _register() -> None:
     _REGISTERED = True
 
 
-def native_implementation(model) -> str:
-    return str(model.config._attn_implementation)
-
-
 @contextmanager
 def attention_mode(model, state: AttentionState) -> Iterator[AttentionState]:
     """Route ``model``'s attention through :class:`AttentionState` for the block; always restore it."""

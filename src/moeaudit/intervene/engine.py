@@ -119,9 +119,6 @@ class InterveneConfig:
         if not isinstance(self.noise_positions, int) or self.noise_positions < 0:
             raise invalid("noise_positions", "a non-negative integer", self.noise_positions)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class InterveneStats:
