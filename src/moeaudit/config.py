@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -344,6 +345,16 @@ class AuditConfig(_Part):
     def replace(self, **changes: Any) -> "AuditConfig":
         """A copy with some settings changed (flat or nested names), validated like any other."""
         return build_config(merge_values(self.model_dump(), changes))
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> "AuditConfig":
+        """pydantic's copy, except that ``update`` takes flat or nested names and is validated.
+
+        pydantic's own ``model_copy(update=...)`` neither validates nor knows the parts, so a flat
+        name such as ``max_len`` would be set beside the tree instead of in ``observe``.
+        """
+        if not update:
+            return super().model_copy(deep=deep)
+        return self.replace(**dict(update))
 
     def flat(self) -> dict[str, Any]:
         """Every setting by its flat name (JSON-ready), e.g. for a report's provenance table."""
