@@ -21,9 +21,9 @@ SRC = Path(moeaudit.__file__).parent
 #: Lower layers never import higher ones. Within a layer, packages may not import each other in a circle.
 LAYERS: list[set[str]] = [
     {"errors", "options", "_version"},
-    {"config", "tables", "presets"},
+    {"config", "tables", "presets", "data"},
     {"rundir"},
-    {"stats", "data"},
+    {"stats"},
     {"models"},
     {"scale"},
     {"observe"},

@@ -19,7 +19,7 @@ import numpy as np
 
 from moeaudit.errors import invalid
 
-#: Decoder layers the paper audited, by checkpoint (PAPER.md, "Models and layers").
+#: Decoder layers the paper audited, by checkpoint (arXiv 2606.10703, its models and layers).
 ENGMANN2026_LAYERS: dict[str, list[int]] = {
     "allenai/OLMoE-1B-7B-0924": [0, 4, 7, 11, 15],
     "Qwen/Qwen1.5-MoE-A2.7B": [0, 6, 12, 18, 23],

@@ -15,12 +15,17 @@ import os
 import platform
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from moeaudit import __version__
 from moeaudit.config import AuditConfig
 from moeaudit.errors import RunDirectoryError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +33,51 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 TABLES = ("tokens", "routing", "router_probs", "expert_metrics", "expert_metrics_by_domain", "effects", "tests",
           "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals")
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """The windows of a run's ``tokens`` table, padded as the model sees them.
+
+    Attributes
+    ----------
+    seqs : numpy.ndarray, shape (B,)
+        Window ids (``seq``), ascending; row ``i`` of the matrices is window ``seqs[i]``.
+    token_ids : numpy.ndarray of int64, shape (B, T)
+        Right-padded with the model's pad id (:func:`moeaudit.data.windows.pad_token_rows`).
+    attention_mask : numpy.ndarray of int64, shape (B, T)
+        1 at a real token, 0 at padding.
+    domains : numpy.ndarray of object, shape (B, T), or None
+        Each token's document domain (None at padding and for documents without one); None when the
+        table has no domain at all.
+    """
+
+    seqs: "np.ndarray"
+    token_ids: "np.ndarray"
+    attention_mask: "np.ndarray"
+    domains: "np.ndarray | None"
+
+
+def token_windows(tokens: "pd.DataFrame", pad_id: int = 0) -> TokenWindows:
+    """:class:`TokenWindows` of the rows of a ``tokens`` table (columns ``seq``, ``pos``, ``token_id``,
+    optionally ``domain``); the windows in ``seq`` order."""
+    import numpy as np
+
+    from moeaudit.data.windows import pad_token_rows
+
+    tokens = tokens.sort_values(["seq", "pos"])
+    seqs = tokens["seq"].unique()
+    lengths = tokens.groupby("seq", sort=True).size().to_numpy()
+    flat = np.array(tokens["token_id"], dtype=np.int64)
+    ids, mask = pad_token_rows(np.split(flat, np.cumsum(lengths)[:-1]), pad_id)
+    domains = None
+    if "domain" in tokens and tokens["domain"].notna().any():
+        domains = np.full(ids.shape, None, dtype=object)
+        row_of = {int(s): i for i, s in enumerate(seqs)}
+        rows = tokens["seq"].map(row_of).to_numpy()
+        domains[rows, tokens["pos"].to_numpy()] = tokens["domain"].astype(object).where(
+            tokens["domain"].notna(), None).to_numpy()
+    return TokenWindows(seqs=seqs, token_ids=ids, attention_mask=mask, domains=domains)
 
 
 def config_fingerprint(config: AuditConfig) -> str:
@@ -182,6 +232,15 @@ class RunDir:
         if not path.exists():
             raise RunDirectoryError(f"{path.name} is missing in {self.path}; run the stage that writes it first")
         return pd.read_parquet(path, **kwargs)
+
+    def windows(self, split: str | None = None, *, pad_id: int = 0) -> TokenWindows | None:
+        """The observed windows of one split (``None``: every split), padded with ``pad_id``.
+
+        Returns None when the split has no window in this run.
+        """
+        tokens = self.read("tokens")
+        chosen = tokens if split is None else tokens[tokens["split"] == split]
+        return token_windows(chosen, pad_id) if len(chosen) else None
 
     def writing(self, name: str):
         """Context manager yielding a temporary path that becomes ``name.parquet`` only on success."""

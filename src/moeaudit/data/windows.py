@@ -13,17 +13,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 
 from moeaudit.data.documents import Document, seeded_rank
 from moeaudit.errors import CorpusError, invalid
+from moeaudit.options import SPLITS, Split
 
 logger = logging.getLogger(__name__)
 
-Split = Literal["train", "calibration", "heldout"]
-SPLITS: tuple[Split, ...] = get_args(Split)
 #: Default train / calibration / held-out fractions (of documents, not tokens).
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.8, 0.1, 0.1)
 #: A window needs at least two tokens: one to condition on and one to predict.
@@ -195,14 +194,8 @@ class WindowedCorpus:
         token_ids : numpy.ndarray of int64, shape (n_windows, max_len_in_selection)
         lengths : numpy.ndarray of int64, shape (n_windows,)
         """
-        chosen = self.select(split)
-        width = max((len(w) for w in chosen), default=0)
-        ids = np.full((len(chosen), width), pad_id, dtype=np.int64)
-        lengths = np.zeros(len(chosen), dtype=np.int64)
-        for i, w in enumerate(chosen):
-            ids[i, : len(w)] = w.token_ids
-            lengths[i] = len(w)
-        return ids, lengths
+        ids, mask = pad_token_rows([w.token_ids for w in self.select(split)], pad_id)
+        return ids, mask.sum(axis=1)
 
     def to_frame(self, split: Split | None = None):  # -> pandas.DataFrame
         """One row per window: ``seq, doc_id, domain, split, start, n_tokens, token_ids`` (list)."""
@@ -311,3 +304,29 @@ def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(values) != 3 or any(f < 0 for f in values) or abs(sum(values) - 1.0) > 1e-9:
         raise invalid("fractions", "three non-negative numbers (train, calibration, heldout) summing to 1", fractions)
     return values  # type: ignore[return-value]
+
+
+def pad_token_rows(rows: Sequence[Any], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token-id rows of unequal length into one matrix: the one padding rule of moeaudit.
+
+    Parameters
+    ----------
+    rows : sequence of 1-D integer array-likes
+        Token ids of each window, in the order the matrix rows should have.
+    pad_id : int
+        Id written after a row's last token (the model's pad token; masked out, never attended to).
+
+    Returns
+    -------
+    token_ids : numpy.ndarray of int64, shape (len(rows), longest row)
+    attention_mask : numpy.ndarray of int64, same shape
+        1 at a real token, 0 at padding.
+    """
+    lengths = [len(row) for row in rows]
+    width = max(lengths, default=0)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        ids[i, :n] = np.asarray(row, dtype=np.int64)
+        mask[i, :n] = 1
+    return ids, mask

@@ -15,21 +15,13 @@ import torch
 
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects, single_expert_rows
 from moeaudit.models.moe_model import MoEModel
-from moeaudit.rundir import RunDir
+from moeaudit.rundir import RunDir, token_windows
 
 def windows_from_tokens(tokens: pd.DataFrame, pad_id: int = 0) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-    """(seqs, input_ids [B, T], attention_mask [B, T]) from a tokens table, windows in ``seq`` order."""
-    tokens = tokens.sort_values(["seq", "pos"])
-    seqs = tokens["seq"].unique()
-    lengths = tokens.groupby("seq", sort=True).size().to_numpy()
-    ids = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    flat = torch.from_numpy(np.array(tokens["token_id"], dtype=np.int64))  # a writable copy
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    for row, n in enumerate(lengths):
-        ids[row, :n] = flat[offsets[row] : offsets[row] + n]
-        mask[row, :n] = 1
-    return seqs, ids, mask
+    """(seqs, input_ids [B, T], attention_mask [B, T]) from a tokens table, windows in ``seq`` order
+    (:func:`moeaudit.rundir.token_windows` as tensors)."""
+    windows = token_windows(tokens, pad_id)
+    return windows.seqs, torch.from_numpy(windows.token_ids), torch.from_numpy(windows.attention_mask)
 
 
 def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:

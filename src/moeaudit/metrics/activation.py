@@ -88,7 +88,8 @@ def act_std(expert: ArrayLike, act_norm: ArrayLike, *, num_experts: int) -> NDAr
     Notes
     -----
     Computed in two passes (mean, then squared deviations) for numerical stability. The engmann2026
-    Qwen script took the std over output *values*; this is the std over per-token *norms* (PAPER.md).
+    Qwen script took the std over output *values*; this is the std over per-token *norms*
+    (github.com/callmeloui/observational_metrics, the scripts of arXiv 2606.10703).
 
     References
     ----------

@@ -108,7 +108,8 @@ def mean_gate_active(expert: ArrayLike, raw_gate: ArrayLike, *, num_experts: int
     Notes
     -----
     "Active" is the token's own top-k set :math:`A(t)` (a per-token mask). The engmann2026 OLMoE script
-    instead thresholded the probability globally; that is not this metric (PAPER.md).
+    instead thresholded the probability globally; that is not this metric (github.com/callmeloui/observational_metrics, the
+    scripts of arXiv 2606.10703).
 
     References
     ----------

@@ -551,7 +551,7 @@ router's own per-token weight, and where does removing several active experts st
 <div class="scroll"><table class="summary"><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>
 </section>
 {chr(10).join(bodies)}
-<footer>Definitions: DESIGN.md of moeaudit; protocol of the audit: Engmann, Medeiros Adriano, Giese, arXiv 2606.10703.
+<footer>Definitions: the docstrings of moeaudit (<code>moeaudit.metrics</code>, <code>moeaudit.stats</code>); protocol of the audit: Engmann, Medeiros Adriano, Giese, arXiv 2606.10703.
 Cells and figures are computed from the Parquet tables in each run directory; <code>moeaudit query RUN_DIR "SQL"</code>
 reads them directly.</footer>
 </main></body></html>

@@ -1,5 +1,6 @@
 """The paired contrast: the paper's test of whether a metric's top-ranked expert matters more than its
-bottom-ranked one at the same token (DESIGN.md, "paired contrast")."""
+bottom-ranked one at the same token (Engmann, Medeiros Adriano, Giese, arXiv 2606.10703, the
+causal-effectiveness test of a metric)."""
 
 from __future__ import annotations
 
