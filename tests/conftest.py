@@ -1,4 +1,4 @@
-"""Helpers shared by every test package: developer scripts loaded by path."""
+"""Helpers shared by every test package: developer scripts loaded by path, the one-line error check."""
 
 from __future__ import annotations
 
@@ -31,3 +31,13 @@ def load_script(name: str) -> ModuleType:
         del sys.modules[module_name]
         raise
     return module
+
+
+def one_line_error(code, err, *fragments):
+    """A CLI user error: exit code 2 and one ``error: ...`` line on stderr holding every fragment."""
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

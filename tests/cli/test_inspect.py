@@ -12,6 +12,7 @@ import torch
 
 from moeaudit.models import wrap_model
 from moeaudit.models.testing import FAMILIES, tiny_config, tiny_model
+from tests.conftest import one_line_error
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,15 +52,6 @@ def save_config_only(path, config):
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
-
-
-def one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_dense_model_refused(tmp_path, cli):
