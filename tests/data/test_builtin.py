@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections import Counter
 
 import pytest
@@ -16,9 +15,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_builtin_mix_has_all_three_kinds_and_is_balanced() -> None:
-    started = time.perf_counter()
     docs = load_documents("builtin", max_docs_per_domain=20)
-    assert time.perf_counter() - started < 5.0
     domains = Counter(d.domain for d in docs)
     assert {"code", "docs"} <= set(domains)
     wiki = set(domains) - {"code", "docs"}
