@@ -110,6 +110,7 @@ def test_bad_dtype_refused(tmp_path, cli):
     one_line_error(code, err, "`dtype` must be one of float32, bfloat16, float16")
 
 
+@pytest.mark.slow
 def test_hub_without_network_is_one_line(tmp_path):
     """A real process: the hub id cannot be reached (offline mode), one line on stderr, exit 2."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TRANSFORMERS_VERBOSITY="error")
@@ -119,6 +120,7 @@ def test_hub_without_network_is_one_line(tmp_path):
                    "pass a local directory")
 
 
+@pytest.mark.slow
 def test_version_and_help():
     proc = subprocess.run([sys.executable, "-m", "moeaudit", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "moeaudit 0.1.0"

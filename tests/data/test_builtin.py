@@ -26,6 +26,7 @@ def test_builtin_mix_has_all_three_kinds_and_is_balanced() -> None:
     assert all(d.doc_id.startswith(("wiki:", "code:", "docs:")) for d in docs)
 
 
+@pytest.mark.slow
 def test_builtin_mix_is_deterministic_nested_and_capped() -> None:
     small = BuiltinMix(max_chars_per_domain=10_000).documents()
     again = BuiltinMix(max_chars_per_domain=10_000).documents()

@@ -89,6 +89,7 @@ def training_corpus():
     return load_script("train_builtin").training_windows()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_heldout_perplexity_is_far_below_unigram_and_matches_the_card(name: str, training_corpus) -> None:
     from moeaudit.data import wiki_package_version
@@ -185,6 +186,7 @@ def test_tokenizer_training_writes_a_loadable_tokenizer(tmp_path: Path) -> None:
     assert tokenizer.convert_ids_to_tokens([0, 1]) == ["<|endoftext|>", "<|pad|>"]
 
 
+@pytest.mark.slow
 def test_training_script_runs_a_few_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
 

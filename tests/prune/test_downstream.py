@@ -26,8 +26,11 @@ from moeaudit.prune.downstream import DOWNSTREAM_COLUMNS
 from tests.cli.conftest import cli  # noqa: F401  (the shared in-process CLI fixture)
 from tests.conftest import one_line_error
 
-pytestmark = pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
-                                reason="built-in model weights not present")
+pytestmark = [
+    pytest.mark.slow,  # end-to-end: deselected by -m "not slow"
+    pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
+                       reason="built-in model weights not present"),
+]
 
 TASK = "tiny_mc"
 KEEP = 24  # of the 32 routed experts per MoE layer
