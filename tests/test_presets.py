@@ -28,6 +28,7 @@ def test_paper_layers_per_checkpoint():
         preset_values("paper", "x", [0])
 
 
+@pytest.mark.slow
 def test_run_with_preset_end_to_end(tmp_path, monkeypatch, capsys):
     from transformers import AutoTokenizer
 

@@ -97,6 +97,7 @@ def test_deterministic_for_seed():
     assert not a.equals(c)
 
 
+@pytest.mark.slow
 def test_false_positive_rate_under_null():
     """Null ΔNLL: over 200 seeded replicates the single-cell dual test rejects at most at ~alpha."""
     rejections = 0

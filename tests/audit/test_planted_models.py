@@ -52,6 +52,8 @@ from moeaudit.models import wrap_model
 from moeaudit.models.testing import tiny_model
 from moeaudit.observe import observe
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by -m "not slow"
+
 torch.set_num_threads(1)
 
 LAYER, E, K, T, VOCAB = 2, 8, 4, 32, 96

@@ -13,8 +13,11 @@ from moeaudit.cli import main
 from tests.cli.conftest import restored_logging
 from moeaudit.models import builtin
 
-pytestmark = pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
-                                reason="built-in model weights not present")
+pytestmark = [
+    pytest.mark.slow,  # end-to-end: deselected by -m "not slow"
+    pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
+                       reason="built-in model weights not present"),
+]
 
 
 @pytest.fixture(scope="module")

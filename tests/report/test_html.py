@@ -18,6 +18,8 @@ import pytest
 from moeaudit.report import SECTIONS, write_report
 from tests.report.conftest import make_run
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by -m "not slow"
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-default-apps", "--disable-sync",

@@ -61,6 +61,7 @@ def test_with_halving_gives_up_at_one_and_passes_other_errors():
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
+@pytest.mark.slow
 def test_observe_halves_the_batch_on_out_of_memory(tmp_path, moe, monkeypatch, caplog):
     reference = RunDir(tmp_path / "reference", _config(batch_size=2))
     run_observe(reference, moe=moe)
@@ -78,6 +79,7 @@ def test_observe_halves_the_batch_on_out_of_memory(tmp_path, moe, monkeypatch, c
     assert_same_tables(reference.path, tmp_path / "limited", tables=("tokens", "routing", "router_probs"))
 
 
+@pytest.mark.slow
 def test_intervene_halves_rows_per_call_on_out_of_memory(tmp_path, moe, monkeypatch):
     run = RunDir(tmp_path, _config())
     run_observe(run, moe=moe)

@@ -11,6 +11,8 @@ import pytest
 from tests.cli.conftest import cli  # noqa: F401  (fixture)
 from tests.scale.conftest import SMALL_RUN, assert_same_tables
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by -m "not slow"
+
 ray = pytest.importorskip("ray", reason='the ray executor is tested with the [ray] extra installed')
 
 

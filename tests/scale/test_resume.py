@@ -24,6 +24,8 @@ from moeaudit.rundir import RunDir
 from tests.cli.conftest import cli  # noqa: F401  (fixture)
 from tests.scale.conftest import SMALL_RUN, assert_same_tables
 
+pytestmark = pytest.mark.slow  # end-to-end: deselected by -m "not slow"
+
 
 def _moeaudit(*args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -12,9 +12,10 @@ Sources: ``"builtin"`` (:class:`BuiltinMix`), a local ``.txt`` / ``.jsonl`` / ``
 from __future__ import annotations
 
 from moeaudit.data.builtin import BuiltinMix, wiki_package_version
-from moeaudit.data.documents import Document, DocumentSource, load_documents, resolve_source, seeded_sample
+from moeaudit.data.documents import Document, DocumentSource, seeded_sample
 from moeaudit.data.hub import HubDataset
 from moeaudit.data.local import LocalFileSource
+from moeaudit.data.sources import load_documents, resolve_source
 from moeaudit.data.windows import (
     DEFAULT_FRACTIONS,
     SPLITS,

@@ -1,8 +1,9 @@
 """Documents and the one interface every corpus source implements.
 
 A source turns something a user names (``"builtin"``, a local file, a Hugging Face dataset) into a
-deterministic list of :class:`Document`. Everything after this point (tokenising, windowing, splitting)
-is source-agnostic; see :mod:`moeaudit.data.windows`.
+deterministic list of :class:`Document`; :mod:`moeaudit.data.sources` picks the source for a name.
+Everything after this point (tokenising, windowing, splitting) is source-agnostic; see
+:mod:`moeaudit.data.windows`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from moeaudit.errors import CorpusError, invalid
+from moeaudit.errors import CorpusError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ class Document:
 class DocumentSource(Protocol):
     """What every corpus source provides.
 
-    ``spec`` is the string that recreates the source through :func:`resolve_source` (stored in the run
+    ``spec`` is the string that recreates the source through
+    :func:`~moeaudit.data.sources.resolve_source` (stored in the run
     manifest); :meth:`documents` returns the same list every time it is called with the same arguments.
     """
 
@@ -88,68 +89,3 @@ def check_nonempty(documents: Iterable[Document], spec: str) -> list[Document]:
     if not docs:
         raise CorpusError(f"corpus {spec!r} has no non-empty documents; pass a file with some text in it.")
     return docs
-
-
-def _looks_like_file(spec: str) -> bool:
-    suffix = Path(spec).suffix.lower()
-    return ":" not in spec and 1 < len(suffix) <= 9 and suffix[1:].isalnum()
-
-
-def resolve_source(source: str | Path | DocumentSource, **options: Any) -> DocumentSource:
-    """Turn a user's corpus argument into a :class:`DocumentSource`.
-
-    Parameters
-    ----------
-    source : str, Path or DocumentSource
-        ``"builtin"`` for the built-in mix; a path to a ``.txt``, ``.jsonl`` or ``.parquet`` file; a
-        Hugging Face dataset as ``name[:config[:split]]`` (e.g. ``"wikitext:wikitext-2-raw-v1:test"``),
-        optionally prefixed with ``"hf:"``; or a ready source object (returned as is).
-    **options
-        Passed to the source's constructor (``max_docs``, ``seed``, ``text_field``, ...).
-
-    Returns
-    -------
-    DocumentSource
-
-    Examples
-    --------
-    >>> resolve_source("builtin", max_chars_per_domain=20_000).spec  # doctest: +SKIP
-    'builtin'
-    """
-    if isinstance(source, DocumentSource) and not isinstance(source, (str, Path)):
-        return source
-    from moeaudit.data.builtin import BuiltinMix
-    from moeaudit.data.hub import HubDataset
-    from moeaudit.data.local import LocalFileSource
-
-    spec = str(source)
-    path = Path(spec).expanduser()
-    if spec == "builtin":
-        return _construct(BuiltinMix, options)
-    if spec.startswith("hf:"):
-        return _construct(HubDataset, options, spec[3:])
-    if path.exists() or isinstance(source, Path):
-        return _construct(LocalFileSource, options, path)
-    if _looks_like_file(spec):
-        raise CorpusError(f"corpus file {spec!r} does not exist; check the path (or use 'builtin').")
-    return _construct(HubDataset, options, spec)
-
-
-def _construct(cls: type, options: dict[str, Any], *args: Any) -> DocumentSource:
-    accepted = [f.name for f in fields(cls) if f.init][len(args) :]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise invalid(unknown[0], f"not set: {cls.__name__} accepts only {', '.join(accepted)}", options[unknown[0]])
-    return cls(*args, **options)
-
-
-def load_documents(source: str | Path | DocumentSource, **options: Any) -> list[Document]:
-    """Documents of ``source`` (see :func:`resolve_source` for what ``source`` may be).
-
-    Examples
-    --------
-    >>> docs = load_documents("builtin", max_chars_per_domain=20_000)  # doctest: +SKIP
-    >>> sorted({d.domain for d in docs})[:3]  # doctest: +SKIP
-    ['Arts', 'Biology and health sciences', 'Everyday life']
-    """
-    return resolve_source(source, **options).documents()

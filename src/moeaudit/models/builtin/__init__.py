@@ -1,8 +1,8 @@
 """The three tiny trained MoE models that ship with moeaudit, and their shared tokenizer.
 
 Each model mirrors one architecture of the paper (Engmann et al. 2026, arXiv 2606.10703) at toy scale and
-is trained on the built-in corpus by :mod:`moeaudit.models.builtin.train`
-(``python scripts/train_builtin.py``):
+is trained on the built-in corpus by the developer script ``scripts/train_builtin.py`` (in the source
+repository, not installed with the package):
 
 ==================  ==========================  =====================================================
 name                class                       MoE block

@@ -1,0 +1,43 @@
+"""Helpers shared by every test package: developer scripts loaded by path, the one-line error check."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+#: The repository root (``scripts/`` lives here; it is not part of the installed package).
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    """The developer script ``<repo>/scripts/<name>.py`` as a module (loaded once, then cached).
+
+    Scripts are tooling, not package code: they are not importable by name, so tests load them by path.
+    """
+    module_name = f"_moeaudit_script_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    path = REPO / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no script {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses look their module up while the script executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+def one_line_error(code, err, *fragments):
+    """A CLI user error: exit code 2 and one ``error: ...`` line on stderr holding every fragment."""
+    assert code == 2, err
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
