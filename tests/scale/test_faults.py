@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import moeaudit.intervene.stage as intervene_stage
-import moeaudit.observe as observe_module
+import moeaudit.observe.forward as observe_module
 from moeaudit.config import AuditConfig
 from moeaudit.errors import CorpusError, InvalidParameterError, MoeAuditError, NonFiniteError, RunDirectoryError
 from moeaudit.intervene.stage import run_intervene

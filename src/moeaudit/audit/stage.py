@@ -9,8 +9,8 @@ import pandas as pd
 from moeaudit.audit import AuditSettings, audit
 from moeaudit.stats import cliff, progressive_summary
 from moeaudit.errors import RunDirectoryError
-from moeaudit.intervene.engine import single_expert_rows
 from moeaudit.rundir import RunDir
+from moeaudit.tables import single_expert_rows
 
 
 def single_expert_effects(effects: pd.DataFrame, kind: str, scope: str) -> pd.DataFrame:

@@ -28,6 +28,7 @@ from moeaudit.intervene.reference import reference_logits
 from moeaudit.intervene.selection import Plan, Selection, gate_ranks, plan_layer, sample_targets
 from moeaudit.models.hooks import ABLATION_KINDS
 from moeaudit.models.moe_model import MoEModel
+from moeaudit.tables import EFFECT_COLUMNS, single_expert_rows  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -37,32 +38,6 @@ ENGINES: tuple[str, ...] = ("fast", "reference")
 SCOPES: tuple[str, ...] = ("token", "sequence")
 #: Noise floor (nats) above which a warning is logged.
 NOISE_WARNING = 1e-4
-
-#: Columns of the ``effects`` table, in order (DESIGN.md data contract first).
-EFFECT_COLUMNS: tuple[str, ...] = (
-    "layer", "seq", "pos", "expert", "kind", "scope",
-    "delta_nll", "kl", "top1_flip", "raw_gate", "gate_rank",
-    "delta_nll_later_sum", "gap_norm", "compensation_cos", "estimate",
-    "j", "role", "shared", "combine_weight", "nll_clean", "selection", "engine",
-)
-
-
-def single_expert_rows(effects: pd.DataFrame) -> pd.DataFrame:
-    """Exact removals of one routed expert: no gradient estimates, shared-expert or progressive (j > 1) rows.
-
-    Tolerates tables that lack some of those columns (e.g. written by other tools): a missing column
-    filters nothing.
-    """
-    keep = pd.Series(True, index=effects.index)
-    if "estimate" in effects:
-        keep &= ~effects["estimate"].astype(bool)
-    if "shared" in effects:
-        keep &= ~effects["shared"].astype(bool)
-    if "j" in effects:
-        keep &= effects["j"] == 1
-    if "selection" in effects:
-        keep &= effects["selection"] != "progressive"
-    return effects[keep]
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from moeaudit.intervene import InterveneConfig, Selection, compute_effects, single_expert_rows
+from moeaudit.intervene import InterveneConfig, Selection, compute_effects
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir, token_windows
+from moeaudit.tables import single_expert_rows
 
 def windows_from_tokens(tokens: pd.DataFrame, pad_id: int = 0) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """(seqs, input_ids [B, T], attention_mask [B, T]) from a tokens table, windows in ``seq`` order

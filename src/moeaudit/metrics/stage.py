@@ -29,7 +29,7 @@ def layer_weights(moe: MoEModel) -> dict[int, dict[str, Any]]:
 
 
 def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
-    from moeaudit.observe import read_router_probs
+    from moeaudit.observe.forward import read_router_probs
     from moeaudit.models.loading import model_from_config
 
     routing = run.read("routing")

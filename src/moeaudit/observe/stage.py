@@ -41,7 +41,8 @@ def observe_unit(moe: MoEModel, payload: dict[str, Any]):
     """Compute one observe work unit: its windows' tokens / routing / router_probs tables and counters."""
     import pyarrow as pa
 
-    from moeaudit.observe import ObserveStats, TOKENS_SCHEMA, ROUTING_SCHEMA, observe_batches, router_probs_schema
+    from moeaudit.observe.forward import ObserveStats, observe_batches
+    from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_probs_schema
     from moeaudit.scale import UnitResult
 
     stats = ObserveStats()
@@ -62,7 +63,7 @@ def observe_unit(moe: MoEModel, payload: dict[str, Any]):
 
 def observe_work_units(windows: Sequence[Any], config: AuditConfig) -> list[Any]:
     """The observe stage's units: ``unit_windows`` consecutive windows (in ``seq`` order) each."""
-    from moeaudit.observe import WindowInput
+    from moeaudit.observe.forward import WindowInput
     from moeaudit.scale import WorkUnit
     from moeaudit.scale.units import chunks, unit_id
 

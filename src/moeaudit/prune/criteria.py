@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.errors import InvalidParameterError, RunDirectoryError, invalid
+from moeaudit.tables import single_expert_rows
 
 logger = logging.getLogger(__name__)
 
@@ -289,8 +290,6 @@ def oracle_delta_nll(effects: pd.DataFrame, num_experts: Mapping[int, int], *, k
     missing = needed - set(effects.columns)
     if missing:
         raise RunDirectoryError(f"effects.parquet lacks columns {sorted(missing)}; rerun `moeaudit intervene`")
-    from moeaudit.intervene.engine import single_expert_rows
-
     rows = single_expert_rows(effects)
     if rows.empty:
         raise RunDirectoryError("effects.parquet has no exact single-expert removals; run `moeaudit intervene`")

@@ -32,13 +32,11 @@ from typing import Any, Iterator, Literal, Sequence, get_args
 import pandas as pd
 
 from moeaudit.errors import CorpusError, InvalidParameterError, ModelLoadError, MoeAuditError, invalid
+from moeaudit.tables import DOWNSTREAM_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-
-#: Columns of :attr:`DownstreamResult.table`, in order.
-DOWNSTREAM_COLUMNS: tuple[str, ...] = ("task", "metric", "filter", "value", "stderr", "n")
 
 #: Files that make a directory a loadable tokenizer (the same set :mod:`moeaudit.models.loading` checks).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")

@@ -15,10 +15,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import hypergeom
 
-RANDOM = "random"
+from moeaudit.tables import JACCARD_COLUMNS
 
-JACCARD_COLUMNS: tuple[str, ...] = ("criterion_a", "criterion_b", "ratio", "layer", "jaccard", "n_pairs",
-                                    "expected_random", "n_dropped", "num_experts")
+RANDOM = "random"
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:

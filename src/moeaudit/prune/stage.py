@@ -53,19 +53,13 @@ from moeaudit.prune.criteria import (
 )
 from moeaudit.prune.jaccard import jaccard_table, layer_jaccard_summary
 from moeaudit.rundir import RunDir
+from moeaudit.tables import EVALS_SCHEMA, PRUNING_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 ALL_LAYERS, SINGLE_LAYER = "all_layers", "single_layer"
 #: Random draws per ratio by default: enough for a 5–95 % band (a 20-draw band is its 2nd and 19th value).
 DEFAULT_RANDOM_SEEDS = 20
-
-PRUNING_COLUMNS: tuple[str, ...] = (
-    "criterion", "ratio", "seed", "mode", "layer", "kept", "dropped", "n_dropped", "num_experts",
-    "heldout_nll", "heldout_ppl", "mean_kl", "delta_nll", "unpruned_nll", "unpruned_ppl", "n_tokens",
-    "random_percentile", "random_median_nll", "criterion_kind", "direction", "guard", "budget",
-)
-
 
 def _seeds(random_seeds: int | Sequence[int], base: int) -> list[int]:
     if isinstance(random_seeds, (int, np.integer)) and not isinstance(random_seeds, bool):
@@ -358,14 +352,10 @@ def run_prune(
 #: Distinct pruned configurations per work unit: each unit also runs the unpruned model once per batch
 #: (for the KL), so larger units waste less; smaller ones lose less to an interruption.
 CONFIGS_PER_UNIT = 16
-EVALS_SCHEMA_FIELDS = (("config", "int32"), ("domain", "string"), ("n_tokens", "int64"), ("heldout_nll", "float64"),
-                       ("heldout_ppl", "float64"), ("mean_kl", "float64"))
 
 
 def _evals_schema():
-    import pyarrow as pa
-
-    return pa.schema([(name, getattr(pa, kind)()) for name, kind in EVALS_SCHEMA_FIELDS])
+    return EVALS_SCHEMA
 
 
 def prune_eval_unit(moe, payload: dict[str, Any]):

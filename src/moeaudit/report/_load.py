@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.rundir import RunDir
+from moeaudit.tables import single_expert_sql
 
 logger = logging.getLogger(__name__)
 
@@ -82,21 +83,8 @@ class RunData:
 
     def _single_expert_filter(self) -> tuple[str, list[Any]]:
         """SQL WHERE for exact single-expert removals of the run's kind and scope (as the audit uses)."""
-        cols = self._effects_columns()
-        where, params = ["TRUE"], []
-        for column, value in (("kind", self.config.get("kind")), ("scope", self.config.get("scope"))):
-            if column in cols and value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if "estimate" in cols:
-            where.append("NOT coalesce(estimate, FALSE)")
-        if "shared" in cols:
-            where.append("NOT coalesce(shared, FALSE)")
-        if "j" in cols:
-            where.append("coalesce(j, 1) = 1")
-        if "selection" in cols:
-            where.append("coalesce(selection, '') <> 'progressive'")
-        return " AND ".join(where), params
+        return single_expert_sql(self._effects_columns(), kind=self.config.get("kind"),
+                                 scope=self.config.get("scope"))
 
     @functools.cached_property
     def expert_effects(self) -> pd.DataFrame | None:

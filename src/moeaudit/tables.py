@@ -1,0 +1,175 @@
+"""The tables a run writes: each one's columns, declared once, and the one definition of single-expert rows.
+
+Every stage that writes a table and every reader that filters one takes its columns from here, so a
+column is added in one place. Torch-free (pyarrow and pandas only): the audit and the report import it.
+
+Tables (one Parquet file each in a run directory):
+
+``tokens``
+    One row per real (non-padding) position: :data:`TOKENS_SCHEMA`.
+``routing``
+    One row per (layer, seq, pos, slot) of a selected expert: :data:`ROUTING_SCHEMA`.
+``router_probs``
+    Full router probabilities of chosen layers: :func:`router_probs_schema`.
+``effects``
+    One row per intervention at a token: :data:`EFFECT_COLUMNS`.
+``pruning``
+    One row per pruned configuration: :data:`PRUNING_COLUMNS`.
+``prune_evals``
+    The prune stage's per-unit evaluations: :data:`EVALS_SCHEMA`.
+``jaccard``, ``downstream``
+    :data:`JACCARD_COLUMNS`, :data:`DOWNSTREAM_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+
+__all__ = [
+    "DOWNSTREAM_COLUMNS",
+    "EFFECT_COLUMNS",
+    "EVALS_SCHEMA",
+    "EVALS_SCHEMA_FIELDS",
+    "JACCARD_COLUMNS",
+    "PRUNING_COLUMNS",
+    "ROUTING_SCHEMA",
+    "TOKENS_SCHEMA",
+    "router_probs_schema",
+    "single_expert_rows",
+    "single_expert_sql",
+]
+
+#: ``tokens``: ``nll`` is the NLL of the next token (null at a window's last position).
+TOKENS_SCHEMA = pa.schema([
+    ("seq", pa.int32()), ("pos", pa.int32()), ("token_id", pa.int32()), ("nll", pa.float32()),
+    ("domain", pa.string()), ("split", pa.string()),
+])
+
+#: ``routing``: ``raw_gate`` is the router probability of the selected expert (the paper's gate weight,
+#: arXiv 2606.10703 Sec. 3.1), ``combine_weight`` what the architecture multiplies the expert output by,
+#: ``renorm_gate`` the raw gate over the token's selected raw gates; ``slot`` 0 is the largest raw gate.
+ROUTING_SCHEMA = pa.schema([
+    ("layer", pa.int16()), ("seq", pa.int32()), ("pos", pa.int32()), ("slot", pa.int8()), ("expert", pa.int16()),
+    ("raw_gate", pa.float32()), ("combine_weight", pa.float32()), ("renorm_gate", pa.float32()),
+    ("act_norm", pa.float32()), ("act_max_abs", pa.float32()),
+])
+
+
+def router_probs_schema(num_experts: int) -> pa.Schema:
+    """Schema of ``router_probs``: ``layer``, ``seq``, ``pos`` and ``probs``, a float16 list of length E.
+
+    Parameters
+    ----------
+    num_experts : int
+        E, the number of routed experts of the recorded layers (one count for the whole table).
+
+    Returns
+    -------
+    pyarrow.Schema
+    """
+    return pa.schema([("layer", pa.int16()), ("seq", pa.int32()), ("pos", pa.int32()),
+                      ("probs", pa.list_(pa.float16(), num_experts))])
+
+
+#: Columns of the ``effects`` table, in order. ``delta_nll`` is the causal effect of the intervention
+#: (arXiv 2606.10703 Sec. 3.2); ``estimate`` marks gradient estimates, ``shared`` shared-expert rows and
+#: ``j`` the number of experts removed together (progressive rows have ``selection == "progressive"``).
+EFFECT_COLUMNS: tuple[str, ...] = (
+    "layer", "seq", "pos", "expert", "kind", "scope",
+    "delta_nll", "kl", "top1_flip", "raw_gate", "gate_rank",
+    "delta_nll_later_sum", "gap_norm", "compensation_cos", "estimate",
+    "j", "role", "shared", "combine_weight", "nll_clean", "selection", "engine",
+)
+
+#: Columns of the ``pruning`` table, in order.
+PRUNING_COLUMNS: tuple[str, ...] = (
+    "criterion", "ratio", "seed", "mode", "layer", "kept", "dropped", "n_dropped", "num_experts",
+    "heldout_nll", "heldout_ppl", "mean_kl", "delta_nll", "unpruned_nll", "unpruned_ppl", "n_tokens",
+    "random_percentile", "random_median_nll", "criterion_kind", "direction", "guard", "budget",
+)
+
+#: The prune stage's evaluation rows (one per pruned configuration and domain), as (name, pyarrow type).
+EVALS_SCHEMA_FIELDS: tuple[tuple[str, str], ...] = (
+    ("config", "int32"), ("domain", "string"), ("n_tokens", "int64"), ("heldout_nll", "float64"),
+    ("heldout_ppl", "float64"), ("mean_kl", "float64"),
+)
+EVALS_SCHEMA = pa.schema([(name, getattr(pa, kind)()) for name, kind in EVALS_SCHEMA_FIELDS])
+
+#: Columns of :func:`moeaudit.prune.jaccard_table`, in order.
+JACCARD_COLUMNS: tuple[str, ...] = ("criterion_a", "criterion_b", "ratio", "layer", "jaccard", "n_pairs",
+                                    "expected_random", "n_dropped", "num_experts")
+
+#: Columns of :attr:`moeaudit.prune.DownstreamResult.table`, in order.
+DOWNSTREAM_COLUMNS: tuple[str, ...] = ("task", "metric", "filter", "value", "stderr", "n")
+
+
+def single_expert_rows(effects: pd.DataFrame) -> pd.DataFrame:
+    """Exact removals of one routed expert: no gradient estimates, shared-expert or progressive (j > 1) rows.
+
+    The rows the audit tests and the oracle criterion scores (arXiv 2606.10703 Sec. 3.2 removes one expert
+    at a time). :func:`single_expert_sql` is the same filter for DuckDB.
+
+    Parameters
+    ----------
+    effects : DataFrame
+        An ``effects`` table. Tables that lack some of ``estimate``, ``shared``, ``j``, ``selection``
+        (e.g. written by other tools) are accepted: a missing column filters nothing.
+
+    Returns
+    -------
+    DataFrame
+        The kept rows of ``effects`` (same index and columns).
+    """
+    keep = pd.Series(True, index=effects.index)
+    if "estimate" in effects:
+        keep &= ~effects["estimate"].astype(bool)
+    if "shared" in effects:
+        keep &= ~effects["shared"].astype(bool)
+    if "j" in effects:
+        keep &= effects["j"] == 1
+    if "selection" in effects:
+        keep &= effects["selection"] != "progressive"
+    return effects[keep]
+
+
+def single_expert_sql(columns: Collection[str], *, kind: str | None = None,
+                      scope: str | None = None) -> tuple[str, list[Any]]:
+    """SQL ``WHERE`` clause (DuckDB) for exact single-expert removals, as :func:`single_expert_rows`.
+
+    Parameters
+    ----------
+    columns : collection of str
+        The columns the ``effects`` table has; a filter on an absent column is left out.
+    kind, scope : str, optional
+        Also keep only this intervention kind / scope (where the table has the column).
+
+    Returns
+    -------
+    where : str
+        The conditions joined by ``AND`` (``"TRUE"`` when there are none), with ``?`` placeholders.
+    params : list
+        The placeholders' values, in order.
+
+    Notes
+    -----
+    Null flags count as false and a null ``j`` as 1, so rows of tables written without those values
+    are kept.
+    """
+    where, params = ["TRUE"], []
+    for column, value in (("kind", kind), ("scope", scope)):
+        if column in columns and value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if "estimate" in columns:
+        where.append("NOT coalesce(estimate, FALSE)")
+    if "shared" in columns:
+        where.append("NOT coalesce(shared, FALSE)")
+    if "j" in columns:
+        where.append("coalesce(j, 1) = 1")
+    if "selection" in columns:
+        where.append("coalesce(selection, '') <> 'progressive'")
+    return " AND ".join(where), params
