@@ -22,12 +22,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from moeaudit.options import RANDOM
 from moeaudit.prune.criteria import (
     DEFAULT_RATIOS,
     DIRECTIONS,
     ORACLE_DELTA_NLL,
     ORACLE_RECONSTRUCTION,
-    RANDOM,
     check_ratio,
     check_ratios,
     criterion_scores,

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import hypergeom
 
-RANDOM = "random"
+from moeaudit.options import RANDOM
 
 JACCARD_COLUMNS: tuple[str, ...] = ("criterion_a", "criterion_b", "ratio", "layer", "jaccard", "n_pairs",
                                     "expected_random", "n_dropped", "num_experts")

@@ -19,7 +19,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-RANDOM = "random"
+from moeaudit.options import RANDOM
+
 BAND = (0.05, 0.95)
 
 
