@@ -97,15 +97,6 @@ def _windows(tokens: pd.DataFrame, split: str, pad_id: int):
     return input_ids, attention_mask, domains
 
 
-def _manifest_sizes(run: RunDir, layers: list[int]) -> tuple[dict[int, int], dict[int, int]] | None:
-    """Experts and top-k per layer as the observe stage recorded them (None when not recorded)."""
-    model = run.manifest.get("model") or {}
-    counts, ks = model.get("num_experts") or {}, model.get("top_k") or {}
-    if not all(str(l) in counts and str(l) in ks for l in layers):
-        return None
-    return {l: int(counts[str(l)]) for l in layers}, {l: int(ks[str(l)]) for l in layers}
-
-
 def _plan_budgets(ratios, num_experts, top_k, metrics, guard, budget_weights, name):
     """Protected experts, and per ratio the (all-layers, single-layer) drop counts; validates everything."""
     protected = super_experts(metrics, guard)
@@ -194,9 +185,9 @@ def run_prune(
         raise RunDirectoryError(f"tokens.parquet in {run.path} has no heldout windows; run observe with "
                                 "observe_splits including 'heldout' (pruning is evaluated on held-out text)")
     layers = sorted(int(l) for l in metrics["layer"].unique())
-    if moe is None and _manifest_sizes(run, layers) is not None:
+    num_experts, top_k = run.model_sizes()
+    if moe is None and all(l in num_experts and l in top_k for l in layers):
         # validate against the manifest before loading a large model
-        num_experts, top_k = _manifest_sizes(run, layers)
         _plan_budgets(check_ratios(ratios, num_experts, top_k, config.model), num_experts, top_k, metrics, guard,
                       budget_weights, config.model)
     moe = moe or model_from_config(config)
@@ -543,12 +534,12 @@ def select_kept(run: RunDir, criterion: str, ratio: float, *, moe=None, seed: in
         top_k = {l: moe.layer(l).top_k for l in layers}
         name = moe.name
     else:
-        model = run.manifest.get("model", {})
-        if not model.get("num_experts") or not model.get("top_k"):
+        num_experts, top_k = run.model_sizes()
+        if not all(l in num_experts and l in top_k for l in layers):
             raise RunDirectoryError(f"the manifest of {run.path} does not record expert counts; pass moe=")
-        num_experts = {l: int(model["num_experts"][str(l)]) for l in layers}
-        top_k = {l: int(model["top_k"][str(l)]) for l in layers}
-        name = model.get("name", "")
+        num_experts = {l: num_experts[l] for l in layers}
+        top_k = {l: top_k[l] for l in layers}
+        name = run.manifest.get("model", {}).get("name", "")
     check_ratios([ratio], num_experts, top_k, name)
     scores = run.read("pruning_scores") if run.has("pruning_scores") else criterion_scores(metrics)
     if criterion in ORACLES and criterion not in scores:
