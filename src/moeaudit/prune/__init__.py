@@ -46,11 +46,12 @@ from moeaudit.prune.jaccard import expected_random_jaccard, jaccard, jaccard_tab
 
 _LAZY = {
     "run_prune": "moeaudit.prune.stage",
-    "pruning_summary": "moeaudit.prune.stage",
-    "PruningSummary": "moeaudit.prune.stage",
-    "kept_from_table": "moeaudit.prune.stage",
+    "prune_settings": "moeaudit.prune.stage",
     "select_kept": "moeaudit.prune.stage",
-    "PRUNING_COLUMNS": "moeaudit.prune.stage",
+    "pruning_summary": "moeaudit.prune.summary",
+    "PruningSummary": "moeaudit.prune.summary",
+    "kept_from_table": "moeaudit.prune.summary",
+    "PRUNING_COLUMNS": "moeaudit.prune.units",
     "export_pruned": "moeaudit.prune.export",
     "ExportResult": "moeaudit.prune.export",
     "evaluate_pruned": "moeaudit.prune.evaluate",
