@@ -221,7 +221,7 @@ def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Pat
 def prune_command(
     run_dir: Path = typer.Argument(..., help="A run directory with expert_metrics.parquet (effects enable the oracle)."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help="Shares of experts dropped per layer, e.g. "
-                                         "0.125,0.25,0.5 (default: the run's [prune] ratios)."),
+                                         "0.125,0.25,0.5 (default: the run's prune.ratios)."),
     criteria: Optional[str] = typer.Option(None, "--criteria", help="Comma-separated criteria (default: all)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Random-selection seeds (the random distribution; "
                                         "default 20)."),
@@ -229,7 +229,7 @@ def prune_command(
                                                 help="Also prune each layer alone (slower; default on)."),
     guard: Optional[int] = typer.Option(None, "--guard", help="Never prune the top-N experts by max activation per "
                                         "layer (default 0)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file whose [prune] table gives the "
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file whose prune table gives the "
                                                "settings (flags win)."),
     export: Optional[Path] = typer.Option(None, "--export", help="Write a physically smaller checkpoint here."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="With --export: the criterion, e.g. reap."),
@@ -241,7 +241,7 @@ def prune_command(
 ) -> None:
     """Prune by every criterion vs random vs causal oracles on held-out windows; optionally export.
 
-    Settings: the run's stored [prune] part < the --config file < the flags given.
+    Settings: the run's stored prune part < the --config file < the flags given.
     """
     from moeaudit.errors import invalid
     from moeaudit.models.loading import model_from_config

@@ -264,7 +264,9 @@ class PruningSummary:
 
         buffer = io.StringIO()
         console = Console(file=buffer, width=200, color_system=None, markup=False, highlight=False)
-        for table in self.tables(digits):
+        for i, table in enumerate(self.tables(digits)):
+            if i:
+                console.print()
             console.print(table)
         return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).strip("\n")
 
