@@ -197,6 +197,25 @@ class RunDir:
         self.manifest[key] = value
         self.save()
 
+    def model_sizes(self) -> tuple[dict[int, int], dict[int, int]]:
+        """Routed experts and top-k per MoE layer, as the observe stage recorded them in the manifest.
+
+        Returns
+        -------
+        num_experts, top_k : dict of layer -> int
+            Each holds the layers the manifest's ``model`` record names (empty when nothing is recorded).
+
+        Examples
+        --------
+        >>> num_experts, top_k = run.model_sizes()  # doctest: +SKIP
+        >>> num_experts[0], top_k[0]  # doctest: +SKIP
+        (64, 8)
+        """
+        model = self.manifest.get("model") or {}
+        counts, ks = model.get("num_experts") or {}, model.get("top_k") or {}
+        return ({int(layer): int(n) for layer, n in counts.items() if n is not None},
+                {int(layer): int(k) for layer, k in ks.items() if k is not None})
+
     # ------------------------------------------------------------------ run checks
     def check_model(self, model: dict[str, Any]) -> None:
         """Record ``model`` (:func:`moeaudit.models.loading.model_record`); refuse to continue a run whose

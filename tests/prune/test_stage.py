@@ -189,3 +189,31 @@ def test_ratios_validated_from_the_manifest_before_loading(tmp_path, monkeypatch
         run_prune(run, ratios=(0.9,))
     with pytest.raises(InvalidParameterError, match="`guard` must be"):
         run_prune(run, ratios=(0.5,), guard=5)
+
+
+def test_prune_settings_come_from_the_config_tree_and_are_recorded(tmp_path):
+    from moeaudit.config import AuditConfig
+    from moeaudit.rundir import RunDir, config_fingerprint
+
+    moe = make_moe("olmoe")
+    toml = tmp_path / "audit.toml"
+    toml.write_text('model = "tiny-olmoe"\nseed = 0\n[execution]\nbatch_size = 4\n'
+                    '[prune]\nratios = [0.5]\ncriteria = ["frequency", "random"]\nrandom_seeds = 3\n'
+                    'single_layer = false\n')
+    config = AuditConfig.from_toml(toml)
+    run = make_run(tmp_path, moe, metrics_table(moe), name="from-toml")
+    run = RunDir(run.path, config)  # the prune part is not fingerprinted: same run, other prune settings
+    info = run_prune(run, moe=moe)
+    table = run.read("pruning")
+    assert set(table.ratio) == {0.5} and set(table.criterion) == {"frequency", "random"}
+    assert set(table["mode"]) == {"all_layers"} and table.seed.dropna().nunique() == 3
+    recorded = RunDir(run.path).stage("prune")["config"]
+    assert recorded == info["config"]
+    assert recorded["ratios"] == [0.5] and recorded["criteria"] == ["frequency", "random"]
+    assert recorded["random_seeds"] == 3 and recorded["single_layer"] is False and recorded["guard"] == 0
+    # keyword arguments override the config setting by setting; the manifest says what ran
+    run_prune(run, moe=moe, ratios=[0.25], random_seeds=[7, 9])
+    recorded = RunDir(run.path).stage("prune")["config"]
+    assert recorded["ratios"] == [0.25] and recorded["criteria"] == ["frequency", "random"]
+    assert recorded["random_seeds"] == [7, 9] and set(run.read("pruning").seed.dropna()) == {7, 9}
+    assert RunDir(run.path).manifest["config_fingerprint"] == config_fingerprint(config)

@@ -220,12 +220,17 @@ def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Pat
 
 def prune_command(
     run_dir: Path = typer.Argument(..., help="A run directory with expert_metrics.parquet (effects enable the oracle)."),
-    ratios: Optional[str] = typer.Option(None, "--ratios", help="Shares of experts dropped per layer, e.g. 0.125,0.25,0.5."),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="Shares of experts dropped per layer, e.g. "
+                                         "0.125,0.25,0.5 (default: the run's prune.ratios)."),
     criteria: Optional[str] = typer.Option(None, "--criteria", help="Comma-separated criteria (default: all)."),
-    seeds: int = typer.Option(20, "--seeds", help="Random-selection seeds (the random distribution)."),
-    single_layer: bool = typer.Option(True, "--single-layer/--all-layers-only",
-                                      help="Also prune each layer alone (slower)."),
-    guard: int = typer.Option(0, "--guard", help="Never prune the top-N experts by max activation per layer."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Random-selection seeds (the random distribution; "
+                                        "default 20)."),
+    single_layer: Optional[bool] = typer.Option(None, "--single-layer/--all-layers-only",
+                                                help="Also prune each layer alone (slower; default on)."),
+    guard: Optional[int] = typer.Option(None, "--guard", help="Never prune the top-N experts by max activation per "
+                                        "layer (default 0)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file whose prune table gives the "
+                                               "settings (flags win)."),
     export: Optional[Path] = typer.Option(None, "--export", help="Write a physically smaller checkpoint here."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="With --export: the criterion, e.g. reap."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="With --export: the ratio, e.g. 0.25."),
@@ -234,30 +239,31 @@ def prune_command(
     workers: Optional[int] = WORKERS_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
-    """Prune by every criterion vs random vs causal oracles on held-out windows; optionally export."""
+    """Prune by every criterion vs random vs causal oracles on held-out windows; optionally export.
+
+    Settings: the run's stored prune part < the --config file < the flags given.
+    """
     from moeaudit.errors import invalid
     from moeaudit.models.loading import model_from_config
     from moeaudit.prune import export_pruned, pruning_summary, run_prune, select_kept
     from moeaudit.rundir import RunDir
 
     run = RunDir(run_dir)
-    overrides = execution_flags(executor, address, workers, None)
-    if any(v is not None for v in overrides.values()):
-        run = RunDir(run_dir, resolve_config(run_dir, overrides, None))
+    overrides = dict(ratios=[float(r) for r in ratios.split(",")] if ratios else None,
+                     criteria=criteria.split(",") if criteria else None, random_seeds=seeds,
+                     single_layer=single_layer, guard=guard, **execution_flags(executor, address, workers, None))
+    if config_file is not None or any(v is not None for v in overrides.values()):
+        run = RunDir(run_dir, resolve_config(run_dir, overrides, config_file))
     moe = model_from_config(run.config)
     if export is not None:
         if criterion is None or ratio is None:
             raise invalid("--export", "given with --criterion and --ratio", str(export))
-        kept = select_kept(run, criterion, ratio, moe=moe, guard=guard)
+        kept = select_kept(run, criterion, ratio, moe=moe, guard=run.config.prune.guard,
+                           directions=run.config.prune.directions)
         result = export_pruned(moe, kept, export)
         typer.echo(f"exported {criterion} at ratio {ratio} to {result.path}")
         return
-    ratio_list = [float(r) for r in ratios.split(",")] if ratios else None
-    kwargs = dict(criteria=criteria.split(",") if criteria else None, random_seeds=seeds,
-                  single_layer=single_layer, guard=guard)
-    if ratio_list:
-        kwargs["ratios"] = ratio_list
     with progress_bar("prune", quiet) as update:
-        run_prune(run, moe=moe, on_batch=update, **kwargs)
+        run_prune(run, moe=moe, on_batch=update)
     summary = pruning_summary(run.read("pruning"), run.read("jaccard") if run.has("jaccard") else None)
     typer.echo(summary.to_text())

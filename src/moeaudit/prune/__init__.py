@@ -22,12 +22,12 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from moeaudit.options import RANDOM
 from moeaudit.prune.criteria import (
     DEFAULT_RATIOS,
     DIRECTIONS,
     ORACLE_DELTA_NLL,
     ORACLE_RECONSTRUCTION,
-    RANDOM,
     check_ratio,
     check_ratios,
     criterion_scores,
@@ -46,11 +46,12 @@ from moeaudit.prune.jaccard import expected_random_jaccard, jaccard, jaccard_tab
 
 _LAZY = {
     "run_prune": "moeaudit.prune.stage",
-    "pruning_summary": "moeaudit.prune.stage",
-    "PruningSummary": "moeaudit.prune.stage",
-    "kept_from_table": "moeaudit.prune.stage",
+    "prune_settings": "moeaudit.prune.stage",
     "select_kept": "moeaudit.prune.stage",
-    "PRUNING_COLUMNS": "moeaudit.prune.stage",
+    "pruning_summary": "moeaudit.prune.summary",
+    "PruningSummary": "moeaudit.prune.summary",
+    "kept_from_table": "moeaudit.prune.summary",
+    "PRUNING_COLUMNS": "moeaudit.tables",
     "export_pruned": "moeaudit.prune.export",
     "ExportResult": "moeaudit.prune.export",
     "evaluate_pruned": "moeaudit.prune.evaluate",

@@ -50,12 +50,12 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.errors import InvalidParameterError, RunDirectoryError, invalid
+from moeaudit.options import RANDOM
 from moeaudit.tables import single_expert_rows
 
 logger = logging.getLogger(__name__)
 
 Direction = Literal["low", "high"]
-RANDOM = "random"
 ORACLE_DELTA_NLL = "oracle_delta_nll"
 ORACLE_RECONSTRUCTION = "oracle_reconstruction"
 ORACLES: tuple[str, ...] = (ORACLE_DELTA_NLL, ORACLE_RECONSTRUCTION)

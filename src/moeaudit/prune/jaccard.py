@@ -15,9 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import hypergeom
 
+from moeaudit.options import RANDOM
 from moeaudit.tables import JACCARD_COLUMNS
-
-RANDOM = "random"
 
 
 def jaccard(a: Iterable[int], b: Iterable[int]) -> float:

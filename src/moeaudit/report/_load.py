@@ -58,12 +58,10 @@ class RunData:
         return self.manifest.get("stages", {}).get(name, {}) or {}
 
     def top_k(self, layer: int) -> int | None:
-        value = self.manifest.get("model", {}).get("top_k", {}).get(str(layer))
-        return int(value) if value is not None else None
+        return self.run.model_sizes()[1].get(int(layer))
 
     def num_experts(self, layer: int) -> int | None:
-        value = self.manifest.get("model", {}).get("num_experts", {}).get(str(layer))
-        return int(value) if value is not None else None
+        return self.run.model_sizes()[0].get(int(layer))
 
     # ------------------------------------------------------------------ tables
     def has(self, name: str) -> bool:
