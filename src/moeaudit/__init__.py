@@ -15,18 +15,21 @@ _LAZY = {
     "MoEModel": "moeaudit.models",
     "MoELayer": "moeaudit.models",
     "Ablation": "moeaudit.models",
+    "run_pipeline": "moeaudit.pipeline",
+    "PipelineResult": "moeaudit.pipeline",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from moeaudit.models import Ablation, MoELayer, MoEModel, load_model
+    from moeaudit.pipeline import PipelineResult, run_pipeline
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(import_module(_LAZY[name]), name)
-    if name in {"stats", "metrics", "data", "models", "observe", "errors"}:
+    if name in {"stats", "metrics", "data", "models", "observe", "errors", "pipeline"}:
         return import_module(f"moeaudit.{name}")
     raise AttributeError(f"module 'moeaudit' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_model", "MoEModel", "MoELayer", "Ablation"]
+__all__ = ["__version__", "load_model", "MoEModel", "MoELayer", "Ablation", "run_pipeline", "PipelineResult"]

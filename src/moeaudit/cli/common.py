@@ -106,3 +106,46 @@ def print_frame(frame, title: str, float_format: str = "{:.3f}") -> None:
     for row in frame.itertuples(index=False):
         table.add_row(*[float_format.format(v) if isinstance(v, float) else str(v) for v in row])
     Console().print(table)
+
+
+class StagePrinter:
+    """Render :mod:`moeaudit.pipeline` progress events as the stage commands do: a progress bar per stage
+    that runs work units (labelled ``prefix + stage``), then ``on_finished[stage](record)`` once the stage
+    is done. Use it as a context manager, so a bar left open by a failing stage is closed."""
+
+    def __init__(self, quiet: bool = False, prefix: str = "",
+                 on_finished: dict[str, Callable[[Any], None]] | None = None) -> None:
+        from contextlib import ExitStack
+
+        self.quiet, self.prefix, self.on_finished = quiet, prefix, on_finished or {}
+        self._bar: ExitStack | None = None
+        self._update: Callable[[int, int], None] | None = None
+
+    def __enter__(self) -> "StagePrinter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            bar, self._bar, self._update = self._bar, None, None
+            bar.close()
+
+    def __call__(self, event: Any) -> None:
+        from contextlib import ExitStack
+
+        from moeaudit.pipeline import EXECUTOR_STAGES, StageFailed, StageFinished, StageProgress, StageStarted
+
+        if isinstance(event, StageStarted) and event.stage in EXECUTOR_STAGES:
+            self._close()
+            self._bar = ExitStack()
+            self._update = self._bar.enter_context(progress_bar(f"{self.prefix}{event.stage}", self.quiet))
+        elif isinstance(event, StageProgress) and self._update is not None:
+            self._update(event.done, event.total)
+        elif isinstance(event, StageFailed):
+            self._close()
+        elif isinstance(event, StageFinished):
+            self._close()
+            if event.stage in self.on_finished:
+                self.on_finished[event.stage](event.record)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moeaudit.cli.common import QUIET_OPTION, print_frame, progress_bar
+from moeaudit.cli.common import QUIET_OPTION, StagePrinter, print_frame
 
 # Window counts sized for the budget on 2 CPU cores: <= 5 minutes for all three models, <= 60 s quick.
 FULL = dict(max_len=128, max_windows=64, batch_size=16)
@@ -31,14 +31,10 @@ def demo_command(
 
     from moeaudit.config import AuditConfig
     from moeaudit.errors import invalid
-    from moeaudit.metrics.stage import layer_summary, run_metrics
     from moeaudit.models import builtin
-    from moeaudit.audit.stage import run_audit
-    from moeaudit.cli.stages import print_audit
-    from moeaudit.intervene.stage import effects_summary, run_intervene
     from moeaudit.models.loading import model_from_config, tokenizer_for
-    from moeaudit.observe.stage import build_corpus, run_observe
-    from moeaudit.prune import pruning_summary, run_prune
+    from moeaudit.observe.stage import build_corpus
+    from moeaudit.pipeline import run_pipeline
     from moeaudit.rundir import RunDir
 
     names = [m.strip() for m in models.split(",")] if models else (
@@ -58,32 +54,11 @@ def demo_command(
             corpus = build_corpus(config, tokenizer_for(config.model, moe))
         typer.secho(f"\n== {name} ({moe.family}: {len(moe.layers)} MoE layers, {moe.layers[0].num_experts} experts, "
                     f"top-{moe.layers[0].top_k}) ==", bold=True)
-        with progress_bar(f"{name} observe", quiet) as update:
-            observed = run_observe(run, moe=moe, corpus=corpus, on_batch=update)
-        run_metrics(run, moe=moe)
+        with StagePrinter(quiet, prefix=f"{name} ", on_finished=_printers(name, run)) as printer:
+            result = run_pipeline(run, moe=moe, corpus=corpus, prune_options=PRUNE_QUICK if quick else PRUNE_FULL,
+                                  report=False, on_progress=printer)
+        observed, intervened, audited = result["observe"], result["intervene"], result["audit"]
         metrics = run.read("expert_metrics")
-        print_frame(layer_summary(metrics), f"{name}: expert load per layer (calibration split)")
-        with progress_bar(f"{name} intervene", quiet) as update:
-            intervened = run_intervene(run, moe=moe, on_batch=update)
-        print_frame(effects_summary(run.read("effects")),
-                    f"{name}: removing one active expert at one held-out token (zero, token scope; "
-                    f"{intervened['interventions']:,} exact interventions, noise floor "
-                    f"{intervened['noise_floor']:.1e} nats)")
-        audited = run_audit(run)
-        print_audit(run.read("tests"), audited)
-        if run.has("redundancy"):
-            redundancy = run.read("redundancy")
-            cliffs = redundancy.groupby("layer")["cliff"].first()
-            print_frame(redundancy.pivot(index="layer", columns="j", values="mean")
-                        .rename(columns=lambda j: f"j={j}").reset_index()
-                        .assign(cliff=[("none" if pd.isna(c) else str(int(c))) for c in cliffs.values]),
-                        f"{name}: mean ΔNLL after removing the top-j experts by gate (cliff: first j > 0.1 nats)")
-        with progress_bar(f"{name} prune", quiet) as update:
-            run_prune(run, moe=moe, on_batch=update, **(PRUNE_QUICK if quick else PRUNE_FULL))
-        pruned = pruning_summary(run.read("pruning"), run.read("jaccard"))
-        typer.secho(f"{name}: held-out perplexity after pruning, by criterion (percentile in the random "
-                    "distribution; low = better than random)", bold=True)
-        typer.echo(pruned.to_text())
         summary.append({"model": name, "tokens": observed["tokens"], "mean NLL": observed["mean_nll"],
                         "dead experts": int((metrics["count"] == 0).sum()),
                         "interventions": intervened["interventions"],
@@ -96,6 +71,43 @@ def demo_command(
     typer.echo(f"run directories: {', '.join(str(out / name) for name in names)} "
                "(manifest.json and Parquet tables, e.g. pandas.read_parquet(DIR + '/tests.parquet'))")
     typer.echo(f"report: {report}")
+
+
+def _printers(name: str, run) -> dict:
+    """What the demo prints after each stage of one model's run (tables read back from ``run``)."""
+    import pandas as pd
+
+    from moeaudit.cli.stages import print_audit
+    from moeaudit.intervene.stage import effects_summary
+    from moeaudit.metrics.stage import layer_summary
+    from moeaudit.prune import pruning_summary
+
+    def metrics(record) -> None:
+        print_frame(layer_summary(run.read("expert_metrics")), f"{name}: expert load per layer (calibration split)")
+
+    def intervene(record) -> None:
+        print_frame(effects_summary(run.read("effects")),
+                    f"{name}: removing one active expert at one held-out token (zero, token scope; "
+                    f"{record['interventions']:,} exact interventions, noise floor "
+                    f"{record['noise_floor']:.1e} nats)")
+
+    def audit(record) -> None:
+        print_audit(run.read("tests"), record)
+        if run.has("redundancy"):
+            redundancy = run.read("redundancy")
+            cliffs = redundancy.groupby("layer")["cliff"].first()
+            print_frame(redundancy.pivot(index="layer", columns="j", values="mean")
+                        .rename(columns=lambda j: f"j={j}").reset_index()
+                        .assign(cliff=[("none" if pd.isna(c) else str(int(c))) for c in cliffs.values]),
+                        f"{name}: mean ΔNLL after removing the top-j experts by gate (cliff: first j > 0.1 nats)")
+
+    def prune(record) -> None:
+        pruned = pruning_summary(run.read("pruning"), run.read("jaccard"))
+        typer.secho(f"{name}: held-out perplexity after pruning, by criterion (percentile in the random "
+                    "distribution; low = better than random)", bold=True)
+        typer.echo(pruned.to_text())
+
+    return {"metrics": metrics, "intervene": intervene, "audit": audit, "prune": prune}
 
 
 def register(app: typer.Typer) -> None:

@@ -9,8 +9,8 @@ import typer
 
 from moeaudit.cli.common import (ADDRESS_OPTION, CORPUS_OPTION, DEVICE_OPTION, DTYPE_OPTION, EXECUTOR_OPTION,
                                  MAX_LEN_OPTION, MAX_WINDOWS_OPTION, MODEL_OPTION, OVERWRITE_OPTION, QUIET_OPTION,
-                                 UNIT_WINDOWS_OPTION, WORKERS_OPTION, execution_flags, parse_int_list, print_frame,
-                                 progress_bar, resolve_config, resumable)
+                                 UNIT_WINDOWS_OPTION, WORKERS_OPTION, StagePrinter, execution_flags, parse_int_list,
+                                 print_frame, progress_bar, resolve_config, resumable)
 
 
 def observe_command(
@@ -154,11 +154,9 @@ def run_command(
     quiet: bool = QUIET_OPTION,
 ) -> None:
     """Run the whole pipeline: observe -> metrics -> intervene -> audit (a re-run resumes where it stopped)."""
-    from moeaudit.audit.stage import run_audit
-    from moeaudit.intervene.stage import effects_summary, run_intervene
-    from moeaudit.metrics.stage import layer_summary, run_metrics
-    from moeaudit.models.loading import model_from_config
-    from moeaudit.observe.stage import run_observe
+    from moeaudit.intervene.stage import effects_summary
+    from moeaudit.metrics.stage import layer_summary
+    from moeaudit.pipeline import run_pipeline
     from moeaudit.rundir import RunDir
 
     flags = dict(model=model, corpus=corpus, layers=parse_int_list(layers, "--layers"), max_len=max_len,
@@ -174,27 +172,16 @@ def run_command(
     else:
         config = resolve_config(out, flags, config_file)
     run = RunDir(out, config, overwrite=overwrite)
-    from moeaudit.scale import make_executor
-
-    # With Ray the workers hold the model replicas; the driver loads it only for the weight metrics.
-    moe = model_from_config(config) if config.executor == "local" else None
-    executor = make_executor(config, moe)
-    try:
-        with progress_bar("observe", quiet) as update:
-            run_observe(run, moe=moe, on_batch=update, executor=executor)
-        run_metrics(run, moe=moe)
-        print_frame(layer_summary(run.read("expert_metrics")), "experts per layer")
-        with progress_bar("intervene", quiet) as update:
-            intervened = run_intervene(run, moe=moe, on_batch=update, executor=executor)
-    finally:
-        executor.close()
-    print_frame(effects_summary(run.read("effects")), f"effects ({config.kind}, {config.scope} scope)")
-    audited = run_audit(run)
-    print_audit(run.read("tests"), audited)
-    from moeaudit.report import write_report
-
-    report = write_report(out, out / "report.html")
-    typer.echo(f"{intervened['interventions']:,} exact interventions; results in {out}; report: {report}")
+    printed = {
+        "metrics": lambda record: print_frame(layer_summary(run.read("expert_metrics")), "experts per layer"),
+        "intervene": lambda record: print_frame(effects_summary(run.read("effects")),
+                                                f"effects ({config.kind}, {config.scope} scope)"),
+        "audit": lambda record: print_audit(run.read("tests"), record),
+    }
+    with StagePrinter(quiet, on_finished=printed) as printer:
+        result = run_pipeline(run, prune=False, on_progress=printer)
+    typer.echo(f"{result['intervene']['interventions']:,} exact interventions; results in {out}; "
+               f"report: {result['report'].path}")
 
 
 def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Path]):
