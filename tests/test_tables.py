@@ -50,14 +50,14 @@ def test_intervene_writes_the_effect_columns(moe):
 def test_every_writer_uses_the_schema_objects():
     from moeaudit.intervene import engine
     from moeaudit.observe import forward, stage as observe_stage  # noqa: F401 (imports the stage's schemas)
-    downstream, jaccard, prune_stage = (import_module(f"moeaudit.prune.{name}")  # `prune.jaccard` is also a function
-                                        for name in ("downstream", "jaccard", "stage"))
+    downstream, jaccard, prune_stage, units = (import_module(f"moeaudit.prune.{name}")  # `prune.jaccard`: a function
+                                               for name in ("downstream", "jaccard", "stage", "units"))
 
     assert forward.TOKENS_SCHEMA is tables.TOKENS_SCHEMA and forward.ROUTING_SCHEMA is tables.ROUTING_SCHEMA
     assert forward.router_probs_schema is tables.router_probs_schema
     assert engine.EFFECT_COLUMNS is tables.EFFECT_COLUMNS and engine.single_expert_rows is tables.single_expert_rows
-    assert prune_stage.PRUNING_COLUMNS is tables.PRUNING_COLUMNS
-    assert prune_stage._evals_schema().equals(tables.EVALS_SCHEMA)
+    assert prune_stage.PRUNING_COLUMNS is tables.PRUNING_COLUMNS is units.PRUNING_COLUMNS
+    assert units.EVALS_SCHEMA is tables.EVALS_SCHEMA
     assert jaccard.JACCARD_COLUMNS is tables.JACCARD_COLUMNS
     assert downstream.DOWNSTREAM_COLUMNS is tables.DOWNSTREAM_COLUMNS
     assert [f.name for f in tables.EVALS_SCHEMA] == [name for name, _ in tables.EVALS_SCHEMA_FIELDS]
