@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeaudit.errors import InvalidParameterError
-from moeaudit.options import AblationKind, Correction, Design, DESIGNS, Engine, Scope, Split
+from moeaudit.options import AblationKind, CIMethod, Correction, Design, DESIGNS, Dtype, Engine, Scope, Split
 
 
 class _Part(BaseModel):
@@ -84,7 +84,7 @@ class ObserveConfig(_Part):
     max_windows: int | None = Field(None, ge=1)
     layers: list[int] | None = None
     router_probs_layers: list[int] | Literal["all"] | None = "all"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Dtype = "float32"
     experts_implementation: Literal["eager", "batched_mm", "grouped_mm"] | None = None
     min_chars: int | None = Field(None, ge=0)
     first_docs: int | None = Field(None, ge=1)
@@ -149,7 +149,7 @@ class AuditPart(_Part):
     alpha: float = Field(0.05, gt=0, lt=1)
     audit_metrics: list[str] | None = None
     designs: list[Design] = Field(default_factory=lambda: list(DESIGNS))
-    ci: Literal["analytic", "bca"] = "analytic"
+    ci: CIMethod = "analytic"
     equivalence_bound: float = Field(0.2, gt=0)
     n_permutations: int = Field(9999, ge=1)
 

@@ -36,6 +36,18 @@ CORRECTIONS: tuple[str, ...] = get_args(Correction)
 Design = Literal["paired", "routing_weight", "random_pair", "within_token", "expert_level"]
 DESIGNS: tuple[str, ...] = get_args(Design)
 
+#: The alternative hypothesis of a test (scipy's names).
+Alternative = Literal["two-sided", "greater", "less"]
+ALTERNATIVES: tuple[str, ...] = get_args(Alternative)
+
+#: Confidence intervals of the paired contrast: the normal-theory t interval or the bootstrap BCa interval.
+CIMethod = Literal["analytic", "bca"]
+CI_METHODS: tuple[str, ...] = get_args(CIMethod)
+
+#: Floating-point types a model is loaded in.
+Dtype = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+
 #: Dataset splits (by document).
 Split = Literal["train", "calibration", "heldout"]
 SPLITS: tuple[str, ...] = get_args(Split)

@@ -13,13 +13,13 @@ import logging
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
 from moeaudit.errors import invalid
-from moeaudit.options import CORRECTIONS, DESIGNS, Correction, Design, one_of
+from moeaudit.options import CORRECTIONS, DESIGNS, CIMethod, Correction, Design, one_of
 from moeaudit.stats import (
     expert_level_spearman,
     min_detectable_dz,
@@ -66,7 +66,7 @@ class AuditSettings:
     seed: int = 42
     correction: Correction = "bonferroni"
     alpha: float = 0.05
-    ci: Literal["analytic", "bca"] = "analytic"
+    ci: CIMethod = "analytic"
     equivalence_bound: float = 0.2
     n_permutations: int = 9999
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pandas as pd
 
 from moeaudit.audit import AuditSettings, audit
+from moeaudit.config import AuditConfig
 from moeaudit.stats import cliff, progressive_summary
 from moeaudit.errors import RunDirectoryError
 from moeaudit.rundir import RunDir
@@ -19,11 +21,22 @@ def single_expert_effects(effects: pd.DataFrame, kind: str, scope: str) -> pd.Da
     return rows[(rows["kind"] == kind) & (rows["scope"] == scope)]
 
 
+def audit_settings(config: AuditConfig) -> AuditSettings:
+    """The :class:`AuditSettings` of a run: its ``audit`` part, and the run's ``seed`` for the sampling."""
+    part = config.audit
+    return AuditSettings(metrics=part.audit_metrics, designs=tuple(part.designs), n=part.audit_n, seed=config.seed,
+                         correction=part.correction, alpha=part.alpha, ci=part.ci,
+                         equivalence_bound=part.equivalence_bound, n_permutations=part.n_permutations)
+
+
 def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, Any]:
-    """Write ``tests.parquet`` (every design × metric × layer) and ``redundancy.parquet`` into ``run``."""
+    """Write ``tests.parquet`` (every design × metric × layer) and ``redundancy.parquet`` into ``run``.
+
+    ``settings`` default to the run's ``audit`` part (:func:`audit_settings`); the settings in effect are
+    recorded in the manifest under ``stages.audit.settings``.
+    """
     config = run.config
-    settings = settings or AuditSettings(metrics=config.audit_metrics, n=config.audit_n, seed=config.seed,
-                                         correction=config.correction, alpha=config.alpha)
+    settings = settings or audit_settings(config)
     all_effects = run.read("effects")
     effects = single_expert_effects(all_effects, config.kind, config.scope)
     if effects.empty:
@@ -37,6 +50,8 @@ def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, A
     info = dict(result.counters, kind=config.kind, scope=config.scope, n=settings.n, correction=settings.correction,
                 alpha=settings.alpha)
     info["untestable_tokens"] = {k: v for k, v in info.get("untestable_tokens", {}).items() if v}
+    info["settings"] = {name: list(value) if isinstance(value, tuple) else value
+                        for name, value in dataclasses.asdict(settings).items()}
     run.record_stage("audit", info)
     return info
 

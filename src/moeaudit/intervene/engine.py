@@ -12,7 +12,7 @@ import logging
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Mapping
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -26,16 +26,12 @@ from moeaudit.intervene.estimate import nll_gradients, zero_estimates
 from moeaudit.intervene.fast import outcome_buffers, run_sequence_rows, run_token_rows, token_outcomes
 from moeaudit.intervene.reference import reference_logits
 from moeaudit.intervene.selection import Plan, Selection, gate_ranks, plan_layer, sample_targets
-from moeaudit.models.hooks import ABLATION_KINDS
 from moeaudit.models.moe_model import MoEModel
+from moeaudit.options import ABLATION_KINDS, ENGINES, SCOPES, Engine, Scope, one_of  # noqa: F401 (Scope re-exported)
 from moeaudit.tables import EFFECT_COLUMNS, single_expert_rows  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-Engine = Literal["fast", "reference"]
-Scope = Literal["token", "sequence"]
-ENGINES: tuple[str, ...] = ("fast", "reference")
-SCOPES: tuple[str, ...] = ("token", "sequence")
 #: Noise floor (nats) above which a warning is logged.
 NOISE_WARNING = 1e-4
 
@@ -47,7 +43,8 @@ class InterveneConfig:
     Attributes
     ----------
     kinds : tuple of {"zero", "renorm", "reroute", "mean"}
-        Intervention kinds (DESIGN.md); ``zero`` is the paper's.
+        Intervention kinds (:data:`moeaudit.options.ABLATION_KINDS`); ``zero`` is the paper's removal
+        (arXiv 2606.10703, Sec. 3.2).
     scopes : tuple of {"token", "sequence"}
         ``token``: only at the target position; ``sequence``: wherever the expert is active in the window.
     engine : {"fast", "reference"}
@@ -86,7 +83,7 @@ class InterveneConfig:
                 raise invalid(name, "a non-empty subset of " + ", ".join(allowed), bad[0] if bad else value)
             object.__setattr__(self, name, tuple(dict.fromkeys(value)))
         if self.engine not in ENGINES:
-            raise invalid("engine", "one of " + ", ".join(ENGINES), self.engine)
+            raise invalid("engine", one_of(ENGINES), self.engine)
         for name in ("rows_per_call", "reference_batch", "max_logit_elements"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from moeaudit.data.windows import pad_token_rows
 from moeaudit.errors import invalid
 from moeaudit.models.moe_model import MoEModel, nll_from_logits
 from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_probs_schema
@@ -77,15 +78,10 @@ def as_windows(windows: Iterable[Any]) -> list[Any]:
 
 
 def _batch_tensors(batch: Sequence[Any], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    lengths = [len(w.token_ids) for w in batch]
-    longest = max(lengths)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for row, window in enumerate(batch):
-        ids[row, : lengths[row]] = torch.as_tensor(np.asarray(window.token_ids, dtype=np.int64))
-        mask[row, : lengths[row]] = 1
+    ids, mask = pad_token_rows([w.token_ids for w in batch], pad_id)
     # Equal lengths need no mask; transformers then takes its plain causal path.
-    return ids.to(device), (None if min(lengths) == longest else mask.to(device))
+    full = bool(mask.all())
+    return torch.from_numpy(ids).to(device), (None if full else torch.from_numpy(mask).to(device))
 
 
 def _routing_columns(record, layer: int, seqs: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> dict:

@@ -27,16 +27,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, get_args
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 
 from moeaudit.errors import CorpusError, InvalidParameterError, ModelLoadError, MoeAuditError, invalid
+from moeaudit.options import DTYPES, Dtype, one_of
 from moeaudit.tables import DOWNSTREAM_COLUMNS
 
 logger = logging.getLogger(__name__)
 
-Dtype = Literal["float32", "bfloat16", "float16"]
 
 #: Files that make a directory a loadable tokenizer (the same set :mod:`moeaudit.models.loading` checks).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -94,8 +94,8 @@ def _check_arguments(checkpoint: str | Path, tasks: Sequence[str], include_path:
         raise invalid("limit", "a positive number of documents per task, or None for all", limit)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise invalid("batch_size", "a positive integer", batch_size)
-    if dtype not in get_args(Dtype):
-        raise invalid("dtype", f"one of {', '.join(get_args(Dtype))}", dtype)
+    if dtype not in DTYPES:
+        raise invalid("dtype", one_of(DTYPES), dtype)
     if num_fewshot is not None and (isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int)
                                     or num_fewshot < 0):
         raise invalid("num_fewshot", "a non-negative integer, or None for each task's default", num_fewshot)

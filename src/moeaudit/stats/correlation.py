@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
 from moeaudit.errors import InvalidParameterError
+from moeaudit.options import Alternative  # noqa: F401 (the annotations)
 from moeaudit.stats._common import (
     ALTERNATIVES,
     ConfidenceInterval,
@@ -39,8 +40,6 @@ __all__ = [
     "within_token_spearman",
     "within_token_spearman_frame",
 ]
-
-Alternative = Literal["two-sided", "greater", "less"]
 
 MIN_ACTIVE = 3
 """Smallest active set with a usable rank correlation (with k = 2, rho is always ±1)."""

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from statsmodels.stats.multitest import multipletests
 
 from moeaudit.errors import InvalidParameterError
+from moeaudit.options import CORRECTIONS, Correction
 from moeaudit.stats._common import check_choice, check_open_unit
 
 __all__ = ["VERDICTS", "adjust", "dual_verdict", "verdicts_for_family"]
 
-AdjustMethod = Literal["bonferroni", "holm", "bh"]
+AdjustMethod = Correction
 
-_METHODS = ("bonferroni", "holm", "bh")
+_METHODS = CORRECTIONS
 _STATSMODELS_NAME = {"bonferroni": "bonferroni", "holm": "holm", "bh": "fdr_bh"}
 
 SIGNIFICANT = "significant"

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import stats as sps
 
 from moeaudit.errors import InvalidParameterError
+from moeaudit.options import CI_METHODS, Alternative, CIMethod  # noqa: F401 (the annotations)
 from moeaudit.stats._common import (
     ALTERNATIVES,
     ConfidenceInterval,
@@ -30,11 +31,9 @@ from moeaudit.stats._common import (
 
 __all__ = ["PairedContrastResult", "paired_contrast"]
 
-Alternative = Literal["two-sided", "greater", "less"]
-CIMethod = Literal["analytic", "bca"]
 ZeroMethod = Literal["wilcox", "pratt", "zsplit"]
 
-_CI_METHODS = ("analytic", "bca")
+_CI_METHODS = CI_METHODS
 _ZERO_METHODS = ("wilcox", "pratt", "zsplit")
 _MIN_BOOT = 100
 

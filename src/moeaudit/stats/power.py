@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 
+from moeaudit.options import Alternative  # noqa: F401 (the annotations)
 from moeaudit.stats._common import (
     ALTERNATIVES,
     ResultMixin,
@@ -22,8 +23,6 @@ from moeaudit.stats._common import (
 )
 
 __all__ = ["TostResult", "min_detectable_dz", "power_dz", "tost_paired"]
-
-Alternative = Literal["two-sided", "greater", "less"]
 
 # statsmodels spells the one-sided alternatives differently from scipy.
 _STATSMODELS_ALTERNATIVE = {"two-sided": "two-sided", "greater": "larger", "less": "smaller"}
