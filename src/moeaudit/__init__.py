@@ -15,13 +15,17 @@ _LAZY = {
     "MoEModel": "moeaudit.models",
     "MoELayer": "moeaudit.models",
     "Ablation": "moeaudit.models",
+    "AuditConfig": "moeaudit.config",
+    "RunDir": "moeaudit.rundir",
     "run_pipeline": "moeaudit.pipeline",
     "PipelineResult": "moeaudit.pipeline",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from moeaudit.config import AuditConfig
     from moeaudit.models import Ablation, MoELayer, MoEModel, load_model
     from moeaudit.pipeline import PipelineResult, run_pipeline
+    from moeaudit.rundir import RunDir
 
 
 def __getattr__(name: str) -> Any:
@@ -32,4 +36,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'moeaudit' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_model", "MoEModel", "MoELayer", "Ablation", "run_pipeline", "PipelineResult"]
+__all__ = ["__version__", "load_model", "MoEModel", "MoELayer", "Ablation", "AuditConfig", "RunDir", "run_pipeline", "PipelineResult"]

@@ -27,30 +27,48 @@ from tests.scale.conftest import SMALL_RUN, assert_same_tables
 pytestmark = pytest.mark.slow  # end-to-end: deselected by -m "not slow"
 
 
-def _moeaudit(*args: str) -> subprocess.Popen:
+#: Runs the moeaudit CLI with one change: once ``stage`` has ``units`` finished units, the process writes
+#: ``marker`` and waits there. The test signals it then, so the signal always lands at that point, however
+#: busy the machine (the run cannot finish first).
+_PAUSED_CLI = """
+import sys, time
+from moeaudit.scale.units import UnitStore
+stage, units, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+commit = UnitStore.commit
+def paused_commit(self, unit_id, result):
+    commit(self, unit_id, result)
+    if self.stage == stage and len(self.entry["done"]) >= units:
+        open(marker, "w").close()
+        while True:
+            time.sleep(0.05)
+UnitStore.commit = paused_commit
+sys.argv = ["moeaudit", *sys.argv[4:]]
+from moeaudit.cli import main
+main()
+"""
+
+
+def _moeaudit(*args: str, pause: tuple[str, int, Path] | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "moeaudit", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    if pause is None:
+        command = [sys.executable, "-m", "moeaudit", *args]
+    else:
+        stage, units, marker = pause
+        command = [sys.executable, "-c", _PAUSED_CLI, stage, str(units), str(marker), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _units_done(out: Path, stage: str) -> int:
-    try:
-        manifest = json.loads((out / "manifest.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return 0
-    entry = manifest.get("units", {}).get(stage)
-    return len(entry["done"]) if entry else 0
-
-
-def _signal_when(proc: subprocess.Popen, out: Path, stage: str, units: int, sig: int) -> tuple[int, str]:
-    """Send ``sig`` as soon as ``stage`` has ``units`` finished units; return (exit code, stderr)."""
-    deadline = time.monotonic() + 240
-    while _units_done(out, stage) < units:
+def _interrupted_run(out: Path, args: tuple[str, ...], stage: str, units: int, sig: int) -> tuple[int, str]:
+    """Run ``moeaudit run --out out *args``, send ``sig`` once ``stage`` has ``units`` finished units (the
+    process waits there); return (exit code, stderr)."""
+    marker = out.parent / f".paused-{stage}-{units}-{int(sig)}"
+    marker.unlink(missing_ok=True)
+    proc = _moeaudit("run", "--out", str(out), *args, pause=(stage, units, marker))
+    while not marker.exists():  # the paused process waits for the signal; one that ends early fails here
         assert proc.poll() is None, f"the run ended before {units} {stage} units were done: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "the run made no progress"
-        time.sleep(0.01)
+        time.sleep(0.05)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
     return proc.returncode, err
 
 
@@ -62,17 +80,17 @@ def test_killed_run_resumes_to_identical_tables(tmp_path):
     assert done.returncode == 0, err
 
     # SIGTERM in the middle of observe: the message says where to resume.
-    code, err = _signal_when(_moeaudit("run", "--out", str(out), *args), out, "observe", 3, signal.SIGTERM)
+    code, err = _interrupted_run(out, args, "observe", 3, signal.SIGTERM)
     assert code == 130, err
     assert "interrupted during observe" in err and "re-run the same command to resume" in err
     # SIGINT in the middle of intervene (observe was resumed, not recomputed).
-    code, err = _signal_when(_moeaudit("run", "--out", str(out), *args), out, "intervene", 1, signal.SIGINT)
+    code, err = _interrupted_run(out, args, "intervene", 1, signal.SIGINT)
     assert code == 130, err
     assert "interrupted during intervene" in err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["observe"]["resumed"] >= 3
     # SIGKILL: no handler runs at all; the manifest and the finished units must still be consistent.
-    code, _ = _signal_when(_moeaudit("run", "--out", str(out), *args), out, "intervene", 3, signal.SIGKILL)
+    code, _ = _interrupted_run(out, args, "intervene", 3, signal.SIGKILL)
     assert code == -signal.SIGKILL
 
     final = _moeaudit("run", "--out", str(out), *args)
