@@ -164,3 +164,26 @@ def test_config_from_toml_and_manifest(tmp_path):
     (tmp_path / "bad.toml").write_text("max_len = [")
     with pytest.raises(InvalidParameterError, match="is not valid TOML"):
         AuditConfig.from_toml(tmp_path / "bad.toml")
+
+
+def test_windows_rebuild_the_observed_matrices(tmp_path):
+    import numpy as np
+
+    run = RunDir(tmp_path / "run", AuditConfig())
+    windows = {0: ([5, 6, 7, 8], "calibration", "code"), 1: ([9, 10], "heldout", None),
+               2: ([11, 12, 13], "heldout", "news"), 3: ([14], "heldout", "news")}
+    rows = [dict(seq=seq, pos=pos, token_id=tok, split=split, domain=domain)
+            for seq, (ids, split, domain) in windows.items() for pos, tok in enumerate(ids)]
+    run.write_frame("tokens", pd.DataFrame(rows).sample(frac=1.0, random_state=0))  # rows in any order
+
+    held = run.windows("heldout", pad_id=-1)
+    assert held.seqs.tolist() == [1, 2, 3]
+    assert held.token_ids.tolist() == [[9, 10, -1], [11, 12, 13], [14, -1, -1]]
+    assert held.attention_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert held.domains.tolist() == [[None, None, None], ["news", "news", "news"], ["news", None, None]]
+    assert held.token_ids.dtype == held.attention_mask.dtype == np.int64
+    every = run.windows()
+    assert every.seqs.tolist() == [0, 1, 2, 3] and every.token_ids[0].tolist() == [5, 6, 7, 8]
+    assert run.windows("train") is None
+    with pytest.raises(InvalidParameterError, match="`split` must be one of train, calibration, heldout"):
+        run.windows("test")

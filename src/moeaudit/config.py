@@ -136,12 +136,9 @@ class AuditPart(_Part):
         Metrics the audit tests (None = every metric column).
     designs : list of Design
         The test designs (every one by default).
-    ci : {"analytic", "bca"}
-        CI of d_z: the paper's analytic normal interval, or a seeded BCa bootstrap.
-    equivalence_bound : float
-        |d_z| bound of the TOST equivalence test.
-    n_permutations : int
-        Permutations of the expert-level Spearman test.
+    ci, equivalence_bound, n_permutations
+        As in :class:`moeaudit.audit.AuditSettings` (the CI of d_z, the TOST bound, the expert-level
+        permutations).
     """
 
     audit_n: int | None = Field(200, ge=3)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from moeaudit import __version__
 from moeaudit.config import AuditConfig
-from moeaudit.errors import RunDirectoryError
+from moeaudit.errors import RunDirectoryError, invalid
 
 if TYPE_CHECKING:
     import numpy as np
@@ -257,6 +257,10 @@ class RunDir:
 
         Returns None when the split has no window in this run.
         """
+        from moeaudit.options import SPLITS, one_of
+
+        if split is not None and split not in SPLITS:
+            raise invalid("split", one_of(SPLITS), split)
         tokens = self.read("tokens")
         chosen = tokens if split is None else tokens[tokens["split"] == split]
         return token_windows(chosen, pad_id) if len(chosen) else None

@@ -106,3 +106,34 @@ def test_real_tokenizer_and_splits_filter() -> None:
     assert {w.split for w in only.windows} == {"heldout"}
     assert only.fingerprint("heldout") == full.fingerprint("heldout")
     assert np.array_equal(only.windows[0].token_ids, full.select("heldout")[0].token_ids)
+
+
+def test_pad_token_rows_matches_a_brute_force_padding():
+    from moeaudit.data import pad_token_rows
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 100, size=n).tolist() for n in (3, 7, 1, 7, 5)]
+    ids, mask = pad_token_rows(rows, pad_id=99)
+    for i, row in enumerate(rows):
+        assert ids[i].tolist() == row + [99] * (7 - len(row))
+        assert mask[i].tolist() == [1] * len(row) + [0] * (7 - len(row))
+    assert ids.dtype == mask.dtype == np.int64
+    empty_ids, empty_mask = pad_token_rows([], pad_id=0)
+    assert empty_ids.shape == empty_mask.shape == (0, 0)
+
+
+def test_windows_fingerprint_sees_every_token_and_the_order():
+    import hashlib
+
+    from moeaudit.data import Window, windows_fingerprint
+
+    def window(seq, ids):
+        return Window(seq=seq, doc_id=f"d{seq}", domain=None, split="heldout", start=0, token_ids=ids)
+
+    windows = [window(0, [1, 2, 3]), window(1, [4, 5])]
+    by_hand = hashlib.sha256(np.int64(0).tobytes() + np.array([1, 2, 3], dtype=np.int64).tobytes()
+                             + np.int64(1).tobytes() + np.array([4, 5], dtype=np.int64).tobytes()).hexdigest()[:16]
+    assert windows_fingerprint(windows) == by_hand
+    assert windows_fingerprint([window(0, [1, 2, 3]), window(1, [4, 6])]) != by_hand
+    assert windows_fingerprint(windows[::-1]) != by_hand
+    assert windows_fingerprint([window(0, [1, 2, 3]), window(2, [4, 5])]) != by_hand

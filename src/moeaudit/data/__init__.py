@@ -26,7 +26,9 @@ from moeaudit.data.windows import (
     assign_split,
     build_windows,
     cut_windows,
+    pad_token_rows,
     split_documents,
+    windows_fingerprint,
 )
 
 __all__ = [
@@ -49,4 +51,6 @@ __all__ = [
     "cut_windows",
     "as_encoder",
     "build_windows",
+    "pad_token_rows",
+    "windows_fingerprint",
 ]

@@ -330,3 +330,16 @@ def pad_token_rows(rows: Sequence[Any], pad_id: int = 0) -> tuple[np.ndarray, np
         ids[i, :n] = np.asarray(row, dtype=np.int64)
         mask[i, :n] = 1
     return ids, mask
+
+
+def windows_fingerprint(windows: Sequence[Any]) -> str:
+    """A 16-hex-digit digest of windows (their ``seq`` and token ids, in order): what a run directory's
+    corpus check compares (:meth:`moeaudit.rundir.RunDir.check_corpus`), so a resumed run refuses other
+    windows."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for window in windows:
+        digest.update(np.int64(window.seq).tobytes())
+        digest.update(np.asarray(window.token_ids, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]

@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from moeaudit.config import AuditConfig
+from moeaudit.data.windows import windows_fingerprint
 from moeaudit.models.loading import tokenizer_for
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir
@@ -104,7 +105,7 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
             raise CorpusError(f"the corpus {config.corpus!r} gave no windows in splits {config.observe_splits}; "
                               "use a larger corpus or other splits")
         check_context(windows, model, config)
-        run.check_corpus(_windows_fingerprint(windows), corpus.manifest() if hasattr(corpus, "manifest") else {})
+        run.check_corpus(windows_fingerprint(windows), corpus.manifest() if hasattr(corpus, "manifest") else {})
         store, progress = run_units(run, "observe", observe_work_units(windows, config), OBSERVE_TABLES,
                                     observe_unit, executor, on_unit=on_batch)
     finally:
@@ -131,15 +132,3 @@ def check_context(windows: Sequence[Any], model: dict[str, Any], config: AuditCo
     if limit and longest > limit:
         raise invalid("max_len", f"at most the model's context length, {limit} tokens", config.max_len,
                       config.model)
-
-
-def _windows_fingerprint(windows) -> str:
-    import hashlib
-
-    import numpy as np
-
-    digest = hashlib.sha256()
-    for window in windows:
-        digest.update(np.int64(window.seq).tobytes())
-        digest.update(np.asarray(window.token_ids, dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
