@@ -181,8 +181,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="auto",
                         help="auto, random, a built-in name (tiny-olmoe, tiny-qwen-moe, tiny-deepseek) or "
-                             "random:FAMILY (olmoe, qwen2_moe, deepseek_v2, deepseek_v2_grouped, mixtral, "
-                             "qwen3_moe, gpt_oss)")
+                             "random:FAMILY (one of moeaudit.models.testing.FAMILIES: olmoe, qwen2_moe, "
+                             "deepseek_v2, deepseek_v2_grouped, mixtral, qwen3_moe, gpt_oss, deepseek_v3, "
+                             "glm4_moe, glm4_moe_lite, dots1, exaone_moe)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--reference-samples", type=int, default=48)

@@ -72,7 +72,10 @@ def test_reimplemented_routing_equals_module(moe, input_ids):
         assert torch.equal(routing.topk_idx, idx)
         assert torch.equal(routing.combine_weight, weights)
         assert torch.equal(record.topk_idx, idx) and torch.equal(record.combine_weight, weights)
-        probs = torch.softmax(router_logits.float(), dim=-1)
+        if layer.routing_rule.startswith("sigmoid"):  # the family's score: sigmoid, bias not included
+            probs = torch.sigmoid(router_logits.float())
+        else:
+            probs = torch.softmax(router_logits.float(), dim=-1)
         assert torch.equal(record.raw_gate, probs.gather(-1, idx))
 
 
@@ -138,6 +141,21 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
     probs /= probs.sum()
     k = layer.top_k
     rule = layer.routing_rule
+    if rule == "sigmoid_bias_group_scaled":  # DeepSeek-V3 (arXiv 2412.19437, Sec. 2.1.2)
+        router = layer.router
+        scores = 1.0 / (1.0 + np.exp(-logits_row.astype(np.float64)))
+        choice = scores + router.e_score_correction_bias.double().numpy()
+        choice[removed] = -np.inf  # the bias must not win the removed expert a slot
+        groups = int(router.num_group)
+        per = len(choice) // groups
+        group_score = np.sort(choice.reshape(groups, per), axis=1)[:, -2:].sum(axis=1)
+        best_groups = np.argsort(-group_score)[: router.topk_group]
+        allowed = np.concatenate([np.arange(g * per, (g + 1) * per) for g in best_groups])
+        chosen = list(allowed[np.argsort(-choice[allowed])[:k]])
+        w = scores[chosen]
+        if router.norm_topk_prob:
+            w = w / w.sum()
+        return set(chosen), dict(zip(chosen, w * router.routed_scaling_factor))
     if rule == "topk_logits_softmax":
         chosen = list(np.argsort(-z)[:k])
         w = np.exp(z[chosen] - z[chosen].max())
@@ -169,7 +187,9 @@ def test_reroute_selects_next_best(moe, input_ids):
         chosen, weights = brute_force_route(layer, c.router_logits[flat].double().numpy(), expert)
         new = a.topk_idx[flat].tolist()
         assert expert not in new and set(new) == chosen
-        assert len(set(new) & set(c.topk_idx[flat].tolist())) == layer.top_k - 1  # one replacement
+        if layer.routing_rule != "sigmoid_bias_group_scaled" or layer.router.num_group == 1:
+            assert len(set(new) & set(c.topk_idx[flat].tolist())) == layer.top_k - 1  # one replacement
+        # (with a group score of the two best, a removal can move the token to another group)
         for slot, e in enumerate(new):
             assert a.combine_weight[flat, slot].item() == pytest.approx(weights[e], rel=1e-5)
         others = torch.ones(BATCH * SEQ, dtype=torch.bool)
@@ -299,3 +319,33 @@ def test_bad_ablation_arguments(moe):
     with pytest.raises(InvalidParameterError, match=r"`experts` must be in \[0, 7\]"):
         with torch.no_grad(), moe.intervene([Ablation(moe.layers[0].layer, experts=8)]):
             moe.model(torch.ones(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_reroute_on_a_biased_sigmoid_router_never_keeps_the_removed_expert(family, input_ids):
+    """A load-balancing bias large enough to always select expert 5: masking its logit alone would leave
+    sigmoid(-inf) + bias = bias as its selection score, and it would keep its slot (with weight 0)."""
+    model = tiny_model(family, seed=3)
+    moe = wrap_model(model, name=family)
+    layer = moe.layers[-1]
+    with torch.no_grad():
+        layer.router.e_score_correction_bias[5] = 10.0
+    _, clean = clean_run(moe, input_ids, layers=[layer.layer])
+    assert (clean[layer.layer].topk_idx == 5).any(dim=-1).all()  # the bias selects it at every token
+    # What masking the logit alone would select: expert 5 again, at a zero score.
+    masked = clean[layer.layer].router_logits.clone()
+    masked[:, 5] = float("-inf")
+    naive_choice = torch.sigmoid(masked) + layer.router.e_score_correction_bias
+    assert (naive_choice.topk(layer.top_k, dim=-1).indices == 5).any(dim=-1).all()
+
+    everywhere = torch.ones(BATCH, SEQ, dtype=torch.bool)
+    with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=5, positions=everywhere, kind="reroute")],
+                                        capture=[layer.layer], keep_outputs=True) as trace:
+        moe.model(input_ids)
+    rerouted = trace[layer.layer]
+    assert not (rerouted.topk_idx == 5).any()
+    for flat in range(BATCH * SEQ):
+        chosen, weights = brute_force_route(layer, clean[layer.layer].router_logits[flat].double().numpy(), 5)
+        assert set(rerouted.topk_idx[flat].tolist()) == chosen
+        for slot, e in enumerate(rerouted.topk_idx[flat].tolist()):
+            assert rerouted.combine_weight[flat, slot].item() == pytest.approx(weights[e], rel=1e-5)

@@ -29,7 +29,9 @@ def routing_entropy(router_probs: ArrayLike) -> NDArray[np.float64]:
     Parameters
     ----------
     router_probs : array_like of float, shape (T, E)
-        Router probabilities :math:`p_e(x_t)` (softmax over all routed experts) of the T tokens.
+        Router probabilities :math:`p_e(x_t)` of the T tokens (the family's non-negative scores:
+        the softmax over all routed experts, or DeepSeek-V3-style sigmoid scores; only each expert's column
+        over tokens is normalised, so scores that do not sum to 1 over experts are fine).
 
     Returns
     -------

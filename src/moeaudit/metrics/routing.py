@@ -97,7 +97,8 @@ def mean_gate_active(expert: ArrayLike, raw_gate: ArrayLike, *, num_experts: int
     ----------
     expert : array_like of int, shape (n_rows,)
     raw_gate : array_like of float, shape (n_rows,)
-        Router probability :math:`p_e(x_t)` (softmax over all routed experts) of the selected expert.
+        Router probability :math:`p_e(x_t)` of the selected expert: the family's score
+        (:meth:`moeaudit.models.MoELayer.router_probs`; softmax over all routed experts, or a sigmoid score).
     num_experts : int
 
     Returns

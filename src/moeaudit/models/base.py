@@ -31,6 +31,7 @@ RoutingRule = Literal[
     "softmax_greedy_scaled",
     "softmax_group_limited_scaled",
     "topk_logits_softmax",
+    "sigmoid_bias_group_scaled",
 ]
 
 ROUTING_RULE_DOC: dict[str, str] = {
@@ -41,6 +42,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
         "softmax over all experts, top groups by max score, top-k inside them, x routed_scaling_factor"
     ),
     "topk_logits_softmax": "top-k of the raw logits (with bias), softmax over the k selected",
+    "sigmoid_bias_group_scaled": (
+        "sigmoid scores; top groups by the sum of their two best (score + correction bias), top-k of "
+        "score + bias inside them; weights = scores, renormalised if norm_topk_prob, x routed_scaling_factor"
+    ),
 }
 
 
@@ -238,11 +243,14 @@ class FamilyAdapter(abc.ABC):
         logits = router_logits
         if removed is not None:
             logits = logits.masked_fill(removed, float("-inf"))
-        return self._route(layer, router_logits, logits)
+        return self._route(layer, router_logits, logits, removed)
 
     @abc.abstractmethod
-    def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor) -> Routing:
-        """Route from ``logits`` (edited or not); ``router_logits`` is kept as the record of the original."""
+    def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor,
+               removed: torch.Tensor | None) -> Routing:
+        """Route from ``logits`` (the removed experts' logits already -inf); ``router_logits`` is kept as the
+        record of the original. ``removed`` is for rules where a -inf logit does not exclude an expert (a
+        selection score with a bias added after the scoring function)."""
 
 
 class SoftmaxTopKAdapter(FamilyAdapter):
@@ -254,7 +262,7 @@ class SoftmaxTopKAdapter(FamilyAdapter):
     def routing_rule(self, config) -> str:
         return "softmax_topk_renorm" if self.renormalises(config) else "softmax_topk"
 
-    def _route(self, layer, router_logits, logits):
+    def _route(self, layer, router_logits, logits, removed):
         # Mirrors e.g. OlmoeTopKRouter.forward op for op, so indices and weights are bit-identical.
         router_probs = self.router_probs(layer, logits)
         top_value, topk_idx = torch.topk(router_probs, layer.top_k, dim=-1)

@@ -28,7 +28,8 @@ class DeepseekV2Adapter(FamilyAdapter):
             return 0, 0
         return int(config.n_shared_experts), int(config.moe_intermediate_size)
 
-    def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor) -> Routing:
+    def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor,
+               removed: torch.Tensor | None) -> Routing:
         # Mirrors DeepseekV2TopkRouter.forward (the logits are already float32 there).
         router = layer.router
         router_probs = self.router_probs(layer, logits)

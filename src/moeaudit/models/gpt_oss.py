@@ -19,7 +19,8 @@ class GptOssAdapter(FamilyAdapter):
     def routing_rule(self, config) -> str:
         return "topk_logits_softmax"
 
-    def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor) -> Routing:
+    def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor,
+               removed: torch.Tensor | None) -> Routing:
         # Mirrors GptOssTopKRouter.forward.
         top_value, topk_idx = torch.topk(logits, layer.top_k, dim=-1)
         combine_weight = F.softmax(top_value, dim=1, dtype=top_value.dtype)

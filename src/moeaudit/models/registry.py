@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moeaudit.models.base import FamilyAdapter
 from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
+from moeaudit.models.deepseek_v3 import DeepseekV3Adapter
 from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.olmoe import OlmoeAdapter
@@ -17,6 +18,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     MixtralAdapter,
     Qwen3MoeAdapter,
     GptOssAdapter,
+    DeepseekV3Adapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -27,7 +29,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in 
 # the error ("unsupported MoE family" rather than "dense model").
 KNOWN_UNSUPPORTED_MOE = (
     "granitemoe", "granitemoeshared", "granitemoehybrid", "jamba", "jetmoe", "phimoe", "dbrx", "qwen3_next",
-    "switch_transformers", "nllb_moe", "deepseek_v3", "glm4_moe", "minimax", "hunyuan_v1_moe", "ernie4_5_moe",
+    "switch_transformers", "nllb_moe", "minimax", "hunyuan_v1_moe", "ernie4_5_moe",
     "llama4", "dots1", "bailing_moe", "flex_olmo", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
 )
 

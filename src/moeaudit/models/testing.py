@@ -12,7 +12,12 @@ import torch
 
 FAMILIES: tuple[str, ...] = (
     "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
+    "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
 )
+
+#: Multi-head latent attention fields of a tiny DeepSeek-style config.
+_MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8,
+            num_key_value_heads=4)
 
 _COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -20,8 +25,13 @@ _COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_val
 
 def tiny_config(family: str, **overrides: Any):
     """A small config of ``family`` (one of :data:`FAMILIES`); ``overrides`` replace any field."""
-    from transformers import (DeepseekV2Config, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, ExaoneMoeConfig, Glm4MoeConfig,
+                              Glm4MoeLiteConfig, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
                               Qwen3MoeConfig)
+
+    # The DeepSeek-V3 router family: sigmoid scores + correction bias (drawn by tiny_model), group-limited.
+    scored = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                  num_experts_per_tok=2, routed_scaling_factor=2.5, norm_topk_prob=True, n_group=2, topk_group=1)
 
     if family == "olmoe":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
@@ -55,9 +65,36 @@ def tiny_config(family: str, **overrides: Any):
                       layer_types=["sliding_attention", "full_attention"],
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
         cls = GptOssConfig
+    elif family == "deepseek_v3":
+        fields = dict(scored, **_MLA, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1,
+                      rope_interleave=True)
+        cls = DeepseekV3Config
+    elif family == "glm4_moe":
+        fields = dict(scored, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                      topk_group=1, routed_scaling_factor=1.0, head_dim=8, use_qk_norm=True)
+        cls = Glm4MoeConfig
+    elif family == "glm4_moe_lite":
+        fields = dict(scored, **_MLA, n_routed_experts=8, n_shared_experts=1, routed_scaling_factor=1.8,
+                      mlp_layer_types=["dense", "sparse", "sparse"])
+        cls = Glm4MoeLiteConfig
+    elif family == "dots1":
+        fields = dict(scored, n_routed_experts=8, n_shared_experts=2, first_k_dense_replace=1, norm_topk_prob=False,
+                      head_dim=8, sliding_window=None)
+        cls = Dots1Config
+    elif family == "exaone_moe":
+        fields = dict(scored, num_experts=8, num_shared_experts=1, head_dim=8, sliding_window=16,
+                      mlp_layer_types=["dense", "sparse", "sparse"],
+                      layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+        cls = ExaoneMoeConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
+    n_layers = fields["num_hidden_layers"]
+    if family in ("glm4_moe_lite", "exaone_moe") and "mlp_layer_types" not in overrides:  # first layer dense
+        fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)
+    if family == "exaone_moe" and "layer_types" not in overrides:  # every third layer full attention
+        fields["layer_types"] = [("sliding_attention", "sliding_attention", "full_attention")[i % 3]
+                                 for i in range(n_layers)]
     if family == "gpt_oss" and "layer_types" not in overrides:  # GPT-OSS alternates sliding and full attention
         fields["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
                                  for i in range(fields["num_hidden_layers"])]
@@ -83,4 +120,7 @@ def tiny_model(family: str, *, seed: int = 0, experts_implementation: str | None
             std = router_std if is_router else weight_std
             if param.dim() >= 2 or "bias" in name or "sinks" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a load-balancing bias that changes the selection
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.3)
     return model.eval()

@@ -4,8 +4,9 @@ Writes (columns and types: :mod:`moeaudit.tables`):
 
 * ``tokens.parquet`` — one row per real (non-padding) position: ``seq``, ``pos``, ``token_id``, ``nll``
   (NLL of the next token, null at a window's last position), ``domain``, ``split``;
-* ``routing.parquet`` — one row per (layer, seq, pos, slot): ``expert``, ``raw_gate`` (softmax over all
-  routed experts), ``combine_weight`` (what the architecture multiplies the expert output by),
+* ``routing.parquet`` — one row per (layer, seq, pos, slot): ``expert``, ``raw_gate`` (the family's router
+  score, :meth:`moeaudit.models.MoELayer.router_probs`: the softmax over all routed experts, or the sigmoid
+  score of DeepSeek-V3-style routers), ``combine_weight`` (what the architecture multiplies the expert output by),
   ``renorm_gate`` (raw gate / Σ raw gates of the token's selected experts), ``act_norm`` (L2 norm of the
   ungated expert output), ``act_max_abs`` (max |f_e(x)_i|). ``slot`` 0 is the largest raw gate;
 * ``router_probs.parquet`` (optional, chosen layers) — ``layer``, ``seq``, ``pos``, ``probs`` (float16

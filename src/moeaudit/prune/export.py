@@ -2,11 +2,13 @@
 
 The dropped experts are sliced out of every fused expert tensor (``gate_up_proj``, ``down_proj`` and,
 for GPT-OSS, their biases: every parameter of the experts module whose leading axis indexes experts) and
-out of the router (its weight rows and, where present, its bias); the config's routed-expert count is
+out of the router (its weight rows and, where present, its bias and its load-balancing correction bias
+``e_score_correction_bias``, a buffer); the config's routed-expert count is
 updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts``), top-k is kept. The result loads
 with ``AutoModelForCausalLM.from_pretrained(DIR)`` and no moeaudit, and computes exactly what the masked
 evaluation (:mod:`moeaudit.prune.evaluate`) computes: a router without rows for the dropped experts gives
-the same softmax over the survivors as one whose dropped logits are −inf.
+the same softmax over the survivors as one whose dropped logits are −inf (a sigmoid router, DeepSeek-V3 and
+its kin: the same scores, and a selection score of −inf for the dropped ones).
 
 Limits
 ------
@@ -15,6 +17,8 @@ Limits
 * DeepSeek-V2 group-limited routing (``topk_method="group_limited_greedy"``) splits the experts into
   ``n_group`` equal consecutive groups; the export keeps that routing exact only when every group of every
   layer keeps the same number of experts, and refuses otherwise (greedy DeepSeek-V2 / V2-Lite always works).
+  DeepSeek-V3-style routing (a group's score is the sum of its two best) also needs two experts kept per
+  group when there is more than one group.
 """
 
 from __future__ import annotations
@@ -102,9 +106,9 @@ def check_kept(moe: MoEModel, kept: Mapping[int, Sequence[int]]) -> dict[int, li
 
 
 def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
-    """DeepSeek-V2 group-limited routing needs equal-sized groups after slicing (see the module notes)."""
+    """Group-limited routing needs equal-sized groups after slicing (see the module notes)."""
     for described in moe.layers:
-        if described.routing_rule != "softmax_group_limited_scaled":
+        if described.routing_rule not in ("softmax_group_limited_scaled", "sigmoid_bias_group_scaled"):
             continue
         n_group = int(described.router.num_group)
         per_group = described.num_experts // n_group
@@ -114,6 +118,11 @@ def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
                 f"`kept` must keep the same number of experts in each of the {n_group} expert groups of layer "
                 f"{described.layer} (DeepSeek group-limited routing, n_group = {n_group}); got {counts}; drop "
                 "experts evenly across groups, or export a model with topk_method='greedy'")
+        if described.routing_rule == "sigmoid_bias_group_scaled" and n_group > 1 and counts[0] < 2:
+            raise InvalidParameterError(
+                f"`kept` must keep at least 2 experts in each of the {n_group} expert groups of layer "
+                f"{described.layer} (a group's score is the sum of its two best experts); got {counts}; keep more "
+                "experts")
 
 
 def _pruned_state_dict(moe: MoEModel, kept: dict[int, list[int]]) -> dict[str, torch.Tensor]:
@@ -124,9 +133,9 @@ def _pruned_state_dict(moe: MoEModel, kept: dict[int, list[int]]) -> dict[str, t
         for param in described.experts.parameters():
             if param.dim() >= 1 and param.shape[0] == described.num_experts:
                 slices[id(param)] = index
-        for param in described.router.parameters():
-            if param.shape[0] == described.num_experts:
-                slices[id(param)] = index
+        for tensor in (*described.router.parameters(), *described.router.buffers()):
+            if tensor.dim() >= 1 and tensor.shape[0] == described.num_experts:
+                slices[id(tensor)] = index
     state = {}
     for name, tensor in moe.model.state_dict(keep_vars=True).items():
         index = slices.get(id(tensor))
