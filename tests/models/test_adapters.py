@@ -67,7 +67,7 @@ def test_reimplemented_routing_equals_module(moe, input_ids):
     for layer in moe.layers:
         record = trace[layer.layer]
         with torch.no_grad():
-            router_logits, weights, idx = layer.router(record.moe_input)
+            router_logits, weights, idx = layer.call_router(record.moe_input)
         routing = layer.route(router_logits)
         assert torch.equal(routing.topk_idx, idx)
         assert torch.equal(routing.combine_weight, weights)
@@ -141,21 +141,37 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
     probs /= probs.sum()
     k = layer.top_k
     rule = layer.routing_rule
-    if rule == "sigmoid_bias_group_scaled":  # DeepSeek-V3 (arXiv 2412.19437, Sec. 2.1.2)
+    scored = {  # rule: (score, bias held by, groups filled with, renormalise, scaled); arXiv 2412.19437 Sec. 2.1.2
+        "sigmoid_bias_group_scaled": ("sigmoid", "router", -np.inf, "config", True),   # DeepSeek-V3 and kin
+        "softmax_group_sum_scaled": ("softmax", None, 0.0, "config", True),             # Mistral 4
+        "sigmoid_bias_renorm": ("sigmoid", "block", None, "always", False),             # MiniMax-M2
+        "softmax_bias_renorm": ("softmax", "statics", None, "clamp", False),            # ERNIE-4.5
+    }
+    if rule in scored:
+        score, bias_at, fill, renorm, scaled = scored[rule]
         router = layer.router
-        scores = 1.0 / (1.0 + np.exp(-logits_row.astype(np.float64)))
-        choice = scores + router.e_score_correction_bias.double().numpy()
+        scores = 1.0 / (1.0 + np.exp(-z)) if score == "sigmoid" else probs
+        bias = {None: 0.0, "router": lambda: router.e_score_correction_bias,
+                "block": lambda: layer.block.e_score_correction_bias,
+                "statics": lambda: router.moe_statics.e_score_correction_bias[0]}[bias_at]
+        choice = scores + (bias().double().numpy() if callable(bias) else bias)
         choice[removed] = -np.inf  # the bias must not win the removed expert a slot
-        groups = int(router.num_group)
-        per = len(choice) // groups
-        group_score = np.sort(choice.reshape(groups, per), axis=1)[:, -2:].sum(axis=1)
-        best_groups = np.argsort(-group_score)[: router.topk_group]
-        allowed = np.concatenate([np.arange(g * per, (g + 1) * per) for g in best_groups])
-        chosen = list(allowed[np.argsort(-choice[allowed])[:k]])
+        if fill is not None:
+            groups = int(router.num_group)
+            per = len(choice) // groups
+            group_score = np.sort(choice.reshape(groups, per), axis=1)[:, -2:].sum(axis=1)
+            dropped = np.argsort(-group_score)[router.topk_group:]
+            for g in dropped:
+                choice[g * per:(g + 1) * per] = fill
+        chosen = list(np.argsort(-choice, kind="stable")[:k])
         w = scores[chosen]
-        if router.norm_topk_prob:
+        if renorm == "always" or (renorm == "config" and router.norm_topk_prob):
             w = w / w.sum()
-        return set(chosen), dict(zip(chosen, w * router.routed_scaling_factor))
+        elif renorm == "clamp":
+            w = w / max(w.sum(), router.norm_min)
+        if scaled:
+            w = w * router.routed_scaling_factor
+        return set(chosen), dict(zip(chosen, w))
     if rule == "topk_logits_softmax":
         chosen = list(np.argsort(-z)[:k])
         w = np.exp(z[chosen] - z[chosen].max())
@@ -187,9 +203,11 @@ def test_reroute_selects_next_best(moe, input_ids):
         chosen, weights = brute_force_route(layer, c.router_logits[flat].double().numpy(), expert)
         new = a.topk_idx[flat].tolist()
         assert expert not in new and set(new) == chosen
-        if layer.routing_rule != "sigmoid_bias_group_scaled" or layer.router.num_group == 1:
+        grouped = "group" in layer.routing_rule and getattr(layer.router, "num_group", 1) > 1
+        if not grouped and layer.routing_rule != "softmax_bias_renorm":
             assert len(set(new) & set(c.topk_idx[flat].tolist())) == layer.top_k - 1  # one replacement
-        # (with a group score of the two best, a removal can move the token to another group)
+        # (with a group score of the two best, a removal can move the token to another group; with softmax
+        # probabilities + a bias, renormalising over the survivors can reorder them)
         for slot, e in enumerate(new):
             assert a.combine_weight[flat, slot].item() == pytest.approx(weights[e], rel=1e-5)
         others = torch.ones(BATCH * SEQ, dtype=torch.bool)

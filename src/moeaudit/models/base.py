@@ -32,6 +32,9 @@ RoutingRule = Literal[
     "softmax_group_limited_scaled",
     "topk_logits_softmax",
     "sigmoid_bias_group_scaled",
+    "softmax_group_sum_scaled",
+    "sigmoid_bias_renorm",
+    "softmax_bias_renorm",
 ]
 
 ROUTING_RULE_DOC: dict[str, str] = {
@@ -45,6 +48,15 @@ ROUTING_RULE_DOC: dict[str, str] = {
     "sigmoid_bias_group_scaled": (
         "sigmoid scores; top groups by the sum of their two best (score + correction bias), top-k of "
         "score + bias inside them; weights = scores, renormalised if norm_topk_prob, x routed_scaling_factor"
+    ),
+    "softmax_group_sum_scaled": (
+        "softmax scores; top groups by the sum of their two best, top-k inside them; weights renormalised if "
+        "norm_topk_prob, x routed_scaling_factor"
+    ),
+    "sigmoid_bias_renorm": "sigmoid scores; top-k of score + correction bias; weights = scores renormalised",
+    "softmax_bias_renorm": (
+        "softmax over all experts; top-k of probability + correction bias; weights = probabilities "
+        "renormalised (sum clamped below)"
     ),
 }
 
@@ -129,6 +141,11 @@ class MoELayer:
         assert self.adapter is not None
         return self.adapter.route(self, router_logits, removed)
 
+    def call_router(self, hidden: torch.Tensor):
+        """Call the router module on hidden states [N, H] as its block does (some take extra arguments)."""
+        assert self.adapter is not None
+        return self.adapter.call_router(self, hidden)
+
     def router_probs(self, router_logits: torch.Tensor) -> torch.Tensor:
         """The router probabilities p_e(x_t) of every routed expert, float32 [N, E]; see
         :meth:`FamilyAdapter.router_probs`. The one definition behind ``raw_gate`` and ``router_probs``."""
@@ -206,6 +223,10 @@ class FamilyAdapter(abc.ABC):
         return 1, int(shared.intermediate_size)
 
     # ----------------------------------------------------------------- routing
+    def call_router(self, layer: MoELayer, hidden: torch.Tensor):
+        """Call ``layer.router`` on hidden states [N, H] as the family's block does."""
+        return layer.router(hidden)
+
     def router_probs(self, layer: MoELayer, router_logits: torch.Tensor) -> torch.Tensor:
         """Router probabilities of all routed experts from raw logits, float32 [N, E].
 

@@ -49,7 +49,7 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
     generator = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(tokens, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
     with torch.no_grad():
-        output = layer.router(hidden)
+        output = layer.call_router(hidden)
         if not (isinstance(output, tuple) and len(output) == 3):
             raise ContractError(f"{where}: the router must return (router_logits, topk_weights, topk_idx); {fix}")
         router_logits, topk_weights, topk_idx = output

@@ -120,12 +120,30 @@ def _refuse_unsupported(config, display: str) -> None:
     )
 
 
+def causal_lm_class(config):
+    """The transformers causal-LM class of ``config``: ``AutoModelForCausalLM``'s choice, else the class the
+    family's adapter names (Mistral 4's text model has a ``Mistral4ForCausalLM`` that transformers 5.23 does
+    not map for ``AutoModelForCausalLM``)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return AutoModelForCausalLM
+    adapter = adapter_for(getattr(config, "model_type", ""))
+    for name in adapter.architectures if adapter is not None else ():
+        cls = getattr(transformers, name, None)
+        if cls is not None and getattr(cls, "config_class", None) is type(config):
+            return cls
+    return AutoModelForCausalLM  # its own error names the problem
+
+
 def probe_moe_layers(config, adapter, display: str) -> list[int]:
     """MoE layer indices of ``config``, from a weightless skeleton on the meta device (no weights loaded)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        cls = causal_lm_class(config)
+        skeleton = (cls.from_config(config, trust_remote_code=False) if hasattr(cls, "from_config")
+                    else cls._from_config(config))
     indices = [layer.layer for layer in adapter.find_layers(skeleton)]
     if not indices:
         _refuse_unsupported(config, display)
@@ -230,7 +248,7 @@ def load_model(
     if layers is not None:
         validate_layers(layers, moe_layers, display)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
     if experts_implementation is not None:
@@ -238,7 +256,7 @@ def load_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
+        model = causal_lm_class(config).from_pretrained(source, config=config, **kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load the weights of {display}: {str(err).splitlines()[0]}") from None
     except torch.OutOfMemoryError:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from moeaudit.models.base import FamilyAdapter
 from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
-from moeaudit.models.deepseek_v3 import DeepseekV3Adapter
 from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.olmoe import OlmoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
+from moeaudit.models.scored import DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter
 
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     OlmoeAdapter,
@@ -19,6 +19,9 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Qwen3MoeAdapter,
     GptOssAdapter,
     DeepseekV3Adapter,
+    Mistral4Adapter,
+    MiniMaxM2Adapter,
+    Ernie45MoeAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -29,8 +32,8 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in 
 # the error ("unsupported MoE family" rather than "dense model").
 KNOWN_UNSUPPORTED_MOE = (
     "granitemoe", "granitemoeshared", "granitemoehybrid", "jamba", "jetmoe", "phimoe", "dbrx", "qwen3_next",
-    "switch_transformers", "nllb_moe", "minimax", "hunyuan_v1_moe", "ernie4_5_moe",
-    "llama4", "dots1", "bailing_moe", "flex_olmo", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
+    "switch_transformers", "nllb_moe", "minimax", "hunyuan_v1_moe",
+    "llama4", "bailing_moe", "flex_olmo", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
 )
 
 

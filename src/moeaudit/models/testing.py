@@ -12,7 +12,7 @@ import torch
 
 FAMILIES: tuple[str, ...] = (
     "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
-    "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe",
+    "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
 )
 
 #: Multi-head latent attention fields of a tiny DeepSeek-style config.
@@ -25,9 +25,9 @@ _COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_val
 
 def tiny_config(family: str, **overrides: Any):
     """A small config of ``family`` (one of :data:`FAMILIES`); ``overrides`` replace any field."""
-    from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, ExaoneMoeConfig, Glm4MoeConfig,
-                              Glm4MoeLiteConfig, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
-                              Qwen3MoeConfig)
+    from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
+                              Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
+                              MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
 
     # The DeepSeek-V3 router family: sigmoid scores + correction bias (drawn by tiny_model), group-limited.
     scored = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -86,6 +86,20 @@ def tiny_config(family: str, **overrides: Any):
                       mlp_layer_types=["dense", "sparse", "sparse"],
                       layer_types=["sliding_attention", "sliding_attention", "full_attention"])
         cls = ExaoneMoeConfig
+    elif family == "mistral4":
+        mla = {key: value for key, value in _MLA.items() if key != "head_dim"}  # derived: nope + rope
+        fields = dict(scored, **mla, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1,
+                      routed_scaling_factor=1.5)
+        cls = Mistral4Config
+    elif family == "minimax_m2":
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
+                      num_experts_per_tok=2, head_dim=8)
+        cls = MiniMaxM2Config
+    elif family == "ernie4_5_moe":
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                      moe_num_experts=8, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
+                      tie_word_embeddings=False)
+        cls = Ernie4_5_MoeConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
@@ -104,13 +118,15 @@ def tiny_config(family: str, **overrides: Any):
 def tiny_model(family: str, *, seed: int = 0, experts_implementation: str | None = "batched_mm",
                router_std: float = 1.0, weight_std: float = 0.2, **overrides: Any):
     """A randomly initialised tiny causal LM of ``family`` in fp32 eval mode (a transformers model)."""
-    from transformers import AutoModelForCausalLM
+    from moeaudit.models.loading import causal_lm_class
 
     config = tiny_config(family, **overrides)
     if experts_implementation is not None:
         config._experts_implementation = experts_implementation
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    cls = causal_lm_class(config)
+    model = (cls.from_config(config, dtype=torch.float32) if hasattr(cls, "from_config")
+             else cls._from_config(config, dtype=torch.float32))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

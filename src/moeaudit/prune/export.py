@@ -5,7 +5,7 @@ for GPT-OSS, their biases: every parameter of the experts module whose leading a
 out of the router (its weight rows and, where present, its bias and its load-balancing correction bias
 ``e_score_correction_bias``, a buffer); the config's routed-expert count is
 updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts``), top-k is kept. The result loads
-with ``AutoModelForCausalLM.from_pretrained(DIR)`` and no moeaudit, and computes exactly what the masked
+with ``AutoModelForCausalLM.from_pretrained(DIR)`` (Mistral 4: ``Mistral4ForCausalLM``) and no moeaudit, and computes exactly what the masked
 evaluation (:mod:`moeaudit.prune.evaluate`) computes: a router without rows for the dropped experts gives
 the same softmax over the survivors as one whose dropped logits are −inf (a sigmoid router, DeepSeek-V3 and
 its kin: the same scores, and a selection score of −inf for the dropped ones).
@@ -38,7 +38,7 @@ from moeaudit.models.moe_model import MoEModel
 logger = logging.getLogger(__name__)
 
 #: Config fields that hold the routed-expert count, by family.
-EXPERT_COUNT_FIELDS: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts")
+EXPERT_COUNT_FIELDS: tuple[str, ...] = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -126,21 +126,33 @@ def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
 
 
 def _pruned_state_dict(moe: MoEModel, kept: dict[int, list[int]]) -> dict[str, torch.Tensor]:
-    """The model's state dict with the dropped experts sliced out of expert and router tensors."""
-    slices: dict[int, torch.Tensor] = {}  # id(parameter) -> kept index
+    """The model's state dict with the dropped experts sliced out of expert and router tensors.
+
+    Sliced: every tensor of the experts module whose leading axis indexes experts; every parameter and
+    buffer of the router (and its submodules: ERNIE-4.5's ``moe_statics``) with an expert axis, leading or,
+    for a [1, E] tensor, last; the block's own tensors with a leading expert axis (MiniMax-M2 keeps its
+    correction bias on the block).
+    """
+    slices: dict[int, tuple[int, torch.Tensor]] = {}  # id(tensor) -> (axis, kept index)
     for described in moe.layers:
         index = torch.as_tensor(kept[described.layer], dtype=torch.long)
-        for param in described.experts.parameters():
-            if param.dim() >= 1 and param.shape[0] == described.num_experts:
-                slices[id(param)] = index
+        count = described.num_experts
+        block_own = (*described.block.parameters(recurse=False), *described.block.buffers(recurse=False))
+        for tensor in (*described.experts.parameters(), *block_own):
+            if tensor.dim() >= 1 and tensor.shape[0] == count:
+                slices[id(tensor)] = (0, index)
         for tensor in (*described.router.parameters(), *described.router.buffers()):
-            if tensor.dim() >= 1 and tensor.shape[0] == described.num_experts:
-                slices[id(tensor)] = index
+            if tensor.dim() >= 1 and tensor.shape[0] == count:
+                slices[id(tensor)] = (0, index)
+            elif tensor.dim() == 2 and tensor.shape == (1, count):
+                slices[id(tensor)] = (1, index)
     state = {}
     for name, tensor in moe.model.state_dict(keep_vars=True).items():
-        index = slices.get(id(tensor))
         data = tensor.detach()
-        state[name] = data.index_select(0, index.to(data.device)).contiguous() if index is not None else data
+        if id(tensor) in slices:
+            axis, index = slices[id(tensor)]
+            data = data.index_select(axis, index.to(data.device)).contiguous()
+        state[name] = data
     return state
 
 
@@ -185,8 +197,6 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     >>> export_pruned(moe, {l.layer: list(range(24)) for l in moe.layers}, "pruned/")  # doctest: +SKIP
     >>> AutoModelForCausalLM.from_pretrained("pruned/")  # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM
-
     full = check_kept(moe, kept)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
@@ -204,7 +214,7 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
         setattr(config, name, new_count)
     state = _pruned_state_dict(moe, full)
     with torch.device("meta"):
-        pruned = AutoModelForCausalLM.from_config(config, dtype=moe.dtype)
+        pruned = type(moe.model)._from_config(config, dtype=moe.dtype)  # the loaded model's own class
     missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(f"internal error: pruned state dict does not fit the pruned config "

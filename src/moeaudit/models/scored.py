@@ -1,0 +1,200 @@
+"""Scored top-k routing: one parameterised rule for the routers of most MoE families since DeepSeek-V3.
+
+Each router in transformers 5.23 that follows it computes, from the router logits z [N, E]:
+
+1. scores s = f(z), f = sigmoid or softmax (:attr:`ScoredRule.score`);
+2. a selection score c = s + b, with a load-balancing correction bias b where the family has one
+   (arXiv 2412.19437, Sec. 2.1.2: the bias steers selection only, never the weights);
+3. optionally group-limited selection: experts split into ``n_group`` consecutive groups, a group's score
+   is the sum of its two best c, the ``topk_group`` best groups stay and the others' c are filled
+   (with -inf or 0);
+4. the top-k of c (sorted or not);
+5. weights w = s at the chosen experts, optionally renormalised to sum to 1 (with an eps, a clamp, or
+   plain), times a scaling factor.
+
+:class:`ScoredRule` holds the choices; an adapter per family group declares its rule and where its
+router keeps the pieces. The route below mirrors each router's ``forward`` op for op, so indices and
+weights are bit-identical (checked at load time by :mod:`moeaudit.models.contract`).
+
+Removing an expert masks its logit (-inf: a softmax renormalises over the survivors, as a router without
+that expert does) *and* its selection score (-inf): masking the logit alone would leave
+sigmoid(-inf) + b = b as its selection score, and a large bias could still win the removed expert a slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from moeaudit.models.base import FamilyAdapter, MoELayer, Routing
+
+
+@dataclass(frozen=True)
+class ScoredRule:
+    """The parameters of a scored top-k router (see the module docstring for the steps).
+
+    Attributes
+    ----------
+    name : str
+        The rule's name, a key of :data:`moeaudit.models.base.ROUTING_RULE_DOC`.
+    score : {"sigmoid", "softmax"}
+        f: the scoring function, applied in the logits' dtype (the routers compute it there).
+    score_float32 : bool
+        Cast the logits to float32 before f (sigmoid routers of MiniMax-M2; DeepSeek-V3's logits already
+        are float32).
+    bias : {None, "router", "block", "statics"}
+        Where the correction bias ``e_score_correction_bias`` lives: on the router, on the MoE block
+        (MiniMax-M2 passes it to the router), or in the router's ``moe_statics`` module (ERNIE-4.5).
+    grouped : bool
+        Group-limited selection (``router.num_group`` groups, ``router.topk_group`` kept).
+    group_fill : float
+        The selection score of experts in dropped groups (DeepSeek-V3: -inf, Mistral 4: 0).
+    sorted_topk : bool
+        ``torch.topk(..., sorted=...)`` of the selection.
+    renorm : {"never", "config", "always"}
+        Renormalise the k weights: never, when ``router.norm_topk_prob``, or always.
+    renorm_guard : {"eps", "clamp", "none"}
+        Denominator sum + 1e-20 (DeepSeek-V3), max(sum, ``router.norm_min``) (ERNIE-4.5), or the bare sum.
+    scaled : bool
+        Multiply the weights by ``router.routed_scaling_factor``.
+    weights_in_expert_dtype : bool
+        Cast the weights to the experts' dtype (ERNIE-4.5 returns them in the hidden states' dtype).
+    """
+
+    name: str
+    score: Literal["sigmoid", "softmax"]
+    score_float32: bool = False
+    bias: Literal["router", "block", "statics"] | None = None
+    grouped: bool = False
+    group_fill: float = float("-inf")
+    sorted_topk: bool = False
+    renorm: Literal["never", "config", "always"] = "config"
+    renorm_guard: Literal["eps", "clamp", "none"] = "eps"
+    scaled: bool = False
+    weights_in_expert_dtype: bool = False
+
+
+class ScoredTopKAdapter(FamilyAdapter):
+    """A family whose router follows :class:`ScoredRule`; subclasses set ``rule`` and the class attributes."""
+
+    rule: ScoredRule
+    shared_attr = "shared_experts"
+    #: Config fields that may hold the number of fused shared experts, first match wins.
+    shared_count_fields: tuple[str, ...] = ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts")
+
+    def routing_rule(self, config) -> str:
+        return self.rule.name
+
+    def shared_layout(self, config, shared):
+        if shared is None:
+            return 0, 0
+        count = next((getattr(config, f) for f in self.shared_count_fields if getattr(config, f, None)), 1)
+        return int(count), int(config.moe_intermediate_size)
+
+    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
+        z = logits.float() if self.rule.score_float32 else logits
+        return z.sigmoid() if self.rule.score == "sigmoid" else F.softmax(z, dim=-1, dtype=z.dtype)
+
+    def router_probs(self, layer: MoELayer, router_logits: torch.Tensor) -> torch.Tensor:
+        """The family's expert scores f(z) as float32 [N, E]; the correction bias is not part of them (a
+        sigmoid router's scores are each in (0, 1) and need not sum to 1)."""
+        return self._scores(router_logits).float()
+
+    def correction_bias(self, layer: MoELayer) -> torch.Tensor | None:
+        """The correction bias b [E] the rule adds to the scores to select, or None."""
+        where = self.rule.bias
+        if where is None:
+            return None
+        if where == "router":
+            return layer.router.e_score_correction_bias
+        if where == "block":
+            return layer.block.e_score_correction_bias
+        return layer.router.moe_statics.e_score_correction_bias.squeeze()
+
+    def call_router(self, layer: MoELayer, hidden: torch.Tensor):
+        if self.rule.bias == "block":  # MiniMax-M2's block hands its bias to the router
+            return layer.router(hidden, layer.block.e_score_correction_bias)
+        return layer.router(hidden)
+
+    def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor,
+               removed: torch.Tensor | None) -> Routing:
+        rule, router = self.rule, layer.router
+        scores = self._scores(logits)
+        bias = self.correction_bias(layer)
+        choice = scores if bias is None else scores + bias
+        if removed is not None:
+            choice = choice.masked_fill(removed, float("-inf"))
+        if rule.grouped:
+            n_group = int(router.num_group)
+            per_group = router.num_experts // n_group
+            group_scores = choice.view(-1, n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores)
+            group_mask.scatter_(1, group_idx, 1)
+            score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(-1, router.num_experts)
+            choice = choice.masked_fill(~score_mask.bool(), rule.group_fill)
+        topk_idx = torch.topk(choice, k=layer.top_k, dim=-1, sorted=rule.sorted_topk)[1]
+        raw_gate = scores.gather(1, topk_idx)
+        weights = raw_gate
+        if rule.renorm == "always" or (rule.renorm == "config" and router.norm_topk_prob):
+            total = weights.sum(dim=-1, keepdim=True)
+            if rule.renorm_guard == "eps":
+                total = total + 1e-20
+            elif rule.renorm_guard == "clamp":
+                total = torch.clamp(total, min=router.norm_min)
+            weights = weights / total
+        if rule.scaled:
+            weights = weights * router.routed_scaling_factor
+        if rule.weights_in_expert_dtype:
+            weights = weights.to(layer.experts.down_proj.dtype)
+        return Routing(router_logits, scores.float(), topk_idx, raw_gate.float(), weights)
+
+
+class DeepseekV3Adapter(ScoredTopKAdapter):
+    """DeepSeek-V3 / R1 and the families that share its router code in transformers 5.23: GLM-4.5 / 4.6 /
+    4.7 (``glm4_moe``), GLM-4.7-Flash (``glm4_moe_lite``), dots.llm1 (``dots1``), EXAONE-MoE (``exaone_moe``).
+    Sigmoid scores of float32 logits, router-held bias, groups filled with -inf, renormalised when
+    ``norm_topk_prob`` (+1e-20), scaled; fused shared experts."""
+
+    family = "deepseek_v3"
+    model_types = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe")
+    architectures = ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "Dots1ForCausalLM",
+                     "ExaoneMoeForCausalLM")
+    rule = ScoredRule("sigmoid_bias_group_scaled", score="sigmoid", bias="router", grouped=True, scaled=True)
+
+
+class Mistral4Adapter(ScoredTopKAdapter):
+    """Mistral 4 (``mistral4``): DeepSeek-V3's group-limited routing on softmax scores (in the logits' dtype),
+    no correction bias, dropped groups filled with 0; renormalised when ``norm_topk_prob`` (+1e-20), scaled."""
+
+    family = "mistral4"
+    model_types = ("mistral4",)
+    architectures = ("Mistral4ForCausalLM",)
+    rule = ScoredRule("softmax_group_sum_scaled", score="softmax", grouped=True, group_fill=0.0, scaled=True)
+
+
+class MiniMaxM2Adapter(ScoredTopKAdapter):
+    """MiniMax-M2 (``minimax_m2``): sigmoid scores of float32 logits, the block's correction bias (passed to
+    the router), plain top-k, always renormalised (bare sum), no scaling, no shared experts."""
+
+    family = "minimax_m2"
+    model_types = ("minimax_m2",)
+    architectures = ("MiniMaxM2ForCausalLM",)
+    shared_attr = None
+    rule = ScoredRule("sigmoid_bias_renorm", score="sigmoid", score_float32=True, bias="block", renorm="always",
+                      renorm_guard="none")
+
+
+class Ernie45MoeAdapter(ScoredTopKAdapter):
+    """ERNIE-4.5 MoE (``ernie4_5_moe``): softmax of float32 logits, the bias of ``gate.moe_statics`` steers
+    selection, sorted top-k, weights renormalised by max(sum, ``moe_norm_min``); fused shared experts
+    (``moe_num_shared_experts``)."""
+
+    family = "ernie4_5_moe"
+    model_types = ("ernie4_5_moe",)
+    architectures = ("Ernie4_5_MoeForCausalLM",)
+    rule = ScoredRule("softmax_bias_renorm", score="softmax", score_float32=True, bias="statics", sorted_topk=True,
+                      renorm="always", renorm_guard="clamp", weights_in_expert_dtype=True)
