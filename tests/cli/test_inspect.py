@@ -70,13 +70,13 @@ def test_qwen2_moe_without_experts_is_dense(tmp_path, cli):
 
 
 def test_unsupported_moe_family_refused(tmp_path, cli):
-    from transformers import GraniteMoeConfig
+    from transformers import PhimoeConfig  # PhiMoE's sparsemixer routing is not adapted (yet)
 
-    save_config_only(tmp_path, GraniteMoeConfig(vocab_size=64, hidden_size=16, intermediate_size=8,
-                                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                                num_local_experts=4, num_experts_per_tok=2))
+    save_config_only(tmp_path, PhimoeConfig(vocab_size=64, hidden_size=16, intermediate_size=8,
+                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                            num_local_experts=4, num_experts_per_tok=2))
     code, _, err = cli("inspect", str(tmp_path))
-    one_line_error(code, err, "'granitemoe' MoE model", "does not adapt yet", "supported families")
+    one_line_error(code, err, "'phimoe' MoE model", "does not adapt yet", "supported families")
 
 
 def test_remote_code_only_refused(tmp_path, cli):

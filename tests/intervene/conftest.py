@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeaudit.models import wrap_model
-from moeaudit.models.testing import FAMILIES, tiny_model
+from moeaudit.models.testing import FAST_FAMILIES, tiny_model
 
 torch.set_num_threads(1)
 
@@ -24,7 +24,7 @@ def make_moe(family: str, **kwargs):
     return wrap_model(tiny_model(family, seed=3, **{**OVERRIDES.get(family, {}), **kwargs}), name=family)
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=FAST_FAMILIES)  # the others: tests/intervene/test_spotcheck.py
 def moe(request):
     return make_moe(request.param)
 

@@ -10,7 +10,7 @@ import torch
 from moeaudit.errors import InvalidParameterError
 from moeaudit.intervene import EFFECT_COLUMNS, InterveneConfig, Selection, compute_effects, engine as engine_module
 from moeaudit.models import ABLATION_KINDS
-from moeaudit.models.testing import FAMILIES
+from moeaudit.models.testing import FAST_FAMILIES
 
 from .conftest import BATCH, SEQ, make_moe
 
@@ -142,7 +142,7 @@ def test_fallback_to_reference_is_logged(monkeypatch, input_ids, caplog):
     assert result.stats.estimates == 0 and (result.effects.engine == "reference").all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAST_FAMILIES)
 def test_every_family_has_a_fast_path(family):
     moe = make_moe(family)
     assert engine_module.fast_unsupported_reason(moe) is None

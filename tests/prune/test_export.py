@@ -47,7 +47,7 @@ def test_export_equals_masked_pruning(family, tmp_path):
     assert record["kept"][str(moe.layers[0].layer)] == KEPT[family]
     # the exported experts are the kept ones, in order
     layer = moe.layers[0]
-    exported_layer = loaded.model.layers[layer.layer].mlp
+    exported_layer = getattr(loaded.model.layers[layer.layer], moe.adapter.block_attr)
     assert torch.equal(exported_layer.experts.down_proj, layer.experts.down_proj[KEPT[family]])
 
 

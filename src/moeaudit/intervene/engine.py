@@ -26,6 +26,7 @@ from moeaudit.intervene.estimate import nll_gradients, zero_estimates
 from moeaudit.intervene.fast import outcome_buffers, run_sequence_rows, run_token_rows, token_outcomes
 from moeaudit.intervene.reference import reference_logits
 from moeaudit.intervene.selection import Plan, Selection, gate_ranks, plan_layer, sample_targets
+from moeaudit.intervene.spotcheck import fast_disagreement
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.options import ABLATION_KINDS, ENGINES, SCOPES, Engine, Scope, one_of  # noqa: F401 (Scope re-exported)
 from moeaudit.tables import EFFECT_COLUMNS, single_expert_rows  # noqa: F401 (re-exported)
@@ -263,6 +264,8 @@ def compute_effects(
     started = time.perf_counter()
     run = _Run(moe, selection, config, layers, mean_output or {}, seq_offset)
     run.fallback_reason = fast_unsupported_reason(moe) if config.engine == "fast" else None
+    if config.engine == "fast" and run.fallback_reason is None:
+        run.fallback_reason = fast_disagreement(moe, input_ids, attention_mask, compute_effects, config)
     if run.fallback_reason:
         logger.warning("fast engine unavailable, using the reference engine: %s", run.fallback_reason)
     valid = valid_next_mask(input_ids, attention_mask)

@@ -178,6 +178,8 @@ class FamilyAdapter(abc.ABC):
     model_types: ClassVar[tuple[str, ...]]
     architectures: ClassVar[tuple[str, ...]]
     router_attr: ClassVar[str] = "gate"
+    #: Attribute of the decoder layer that holds the MoE block (``mlp``; Granite: ``block_sparse_moe``).
+    block_attr: ClassVar[str] = "mlp"
     shared_attr: ClassVar[str | None] = None
     shared_gate_attr: ClassVar[str | None] = None
 
@@ -191,7 +193,7 @@ class FamilyAdapter(abc.ABC):
     def find_layers(self, model: nn.Module) -> list[MoELayer]:
         found = []
         for index, decoder_layer in enumerate(self.decoder_layers(model)):
-            mlp = getattr(decoder_layer, "mlp", None)
+            mlp = getattr(decoder_layer, self.block_attr, None)
             if mlp is None or not self.is_moe_block(mlp):
                 continue
             found.append(self.describe_layer(model.config, index, mlp))

@@ -6,7 +6,8 @@ from moeaudit.models.base import FamilyAdapter
 from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
 from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
-from moeaudit.models.olmoe import OlmoeAdapter
+from moeaudit.models.granitemoe import GraniteMoeAdapter
+from moeaudit.models.olmoe import FlexOlmoAdapter, OlmoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
 from moeaudit.models.scored import DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter
@@ -22,6 +23,8 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Mistral4Adapter,
     MiniMaxM2Adapter,
     Ernie45MoeAdapter,
+    FlexOlmoAdapter,
+    GraniteMoeAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -31,9 +34,9 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in 
 # model_types of MoE families transformers knows but moeaudit does not (yet) adapt; used only to word
 # the error ("unsupported MoE family" rather than "dense model").
 KNOWN_UNSUPPORTED_MOE = (
-    "granitemoe", "granitemoeshared", "granitemoehybrid", "jamba", "jetmoe", "phimoe", "dbrx", "qwen3_next",
+    "granitemoeshared", "granitemoehybrid", "jamba", "jetmoe", "phimoe", "dbrx", "qwen3_next",
     "switch_transformers", "nllb_moe", "minimax", "hunyuan_v1_moe",
-    "llama4", "bailing_moe", "flex_olmo", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
+    "llama4", "bailing_moe", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
 )
 
 

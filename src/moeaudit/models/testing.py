@@ -13,7 +13,17 @@ import torch
 FAMILIES: tuple[str, ...] = (
     "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
+    "flex_olmo", "granitemoe",
 )
+
+#: Families the fast engine cannot replay, with what it does not replay: their interventions run on the
+#: reference engine (the fast engine's self-check, :mod:`moeaudit.intervene.spotcheck`, finds this).
+REFERENCE_ONLY: dict[str, str] = {
+    "flex_olmo": "a norm after the MoE block (post_feedforward_layernorm)",
+    "granitemoe": "residual_multiplier and logits_scaling",
+}
+#: Families the fast engine replays exactly.
+FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
 
 #: Multi-head latent attention fields of a tiny DeepSeek-style config.
 _MLA = dict(kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8,
@@ -28,6 +38,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
+    from transformers import FlexOlmoConfig, GraniteMoeConfig
 
     # The DeepSeek-V3 router family: sigmoid scores + correction bias (drawn by tiny_model), group-limited.
     scored = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -100,6 +111,15 @@ def tiny_config(family: str, **overrides: Any):
                       moe_num_experts=8, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
                       tie_word_embeddings=False)
         cls = Ernie4_5_MoeConfig
+    elif family == "flex_olmo":
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=False)
+        cls = FlexOlmoConfig
+    elif family == "granitemoe":
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
+                      num_experts_per_tok=2, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=4.0,
+                      attention_multiplier=0.125)
+        cls = GraniteMoeConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)

@@ -1,0 +1,107 @@
+"""The fast engine checks itself against the reference engine before it measures anything.
+
+The fast engine assumes what every supported decoder layer does: the MoE block's output enters the
+residual stream unchanged (coefficient 1, no norm after it), and the final norm and LM head make the
+logits. A family that breaks an assumption (a residual multiplier, a norm after the MoE block, a logit
+scale) would give silently wrong effects, and the null-intervention noise floor cannot see it (a null
+intervention changes nothing to scale). So, once per model, a few real interventions — the top expert at
+one position of the first, last and two middle MoE layers, in token and sequence scope — run through both
+engines on a short stretch of the first window; if they disagree beyond rounding, the run uses the
+reference engine and says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Callable
+
+import numpy as np
+import torch
+
+from moeaudit.intervene.selection import Selection
+from moeaudit.models.moe_model import MoEModel
+
+logger = logging.getLogger(__name__)
+
+#: Tokens of the first window used by the check (a short stretch keeps the reference passes cheap).
+CHECK_TOKENS = 48
+#: Rounding allowed between the engines, by dtype (nats), plus :data:`RELATIVE` of the reference effect.
+ABSOLUTE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+RELATIVE = 0.05
+
+_VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
+
+
+def checked_layers(moe: MoEModel) -> list[int]:
+    """The MoE layers the check intervenes on: first, last and two evenly spaced between them."""
+    indices = moe.moe_layer_indices
+    picks = np.unique(np.round(np.linspace(0, len(indices) - 1, num=min(4, len(indices)))).astype(int))
+    return [indices[i] for i in picks]
+
+
+def fast_disagreement(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      compute: Callable, config) -> str | None:
+    """Why the fast engine cannot be trusted on ``moe``, or None when it agrees with the reference.
+
+    Parameters
+    ----------
+    moe : MoEModel
+    input_ids, attention_mask : Tensor [B, T]
+        The windows of the run; the check uses the first :data:`CHECK_TOKENS` real tokens of the first.
+    compute : callable
+        :func:`moeaudit.intervene.compute_effects` (passed in: this module sits below the engine).
+    config : InterveneConfig
+        The run's settings; the check uses its batching with ``zero`` removals in both scopes.
+
+    Returns
+    -------
+    str or None
+        The reason, naming the layer and the two ΔNLL values, when the engines disagree by more than
+        ``ABSOLUTE[dtype] + RELATIVE * |ΔNLL_reference|``; the verdict is kept for the model's lifetime.
+    """
+    if moe.model in _VERDICTS:
+        return _VERDICTS[moe.model]
+    _VERDICTS[moe.model] = None  # the fast run below must not check itself
+    try:
+        reason = _check(moe, input_ids, attention_mask, compute, config)
+    except BaseException:
+        del _VERDICTS[moe.model]
+        raise
+    _VERDICTS[moe.model] = reason
+    return reason
+
+
+def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
+    import dataclasses
+
+    length = int(attention_mask[0].sum()) if attention_mask is not None else input_ids.shape[1]
+    length = min(length, CHECK_TOKENS)
+    if length < 3:
+        return None  # nothing to check on: the run's own windows are this short
+    ids = input_ids[:1, :length]
+    layers = checked_layers(moe)
+    pos = length // 2
+    with torch.no_grad(), moe.capture(layers) as trace:
+        moe.model(input_ids=ids)
+    items = []
+    for layer in layers:
+        record = trace[layer]
+        slot = int(torch.argmax(record.combine_weight[pos].float()))
+        items.append((layer, 0, pos, int(record.topk_idx[pos, slot])))
+    base = dataclasses.replace(config, kinds=("zero",), scopes=("token", "sequence"), estimate=False,
+                               noise_positions=0)
+    selection = Selection.explicit(items)
+    fast = compute(moe, ids, selection, config=dataclasses.replace(base, engine="fast")).effects
+    reference = compute(moe, ids, selection, config=dataclasses.replace(base, engine="reference")).effects
+    keys = ["layer", "pos", "expert", "scope"]
+    merged = fast[keys + ["delta_nll"]].merge(reference[keys + ["delta_nll"]], on=keys, suffixes=("_fast", "_ref"))
+    tolerance = ABSOLUTE.get(moe.dtype, 1e-4) + RELATIVE * merged["delta_nll_ref"].abs()
+    bad = merged[(merged["delta_nll_fast"] - merged["delta_nll_ref"]).abs() > tolerance]
+    if bad.empty:
+        return None
+    row = bad.iloc[0]
+    return (f"the fast engine disagrees with the reference engine on this model (layer {int(row.layer)}, "
+            f"{row.scope} scope: ΔNLL {row.delta_nll_fast:.3g} vs {row.delta_nll_ref:.3g} nats): something between "
+            "its MoE blocks and the logits is not replayed (a residual multiplier, a norm after the block, a "
+            "logit scale), so every effect is measured with full forward passes")
