@@ -69,10 +69,34 @@ def _read_local_config(source: str) -> dict[str, Any]:
         return {}
 
 
+#: Checkpoints that declare a model_type of their own (with remote code) but are a native transformers
+#: architecture: Kimi-K2 / K2-Thinking ship DeepSeek-V3's (``architectures: DeepseekV3ForCausalLM``).
+NATIVE_ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
+
+
+def _native_alias_config(source: str, display: str):
+    """The native config of a checkpoint whose model_type is in :data:`NATIVE_ALIASES`, else None."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(source)
+    except (OSError, ValueError):
+        return None  # AutoConfig below gives the one-line error
+    native = NATIVE_ALIASES.get(raw.get("model_type", ""))
+    if native is None:
+        return None
+    logger.info("%s declares model_type %r: loaded as transformers' native %s (no remote code)", display,
+                raw["model_type"], native)
+    return CONFIG_MAPPING[native].from_dict({k: v for k, v in raw.items() if k not in ("auto_map", "model_type")})
+
+
 def load_config(source: str, is_local: bool, display: str):
     """AutoConfig without remote code, with one-line errors for the usual failures."""
     from transformers import AutoConfig
 
+    alias = _native_alias_config(source, display)
+    if alias is not None:
+        return alias
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=False)
     except ValueError as err:

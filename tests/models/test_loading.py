@@ -1,0 +1,29 @@
+"""Loading checkpoints that name a native architecture under a model_type of their own."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from moeaudit.models import load_model
+from moeaudit.models.loading import NATIVE_ALIASES
+from moeaudit.models.testing import tiny_model
+
+
+def test_kimi_k2_checkpoint_loads_as_native_deepseek_v3(tmp_path):
+    """Kimi-K2's config.json says model_type "kimi_k2" with remote code, architecture DeepseekV3ForCausalLM."""
+    native = tiny_model("deepseek_v3", seed=3)
+    native.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                                  "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    moe = load_model(str(tmp_path), experts_implementation="batched_mm")
+
+    assert NATIVE_ALIASES["kimi_k2"] == "deepseek_v3"
+    assert moe.adapter.family == "deepseek_v3" and type(moe.model).__name__ == "DeepseekV3ForCausalLM"
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(moe.model(ids).logits, native(ids).logits)
