@@ -168,7 +168,9 @@ class MoELayer:
         return sum(p.numel() for p in self.experts.parameters())
 
     def router_weight(self) -> torch.Tensor:
-        return self.router.weight
+        """The router's linear map [E, H] (where the family keeps it)."""
+        assert self.adapter is not None
+        return self.adapter.router_weight(self)
 
 
 class FamilyAdapter(abc.ABC):
@@ -225,6 +227,9 @@ class FamilyAdapter(abc.ABC):
         return 1, int(shared.intermediate_size)
 
     # ----------------------------------------------------------------- routing
+    def router_weight(self, layer: MoELayer) -> torch.Tensor:
+        return layer.router.weight
+
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
         """Call ``layer.router`` on hidden states [N, H] as the family's block does."""
         return layer.router(hidden)

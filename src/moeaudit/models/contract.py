@@ -45,7 +45,7 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
     if getattr(experts, "gate_up_proj", None) is None and getattr(experts, "up_proj", None) is None:
         raise ContractError(f"{where}: expected fused expert weights `gate_up_proj`; {fix}")
 
-    weight = layer.router.weight
+    weight = layer.router_weight()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(tokens, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
     with torch.no_grad():

@@ -7,6 +7,7 @@ from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
 from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.granitemoe import GraniteMoeAdapter
+from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, OlmoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
@@ -25,6 +26,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Ernie45MoeAdapter,
     FlexOlmoAdapter,
     GraniteMoeAdapter,
+    HunYuanMoeAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -35,7 +37,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in 
 # the error ("unsupported MoE family" rather than "dense model").
 KNOWN_UNSUPPORTED_MOE = (
     "granitemoeshared", "granitemoehybrid", "jamba", "jetmoe", "phimoe", "dbrx", "qwen3_next",
-    "switch_transformers", "nllb_moe", "minimax", "hunyuan_v1_moe",
+    "switch_transformers", "nllb_moe", "minimax",
     "llama4", "bailing_moe", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
 )
 

@@ -13,7 +13,7 @@ import torch
 FAMILIES: tuple[str, ...] = (
     "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
-    "flex_olmo", "granitemoe",
+    "flex_olmo", "granitemoe", "hunyuan_v1_moe",
 )
 
 #: Families the fast engine cannot replay, with what it does not replay: their interventions run on the
@@ -38,7 +38,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
-    from transformers import FlexOlmoConfig, GraniteMoeConfig
+    from transformers import FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config
 
     # The DeepSeek-V3 router family: sigmoid scores + correction bias (drawn by tiny_model), group-limited.
     scored = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -120,6 +120,9 @@ def tiny_config(family: str, **overrides: Any):
                       num_experts_per_tok=2, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=4.0,
                       attention_multiplier=0.125)
         cls = GraniteMoeConfig
+    elif family == "hunyuan_v1_moe":
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, moe_topk=2, head_dim=8)
+        cls = HunYuanMoEV1Config
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
@@ -152,7 +155,8 @@ def tiny_model(family: str, *, seed: int = 0, experts_implementation: str | None
         for name, param in model.named_parameters():
             if "norm" in name or "layernorm" in name:
                 continue
-            is_router = name.endswith(("gate.weight", "router.weight")) and "shared_expert_gate" not in name
+            is_router = (name.endswith(("gate.weight", "router.weight", "gate.wg.weight"))
+                         and "shared_expert_gate" not in name)
             std = router_std if is_router else weight_std
             if param.dim() >= 2 or "bias" in name or "sinks" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)

@@ -4,11 +4,12 @@ The dropped experts are sliced out of every fused expert tensor (``gate_up_proj`
 for GPT-OSS, their biases: every parameter of the experts module whose leading axis indexes experts) and
 out of the router (its weight rows and, where present, its bias and its load-balancing correction bias
 ``e_score_correction_bias``, a buffer); the config's routed-expert count is
-updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts``), top-k is kept. The result loads
-with ``AutoModelForCausalLM.from_pretrained(DIR)`` (Mistral 4: ``Mistral4ForCausalLM``) and no moeaudit, and computes exactly what the masked
-evaluation (:mod:`moeaudit.prune.evaluate`) computes: a router without rows for the dropped experts gives
-the same softmax over the survivors as one whose dropped logits are −inf (a sigmoid router, DeepSeek-V3 and
-its kin: the same scores, and a selection score of −inf for the dropped ones).
+updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts`` / ``moe_num_experts``), top-k is
+kept. The result loads with ``AutoModelForCausalLM.from_pretrained(DIR)`` (Mistral 4:
+``Mistral4ForCausalLM``) and no moeaudit, and computes exactly what the masked evaluation
+(:mod:`moeaudit.prune.evaluate`) computes: a router without rows for the dropped experts gives the same
+softmax over the survivors as one whose dropped logits are −inf (a sigmoid router, DeepSeek-V3 and its
+kin: the same scores, and a selection score of −inf for the dropped ones).
 
 Limits
 ------
