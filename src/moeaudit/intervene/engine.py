@@ -164,6 +164,9 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
     if model.training:
         return "the model is in training mode (dropout); call model.eval()"
     for index, layer in enumerate(moe.adapter.decoder_layers(model)):
+        if getattr(layer, "self_attn", None) is None:
+            return (f"decoder layer {index} mixes tokens without attention (a recurrent or convolutional layer), "
+                    "which the fast engine does not replay yet")
         if getattr(getattr(layer, "self_attn", None), "layer_idx", None) != index:
             return f"decoder layer {index} has no self_attn.layer_idx"
     return None

@@ -203,8 +203,8 @@ class FamilyAdapter(abc.ABC):
 
     def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:
         router = getattr(block, self.router_attr)
-        shared = getattr(block, self.shared_attr) if self.shared_attr else None
-        shared_gate = getattr(block, self.shared_gate_attr) if self.shared_gate_attr else None
+        shared = getattr(block, self.shared_attr, None) if self.shared_attr else None
+        shared_gate = getattr(block, self.shared_gate_attr, None) if self.shared_gate_attr else None
         num_shared, shared_intermediate = self.shared_layout(config, shared)
         return MoELayer(
             layer=index,

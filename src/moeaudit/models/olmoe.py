@@ -19,3 +19,24 @@ class FlexOlmoAdapter(SoftmaxTopKAdapter):
     family = "flex_olmo"
     model_types = ("flex_olmo",)
     architectures = ("FlexOlmoForCausalLM",)
+
+
+class MellumAdapter(SoftmaxTopKAdapter):
+    """Mellum (``MellumForCausalLM``): softmax top-k, renormalised when ``norm_topk_prob``; sliding and full
+    attention layers with rotary embeddings per layer type."""
+
+    family = "mellum"
+    model_types = ("mellum",)
+    architectures = ("MellumForCausalLM",)
+
+
+class JambaAdapter(SoftmaxTopKAdapter):
+    """Jamba (``JambaForCausalLM``): softmax top-k, not renormalised, in the decoder layer's
+    ``feed_forward`` with a ``router``; Mamba and attention layers, so interventions run on the reference
+    engine."""
+
+    family = "jamba"
+    model_types = ("jamba",)
+    architectures = ("JambaForCausalLM",)
+    block_attr = "feed_forward"
+    router_attr = "router"

@@ -12,3 +12,13 @@ class Qwen2MoeAdapter(SoftmaxTopKAdapter):
     architectures = ("Qwen2MoeForCausalLM",)
     shared_attr = "shared_expert"
     shared_gate_attr = "shared_expert_gate"
+
+
+class Qwen3NextAdapter(Qwen2MoeAdapter):
+    """Qwen3-Next (``Qwen3NextForCausalLM``): Qwen2-MoE's block (gated shared expert) in a hybrid of Gated
+    DeltaNet and attention layers; the fast engine replays attention only, so interventions run on the
+    reference engine."""
+
+    family = "qwen3_next"
+    model_types = ("qwen3_next",)
+    architectures = ("Qwen3NextForCausalLM",)

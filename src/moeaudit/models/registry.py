@@ -8,8 +8,8 @@ from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.granitemoe import GraniteMoeAdapter
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
-from moeaudit.models.olmoe import FlexOlmoAdapter, OlmoeAdapter
-from moeaudit.models.qwen2_moe import Qwen2MoeAdapter
+from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
+from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
 from moeaudit.models.scored import DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter
 
@@ -27,6 +27,9 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     FlexOlmoAdapter,
     GraniteMoeAdapter,
     HunYuanMoeAdapter,
+    Qwen3NextAdapter,
+    MellumAdapter,
+    JambaAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -36,7 +39,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in 
 # model_types of MoE families transformers knows but moeaudit does not (yet) adapt; used only to word
 # the error ("unsupported MoE family" rather than "dense model").
 KNOWN_UNSUPPORTED_MOE = (
-    "granitemoeshared", "granitemoehybrid", "jamba", "jetmoe", "phimoe", "dbrx", "qwen3_next",
+    "granitemoeshared", "granitemoehybrid", "jetmoe", "phimoe", "dbrx",
     "switch_transformers", "nllb_moe", "minimax",
     "llama4", "bailing_moe", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
 )

@@ -13,14 +13,19 @@ import torch
 FAMILIES: tuple[str, ...] = (
     "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
-    "flex_olmo", "granitemoe", "hunyuan_v1_moe",
+    "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
 )
 
-#: Families the fast engine cannot replay, with what it does not replay: their interventions run on the
-#: reference engine (the fast engine's self-check, :mod:`moeaudit.intervene.spotcheck`, finds this).
+#: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
+#: the reference engine (found by :func:`moeaudit.intervene.engine.fast_unsupported_reason` or by the fast
+#: engine's self-check, :mod:`moeaudit.intervene.spotcheck`).
 REFERENCE_ONLY: dict[str, str] = {
-    "flex_olmo": "a norm after the MoE block (post_feedforward_layernorm)",
-    "granitemoe": "residual_multiplier and logits_scaling",
+    "flex_olmo": "disagrees with the reference engine",      # a norm after the MoE block
+    "granitemoe": "disagrees with the reference engine",     # residual_multiplier and logits_scaling
+    "mimo_v2_flash": "cannot run this model's decoder layers",  # rotary embeddings per layer type
+    "mellum": "cannot run this model's decoder layers",      # rotary embeddings per layer type
+    "qwen3_next": "mixes tokens without attention",           # Gated DeltaNet layers
+    "jamba": "does not expose model.rotary_emb",              # Mamba layers, no rotary embeddings
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -38,7 +43,8 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
-    from transformers import FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config
+    from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
+                              MiMoV2FlashConfig, Qwen3NextConfig, SolarOpenConfig)
 
     # The DeepSeek-V3 router family: sigmoid scores + correction bias (drawn by tiny_model), group-limited.
     scored = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -123,6 +129,28 @@ def tiny_config(family: str, **overrides: Any):
     elif family == "hunyuan_v1_moe":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, moe_topk=2, head_dim=8)
         cls = HunYuanMoEV1Config
+    elif family == "solar_open":
+        fields = dict(scored, n_routed_experts=8, n_shared_experts=1, head_dim=8)
+        cls = SolarOpenConfig
+    elif family == "mimo_v2_flash":
+        fields = dict(scored, n_routed_experts=8, n_group=1, head_dim=8,
+                      mlp_layer_types=["dense", "sparse", "sparse"])
+        cls = MiMoV2FlashConfig
+    elif family == "mellum":
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_experts=8,
+                      num_experts_per_tok=2, head_dim=8, sliding_window=6)
+        cls = MellumConfig
+    elif family == "qwen3_next":
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, head_dim=8, linear_key_head_dim=8,
+                      linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                      layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+        cls = Qwen3NextConfig
+    elif family == "jamba":
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
+                      expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+                      use_mamba_kernels=False, mamba_d_state=4, mamba_expand=2, mamba_dt_rank=4)
+        cls = JambaConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
