@@ -22,3 +22,16 @@ class Qwen3NextAdapter(Qwen2MoeAdapter):
     family = "qwen3_next"
     model_types = ("qwen3_next",)
     architectures = ("Qwen3NextForCausalLM",)
+
+
+class Qwen35MoeAdapter(Qwen2MoeAdapter):
+    """Qwen3.5-MoE text model (``Qwen3_5MoeForCausalLM``, which ``AutoModelForCausalLM`` also builds from a
+    ``qwen3_5_moe`` vision-language config): Qwen2-MoE's block with the top-k always renormalised, in a hybrid of Gated DeltaNet and
+    gated attention layers, so interventions run on the reference engine."""
+
+    family = "qwen3_5_moe"
+    model_types = ("qwen3_5_moe", "qwen3_5_moe_text")
+    architectures = ("Qwen3_5MoeForCausalLM",)
+
+    def renormalises(self, config) -> bool:
+        return True  # Qwen3_5MoeTopKRouter renormalises unconditionally

@@ -9,7 +9,7 @@ from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.granitemoe import GraniteMoeAdapter
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
-from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter
+from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
 from moeaudit.models.scored import DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter
 
@@ -28,6 +28,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     GraniteMoeAdapter,
     HunYuanMoeAdapter,
     Qwen3NextAdapter,
+    Qwen35MoeAdapter,
     MellumAdapter,
     JambaAdapter,
 )

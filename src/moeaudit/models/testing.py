@@ -14,6 +14,7 @@ FAMILIES: tuple[str, ...] = (
     "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
+    "qwen3_5_moe",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -26,6 +27,7 @@ REFERENCE_ONLY: dict[str, str] = {
     "mellum": "cannot run this model's decoder layers",      # rotary embeddings per layer type
     "qwen3_next": "mixes tokens without attention",           # Gated DeltaNet layers
     "jamba": "does not expose model.rotary_emb",              # Mamba layers, no rotary embeddings
+    "qwen3_5_moe": "mixes tokens without attention",          # Gated DeltaNet layers
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -44,7 +46,7 @@ def tiny_config(family: str, **overrides: Any):
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
-                              MiMoV2FlashConfig, Qwen3NextConfig, SolarOpenConfig)
+                              MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
     # The DeepSeek-V3 router family: sigmoid scores + correction bias (drawn by tiny_model), group-limited.
     scored = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
@@ -146,6 +148,12 @@ def tiny_config(family: str, **overrides: Any):
                       linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
                       layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
         cls = Qwen3NextConfig
+    elif family == "qwen3_5_moe":
+        fields = dict(_COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_hidden_layers=4,
+                      num_experts=8, num_experts_per_tok=2, head_dim=8, linear_key_head_dim=8,
+                      linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+                      layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
+        cls = Qwen3_5MoeTextConfig
     elif family == "jamba":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
                       expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
