@@ -76,7 +76,28 @@ def test_unsupported_moe_family_refused(tmp_path, cli):
                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
                                             num_local_experts=4, num_experts_per_tok=2))
     code, _, err = cli("inspect", str(tmp_path))
-    one_line_error(code, err, "'phimoe' MoE model", "does not adapt yet", "supported families")
+    one_line_error(code, err, "'phimoe' MoE model", "does not adapt yet", "(sparsemixer routing",
+                   "supported families", "inspect --supported")
+
+
+def test_supported_lists_every_family_with_its_status(cli):
+    from transformers import CONFIG_MAPPING
+
+    from moeaudit.models.registry import ADAPTERS, UNSUPPORTED_MOE
+
+    code, out, _ = cli("inspect", "--supported", "--json")
+    assert code == 0
+    rows = {row["model_type"]: row for row in json.loads(out)}
+    adapted = {mt for cls in ADAPTERS for mt in cls.model_types if mt in CONFIG_MAPPING}
+    assert {mt for mt, row in rows.items() if row["status"] == "adapted"} == adapted
+    assert {"deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "qwen3_next"} <= adapted
+    assert rows["kimi_k2"]["status"] == "alias" and "deepseek_v3" in rows["kimi_k2"]["note"]
+    assert rows["phimoe"] == dict(model_type="phimoe", status="refused", note=UNSUPPORTED_MOE["phimoe"])
+    assert not adapted & set(UNSUPPORTED_MOE)  # a family is adapted or refused, never both
+    code, out, _ = cli("inspect", "--supported")
+    assert code == 0 and "deepseek_v3" in out and "sparsemixer" in out
+    code, _, err = cli("inspect")
+    one_line_error(code, err, "MODEL is missing", "--supported")
 
 
 def test_remote_code_only_refused(tmp_path, cli):

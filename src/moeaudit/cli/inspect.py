@@ -11,14 +11,27 @@ from moeaudit.cli.common import parse_int_list
 
 
 def inspect_command(
-    model: str = typer.Argument(..., help="Built-in name (tiny-olmoe, ...), local checkpoint directory, or hub id."),
+    model: Optional[str] = typer.Argument(None, help="Built-in name (tiny-olmoe, ...), local checkpoint directory, "
+                                                     "or hub id."),
+    supported: bool = typer.Option(False, "--supported", help="List every MoE family of the installed "
+                                                              "transformers: adapted, or refused and why."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Only these MoE layers, e.g. 0,4,7."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
 ) -> None:
     """Show family, MoE layers, experts / top-k / shared experts per layer, routing rule, parameters, dtype."""
+    from moeaudit.errors import InvalidParameterError, invalid
     from moeaudit.models import load_model
+
+    if supported:
+        if model is not None:
+            raise invalid("--supported", "given without a MODEL", model)
+        _print_support(as_json)
+        return
+    if model is None:
+        raise InvalidParameterError("MODEL is missing: give a built-in name, a checkpoint directory or a hub id, "
+                                    "or pass --supported")
 
     wanted = parse_int_list(layers, "--layers")
     moe = load_model(model, dtype=dtype, device=device, layers=wanted)
@@ -54,6 +67,24 @@ def _print_table(d: dict) -> None:
     console.print(table)
     for rule, text in d["routing_rules"].items():
         console.print(f"  {rule}: {text}")
+
+
+def _print_support(as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from moeaudit.models.registry import family_support
+
+    rows = family_support()
+    if as_json:
+        typer.echo(json.dumps([dict(model_type=m, status=s, note=n) for m, s, n in rows], indent=2))
+        return
+    table = Table(title="MoE families of the installed transformers")
+    for column in ("model_type", "status", "adapter, or why it is refused"):
+        table.add_column(column, overflow="fold")
+    for model_type, status, note in rows:
+        table.add_row(model_type, status, note)
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,13 @@ from torch import nn
 from moeaudit.errors import ModelLoadError, UnsupportedModelError, invalid
 from moeaudit.models.contract import check_contract
 from moeaudit.models.moe_model import MoEModel
-from moeaudit.models.registry import KNOWN_UNSUPPORTED_MOE, adapter_for, supported_families_text
+from moeaudit.models.registry import (  # noqa: F401 (NATIVE_ALIASES importable from here)
+    KNOWN_UNSUPPORTED_MOE,
+    NATIVE_ALIASES,
+    UNSUPPORTED_MOE,
+    adapter_for,
+    supported_families_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +73,6 @@ def _read_local_config(source: str) -> dict[str, Any]:
         return json.loads((Path(source) / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-
-
-#: Checkpoints that declare a model_type of their own (with remote code) but are a native transformers
-#: architecture: Kimi-K2 / K2-Thinking ship DeepSeek-V3's (``architectures: DeepseekV3ForCausalLM``).
-NATIVE_ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
 
 
 def _native_alias_config(source: str, display: str):
@@ -136,8 +137,9 @@ def _refuse_unsupported(config, display: str) -> None:
     )
     if is_moe:
         raise UnsupportedModelError(
-            f"{display} is a '{model_type}' MoE model ({architecture}), a family moeaudit does not adapt yet; "
-            f"supported families: {supported_families_text()}"
+            f"{display} is a '{model_type}' MoE model ({architecture}), a family moeaudit does not adapt yet"
+            + (f" ({UNSUPPORTED_MOE[model_type]})" if model_type in UNSUPPORTED_MOE else "")
+            + f"; supported families: {supported_families_text()} (`moeaudit inspect --supported` lists them)"
         )
     raise UnsupportedModelError(
         f"no MoE layers found in {display} ({architecture}); supported families: {supported_families_text()}"

@@ -37,13 +37,67 @@ _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in cls.architectures)
 
-# model_types of MoE families transformers knows but moeaudit does not (yet) adapt; used only to word
-# the error ("unsupported MoE family" rather than "dense model").
-KNOWN_UNSUPPORTED_MOE = (
-    "granitemoeshared", "granitemoehybrid", "jetmoe", "phimoe", "dbrx",
-    "switch_transformers", "nllb_moe", "minimax",
-    "llama4", "bailing_moe", "longcat_flash", "qwen3_vl_moe", "qwen3_omni_moe",
-)
+#: Checkpoints that declare a model_type of their own (with remote code) but are a native transformers
+#: architecture: Kimi-K2 / K2-Thinking ship DeepSeek-V3's (``architectures: DeepseekV3ForCausalLM``).
+NATIVE_ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
+
+_WRAPPER = "a vision-language wrapper (decoder layers under model.language_model), not discovered yet"
+_RECURRENT = "hybrid with recurrent layers and a routing variant not adapted yet"
+#: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
+#: Used to word the refusal and by ``moeaudit inspect --supported``.
+UNSUPPORTED_MOE: dict[str, str] = {
+    "phimoe": "sparsemixer routing (not a top-k of scores)",
+    "dbrx": "the router returns logits only; routing and the p-norm live in the FFN",
+    "llama4": "sigmoid scores multiply the expert input; dense expert matmuls",
+    "llama4_text": "sigmoid scores multiply the expert input; dense expert matmuls",
+    "gemma4": "the router returns probabilities; MoE inline in the layer with per-expert scales",
+    "gemma4_text": "the router returns probabilities; MoE inline in the layer with per-expert scales",
+    "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
+    "longcat_flash": "zero (identity) experts among the routed ones",
+    "deepseek_v32": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
+    "glm_moe_dsa": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
+    "deepseek_v4": "hash routers in the first layers and hyper-connections",
+    "granitemoeshared": "a shared MLP beside the MoE block, outside it",
+    "granitemoehybrid": _RECURRENT,
+    "nemotron_h": _RECURRENT,
+    "kimi_linear": _RECURRENT,
+    "bailing_hybrid": _RECURRENT,
+    "minimax": "lightning attention and alpha/beta residual scaling",
+    "bailing_moe": "routing variant not adapted yet",
+    "cohere2_moe": "routing variant not adapted yet",
+    "aria": _WRAPPER,
+    "qwen3_vl_moe": _WRAPPER,
+    "qwen3_omni_moe": _WRAPPER,
+    "glm4v_moe": _WRAPPER,
+    "ernie4_5_vl_moe": _WRAPPER,
+    "mistral_large4": "indexer sparse attention and a vision-language wrapper",
+    "dots3_note": "indexer sparse attention and a vision-language wrapper",
+    "minimax_m3_vl": "indexer sparse attention, block-level output scales and a wrapper",
+    "glm5_next": "hyper-connections and recurrent layers",
+    "hy_v4": "hyper-connections and indexer sparse attention",
+    "qwen4_exp": "gated-residual hyper-connections and recurrent layers",
+    "inkling": "a 4-tuple router over routed and shared experts with joint normalisation; short convolutions",
+    "inkling2": "convolutions and block attention residuals",
+    "zaya": "a router with cross-layer state; convolutions inside attention",
+    "doge": "product-key expert selection",
+    "muse_spark": "residual gates and per-layer attention kinds",
+    "afmoe": "a norm after the MoE block and a block-held bias; scored top-k variant not mapped yet",
+    "beam": "block-level output scaling and per-layer attention arguments",
+    "laguna": "soft-capped router logits and per-layer attention shapes",
+    "step3p7": "block-level output scaling and per-layer attention shapes",
+    "hy_v3": "scored top-k with a block-held bias: not mapped yet",
+    "lfm2_moe": "short convolutions between attention layers",
+    "flint": "sigmoid top-k without a bias: not mapped yet",
+    "kolibri1": "top-k of biased logits then sigmoid, and a norm after the MoE block",
+    "axk1": "scored top-k variant not mapped yet",
+    "axk2": "scored top-k variant with indexer sparse attention",
+    "granitemoe_swa": "per-layer rotary bases and attention sinks",
+    "deepseek_ocr2": _WRAPPER,
+    "unlimited_ocr": _WRAPPER,
+    "switch_transformers": "an encoder-decoder model",
+    "nllb_moe": "an encoder-decoder model",
+}
+KNOWN_UNSUPPORTED_MOE: tuple[str, ...] = tuple(UNSUPPORTED_MOE)
 
 
 def adapter_for(model_type: str) -> FamilyAdapter | None:
@@ -53,3 +107,16 @@ def adapter_for(model_type: str) -> FamilyAdapter | None:
 
 def supported_families_text() -> str:
     return ", ".join(f"{cls.family} ({'/'.join(cls.architectures)})" for cls in ADAPTERS)
+
+
+def family_support() -> list[tuple[str, str, str]]:
+    """(model_type, status, note) for every MoE model_type moeaudit knows of that the installed transformers
+    has: ``adapted`` (the adapter's family), ``alias`` (loaded as a native family) or ``refused`` (why)."""
+    from transformers import CONFIG_MAPPING
+
+    known = set(CONFIG_MAPPING.keys())
+    rows = [(mt, "adapted", f"{cls.family} adapter")
+            for cls in ADAPTERS for mt in cls.model_types if mt in known]
+    rows += [(alias, "alias", f"loaded as native {native} (no remote code)") for alias, native in NATIVE_ALIASES.items()]
+    rows += [(mt, "refused", reason) for mt, reason in UNSUPPORTED_MOE.items() if mt in known]
+    return sorted(rows, key=lambda row: (("adapted", "alias", "refused").index(row[1]), row[0]))
