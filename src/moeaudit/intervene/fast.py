@@ -20,6 +20,7 @@ LM head, instead of a full forward over the window.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Mapping
 
 import torch
@@ -28,6 +29,18 @@ from moeaudit.intervene.attention import AttentionState, attention_mode
 from moeaudit.intervene.clean import CleanWindow, upcast
 from moeaudit.intervene.delta import gap_statistics
 from moeaudit.models.moe_model import MoEModel
+
+
+def layer_position_embeddings(model, hidden: torch.Tensor, position_ids: torch.Tensor, n_layers: int) -> list:
+    """The rotary embeddings each decoder layer receives, as the model's own forward computes them: one per
+    layer type where ``rotary_emb`` takes a ``layer_type`` (Mellum, MiMo-V2-Flash: sliding and full layers
+    rotate with different bases), else one shared by every layer."""
+    rotary = model.model.rotary_emb
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        types = list(model.config.layer_types)
+        by_type = {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
+        return [by_type[kind] for kind in types]
+    return [rotary(hidden, position_ids)] * n_layers
 
 
 def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: torch.Tensor,
@@ -61,10 +74,10 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
     state.set_rows(row_start, span)
     with attention_mode(model, state):
         if first_layer < len(layers):
-            position_embeddings = inner.rotary_emb(hidden, position_ids)
+            position_embeddings = layer_position_embeddings(model, hidden, position_ids, len(layers))
         for index in range(first_layer, len(layers)):
             hidden = layers[index](hidden, attention_mask=None, position_ids=position_ids, past_key_values=None,
-                                   use_cache=False, position_embeddings=position_embeddings)
+                                   use_cache=False, position_embeddings=position_embeddings[index])
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
             if add_after is not None and index in add_after:

@@ -23,8 +23,6 @@ FAMILIES: tuple[str, ...] = (
 REFERENCE_ONLY: dict[str, str] = {
     "flex_olmo": "disagrees with the reference engine",      # a norm after the MoE block
     "granitemoe": "disagrees with the reference engine",     # residual_multiplier and logits_scaling
-    "mimo_v2_flash": "cannot run this model's decoder layers",  # rotary embeddings per layer type
-    "mellum": "cannot run this model's decoder layers",      # rotary embeddings per layer type
     "qwen3_next": "mixes tokens without attention",           # Gated DeltaNet layers
     "jamba": "does not expose model.rotary_emb",              # Mamba layers, no rotary embeddings
     "qwen3_5_moe": "mixes tokens without attention",          # Gated DeltaNet layers
@@ -163,11 +161,17 @@ def tiny_config(family: str, **overrides: Any):
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
     n_layers = fields["num_hidden_layers"]
-    if family in ("glm4_moe_lite", "exaone_moe") and "mlp_layer_types" not in overrides:  # first layer dense
+    if family in ("glm4_moe_lite", "exaone_moe", "mimo_v2_flash") and "mlp_layer_types" not in overrides:
         fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)
     if family == "exaone_moe" and "layer_types" not in overrides:  # every third layer full attention
         fields["layer_types"] = [("sliding_attention", "sliding_attention", "full_attention")[i % 3]
                                  for i in range(n_layers)]
+    if family in ("qwen3_next", "qwen3_5_moe") and "layer_types" not in overrides:  # linear, full, linear, ...
+        fields["layer_types"] = [("linear_attention", "full_attention")[i % 2] for i in range(n_layers)]
+    if family == "mimo_v2_flash" and "layer_types" not in overrides:  # sliding and full attention, 2 : 1
+        fields["layer_types"] = [("sliding_attention", "sliding_attention", "full_attention")[i % 3]
+                                 for i in range(n_layers)]
+        fields["sliding_window"] = 6
     if family == "gpt_oss" and "layer_types" not in overrides:  # GPT-OSS alternates sliding and full attention
         fields["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
                                  for i in range(fields["num_hidden_layers"])]
