@@ -17,8 +17,11 @@ from moeaudit.pipeline import (STAGES, AuditRecord, InterveneRecord, ObserveReco
 from moeaudit.prune import run_prune
 from moeaudit.rundir import RunDir
 
-pytestmark = pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
-                                reason="built-in model weights not present")
+pytestmark = [
+    pytest.mark.slow,  # whole pipelines on the built-in model: deselected by -m "not slow"
+    pytest.mark.skipif(not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists(),
+                       reason="built-in model weights not present"),
+]
 
 PRUNE = dict(ratios=(0.25,), criteria=["reap", "frequency", "random"], random_seeds=2, single_layer=False)
 
