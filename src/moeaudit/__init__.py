@@ -36,4 +36,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'moeaudit' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_model", "MoEModel", "MoELayer", "Ablation", "AuditConfig", "RunDir", "run_pipeline", "PipelineResult"]
+__all__ = ["__version__", "load_model", "MoEModel", "MoELayer", "Ablation", "AuditConfig", "RunDir", "run_pipeline",
+           "PipelineResult"]
