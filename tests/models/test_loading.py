@@ -27,3 +27,15 @@ def test_kimi_k2_checkpoint_loads_as_native_deepseek_v3(tmp_path):
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(moe.model(ids).logits, native(ids).logits)
+
+
+def test_fingerprint_sees_the_routers_correction_bias():
+    """The bias is a buffer, not a parameter, and it changes which experts are selected."""
+    from moeaudit.models import wrap_model
+    from moeaudit.models.loading import model_fingerprint
+
+    moe = wrap_model(tiny_model("deepseek_v3", seed=3), name="deepseek_v3")
+    before = model_fingerprint(moe)
+    with torch.no_grad():
+        moe.layers[0].router.e_score_correction_bias[3] += 1.0
+    assert model_fingerprint(moe) != before

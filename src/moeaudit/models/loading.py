@@ -357,12 +357,15 @@ def tokenizer_for(model: str, moe: MoEModel | None = None):
 
 
 def model_fingerprint(moe: MoEModel) -> str:
-    """Hash of the config and of every parameter's name, shape and a strided sample of its values."""
+    """Hash of the config and of every parameter's and persistent buffer's name, shape and a strided sample of
+    its values (buffers: the routers' load-balancing correction biases, which change the routing)."""
     import hashlib
 
     digest = hashlib.sha256(moe.config.to_json_string(use_diff=False).encode())
+    saved = set(moe.model.state_dict(keep_vars=True))
+    buffers = [(name, buffer) for name, buffer in moe.model.named_buffers() if name in saved]
     with torch.no_grad():
-        for name, param in moe.model.named_parameters():
+        for name, param in [*moe.model.named_parameters(), *buffers]:
             flat = param.detach().reshape(-1)
             sample = flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy()
             digest.update(name.encode())
