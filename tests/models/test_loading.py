@@ -39,3 +39,19 @@ def test_fingerprint_sees_the_routers_correction_bias():
     with torch.no_grad():
         moe.layers[0].router.e_score_correction_bias[3] += 1.0
     assert model_fingerprint(moe) != before
+
+
+def test_describe_shows_each_rules_parameters_from_the_config():
+    from moeaudit.models import wrap_model
+
+    config = dict(routed_scaling_factor=2.5, n_group=2, topk_group=1, norm_topk_prob=True)
+    moe = wrap_model(tiny_model("deepseek_v3", seed=3, **config), name="deepseek_v3")
+    params = moe.describe()["moe_layers"][0]["routing_parameters"]
+    assert params == dict(score="sigmoid", correction_bias="router", n_group=2, topk_group=1,
+                          dropped_groups_filled_with="-inf", renormalise=True,
+                          renormalise_denominator="sum + 1e-20", routed_scaling_factor=2.5)
+    ernie = wrap_model(tiny_model("ernie4_5_moe", seed=3), name="ernie4_5_moe")
+    assert ernie.describe()["moe_layers"][0]["routing_parameters"] == dict(
+        score="softmax", correction_bias="statics", renormalise=True, renormalise_denominator="max(sum, norm_min)")
+    olmoe = wrap_model(tiny_model("olmoe", seed=3, norm_topk_prob=True), name="olmoe")
+    assert olmoe.describe()["moe_layers"][0]["routing_parameters"] == {"renormalise": True}

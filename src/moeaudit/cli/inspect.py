@@ -67,6 +67,15 @@ def _print_table(d: dict) -> None:
     console.print(table)
     for rule, text in d["routing_rules"].items():
         console.print(f"  {rule}: {text}")
+    shown: list[dict] = []
+    for row in d["moe_layers"]:
+        params = row.get("routing_parameters") or {}
+        if params and params not in shown:
+            shown.append(params)
+    for params in shown:
+        layers = [r["layer"] for r in d["moe_layers"] if r.get("routing_parameters") == params]
+        where = "every MoE layer" if len(layers) == len(d["moe_layers"]) else f"layers {layers}"
+        console.print(f"  parameters ({where}): " + ", ".join(f"{k}={v}" for k, v in params.items()))
 
 
 def _print_support(as_json: bool) -> None:

@@ -245,6 +245,10 @@ class FamilyAdapter(abc.ABC):
         """
         return F.softmax(router_logits, dim=-1, dtype=torch.float32)
 
+    def routing_parameters(self, layer: MoELayer) -> dict:
+        """The parameters of the routing rule at ``layer`` (shown by ``moeaudit inspect``); JSON-ready."""
+        return {}
+
     @abc.abstractmethod
     def routing_rule(self, config) -> str:
         """The name of the family's routing rule for this config (a key of ROUTING_RULE_DOC)."""
@@ -286,6 +290,9 @@ class SoftmaxTopKAdapter(FamilyAdapter):
 
     def renormalises(self, config) -> bool:
         return bool(getattr(config, "norm_topk_prob", False))
+
+    def routing_parameters(self, layer: MoELayer) -> dict:
+        return {"renormalise": layer.routing_rule == "softmax_topk_renorm"}
 
     def routing_rule(self, config) -> str:
         return "softmax_topk_renorm" if self.renormalises(config) else "softmax_topk"

@@ -23,6 +23,12 @@ class DeepseekV2Adapter(FamilyAdapter):
             return "softmax_group_limited_scaled"
         return "softmax_greedy_scaled"
 
+    def routing_parameters(self, layer: MoELayer) -> dict:
+        router = layer.router
+        grouped = layer.routing_rule == "softmax_group_limited_scaled"
+        return {"routed_scaling_factor": float(router.routed_scaling_factor),
+                **({"n_group": int(router.num_group), "topk_group": int(router.topk_group)} if grouped else {})}
+
     def shared_layout(self, config, shared):
         if shared is None:
             return 0, 0

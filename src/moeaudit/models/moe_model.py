@@ -118,6 +118,7 @@ class MoEModel:
                     "num_shared": layer.num_shared,
                     "shared_gated": layer.shared_gated,
                     "routing_rule": layer.routing_rule,
+                    "routing_parameters": layer.adapter.routing_parameters(layer) if layer.adapter else {},
                     "expert_parameters": layer.expert_parameter_count(),
                 }
                 for layer in self.layers

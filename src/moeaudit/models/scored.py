@@ -114,6 +114,21 @@ class ScoredTopKAdapter(FamilyAdapter):
             return layer.block.e_score_correction_bias
         return layer.router.moe_statics.e_score_correction_bias.squeeze()
 
+    def routing_parameters(self, layer: MoELayer) -> dict:
+        rule, router = self.rule, layer.router
+        params: dict = {"score": rule.score, "correction_bias": rule.bias or "none"}
+        if rule.grouped:
+            params.update(n_group=int(router.num_group), topk_group=int(router.topk_group),
+                          dropped_groups_filled_with=str(rule.group_fill))
+        renormalised = rule.renorm == "always" or (rule.renorm == "config" and bool(router.norm_topk_prob))
+        params["renormalise"] = renormalised
+        if renormalised:
+            params["renormalise_denominator"] = {"eps": "sum + 1e-20", "clamp": "max(sum, norm_min)",
+                                                 "none": "sum"}[rule.renorm_guard]
+        if rule.scaled:
+            params["routed_scaling_factor"] = float(router.routed_scaling_factor)
+        return params
+
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
         if self.rule.bias == "block":  # MiniMax-M2's block hands its bias to the router
             return layer.router(hidden, layer.block.e_score_correction_bias)
