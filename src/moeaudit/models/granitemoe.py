@@ -20,3 +20,14 @@ class GraniteMoeAdapter(GptOssAdapter):
 
     def combine_dtype(self, layer: MoELayer, top_value: torch.Tensor) -> torch.dtype:
         return layer.experts.gate_up_proj.dtype  # GraniteMoeTopKRouter: .type_as(hidden_states)
+
+
+class GraniteMoeSharedAdapter(GraniteMoeAdapter):
+    """Granite-MoE with a shared MLP (``GraniteMoeSharedForCausalLM``) and the Granite-4 hybrids with Mamba-2
+    layers (``GraniteMoeHybridForCausalLM``): the same block and router. The shared MLP (``shared_mlp``)
+    sits in the decoder layer beside the MoE block, not in it, so moeaudit treats it as part of the dense
+    path: routed experts are measured exactly, the shared MLP is not ablatable (``num_shared`` is 0)."""
+
+    family = "granitemoe_shared"
+    model_types = ("granitemoeshared", "granitemoehybrid")
+    architectures = ("GraniteMoeSharedForCausalLM", "GraniteMoeHybridForCausalLM")

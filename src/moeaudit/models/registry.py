@@ -6,7 +6,7 @@ from moeaudit.models.base import FamilyAdapter
 from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
 from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
-from moeaudit.models.granitemoe import GraniteMoeAdapter
+from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter
@@ -26,6 +26,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Ernie45MoeAdapter,
     FlexOlmoAdapter,
     GraniteMoeAdapter,
+    GraniteMoeSharedAdapter,
     HunYuanMoeAdapter,
     Qwen3NextAdapter,
     Qwen35MoeAdapter,
@@ -57,8 +58,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "deepseek_v32": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
     "glm_moe_dsa": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
-    "granitemoeshared": "a shared MLP beside the MoE block, outside it",
-    "granitemoehybrid": _RECURRENT,
     "nemotron_h": _RECURRENT,
     "kimi_linear": _RECURRENT,
     "bailing_hybrid": _RECURRENT,

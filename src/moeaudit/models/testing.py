@@ -14,7 +14,7 @@ FAMILIES: tuple[str, ...] = (
     "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
-    "qwen3_5_moe",
+    "qwen3_5_moe", "granitemoeshared", "granitemoehybrid",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -26,6 +26,8 @@ REFERENCE_ONLY: dict[str, str] = {
     "qwen3_next": "mixes tokens without attention",           # Gated DeltaNet layers
     "jamba": "does not expose model.rotary_emb",              # Mamba layers, no rotary embeddings
     "qwen3_5_moe": "mixes tokens without attention",          # Gated DeltaNet layers
+    "granitemoeshared": "disagrees with the reference engine",  # residual_multiplier and logits_scaling
+    "granitemoehybrid": "mixes tokens without attention",     # Mamba-2 layers
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -43,6 +45,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
+    from transformers import GraniteMoeHybridConfig, GraniteMoeSharedConfig
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -126,6 +129,15 @@ def tiny_config(family: str, **overrides: Any):
                       num_experts_per_tok=2, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=4.0,
                       attention_multiplier=0.125)
         cls = GraniteMoeConfig
+    elif family in ("granitemoeshared", "granitemoehybrid"):
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
+                      num_experts_per_tok=2, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=4.0,
+                      attention_multiplier=0.125, shared_intermediate_size=24)
+        cls = GraniteMoeSharedConfig
+        if family == "granitemoehybrid":
+            fields.update(layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_state=8,
+                          mamba_d_head=16, mamba_chunk_size=16)
+            cls = GraniteMoeHybridConfig
     elif family == "hunyuan_v1_moe":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, moe_topk=2, head_dim=8)
         cls = HunYuanMoEV1Config
