@@ -53,10 +53,14 @@ def tiny_config(family: str, **overrides: Any):
     scored = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
                   num_experts_per_tok=2, routed_scaling_factor=2.5, norm_topk_prob=True, n_group=2, topk_group=1)
 
-    if family == "olmoe":
+    # Granite: residual, logit, embedding and attention multipliers (the fast engine must notice them).
+    granite = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2,
+                   residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=4.0, attention_multiplier=0.125)
+
+    if family in ("olmoe", "flex_olmo"):  # FlexOlmo: OLMoE's layout plus a norm after the MoE block
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
                       norm_topk_prob=False)
-        cls = OlmoeConfig
+        cls = OlmoeConfig if family == "olmoe" else FlexOlmoConfig
     elif family == "qwen2_moe":
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                       num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
@@ -120,19 +124,11 @@ def tiny_config(family: str, **overrides: Any):
                       moe_num_experts=8, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
                       tie_word_embeddings=False)
         cls = Ernie4_5_MoeConfig
-    elif family == "flex_olmo":
-        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
-                      norm_topk_prob=False)
-        cls = FlexOlmoConfig
     elif family == "granitemoe":
-        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
-                      num_experts_per_tok=2, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=4.0,
-                      attention_multiplier=0.125)
+        fields = dict(granite)
         cls = GraniteMoeConfig
     elif family in ("granitemoeshared", "granitemoehybrid"):
-        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
-                      num_experts_per_tok=2, residual_multiplier=0.5, logits_scaling=2.0, embedding_multiplier=4.0,
-                      attention_multiplier=0.125, shared_intermediate_size=24)
+        fields = dict(granite, shared_intermediate_size=24)
         cls = GraniteMoeSharedConfig
         if family == "granitemoehybrid":
             fields.update(layer_types=["mamba", "attention", "mamba"], mamba_n_heads=4, mamba_d_state=8,
