@@ -30,9 +30,10 @@ def test_export_equals_masked_pruning(family, tmp_path):
     with torch.no_grad():
         with moe.intervene(pruning_ablations(moe, kept)):
             masked = nll_from_logits(moe.model(input_ids=ids).logits, ids)
-        # Plain transformers; Mistral 4's text model is not in AutoModelForCausalLM's map in 5.23.
-        import transformers
-        cls = transformers.Mistral4ForCausalLM if family == "mistral4" else AutoModelForCausalLM
+        # Plain transformers: AutoModelForCausalLM, or the model's own class where transformers 5.23 does not
+        # map it (Mistral 4's text model, Qwen3-VL-MoE).
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+        cls = AutoModelForCausalLM if type(moe.model.config) in MODEL_FOR_CAUSAL_LM_MAPPING else type(moe.model)
         loaded = cls.from_pretrained(tmp_path / "pruned").eval()
         exported = nll_from_logits(loaded(input_ids=ids).logits, ids)
     assert torch.allclose(masked[:, :-1], exported[:, :-1], atol=1e-5, rtol=0)
@@ -40,14 +41,15 @@ def test_export_equals_masked_pruning(family, tmp_path):
     assert result.num_experts == n_kept and result.original_num_experts == 8
     assert result.parameters < result.original_parameters
     assert sum(p.numel() for p in loaded.parameters()) == result.parameters
+    text_config = loaded.config.get_text_config()  # the config itself but for vision-language models
     for name in result.config_fields:
-        assert getattr(loaded.config, name) == n_kept
-    assert loaded.config.num_experts_per_tok == moe.layers[0].top_k
+        assert getattr(text_config, name) == n_kept
+    assert text_config.num_experts_per_tok == moe.layers[0].top_k
     record = json.loads((tmp_path / "pruned" / "moeaudit_pruning.json").read_text())
     assert record["kept"][str(moe.layers[0].layer)] == KEPT[family]
     # the exported experts are the kept ones, in order
     layer = moe.layers[0]
-    exported_layer = getattr(loaded.model.layers[layer.layer], moe.adapter.block_attr)
+    exported_layer = getattr(moe.adapter.decoder_layers(loaded)[layer.layer], moe.adapter.block_attr)
     assert torch.equal(exported_layer.experts.down_proj, layer.experts.down_proj[KEPT[family]])
 
 

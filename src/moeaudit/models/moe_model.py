@@ -51,7 +51,8 @@ class MoEModel:
 
     @property
     def config(self):
-        return self.model.config
+        """The language model's config (a vision-language model's ``text_config``; the model's own else)."""
+        return self.model.config.get_text_config()
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -107,8 +108,8 @@ class MoEModel:
             "experts_implementation": self.experts_implementation,
             "attn_implementation": str(config._attn_implementation),
             "num_decoder_layers": self.num_decoder_layers,
-            "hidden_size": int(config.hidden_size),
-            "vocab_size": int(config.vocab_size),
+            "hidden_size": int(self.config.hidden_size),
+            "vocab_size": int(self.config.vocab_size),
             "parameters": self.parameter_counts(),
             "moe_layers": [
                 {

@@ -35,3 +35,17 @@ class Qwen35MoeAdapter(Qwen2MoeAdapter):
 
     def renormalises(self, config) -> bool:
         return True  # Qwen3_5MoeTopKRouter renormalises unconditionally
+
+
+class Qwen3VLMoeAdapter(Qwen35MoeAdapter):
+    """Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``), audited as a language model on text: the
+    decoder layers sit under ``model.language_model``; softmax top-k, always renormalised, no shared expert.
+    Its multimodal rotary embeddings (mRoPE) are not replayed by the fast engine, so interventions run on
+    the reference engine."""
+
+    family = "qwen3_vl_moe"
+    model_types = ("qwen3_vl_moe",)
+    architectures = ("Qwen3VLMoeForConditionalGeneration",)
+
+    def decoder_layers(self, model):
+        return model.model.language_model.layers

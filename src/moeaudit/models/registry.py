@@ -9,7 +9,7 @@ from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
-from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter
+from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
 from moeaudit.models.scored import DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter
 
@@ -30,6 +30,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     HunYuanMoeAdapter,
     Qwen3NextAdapter,
     Qwen35MoeAdapter,
+    Qwen3VLMoeAdapter,
     MellumAdapter,
     JambaAdapter,
 )
@@ -65,7 +66,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "bailing_moe": "routing variant not adapted yet",
     "cohere2_moe": "routing variant not adapted yet",
     "aria": _WRAPPER,
-    "qwen3_vl_moe": _WRAPPER,
     "qwen3_omni_moe": _WRAPPER,
     "glm4v_moe": _WRAPPER,
     "ernie4_5_vl_moe": _WRAPPER,

@@ -14,7 +14,7 @@ FAMILIES: tuple[str, ...] = (
     "olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v2_grouped", "mixtral", "qwen3_moe", "gpt_oss",
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
-    "qwen3_5_moe", "granitemoeshared", "granitemoehybrid",
+    "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -28,6 +28,7 @@ REFERENCE_ONLY: dict[str, str] = {
     "qwen3_5_moe": "mixes tokens without attention",          # Gated DeltaNet layers
     "granitemoeshared": "disagrees with the reference engine",  # residual_multiplier and logits_scaling
     "granitemoehybrid": "mixes tokens without attention",     # Mamba-2 layers
+    "qwen3_vl_moe": "does not expose model.rotary_emb",       # layers under model.language_model, mRoPE
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -45,7 +46,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
-    from transformers import GraniteMoeHybridConfig, GraniteMoeSharedConfig
+    from transformers import GraniteMoeHybridConfig, GraniteMoeSharedConfig, Qwen3VLMoeConfig
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -160,6 +161,11 @@ def tiny_config(family: str, **overrides: Any):
                       linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
                       layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"])
         cls = Qwen3_5MoeTextConfig
+    elif family == "qwen3_vl_moe":  # the text model's fields; the vision tower is built small below
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_experts=8,
+                      num_experts_per_tok=2, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta":
+                                                                          10000.0, "mrope_section": [1, 1, 2]})
+        cls = Qwen3VLMoeConfig
     elif family == "jamba":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
                       expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
@@ -168,6 +174,10 @@ def tiny_config(family: str, **overrides: Any):
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
+    if family == "qwen3_vl_moe":
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=fields["hidden_size"],
+                      deepstack_visual_indexes=[0])
+        return cls(text_config=fields, vision_config=vision)
     n_layers = fields["num_hidden_layers"]
     if family in ("glm4_moe_lite", "exaone_moe", "mimo_v2_flash") and "mlp_layer_types" not in overrides:
         fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)

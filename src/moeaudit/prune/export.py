@@ -5,8 +5,8 @@ for GPT-OSS, their biases: every parameter of the experts module whose leading a
 out of the router (its weight rows and, where present, its bias and its load-balancing correction bias
 ``e_score_correction_bias``, a buffer); the config's routed-expert count is
 updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts`` / ``moe_num_experts``), top-k is
-kept. The result loads with ``AutoModelForCausalLM.from_pretrained(DIR)`` (Mistral 4:
-``Mistral4ForCausalLM``) and no moeaudit, and computes exactly what the masked evaluation
+kept. The result loads with ``AutoModelForCausalLM.from_pretrained(DIR)`` (Mistral 4, Qwen3-VL-MoE:
+their own class, ``Mistral4ForCausalLM``, ``Qwen3VLMoeForConditionalGeneration``) and no moeaudit, and computes exactly what the masked evaluation
 (:mod:`moeaudit.prune.evaluate`) computes: a router without rows for the dropped experts gives the same
 softmax over the survivors as one whose dropped logits are −inf (a sigmoid router, DeepSeek-V3 and its
 kin: the same scores, and a selection score of −inf for the dropped ones).
@@ -210,9 +210,10 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     original = moe.layers[0].num_experts
     new_count = len(next(iter(full.values())))
     config = copy.deepcopy(moe.model.config)
-    fields = _expert_count_fields(config, original)
+    text_config = config.get_text_config()  # a vision-language model keeps the counts in its text config
+    fields = _expert_count_fields(text_config, original)
     for name in fields:
-        setattr(config, name, new_count)
+        setattr(text_config, name, new_count)
     state = _pruned_state_dict(moe, full)
     with torch.device("meta"):
         pruned = type(moe.model)._from_config(config, dtype=moe.dtype)  # the loaded model's own class
