@@ -172,6 +172,18 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         if scaled:
             w = w * router.routed_scaling_factor
         return set(chosen), dict(zip(chosen, w))
+    if rule == "sparsemixer":  # arXiv 2409.12136 at inference: argmax, then argmax of the rest
+        eps = layer.router.router_jitter_noise
+        alive = [j for j in range(len(z)) if j != removed]
+        chosen, w = [], []
+        for _ in range(2):
+            best = max(alive, key=lambda j: z[j])
+            near = [j for j in alive if (z[best] - z[j]) / max(abs(z[j]), z[best]) <= 2 * eps]
+            e = np.exp(z[near] - z[best])
+            chosen.append(best)
+            w.append(e[near.index(best)] / e.sum())
+            alive.remove(best)
+        return set(chosen), dict(zip(chosen, w))
     if rule == "topk_logits_softmax":
         chosen = list(np.argsort(-z)[:k])
         w = np.exp(z[chosen] - z[chosen].max())

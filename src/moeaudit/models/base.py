@@ -35,6 +35,7 @@ RoutingRule = Literal[
     "softmax_group_sum_scaled",
     "sigmoid_bias_renorm",
     "softmax_bias_renorm",
+    "sparsemixer",
 ]
 
 ROUTING_RULE_DOC: dict[str, str] = {
@@ -57,6 +58,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
     "softmax_bias_renorm": (
         "softmax over all experts; top-k of probability + correction bias; weights = probabilities "
         "renormalised (sum clamped below)"
+    ),
+    "sparsemixer": (
+        "two slots: the argmax logit, then the argmax of the rest; each weighted by a softmax over the logits "
+        "within a relative gap of 2 x jitter_eps of that maximum"
     ),
 }
 

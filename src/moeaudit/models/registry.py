@@ -9,6 +9,7 @@ from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
+from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
 from moeaudit.models.scored import DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter
@@ -33,6 +34,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Qwen3VLMoeAdapter,
     MellumAdapter,
     JambaAdapter,
+    PhimoeAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -48,7 +50,6 @@ _RECURRENT = "hybrid with recurrent layers and a routing variant not adapted yet
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
 #: Used to word the refusal and by ``moeaudit inspect --supported``.
 UNSUPPORTED_MOE: dict[str, str] = {
-    "phimoe": "sparsemixer routing (not a top-k of scores)",
     "dbrx": "the router returns logits only; routing and the p-norm live in the FFN",
     "llama4": "sigmoid scores multiply the expert input; dense expert matmuls",
     "llama4_text": "sigmoid scores multiply the expert input; dense expert matmuls",
