@@ -55,3 +55,20 @@ def test_describe_shows_each_rules_parameters_from_the_config():
         score="softmax", correction_bias="statics", renormalise=True, renormalise_denominator="max(sum, norm_min)")
     olmoe = wrap_model(tiny_model("olmoe", seed=3, norm_topk_prob=True), name="olmoe")
     assert olmoe.describe()["moe_layers"][0]["routing_parameters"] == {"renormalise": True}
+
+
+def test_checkpoint_missing_a_tensor_is_refused_not_left_random(tmp_path):
+    """A parameter without a tensor would keep its random initialisation: refused in one line, naming it."""
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from moeaudit.errors import ModelLoadError
+
+    tiny_model("olmoe", seed=3).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    dropped = "model.layers.1.self_attn.o_proj.weight"
+    assert dropped in weights
+    del weights[dropped]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"no weights for 1 parameter.*layers\.1\.self_attn\.o_proj"):
+        load_model(str(tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +283,7 @@ def load_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = causal_lm_class(config).from_pretrained(source, config=config, **kwargs)
+        model = _from_pretrained(causal_lm_class(config), source, config, display, kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load the weights of {display}: {str(err).splitlines()[0]}") from None
     except torch.OutOfMemoryError:
@@ -294,6 +295,37 @@ def load_model(
         raise ModelLoadError(f"out of memory moving {display} to {device}; use --dtype bfloat16 or another "
                              "device") from None
     return wrap_model(model, name=display, tokenizer=load_tokenizer(display, source, is_local), check=check)
+
+
+def _from_pretrained(cls, source: str, config, display: str, kwargs: dict):
+    """``cls.from_pretrained`` with transformers' load report turned into moeaudit's own lines.
+
+    A parameter the checkpoint has no tensor for would keep its random initialisation and every number
+    measured on it would be nonsense, so missing weights are refused. Tensors the model does not use are
+    reported in one line: expected for a vision-language checkpoint audited as its language model (Llama 4,
+    whose text model ``AutoModelForCausalLM`` loads from the multimodal checkpoint), so only logged there.
+    """
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        model, info = cls.from_pretrained(source, config=config, output_loading_info=True, **kwargs)
+    finally:
+        report.setLevel(level)
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelLoadError(f"the checkpoint of {display} has no weights for {len(missing)} parameter(s) of "
+                             f"{type(model).__name__} (e.g. {missing[0]}); they would stay random: the checkpoint "
+                             "does not match its config (re-download or re-export it)")
+    unused = sorted(info.get("unexpected_keys") or ())
+    if unused:
+        prefixes = Counter(key.split(".")[0] for key in unused)
+        listed = ", ".join(f"{prefix} ({count})" for prefix, count in prefixes.most_common())
+        composite = config.get_text_config() is not config
+        (logger.info if composite else logger.warning)(
+            "%s: %d checkpoint tensor(s) not used by %s were not loaded: %s", display, len(unused),
+            type(model).__name__, listed)
+    return model
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
