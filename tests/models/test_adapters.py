@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from moeaudit.errors import InvalidParameterError
 from moeaudit.models import Ablation, SharedAblation, wrap_model
 from moeaudit.models.testing import FAMILIES, tiny_model
 
@@ -88,13 +89,25 @@ def independent_shared_part(layer, hidden):
     return out
 
 
+def slot_terms(layer, record, weights=None):
+    """Each slot's term of the routed output [N, k, H] from first principles: w * f_e(x), or for a family whose
+    weight scales the expert's input (Llama 4) f_e(w * x), with f_e the SwiGLU of the fused weights."""
+    weights = record.combine_weight if weights is None else weights
+    if not layer.weights_scale_input:
+        return weights.float().unsqueeze(-1) * record.ungated
+    x = record.moe_input.unsqueeze(1) * weights.unsqueeze(-1)  # [N, k, H]
+    gate_up = torch.einsum("nkh,nkhi->nki", x, layer.experts.gate_up_proj[record.topk_idx])
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.einsum("nki,nkih->nkh", up * torch.nn.functional.silu(gate), layer.experts.down_proj[record.topk_idx])
+
+
 def test_recomposition_equals_block_output(moe, input_ids):
     _, trace = clean_run(moe, input_ids)
     for layer in moe.layers:
         r = trace[layer.layer]
         with torch.no_grad():
             shared = independent_shared_part(layer, r.moe_input)
-        recomposed = (r.combine_weight.float().unsqueeze(-1) * r.ungated).sum(dim=1) + shared
+            recomposed = slot_terms(layer, r).sum(dim=1) + shared
         rel = (recomposed - r.moe_output).abs().max() / r.moe_output.abs().max()
         assert rel <= 1e-6, f"layer {layer.layer}: relative error {rel:.2e}"
         assert torch.allclose(r.act_norm, torch.linalg.vector_norm(r.ungated, dim=-1))
@@ -112,7 +125,8 @@ def test_zero_removes_exactly_one_term(moe, input_ids):
             logits = moe.model(input_ids).logits
         a = trace[layer.layer]
         delta = c.moe_output - a.moe_output
-        expected = c.combine_weight[flat, slot].float() * c.ungated[flat, slot]
+        with torch.no_grad():
+            expected = slot_terms(layer, c)[flat, slot]
         assert torch.allclose(delta[flat], expected, rtol=1e-5, atol=1e-6)
         others = torch.ones(BATCH * SEQ, dtype=torch.bool)
         others[flat] = False
@@ -184,6 +198,9 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
             w.append(e[near.index(best)] / e.sum())
             alive.remove(best)
         return set(chosen), dict(zip(chosen, w))
+    if rule == "sigmoid_topk_logits_input":  # Llama 4: top-k of the logits, weights their sigmoid
+        chosen = list(np.argsort(-z)[:k])
+        return set(chosen), dict(zip(chosen, 1.0 / (1.0 + np.exp(-z[chosen]))))
     if rule == "topk_logits_softmax":
         chosen = list(np.argsort(-z)[:k])
         w = np.exp(z[chosen] - z[chosen].max())
@@ -243,7 +260,10 @@ def test_renorm_keeps_surviving_sum(moe, input_ids):
         keep = torch.arange(layer.top_k) != slot
         ratio = after[keep] / before[keep]
         assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-6)
-        expected = (after.unsqueeze(-1) * c.ungated[flat]).sum(0) + (c.moe_output[flat] - c.routed_output[flat])
+        weights = c.combine_weight.clone()
+        weights[flat] = a.combine_weight[flat]
+        with torch.no_grad():
+            expected = slot_terms(layer, c, weights)[flat].sum(0) + (c.moe_output[flat] - c.routed_output[flat])
         assert torch.allclose(a.moe_output[flat], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -253,6 +273,11 @@ def test_mean_replaces_output(moe, input_ids):
         c = clean[layer.layer]
         flat, pos, expert, slot = pick_active(c)
         means = torch.randn(layer.num_experts, c.moe_output.shape[-1], generator=torch.Generator().manual_seed(1))
+        if layer.weights_scale_input:  # Llama 4: no output term w * f_e(x) to replace
+            with pytest.raises(InvalidParameterError, match="scales the expert's input"):
+                with moe.intervene([Ablation(layer.layer, experts=expert, kind="mean", mean_output=means)]):
+                    pass
+            continue
         with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos), kind="mean",
                                                       mean_output=means)],
                                             capture=[layer.layer], keep_outputs=True) as trace:

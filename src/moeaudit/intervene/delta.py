@@ -10,6 +10,9 @@ with w the clean combine weights and f_s the ungated outputs of the active exper
 ``zero``     w'_s = 0 for the removed slots, unchanged otherwise.
 ``renorm``   removed slots 0, survivors rescaled by (Σ_s w_s) / (Σ_kept w_s).
 ``mean``     removed slots' f_s replaced by the expert's mean output: Δy = Σ_removed w_s (mean_e - f_s).
+(Where a weight scales the expert's input — Llama 4 — the block is not linear in w: ``zero`` and
+``renorm`` call the experts module on the edited weights, Δy = experts(x, idx, w') - routed_output, and
+``mean`` is refused.)
 ``reroute``  the family's own routing rule re-run on the logits with the removed experts masked; the
              experts module is called on the new selection (so a newly selected expert's output is
              computed by the library's kernel), Δy = experts(x, new_idx, new_w) - routed_output.
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from moeaudit.models.base import MoELayer
-from moeaudit.models.edits import edited_combine_weight, mean_replacement
+from moeaudit.models.edits import edited_combine_weight, mean_refusal, mean_replacement
 from moeaudit.models.hooks import LayerRecord
 
 
@@ -59,8 +62,14 @@ def routed_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, 
         new_out = type(layer.experts).forward(layer.experts, hidden, rerouted.topk_idx,
                                               rerouted.combine_weight.to(weights.dtype))
         return new_out - record.routed_output[positions]
-    ungated = record.ungated[positions]  # [N, k, H]
     slot_removed = removed.gather(-1, topk_idx)
+    if layer.weights_scale_input:  # Llama 4: the block is not linear in its weights; call the experts
+        if kind == "mean":
+            raise mean_refusal(layer)
+        new_weights = edited_combine_weight(kind, weights, slot_removed)
+        new_out = type(layer.experts).forward(layer.experts, record.moe_input[positions], topk_idx, new_weights)
+        return new_out - record.routed_output[positions]
+    ungated = record.ungated[positions]  # [N, k, H]
     if kind == "mean":
         assert mean_output is not None
         w = (weights.float() * slot_removed).unsqueeze(-1)
@@ -76,7 +85,8 @@ def shared_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, 
         return -record.shared_output[positions]
     shared = layer.shared
     x = record.moe_input[positions]
-    inter = shared.act_fn(shared.gate_proj(x)) * shared.up_proj(x)
+    act_fn = shared.act_fn if hasattr(shared, "act_fn") else shared.activation_fn  # Llama 4's shared MLP
+    inter = act_fn(shared.gate_proj(x)) * shared.up_proj(x)
     lo, hi = index * layer.shared_intermediate, (index + 1) * layer.shared_intermediate
     part = F.linear(inter[:, lo:hi], shared.down_proj.weight[:, lo:hi])
     if layer.shared_gate is not None:

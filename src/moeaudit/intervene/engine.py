@@ -27,6 +27,7 @@ from moeaudit.intervene.fast import outcome_buffers, run_sequence_rows, run_toke
 from moeaudit.intervene.reference import reference_logits
 from moeaudit.intervene.selection import Plan, Selection, gate_ranks, plan_layer, sample_targets
 from moeaudit.intervene.spotcheck import fast_disagreement
+from moeaudit.models.edits import mean_refusal
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.options import ABLATION_KINDS, ENGINES, SCOPES, Engine, Scope, one_of  # noqa: F401 (Scope re-exported)
 from moeaudit.tables import EFFECT_COLUMNS, single_expert_rows  # noqa: F401 (re-exported)
@@ -263,6 +264,9 @@ def compute_effects(
     input_ids, attention_mask = _check_inputs(moe, input_ids, attention_mask)
     layers = _check_selection(moe, selection, config, input_ids)
     if "mean" in config.kinds:
+        for index in layers:
+            if moe.layer(index).weights_scale_input:
+                raise mean_refusal(moe.layer(index))
         mean_output = _check_mean_output(moe, layers, mean_output, input_ids, attention_mask)
     started = time.perf_counter()
     run = _Run(moe, selection, config, layers, mean_output or {}, seq_offset)

@@ -36,6 +36,7 @@ RoutingRule = Literal[
     "sigmoid_bias_renorm",
     "softmax_bias_renorm",
     "sparsemixer",
+    "sigmoid_topk_logits_input",
 ]
 
 ROUTING_RULE_DOC: dict[str, str] = {
@@ -58,6 +59,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
     "softmax_bias_renorm": (
         "softmax over all experts; top-k of probability + correction bias; weights = probabilities "
         "renormalised (sum clamped below)"
+    ),
+    "sigmoid_topk_logits_input": (
+        "top-k of the raw logits; each chosen expert's weight is the sigmoid of its logit and scales the "
+        "expert's input, not its output"
     ),
     "sparsemixer": (
         "two slots: the argmax logit, then the argmax of the rest; each weighted by a softmax over the logits "
@@ -169,6 +174,25 @@ class MoELayer:
         out = type(self.experts).forward(self.experts, rows, topk_idx.reshape(-1, 1), ones)
         return out.reshape(n, k, -1)
 
+    @property
+    def weights_scale_input(self) -> bool:
+        """Whether a combine weight scales its expert's input (Llama 4), so the block is not linear in it."""
+        return bool(self.adapter is not None and self.adapter.weights_scale_input)
+
+    def weighted_terms(self, hidden: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each slot's term of the routed output: hidden [N, H], topk_idx and weights [N, k] -> [N, k, H].
+
+        :math:`w_s f_{e_s}(x)` for every family but those whose weight scales the input (Llama 4), where it
+        is :math:`f_{e_s}(w_s x)`; either way the routed output is the sum over slots (to rounding).
+        """
+        if not self.weights_scale_input:
+            return weights.unsqueeze(-1) * self.ungated_outputs(hidden, topk_idx)
+        n, k = topk_idx.shape
+        rows = hidden.repeat_interleave(k, dim=0) * weights.reshape(-1, 1).to(hidden.dtype)
+        ones = torch.ones((n * k, 1), dtype=hidden.dtype, device=hidden.device)
+        out = type(self.experts).forward(self.experts, rows, topk_idx.reshape(-1, 1), ones)
+        return out.reshape(n, k, -1)
+
     def expert_parameter_count(self) -> int:
         return sum(p.numel() for p in self.experts.parameters())
 
@@ -189,6 +213,8 @@ class FamilyAdapter(abc.ABC):
     block_attr: ClassVar[str] = "mlp"
     shared_attr: ClassVar[str | None] = None
     shared_gate_attr: ClassVar[str | None] = None
+    #: The combine weight scales the expert's input, not its output (Llama 4): see MoELayer.weighted_terms.
+    weights_scale_input: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- discovery
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -230,6 +256,9 @@ class FamilyAdapter(abc.ABC):
         if shared is None:
             return 0, 0
         return 1, int(shared.intermediate_size)
+
+    def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
+        """Family-specific load-time check of the block on probe hidden states [N, H] (none by default)."""
 
     # ----------------------------------------------------------------- routing
     def router_weight(self, layer: MoELayer) -> torch.Tensor:

@@ -9,8 +9,11 @@ would be wrong without an error. So each MoE layer is probed on a few random hid
    linear map of the input (plus bias where the family has one);
 3. the adapter's re-implemented routing reproduces the module's indices exactly and its weights to
    rounding;
-4. ``experts(hidden, topk_idx, topk_weights)`` equals the weighted sum of the ungated outputs that
-   moeaudit computes by calling the experts with weight 1.
+4. ``experts(hidden, topk_idx, topk_weights)`` equals the sum of the slots' terms that moeaudit computes
+   by calling the experts with weight 1 (:meth:`MoELayer.weighted_terms`; for Llama 4, whose weights scale
+   the experts' input, on the scaled input);
+5. whatever the family's adapter checks of its block (:meth:`FamilyAdapter.check_block`: Llama 4's
+   re-expressed block forward equals the library's bit for bit).
 """
 
 from __future__ import annotations
@@ -69,13 +72,14 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
             raise ContractError(f"{where}: moeaudit's {layer.routing_rule} routing gives other weights than "
                                 f"the library's router; {fix}")
         combined = experts(hidden, topk_idx, topk_weights)
-        ungated = layer.ungated_outputs(hidden, topk_idx)
-        _require_finite(ungated, f"{where}: the experts give")
-        recomposed = (ungated.float() * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+        terms = layer.weighted_terms(hidden, topk_idx, topk_weights)
+        _require_finite(terms, f"{where}: the experts give")
+        recomposed = terms.float().sum(dim=1)
         scale = recomposed.abs().max().item() + 1e-12
         if not torch.allclose(combined.float(), recomposed, rtol=rtol, atol=rtol * scale):
             raise ContractError(f"{where}: experts(hidden, topk_idx, topk_weights) is not the weighted sum of "
                                 f"the experts' outputs; {fix}")
+        layer.adapter.check_block(layer, hidden)
 
 
 def check_contract(layers: list[MoELayer]) -> None:

@@ -65,3 +65,11 @@ def mean_replacement(combine_weight: torch.Tensor, slot_removed: torch.Tensor, t
     replacement = mean_output.to(combine_weight.device, torch.float32)[topk_idx]  # [N, k, H]
     weight = (combine_weight.float() * slot_removed).unsqueeze(-1)
     return (weight * replacement).sum(dim=1)
+
+
+def mean_refusal(layer) -> Exception:
+    """The one-line refusal of ``mean`` at a layer whose weights scale the experts' input (Llama 4)."""
+    from moeaudit.errors import invalid
+
+    return invalid("kind", "'zero', 'renorm' or 'reroute' (the router's weight scales the expert's input, so there "
+                   "is no output term w * f_e(x) to replace by a mean)", "mean", f"Llama 4 layer {layer.layer}")

@@ -27,7 +27,7 @@ import torch
 
 from moeaudit.errors import ContractError, invalid
 from moeaudit.models.base import MoELayer, block_hidden
-from moeaudit.models.edits import edited_combine_weight, mean_replacement
+from moeaudit.models.edits import edited_combine_weight, mean_refusal, mean_replacement
 from moeaudit.options import ABLATION_KINDS, WEIGHT_EDIT_KINDS, AblationKind, one_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,6 +209,8 @@ class _LayerHooks:
             handles.append(layer.block.register_forward_hook(self.block_post))
             if layer.shared is not None:
                 handles.append(layer.block.register_forward_hook(self.shared_capture))
+        if layer.weights_scale_input and any(a.kind == "mean" for a in self.weight_edits):
+            raise mean_refusal(layer)
         for ablation in self.shared:
             if layer.shared is None:
                 raise invalid("layer", "an MoE layer with shared experts", ablation.layer, "a SharedAblation")

@@ -20,7 +20,9 @@ class MoEModel:
     Attributes
     ----------
     model : transformers.PreTrainedModel
-        The library's own model; moeaudit never replaces its modules, it only hooks them.
+        The library's own model; moeaudit never replaces its modules or weights, it only hooks them (Llama
+        4's block forward is re-expressed through views of its own router and experts, checked at load to
+        equal the library's bit for bit: :mod:`moeaudit.models.llama4`).
     adapter : FamilyAdapter
         The family's adapter (routing rule, module locations).
     layers : list of MoELayer

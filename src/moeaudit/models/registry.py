@@ -9,6 +9,7 @@ from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
+from moeaudit.models.llama4 import Llama4Adapter
 from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
@@ -35,6 +36,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     MellumAdapter,
     JambaAdapter,
     PhimoeAdapter,
+    Llama4Adapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -51,8 +53,6 @@ _RECURRENT = "hybrid with recurrent layers and a routing variant not adapted yet
 #: Used to word the refusal and by ``moeaudit inspect --supported``.
 UNSUPPORTED_MOE: dict[str, str] = {
     "dbrx": "the router returns logits only; routing and the p-norm live in the FFN",
-    "llama4": "sigmoid scores multiply the expert input; dense expert matmuls",
-    "llama4_text": "sigmoid scores multiply the expert input; dense expert matmuls",
     "gemma4": "the router returns probabilities; MoE inline in the layer with per-expert scales",
     "gemma4_text": "the router returns probabilities; MoE inline in the layer with per-expert scales",
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",

@@ -15,7 +15,7 @@ FAMILIES: tuple[str, ...] = (
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
-    "phimoe",
+    "phimoe", "llama4_text",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -47,7 +47,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
-    from transformers import GraniteMoeHybridConfig, GraniteMoeSharedConfig, PhimoeConfig, Qwen3VLMoeConfig
+    from transformers import GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, PhimoeConfig, Qwen3VLMoeConfig
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -176,6 +176,11 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2,
                       sliding_window=None, router_jitter_noise=0.3)
         cls = PhimoeConfig
+    elif family == "llama4_text":  # chunked and full attention, rope-less every 4th layer, qk L2 norm
+        fields = dict(_COMMON, intermediate_size=16, intermediate_size_mlp=48, num_hidden_layers=4,
+                      num_local_experts=8, num_experts_per_tok=2, head_dim=8, interleave_moe_layer_step=2,
+                      attention_chunk_size=8, no_rope_layer_interval=4)
+        cls = Llama4TextConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
