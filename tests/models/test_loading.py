@@ -72,3 +72,15 @@ def test_checkpoint_missing_a_tensor_is_refused_not_left_random(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"no weights for 1 parameter.*layers\.1\.self_attn\.o_proj"):
         load_model(str(tmp_path))
+
+
+def test_nemotron_h_with_latent_experts_is_refused_in_one_line():
+    """Nemotron-H experts that work in a latent space (moe_latent_size) do not output into the residual stream."""
+    import pytest
+
+    from moeaudit.errors import UnsupportedModelError
+    from moeaudit.models import wrap_model
+
+    wrap_model(tiny_model("nemotron_h", seed=3))  # without a latent size: adapted
+    with pytest.raises(UnsupportedModelError, match=r"latent space \(moe_latent_size=8"):
+        wrap_model(tiny_model("nemotron_h", seed=3, moe_latent_size=8))

@@ -86,7 +86,8 @@ def shared_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, 
     shared = layer.shared
     x = record.moe_input[positions]
     act_fn = shared.act_fn if hasattr(shared, "act_fn") else shared.activation_fn  # Llama 4's shared MLP
-    inter = act_fn(shared.gate_proj(x)) * shared.up_proj(x)
+    gate = getattr(shared, "gate_proj", None)  # Nemotron-H's shared MLP is ungated: down(act(up(x)))
+    inter = act_fn(shared.up_proj(x)) if gate is None else act_fn(gate(x)) * shared.up_proj(x)
     lo, hi = index * layer.shared_intermediate, (index + 1) * layer.shared_intermediate
     part = F.linear(inter[:, lo:hi], shared.down_proj.weight[:, lo:hi])
     if layer.shared_gate is not None:

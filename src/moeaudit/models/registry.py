@@ -13,7 +13,8 @@ from moeaudit.models.llama4 import Llama4Adapter
 from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
-from moeaudit.models.scored import DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter
+from moeaudit.models.scored import (DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter,
+                                    NemotronHAdapter)
 
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     OlmoeAdapter,
@@ -37,6 +38,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     JambaAdapter,
     PhimoeAdapter,
     Llama4Adapter,
+    NemotronHAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -60,7 +62,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "deepseek_v32": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
     "glm_moe_dsa": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
-    "nemotron_h": _RECURRENT,
     "kimi_linear": _RECURRENT,
     "bailing_hybrid": _RECURRENT,
     "minimax": "lightning attention and alpha/beta residual scaling",

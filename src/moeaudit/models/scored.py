@@ -214,3 +214,34 @@ class Ernie45MoeAdapter(ScoredTopKAdapter):
     architectures = ("Ernie4_5_MoeForCausalLM",)
     rule = ScoredRule("softmax_bias_renorm", score="softmax", score_float32=True, bias="statics", sorted_topk=True,
                       renorm="always", renorm_guard="clamp", weights_in_expert_dtype=True)
+
+
+class NemotronHAdapter(ScoredTopKAdapter):
+    """Nemotron-H / Nemotron 3 (``nemotron_h``): DeepSeek-V3's router (sigmoid of float32 logits, router-held
+    bias, groups filled with -inf, renormalised when ``norm_topk_prob`` (+1e-20), scaled) in the decoder
+    block's ``mixer``; ungated ReLU² experts (``up_proj`` / ``down_proj``) and one ungated shared MLP
+    (``shared_experts``, ``moe_shared_expert_intermediate_size`` wide). Mamba-2 and attention blocks in
+    between, so interventions run on the reference engine. Checkpoints whose experts work in a latent space
+    (``moe_latent_size``: projections around the experts, so the experts' outputs are not in the residual
+    stream's space) are refused."""
+
+    family = "nemotron_h"
+    model_types = ("nemotron_h",)
+    architectures = ("NemotronHForCausalLM",)
+    block_attr = "mixer"
+    rule = ScoredRule("sigmoid_bias_group_scaled", score="sigmoid", bias="router", grouped=True, scaled=True)
+
+    def describe_layer(self, config, index, block):
+        if getattr(config, "moe_latent_size", None) is not None:
+            from moeaudit.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(
+                f"this Nemotron-H checkpoint's experts work in a latent space (moe_latent_size="
+                f"{config.moe_latent_size}: projections around the experts), which moeaudit does not adapt yet; "
+                "Nemotron-H checkpoints without moe_latent_size are supported")
+        return super().describe_layer(config, index, block)
+
+    def shared_layout(self, config, shared):
+        if shared is None:
+            return 0, 0
+        return 1, int(config.moe_shared_expert_intermediate_size)

@@ -15,7 +15,7 @@ FAMILIES: tuple[str, ...] = (
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
-    "phimoe", "llama4_text",
+    "phimoe", "llama4_text", "nemotron_h",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -30,6 +30,7 @@ REFERENCE_ONLY: dict[str, str] = {
     "granitemoeshared": "disagrees with the reference engine",  # residual_multiplier and logits_scaling
     "granitemoehybrid": "mixes tokens without attention",     # Mamba-2 layers
     "qwen3_vl_moe": "does not expose model.rotary_emb",       # layers under model.language_model, mRoPE
+    "nemotron_h": "does not expose model.rotary_emb",         # Mamba-2 layers, no rotary embeddings
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -47,7 +48,8 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
-    from transformers import GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, PhimoeConfig, Qwen3VLMoeConfig
+    from transformers import (GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
+                              PhimoeConfig, Qwen3VLMoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -181,6 +183,12 @@ def tiny_config(family: str, **overrides: Any):
                       num_local_experts=8, num_experts_per_tok=2, head_dim=8, interleave_moe_layer_step=2,
                       attention_chunk_size=8, no_rope_layer_interval=4)
         cls = Llama4TextConfig
+    elif family == "nemotron_h":  # Mamba-2, MoE, attention, MoE blocks; DeepSeek-V3's router; ReLU² experts
+        fields = dict(scored, moe_shared_expert_intermediate_size=24, n_routed_experts=8, head_dim=8,
+                      layers_block_type=["linear_attention", "moe", "full_attention", "moe"], ssm_state_size=8,
+                      mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=16)
+        fields.pop("num_hidden_layers")
+        cls = NemotronHConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
@@ -188,7 +196,7 @@ def tiny_config(family: str, **overrides: Any):
         vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=fields["hidden_size"],
                       deepstack_visual_indexes=[0])
         return cls(text_config=fields, vision_config=vision)
-    n_layers = fields["num_hidden_layers"]
+    n_layers = fields.get("num_hidden_layers", len(fields.get("layers_block_type", ())))
     if family in ("glm4_moe_lite", "exaone_moe", "mimo_v2_flash") and "mlp_layer_types" not in overrides:
         fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)
     if family == "exaone_moe" and "layer_types" not in overrides:  # every third layer full attention
