@@ -229,7 +229,7 @@ class FamilyAdapter(abc.ABC):
             mlp = getattr(decoder_layer, self.block_attr, None)
             if mlp is None or not self.is_moe_block(mlp):
                 continue
-            found.append(self.describe_layer(model.config, index, mlp))
+            found.append(self.describe_layer(model.config.get_text_config(), index, mlp))
         return found
 
     def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:

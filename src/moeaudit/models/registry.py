@@ -14,7 +14,7 @@ from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
 from moeaudit.models.scored import (DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter,
-                                    NemotronHAdapter)
+                                    Glm4vMoeAdapter, NemotronHAdapter)
 
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     OlmoeAdapter,
@@ -39,6 +39,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     PhimoeAdapter,
     Llama4Adapter,
     NemotronHAdapter,
+    Glm4vMoeAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -69,7 +70,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "cohere2_moe": "routing variant not adapted yet",
     "aria": _WRAPPER,
     "qwen3_omni_moe": _WRAPPER,
-    "glm4v_moe": _WRAPPER,
     "ernie4_5_vl_moe": _WRAPPER,
     "mistral_large4": "indexer sparse attention and a vision-language wrapper",
     "dots3_note": "indexer sparse attention and a vision-language wrapper",

@@ -245,3 +245,17 @@ class NemotronHAdapter(ScoredTopKAdapter):
         if shared is None:
             return 0, 0
         return 1, int(config.moe_shared_expert_intermediate_size)
+
+
+class Glm4vMoeAdapter(DeepseekV3Adapter):
+    """GLM-4.5V / GLM-4.6V (``Glm4vMoeForConditionalGeneration``), audited as a language model on text: GLM-4.5's
+    text model (DeepSeek-V3's router, fused shared experts) with its decoder layers under
+    ``model.language_model``. Its multimodal rotary embeddings are not replayed by the fast engine, so
+    interventions run on the reference engine."""
+
+    family = "glm4v_moe"
+    model_types = ("glm4v_moe",)
+    architectures = ("Glm4vMoeForConditionalGeneration",)
+
+    def decoder_layers(self, model):
+        return model.model.language_model.layers

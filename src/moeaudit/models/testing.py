@@ -15,7 +15,7 @@ FAMILIES: tuple[str, ...] = (
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
-    "phimoe", "llama4_text", "nemotron_h",
+    "phimoe", "llama4_text", "nemotron_h", "glm4v_moe",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -31,6 +31,7 @@ REFERENCE_ONLY: dict[str, str] = {
     "granitemoehybrid": "mixes tokens without attention",     # Mamba-2 layers
     "qwen3_vl_moe": "does not expose model.rotary_emb",       # layers under model.language_model, mRoPE
     "nemotron_h": "does not expose model.rotary_emb",         # Mamba-2 layers, no rotary embeddings
+    "glm4v_moe": "does not expose model.rotary_emb",          # layers under model.language_model, mRoPE
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -48,7 +49,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
-    from transformers import (GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
+    from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
                               PhimoeConfig, Qwen3VLMoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
@@ -189,12 +190,19 @@ def tiny_config(family: str, **overrides: Any):
                       mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=16)
         fields.pop("num_hidden_layers")
         cls = NemotronHConfig
+    elif family == "glm4v_moe":  # GLM-4.5's text fields; the vision tower is built small below
+        fields = dict(scored, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                      topk_group=1, routed_scaling_factor=1.0, head_dim=8, partial_rotary_factor=0.5,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
+                                       "partial_rotary_factor": 0.5})
+        cls = Glm4vMoeConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
-    if family == "qwen3_vl_moe":
-        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=fields["hidden_size"],
-                      deepstack_visual_indexes=[0])
+    if family in ("qwen3_vl_moe", "glm4v_moe"):
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=fields["hidden_size"])
+        if family == "qwen3_vl_moe":
+            vision["deepstack_visual_indexes"] = [0]
         return cls(text_config=fields, vision_config=vision)
     n_layers = fields.get("num_hidden_layers", len(fields.get("layers_block_type", ())))
     if family in ("glm4_moe_lite", "exaone_moe", "mimo_v2_flash") and "mlp_layer_types" not in overrides:
