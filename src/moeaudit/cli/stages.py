@@ -189,14 +189,14 @@ def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Pat
     from moeaudit.config import build_config
     from moeaudit.errors import invalid
     from moeaudit.models.loading import load_config, probe_moe_layers, resolve_source
-    from moeaudit.models.registry import adapter_for
+    from moeaudit.models.registry import resolve_adapter
     from moeaudit.presets import preset_values
 
     if flags.get("model") is None:
         raise invalid("--model", "given with --preset", None)
     source, is_local = resolve_source(flags["model"])
     hf_config = load_config(source, is_local, flags["model"])
-    adapter = adapter_for(getattr(hf_config, "model_type", ""))
+    adapter = resolve_adapter(getattr(hf_config, "model_type", ""))
     moe_layers = probe_moe_layers(hf_config, adapter, flags["model"]) if adapter else []
     from moeaudit.config import merge_values, read_toml
 

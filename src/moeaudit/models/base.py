@@ -64,6 +64,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
         "top-k of the raw logits; each chosen expert's weight is the sigmoid of its logit and scales the "
         "expert's input, not its output"
     ),
+    "inferred_scored_topk": (
+        "a scored top-k rule inferred at load (score function, correction bias, groups, renormalisation, "
+        "scaling: see the routing parameters) and verified bit for bit against the router module"
+    ),
     "sparsemixer": (
         "two slots: the argmax logit, then the argmax of the rest; each weighted by a softmax over the logits "
         "within a relative gap of 2 x jitter_eps of that maximum"

@@ -13,12 +13,15 @@ from torch import nn
 
 from moeaudit.errors import ModelLoadError, UnsupportedModelError, invalid
 from moeaudit.models.contract import check_contract
+from moeaudit.models.generic import GenericAdapter
+from moeaudit.models.base import FamilyAdapter
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.models.registry import (  # noqa: F401 (NATIVE_ALIASES importable from here)
     KNOWN_UNSUPPORTED_MOE,
     NATIVE_ALIASES,
     UNSUPPORTED_MOE,
     adapter_for,
+    resolve_adapter,
     supported_families_text,
 )
 
@@ -157,7 +160,7 @@ def causal_lm_class(config):
 
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return AutoModelForCausalLM
-    adapter = adapter_for(getattr(config, "model_type", ""))
+    adapter = resolve_adapter(getattr(config, "model_type", ""))
     for name in adapter.architectures if adapter is not None else ():
         cls = getattr(transformers, name, None)
         if cls is not None and getattr(cls, "config_class", None) is type(config):
@@ -189,7 +192,8 @@ def validate_layers(layers, moe_layers: list[int], display: str) -> list[int]:
     return list(layers)
 
 
-def wrap_model(model: nn.Module, *, name: str | None = None, tokenizer: Any = None, check: bool = True) -> MoEModel:
+def wrap_model(model: nn.Module, *, name: str | None = None, tokenizer: Any = None, check: bool = True,
+               adapter: FamilyAdapter | None = None) -> MoEModel:
     """Wrap an already-built transformers causal LM (e.g. from a config with random weights).
 
     Parameters
@@ -200,15 +204,20 @@ def wrap_model(model: nn.Module, *, name: str | None = None, tokenizer: Any = No
     tokenizer : optional
     check : bool
         Run the load-time contract check (:mod:`moeaudit.models.contract`).
+    adapter : FamilyAdapter, optional
+        The adapter to use (default: the family's, else the generic one; pass
+        ``GenericAdapter(model_type)`` to have a family's layout discovered and its rule inferred).
     """
     config = model.config
     display = name or getattr(config, "_name_or_path", "") or type(model).__name__
-    adapter = adapter_for(getattr(config, "model_type", ""))
+    adapter = adapter or resolve_adapter(getattr(config, "model_type", ""))
     if adapter is None:
         _refuse_unsupported(config, display)
     layers = adapter.find_layers(model)
     if not layers:
         _refuse_unsupported(config, display)
+    if isinstance(adapter, GenericAdapter):
+        adapter.infer(model, layers)
     if check:
         check_contract(layers)
     model.eval()
@@ -268,7 +277,7 @@ def load_model(
     display = str(name_or_path)
     source, is_local = resolve_source(name_or_path)
     config = load_config(source, is_local, display)
-    adapter = adapter_for(getattr(config, "model_type", ""))
+    adapter = resolve_adapter(getattr(config, "model_type", ""))
     if adapter is None:
         _refuse_unsupported(config, display)
     moe_layers = probe_moe_layers(config, adapter, display)

@@ -106,6 +106,18 @@ def adapter_for(model_type: str) -> FamilyAdapter | None:
     return cls() if cls is not None else None
 
 
+def resolve_adapter(model_type: str) -> FamilyAdapter | None:
+    """The hand-written adapter of ``model_type``; else, unless the family is refused for a known reason
+    (:data:`UNSUPPORTED_MOE`), the generic adapter that discovers the layout and infers the routing rule
+    (:mod:`moeaudit.models.generic`); None for a refused family."""
+    adapter = adapter_for(model_type)
+    if adapter is not None or model_type in UNSUPPORTED_MOE:
+        return adapter
+    from moeaudit.models.generic import GenericAdapter
+
+    return GenericAdapter(model_type)
+
+
 def supported_families_text() -> str:
     return ", ".join(f"{cls.family} ({'/'.join(cls.architectures)})" for cls in ADAPTERS)
 

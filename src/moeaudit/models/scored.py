@@ -62,6 +62,9 @@ class ScoredRule:
         Multiply the weights by ``router.routed_scaling_factor``.
     weights_in_expert_dtype : bool
         Cast the weights to the experts' dtype (ERNIE-4.5 returns them in the hidden states' dtype).
+    select : {"score", "logits"}
+        What the top-k ranks: the (biased) scores, or the raw logits (GPT-OSS, Granite: the weights are
+        then f of the chosen logits only — a softmax over the k, or each one's sigmoid).
     """
 
     name: str
@@ -75,6 +78,7 @@ class ScoredRule:
     renorm_guard: Literal["eps", "clamp", "none"] = "eps"
     scaled: bool = False
     weights_in_expert_dtype: bool = False
+    select: Literal["score", "logits"] = "score"
 
 
 class ScoredTopKAdapter(FamilyAdapter):
@@ -88,24 +92,28 @@ class ScoredTopKAdapter(FamilyAdapter):
     def routing_rule(self, config) -> str:
         return self.rule.name
 
+    def rule_for(self, layer: MoELayer) -> ScoredRule:
+        """The rule of ``layer`` (one per family; the generic adapter infers one per layer)."""
+        return self.rule
+
     def shared_layout(self, config, shared):
         if shared is None:
             return 0, 0
         count = next((getattr(config, f) for f in self.shared_count_fields if getattr(config, f, None)), 1)
         return int(count), int(config.moe_intermediate_size)
 
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        z = logits.float() if self.rule.score_float32 else logits
-        return z.sigmoid() if self.rule.score == "sigmoid" else F.softmax(z, dim=-1, dtype=z.dtype)
-
     def router_probs(self, layer: MoELayer, router_logits: torch.Tensor) -> torch.Tensor:
         """The family's expert scores f(z) as float32 [N, E]; the correction bias is not part of them (a
-        sigmoid router's scores are each in (0, 1) and need not sum to 1)."""
-        return self._scores(router_logits).float()
+        sigmoid router's scores are each in (0, 1) and need not sum to 1). A rule that selects on the logits
+        (GPT-OSS's) scores every expert by the softmax over all of them, in float32."""
+        rule = self.rule_for(layer)
+        if rule.select == "logits" and rule.score == "softmax":
+            return F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        return _scores(rule, router_logits).float()
 
     def correction_bias(self, layer: MoELayer) -> torch.Tensor | None:
         """The correction bias b [E] the rule adds to the scores to select, or None."""
-        where = self.rule.bias
+        where = self.rule_for(layer).bias
         if where is None:
             return None
         if where == "router":
@@ -115,8 +123,10 @@ class ScoredTopKAdapter(FamilyAdapter):
         return layer.router.moe_statics.e_score_correction_bias.squeeze()
 
     def routing_parameters(self, layer: MoELayer) -> dict:
-        rule, router = self.rule, layer.router
+        rule, router = self.rule_for(layer), layer.router
         params: dict = {"score": rule.score, "correction_bias": rule.bias or "none"}
+        if rule.select == "logits":
+            params["selects_on"] = "logits"
         if rule.grouped:
             params.update(n_group=int(router.num_group), topk_group=int(router.topk_group),
                           dropped_groups_filled_with=str(rule.group_fill))
@@ -130,42 +140,72 @@ class ScoredTopKAdapter(FamilyAdapter):
         return params
 
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
-        if self.rule.bias == "block":  # MiniMax-M2's block hands its bias to the router
+        if self.rule_for(layer).bias == "block":  # MiniMax-M2's block hands its bias to the router
             return layer.router(hidden, layer.block.e_score_correction_bias)
         return layer.router(hidden)
 
     def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor,
                removed: torch.Tensor | None) -> Routing:
-        rule, router = self.rule, layer.router
-        scores = self._scores(logits)
-        bias = self.correction_bias(layer)
-        choice = scores if bias is None else scores + bias
-        if removed is not None:
-            choice = choice.masked_fill(removed, float("-inf"))
-        if rule.grouped:
-            n_group = int(router.num_group)
-            per_group = router.num_experts // n_group
-            group_scores = choice.view(-1, n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
-            group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-            group_mask = torch.zeros_like(group_scores)
-            group_mask.scatter_(1, group_idx, 1)
-            score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(-1, router.num_experts)
-            choice = choice.masked_fill(~score_mask.bool(), rule.group_fill)
-        topk_idx = torch.topk(choice, k=layer.top_k, dim=-1, sorted=rule.sorted_topk)[1]
-        raw_gate = scores.gather(1, topk_idx)
-        weights = raw_gate
-        if rule.renorm == "always" or (rule.renorm == "config" and router.norm_topk_prob):
-            total = weights.sum(dim=-1, keepdim=True)
-            if rule.renorm_guard == "eps":
-                total = total + 1e-20
-            elif rule.renorm_guard == "clamp":
-                total = torch.clamp(total, min=router.norm_min)
-            weights = weights / total
-        if rule.scaled:
-            weights = weights * router.routed_scaling_factor
-        if rule.weights_in_expert_dtype:
-            weights = weights.to(layer.experts.down_proj.dtype)
-        return Routing(router_logits, scores.float(), topk_idx, raw_gate.float(), weights)
+        return scored_route(self.rule_for(layer), layer, router_logits, logits, removed,
+                            self.correction_bias(layer))
+
+
+def _scores(rule: ScoredRule, logits: torch.Tensor) -> torch.Tensor:
+    z = logits.float() if rule.score_float32 else logits
+    return z.sigmoid() if rule.score == "sigmoid" else F.softmax(z, dim=-1, dtype=z.dtype)
+
+
+def scored_route(rule: ScoredRule, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor,
+                 removed: torch.Tensor | None, bias: torch.Tensor | None) -> Routing:
+    """Route with ``rule`` from ``logits`` (removed experts' logits already -inf); mirrors the routers op for op.
+
+    ``router_logits`` is the unedited record; ``bias`` the correction bias (or None).
+    """
+    router = layer.router
+    if rule.select == "logits":  # GPT-OSS, Granite: the top-k of the logits, f of the chosen ones
+        z = logits.float() if rule.score_float32 else logits
+        top_value, topk_idx = torch.topk(z, layer.top_k, dim=-1, sorted=rule.sorted_topk)
+        if rule.score == "softmax":
+            weights = F.softmax(top_value, dim=-1, dtype=top_value.dtype)
+            router_probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        else:
+            weights = top_value.sigmoid()
+            router_probs = z.sigmoid().float()
+        return Routing(router_logits, router_probs, topk_idx, router_probs.gather(-1, topk_idx),
+                       _finish_weights(rule, layer, weights))
+    scores = _scores(rule, logits)
+    choice = scores if bias is None else scores + bias
+    if removed is not None:
+        choice = choice.masked_fill(removed, float("-inf"))
+    if rule.grouped:
+        n_group = int(router.num_group)
+        per_group = layer.num_experts // n_group
+        group_scores = choice.view(-1, n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(-1, layer.num_experts)
+        choice = choice.masked_fill(~score_mask.bool(), rule.group_fill)
+    topk_idx = torch.topk(choice, k=layer.top_k, dim=-1, sorted=rule.sorted_topk)[1]
+    raw_gate = scores.gather(1, topk_idx)
+    return Routing(router_logits, scores.float(), topk_idx, raw_gate.float(), _finish_weights(rule, layer, raw_gate))
+
+
+def _finish_weights(rule: ScoredRule, layer: MoELayer, weights: torch.Tensor) -> torch.Tensor:
+    """Renormalise, scale and cast the chosen experts' weights as ``rule`` says."""
+    router = layer.router
+    if rule.renorm == "always" or (rule.renorm == "config" and router.norm_topk_prob):
+        total = weights.sum(dim=-1, keepdim=True)
+        if rule.renorm_guard == "eps":
+            total = total + 1e-20
+        elif rule.renorm_guard == "clamp":
+            total = torch.clamp(total, min=router.norm_min)
+        weights = weights / total
+    if rule.scaled:
+        weights = weights * router.routed_scaling_factor
+    if rule.weights_in_expert_dtype:
+        weights = weights.to(layer.experts.down_proj.dtype)
+    return weights
 
 
 class DeepseekV3Adapter(ScoredTopKAdapter):

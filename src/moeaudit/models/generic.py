@@ -1,0 +1,302 @@
+"""A self-verifying generic adapter: find the MoE layers by introspection, infer the routing rule by probing.
+
+For a ``model_type`` with no hand-written adapter (and not refused for a known reason), moeaudit does not
+give up: it
+
+1. **discovers** the layout (:func:`discover_layout`): the decoder layers are the shallowest
+   ``nn.ModuleList`` whose items hold an MoE block; the block is the layer's child that holds an ``experts``
+   module and a router (``gate`` or ``router``); shared experts are the block's ``shared_experts`` /
+   ``shared_expert`` / ``shared_mlp``, gated where a ``shared_expert_gate`` sits beside them;
+2. **infers** each layer's routing rule (:meth:`GenericAdapter.infer`): every
+   :class:`~moeaudit.models.scored.ScoredRule` the router's attributes allow (score function and its dtype,
+   the correction bias where one is found, group limits where the router has ``num_group``,
+   renormalisation and its guard, scaling where it has ``routed_scaling_factor``, sorted or not, selection
+   on scores or on logits) is run on probe hidden states — standard normal, the same times 30 (large
+   norms), and the model's own token embeddings — and the first whose indices (in the module's order) and
+   weights equal the router module's **bit for bit** on every probe is accepted. No candidate: refused in
+   one line naming the closest candidate and how far it is.
+
+Everything after that is the ordinary adapter contract: the load-time check
+(:mod:`moeaudit.models.contract`), exact removal through the same hooks, the fast engine's self-check.
+``moeaudit inspect`` shows the inferred parameters (``inferred: true``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from operator import attrgetter
+
+import torch
+from torch import nn
+
+from moeaudit.errors import UnsupportedModelError
+from moeaudit.models.base import MoELayer
+from moeaudit.models.scored import ScoredRule, ScoredTopKAdapter, scored_route
+
+ROUTER_NAMES: tuple[str, ...] = ("gate", "router")
+SHARED_NAMES: tuple[str, ...] = ("shared_experts", "shared_expert", "shared_mlp")
+SHARED_GATE_NAMES: tuple[str, ...] = ("shared_expert_gate",)
+#: Config fields holding experts per token, first match wins (when the router does not say).
+TOP_K_FIELDS: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "num_experts_per_token")
+PROBE_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a model keeps its MoE pieces (attribute paths)."""
+
+    layers_path: str
+    block_attr: str
+    router_attr: str
+    shared_attr: str | None = None
+    shared_gate_attr: str | None = None
+
+
+def _block_attrs(decoder_layer: nn.Module) -> tuple[str, str] | None:
+    """(block attribute, router attribute) of the decoder layer's MoE block, or None for a dense layer."""
+    for name, child in decoder_layer.named_children():
+        experts = getattr(child, "experts", None)
+        if not isinstance(experts, nn.Module) or not any(p.dim() >= 3 for p in experts.parameters()):
+            continue
+        router = next((r for r in ROUTER_NAMES if isinstance(getattr(child, r, None), nn.Module)), None)
+        if router is not None:
+            return name, router
+    return None
+
+
+def discover_layout(model: nn.Module) -> Layout | None:
+    """The layout of ``model``'s MoE layers, or None when no decoder layer holds an MoE block."""
+    best: tuple[int, str, nn.ModuleList, tuple[str, str]] | None = None
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not path:
+            continue
+        hits = [attrs for attrs in map(_block_attrs, module) if attrs is not None]
+        if not hits:
+            continue
+        candidate = (path.count("."), path, module, hits[0])
+        if best is None or candidate[0] < best[0]:
+            best = candidate
+    if best is None:
+        return None
+    _, path, layers, (block_attr, router_attr) = best
+    block = next(getattr(layer, block_attr) for layer in layers if _block_attrs(layer) is not None)
+    shared = next((n for n in SHARED_NAMES if isinstance(getattr(block, n, None), nn.Module)), None)
+    gate = next((n for n in SHARED_GATE_NAMES if isinstance(getattr(block, n, None), nn.Module)), None)
+    return Layout(path, block_attr, router_attr, shared, gate if shared else None)
+
+
+def candidate_rules(layer: MoELayer) -> list[ScoredRule]:
+    """Every scored rule the router's attributes allow, most common forms first."""
+    router, block = layer.router, layer.block
+    if hasattr(router, "e_score_correction_bias"):
+        biases = ["router"]
+    elif hasattr(block, "e_score_correction_bias"):
+        biases = ["block"]
+    elif hasattr(router, "moe_statics"):
+        biases = ["statics"]
+    else:
+        biases = [None]
+    grouped = [True, False] if hasattr(router, "num_group") and hasattr(router, "topk_group") else [False]
+    renorms = (["config"] if hasattr(router, "norm_topk_prob") else []) + ["always", "never"]
+    # A bare sum and sum + 1e-20 give the same bits for any sum of scores not near 0: both are listed, the
+    # bare sum first; the torch default sorted=True before sorted=False (on CPU the two orders coincide).
+    guards = ["none", "eps"] + (["clamp"] if hasattr(router, "norm_min") else [])
+    scaled = [True, False] if hasattr(router, "routed_scaling_factor") else [False]
+    rules: list[ScoredRule] = []
+    for score, bias, group, renorm, guard, scale, sort, f32, cast in itertools.product(
+            ("sigmoid", "softmax"), biases, grouped, renorms, guards, scaled, (True, False), (True, False),
+            (False, True)):
+        if renorm == "never" and guard != "none":
+            continue  # the guard only matters when renormalising
+        fills = [float("-inf"), 0.0] if score == "sigmoid" else [0.0, float("-inf")]
+        for fill in fills if group else [float("-inf")]:
+            rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, bias=bias, grouped=group,
+                                    group_fill=fill, sorted_topk=sort, renorm=renorm, renorm_guard=guard,
+                                    scaled=scale, weights_in_expert_dtype=cast))
+    for score, sort, f32, cast, renorm in itertools.product(("softmax", "sigmoid"), (True, False), (True, False),
+                                                            (False, True), ("never", "always")):  # on the logits
+        rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, sorted_topk=sort,
+                                renorm=renorm, renorm_guard="none", weights_in_expert_dtype=cast, select="logits"))
+    return rules
+
+
+def probe_hidden(model: nn.Module, layer: MoELayer, *, seed: int = 0) -> list[torch.Tensor]:
+    """Probe hidden states [PROBE_TOKENS, H] for ``layer``: standard normal, times 30, the token embeddings."""
+    weight = layer.adapter.router_weight(layer)
+    hidden_size = weight.shape[-1]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    normal = torch.randn(PROBE_TOKENS, hidden_size, generator=generator)
+    probes = [normal, normal * 30.0]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None \
+            and embeddings.weight.shape[-1] == hidden_size:
+        ids = torch.randint(0, embeddings.weight.shape[0], (PROBE_TOKENS,), generator=generator)
+        probes.append(embeddings.weight.detach()[ids.to(embeddings.weight.device)].float().cpu())
+    return [p.to(weight.device, weight.dtype) for p in probes]
+
+
+class GenericAdapter(ScoredTopKAdapter):
+    """The adapter of a family without a hand-written one: discovered layout, inferred rules (see module)."""
+
+    family = "generic"
+    model_types = ()
+    architectures = ()
+
+    def __init__(self, model_type: str):
+        self.family = model_type
+        self.layout: Layout | None = None
+        self.rules: dict[int, ScoredRule] = {}
+
+    # ----------------------------------------------------------------- discovery
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        if self.layout is None:
+            self.layout = discover_layout(model)
+        if self.layout is None:
+            return nn.ModuleList()
+        self.block_attr = self.layout.block_attr
+        self.router_attr = self.layout.router_attr
+        self.shared_attr = self.layout.shared_attr
+        self.shared_gate_attr = self.layout.shared_gate_attr
+        return attrgetter(self.layout.layers_path)(model)
+
+    def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:
+        router = getattr(block, self.router_attr)
+        experts = block.experts
+        num_experts = getattr(router, "num_experts", None) or getattr(experts, "num_experts", None)
+        if num_experts is None:
+            num_experts = next(p.shape[0] for p in experts.parameters() if p.dim() >= 3)
+        top_k = getattr(router, "top_k", None) or next(
+            (getattr(config, f) for f in TOP_K_FIELDS if getattr(config, f, None)), None)
+        if top_k is None:
+            raise UnsupportedModelError(f"layer {index} of this '{self.family}' model: neither its router nor its "
+                                        f"config says how many experts a token uses ({', '.join(TOP_K_FIELDS)})")
+        shared = getattr(block, self.shared_attr) if self.shared_attr else None
+        gate = getattr(block, self.shared_gate_attr) if self.shared_gate_attr else None
+        return MoELayer(layer=index, block=block, router=router, experts=experts, num_experts=int(num_experts),
+                        top_k=int(top_k), routing_rule="inferred_scored_topk", shared=shared, shared_gate=gate,
+                        num_shared=0 if shared is None else 1,
+                        shared_intermediate=0 if shared is None else _intermediate(shared), adapter=self)
+
+    def routing_rule(self, config) -> str:
+        return "inferred_scored_topk"
+
+    def router_weight(self, layer: MoELayer) -> torch.Tensor:
+        """The router's ``weight``, else that of its one linear map with a row per expert (Hunyuan's ``gate.wg``)."""
+        weight = getattr(layer.router, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return weight
+        for module in layer.router.modules():
+            if isinstance(module, nn.Linear) and module.out_features == layer.num_experts:
+                return module.weight
+        raise UnsupportedModelError(f"the router of layer {layer.layer} ({type(layer.router).__name__}) of this "
+                                    f"'{self.family}' model has no linear map with a row per expert")
+
+    def rule_for(self, layer: MoELayer) -> ScoredRule:
+        rule = self.rules.get(layer.layer)
+        if rule is None:
+            raise UnsupportedModelError(f"layer {layer.layer}: the routing rule of this '{self.family}' model has not "
+                                        "been inferred (load it with moeaudit.load_model or wrap_model)")
+        return rule
+
+    def routing_parameters(self, layer: MoELayer) -> dict:
+        rule = self.rule_for(layer)
+        params = {"inferred": True, **super().routing_parameters(layer)}
+        params.update(sorted_topk=rule.sorted_topk, score_in_float32=rule.score_float32)
+        return params
+
+    # ----------------------------------------------------------------- inference
+    def infer(self, model: nn.Module, layers: list[MoELayer]) -> None:
+        """Accept, per layer, the first candidate rule that reproduces the router bit for bit on the probes."""
+        previous: ScoredRule | None = None
+        for layer in layers:
+            probes = probe_hidden(model, layer)
+            with torch.no_grad():
+                outputs = [self._router_output(layer, hidden) for hidden in probes]
+            candidates = candidate_rules(layer)
+            if previous is not None:
+                candidates.insert(0, previous)
+            closest: tuple[int, ScoredRule] | None = None
+            for rule in candidates:
+                wrong = self._mismatches(layer, rule, outputs)
+                if wrong == 0:
+                    self.rules[layer.layer] = previous = rule
+                    break
+                if closest is None or wrong < closest[0]:
+                    closest = (wrong, rule)
+            else:
+                detail = ""
+                if closest is not None:
+                    wrong, rule = closest
+                    detail = (f"; the closest ({_describe(rule)}) differs on {wrong} of "
+                              f"{PROBE_TOKENS * len(outputs)} probe tokens")
+                raise UnsupportedModelError(
+                    f"no routing rule moeaudit knows reproduces the router of layer {layer.layer} "
+                    f"({type(layer.router).__name__}) of this '{self.family}' model bit for bit{detail}")
+
+    def _router_output(self, layer: MoELayer, hidden: torch.Tensor):
+        block_bias = getattr(layer.block, "e_score_correction_bias", None)
+        try:
+            output = layer.router(hidden)
+        except TypeError:
+            if block_bias is None:
+                raise
+            output = layer.router(hidden, block_bias)
+        if not (isinstance(output, tuple) and len(output) == 3):
+            raise UnsupportedModelError(
+                f"the router of layer {layer.layer} ({type(layer.router).__name__}) of this '{self.family}' model "
+                f"returns {_shape_of(output)}, not (router_logits, topk_weights, topk_idx)")
+        return hidden, output
+
+    def _mismatches(self, layer: MoELayer, rule: ScoredRule, outputs) -> int:
+        """Probe tokens on which ``rule`` gives other indices or weights than the router (0: accepted)."""
+        try:
+            bias = self._bias(layer, rule)
+            wrong = 0
+            for _, (router_logits, weights, idx) in outputs:
+                routing = scored_route(rule, layer, router_logits, router_logits, None, bias)
+                if routing.combine_weight.dtype != weights.dtype:
+                    return PROBE_TOKENS * len(outputs)
+                same = (routing.topk_idx == idx).all(dim=-1) & (routing.combine_weight == weights).all(dim=-1)
+                wrong += int((~same).sum())
+            return wrong
+        except (RuntimeError, AttributeError, TypeError):
+            return PROBE_TOKENS * len(outputs)
+
+    @staticmethod
+    def _bias(layer: MoELayer, rule: ScoredRule) -> torch.Tensor | None:
+        if rule.bias is None:
+            return None
+        if rule.bias == "router":
+            return layer.router.e_score_correction_bias
+        if rule.bias == "block":
+            return layer.block.e_score_correction_bias
+        return layer.router.moe_statics.e_score_correction_bias.squeeze()
+
+    def correction_bias(self, layer: MoELayer) -> torch.Tensor | None:
+        return self._bias(layer, self.rule_for(layer))
+
+
+def _shape_of(output) -> str:
+    return f"a {len(output)}-tuple" if isinstance(output, tuple) else f"a {type(output).__name__}"
+
+
+def _intermediate(shared: nn.Module) -> int:
+    down = getattr(shared, "down_proj", None)
+    if isinstance(down, nn.Linear):
+        return int(down.in_features)
+    return int(getattr(shared, "intermediate_size", 0) or 0)
+
+
+def _describe(rule: ScoredRule) -> str:
+    parts = [f"{rule.score} scores", f"selected on {rule.select}"]
+    if rule.bias:
+        parts.append(f"{rule.bias} bias")
+    if rule.grouped:
+        parts.append("group-limited")
+    parts.append({"config": "renormalised per config", "always": "renormalised", "never": "not renormalised"}[rule.renorm])
+    if rule.scaled:
+        parts.append("scaled")
+    return ", ".join(parts)
+
+
