@@ -74,3 +74,49 @@ def test_families_the_fast_engine_cannot_replay_are_measured_by_the_reference_en
     reference = compute_effects(moe, ids, selection, config=InterveneConfig(
         kinds=("zero", "reroute"), scopes=("token", "sequence"), engine="reference"))
     pd.testing.assert_frame_equal(result.effects, reference.effects, check_exact=True)
+
+
+def _planted_tie(moe, layer, margin: float):
+    """Clean router logits of ``layer`` with row 0 changed so that its best unselected expert trails the
+    weakest selected one by ``margin`` (relative to the row's largest |logit|) in the rule's selection score."""
+    with torch.no_grad(), moe.capture([layer.layer]) as trace:
+        moe.model(windows())
+    logits = trace[layer.layer].router_logits.clone()
+    z = logits[0]
+    chosen = layer.route(logits[:1]).topk_idx[0].tolist()
+    weakest = min(chosen, key=lambda e: z[e])
+    if layer.routing_rule.startswith("sigmoid"):  # selection = sigmoid(z) + b, groups: stay in the weakest's group
+        bias = layer.router.e_score_correction_bias
+        choice = torch.sigmoid(z) + bias
+        weakest = min(chosen, key=lambda e: choice[e])
+        per = layer.num_experts // int(layer.router.num_group)
+        group = range(weakest // per * per, weakest // per * per + per)
+        other = max((e for e in group if e not in chosen), key=lambda e: choice[e])
+        target = choice[weakest] - bias[other] - margin * z.abs().max()
+        z[other] = torch.logit(target.clamp(1e-6, 1 - 1e-6))
+    else:
+        other = max((e for e in range(layer.num_experts) if e not in chosen), key=lambda e: z[e])
+        z[other] = z[weakest] - margin * z.abs().max()
+    return logits
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3"])
+def test_near_ties_are_the_decisions_rounding_can_flip(family):
+    from moeaudit.intervene.spotcheck import near_ties
+
+    moe = wrap_model(tiny_model(family, seed=3), name=family)
+    layer = moe.layers[-1]
+    tie = _planted_tie(moe, layer, 1e-7)   # under 4 float32 ulps of the largest logit
+    clear = _planted_tie(moe, layer, 1e-3)  # far above
+    assert bool(near_ties(layer, tie, torch.float32)[0]) and not bool(near_ties(layer, clear, torch.float32)[0])
+    assert bool(near_ties(layer, clear, torch.bfloat16)[0])  # bfloat16 rounds 2^16 times coarser
+
+
+def test_each_run_counts_near_ties_per_moe_layer():
+    moe = wrap_model(tiny_model("olmoe", seed=3), name="olmoe")
+    ids = windows()
+    result = compute_effects(moe, ids, Selection.sample(2, seed=0), config=InterveneConfig(scopes=("token",)))
+    stats = result.stats
+    assert set(stats.near_ties) == set(moe.moe_layer_indices)
+    assert stats.near_tie_positions == ids.shape[0] * (ids.shape[1] - 1)
+    assert all(0 <= count <= stats.near_tie_positions for count in stats.near_ties.values())

@@ -33,6 +33,7 @@ def _manifest() -> dict:
             "intervene": {"interventions": 40, "noise_floor": 3e-06, "engine": "fast", "fallback_reason": None,
                           "split": "heldout", "kind": "zero", "scope": "token", "selections": ["census"],
                           "interventions_per_second": 1000.0, "seconds": 0.04,
+                          "near_ties": {"0": 3, "1": 0}, "near_tie_positions": 50,
                           "finished": "2026-01-01T00:00:03+00:00"},
             "audit": {"cells": 14, "significant": 3, "n": 200, "correction": "bonferroni", "alpha": 0.05,
                       "finished": "2026-01-01T00:00:04+00:00"},

@@ -121,3 +121,7 @@ def test_renders_in_headless_chromium(report, tmp_path):
     assert n_images > 0 and broken == 0
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.shape == (900, 1366) and pixels.std() > 20
+
+
+def test_near_ties_counted_in_the_facts(page):
+    assert "3 of 100 routing decisions (3.00%) are within rounding of choosing other experts (layer 0: 3)" in page

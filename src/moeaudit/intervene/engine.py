@@ -26,7 +26,7 @@ from moeaudit.intervene.estimate import nll_gradients, zero_estimates
 from moeaudit.intervene.fast import outcome_buffers, run_sequence_rows, run_token_rows, token_outcomes
 from moeaudit.intervene.reference import reference_logits
 from moeaudit.intervene.selection import Plan, Selection, gate_ranks, plan_layer, sample_targets
-from moeaudit.intervene.spotcheck import fast_disagreement
+from moeaudit.intervene.spotcheck import fast_disagreement, near_ties
 from moeaudit.models.edits import mean_refusal
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.options import ABLATION_KINDS, ENGINES, SCOPES, Engine, Scope, one_of  # noqa: F401 (Scope re-exported)
@@ -114,6 +114,12 @@ class InterveneStats:
     noise_floor : float
         Max |ΔNLL| (nats) of null interventions (Δy = 0) through the engine used; NaN when none ran.
     noise_interventions : int
+    near_ties : dict int -> int
+        Per MoE layer, clean routing decisions (valid positions of the windows) that a rounding-sized change
+        of the router logits would flip (:func:`moeaudit.intervene.spotcheck.near_ties`); a later layer's
+        routing flipped there by an upstream intervention may be rounding, not an effect.
+    near_tie_positions : int
+        Routing decisions examined per MoE layer (the valid positions).
     estimate_spearman : float or None
         Spearman correlation between estimated and exact token-scope ``zero`` effects (when both exist).
     estimate_spearman_by_layer : dict int -> float
@@ -135,6 +141,8 @@ class InterveneStats:
     noise_interventions: int
     estimate_spearman: float | None = None
     estimate_spearman_by_layer: dict[int, float] = field(default_factory=dict)
+    near_ties: dict[int, int] = field(default_factory=dict)
+    near_tie_positions: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -387,6 +395,8 @@ class _Run:
         self.skipped: Counter = Counter()
         self.seconds: Counter = Counter()
         self.noise: list[float] = []
+        self.near_ties: Counter = Counter()
+        self.near_tie_positions = 0
         self.fallback_reason: str | None = None
         self.engines_used: set[str] = set()
 
@@ -407,6 +417,11 @@ class _Run:
         if clean is None:
             clean = capture_clean(self.moe, input_ids, attention_mask, record_attention=False)
         self.seconds["clean"] += time.perf_counter() - tick
+        rows = valid.reshape(-1)
+        self.near_tie_positions += int(rows.sum())
+        for layer in self.moe.layers:
+            ties = near_ties(layer, clean.records[layer.layer].router_logits[rows], self.moe.dtype)
+            self.near_ties[layer.layer] += int(ties.sum())
 
         plans = {layer: self.plan(b, layer, clean, valid, targets) for layer in self.layers}
         tick = time.perf_counter()
@@ -569,6 +584,8 @@ class _Run:
             noise_interventions=len(self.noise),
             estimate_spearman=spearman,
             estimate_spearman_by_layer=by_layer,
+            near_ties={layer.layer: int(self.near_ties[layer.layer]) for layer in self.moe.layers},
+            near_tie_positions=self.near_tie_positions,
         )
 
 

@@ -8,6 +8,10 @@ intervention changes nothing to scale). So, once per model, a few real intervent
 one position of the first, last and two middle MoE layers, in token and sequence scope — run through both
 engines on a short stretch of the first window; if they disagree beyond rounding, the run uses the
 reference engine and says why.
+
+Near ties (:func:`near_ties`) are the other numerical hazard: a routing decision that rounding alone can
+flip. An intervention upstream of one may change that later layer's routing through rounding, which is not
+an effect of the removed expert; the run counts them per MoE layer so a reader knows how many there are.
 """
 
 from __future__ import annotations
@@ -110,3 +114,36 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
             f"{row.scope} scope: ΔNLL {row.delta_nll_fast:.3g} vs {row.delta_nll_ref:.3g} nats): something between "
             "its MoE blocks and the logits is not replayed (a residual multiplier, a norm after the block, a "
             "logit scale), so every effect is measured with full forward passes")
+
+
+#: A routing decision is a near tie when moving the router logits by this many units in the last place of
+#: the model's dtype (relative to the token's largest |logit|) changes the selected set.
+NEAR_TIE_ULPS = 4
+
+
+def near_ties(layer, router_logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    r"""Which tokens' routing at ``layer`` a rounding-sized change of the router logits would flip.
+
+    Parameters
+    ----------
+    layer : MoELayer
+    router_logits : Tensor [N, E]
+        The clean router logits.
+    dtype : torch.dtype
+        The model's dtype (its rounding sets the scale).
+
+    Returns
+    -------
+    bool Tensor [N]
+        True where routing the logits moved by :math:`\tau = 4\,\epsilon_{dtype} \max_e |z_e|` *against*
+        the current choice (the selected experts' logits lowered, the others' raised) selects another set.
+        Every rule moeaudit adapts ranks experts by a quantity that increases with their own logit, so this
+        one perturbation is the most adverse of all with that size.
+    """
+    z = router_logits.float()
+    chosen = layer.route(router_logits).topk_idx
+    selected = torch.zeros_like(z, dtype=torch.bool).scatter_(1, chosen, True)
+    tau = NEAR_TIE_ULPS * torch.finfo(dtype).eps * z.abs().amax(dim=-1, keepdim=True)
+    moved = torch.where(selected, z - tau, z + tau).to(router_logits.dtype)
+    other = layer.route(moved).topk_idx
+    return (other.sort(dim=-1).values != chosen.sort(dim=-1).values).any(dim=-1)

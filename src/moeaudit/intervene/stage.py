@@ -40,6 +40,12 @@ def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
         for reason, count in part["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + int(count)
     merged["skipped"] = skipped
+    ties: dict[str, int] = {}
+    for part in parts:  # keys are str after a JSON round trip
+        for layer, count in part.get("near_ties", {}).items():
+            ties[str(layer)] = ties.get(str(layer), 0) + int(count)
+    merged["near_ties"] = ties
+    merged["near_tie_positions"] = int(sum(p.get("near_tie_positions", 0) for p in parts))
     return merged
 
 

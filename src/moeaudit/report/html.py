@@ -185,6 +185,19 @@ def _count(value: Any) -> str:
     return f"{value:,}" if isinstance(value, (int, np.integer)) else ("?" if value is None else str(value))
 
 
+def _near_ties_text(intervene: dict) -> str:
+    """How many clean routing decisions rounding could flip (intervene stats ``near_ties``)."""
+    ties = {int(layer): int(count) for layer, count in intervene["near_ties"].items()}
+    positions = int(intervene.get("near_tie_positions") or 0)
+    total = sum(ties.values())
+    worst = ", ".join(f"layer {layer}: {count}" for layer, count in sorted(ties.items(), key=lambda kv: -kv[1])[:3]
+                      if count)
+    share = f" ({total / (positions * len(ties)):.2%})" if positions and ties else ""
+    return (f"{total} of {positions * len(ties):,} routing decisions{share} are within rounding of choosing other "
+            "experts" + (f" ({worst})" if worst else "") + "; a later layer's routing that flips there after an "
+            "intervention may be rounding, not an effect")
+
+
 def _fmt(value: Any, spec: str = ".3g") -> str:
     if value is None:
         return "–"
@@ -245,6 +258,7 @@ def _provenance(data: RunData, ctx: _Context) -> str:
         ("noise floor", (f"{_fmt(intervene.get('noise_floor'), '.2g')} nats — the |ΔNLL| of interventions that "
                          "change nothing; smaller effects are numerical noise") if intervene.get("noise_floor") is not None
          else "–"),
+        ("near ties", _near_ties_text(intervene) if intervene.get("near_ties") else "–"),
         ("audit", (f"n = {audit.get('n', 'census')} positions per cell, {audit.get('correction', '?')} at "
                    f"α = {audit.get('alpha', '?')}; {audit.get('significant', '?')} of {audit.get('cells', '?')} "
                    "cells significant") if audit else "–"),
