@@ -164,3 +164,15 @@ def test_contract_violation_is_refused():
     with pytest.raises(ContractError, match="not its raw logits"):
         wrap_model(model)
     assert tiny_config("olmoe").num_experts == 8
+
+
+@pytest.mark.parametrize("family", ["olmoe", "qwen2_moe"])  # without and with a gated shared expert
+def test_a_block_that_transforms_its_output_is_refused(family):
+    """Planted: the MoE block's output scaled by 0.5 after the experts (as an output scale or a latent
+    projection would) — the hooks would edit a routed part that does not enter the residual as is."""
+    from moeaudit.errors import ContractError
+
+    model = tiny_model(family)
+    model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: output * 0.5)
+    with pytest.raises(ContractError, match="not its experts' weighted sum plus its shared experts"):
+        wrap_model(model)

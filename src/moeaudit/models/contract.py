@@ -12,7 +12,8 @@ would be wrong without an error. So each MoE layer is probed on a few random hid
 4. ``experts(hidden, topk_idx, topk_weights)`` equals the sum of the slots' terms that moeaudit computes
    by calling the experts with weight 1 (:meth:`MoELayer.weighted_terms`; for Llama 4, whose weights scale
    the experts' input, on the scaled input);
-5. whatever the family's adapter checks of its block (:meth:`FamilyAdapter.check_block`: Llama 4's
+5. the block's output is that routed output plus its (gated) shared experts, nothing else;
+6. whatever the family's adapter checks of its block (:meth:`FamilyAdapter.check_block`: Llama 4's
    re-expressed block forward equals the library's bit for bit).
 """
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from moeaudit.errors import ContractError
-from moeaudit.models.base import MoELayer
+from moeaudit.models.base import MoELayer, block_hidden
 
 _RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
@@ -79,7 +80,26 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
         if not torch.allclose(combined.float(), recomposed, rtol=rtol, atol=rtol * scale):
             raise ContractError(f"{where}: experts(hidden, topk_idx, topk_weights) is not the weighted sum of "
                                 f"the experts' outputs; {fix}")
+        _check_block_sum(layer, hidden, combined, rtol, where)
         layer.adapter.check_block(layer, hidden)
+
+
+def _check_block_sum(layer: MoELayer, hidden: torch.Tensor, routed: torch.Tensor, rtol: float, where: str) -> None:
+    """The block's output is its routed output plus its (gated) shared experts, nothing else: the hooks edit
+    the routed part and the engines add their Δy to the block output, so a block that scales or transforms
+    the sum (a latent projection, an output scale) would make every effect wrong."""
+    out = block_hidden(layer.block(hidden.unsqueeze(0))).reshape(hidden.shape[0], -1).float()
+    expected = routed.float()
+    if layer.shared is not None:
+        shared = layer.shared(hidden).float()
+        if layer.shared_gate is not None:
+            shared = torch.sigmoid(layer.shared_gate(hidden).float()) * shared
+        expected = expected + shared
+    scale = expected.abs().max().item() + 1e-12
+    if not torch.allclose(out, expected, rtol=rtol, atol=rtol * scale):
+        raise ContractError(f"{where}: the MoE block's output is not its experts' weighted sum plus its shared "
+                            "experts (something between the experts and the block's output transforms it), so "
+                            "moeaudit cannot edit it exactly")
 
 
 def check_contract(layers: list[MoELayer]) -> None:
