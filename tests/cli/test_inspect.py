@@ -83,12 +83,14 @@ def test_unsupported_moe_family_refused(tmp_path, cli):
 def test_supported_lists_every_family_with_its_status(cli):
     from transformers import CONFIG_MAPPING
 
-    from moeaudit.models.registry import ADAPTERS, UNSUPPORTED_MOE
+    from moeaudit.models.registry import ADAPTERS, GENERIC_FAMILIES, UNSUPPORTED_MOE
 
     code, out, _ = cli("inspect", "--supported", "--json")
     assert code == 0
     rows = {row["model_type"]: row for row in json.loads(out)}
     adapted = {mt for cls in ADAPTERS for mt in cls.model_types if mt in CONFIG_MAPPING}
+    adapted |= {mt for mt in GENERIC_FAMILIES if mt in CONFIG_MAPPING}
+    assert rows["hy_v3"]["note"].startswith("generic adapter: ")
     assert {mt for mt, row in rows.items() if row["status"] == "adapted"} == adapted
     assert {"deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "qwen3_next"} <= adapted
     assert rows["kimi_k2"]["status"] == "alias" and "deepseek_v3" in rows["kimi_k2"]["note"]

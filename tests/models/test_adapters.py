@@ -73,11 +73,18 @@ def test_reimplemented_routing_equals_module(moe, input_ids):
         assert torch.equal(routing.topk_idx, idx)
         assert torch.equal(routing.combine_weight, weights)
         assert torch.equal(record.topk_idx, idx) and torch.equal(record.combine_weight, weights)
-        if layer.routing_rule.startswith("sigmoid"):  # the family's score: sigmoid, bias not included
+        if score_function(layer) == "sigmoid":  # the family's score: sigmoid, bias not included
             probs = torch.sigmoid(router_logits.float())
         else:
             probs = torch.softmax(router_logits.float(), dim=-1)
         assert torch.equal(record.raw_gate, probs.gather(-1, idx))
+
+
+def score_function(layer) -> str:
+    """The family's score: named by the rule, or by the inferred parameters of the generic adapter."""
+    if layer.routing_rule == "inferred_scored_topk":
+        return layer.adapter.routing_parameters(layer)["score"]
+    return "sigmoid" if layer.routing_rule.startswith("sigmoid") else "softmax"
 
 
 def independent_shared_part(layer, hidden):
@@ -161,6 +168,24 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         "sigmoid_bias_renorm": ("sigmoid", "block", None, "always", False),             # MiniMax-M2
         "softmax_bias_renorm": ("softmax", "statics", None, "clamp", False),            # ERNIE-4.5
     }
+    if rule == "inferred_scored_topk":  # the generic adapter: the rule its parameters describe
+        params = layer.adapter.routing_parameters(layer)
+        scale_attr = next((a for a in ("routed_scaling_factor", "router_scaling_factor", "route_scale") if a in params),
+                          None)
+        if params.get("selects_on") == "logits":
+            chosen = list(np.argsort(-z, kind="stable")[:k])
+            if params["score"] == "softmax":
+                w = np.exp(z[chosen] - z[chosen].max())
+                w = w / w.sum()
+            else:
+                w = 1.0 / (1.0 + np.exp(-z[chosen]))
+                if params["renormalise"]:
+                    w = w / w.sum()
+            return set(chosen), dict(zip(chosen, w))
+        fill = float(params["dropped_groups_filled_with"]) if "n_group" in params else None
+        renorm = "always" if params["renormalise"] else None
+        scored[rule] = (params["score"], None if params["correction_bias"] == "none" else params["correction_bias"],
+                        fill, renorm, scale_attr)
     if rule in scored:
         score, bias_at, fill, renorm, scaled = scored[rule]
         router = layer.router
@@ -184,7 +209,7 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         elif renorm == "clamp":
             w = w / max(w.sum(), router.norm_min)
         if scaled:
-            w = w * router.routed_scaling_factor
+            w = w * getattr(router, scaled if isinstance(scaled, str) else "routed_scaling_factor")
         return set(chosen), dict(zip(chosen, w))
     if rule == "sparsemixer":  # arXiv 2409.12136 at inference: argmax, then argmax of the rest
         eps = layer.router.router_jitter_noise

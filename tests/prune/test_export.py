@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moeaudit.errors import InvalidParameterError, RunDirectoryError
+from moeaudit.models.generic import TOP_K_FIELDS
 from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import FAMILIES
 from moeaudit.prune import export_pruned, pruning_ablations
@@ -44,7 +45,8 @@ def test_export_equals_masked_pruning(family, tmp_path):
     text_config = loaded.config.get_text_config()  # the config itself but for vision-language models
     for name in result.config_fields:
         assert getattr(text_config, name) == n_kept
-    assert text_config.num_experts_per_tok == moe.layers[0].top_k
+    top_k_field = next(f for f in TOP_K_FIELDS if getattr(text_config, f, None) is not None)
+    assert getattr(text_config, top_k_field) == moe.layers[0].top_k
     record = json.loads((tmp_path / "pruned" / "moeaudit_pruning.json").read_text())
     assert record["kept"][str(moe.layers[0].layer)] == KEPT[family]
     # the exported experts are the kept ones, in order

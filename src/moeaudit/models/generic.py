@@ -39,6 +39,8 @@ SHARED_NAMES: tuple[str, ...] = ("shared_experts", "shared_expert", "shared_mlp"
 SHARED_GATE_NAMES: tuple[str, ...] = ("shared_expert_gate",)
 #: Config fields holding experts per token, first match wins (when the router does not say).
 TOP_K_FIELDS: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "num_experts_per_token")
+#: Router attributes that may hold the weights' scaling factor.
+SCALE_ATTRS: tuple[str, ...] = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
 PROBE_TOKENS = 64
 
 
@@ -102,7 +104,8 @@ def candidate_rules(layer: MoELayer) -> list[ScoredRule]:
     # A bare sum and sum + 1e-20 give the same bits for any sum of scores not near 0: both are listed, the
     # bare sum first; the torch default sorted=True before sorted=False (on CPU the two orders coincide).
     guards = ["none", "eps"] + (["clamp"] if hasattr(router, "norm_min") else [])
-    scaled = [True, False] if hasattr(router, "routed_scaling_factor") else [False]
+    scale_attr = next((a for a in SCALE_ATTRS if hasattr(router, a)), None)
+    scaled = [True, False] if scale_attr else [False]
     rules: list[ScoredRule] = []
     for score, bias, group, renorm, guard, scale, sort, f32, cast in itertools.product(
             ("sigmoid", "softmax"), biases, grouped, renorms, guards, scaled, (True, False), (True, False),
@@ -113,7 +116,8 @@ def candidate_rules(layer: MoELayer) -> list[ScoredRule]:
         for fill in fills if group else [float("-inf")]:
             rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, bias=bias, grouped=group,
                                     group_fill=fill, sorted_topk=sort, renorm=renorm, renorm_guard=guard,
-                                    scaled=scale, weights_in_expert_dtype=cast))
+                                    scaled=scale, weights_in_expert_dtype=cast,
+                                    scale_attr=scale_attr or "routed_scaling_factor"))
     for score, sort, f32, cast, renorm in itertools.product(("softmax", "sigmoid"), (True, False), (True, False),
                                                             (False, True), ("never", "always")):  # on the logits
         rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, sorted_topk=sort,
@@ -257,7 +261,9 @@ class GenericAdapter(ScoredTopKAdapter):
                 routing = scored_route(rule, layer, router_logits, router_logits, None, bias)
                 if routing.combine_weight.dtype != weights.dtype:
                     return PROBE_TOKENS * len(outputs)
-                same = (routing.topk_idx == idx).all(dim=-1) & (routing.combine_weight == weights).all(dim=-1)
+                ours = routing.combine_weight
+                equal = (ours == weights) | (ours.isnan() & weights.isnan())  # 0/0 where every score underflows
+                same = (routing.topk_idx == idx).all(dim=-1) & equal.all(dim=-1)
                 wrong += int((~same).sum())
             return wrong
         except (RuntimeError, AttributeError, TypeError):

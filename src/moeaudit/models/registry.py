@@ -52,6 +52,16 @@ NATIVE_ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
 
 _WRAPPER = "a vision-language wrapper (decoder layers under model.language_model), not discovered yet"
 _RECURRENT = "hybrid with recurrent layers and a routing variant not adapted yet"
+#: MoE families of transformers 5.23 without a hand-written adapter that the generic adapter
+#: (:mod:`moeaudit.models.generic`) serves: layout discovered, routing rule inferred and verified at load; each
+#: passes the adapter contract tests on a tiny model (``moeaudit.models.testing.FAMILIES``).
+GENERIC_FAMILIES: dict[str, str] = {
+    "flint": "sigmoid top-k without a bias, plain renormalisation; an ungated shared expert",
+    "cohere2_moe": "top-k of the logits, softmax over the k; shared experts summed (averaging them is refused)",
+    "hy_v3": "sigmoid + the block's correction bias, renormalised, times router_scaling_factor",
+    "aria_text": "top-k of the logits, softmax over the k; Aria's text model",
+}
+
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
 #: Used to word the refusal and by ``moeaudit inspect --supported``.
 UNSUPPORTED_MOE: dict[str, str] = {
@@ -67,7 +77,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "bailing_hybrid": _RECURRENT,
     "minimax": "lightning attention and alpha/beta residual scaling",
     "bailing_moe": "routing variant not adapted yet",
-    "cohere2_moe": "routing variant not adapted yet",
     "aria": _WRAPPER,
     "qwen3_omni_moe": _WRAPPER,
     "ernie4_5_vl_moe": _WRAPPER,
@@ -86,9 +95,7 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "beam": "block-level output scaling and per-layer attention arguments",
     "laguna": "soft-capped router logits and per-layer attention shapes",
     "step3p7": "block-level output scaling and per-layer attention shapes",
-    "hy_v3": "scored top-k with a block-held bias: not mapped yet",
     "lfm2_moe": "short convolutions between attention layers",
-    "flint": "sigmoid top-k without a bias: not mapped yet",
     "kolibri1": "top-k of biased logits then sigmoid, and a norm after the MoE block",
     "axk1": "scored top-k variant not mapped yet",
     "axk2": "scored top-k variant with indexer sparse attention",
@@ -124,12 +131,13 @@ def supported_families_text() -> str:
 
 def family_support() -> list[tuple[str, str, str]]:
     """(model_type, status, note) for every MoE model_type moeaudit knows of that the installed transformers
-    has: ``adapted`` (the adapter's family), ``alias`` (loaded as a native family) or ``refused`` (why)."""
+    has: ``adapted`` (the adapter's family, or the generic adapter's rule), ``alias`` (loaded as a native family) or ``refused`` (why)."""
     from transformers import CONFIG_MAPPING
 
     known = set(CONFIG_MAPPING.keys())
     rows = [(mt, "adapted", f"{cls.family} adapter")
             for cls in ADAPTERS for mt in cls.model_types if mt in known]
+    rows += [(mt, "adapted", f"generic adapter: {note}") for mt, note in GENERIC_FAMILIES.items() if mt in known]
     rows += [(alias, "alias", f"loaded as native {native} (no remote code)") for alias, native in NATIVE_ALIASES.items()]
     rows += [(mt, "refused", reason) for mt, reason in UNSUPPORTED_MOE.items() if mt in known]
     return sorted(rows, key=lambda row: (("adapted", "alias", "refused").index(row[1]), row[0]))

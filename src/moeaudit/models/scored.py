@@ -62,6 +62,8 @@ class ScoredRule:
         Multiply the weights by ``router.routed_scaling_factor``.
     weights_in_expert_dtype : bool
         Cast the weights to the experts' dtype (ERNIE-4.5 returns them in the hidden states' dtype).
+    scale_attr : str
+        The router's attribute holding the scaling factor (Hunyuan-V3: ``router_scaling_factor``).
     select : {"score", "logits"}
         What the top-k ranks: the (biased) scores, or the raw logits (GPT-OSS, Granite: the weights are
         then f of the chosen logits only — a softmax over the k, or each one's sigmoid).
@@ -79,6 +81,7 @@ class ScoredRule:
     scaled: bool = False
     weights_in_expert_dtype: bool = False
     select: Literal["score", "logits"] = "score"
+    scale_attr: str = "routed_scaling_factor"
 
 
 class ScoredTopKAdapter(FamilyAdapter):
@@ -136,7 +139,7 @@ class ScoredTopKAdapter(FamilyAdapter):
             params["renormalise_denominator"] = {"eps": "sum + 1e-20", "clamp": "max(sum, norm_min)",
                                                  "none": "sum"}[rule.renorm_guard]
         if rule.scaled:
-            params["routed_scaling_factor"] = float(router.routed_scaling_factor)
+            params[rule.scale_attr] = float(getattr(router, rule.scale_attr))
         return params
 
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
@@ -202,7 +205,7 @@ def _finish_weights(rule: ScoredRule, layer: MoELayer, weights: torch.Tensor) ->
             total = torch.clamp(total, min=router.norm_min)
         weights = weights / total
     if rule.scaled:
-        weights = weights * router.routed_scaling_factor
+        weights = weights * getattr(router, rule.scale_attr)
     if rule.weights_in_expert_dtype:
         weights = weights.to(layer.experts.down_proj.dtype)
     return weights

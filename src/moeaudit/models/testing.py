@@ -15,7 +15,7 @@ FAMILIES: tuple[str, ...] = (
     "deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "mistral4", "minimax_m2", "ernie4_5_moe",
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
-    "phimoe", "llama4_text", "nemotron_h", "glm4v_moe",
+    "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -32,6 +32,7 @@ REFERENCE_ONLY: dict[str, str] = {
     "qwen3_vl_moe": "does not expose model.rotary_emb",       # layers under model.language_model, mRoPE
     "nemotron_h": "does not expose model.rotary_emb",         # Mamba-2 layers, no rotary embeddings
     "glm4v_moe": "does not expose model.rotary_emb",          # layers under model.language_model, mRoPE
+    "cohere2_moe": "disagrees with the reference engine",     # logit_scale on the LM head
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -49,6 +50,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
+    from transformers import AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
                               PhimoeConfig, Qwen3VLMoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
@@ -196,6 +198,24 @@ def tiny_config(family: str, **overrides: Any):
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 0],
                                        "partial_rotary_factor": 0.5})
         cls = Glm4vMoeConfig
+    elif family == "flint":  # sigmoid top-k without a bias, an always-added shared expert (generic adapter)
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=8,
+                      mlp_only_layers=[0])
+        cls = FlintConfig
+    elif family == "cohere2_moe":  # top-k of the logits, softmax over them; a parallel block (generic adapter)
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                      head_dim=8, num_shared_experts=1, shared_expert_combination_strategy="sum",
+                      expert_selection_fn="softmax", layer_types=None)
+        cls = Cohere2MoeConfig
+    elif family == "hy_v3":  # sigmoid + the block's correction bias, renormalised, router_scaling_factor (generic)
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_experts=8,
+                      num_experts_per_tok=2, num_shared_experts=1, head_dim=8, router_scaling_factor=2.5)
+        cls = HYV3Config
+    elif family == "aria_text":  # Aria's text model: top-k of the logits, softmax over the k (generic adapter)
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, moe_num_experts=8, moe_topk=2,
+                      moe_num_shared_experts=1, head_dim=8)
+        cls = AriaTextConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
