@@ -163,9 +163,12 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
     if native not in SUPPORTED_NATIVE:
         return (f"attention implementation {native!r} is not replayed by the fast engine; load the model with "
                 f"attn_implementation='sdpa' or 'eager'")
-    inner = getattr(model, "model", None)
+    try:
+        inner = moe.adapter.backbone(model)
+    except AttributeError:
+        inner = None
     if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "norm"):
-        return f"{type(model).__name__} does not expose model.rotary_emb and model.norm"
+        return f"{type(model).__name__} does not expose a rotary embedding and a final norm beside its decoder layers"
     if model.get_output_embeddings() is None:
         return f"{type(model).__name__} has no output embeddings (LM head)"
     if getattr(model.config, "final_logit_softcapping", None):

@@ -31,13 +31,15 @@ from moeaudit.intervene.delta import gap_statistics
 from moeaudit.models.moe_model import MoEModel
 
 
-def layer_position_embeddings(model, hidden: torch.Tensor, position_ids: torch.Tensor, n_layers: int) -> list:
+def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids: torch.Tensor,
+                              n_layers: int) -> list:
     """The rotary embeddings each decoder layer receives, as the model's own forward computes them: one per
     layer type where ``rotary_emb`` takes a ``layer_type`` (Mellum, MiMo-V2-Flash: sliding and full layers
-    rotate with different bases), else one shared by every layer."""
-    rotary = model.model.rotary_emb
+    rotate with different bases), else one shared by every layer. The rotary module is the backbone's
+    (:meth:`moeaudit.models.FamilyAdapter.backbone`: a vision-language model's language model)."""
+    rotary = moe.adapter.backbone(moe.model).rotary_emb
     if "layer_type" in inspect.signature(rotary.forward).parameters:
-        types = list(model.config.layer_types)
+        types = list(moe.config.layer_types)
         by_type = {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
         return [by_type[kind] for kind in types]
     return [rotary(hidden, position_ids)] * n_layers
@@ -66,7 +68,7 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
         Next-token logits at the rows' positions.
     """
     model = moe.model
-    inner = model.model
+    inner = moe.adapter.backbone(model)
     layers = moe.adapter.decoder_layers(model)
     span = hidden.shape[1]
     position_ids = row_start[:, None] + torch.arange(span, device=hidden.device)[None, :]
@@ -74,7 +76,7 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
     state.set_rows(row_start, span)
     with attention_mode(model, state):
         if first_layer < len(layers):
-            position_embeddings = layer_position_embeddings(model, hidden, position_ids, len(layers))
+            position_embeddings = layer_position_embeddings(moe, hidden, position_ids, len(layers))
         for index in range(first_layer, len(layers)):
             hidden = layers[index](hidden, attention_mask=None, position_ids=position_ids, past_key_values=None,
                                    use_cache=False, position_embeddings=position_embeddings[index])

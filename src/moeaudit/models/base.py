@@ -221,8 +221,13 @@ class FamilyAdapter(abc.ABC):
     weights_scale_input: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- discovery
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The module that holds the decoder layers, the rotary embedding and the final norm (``model.model``;
+        a vision-language model's ``model.model.language_model``)."""
+        return model.model
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
+        return self.backbone(model).layers
 
     def is_moe_block(self, mlp: nn.Module) -> bool:
         return hasattr(mlp, "experts") and hasattr(mlp, self.router_attr)

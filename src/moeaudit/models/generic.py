@@ -153,6 +153,11 @@ class GenericAdapter(ScoredTopKAdapter):
         self.rules: dict[int, ScoredRule] = {}
 
     # ----------------------------------------------------------------- discovery
+    def backbone(self, model: nn.Module) -> nn.Module:
+        self.decoder_layers(model)
+        parent = self.layout.layers_path.rpartition(".")[0] if self.layout else ""
+        return attrgetter(parent)(model) if parent else model
+
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         if self.layout is None:
             self.layout = discover_layout(model)

@@ -47,5 +47,5 @@ class Qwen3VLMoeAdapter(Qwen35MoeAdapter):
     model_types = ("qwen3_vl_moe",)
     architectures = ("Qwen3VLMoeForConditionalGeneration",)
 
-    def decoder_layers(self, model):
-        return model.model.language_model.layers
+    def backbone(self, model):
+        return model.model.language_model

@@ -300,5 +300,5 @@ class Glm4vMoeAdapter(DeepseekV3Adapter):
     model_types = ("glm4v_moe",)
     architectures = ("Glm4vMoeForConditionalGeneration",)
 
-    def decoder_layers(self, model):
-        return model.model.language_model.layers
+    def backbone(self, model):
+        return model.model.language_model

@@ -25,13 +25,11 @@ REFERENCE_ONLY: dict[str, str] = {
     "flex_olmo": "disagrees with the reference engine",      # a norm after the MoE block
     "granitemoe": "disagrees with the reference engine",     # residual_multiplier and logits_scaling
     "qwen3_next": "mixes tokens without attention",           # Gated DeltaNet layers
-    "jamba": "does not expose model.rotary_emb",              # Mamba layers, no rotary embeddings
+    "jamba": "does not expose a rotary embedding",              # Mamba layers, no rotary embeddings
     "qwen3_5_moe": "mixes tokens without attention",          # Gated DeltaNet layers
     "granitemoeshared": "disagrees with the reference engine",  # residual_multiplier and logits_scaling
     "granitemoehybrid": "mixes tokens without attention",     # Mamba-2 layers
-    "qwen3_vl_moe": "does not expose model.rotary_emb",       # layers under model.language_model, mRoPE
-    "nemotron_h": "does not expose model.rotary_emb",         # Mamba-2 layers, no rotary embeddings
-    "glm4v_moe": "does not expose model.rotary_emb",          # layers under model.language_model, mRoPE
+    "nemotron_h": "does not expose a rotary embedding",         # Mamba-2 layers, no rotary embeddings
     "cohere2_moe": "disagrees with the reference engine",     # logit_scale on the LM head
 }
 #: Families the fast engine replays exactly.
