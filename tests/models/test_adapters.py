@@ -186,12 +186,15 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         renorm = "always" if params["renormalise"] else None
         scored[rule] = (params["score"], None if params["correction_bias"] == "none" else params["correction_bias"],
                         fill, renorm, scale_attr)
+    block_bias = "e_score_correction_bias"
+    if rule == "inferred_scored_topk":
+        block_bias = layer.adapter.routing_parameters(layer).get("correction_bias_attribute", block_bias)
     if rule in scored:
         score, bias_at, fill, renorm, scaled = scored[rule]
         router = layer.router
         scores = 1.0 / (1.0 + np.exp(-z)) if score == "sigmoid" else probs
         bias = {None: 0.0, "router": lambda: router.e_score_correction_bias,
-                "block": lambda: layer.block.e_score_correction_bias,
+                "block": lambda: getattr(layer.block, block_bias),
                 "statics": lambda: router.moe_statics.e_score_correction_bias[0]}[bias_at]
         choice = scores + (bias().double().numpy() if callable(bias) else bias)
         choice[removed] = -np.inf  # the bias must not win the removed expert a slot

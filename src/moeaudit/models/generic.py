@@ -7,7 +7,9 @@ give up: it
    ``nn.ModuleList`` whose items hold an MoE block; the block is the layer's child that holds an ``experts``
    module and a router (``gate`` or ``router``); shared experts are the block's ``shared_experts`` /
    ``shared_expert`` / ``shared_mlp``, gated where a ``shared_expert_gate`` sits beside them;
-2. **infers** each layer's routing rule (:meth:`GenericAdapter.infer`): every
+2. captures each router's real call with a forward pre-hook during one 4-token forward (some routers take
+   a tensor of their block — a correction bias — or 3-D hidden states), and
+3. **infers** each layer's routing rule (:meth:`GenericAdapter.infer`): every
    :class:`~moeaudit.models.scored.ScoredRule` the router's attributes allow (score function and its dtype,
    the correction bias where one is found, group limits where the router has ``num_group``,
    renormalisation and its guard, scaling where it has ``routed_scaling_factor``, sorted or not, selection
@@ -88,11 +90,68 @@ def discover_layout(model: nn.Module) -> Layout | None:
     return Layout(path, block_attr, router_attr, shared, gate if shared else None)
 
 
-def candidate_rules(layer: MoELayer) -> list[ScoredRule]:
-    """Every scored rule the router's attributes allow, most common forms first."""
+@dataclass(frozen=True)
+class RouterCall:
+    """How a block calls its router: hidden states with ``input_dim`` dimensions, then the block's own tensors
+    named by ``args`` (positional) and ``kwargs`` (keyword: attribute), None where it passes None."""
+
+    input_dim: int = 2
+    args: tuple[str | None, ...] = ()
+    kwargs: tuple[tuple[str, str | None], ...] = ()
+
+
+def _block_tensors(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    tensors = [*block.named_buffers(recurse=False), *block.named_parameters(recurse=False)]
+    tensors += [(name, value) for name, value in vars(block).items() if isinstance(value, torch.Tensor)]
+    return tensors
+
+
+def capture_router_calls(model: nn.Module, layers: list[MoELayer], family: str) -> dict[int, RouterCall]:
+    """Each router's real call, seen by a forward pre-hook during one 4-token forward of the model."""
+    calls: dict[int, RouterCall] = {}
+
+    def source(layer: MoELayer, value) -> str | None:
+        if value is None:
+            return None
+        name = next((n for n, t in _block_tensors(layer.block) if t is value), None)
+        if name is None:
+            raise UnsupportedModelError(
+                f"the router of layer {layer.layer} ({type(layer.router).__name__}) of this '{family}' model receives "
+                f"an argument ({type(value).__name__}) that is not a tensor of its block, which moeaudit cannot supply")
+        return name
+
+    def hook_for(layer: MoELayer):
+        def pre(module, args, kwargs):
+            if layer.layer not in calls:
+                hidden = args[0] if args else next(iter(kwargs.values()))
+                rest = dict(kwargs) if args else dict(list(kwargs.items())[1:])
+                calls[layer.layer] = RouterCall(hidden.dim(), tuple(source(layer, v) for v in args[1:]),
+                                                tuple((k, source(layer, v)) for k, v in rest.items()))
+        return pre
+
+    handles = [layer.router.register_forward_pre_hook(hook_for(layer), with_kwargs=True) for layer in layers]
+    try:
+        vocab = int(model.config.get_text_config().vocab_size)
+        ids = (torch.arange(1, 5) % vocab).unsqueeze(0).to(next(model.parameters()).device)
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def candidate_rules(layer: MoELayer, call: RouterCall | None = None) -> list[ScoredRule]:
+    """Every scored rule the router's attributes (and what its block passes it) allow, common forms first."""
     router, block = layer.router, layer.block
+    passed = [name for name in (call.args if call else ()) if name is not None]
+    passed += [name for _, name in (call.kwargs if call else ()) if name is not None]
+    block_bias = next((n for n in passed if getattr(block, n).shape == (layer.num_experts,)), None)
+    bias_attr = "e_score_correction_bias"
     if hasattr(router, "e_score_correction_bias"):
         biases = ["router"]
+    elif block_bias is not None:
+        biases, bias_attr = ["block", None], block_bias  # LFM2-MoE passes its bias only when it uses one
     elif hasattr(block, "e_score_correction_bias"):
         biases = ["block"]
     elif hasattr(router, "moe_statics"):
@@ -103,7 +162,7 @@ def candidate_rules(layer: MoELayer) -> list[ScoredRule]:
     renorms = (["config"] if hasattr(router, "norm_topk_prob") else []) + ["always", "never"]
     # A bare sum and sum + 1e-20 give the same bits for any sum of scores not near 0: both are listed, the
     # bare sum first; the torch default sorted=True before sorted=False (on CPU the two orders coincide).
-    guards = ["none", "eps"] + (["clamp"] if hasattr(router, "norm_min") else [])
+    guards = ["none", "eps", "eps6"] + (["clamp"] if hasattr(router, "norm_min") else [])
     scale_attr = next((a for a in SCALE_ATTRS if hasattr(router, a)), None)
     scaled = [True, False] if scale_attr else [False]
     rules: list[ScoredRule] = []
@@ -115,9 +174,11 @@ def candidate_rules(layer: MoELayer) -> list[ScoredRule]:
         fills = [float("-inf"), 0.0] if score == "sigmoid" else [0.0, float("-inf")]
         for fill in fills if group else [float("-inf")]:
             rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, bias=bias, grouped=group,
-                                    group_fill=fill, sorted_topk=sort, renorm=renorm, renorm_guard=guard,
+                                    group_fill=fill, sorted_topk=sort, renorm=renorm,
+                                    renorm_guard="eps" if guard == "eps6" else guard,
+                                    renorm_eps=1e-6 if guard == "eps6" else 1e-20,
                                     scaled=scale, weights_in_expert_dtype=cast,
-                                    scale_attr=scale_attr or "routed_scaling_factor"))
+                                    scale_attr=scale_attr or "routed_scaling_factor", bias_attr=bias_attr))
     for score, sort, f32, cast, renorm in itertools.product(("softmax", "sigmoid"), (True, False), (True, False),
                                                             (False, True), ("never", "always")):  # on the logits
         rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, sorted_topk=sort,
@@ -151,6 +212,7 @@ class GenericAdapter(ScoredTopKAdapter):
         self.family = model_type
         self.layout: Layout | None = None
         self.rules: dict[int, ScoredRule] = {}
+        self.calls: dict[int, RouterCall] = {}
 
     # ----------------------------------------------------------------- discovery
     def backbone(self, model: nn.Module) -> nn.Module:
@@ -218,11 +280,12 @@ class GenericAdapter(ScoredTopKAdapter):
     def infer(self, model: nn.Module, layers: list[MoELayer]) -> None:
         """Accept, per layer, the first candidate rule that reproduces the router bit for bit on the probes."""
         previous: ScoredRule | None = None
+        self.calls = capture_router_calls(model, layers, self.family)
         for layer in layers:
             probes = probe_hidden(model, layer)
             with torch.no_grad():
                 outputs = [self._router_output(layer, hidden) for hidden in probes]
-            candidates = candidate_rules(layer)
+            candidates = candidate_rules(layer, self.calls.get(layer.layer))
             if previous is not None:
                 candidates.insert(0, previous)
             closest: tuple[int, ScoredRule] | None = None
@@ -243,14 +306,16 @@ class GenericAdapter(ScoredTopKAdapter):
                     f"no routing rule moeaudit knows reproduces the router of layer {layer.layer} "
                     f"({type(layer.router).__name__}) of this '{self.family}' model bit for bit{detail}")
 
+    def call_router(self, layer: MoELayer, hidden: torch.Tensor):
+        """Call the router on hidden states [N, H] as its block does (:class:`RouterCall`, captured at load)."""
+        call = self.calls.get(layer.layer, RouterCall())
+        block = layer.block
+        args = [None if name is None else getattr(block, name) for name in call.args]
+        kwargs = {key: None if name is None else getattr(block, name) for key, name in call.kwargs}
+        return layer.router(hidden.unsqueeze(0) if call.input_dim == 3 else hidden, *args, **kwargs)
+
     def _router_output(self, layer: MoELayer, hidden: torch.Tensor):
-        block_bias = getattr(layer.block, "e_score_correction_bias", None)
-        try:
-            output = layer.router(hidden)
-        except TypeError:
-            if block_bias is None:
-                raise
-            output = layer.router(hidden, block_bias)
+        output = self.call_router(layer, hidden)
         if not (isinstance(output, tuple) and len(output) == 3):
             raise UnsupportedModelError(
                 f"the router of layer {layer.layer} ({type(layer.router).__name__}) of this '{self.family}' model "
@@ -281,7 +346,7 @@ class GenericAdapter(ScoredTopKAdapter):
         if rule.bias == "router":
             return layer.router.e_score_correction_bias
         if rule.bias == "block":
-            return layer.block.e_score_correction_bias
+            return getattr(layer.block, rule.bias_attr)
         return layer.router.moe_statics.e_score_correction_bias.squeeze()
 
     def correction_bias(self, layer: MoELayer) -> torch.Tensor | None:

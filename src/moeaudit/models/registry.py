@@ -60,6 +60,9 @@ GENERIC_FAMILIES: dict[str, str] = {
     "cohere2_moe": "top-k of the logits, softmax over the k; shared experts summed (averaging them is refused)",
     "hy_v3": "sigmoid + the block's correction bias, renormalised, times router_scaling_factor",
     "aria_text": "top-k of the logits, softmax over the k; Aria's text model",
+    "afmoe": "sigmoid + the block's expert_bias, renormalised, times route_scale; a norm after the MoE block "
+             "(reference engine)",
+    "lfm2_moe": "sigmoid + the block's expert_bias, renormalised (+1e-6), scaled; short convolutions (reference engine)",
 }
 
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
@@ -91,11 +94,9 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "zaya": "a router with cross-layer state; convolutions inside attention",
     "doge": "product-key expert selection",
     "muse_spark": "residual gates and per-layer attention kinds",
-    "afmoe": "a norm after the MoE block and a block-held bias; scored top-k variant not mapped yet",
     "beam": "block-level output scaling and per-layer attention arguments",
     "laguna": "soft-capped router logits and per-layer attention shapes",
     "step3p7": "block-level output scaling and per-layer attention shapes",
-    "lfm2_moe": "short convolutions between attention layers",
     "kolibri1": "top-k of biased logits then sigmoid, and a norm after the MoE block",
     "axk1": "scored top-k variant not mapped yet",
     "axk2": "scored top-k variant with indexer sparse attention",

@@ -64,6 +64,10 @@ class ScoredRule:
         Cast the weights to the experts' dtype (ERNIE-4.5 returns them in the hidden states' dtype).
     scale_attr : str
         The router's attribute holding the scaling factor (Hunyuan-V3: ``router_scaling_factor``).
+    bias_attr : str
+        The block's attribute holding a block-held correction bias (AFMoE, LFM2-MoE: ``expert_bias``).
+    renorm_eps : float
+        The eps of the ``eps`` guard (1e-20; LFM2-MoE: 1e-6).
     select : {"score", "logits"}
         What the top-k ranks: the (biased) scores, or the raw logits (GPT-OSS, Granite: the weights are
         then f of the chosen logits only — a softmax over the k, or each one's sigmoid).
@@ -82,6 +86,8 @@ class ScoredRule:
     weights_in_expert_dtype: bool = False
     select: Literal["score", "logits"] = "score"
     scale_attr: str = "routed_scaling_factor"
+    bias_attr: str = "e_score_correction_bias"
+    renorm_eps: float = 1e-20
 
 
 class ScoredTopKAdapter(FamilyAdapter):
@@ -122,12 +128,14 @@ class ScoredTopKAdapter(FamilyAdapter):
         if where == "router":
             return layer.router.e_score_correction_bias
         if where == "block":
-            return layer.block.e_score_correction_bias
+            return getattr(layer.block, self.rule_for(layer).bias_attr)
         return layer.router.moe_statics.e_score_correction_bias.squeeze()
 
     def routing_parameters(self, layer: MoELayer) -> dict:
         rule, router = self.rule_for(layer), layer.router
         params: dict = {"score": rule.score, "correction_bias": rule.bias or "none"}
+        if rule.bias == "block" and rule.bias_attr != "e_score_correction_bias":
+            params["correction_bias_attribute"] = rule.bias_attr
         if rule.select == "logits":
             params["selects_on"] = "logits"
         if rule.grouped:
@@ -136,7 +144,7 @@ class ScoredTopKAdapter(FamilyAdapter):
         renormalised = rule.renorm == "always" or (rule.renorm == "config" and bool(router.norm_topk_prob))
         params["renormalise"] = renormalised
         if renormalised:
-            params["renormalise_denominator"] = {"eps": "sum + 1e-20", "clamp": "max(sum, norm_min)",
+            params["renormalise_denominator"] = {"eps": f"sum + {rule.renorm_eps:g}", "clamp": "max(sum, norm_min)",
                                                  "none": "sum"}[rule.renorm_guard]
         if rule.scaled:
             params[rule.scale_attr] = float(getattr(router, rule.scale_attr))
@@ -200,7 +208,7 @@ def _finish_weights(rule: ScoredRule, layer: MoELayer, weights: torch.Tensor) ->
     if rule.renorm == "always" or (rule.renorm == "config" and router.norm_topk_prob):
         total = weights.sum(dim=-1, keepdim=True)
         if rule.renorm_guard == "eps":
-            total = total + 1e-20
+            total = total + rule.renorm_eps
         elif rule.renorm_guard == "clamp":
             total = torch.clamp(total, min=router.norm_min)
         weights = weights / total

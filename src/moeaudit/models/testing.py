@@ -16,6 +16,7 @@ FAMILIES: tuple[str, ...] = (
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
+    "afmoe", "lfm2_moe",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -31,6 +32,8 @@ REFERENCE_ONLY: dict[str, str] = {
     "granitemoehybrid": "mixes tokens without attention",     # Mamba-2 layers
     "nemotron_h": "does not expose a rotary embedding",         # Mamba-2 layers, no rotary embeddings
     "cohere2_moe": "disagrees with the reference engine",     # logit_scale on the LM head
+    "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
+    "lfm2_moe": "does not expose a rotary embedding",         # short convolutions; its rotary is pos_emb
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -48,7 +51,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
-    from transformers import AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config
+    from transformers import AfmoeConfig, AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config, Lfm2MoeConfig
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
                               PhimoeConfig, Qwen3VLMoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
@@ -214,6 +217,16 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, moe_num_experts=8, moe_topk=2,
                       moe_num_shared_experts=1, head_dim=8)
         cls = AriaTextConfig
+    elif family == "afmoe":  # the router under mlp.router (a gate Linear), the block's expert_bias, route_scale
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_dense_layers=1,
+                      num_experts=8, num_experts_per_tok=2, num_shared_experts=1, route_scale=2.0, head_dim=8,
+                      sliding_window=6, global_attn_every_n_layers=2)
+        cls = AfmoeConfig
+    elif family == "lfm2_moe":  # short-convolution and attention layers; the block's expert_bias, eps 1e-6
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_dense_layers=1,
+                      num_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.5, norm_topk_prob=True,
+                      use_expert_bias=True, layer_types=["conv", "full_attention", "conv"])
+        cls = Lfm2MoeConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
@@ -263,6 +276,6 @@ def tiny_model(family: str, *, seed: int = 0, experts_implementation: str | None
             if param.dim() >= 2 or "bias" in name or "sinks" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # a load-balancing bias that changes the selection
+            if name.endswith(("e_score_correction_bias", "expert_bias")):  # a load-balancing bias: changes selection
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.3)
     return model.eval()
