@@ -120,3 +120,16 @@ def test_each_run_counts_near_ties_per_moe_layer():
     assert set(stats.near_ties) == set(moe.moe_layer_indices)
     assert stats.near_tie_positions == ids.shape[0] * (ids.shape[1] - 1)
     assert all(0 <= count <= stats.near_tie_positions for count in stats.near_ties.values())
+
+
+def test_a_decoder_layer_argument_the_rows_would_lack_sends_the_run_to_the_reference_engine():
+    """Planted: the backbone hands every decoder layer an extra keyword argument (as Gemma-style per-layer
+    inputs do); the rows could not supply it, so the fast engine must not run."""
+    moe = wrap_model(tiny_model("olmoe", seed=3), name="olmoe")
+    layers = moe.adapter.decoder_layers(moe.model)
+    handles = [layer.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "per_layer_input": 1.0}),
+                                               with_kwargs=True) for layer in layers]
+    result = compute_effects(moe, windows(), Selection.sample(2, seed=0), config=InterveneConfig(scopes=("token",)))
+    assert result.stats.engine == "reference" and "per_layer_input" in result.stats.fallback_reason
+    for handle in handles:
+        handle.remove()

@@ -34,6 +34,11 @@ CHECK_TOKENS = 48
 ABSOLUTE = {torch.float64: 1e-8, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 RELATIVE = 0.05
 
+#: Keyword arguments of a decoder layer that the fast engine supplies itself (per row) or that do not change
+#: its output; a layer that receives any other is not replayed (the rows would run without it).
+REPLAYED_LAYER_ARGUMENTS = frozenset({"attention_mask", "past_key_values", "position_embeddings", "position_ids",
+                                      "use_cache", "cache_position", "output_router_logits", "output_attentions"})
+
 _VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 
@@ -86,8 +91,19 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
     ids = input_ids[:1, :length]
     layers = checked_layers(moe)
     pos = length // 2
-    with torch.no_grad(), moe.capture(layers) as trace:
-        moe.model(input_ids=ids)
+    received: set[str] = set()
+    handles = [layer.register_forward_pre_hook(lambda module, args, kwargs: received.update(kwargs), with_kwargs=True)
+               for layer in moe.adapter.decoder_layers(moe.model)]
+    try:
+        with torch.no_grad(), moe.capture(layers) as trace:
+            moe.model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unknown = sorted(received - REPLAYED_LAYER_ARGUMENTS)
+    if unknown:
+        return (f"this model's decoder layers receive arguments the fast engine does not replay per row "
+                f"({', '.join(unknown)}), so every effect is measured with full forward passes")
     items = []
     for layer in layers:
         record = trace[layer]
