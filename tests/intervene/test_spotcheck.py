@@ -55,11 +55,14 @@ def test_an_exact_model_passes_and_keeps_the_fast_engine():
     assert result.stats.fallback_reason is None and set(result.effects["engine"]) == {"fast"}
 
 
-def test_checked_layers_cover_first_last_and_middle():
+def test_every_moe_layer_is_checked():
+    """Planted: a 0.5 residual coefficient on the second of seven MoE layers only (not first, last or middle)."""
     moe = wrap_model(tiny_model("olmoe", seed=3, num_hidden_layers=7), name="olmoe")
-    assert checked_layers(moe) == [0, 2, 4, 6]
-    small = wrap_model(tiny_model("deepseek_v2", seed=3), name="deepseek_v2")  # MoE layers 1 and 2
-    assert checked_layers(small) == [1, 2]
+    assert checked_layers(moe) == list(range(7))
+    decoder = moe.adapter.decoder_layers(moe.model)[1]
+    decoder.mlp = ScaledBlock(decoder.mlp, 0.5)
+    reason = fast_disagreement(moe, windows(), None, compute_effects, InterveneConfig())
+    assert reason is not None and "layer 1," in reason
 
 
 @pytest.mark.parametrize("family", sorted(REFERENCE_ONLY))

@@ -4,9 +4,8 @@ The fast engine assumes what every supported decoder layer does: the MoE block's
 residual stream unchanged (coefficient 1, no norm after it), and the final norm and LM head make the
 logits. A family that breaks an assumption (a residual multiplier, a norm after the MoE block, a logit
 scale) would give silently wrong effects, and the null-intervention noise floor cannot see it (a null
-intervention changes nothing to scale). So, once per model, a few real interventions — the top expert at
-one position of the first, last and two middle MoE layers, in token and sequence scope — run through both
-engines on a short stretch of the first window; if they disagree beyond rounding, the run uses the
+intervention changes nothing to scale). So, once per model, real interventions — the top expert at one
+position of every MoE layer, in token and sequence scope — run through both engines on a short stretch of the first window; if they disagree beyond rounding, the run uses the
 reference engine and says why.
 
 Near ties (:func:`near_ties`) are the other numerical hazard: a routing decision that rounding alone can
@@ -20,7 +19,6 @@ import logging
 import weakref
 from typing import Callable
 
-import numpy as np
 import torch
 
 from moeaudit.intervene.selection import Selection
@@ -43,10 +41,8 @@ _VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.We
 
 
 def checked_layers(moe: MoEModel) -> list[int]:
-    """The MoE layers the check intervenes on: first, last and two evenly spaced between them."""
-    indices = moe.moe_layer_indices
-    picks = np.unique(np.round(np.linspace(0, len(indices) - 1, num=min(4, len(indices)))).astype(int))
-    return [indices[i] for i in picks]
+    """The MoE layers the check intervenes on: every one (a family may treat some layers differently)."""
+    return list(moe.moe_layer_indices)
 
 
 def fast_disagreement(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
