@@ -136,3 +136,12 @@ def test_a_decoder_layer_argument_the_rows_would_lack_sends_the_run_to_the_refer
     assert result.stats.engine == "reference" and "per_layer_input" in result.stats.fallback_reason
     for handle in handles:
         handle.remove()
+
+
+def test_a_one_percent_residual_coefficient_is_caught_in_float32():
+    """The float32 bound is 1e-4 nats, no share of the effect: a 0.99 coefficient on one layer is wrong."""
+    moe = wrap_model(tiny_model("olmoe", seed=3, num_hidden_layers=4), name="olmoe")
+    decoder = moe.adapter.decoder_layers(moe.model)[2]
+    decoder.mlp = ScaledBlock(decoder.mlp, 0.99)
+    reason = fast_disagreement(moe, windows(), None, compute_effects, InterveneConfig())
+    assert reason is not None and "layer 2," in reason
