@@ -260,7 +260,9 @@ def test_reroute_selects_next_best(moe, input_ids):
         chosen, weights = brute_force_route(layer, c.router_logits[flat].double().numpy(), expert)
         new = a.topk_idx[flat].tolist()
         assert expert not in new and set(new) == chosen
-        grouped = "group" in layer.routing_rule and getattr(layer.router, "num_group", 1) > 1
+        inferred_groups = (layer.routing_rule == "inferred_scored_topk"
+                           and "n_group" in layer.adapter.routing_parameters(layer))
+        grouped = ("group" in layer.routing_rule or inferred_groups) and getattr(layer.router, "num_group", 1) > 1
         if not grouped and layer.routing_rule != "softmax_bias_renorm":
             assert len(set(new) & set(c.topk_idx[flat].tolist())) == layer.top_k - 1  # one replacement
         # (with a group score of the two best, a removal can move the token to another group; with softmax

@@ -134,7 +134,7 @@ def capture_router_calls(model: nn.Module, layers: list[MoELayer], family: str) 
         vocab = int(model.config.get_text_config().vocab_size)
         ids = (torch.arange(1, 5) % vocab).unsqueeze(0).to(next(model.parameters()).device)
         with torch.no_grad():
-            model(input_ids=ids)
+            model(input_ids=ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

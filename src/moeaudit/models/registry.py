@@ -51,7 +51,6 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in 
 NATIVE_ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
 
 _WRAPPER = "a vision-language wrapper (decoder layers under model.language_model), not discovered yet"
-_RECURRENT = "hybrid with recurrent layers and a routing variant not adapted yet"
 #: MoE families of transformers 5.23 without a hand-written adapter that the generic adapter
 #: (:mod:`moeaudit.models.generic`) serves: layout discovered, routing rule inferred and verified at load; each
 #: passes the adapter contract tests on a tiny model (``moeaudit.models.testing.FAMILIES``).
@@ -63,6 +62,8 @@ GENERIC_FAMILIES: dict[str, str] = {
     "afmoe": "sigmoid + the block's expert_bias, renormalised, times route_scale; a norm after the MoE block "
              "(reference engine)",
     "lfm2_moe": "sigmoid + the block's expert_bias, renormalised (+1e-6), scaled; short convolutions (reference engine)",
+    "bailing_hybrid": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers (reference engine)",
+    "kimi_linear": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers (reference engine)",
 }
 
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
@@ -76,8 +77,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "deepseek_v32": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
     "glm_moe_dsa": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
-    "kimi_linear": _RECURRENT,
-    "bailing_hybrid": _RECURRENT,
     "minimax": "lightning attention and alpha/beta residual scaling",
     "bailing_moe": "routing variant not adapted yet",
     "aria": _WRAPPER,

@@ -16,7 +16,7 @@ FAMILIES: tuple[str, ...] = (
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
-    "afmoe", "lfm2_moe",
+    "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -34,6 +34,8 @@ REFERENCE_ONLY: dict[str, str] = {
     "cohere2_moe": "disagrees with the reference engine",     # logit_scale on the LM head
     "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
     "lfm2_moe": "does not expose a rotary embedding",         # short convolutions; its rotary is pos_emb
+    "bailing_hybrid": "no attention call was recorded",       # KDA linear-attention layers
+    "kimi_linear": "does not expose a rotary embedding",      # KDA linear-attention layers, no rotary
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -52,6 +54,7 @@ def tiny_config(family: str, **overrides: Any):
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
     from transformers import AfmoeConfig, AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config, Lfm2MoeConfig
+    from transformers import BailingHybridConfig, KimiLinearConfig
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
                               PhimoeConfig, Qwen3VLMoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
@@ -227,6 +230,17 @@ def tiny_config(family: str, **overrides: Any):
                       num_experts=8, num_experts_per_tok=2, routed_scaling_factor=1.5, norm_topk_prob=True,
                       use_expert_bias=True, layer_types=["conv", "full_attention", "conv"])
         cls = Lfm2MoeConfig
+    elif family in ("bailing_hybrid", "kimi_linear"):  # KDA linear attention + MLA; DeepSeek-V3's rule (generic)
+        fields = dict(_COMMON, **_MLA, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4,
+                      num_experts=8, num_experts_per_token=2, num_shared_experts=1, linear_head_dim=8,
+                      linear_num_heads=4, num_expert_group=2, topk_group=1, routed_scaling_factor=2.0,
+                      first_k_dense_replace=1)
+        if family == "bailing_hybrid":
+            fields["layer_group_size"] = 2  # linear, full, linear, full
+            cls = BailingHybridConfig
+        else:
+            fields["layer_types"] = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+            cls = KimiLinearConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
