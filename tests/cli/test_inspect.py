@@ -178,3 +178,15 @@ def test_a_block_that_transforms_its_output_is_refused(family):
     model.model.layers[0].mlp.register_forward_hook(lambda module, args, output: output * 0.5)
     with pytest.raises(ContractError, match="not its experts' weighted sum plus its shared experts"):
         wrap_model(model)
+
+
+def test_query_command_refuses_writes_in_one_line(tmp_path, cli):
+    from tests.report.conftest import make_run
+
+    run = make_run(tmp_path / "run")
+    before = (run / "tests.parquet").read_bytes()
+    code, _, err = cli("query", str(run), f"COPY (SELECT 1 AS a) TO '{run / 'tests.parquet'}' (USE_TMP_FILE false)")
+    one_line_error(code, err, "read-only statements", "got COPY", "--allow-external")
+    assert (run / "tests.parquet").read_bytes() == before
+    code, out, err = cli("query", str(run), "SELECT count(*) AS n FROM tests")
+    assert code == 0 and out.split()[-1] != "0", err

@@ -33,8 +33,46 @@ def test_join_across_tables(synthetic_run):
     assert got.values.tolist() == [["frequency", 0, 8], ["mean_gate_active", 0, 8], ["token_gate", 0, 8]]
 
 
-def test_statement_without_result(synthetic_run):
-    assert query(synthetic_run, "SET threads = 1").empty
+def test_statement_without_result_runs_only_when_allowed(synthetic_run):
+    with pytest.raises(QueryError, match="read-only statements .* got SET: pass --allow-external"):
+        query(synthetic_run, "SET threads = 1")
+    assert query(synthetic_run, "SET threads = 1", allow_external=True).empty
+
+
+def test_query_cannot_read_or_write_outside_the_run_tables(synthetic_run, tmp_path):
+    """By default a query reads the run's tables and nothing else, and writes nothing (issue: COPY over the
+    run's own table with USE_TMP_FILE false used to succeed; read_csv('/etc/passwd') too)."""
+    outside = tmp_path / "outside.parquet"
+    pd.DataFrame({"secret": [42]}).to_parquet(outside)
+    effects = (synthetic_run / "effects.parquet").read_bytes()
+    for sql in (f"SELECT * FROM read_parquet('{outside}')", "SELECT * FROM read_csv('/etc/passwd')",
+                f"SELECT * FROM read_text('{outside}')"):
+        with pytest.raises(QueryError, match="file system operations are disabled|Permission"):
+            query(synthetic_run, sql)
+    for sql in (f"COPY (SELECT 1 AS a) TO '{synthetic_run / 'effects.parquet'}' (USE_TMP_FILE false)",
+                f"ATTACH '{tmp_path / 'x.db'}'", "INSTALL httpfs", "CREATE TABLE t AS SELECT 1"):
+        with pytest.raises(QueryError, match="read-only statements") as err:
+            query(synthetic_run, sql)
+        assert "\n" not in str(err.value)
+    assert (synthetic_run / "effects.parquet").read_bytes() == effects and not (tmp_path / "x.db").exists()
+    # a SELECT cannot lift the lock either (the configuration is locked after the views are made)
+    with pytest.raises(QueryError):
+        query(synthetic_run, "SELECT * FROM duckdb_settings() WHERE name = 'x'; SET enable_external_access = true")
+    assert query(synthetic_run, f"SELECT * FROM read_parquet('{outside}')", allow_external=True)["secret"].item() == 42
+
+
+def test_a_crafted_file_name_is_not_registered(synthetic_run, tmp_path, monkeypatch):
+    """A Parquet file whose name is SQL is not one of moeaudit's tables: never made a view, never executed."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "pwned.csv"
+    crafted = "x\" AS SELECT 1; COPY (SELECT 1) TO 'pwned.csv'; CREATE VIEW \"y"
+    pd.DataFrame({"a": [1]}).to_parquet(synthetic_run / f"{crafted}.parquet")
+    try:
+        assert crafted not in tables(synthetic_run)
+        assert query(synthetic_run, "SELECT count(*) AS n FROM tests")["n"].item() > 0
+        assert not target.exists()
+    finally:
+        (synthetic_run / f"{crafted}.parquet").unlink()
 
 
 def test_errors_are_one_line(synthetic_run):

@@ -33,11 +33,14 @@ def table_command(
 def query_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     sql: str = typer.Argument(..., help="DuckDB SQL; each table is a view by its name, e.g. tests, effects."),
+    allow_external: bool = typer.Option(False, "--allow-external", help="Run any statement and let it read and "
+                                        "write files outside the run's tables (off: read-only SELECT/EXPLAIN on "
+                                        "the run's tables only)."),
 ) -> None:
     """Run SQL over the run's Parquet tables and print the result."""
     from moeaudit.report import query
 
-    frame = query(run_dir, sql)
+    frame = query(run_dir, sql, allow_external=allow_external)
     typer.echo(frame.to_string(index=False))
 
 

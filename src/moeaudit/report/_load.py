@@ -155,14 +155,28 @@ class RunData:
         return pd.DataFrame(rows)
 
 
-def connect(run: RunDir, names: list[str]):
-    """An in-memory DuckDB connection with each named table of ``run`` as a view of its Parquet file."""
+def connect(run: RunDir, names: list[str], *, locked: bool = True):
+    """An in-memory DuckDB connection with each named table of ``run`` as a view of its Parquet file.
+
+    ``locked`` (the default): once the views exist, the connection may read those Parquet files and no other
+    file (DuckDB's ``allowed_paths`` with ``enable_external_access = false``: no ``read_csv('/etc/passwd')``,
+    no ``COPY … TO``, no ``ATTACH``, no extension installs), and its configuration is locked so a statement
+    cannot undo that. Table names are quoted as identifiers (a file name cannot inject SQL).
+    """
     import duckdb
 
     con = duckdb.connect()
+    paths = []
     for name in names:
-        path = str(run.table_path(name)).replace("'", "''")
-        con.execute(f"CREATE VIEW \"{name}\" AS SELECT * FROM read_parquet('{path}')")
+        path = str(run.table_path(name).resolve())
+        paths.append(path)
+        identifier = name.replace('"', '""')
+        literal = path.replace("'", "''")
+        con.execute(f"CREATE VIEW \"{identifier}\" AS SELECT * FROM read_parquet('{literal}')")
+    if locked:
+        con.execute("SET allowed_paths = $paths", {"paths": paths})
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
     return con
 
 

@@ -8,21 +8,26 @@ import pandas as pd
 
 from moeaudit.errors import MoeAuditError
 from moeaudit.report._load import connect
-from moeaudit.rundir import RunDir
+from moeaudit.rundir import TABLES, RunDir
 
 
 class QueryError(MoeAuditError):
     """The SQL could not be run on the run directory (a syntax error, an unknown table or column)."""
 
 
+#: Statements ``query`` runs on a run directory unless ``allow_external`` (they read, never write).
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
 def tables(run_dir: str | Path | RunDir) -> list[str]:
-    """Names of the Parquet tables in a run directory (``effects``, ``tests``, …), sorted."""
+    """Names of the Parquet tables in a run directory (``effects``, ``tests``, …), sorted: the tables moeaudit
+    writes (:data:`moeaudit.rundir.TABLES`); other Parquet files there are not registered."""
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    return sorted(p.stem for p in run.path.glob("*.parquet") if not p.name.startswith("."))
+    return sorted(p.stem for p in run.path.glob("*.parquet") if p.stem in TABLES)
 
 
-def query(run_dir: str | Path | RunDir, sql: str) -> pd.DataFrame:
-    """Run DuckDB SQL over a run's tables; every ``NAME.parquet`` is a view ``NAME``.
+def query(run_dir: str | Path | RunDir, sql: str, *, allow_external: bool = False) -> pd.DataFrame:
+    """Run DuckDB SQL over a run's tables; every ``NAME.parquet`` moeaudit wrote is a view ``NAME``.
 
     Parameters
     ----------
@@ -30,6 +35,11 @@ def query(run_dir: str | Path | RunDir, sql: str) -> pd.DataFrame:
     sql : str
         One DuckDB SQL statement. Views are lazy: DuckDB streams the Parquet files, so aggregates over a
         census ``effects`` table do not load it into memory.
+    allow_external : bool
+        By default only read-only statements (:data:`READ_ONLY_STATEMENTS`) run, and they can read the run's
+        tables and no other file (:func:`moeaudit.report._load.connect`): a query can neither write (``COPY``
+        over a table, ``ATTACH``, ``INSTALL``) nor read outside the run directory. ``True`` lifts both (the
+        CLI's ``--allow-external``).
 
     Returns
     -------
@@ -51,15 +61,30 @@ def query(run_dir: str | Path | RunDir, sql: str) -> pd.DataFrame:
 
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     names = tables(run)
-    con = connect(run, names)
+    if not allow_external:
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as err:
+            raise QueryError(f"SQL failed on {run.path}: {_first_line(err)}") from None
+        kinds = [statement.type.name for statement in statements]
+        refused = next((kind for kind in kinds if kind not in READ_ONLY_STATEMENTS), None)
+        if refused is not None:
+            raise QueryError(f"`moeaudit query` runs read-only statements (SELECT, EXPLAIN) on {run.path}; got "
+                             f"{refused}: pass --allow-external (allow_external=True) to run it")
+    con = connect(run, names, locked=not allow_external)
     try:
         try:
             result = con.execute(sql)
         except duckdb.Error as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise QueryError(f"SQL failed on {run.path}: {first} (tables: {', '.join(names) or 'none'})") from None
+            raise QueryError(f"SQL failed on {run.path}: {_first_line(err)} (tables: {', '.join(names) or 'none'})"
+                             ) from None
         if result.description is None:
             return pd.DataFrame()
         return result.df()
     finally:
         con.close()
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
