@@ -26,6 +26,7 @@ from.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -212,7 +213,8 @@ class ExecutionConfig(_Part):
     batch_size : int
         Windows per forward pass.
     device : str
-        Compute device.
+        Compute device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto`` (CUDA if present, else MPS, else
+        the CPU); one this machine lacks is refused before the model loads.
     unit_windows : int
         Windows per work unit of the observe and intervene stages: each unit is written atomically and
         marked done in the manifest, so a killed run resumes after its last finished unit.
@@ -241,6 +243,13 @@ class ExecutionConfig(_Part):
     rows_per_call: int = Field(256, ge=1)
     reference_batch: int = Field(1, ge=1)
     max_logit_elements: int = Field(1 << 25, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", value):
+            raise ValueError("cpu, cuda, cuda:N, mps or auto")
+        return value
 
 
 #: The parts of the tree, by the attribute (and TOML table) that holds each.
@@ -384,6 +393,13 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise InvalidParameterError(f"no such config file: {path}; pass an existing TOML file") from None
+    except IsADirectoryError:
+        raise InvalidParameterError(f"{path} is a directory, not a config file; pass a TOML file") from None
+    except PermissionError:
+        raise InvalidParameterError(f"cannot read the config file {path} (permission denied)") from None
+    except UnicodeDecodeError:
+        raise InvalidParameterError(f"{path} is not UTF-8 text; a TOML config file must be (re-save it as UTF-8)"
+                                    ) from None
     except tomllib.TOMLDecodeError as err:
         raise InvalidParameterError(f"{path} is not valid TOML: {err}") from None
     return nest(data)

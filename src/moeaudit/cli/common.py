@@ -58,9 +58,27 @@ def parse_int_list(text: str | None, name: str) -> list[int] | None:
     from moeaudit.errors import invalid
 
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise invalid(name, "a comma-separated list of integers such as 0,4,7", text) from None
+    if not values:
+        raise invalid(name, "a comma-separated list of integers such as 0,4,7", text)
+    return values
+
+
+def parse_float_list(text: str | None, name: str) -> list[float] | None:
+    """``"0.125,0.25"`` -> ``[0.125, 0.25]``; anything else is the house one-line error naming ``name``."""
+    if text is None:
+        return None
+    from moeaudit.errors import invalid
+
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise invalid(name, "a comma-separated list of numbers such as 0.125,0.25,0.5", text) from None
+    if not values:
+        raise invalid(name, "a comma-separated list of numbers such as 0.125,0.25,0.5", text)
+    return values
 
 
 def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path | None):
@@ -75,7 +93,11 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path |
     if config_file is not None:
         layers.append(read_toml(config_file))
     layers.append({k: v for k, v in overrides.items() if v is not None})
-    return build_config(merge_values(*layers))
+    config = build_config(merge_values(*layers))
+    from moeaudit.models.loading import resolve_device
+
+    resolve_device(config.execution.device)  # a device this machine lacks: one line, before anything is written
+    return config
 
 
 @contextmanager

@@ -9,8 +9,8 @@ import typer
 
 from moeaudit.cli.common import (ADDRESS_OPTION, CORPUS_OPTION, DEVICE_OPTION, DTYPE_OPTION, EXECUTOR_OPTION,
                                  MAX_LEN_OPTION, MAX_WINDOWS_OPTION, MODEL_OPTION, OVERWRITE_OPTION, QUIET_OPTION,
-                                 UNIT_WINDOWS_OPTION, WORKERS_OPTION, StagePrinter, execution_flags, parse_int_list,
-                                 print_frame, progress_bar, resolve_config, resumable)
+                                 UNIT_WINDOWS_OPTION, WORKERS_OPTION, StagePrinter, execution_flags, parse_float_list,
+                                 parse_int_list, print_frame, progress_bar, resolve_config, resumable)
 
 
 def observe_command(
@@ -235,10 +235,10 @@ def prune_command(
     from moeaudit.prune import export_pruned, pruning_summary, run_prune, select_kept
     from moeaudit.rundir import RunDir
 
-    run = RunDir(run_dir)
-    overrides = dict(ratios=[float(r) for r in ratios.split(",")] if ratios else None,
+    overrides = dict(ratios=parse_float_list(ratios, "--ratios"),
                      criteria=criteria.split(",") if criteria else None, random_seeds=seeds,
                      single_layer=single_layer, guard=guard, **execution_flags(executor, address, workers, None))
+    run = RunDir(run_dir)
     if config_file is not None or any(v is not None for v in overrides.values()):
         run = RunDir(run_dir, resolve_config(run_dir, overrides, config_file))
     moe = model_from_config(run.config)

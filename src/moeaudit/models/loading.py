@@ -150,6 +150,31 @@ def _refuse_unsupported(config, display: str) -> None:
     )
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this machine has; ``auto`` is CUDA if present, else MPS, else the CPU.
+
+    Raises the house one-line error for a name torch does not know or a device this machine lacks.
+    """
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise invalid("device", "cpu, cuda, cuda:N, mps or auto", str(device)) from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise invalid("device", "a device this machine has (CUDA is not available here, or not that GPU; use cpu "
+                      "or auto)", str(device))
+    mps = getattr(torch.backends, "mps", None)
+    if parsed.type == "mps" and not (mps is not None and mps.is_available()):
+        raise invalid("device", "a device this machine has (MPS is not available here; use cpu or auto)", str(device))
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise invalid("device", "cpu, cuda, cuda:N, mps or auto", str(device))
+    return parsed
+
+
 def causal_lm_class(config):
     """The transformers causal-LM class of ``config``: ``AutoModelForCausalLM``'s choice, else the class the
     family's adapter names (Mistral 4's text model has a ``Mistral4ForCausalLM`` that transformers 5.23 does
@@ -271,9 +296,7 @@ def load_model(
     >>> moe.describe()["moe_layers"][0]  # doctest: +SKIP
     """
     torch_dtype = resolve_dtype(dtype)
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise invalid("device", "a device this machine has (CUDA is not available here; use cpu)", str(device))
+    device = resolve_device(device)
     display = str(name_or_path)
     source, is_local = resolve_source(name_or_path)
     config = load_config(source, is_local, display)

@@ -1,0 +1,52 @@
+"""A device the machine lacks or torch does not know is one line before anything is written; ``auto`` picks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeaudit.models.loading import resolve_device
+from tests.conftest import one_line_error
+
+NO_MPS = not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+@pytest.mark.parametrize("device, fragment", [
+    ("tpu9", "must be cpu, cuda, cuda:N, mps or auto; got 'tpu9'"),
+    pytest.param("mps", "MPS is not available here", marks=pytest.mark.skipif(not NO_MPS, reason="has MPS")),
+    pytest.param("cuda:3", "CUDA is not available here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
+])
+def test_bad_device_is_one_line_and_writes_nothing(tmp_path, cli, device, fragment):
+    code, _, err = cli("observe", str(tmp_path / "run"), "--device", device)
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or not NO_MPS, reason="an accelerator is present")
+def test_auto_is_the_cpu_without_an_accelerator():
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("what, fragment", [
+    ("directory", "is a directory, not a config file"),
+    ("latin1", "is not UTF-8 text"),
+])
+def test_unreadable_config_file_is_one_line(tmp_path, cli, what, fragment):
+    config = tmp_path / "cfg"
+    if what == "directory":
+        config.mkdir()
+    else:
+        config.write_bytes('model = "tiny-olmoe"\n# caf\xe9\n'.encode("latin-1"))
+    code, _, err = cli("observe", str(tmp_path / "run"), "--config", str(config))
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unparsable_lists_are_one_line_before_anything_runs(tmp_path, cli):
+    code, _, err = cli("observe", str(tmp_path / "run"), "--layers", ",")
+    one_line_error(code, err, "`--layers` must be a comma-separated list of integers", "got ','")
+    assert not (tmp_path / "run").exists()
+    code, _, err = cli("prune", str(tmp_path / "run"), "--ratios", "a,b")  # checked before the run is read
+    one_line_error(code, err, "`--ratios` must be a comma-separated list of numbers", "got 'a,b'")
