@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moeaudit.errors import InvalidParameterError
+from moeaudit.errors import InvalidParameterError, RunDirectoryError
 from moeaudit.options import AblationKind, CIMethod, Correction, Design, DESIGNS, Dtype, Engine, Scope, Split
 
 
@@ -381,8 +381,25 @@ class AuditConfig(_Part):
 
     @classmethod
     def from_manifest(cls, path: str | Path) -> "AuditConfig":
+        """The configuration stored in a run's ``manifest.json`` (a damaged one: :func:`manifest_data`)."""
+        data = manifest_data(path)
+        try:
+            return build_config(data["config"])
+        except InvalidParameterError as err:
+            raise RunDirectoryError(f"{path} holds a configuration this version cannot read ({err}); remove the run "
+                                    "directory or pass --overwrite") from None
+
+
+def manifest_data(path: str | Path) -> dict[str, Any]:
+    """The JSON object of a run's manifest; one that is not JSON or holds no configuration is a one-line
+    :class:`~moeaudit.errors.RunDirectoryError` naming the remedy."""
+    try:
         data = json.loads(Path(path).read_text())
-        return build_config(data["config"])
+    except (ValueError, UnicodeDecodeError):
+        raise RunDirectoryError(f"{path} is not valid JSON; remove the run directory or pass --overwrite") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise RunDirectoryError(f"{path} holds no run configuration; remove the run directory or pass --overwrite")
+    return data
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

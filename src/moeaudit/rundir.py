@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from moeaudit import __version__
-from moeaudit.config import AuditConfig
+from moeaudit.config import AuditConfig, manifest_data
 from moeaudit.errors import RunDirectoryError, invalid
 
 if TYPE_CHECKING:
@@ -137,12 +137,8 @@ class RunDir:
         if manifest_path.exists() and config is not None and overwrite:
             self._create(config)
         elif manifest_path.exists():
-            try:
-                self.manifest = json.loads(manifest_path.read_text())
-            except ValueError:
-                raise RunDirectoryError(f"{manifest_path} is not valid JSON; remove the run directory or pass "
-                                        "--overwrite") from None
-            stored = AuditConfig.model_validate(self.manifest["config"])
+            self.manifest = manifest_data(manifest_path)
+            stored = AuditConfig.from_manifest(manifest_path)
             if config is not None and config_fingerprint(config) != config_fingerprint(stored):
                 changed = sorted(k for k, v in config.fingerprint_fields().items()
                                  if stored.fingerprint_fields().get(k) != v)

@@ -81,15 +81,24 @@ def parse_float_list(text: str | None, name: str) -> list[float] | None:
     return values
 
 
-def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path | None):
-    """Settings: defaults < stored manifest (existing run) < config file < flags given on the command line."""
+def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path | None, *, overwrite: bool = False):
+    """Settings: defaults < stored manifest (existing run) < config file < flags given on the command line.
+
+    With ``overwrite`` a damaged manifest is skipped (the run is about to be replaced); without, it is the
+    one-line error that names ``--overwrite``.
+    """
     from moeaudit.config import AuditConfig, build_config, merge_values, read_toml
+    from moeaudit.errors import RunDirectoryError
     from moeaudit.rundir import MANIFEST
 
     layers: list[dict[str, Any]] = []
     manifest = run_dir / MANIFEST
     if manifest.exists():
-        layers.append(AuditConfig.from_manifest(manifest).model_dump())
+        try:
+            layers.append(AuditConfig.from_manifest(manifest).model_dump())
+        except RunDirectoryError:
+            if not overwrite:
+                raise
     if config_file is not None:
         layers.append(read_toml(config_file))
     layers.append({k: v for k, v in overrides.items() if v is not None})

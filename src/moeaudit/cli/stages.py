@@ -38,7 +38,8 @@ def observe_command(
     config = resolve_config(run_dir, dict(model=model, corpus=corpus, max_len=max_len, max_windows=max_windows,
                                           layers=parse_int_list(layers, "--layers"), batch_size=batch_size,
                                           dtype=dtype, device=device,
-                                          **execution_flags(executor, address, workers, unit_windows)), config_file)
+                                          **execution_flags(executor, address, workers, unit_windows)), config_file,
+                            overwrite=overwrite)
     run = RunDir(run_dir, config, overwrite=overwrite)
     with progress_bar("observe", quiet) as update:
         info = run_observe(run, on_batch=update)
@@ -170,7 +171,7 @@ def run_command(
     elif preset is not None:
         config = preset_config(preset, flags, out, config_file)
     else:
-        config = resolve_config(out, flags, config_file)
+        config = resolve_config(out, flags, config_file, overwrite=overwrite)
     run = RunDir(out, config, overwrite=overwrite)
     printed = {
         "metrics": lambda record: print_frame(layer_summary(run.read("expert_metrics")), "experts per layer"),

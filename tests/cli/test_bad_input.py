@@ -1,4 +1,4 @@
-"""A device the machine lacks or torch does not know is one line before anything is written; ``auto`` picks."""
+"""Bad input is one line before anything is written: devices, config files, lists, damaged manifests."""
 
 from __future__ import annotations
 
@@ -50,3 +50,16 @@ def test_unparsable_lists_are_one_line_before_anything_runs(tmp_path, cli):
     assert not (tmp_path / "run").exists()
     code, _, err = cli("prune", str(tmp_path / "run"), "--ratios", "a,b")  # checked before the run is read
     one_line_error(code, err, "`--ratios` must be a comma-separated list of numbers", "got 'a,b'")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"created": 1}', '{"config": [1, 2]}', "\xff\xfe"])
+def test_a_damaged_manifest_is_one_line_and_overwrite_replaces_it(tmp_path, cli, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_bytes(content.encode("latin-1"))
+    for command in (["observe", str(run)], ["status", str(run)], ["report", str(run)]):
+        code, _, err = cli(*command)
+        one_line_error(code, err, "manifest.json", "remove the run directory or pass --overwrite")
+    code, out, err = cli("observe", str(run), "--overwrite", "--max-windows", "1", "--quiet")
+    assert code == 0, err
+    assert '"config"' in (run / "manifest.json").read_text()
