@@ -1,9 +1,10 @@
-"""Loading checkpoints that name a native architecture under a model_type of their own."""
+"""Loading checkpoints: aliases, fingerprints, missing or damaged weights, refused layouts."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from moeaudit.models import load_model
@@ -84,3 +85,35 @@ def test_nemotron_h_with_latent_experts_is_refused_in_one_line():
     wrap_model(tiny_model("nemotron_h", seed=3))  # without a latent size: adapted
     with pytest.raises(UnsupportedModelError, match=r"latent space \(moe_latent_size=8"):
         wrap_model(tiny_model("nemotron_h", seed=3, moe_latent_size=8))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "pickle"])
+def test_damaged_or_unsafe_weights_are_one_line(tmp_path, damage):
+    """Truncated, random or empty safetensors, and a pickle that would run code: one line, nothing run."""
+    import os
+    import pickle
+
+    from moeaudit.errors import ModelLoadError
+
+    tiny_model("olmoe", seed=1).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    marker = tmp_path / "pwned"
+    if damage == "truncated":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "random":
+        weights.write_bytes(os.urandom(len(data)))
+    elif damage == "empty":
+        weights.write_bytes(b"")
+    else:
+        weights.unlink()
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Evil(), protocol=2))
+    fragment = "could run code" if damage == "pickle" else "are damaged"
+    with pytest.raises(ModelLoadError, match=fragment) as caught:
+        load_model(str(tmp_path))
+    assert "\n" not in str(caught.value) and not marker.exists()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from moeaudit.errors import ModelLoadError, UnsupportedModelError, invalid
@@ -318,6 +320,13 @@ def load_model(
         model = _from_pretrained(causal_lm_class(config), source, config, display, kwargs)
     except OSError as err:
         raise ModelLoadError(f"could not load the weights of {display}: {str(err).splitlines()[0]}") from None
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) refused what the pickle asks to run
+        raise ModelLoadError(f"the weights of {display} are a pickle that does more than store tensors (refused "
+                             "unread: loading it could run code); use a safetensors checkpoint") from None
+    except SafetensorError as err:
+        first = str(err).splitlines()[0] if str(err) else "unreadable"
+        raise ModelLoadError(f"the weights of {display} are damaged ({first}); re-download or re-export the "
+                             "checkpoint") from None
     except torch.OutOfMemoryError:
         raise ModelLoadError(f"out of memory loading {display} on {device}; use a smaller dtype "
                              "(--dtype bfloat16) or a device with more memory") from None
