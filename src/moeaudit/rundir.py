@@ -33,6 +33,21 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 TABLES = ("tokens", "routing", "router_probs", "expert_metrics", "expert_metrics_by_domain", "effects", "tests",
           "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals")
+#: The stage (``moeaudit STAGE RUN_DIR``) that writes each table.
+TABLE_STAGES = {"tokens": "observe", "routing": "observe", "router_probs": "observe", "expert_metrics": "metrics",
+                "expert_metrics_by_domain": "metrics", "effects": "intervene", "tests": "audit", "redundancy": "audit",
+                "pruning": "prune", "jaccard": "prune", "pruning_domains": "prune", "pruning_scores": "prune",
+                "pruning_evals": "prune"}
+
+
+def damaged_table_error(path: Path, err: BaseException) -> RunDirectoryError:
+    """The one line for a table file that cannot be read: which one, why, and the stage that rebuilds it."""
+    text = str(err).strip()
+    first = (text.splitlines()[0] if text else type(err).__name__).split(". ")[0]
+    stage = TABLE_STAGES.get(path.stem)
+    remedy = (f"delete it and re-run `moeaudit {stage}` on {path.parent} to rebuild it" if stage else
+              "delete it and re-run the stage that wrote it")
+    return RunDirectoryError(f"the table {path.name} of {path.parent} is damaged ({first[:160]}); {remedy}")
 
 
 @dataclass(frozen=True)
@@ -246,7 +261,23 @@ class RunDir:
         path = self.table_path(name)
         if not path.exists():
             raise RunDirectoryError(f"{path.name} is missing in {self.path}; run the stage that writes it first")
-        return pd.read_parquet(path, **kwargs)
+        try:
+            return pd.read_parquet(path, **kwargs)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid / ArrowIOError: a damaged file
+            raise damaged_table_error(path, err) from None
+
+    def check_tables(self) -> None:
+        """Raise the one-line :func:`damaged_table_error` for the first of the run's tables whose Parquet footer
+        cannot be read (cheap: metadata only), before anything reads them."""
+        import pyarrow.parquet as pq
+
+        for name in TABLES:
+            path = self.table_path(name)
+            if path.exists():
+                try:
+                    pq.read_metadata(path)
+                except (OSError, ValueError) as err:
+                    raise damaged_table_error(path, err) from None
 
     def windows(self, split: str | None = None, *, pad_id: int = 0) -> TokenWindows | None:
         """The observed windows of one split (``None``: every split), padded with ``pad_id``.

@@ -63,3 +63,16 @@ def test_a_damaged_manifest_is_one_line_and_overwrite_replaces_it(tmp_path, cli,
     code, out, err = cli("observe", str(run), "--overwrite", "--max-windows", "1", "--quiet")
     assert code == 0, err
     assert '"config"' in (run / "manifest.json").read_text()
+
+
+@pytest.mark.parametrize("command", [["table", "--what", "audit"], ["query", "SELECT count(*) FROM tokens"],
+                                     ["report"]])
+def test_a_damaged_table_is_named_with_the_stage_that_rebuilds_it(tmp_path, cli, command):
+    from tests.report.conftest import make_run
+
+    run = make_run(tmp_path / "run")
+    data = (run / "tests.parquet").read_bytes()
+    (run / "tests.parquet").write_bytes(data[: len(data) // 2])
+    args = [command[0], str(run), *command[1:]]
+    code, _, err = cli(*args)
+    one_line_error(code, err, "the table tests.parquet", "is damaged", "re-run `moeaudit audit`")

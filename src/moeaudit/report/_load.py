@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moeaudit.rundir import RunDir
+from moeaudit.rundir import RunDir, damaged_table_error
 from moeaudit.tables import single_expert_sql
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,11 @@ def connect(run: RunDir, names: list[str], *, locked: bool = True):
         paths.append(path)
         identifier = name.replace('"', '""')
         literal = path.replace("'", "''")
-        con.execute(f"CREATE VIEW \"{identifier}\" AS SELECT * FROM read_parquet('{literal}')")
+        try:
+            con.execute(f"CREATE VIEW \"{identifier}\" AS SELECT * FROM read_parquet('{literal}')")
+        except duckdb.Error as err:  # DuckDB reads the footer here: a damaged file
+            con.close()
+            raise damaged_table_error(run.table_path(name), err) from None
     if locked:
         con.execute("SET allowed_paths = $paths", {"paths": paths})
         con.execute("SET enable_external_access = false")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import logging
+
+from moeaudit.errors import MoeAuditError
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +108,8 @@ def write_report(run_dirs: Sequence[str | Path | RunDir] | str | Path | RunDir, 
     if isinstance(run_dirs, (str, Path, RunDir)):
         run_dirs = [run_dirs]
     runs = [RunData(r) for r in run_dirs]
+    for data in runs:  # a damaged table: one line naming it and the stage that rebuilds it, before any drawing
+        data.run.check_tables()
     out_html = Path(out_html)
     out_html.parent.mkdir(parents=True, exist_ok=True)
     figure_dir = out_html.parent / "figures"
@@ -220,6 +224,9 @@ def _run_html(data: RunData, ctx: _Context) -> str:
     for heading in SECTIONS:
         try:
             body = builders[heading](data, ctx)
+        except MoeAuditError as err:  # a damaged or missing table: its one line, no traceback
+            logger.warning("report section %r of %s not drawn: %s", heading, data.path, err)
+            body = f'<p class="absent">This section could not be drawn: {_e(err)}</p>'
         except Exception as err:  # one broken section must not cost the reader the whole report
             logger.exception("report section %r failed for %s", heading, data.path)
             body = f'<p class="absent">This section could not be drawn: {_e(type(err).__name__)}: {_e(err)}</p>'
