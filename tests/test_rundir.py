@@ -187,3 +187,36 @@ def test_windows_rebuild_the_observed_matrices(tmp_path):
     assert run.windows("train") is None
     with pytest.raises(InvalidParameterError, match="`split` must be one of train, calibration, heldout"):
         run.windows("test")
+
+
+def test_a_read_only_run_directory_is_read_and_refused_in_one_line(tmp_path, monkeypatch):
+    """Simulated read-only file system (root ignores chmod): status reads the lock without writing, a stage
+    says it cannot write, and a failed write's clean-up does not mask the reason."""
+    import builtins
+    import os
+    from pathlib import Path
+
+    from moeaudit.scale.units import LOCK_FILE, exclusive, lock_holder
+
+    run = RunDir(tmp_path / "run", AuditConfig())
+    (run.path / LOCK_FILE).write_text("moeaudit pid 1 (observe)")
+    real_open = builtins.open
+
+    def read_only_open(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(run.path)) and any(c in mode for c in "wax+"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", read_only_open)
+    assert lock_holder(run) is None  # nobody holds it; found without opening it for writing
+    with pytest.raises(RunDirectoryError, match="cannot write to .*Read-only file system.*make it writable"):
+        with exclusive(run, "observe"):
+            pass
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    monkeypatch.setattr(Path, "unlink", refuse)  # the clean-up fails too
+    with pytest.raises(RunDirectoryError, match="could not write .*Read-only file system"):
+        run.write_frame("routing", pd.DataFrame({"a": [1]}))

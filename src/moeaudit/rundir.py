@@ -120,12 +120,21 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, final)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise RunDirectoryError(f"could not write {final}: {err.strerror}; free disk space or choose another "
-                                "output directory") from None
+        _discard(tmp)
+        raise RunDirectoryError(f"could not write {final}: {err.strerror or err}; free disk space, make the "
+                                "directory writable or choose another output directory") from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file if possible; on a read-only or full disk the clean-up must not mask the error
+    that brought us here."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -204,7 +204,11 @@ def exclusive(run: RunDir, stage: str) -> Iterator[None]:
     import os
 
     path = run.path / LOCK_FILE
-    handle = open(path, "a+")
+    try:
+        handle = open(path, "a+")
+    except OSError as err:
+        raise RunDirectoryError(f"cannot write to {run.path} ({err.strerror or err}); make it writable or copy the "
+                                "run directory somewhere writable") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -232,11 +236,14 @@ def lock_holder(run: RunDir) -> str | None:
     path = run.path / LOCK_FILE
     if not path.exists():
         return None
-    with open(path, "a+") as handle:
+    try:
+        handle = open(path, "r")  # read-only: status works on a read-only run directory (flock needs no write)
+    except OSError:
+        return None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
             return handle.read().strip() or "another process"
         return None
 
