@@ -117,3 +117,30 @@ def test_damaged_or_unsafe_weights_are_one_line(tmp_path, damage):
     with pytest.raises(ModelLoadError, match=fragment) as caught:
         load_model(str(tmp_path))
     assert "\n" not in str(caught.value) and not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated_json", "wordlevel_without_unk"])
+def test_a_damaged_tokenizer_is_one_line_not_no_tokenizer(tmp_path, damage):
+    """A tokenizer file that is there but unusable is named as damaged (it used to read as "no tokenizer")."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from moeaudit.errors import ModelLoadError
+    from moeaudit.models.builtin import tokenizer_path
+
+    tiny_model("olmoe", seed=1).save_pretrained(tmp_path)
+    if damage == "truncated_json":
+        PreTrainedTokenizerFast.from_pretrained(str(tokenizer_path())).save_pretrained(tmp_path)
+        text = (tmp_path / "tokenizer.json").read_text()
+        (tmp_path / "tokenizer.json").write_text(text[: len(text) // 3])
+        fragment = "tokenizer files of .* are damaged"
+    else:
+        raw = Tokenizer(WordLevel({"a": 0}, unk_token="[UNK]"))  # [UNK] is not in the vocabulary
+        raw.pre_tokenizer = Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(tmp_path)
+        fragment = "cannot encode text"
+    with pytest.raises(ModelLoadError, match=fragment) as caught:
+        load_model(str(tmp_path))
+    assert "\n" not in str(caught.value)

@@ -372,6 +372,11 @@ def _from_pretrained(cls, source: str, config, display: str, kwargs: dict):
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def load_tokenizer(display: str, source: str, is_local: bool):
     """The checkpoint's tokenizer, or None (a checkpoint without one is still auditable on token ids).
 
@@ -391,10 +396,22 @@ def load_tokenizer(display: str, source: str, is_local: bool):
         return None
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except json.JSONDecodeError as err:  # a tokenizer file that is there but damaged: not "no tokenizer"
+        raise ModelLoadError(f"the tokenizer files of {display} are damaged ({err}); repair or remove them") from None
     except (OSError, ValueError, TypeError) as err:
         logger.info("no tokenizer loaded for %s: %s", display, str(err).splitlines()[0] if str(err) else err)
         return None
-    if not tokenizer("probe text", add_special_tokens=False)["input_ids"]:
+    except Exception as err:  # noqa: BLE001 — the tokenizers library raises a bare Exception on bad content
+        if type(err) is not Exception:
+            raise
+        raise ModelLoadError(f"the tokenizer files of {display} are damaged ({_first_line(err)}); repair or "
+                             "remove them") from None
+    try:
+        encoded = tokenizer("probe text", add_special_tokens=False)["input_ids"]
+    except Exception as err:  # noqa: BLE001 — e.g. a WordLevel vocabulary without a usable unknown token
+        raise ModelLoadError(f"the tokenizer of {display} cannot encode text ({type(err).__name__}: "
+                             f"{_first_line(err)}); repair or remove its files") from None
+    if not encoded:
         logger.info("the tokenizer of %s encodes text to nothing; ignored", display)
         return None
     return tokenizer
