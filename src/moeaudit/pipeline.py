@@ -287,6 +287,9 @@ def run_pipeline(
     records: dict[str, StageRecord] = {}
     seconds: dict[str, float] = {}
 
+    from moeaudit.metrics.registry import check_audit_metrics
+
+    check_audit_metrics(run.config.audit.audit_metrics)  # before any model loads or stage runs
     if moe is None and executor is None and run.config.executor == "local":
         from moeaudit.models.loading import model_from_config
 

@@ -76,3 +76,11 @@ def test_a_damaged_table_is_named_with_the_stage_that_rebuilds_it(tmp_path, cli,
     args = [command[0], str(run), *command[1:]]
     code, _, err = cli(*args)
     one_line_error(code, err, "the table tests.parquet", "is damaged", "re-run `moeaudit audit`")
+
+
+def test_an_unknown_audit_metric_is_one_line_before_anything_runs(tmp_path, cli):
+    config = tmp_path / "audit.toml"
+    config.write_text('[audit]\naudit_metrics = ["reap", "nope"]\n')
+    code, _, err = cli("run", "--out", str(tmp_path / "run"), "--config", str(config), "--quiet")
+    one_line_error(code, err, "`audit.audit_metrics` must be registered metric names", "got 'nope'")
+    assert not (tmp_path / "run").exists()

@@ -105,6 +105,9 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path |
     config = build_config(merge_values(*layers))
     from moeaudit.models.loading import resolve_device
 
+    from moeaudit.metrics.registry import check_audit_metrics
+
+    check_audit_metrics(config.audit.audit_metrics)
     if config.execution.executor == "local":  # Ray workers may have devices this driver lacks; they check
         resolve_device(config.execution.device)  # a device this machine lacks: one line, before anything is written
     return config

@@ -31,6 +31,7 @@ from moeaudit.errors import InvalidParameterError, invalid
 from moeaudit.metrics.weights import LayerWeights
 
 __all__ = [
+    "check_audit_metrics",
     "LayerData",
     "MetricFn",
     "MetricSpec",
@@ -217,6 +218,14 @@ def unregister_metric(name: str) -> None:
 def list_metrics() -> list[str]:
     """Names of the registered metrics, in registration order (built-ins first)."""
     return list(_REGISTRY)
+
+
+def check_audit_metrics(names: Iterable[str] | None) -> None:
+    """Refuse, in one house line, an ``audit.audit_metrics`` entry that no registered metric provides: checked
+    before a model loads, not after observe and intervene have run."""
+    for name in names or ():
+        if name not in _REGISTRY:
+            raise invalid("audit.audit_metrics", f"registered metric names, from {list_metrics()}", name)
 
 
 def get_metric(name: str) -> MetricSpec:
