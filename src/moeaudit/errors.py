@@ -7,6 +7,13 @@ The CLI prints that line and exits non-zero without a traceback; library users c
 from __future__ import annotations
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty): what a one-line
+    error quotes of an error from a library."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class MoeAuditError(Exception):
     """Base class: an error the user can fix; ``str(err)`` is one line that says how."""
 

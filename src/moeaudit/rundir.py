@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from moeaudit import __version__
 from moeaudit.config import AuditConfig, manifest_data
-from moeaudit.errors import RunDirectoryError, invalid
+from moeaudit.errors import RunDirectoryError, first_line, invalid
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,8 +42,7 @@ TABLE_STAGES = {"tokens": "observe", "routing": "observe", "router_probs": "obse
 
 def damaged_table_error(path: Path, err: BaseException) -> RunDirectoryError:
     """The one line for a table file that cannot be read: which one, why, and the stage that rebuilds it."""
-    text = str(err).strip()
-    first = (text.splitlines()[0] if text else type(err).__name__).split(". ")[0]
+    first = first_line(err).split(". ")[0]
     stage = TABLE_STAGES.get(path.stem)
     remedy = (f"delete it and re-run `moeaudit {stage}` on {path.parent} to rebuild it" if stage else
               "delete it and re-run the stage that wrote it")

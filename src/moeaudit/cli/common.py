@@ -53,31 +53,26 @@ def resumable(run_dir_param: str) -> Callable:
 
 
 def parse_int_list(text: str | None, name: str) -> list[int] | None:
-    if text is None:
-        return None
-    from moeaudit.errors import invalid
-
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise invalid(name, "a comma-separated list of integers such as 0,4,7", text) from None
-    if not values:
-        raise invalid(name, "a comma-separated list of integers such as 0,4,7", text)
-    return values
+    """``"0,4,7"`` -> ``[0, 4, 7]``; anything else is the house one-line error naming ``name``."""
+    return _parse_list(text, name, int, "integers such as 0,4,7")
 
 
 def parse_float_list(text: str | None, name: str) -> list[float] | None:
     """``"0.125,0.25"`` -> ``[0.125, 0.25]``; anything else is the house one-line error naming ``name``."""
+    return _parse_list(text, name, float, "numbers such as 0.125,0.25,0.5")
+
+
+def _parse_list(text: str | None, name: str, cast, what: str) -> list | None:
     if text is None:
         return None
     from moeaudit.errors import invalid
 
     try:
-        values = [float(part) for part in text.split(",") if part.strip()]
+        values = [cast(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise invalid(name, "a comma-separated list of numbers such as 0.125,0.25,0.5", text) from None
+        values = []
     if not values:
-        raise invalid(name, "a comma-separated list of numbers such as 0.125,0.25,0.5", text)
+        raise invalid(name, f"a comma-separated list of {what}", text)
     return values
 
 
@@ -103,9 +98,8 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path |
         layers.append(read_toml(config_file))
     layers.append({k: v for k, v in overrides.items() if v is not None})
     config = build_config(merge_values(*layers))
-    from moeaudit.models.loading import resolve_device
-
     from moeaudit.metrics.registry import check_audit_metrics
+    from moeaudit.models.loading import resolve_device
 
     check_audit_metrics(config.audit.audit_metrics)
     if config.execution.executor == "local":  # Ray workers may have devices this driver lacks; they check

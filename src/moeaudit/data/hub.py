@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeaudit.data.documents import Document, check_nonempty, seeded_sample
-from moeaudit.errors import CorpusError, invalid
+from moeaudit.errors import CorpusError, first_line, invalid
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class HubDataset:
         try:
             table = datasets.load_dataset(self.dataset, self.config, split=self.split)
         except Exception as err:  # noqa: BLE001 - datasets/hub raise many types for "not reachable"
-            reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            reason = first_line(err)[:160]
             raise CorpusError(
                 f"could not load Hugging Face dataset {self.name!r} ({reason}); "
                 f"if the hub is unreachable, {_LOCAL_HINT}."

@@ -5,8 +5,8 @@ residual stream unchanged (coefficient 1, no norm after it), and the final norm 
 logits. A family that breaks an assumption (a residual multiplier, a norm after the MoE block, a logit
 scale) would give silently wrong effects, and the null-intervention noise floor cannot see it (a null
 intervention changes nothing to scale). So, once per model, real interventions — the top expert at one
-position of every MoE layer, in token and sequence scope — run through both engines on a short stretch of the first window; if they disagree beyond rounding, the run uses the
-reference engine and says why.
+position of every MoE layer, in token and sequence scope — run through both engines on a short stretch of
+the first window; if they disagree beyond rounding, the run uses the reference engine and says why.
 
 Near ties (:func:`near_ties`) are the other numerical hazard: a routing decision that rounding alone can
 flip. An intervention upstream of one may change that later layer's routing through rounding, which is not
@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from moeaudit.errors import first_line
 from moeaudit.intervene.selection import Selection
 from moeaudit.models.moe_model import MoEModel
 
@@ -114,7 +115,7 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
     try:
         fast = compute(moe, ids, selection, config=dataclasses.replace(base, engine="fast")).effects
     except (TypeError, RuntimeError, ValueError, IndexError) as err:  # a layer the rows cannot be run through
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = first_line(err)
         return (f"the fast engine cannot run this model's decoder layers on single rows ({type(err).__name__}: "
                 f"{first[:160]}), so every effect is measured with full forward passes")
     reference = compute(moe, ids, selection, config=dataclasses.replace(base, engine="reference")).effects

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from moeaudit.errors import invalid
 from moeaudit.options import WEIGHT_EDIT_KINDS
 
 
@@ -69,7 +70,5 @@ def mean_replacement(combine_weight: torch.Tensor, slot_removed: torch.Tensor, t
 
 def mean_refusal(layer) -> Exception:
     """The one-line refusal of ``mean`` at a layer whose weights scale the experts' input (Llama 4)."""
-    from moeaudit.errors import invalid
-
     return invalid("kind", "'zero', 'renorm' or 'reroute' (the router's weight scales the expert's input, so there "
                    "is no output term w * f_e(x) to replace by a mean)", "mean", f"Llama 4 layer {layer.layer}")

@@ -34,7 +34,7 @@ from torch import nn
 
 from moeaudit.errors import UnsupportedModelError
 from moeaudit.models.base import MoELayer
-from moeaudit.models.scored import ScoredRule, ScoredTopKAdapter, scored_route
+from moeaudit.models.scored import ScoredRule, ScoredTopKAdapter, rule_bias, scored_route
 
 ROUTER_NAMES: tuple[str, ...] = ("gate", "router")
 SHARED_NAMES: tuple[str, ...] = ("shared_experts", "shared_expert", "shared_mlp")
@@ -320,14 +320,14 @@ class GenericAdapter(ScoredTopKAdapter):
             raise UnsupportedModelError(
                 f"the router of layer {layer.layer} ({type(layer.router).__name__}) of this '{self.family}' model "
                 f"returns {_shape_of(output)}, not (router_logits, topk_weights, topk_idx)")
-        return hidden, output
+        return output
 
     def _mismatches(self, layer: MoELayer, rule: ScoredRule, outputs) -> int:
         """Probe tokens on which ``rule`` gives other indices or weights than the router (0: accepted)."""
         try:
-            bias = self._bias(layer, rule)
+            bias = rule_bias(rule, layer)
             wrong = 0
-            for _, (router_logits, weights, idx) in outputs:
+            for router_logits, weights, idx in outputs:
                 routing = scored_route(rule, layer, router_logits, router_logits, None, bias)
                 if routing.combine_weight.dtype != weights.dtype:
                     return PROBE_TOKENS * len(outputs)
@@ -339,18 +339,6 @@ class GenericAdapter(ScoredTopKAdapter):
         except (RuntimeError, AttributeError, TypeError):
             return PROBE_TOKENS * len(outputs)
 
-    @staticmethod
-    def _bias(layer: MoELayer, rule: ScoredRule) -> torch.Tensor | None:
-        if rule.bias is None:
-            return None
-        if rule.bias == "router":
-            return layer.router.e_score_correction_bias
-        if rule.bias == "block":
-            return getattr(layer.block, rule.bias_attr)
-        return layer.router.moe_statics.e_score_correction_bias.squeeze()
-
-    def correction_bias(self, layer: MoELayer) -> torch.Tensor | None:
-        return self._bias(layer, self.rule_for(layer))
 
 
 def _shape_of(output) -> str:
@@ -374,5 +362,3 @@ def _describe(rule: ScoredRule) -> str:
     if rule.scaled:
         parts.append("scaled")
     return ", ".join(parts)
-
-

@@ -5,9 +5,9 @@ returns ``(hidden, router_scores)``."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moeaudit.models.base import FamilyAdapter, MoELayer, Routing
+from moeaudit.models.scored import ScoredRule, scored_route
 
 
 class GptOssAdapter(FamilyAdapter):
@@ -15,19 +15,13 @@ class GptOssAdapter(FamilyAdapter):
     model_types = ("gpt_oss",)
     architectures = ("GptOssForCausalLM",)
     router_attr = "router"
+    #: GptOssTopKRouter.forward as a :class:`ScoredRule`: the top-k of the logits, a softmax over the k in the
+    #: logits' dtype; ``raw_gate`` is the softmax over all experts (:func:`moeaudit.models.scored.scored_route`).
+    rule = ScoredRule("topk_logits_softmax", score="softmax", select="logits", sorted_topk=True, renorm="never")
 
     def routing_rule(self, config) -> str:
         return "topk_logits_softmax"
 
-    def combine_dtype(self, layer: MoELayer, top_value: torch.Tensor) -> torch.dtype:
-        """The dtype of the weights the experts receive (GPT-OSS: the logits')."""
-        return top_value.dtype
-
     def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor,
                removed: torch.Tensor | None) -> Routing:
-        # Mirrors GptOssTopKRouter.forward (and GraniteMoeTopKRouter.forward, which casts the weights).
-        top_value, topk_idx = torch.topk(logits, layer.top_k, dim=-1)
-        combine_weight = F.softmax(top_value, dim=1, dtype=top_value.dtype).to(self.combine_dtype(layer, top_value))
-        router_probs = self.router_probs(layer, logits)
-        raw_gate = router_probs.gather(-1, topk_idx)
-        return Routing(router_logits, router_probs, topk_idx, raw_gate, combine_weight)
+        return scored_route(self.rule, layer, router_logits, logits, removed, None)

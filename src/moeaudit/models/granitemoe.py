@@ -6,10 +6,8 @@ reference engine."""
 
 from __future__ import annotations
 
-import torch
-
-from moeaudit.models.base import MoELayer
 from moeaudit.models.gpt_oss import GptOssAdapter
+from moeaudit.models.scored import ScoredRule
 
 
 class GraniteMoeAdapter(GptOssAdapter):
@@ -18,8 +16,9 @@ class GraniteMoeAdapter(GptOssAdapter):
     architectures = ("GraniteMoeForCausalLM",)
     block_attr = "block_sparse_moe"
 
-    def combine_dtype(self, layer: MoELayer, top_value: torch.Tensor) -> torch.dtype:
-        return layer.experts.gate_up_proj.dtype  # GraniteMoeTopKRouter: .type_as(hidden_states)
+    #: GraniteMoeTopKRouter: GPT-OSS's rule, the weights cast to the hidden states' (the experts') dtype.
+    rule = ScoredRule("topk_logits_softmax", score="softmax", select="logits", sorted_topk=True, renorm="never",
+                      weights_in_expert_dtype=True)
 
 
 class GraniteMoeSharedAdapter(GraniteMoeAdapter):

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from moeaudit.errors import ModelLoadError, UnsupportedModelError, invalid
+from moeaudit.errors import ModelLoadError, UnsupportedModelError, first_line, invalid
 from moeaudit.models.contract import check_contract
 from moeaudit.models.generic import GenericAdapter
 from moeaudit.models.base import FamilyAdapter
@@ -157,11 +157,10 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
     Raises the house one-line error for a name torch does not know or a device this machine lacks.
     """
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
     if str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
@@ -169,8 +168,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
         raise invalid("device", "a device this machine has (CUDA is not available here, or not that GPU; use cpu "
                       "or auto)", str(device))
-    mps = getattr(torch.backends, "mps", None)
-    if parsed.type == "mps" and not (mps is not None and mps.is_available()):
+    if parsed.type == "mps" and not has_mps:
         raise invalid("device", "a device this machine has (MPS is not available here; use cpu or auto)", str(device))
     if parsed.type not in ("cpu", "cuda", "mps"):
         raise invalid("device", "cpu, cuda, cuda:N, mps or auto", str(device))
@@ -319,14 +317,13 @@ def load_model(
     try:
         model = _from_pretrained(causal_lm_class(config), source, config, display, kwargs)
     except OSError as err:
-        raise ModelLoadError(f"could not load the weights of {display}: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"could not load the weights of {display}: {first_line(err)}") from None
     except pickle.UnpicklingError:  # torch.load(weights_only=True) refused what the pickle asks to run
         raise ModelLoadError(f"the weights of {display} are a pickle that does more than store tensors (refused "
                              "unread: loading it could run code); use a safetensors checkpoint") from None
     except SafetensorError as err:
-        first = str(err).splitlines()[0] if str(err) else "unreadable"
-        raise ModelLoadError(f"the weights of {display} are damaged ({first}); re-download or re-export the "
-                             "checkpoint") from None
+        raise ModelLoadError(f"the weights of {display} are damaged ({first_line(err)}); re-download or re-export "
+                             "the checkpoint") from None
     except torch.OutOfMemoryError:
         raise ModelLoadError(f"out of memory loading {display} on {device}; use a smaller dtype "
                              "(--dtype bfloat16) or a device with more memory") from None
@@ -372,11 +369,6 @@ def _from_pretrained(cls, source: str, config, display: str, kwargs: dict):
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_tokenizer(display: str, source: str, is_local: bool):
     """The checkpoint's tokenizer, or None (a checkpoint without one is still auditable on token ids).
 
@@ -399,18 +391,18 @@ def load_tokenizer(display: str, source: str, is_local: bool):
     except json.JSONDecodeError as err:  # a tokenizer file that is there but damaged: not "no tokenizer"
         raise ModelLoadError(f"the tokenizer files of {display} are damaged ({err}); repair or remove them") from None
     except (OSError, ValueError, TypeError) as err:
-        logger.info("no tokenizer loaded for %s: %s", display, str(err).splitlines()[0] if str(err) else err)
+        logger.info("no tokenizer loaded for %s: %s", display, first_line(err))
         return None
     except Exception as err:  # noqa: BLE001 — the tokenizers library raises a bare Exception on bad content
         if type(err) is not Exception:
             raise
-        raise ModelLoadError(f"the tokenizer files of {display} are damaged ({_first_line(err)}); repair or "
+        raise ModelLoadError(f"the tokenizer files of {display} are damaged ({first_line(err)}); repair or "
                              "remove them") from None
     try:
         encoded = tokenizer("probe text", add_special_tokens=False)["input_ids"]
     except Exception as err:  # noqa: BLE001 — e.g. a WordLevel vocabulary without a usable unknown token
         raise ModelLoadError(f"the tokenizer of {display} cannot encode text ({type(err).__name__}: "
-                             f"{_first_line(err)}); repair or remove its files") from None
+                             f"{first_line(err)}); repair or remove its files") from None
     if not encoded:
         logger.info("the tokenizer of %s encodes text to nothing; ignored", display)
         return None

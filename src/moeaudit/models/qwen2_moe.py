@@ -40,8 +40,8 @@ class Qwen35MoeAdapter(Qwen2MoeAdapter):
 class Qwen3VLMoeAdapter(Qwen35MoeAdapter):
     """Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``), audited as a language model on text: the
     decoder layers sit under ``model.language_model``; softmax top-k, always renormalised, no shared expert.
-    Its multimodal rotary embeddings (mRoPE) are not replayed by the fast engine, so interventions run on
-    the reference engine."""
+    The fast engine replays that backbone's own rotary embedding (mRoPE; text positions are the same on all
+    three axes)."""
 
     family = "qwen3_vl_moe"
     model_types = ("qwen3_vl_moe",)

@@ -122,14 +122,7 @@ class ScoredTopKAdapter(FamilyAdapter):
 
     def correction_bias(self, layer: MoELayer) -> torch.Tensor | None:
         """The correction bias b [E] the rule adds to the scores to select, or None."""
-        where = self.rule_for(layer).bias
-        if where is None:
-            return None
-        if where == "router":
-            return layer.router.e_score_correction_bias
-        if where == "block":
-            return getattr(layer.block, self.rule_for(layer).bias_attr)
-        return layer.router.moe_statics.e_score_correction_bias.squeeze()
+        return rule_bias(self.rule_for(layer), layer)
 
     def routing_parameters(self, layer: MoELayer) -> dict:
         rule, router = self.rule_for(layer), layer.router
@@ -152,13 +145,24 @@ class ScoredTopKAdapter(FamilyAdapter):
 
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
         if self.rule_for(layer).bias == "block":  # MiniMax-M2's block hands its bias to the router
-            return layer.router(hidden, layer.block.e_score_correction_bias)
+            return layer.router(hidden, self.correction_bias(layer))
         return layer.router(hidden)
 
     def _route(self, layer: MoELayer, router_logits: torch.Tensor, logits: torch.Tensor,
                removed: torch.Tensor | None) -> Routing:
         return scored_route(self.rule_for(layer), layer, router_logits, logits, removed,
                             self.correction_bias(layer))
+
+
+def rule_bias(rule: ScoredRule, layer: MoELayer) -> torch.Tensor | None:
+    """The correction bias b [E] that ``rule`` adds to the scores at ``layer`` (where the rule says it lives)."""
+    if rule.bias is None:
+        return None
+    if rule.bias == "router":
+        return layer.router.e_score_correction_bias
+    if rule.bias == "block":
+        return getattr(layer.block, rule.bias_attr)
+    return layer.router.moe_statics.e_score_correction_bias.squeeze()
 
 
 def _scores(rule: ScoredRule, logits: torch.Tensor) -> torch.Tensor:
@@ -301,8 +305,8 @@ class NemotronHAdapter(ScoredTopKAdapter):
 class Glm4vMoeAdapter(DeepseekV3Adapter):
     """GLM-4.5V / GLM-4.6V (``Glm4vMoeForConditionalGeneration``), audited as a language model on text: GLM-4.5's
     text model (DeepSeek-V3's router, fused shared experts) with its decoder layers under
-    ``model.language_model``. Its multimodal rotary embeddings are not replayed by the fast engine, so
-    interventions run on the reference engine."""
+    ``model.language_model`` (the backbone whose rotary embedding and norm the fast engine replays; text
+    positions are the same on all three mRoPE axes)."""
 
     family = "glm4v_moe"
     model_types = ("glm4v_moe",)

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import pandas as pd
 
-from moeaudit.errors import CorpusError, InvalidParameterError, ModelLoadError, MoeAuditError, invalid
+from moeaudit.errors import CorpusError, InvalidParameterError, ModelLoadError, MoeAuditError, first_line, invalid
 from moeaudit.options import DTYPES, Dtype, one_of
 from moeaudit.tables import DOWNSTREAM_COLUMNS
 
@@ -329,7 +329,7 @@ def evaluate_downstream(
     try:
         model = HFLM(pretrained=str(path), device=device, dtype=dtype, batch_size=batch_size)
     except (OSError, ValueError, RuntimeError) as err:
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        reason = first_line(err)[:200]
         raise ModelLoadError(f"lm-eval could not load the checkpoint {path} on {device!r} ({reason}); check "
                              "the directory and the device (cpu, cuda, cuda:N)") from None
     try:
@@ -340,7 +340,7 @@ def evaluate_downstream(
     except (ConnectionError, FileNotFoundError) as err:
         # datasets and huggingface_hub raise subclasses of these for a missing local file and for hub data
         # that cannot be reached (offline mode included).
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        reason = first_line(err)[:200]
         raise CorpusError(f"a task's data could not be loaded ({reason}); point the task YAML at local files "
                           "(dataset_path: json with dataset_kwargs.data_files) or run once with network "
                           "access to fill the Hugging Face cache") from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from moeaudit.errors import MoeAuditError
+from moeaudit.errors import MoeAuditError, first_line
 from moeaudit.report._load import connect
 from moeaudit.rundir import TABLES, RunDir
 
@@ -65,7 +65,7 @@ def query(run_dir: str | Path | RunDir, sql: str, *, allow_external: bool = Fals
         try:
             statements = duckdb.extract_statements(sql)
         except duckdb.Error as err:
-            raise QueryError(f"SQL failed on {run.path}: {_first_line(err)}") from None
+            raise QueryError(f"SQL failed on {run.path}: {first_line(err)}") from None
         kinds = [statement.type.name for statement in statements]
         refused = next((kind for kind in kinds if kind not in READ_ONLY_STATEMENTS), None)
         if refused is not None:
@@ -76,15 +76,10 @@ def query(run_dir: str | Path | RunDir, sql: str, *, allow_external: bool = Fals
         try:
             result = con.execute(sql)
         except duckdb.Error as err:
-            raise QueryError(f"SQL failed on {run.path}: {_first_line(err)} (tables: {', '.join(names) or 'none'})"
+            raise QueryError(f"SQL failed on {run.path}: {first_line(err)} (tables: {', '.join(names) or 'none'})"
                              ) from None
         if result.description is None:
             return pd.DataFrame()
         return result.df()
     finally:
         con.close()
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
