@@ -67,3 +67,42 @@ def test_run_with_preset_end_to_end(tmp_path, monkeypatch, capsys):
     assert paired.n.max() <= 200
     assert manifest["stages"]["metrics"]["split"] == "in_sample"
     assert "token_gate" in capsys.readouterr().out
+
+
+def test_departing_from_records_every_changed_setting_once():
+    from moeaudit.config import AuditConfig, build_config
+
+    preset = build_config(preset_values("engmann2026", "some/other-moe", list(range(8))))
+    assert preset.departing_from(preset).preset_overrides == {}
+    changed = preset.model_copy(update={"intervene": preset.intervene.model_copy(update={"kind": "reroute"}),
+                                        "execution": preset.execution.model_copy(update={"batch_size": 1})})
+    first = changed.departing_from(preset)
+    assert first.preset_overrides == {"kind": {"preset": "zero", "used": "reroute"}}  # execution is not a departure
+    # a later change keeps the preset's value; going back to it removes the override
+    again = first.model_copy(update={"intervene": first.intervene.model_copy(update={"kind": "renorm"})})
+    assert again.departing_from(first).preset_overrides == {"kind": {"preset": "zero", "used": "renorm"}}
+    back = first.model_copy(update={"intervene": first.intervene.model_copy(update={"kind": "zero"})})
+    assert back.departing_from(first).preset_overrides == {}
+    assert AuditConfig(kind="reroute").departing_from(AuditConfig()).preset_overrides == {}  # no preset: no record
+    # derived from the other settings: not part of the fingerprint
+    assert "preset_overrides" not in first.fingerprint_fields()
+
+
+def test_preset_flags_and_file_are_recorded_as_departures(tmp_path):
+    from moeaudit.cli.stages import preset_config
+    from moeaudit.models.testing import tiny_model
+    from moeaudit.report.html import _protocol_text
+
+    model_dir = tmp_path / "model"
+    tiny_model("olmoe", seed=1).save_pretrained(model_dir)
+    toml = tmp_path / "settings.toml"
+    toml.write_text("[audit]\nalpha = 0.01\n")
+    flags = dict(model=str(model_dir), kind="reroute", batch_size=2)
+    config = preset_config("engmann2026", flags, tmp_path / "run", toml)
+    assert config.preset == "engmann2026" and config.kind == "reroute" and config.alpha == 0.01
+    assert config.preset_overrides == {"alpha": {"preset": 0.05, "used": 0.01},
+                                       "kind": {"preset": "zero", "used": "reroute"}}
+    text = _protocol_text(config.flat())
+    assert text.startswith("preset engmann2026, departing from it in 2 setting(s)") and "kind = 'reroute'" in text
+    plain = preset_config("engmann2026", dict(model=str(model_dir)), tmp_path / "run", None)
+    assert plain.preset_overrides == {} and _protocol_text(plain.flat()) == "preset engmann2026, followed exactly"

@@ -68,7 +68,7 @@ def test_config_errors_are_one_line(values, message):
 
 #: One bad value per configuration setting (a test below checks that every setting of the tree is listed).
 BAD_VALUES = {
-    "model": 3, "corpus": ["a"], "seed": 1.5, "preset": 3,
+    "model": 3, "corpus": ["a"], "seed": 1.5, "preset": 3, "preset_overrides": {"kind": "zero"},
     # observe
     "max_len": 1, "max_docs": 0, "split_seed": "x", "observe_splits": ["test"], "max_windows": 0, "layers": "0,4",
     "router_probs_layers": "some", "dtype": "float64", "experts_implementation": "fast", "min_chars": -1,
@@ -130,7 +130,7 @@ def test_the_tree_reads_flat_and_nested_settings_alike(tmp_path):
     run = RunDir(tmp_path / "run", flat)
     stored = json.loads((run.path / "manifest.json").read_text())["config"]
     assert stored["observe"]["max_len"] == 64 and stored["prune"]["ratios"] == [0.5]
-    assert set(stored) == {"model", "corpus", "seed", "preset", "observe", "intervene", "audit", "prune", "execution"}
+    assert set(stored) == {"model", "corpus", "seed", "preset", "preset_overrides", "observe", "intervene", "audit", "prune", "execution"}
     assert RunDir(tmp_path / "run", flat.replace(workers=3, ratios=[0.25], engine="reference")).config.workers == 3
     with pytest.raises(RunDirectoryError, match="differs in alpha"):
         RunDir(tmp_path / "run", flat.replace(alpha=0.01))

@@ -256,7 +256,7 @@ class ExecutionConfig(_Part):
 PARTS: dict[str, type[_Part]] = {"observe": ObserveConfig, "intervene": InterveneSettings, "audit": AuditPart,
                                  "prune": PruneConfig, "execution": ExecutionConfig}
 #: Settings held by the root itself.
-ROOT_FIELDS = ("model", "corpus", "seed", "preset")
+ROOT_FIELDS = ("model", "corpus", "seed", "preset", "preset_overrides")
 #: Every setting's part, by its (unique) name: the flat spelling ``max_len`` is ``observe.max_len``.
 FLAT_PATHS: dict[str, str] = {name: part for part, cls in PARTS.items() for name in cls.model_fields}
 #: Parts left out of the run directory's fingerprint (see the module docstring).
@@ -317,6 +317,10 @@ class AuditConfig(_Part):
         Seed for every sampled quantity downstream (the paper's sampling seed, 42).
     preset : str or None
         The preset these settings came from, for the record.
+    preset_overrides : dict
+        The settings in which this run departs from its preset, ``{name: {"preset": value, "used": value}}``
+        (:meth:`departing_from`), so that a run never claims a protocol it does not follow. Derived from the
+        other settings, so not part of the fingerprint.
     observe, intervene, audit, prune, execution
         The parts; each setting may also be read flat (``config.max_len`` is ``config.observe.max_len``).
 
@@ -331,6 +335,7 @@ class AuditConfig(_Part):
     corpus: str = "builtin"
     seed: int = 42
     preset: str | None = None
+    preset_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     observe: ObserveConfig = Field(default_factory=ObserveConfig)
     intervene: InterveneSettings = Field(default_factory=InterveneSettings)
     audit: AuditPart = Field(default_factory=AuditPart)
@@ -373,7 +378,31 @@ class AuditConfig(_Part):
     def fingerprint_fields(self) -> dict[str, Any]:
         """The settings that decide the content of the run directory's tables, flat by name."""
         flat = self.flat()
-        return {name: value for name, value in flat.items() if FLAT_PATHS.get(name) not in UNFINGERPRINTED}
+        return {name: value for name, value in flat.items()
+                if FLAT_PATHS.get(name) not in UNFINGERPRINTED and name != "preset_overrides"}
+
+    def departing_from(self, base: "AuditConfig") -> "AuditConfig":
+        """This configuration with ``preset_overrides`` updated for the settings that differ from ``base``.
+
+        ``base`` is the preset's own configuration (or a stored one made from it, with its overrides so
+        far). Every setting but the model, the preset itself and the execution settings (which never change
+        a number) is compared; a setting changed back to the preset's value is no longer an override.
+        Without a preset this configuration is returned unchanged.
+        """
+        if self.preset is None:
+            return self
+        ignored = {"model", "preset", "preset_overrides"} | set(EXECUTION_FIELDS)
+        overrides = dict(base.preset_overrides)
+        before, after = base.flat(), self.flat()
+        for name, value in after.items():
+            if name in ignored or value == before.get(name):
+                continue
+            preset_value = overrides.get(name, {}).get("preset", before.get(name))
+            if value == preset_value:
+                overrides.pop(name, None)
+            else:
+                overrides[name] = {"preset": preset_value, "used": value}
+        return self.model_copy(update={"preset_overrides": dict(sorted(overrides.items()))})
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "AuditConfig":

@@ -84,3 +84,29 @@ def test_an_unknown_audit_metric_is_one_line_before_anything_runs(tmp_path, cli)
     code, _, err = cli("run", "--out", str(tmp_path / "run"), "--config", str(config), "--quiet")
     one_line_error(code, err, "`audit.audit_metrics` must be registered metric names", "got 'nope'")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--workers", "3"), ("--address", "auto")])
+def test_a_ray_setting_without_the_ray_executor_is_one_line(tmp_path, cli, flag, value):
+    """``--workers 3`` without ``--executor ray`` used to be ignored without a word."""
+    code, _, err = cli("run", "--out", str(tmp_path / "run"), flag, value, "--quiet")
+    one_line_error(code, err, f"`{flag}` must be given with --executor ray", "drop the setting")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_ray_setting_inherited_from_an_old_run_is_dropped_not_refused(tmp_path):
+    """A run created while ``--workers`` was silently ignored resumes; only a flag given now is refused."""
+    from moeaudit.cli.common import resolve_config
+    from moeaudit.config import AuditConfig
+    from moeaudit.errors import InvalidParameterError
+    from moeaudit.rundir import RunDir
+
+    RunDir(tmp_path / "run", AuditConfig(model="tiny-olmoe", workers=3))
+    config = resolve_config(tmp_path / "run", {}, None)
+    assert config.execution.workers is None and config.execution.executor == "local"
+    with pytest.raises(InvalidParameterError, match="`--workers` must be given with --executor ray"):
+        resolve_config(tmp_path / "run", {"workers": 3}, None)
+    toml = tmp_path / "execution.toml"
+    toml.write_text("[execution]\nworkers = 2\n")
+    with pytest.raises(InvalidParameterError, match="`--workers` must be given with --executor ray"):
+        resolve_config(tmp_path / "other", {}, toml)

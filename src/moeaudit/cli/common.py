@@ -76,34 +76,60 @@ def _parse_list(text: str | None, name: str, cast, what: str) -> list | None:
     return values
 
 
-def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path | None, *, overwrite: bool = False):
+def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path | None, *, overwrite: bool = False,
+                   base: Any = None):
     """Settings: defaults < stored manifest (existing run) < config file < flags given on the command line.
 
     With ``overwrite`` a damaged manifest is skipped (the run is about to be replaced); without, it is the
-    one-line error that names ``--overwrite``.
+    one-line error that names ``--overwrite``. ``base`` (an AuditConfig, e.g. a preset's or another run's)
+    stands in for the stored manifest. A run made from a preset records where the file or the flags depart
+    from it (:meth:`~moeaudit.config.AuditConfig.departing_from`).
     """
     from moeaudit.config import AuditConfig, build_config, merge_values, read_toml
     from moeaudit.errors import RunDirectoryError
     from moeaudit.rundir import MANIFEST
 
-    layers: list[dict[str, Any]] = []
     manifest = run_dir / MANIFEST
-    if manifest.exists():
+    if base is None and manifest.exists():
         try:
-            layers.append(AuditConfig.from_manifest(manifest).model_dump())
+            base = AuditConfig.from_manifest(manifest)
         except RunDirectoryError:
             if not overwrite:
                 raise
-    if config_file is not None:
-        layers.append(read_toml(config_file))
-    layers.append({k: v for k, v in overrides.items() if v is not None})
+    from_file = read_toml(config_file) if config_file is not None else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    layers = ([base.model_dump()] if base is not None else []) + [from_file, given]
     config = build_config(merge_values(*layers))
+    if base is not None:
+        config = config.departing_from(base)
+    return checked_config(config, merge_values(from_file, given))
+
+
+def checked_config(config, given: dict[str, Any]):
+    """The checks a configuration passes before any model loads or anything is written (one line each).
+
+    ``given`` holds the settings this command set (config file and flags, nested): an execution setting
+    the chosen executor ignores is refused when given, and dropped when inherited from a stored run.
+    """
+    from moeaudit.errors import invalid
     from moeaudit.metrics.registry import check_audit_metrics
     from moeaudit.models.loading import resolve_device
 
     check_audit_metrics(config.audit.audit_metrics)
-    if config.execution.executor == "local":  # Ray workers may have devices this driver lacks; they check
-        resolve_device(config.execution.device)  # a device this machine lacks: one line, before anything is written
+    execution = config.execution
+    if execution.executor == "local":
+        stale = {}
+        for field, flag in (("workers", "--workers"), ("ray_address", "--address")):
+            value = getattr(execution, field)
+            if value is not None and field in given.get("execution", {}):
+                raise invalid(flag, "given with --executor ray (the local executor runs one model in this "
+                              "process; add --executor ray or drop the setting)", value)
+            if value is not None:
+                stale[field] = None
+        if stale:
+            config = config.model_copy(update={"execution": execution.model_copy(update=stale)})
+        resolve_device(execution.device)  # a device this machine lacks: one line, before anything is written
+    # Ray workers may have devices this driver lacks; they check themselves.
     return config
 
 

@@ -166,12 +166,14 @@ def run_command(
     if config_file is not None and config_file.name == "manifest.json":
         from moeaudit.config import AuditConfig
 
-        base = AuditConfig.from_manifest(config_file).model_dump()
-        config = resolve_config(out, dict(base, **{k: v for k, v in flags.items() if v is not None}), None)
+        config = resolve_config(out, flags, None, base=AuditConfig.from_manifest(config_file))
     elif preset is not None:
         config = preset_config(preset, flags, out, config_file)
     else:
         config = resolve_config(out, flags, config_file, overwrite=overwrite)
+    for name, change in config.preset_overrides.items():
+        typer.secho(f"note: {name} = {change['used']!r} departs from the preset {config.preset} "
+                    f"({change['preset']!r}); recorded in the manifest under preset_overrides", err=True, fg="yellow")
     run = RunDir(out, config, overwrite=overwrite)
     printed = {
         "metrics": lambda record: print_frame(layer_summary(run.read("expert_metrics")), "experts per layer"),
@@ -199,11 +201,8 @@ def preset_config(preset: str, flags: dict, out: Path, config_file: Optional[Pat
     hf_config = load_config(source, is_local, flags["model"])
     adapter = resolve_adapter(getattr(hf_config, "model_type", ""))
     moe_layers = probe_moe_layers(hf_config, adapter, flags["model"]) if adapter else []
-    from moeaudit.config import merge_values, read_toml
-
-    values = preset_values(preset, flags["model"], moe_layers)
-    from_file = read_toml(config_file) if config_file is not None else {}
-    return build_config(merge_values(values, from_file, {k: v for k, v in flags.items() if v is not None}))
+    base = build_config(preset_values(preset, flags["model"], moe_layers))
+    return resolve_config(out, flags, config_file, base=base)
 
 
 def prune_command(

@@ -1,18 +1,21 @@
-"""The forward passes of observe: one clean pass per batch of windows, streamed to ``tokens`` and ``routing``.
+"""The forward passes of observe: one clean pass per batch of equal-length windows, streamed to ``tokens`` and
+``routing``.
 
 Writes (columns and types: :mod:`moeaudit.tables`):
 
-* ``tokens.parquet`` — one row per real (non-padding) position: ``seq``, ``pos``, ``token_id``, ``nll``
+* ``tokens.parquet`` — one row per position: ``seq``, ``pos``, ``token_id``, ``nll``
   (NLL of the next token, null at a window's last position), ``domain``, ``split``;
-* ``routing.parquet`` — one row per (layer, seq, pos, slot): ``expert``, ``raw_gate`` (the family's router
-  score, :meth:`moeaudit.models.MoELayer.router_probs`: the softmax over all routed experts, or the sigmoid
+* ``routing.parquet`` — one row per (seq, layer, pos, slot), in that order: ``expert``, ``raw_gate`` (the
+  family's router score, :meth:`moeaudit.models.MoELayer.router_probs`: the softmax over all routed experts, or the sigmoid
   score of DeepSeek-V3-style routers), ``combine_weight`` (what the architecture multiplies the expert output by),
   ``renorm_gate`` (raw gate / Σ raw gates of the token's selected experts), ``act_norm`` (L2 norm of the
   ungated expert output), ``act_max_abs`` (max |f_e(x)_i|). ``slot`` 0 is the largest raw gate;
 * ``router_probs.parquet`` (optional, chosen layers) — ``layer``, ``seq``, ``pos``, ``probs`` (float16
   list of length E), for routing entropy and Gini.
 
-Memory does not grow with the corpus: each batch becomes one Parquet row group and is dropped.
+Memory does not grow with the corpus: each block of :data:`BLOCK_BATCHES` batches is written and dropped.
+The rows do not depend on the batch size or the work units: windows are batched only with windows of their
+own length (:func:`same_length_batches`) and written window by window.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from moeaudit.data.windows import pad_token_rows
 from moeaudit.errors import invalid
 from moeaudit.models.moe_model import MoEModel, nll_from_logits
 from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_probs_schema
@@ -78,24 +80,16 @@ def as_windows(windows: Iterable[Any]) -> list[Any]:
     return out
 
 
-def _batch_tensors(batch: Sequence[Any], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    ids, mask = pad_token_rows([w.token_ids for w in batch], pad_id)
-    # Equal lengths need no mask; transformers then takes its plain causal path.
-    full = bool(mask.all())
-    return torch.from_numpy(ids).to(device), (None if full else torch.from_numpy(mask).to(device))
-
-
-def _routing_columns(record, layer: int, seqs: np.ndarray, positions: np.ndarray, valid: np.ndarray) -> dict:
+def _routing_columns(record, layer: int, seqs: np.ndarray, positions: np.ndarray) -> dict:
     raw_gate = record.raw_gate.float()
     order = torch.argsort(raw_gate, dim=-1, descending=True, stable=True)
-    take = lambda t: t.gather(-1, order).cpu().numpy()[valid]  # noqa: E731
+    take = lambda t: t.gather(-1, order).cpu().numpy()  # noqa: E731
     raw = take(raw_gate)
-    k = raw.shape[1]
-    n = raw.shape[0]
+    n, k = raw.shape
     return {
         "layer": np.full(n * k, layer, dtype=np.int16),
-        "seq": np.repeat(seqs[valid], k).astype(np.int32),
-        "pos": np.repeat(positions[valid], k).astype(np.int32),
+        "seq": np.repeat(seqs, k).astype(np.int32),
+        "pos": np.repeat(positions, k).astype(np.int32),
         "slot": np.tile(np.arange(k, dtype=np.int8), n),
         "expert": take(record.topk_idx).reshape(-1).astype(np.int16),
         "raw_gate": raw.reshape(-1).astype(np.float32),
@@ -108,7 +102,8 @@ def _routing_columns(record, layer: int, seqs: np.ndarray, positions: np.ndarray
 
 @dataclass
 class BatchTables:
-    """One forward pass's rows: the tokens table and, per observed layer, routing (and router-probs) tables."""
+    """Observed windows' rows, window by window in input order: the tokens table and, per window and then per
+    observed layer, routing (and router-probs) tables."""
 
     tokens: pa.Table
     routing: list[pa.Table]
@@ -118,11 +113,21 @@ class BatchTables:
     windows: int
 
 
+@dataclass
+class _WindowTables:
+    """One window's rows, cut from its batch's tables."""
+
+    tokens: pa.Table
+    routing: list[pa.Table]
+    router_probs: list[pa.Table]
+    nll_sum: float
+    nll_count: int
+
+
 def _check_finite(trace, layers: Sequence[int], logits: torch.Tensor, batch: Sequence[Any],
-                  valid_2d: np.ndarray, dtype: torch.dtype) -> None:
+                  dtype: torch.dtype) -> None:
     """Raise NonFiniteError naming the first layer (in depth order) and position with NaN/inf activations."""
-    b, t = valid_2d.shape
-    valid = torch.from_numpy(valid_2d)
+    b, t = logits.shape[:2]
     checks = []
     for index in sorted(layers):
         record = trace[index]
@@ -137,7 +142,7 @@ def _check_finite(trace, layers: Sequence[int], logits: torch.Tensor, batch: Seq
             continue
         # -inf output logits are a legitimate mask of impossible tokens; NaN and +inf are not.
         broken = torch.isnan(tensor) | (torch.isposinf(tensor) if where == "output logits" else torch.isinf(tensor))
-        bad = broken.reshape(b, t, -1).any(-1).cpu() & valid
+        bad = broken.reshape(b, t, -1).any(-1).cpu()
         if bool(bad.any()):
             row, pos = (int(i) for i in torch.nonzero(bad)[0])
             from moeaudit.errors import NonFiniteError
@@ -150,45 +155,69 @@ def _check_finite(trace, layers: Sequence[int], logits: torch.Tensor, batch: Seq
 
 
 def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], probs_layers: Sequence[int],
-                   probs_schema: pa.Schema | None, pad_id: int) -> BatchTables:
-    ids, mask = _batch_tensors(batch, pad_id, moe.device)
+                   probs_schema: pa.Schema | None) -> list[_WindowTables]:
+    """One forward pass over windows of one length (no padding), cut into each window's tables."""
+    lengths = {len(w.token_ids) for w in batch}
+    if len(lengths) != 1:
+        raise ValueError(f"a batch holds windows of one length, got lengths {sorted(lengths)}")
+    ids = torch.from_numpy(np.stack([np.asarray(w.token_ids, dtype=np.int64) for w in batch])).to(moe.device)
     with torch.no_grad(), moe.capture(layers) as trace:
-        logits = moe.model(input_ids=ids, attention_mask=mask).logits
+        logits = moe.model(input_ids=ids).logits
     b, t = ids.shape
-    valid_2d = np.zeros((b, t), dtype=bool)
-    for row, window in enumerate(batch):
-        valid_2d[row, : len(window.token_ids)] = True
-    _check_finite(trace, layers, logits, batch, valid_2d, moe.dtype)
-    nll = nll_from_logits(logits, ids, mask).cpu().numpy()
-    valid = valid_2d.reshape(-1)
+    _check_finite(trace, layers, logits, batch, moe.dtype)
+    nll = nll_from_logits(logits, ids, None).cpu().numpy()
     seqs = np.repeat(np.array([w.seq for w in batch], dtype=np.int64), t)
     positions = np.tile(np.arange(t, dtype=np.int64), b)
-    finite = np.isfinite(nll[valid_2d])
     tokens = pa.table({
-        "seq": seqs[valid].astype(np.int32),
-        "pos": positions[valid].astype(np.int32),
-        "token_id": ids.cpu().numpy().reshape(-1)[valid].astype(np.int32),
-        "nll": pa.array(nll.reshape(-1)[valid], type=pa.float32(), from_pandas=True),
-        "domain": np.repeat(np.array([getattr(w, "domain", None) for w in batch], dtype=object), t)[valid],
-        "split": np.repeat(np.array([getattr(w, "split", None) for w in batch], dtype=object), t)[valid],
+        "seq": seqs.astype(np.int32),
+        "pos": positions.astype(np.int32),
+        "token_id": ids.cpu().numpy().reshape(-1).astype(np.int32),
+        "nll": pa.array(nll.reshape(-1), type=pa.float32(), from_pandas=True),
+        "domain": np.repeat(np.array([getattr(w, "domain", None) for w in batch], dtype=object), t),
+        "split": np.repeat(np.array([getattr(w, "split", None) for w in batch], dtype=object), t),
     }, schema=TOKENS_SCHEMA)
     routing, router_probs = [], []
     for index in layers:
         record = trace[index]
-        routing.append(pa.table(_routing_columns(record, index, seqs, positions, valid), schema=ROUTING_SCHEMA))
+        routing.append(pa.table(_routing_columns(record, index, seqs, positions), schema=ROUTING_SCHEMA))
         if index in probs_layers:
             probs = record.router_probs
             if probs is None:
                 probs = moe.layer(index).router_probs(record.router_logits)
-            probs = probs.float().cpu().numpy()[valid]
+            probs = probs.float().cpu().numpy().reshape(b * t, -1)
             flat = pa.array(probs.astype(np.float16).reshape(-1), type=pa.float16())
             router_probs.append(pa.table({
                 "layer": np.full(len(probs), index, dtype=np.int16),
-                "seq": seqs[valid].astype(np.int32), "pos": positions[valid].astype(np.int32),
+                "seq": seqs.astype(np.int32), "pos": positions.astype(np.int32),
                 "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1]),
             }, schema=probs_schema))
-    return BatchTables(tokens, routing, router_probs, float(nll[valid_2d][finite].sum()), int(finite.sum()),
-                       len(batch))
+    out = []
+    for row in range(b):
+        window_nll = nll[row][np.isfinite(nll[row])].astype(np.float64)
+        out.append(_WindowTables(
+            tokens.slice(row * t, t),
+            [part.slice(row * t * (part.num_rows // (b * t)), t * (part.num_rows // (b * t))) for part in routing],
+            [part.slice(row * t, t) for part in router_probs],
+            float(window_nll.sum()), int(window_nll.size)))
+    return out
+
+
+def same_length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of ``lengths`` cut into batches of at most ``batch_size`` windows of one length each.
+
+    Windows are never padded: a padded batch computes a window's numbers along another path (an attention
+    mask, other matrix shapes) than the window alone, which changed them by up to ~1e-5 with the batch size.
+    A window of a length no other window in its block shares runs alone.
+    """
+    by_length: dict[int, list[int]] = {}
+    for index, length in enumerate(lengths):
+        by_length.setdefault(int(length), []).append(index)
+    return [group[i : i + batch_size] for group in by_length.values() for i in range(0, len(group), batch_size)]
+
+
+#: Windows per yielded block, in batches: windows are grouped by length within a block, so memory holds at
+#: most this many batches' tables.
+BLOCK_BATCHES = 8
 
 
 def observe_batches(
@@ -200,11 +229,14 @@ def observe_batches(
     batch_size: int = 8,
     stats: ObserveStats | None = None,
 ) -> Iterator[BatchTables]:
-    """Yield one :class:`BatchTables` per forward pass over ``windows`` (see :func:`observe`).
+    """Yield the tables of ``windows`` in blocks of consecutive windows (see :func:`observe`).
 
-    On out-of-memory the batch is halved and retried; ``stats.batch_size_used`` records the smallest
-    size that ran. NaN/inf activations raise :class:`~moeaudit.errors.NonFiniteError` with the layer and
-    position.
+    Each block's rows come window by window in input order (routing: window, then layer, position, slot),
+    and each window is computed in a batch of windows of its own length only, never padded, so the tables
+    are the same, bit for bit, for every ``batch_size`` and however the windows are cut into work units
+    (on the CPU; a GPU's BLAS may choose kernels by matrix shape). On out-of-memory the batch is halved and
+    retried; ``stats.batch_size_used`` records the smallest size that ran. NaN/inf activations raise
+    :class:`~moeaudit.errors.NonFiniteError` with the layer and position.
     """
     from moeaudit.scale.memory import with_halving
 
@@ -222,25 +254,38 @@ def observe_batches(
     if len({num_experts[i] for i in probs_layers}) > 1:
         raise invalid("router_probs_layers", "layers with one expert count", probs_layers)
     probs_schema = router_probs_schema(num_experts[probs_layers[0]]) if probs_layers else None
-    pad_id = getattr(moe.config, "pad_token_id", None) or 0
     if stats is not None:
         stats.layers, stats.router_probs_layers = layers, probs_layers
         stats.experts_implementation = moe.experts_implementation
-    start = 0
-    while start < len(windows):
-        tables, batch_size = with_halving(
-            lambda size: _observe_batch(moe, windows[start : start + size], layers, probs_layers, probs_schema,
-                                        pad_id), batch_size, "batch_size")
+    block = batch_size * BLOCK_BATCHES
+    for start in range(0, len(windows), block):
+        part = windows[start : start + block]
+        pieces: dict[int, _WindowTables] = {}
+        queue = same_length_batches([len(w.token_ids) for w in part], batch_size)
+        while queue:
+            group = queue.pop(0)
+            done, batch_size = with_halving(
+                lambda size: _observe_batch(moe, [part[i] for i in group[:size]], layers, probs_layers,
+                                            probs_schema), batch_size, "batch_size")
+            pieces.update(zip(group, done))
+            if len(done) < len(group):
+                queue.insert(0, group[len(done):])
+            if stats is not None:
+                stats.batches += 1
+                stats.batch_size_used = min(stats.batch_size_used or batch_size, batch_size)
+        ordered = [pieces[i] for i in range(len(part))]
+        tables = BatchTables(
+            pa.concat_tables([p.tokens for p in ordered]),
+            [table for p in ordered for table in p.routing],
+            [table for p in ordered for table in p.router_probs],
+            sum(p.nll_sum for p in ordered), sum(p.nll_count for p in ordered), len(ordered))
         if stats is not None:
             stats.windows += tables.windows
             stats.tokens += tables.tokens.num_rows
             stats.routing_rows += sum(t.num_rows for t in tables.routing)
-            stats.batches += 1
-            stats.batch_size_used = min(stats.batch_size_used or batch_size, batch_size)
             stats.nll_sum += tables.nll_sum
             stats.nll_count += tables.nll_count
             stats.mean_nll = stats.nll_sum / stats.nll_count if stats.nll_count else float("nan")
-        start += tables.windows
         yield tables
 
 
@@ -272,8 +317,8 @@ def observe(
     router_probs_layers : sequence of int or "all", optional
         Layers whose full router-probability rows are kept (float16).
     batch_size : int
-        Windows per forward pass (halved and retried on out-of-memory); padding positions are masked
-        out of attention and never written.
+        At most this many windows of one length per forward pass (halved and retried on out-of-memory);
+        execution only: the tables are the same for every value.
     on_batch : callable(done_windows, total_windows), optional
         Progress callback.
 

@@ -236,6 +236,19 @@ def _run_html(data: RunData, ctx: _Context) -> str:
     return "\n".join(parts)
 
 
+def _protocol_text(config: dict[str, Any]) -> str:
+    """The preset a run follows, and every setting in which it departs from it."""
+    preset = config.get("preset")
+    if not preset:
+        return "custom settings (no preset)"
+    overrides = config.get("preset_overrides") or {}
+    if not overrides:
+        return f"preset {preset}, followed exactly"
+    changes = "; ".join(f"{name} = {change.get('used')!r} (preset: {change.get('preset')!r})"
+                        for name, change in overrides.items())
+    return f"preset {preset}, departing from it in {len(overrides)} setting(s): {changes}"
+
+
 def _provenance(data: RunData, ctx: _Context) -> str:
     m = data.manifest
     model, corpus, config = m.get("model", {}), m.get("corpus", {}), data.config
@@ -249,6 +262,7 @@ def _provenance(data: RunData, ctx: _Context) -> str:
                   f"fingerprint {model.get('fingerprint', '?')}"),
         ("MoE layers", f"{compress_layers(model.get('moe_layers', []))}; "
                        f"{'/'.join(map(str, experts)) or '?'} routed experts, top-{'/'.join(map(str, top_k)) or '?'}"),
+        ("protocol", _protocol_text(config)),
         ("corpus", f"{config.get('corpus', '?')}; fingerprint {fingerprint[:16] + '…' if fingerprint else '?'}"
                    + (f" (observed windows {corpus['fingerprint_observed']})" if corpus.get("fingerprint_observed") else "")),
         ("corpus size", ", ".join(f"{k.replace('tokens_', '')} {v:,} tokens" for k, v in counters.items()
