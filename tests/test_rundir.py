@@ -132,6 +132,10 @@ def test_the_tree_reads_flat_and_nested_settings_alike(tmp_path):
     assert stored["observe"]["max_len"] == 64 and stored["prune"]["ratios"] == [0.5]
     assert set(stored) == {"model", "corpus", "seed", "preset", "preset_overrides", "observe", "intervene", "audit", "prune", "execution"}
     assert RunDir(tmp_path / "run", flat.replace(workers=3, ratios=[0.25], engine="reference")).config.workers == 3
+    # a run that computed nothing yet (stopped by bad input, say) takes the corrected settings ...
+    assert RunDir(tmp_path / "run", flat.replace(alpha=0.02)).config.alpha == 0.02
+    # ... one that holds work refuses them
+    RunDir(tmp_path / "run", flat).record_stage("observe", {"tokens": 1})
     with pytest.raises(RunDirectoryError, match="differs in alpha"):
         RunDir(tmp_path / "run", flat.replace(alpha=0.01))
 

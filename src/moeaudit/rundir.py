@@ -162,7 +162,9 @@ class RunDir:
         elif manifest_path.exists():
             self.manifest = manifest_data(manifest_path)
             stored = AuditConfig.from_manifest(manifest_path)
-            if config is not None and config_fingerprint(config) != config_fingerprint(stored):
+            if config is not None and config_fingerprint(config) != config_fingerprint(stored) and not self._holds_work():
+                self._create(config)  # a run stopped (by bad input, say) before computing anything: take the new settings
+            elif config is not None and config_fingerprint(config) != config_fingerprint(stored):
                 changed = sorted(k for k, v in config.fingerprint_fields().items()
                                  if stored.fingerprint_fields().get(k) != v)
                 raise RunDirectoryError(f"{self.path} holds a run with another configuration (differs in "
@@ -173,6 +175,11 @@ class RunDir:
                                     "`moeaudit run` or `moeaudit observe RUN_DIR --model ...` first")
         else:
             self._create(config)
+
+    def _holds_work(self) -> bool:
+        """Whether this run computed anything: a stage recorded, a work unit planned, or a table written."""
+        return bool(self.manifest.get("stages") or self.manifest.get("units")
+                    or any((self.path / f"{name}.parquet").exists() for name in TABLES))
 
     def _create(self, config: AuditConfig) -> None:
         try:

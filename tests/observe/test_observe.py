@@ -190,3 +190,32 @@ def test_tables_do_not_depend_on_batch_size_or_work_units(tmp_path, family):
     routing = runs[1].read("routing")
     keys = routing[["seq", "layer", "pos", "slot"]].to_numpy()
     assert (np.lexsort(keys.T[::-1]) == np.arange(len(keys))).all()  # rows in (seq, layer, pos, slot) order
+
+
+def test_a_corpus_without_held_out_support_is_refused_before_any_table(tmp_path):
+    """Metrics on calibration windows and effects on held-out ones: a corpus that fills neither used to
+    make both stages fall back to the same windows without a word (exit 0, significant cells)."""
+    from moeaudit.errors import CorpusError
+
+    moe = wrap_model(tiny_model("olmoe", seed=2), name="tiny-olmoe")
+    docs = [Document(text=f"only a few documents {i} " * 3, domain=None, doc_id=f"doc{i}") for i in range(40)]
+    corpus = build_windows(docs, char_encoder, max_len=24, seed=0)
+    splits = {w.split for w in corpus.windows}
+    train = {w.doc_id for w in corpus.windows if w.split == "train"}
+    few = build_windows([d for d in docs if d.doc_id in train][:3], char_encoder, max_len=24, seed=0)
+    assert {w.split for w in few.windows} == {"train"} and {"calibration", "heldout"} <= splits
+    config = AuditConfig(model="tiny-olmoe", corpus="test", max_len=24, observe_splits=["train", "calibration",
+                                                                                          "heldout"])
+    run = RunDir(tmp_path / "run", config)
+    with pytest.raises(CorpusError, match=r"^the corpus gave no calibration and no heldout windows \(documents by "
+                       r"split: train 3, calibration 0, heldout 0\), so metrics and effects would be measured on "
+                       r"the same windows; .* set in_sample = true"):
+        run_observe(run, moe=moe, corpus=few)
+    assert not run.has("tokens") and not (run.path / "units").exists()
+    with pytest.raises(CorpusError, match=r"^observe_splits \['train'\] leave out calibration and heldout"):
+        run_observe(RunDir(tmp_path / "train", config.model_copy(update={"observe": config.observe.model_copy(
+            update={"observe_splits": ["train"]})})), moe=moe, corpus=corpus)
+    # the corrected command is accepted in the same directory: in sample on purpose, recorded as such
+    fixed = RunDir(tmp_path / "run", config.replace(in_sample=True))
+    run_observe(fixed, moe=moe, corpus=few)
+    assert run_metrics(fixed, moe=moe)["split"] == "in_sample"

@@ -105,6 +105,7 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
             raise CorpusError(f"the corpus {config.corpus!r} gave no windows in splits {config.observe_splits}; "
                               "use a larger corpus or other splits")
         check_context(windows, model, config)
+        check_held_out_support(windows, corpus, config)
         run.check_corpus(windows_fingerprint(windows), corpus.manifest() if hasattr(corpus, "manifest") else {})
         store, progress = run_units(run, "observe", observe_work_units(windows, config), OBSERVE_TABLES,
                                     observe_unit, executor, on_unit=on_batch)
@@ -132,3 +133,33 @@ def check_context(windows: Sequence[Any], model: dict[str, Any], config: AuditCo
     if limit and longest > limit:
         raise invalid("max_len", f"at most the model's context length, {limit} tokens", config.max_len,
                       config.model)
+
+
+def check_held_out_support(windows: Sequence[Any], corpus, config: AuditConfig) -> None:
+    """Refuse, before any table is written, a run whose metrics and effects would silently share windows.
+
+    Metrics are computed on the ``calibration`` windows and effects measured on the ``heldout`` ones
+    (:mod:`moeaudit.metrics.stage`, :mod:`moeaudit.intervene.stage`); a split without windows (a small
+    corpus whose documents all landed in other splits, or ``observe_splits`` without it) made both
+    stages fall back to every observed window without a word. ``in_sample = true`` asks for exactly that
+    (the paper's protocol) and is recorded as such.
+    """
+    if config.in_sample:
+        return
+    from collections import Counter
+
+    from moeaudit.errors import CorpusError
+
+    observed = Counter(getattr(w, "split", None) for w in windows)
+    missing = [split for split in ("calibration", "heldout") if not observed.get(split)]
+    if not missing:
+        return
+    if any(split not in config.observe_splits for split in missing):
+        reason = f"observe_splits {config.observe_splits} leave out {' and '.join(missing)}"
+    else:
+        documents = Counter(getattr(w, "split", None) for w in getattr(corpus, "windows", windows) if w.start == 0)
+        shares = ", ".join(f"{split} {documents.get(split, 0)}" for split in ("train", "calibration", "heldout"))
+        reason = f"the corpus gave no {' and no '.join(missing)} windows (documents by split: {shares})"
+    raise CorpusError(f"{reason}, so metrics and effects would be measured on the same windows; use a larger corpus "
+                      "(or observe_splits with calibration and heldout), or set in_sample = true in the config file's "
+                      "[observe] table to measure in sample on purpose")
