@@ -19,7 +19,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from moeaudit.data.documents import LOCAL_SUFFIXES, Document, check_nonempty, seeded_sample
 from moeaudit.errors import CorpusError, invalid
@@ -105,12 +105,31 @@ class LocalFileSource:
         blocks = [b.strip() for b in _BLANK_LINES.split(text)]
         return [Document(text=b, domain=None, doc_id=f"{path.name}:{i}") for i, b in enumerate(blocks) if b]
 
+    def _jsonl_lines(self, path: Path) -> Iterator[tuple[int, str]]:
+        """``(line number, line)`` read one at a time (a file is never held whole in memory)."""
+        with path.open("rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as err:
+                    raise CorpusError(
+                        f"corpus file {path.name!r} is not valid UTF-8 (bad byte on line {line_no}, column "
+                        f"{err.start + 1}); re-encode it as UTF-8 (e.g. iconv -t UTF-8)."
+                    ) from None
+                yield line_no, line
+
     def _read_jsonl(self, path: Path) -> list[Document]:
         docs = []
         skipped = 0
-        for line_no, line in enumerate(self._decode(path).splitlines(), start=1):
-            if not line.strip():
+        for line_no, line in self._jsonl_lines(path):
+            stripped = line.lstrip()
+            if not stripped:
                 continue
+            if not stripped.startswith("{"):  # refused before parsing: a huge array would be built in full first
+                raise CorpusError(
+                    f"{path.name} line {line_no} is not a JSON object (it starts with {stripped[:1]!r}); write one "
+                    "JSON object per line."
+                )
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
