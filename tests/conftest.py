@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 #: The repository root (``scripts/`` lives here; it is not part of the installed package).
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,3 +43,13 @@ def one_line_error(code, err, *fragments):
     assert lines[0].startswith("error: ") and "Traceback" not in err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch):
+    """No test reaches the network: huggingface_hub (and so transformers) read the local cache only, and
+    :func:`moeaudit.hub.probe` asks nothing. Tests of an unreachable hub run a subprocess pointed at a
+    closed port."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -20,7 +20,7 @@ SRC = Path(moeaudit.__file__).parent
 
 #: Lower layers never import higher ones. Within a layer, packages may not import each other in a circle.
 LAYERS: list[set[str]] = [
-    {"errors", "options", "_version"},
+    {"errors", "options", "_version", "hub"},
     {"config", "tables", "presets", "data"},
     {"rundir"},
     {"stats"},

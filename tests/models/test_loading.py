@@ -144,3 +144,41 @@ def test_a_damaged_tokenizer_is_one_line_not_no_tokenizer(tmp_path, damage):
     with pytest.raises(ModelLoadError, match=fragment) as caught:
         load_model(str(tmp_path))
     assert "\n" not in str(caught.value)
+
+
+def _hub_env(tmp_path):
+    """A process whose hub refuses connections at once (nothing listens on port 9) and whose cache is empty."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return dict(env, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), TRANSFORMERS_VERBOSITY="error")
+
+
+def test_an_unreachable_hub_is_one_line_without_retries(tmp_path):
+    """transformers retried the connection ten times (eleven printed lines, ~50 s) before the clean line."""
+    import subprocess
+    import sys
+
+    from tests.conftest import one_line_error
+
+    proc = subprocess.run([sys.executable, "-m", "moeaudit", "inspect", "some-org/some-moe"], capture_output=True,
+                          text=True, env=_hub_env(tmp_path), timeout=300)
+    one_line_error(proc.returncode, proc.stderr, "could not reach the model hub for some-org/some-moe",
+                   "hf download some-org/some-moe --local-dir DIR")
+    assert "Retry" not in proc.stderr
+
+
+def test_an_unreachable_hub_falls_back_to_the_cached_snapshot(tmp_path):
+    """A model downloaded before loads from the Hugging Face cache when the hub cannot be reached."""
+    import subprocess
+    import sys
+
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--some-org--cached-moe"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    tiny_model("olmoe", seed=1).save_pretrained(repo / "snapshots" / revision)
+    proc = subprocess.run([sys.executable, "-m", "moeaudit", "inspect", "some-org/cached-moe"], capture_output=True,
+                          text=True, env=_hub_env(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "olmoe" in proc.stdout.lower() and "Retry" not in proc.stderr

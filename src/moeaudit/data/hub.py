@@ -8,6 +8,7 @@ the local cache, the error says so in one line and suggests a local file instead
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from dataclasses import dataclass, field
@@ -78,9 +79,19 @@ class HubDataset:
                 f"corpus {self.name!r} looks like a Hugging Face dataset, which needs the optional package "
                 f"`datasets` (pip install 'moeaudit[datasets]'); or {_LOCAL_HINT}."
             ) from None
+        from moeaudit.hub import offline, probe
+
+        answer = probe(self.dataset, "dataset")
+        if answer == "missing":
+            raise CorpusError(f"no dataset {self.dataset!r} on the Hugging Face hub; check the name, or {_LOCAL_HINT}.")
         try:
-            table = datasets.load_dataset(self.dataset, self.config, split=self.split)
+            # An unreachable hub: the cached copy, if any, without datasets' retries.
+            with offline() if answer == "unreachable" else contextlib.nullcontext():
+                table = datasets.load_dataset(self.dataset, self.config, split=self.split)
         except Exception as err:  # noqa: BLE001 - datasets/hub raise many types for "not reachable"
+            if answer == "unreachable":
+                raise CorpusError(f"could not reach the Hugging Face hub for dataset {self.name!r}, and it is not "
+                                  f"in the local cache; {_LOCAL_HINT}.") from None
             reason = first_line(err)[:160]
             raise CorpusError(
                 f"could not load Hugging Face dataset {self.name!r} ({reason}); "

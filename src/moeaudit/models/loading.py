@@ -71,7 +71,37 @@ def resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
     if isinstance(name_or_path, Path) or _looks_like_path(name):
         raise ModelLoadError(f"no such directory: {name}; pass an existing checkpoint directory, a hub id "
                              "(org/name) or a built-in model name (see `moeaudit inspect --help`)")
-    return name, False
+    return _hub_source(name)
+
+
+def _hub_source(repo_id: str) -> tuple[str, bool]:
+    """Where a hub id loads from: the hub itself when it answers, its cached snapshot when the hub cannot be
+    reached (:func:`moeaudit.hub.probe`: one request without retries), else one line at once."""
+    from moeaudit.hub import probe
+
+    answer = probe(repo_id, "model")
+    if answer == "missing":
+        raise ModelLoadError(f"no model {repo_id} on the model hub; check the id or pass a local directory")
+    if answer != "unreachable":
+        return repo_id, False
+    cached = _cached_snapshot(repo_id)
+    if cached is None:
+        raise ModelLoadError(
+            f"could not reach the model hub for {repo_id}; pass a local directory (download it where there is "
+            f"network with `hf download {repo_id} --local-dir DIR`)")
+    logger.info("the model hub cannot be reached: %s is read from its cached snapshot %s", repo_id, cached)
+    return cached, True
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot directory of ``repo_id`` in the Hugging Face cache, if one holds a config.json."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 — nothing cached (LocalEntryNotFoundError) or an unreadable cache
+        return None
+    return path if (Path(path) / "config.json").exists() else None
 
 
 def _read_local_config(source: str) -> dict[str, Any]:
