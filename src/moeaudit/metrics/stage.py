@@ -18,12 +18,17 @@ from moeaudit.rundir import RunDir
 
 
 def layer_weights(moe: MoEModel) -> dict[int, dict[str, Any]]:
-    """Fused expert weights and router rows per MoE layer, for the weight-only metrics."""
+    """Fused expert weights and router rows per MoE layer, for the weight-only metrics.
+
+    The model's own tensors, not copies: the metrics convert one expert at a time
+    (:func:`moeaudit.metrics.weights.aimer`), so a bfloat16 model is never held again in float32 (that copy
+    was twice the model's size: 27 GB for OLMoE-1B-7B).
+    """
     out = {}
     for layer in moe.layers:
-        tensors = {name: getattr(layer.experts, name).detach().float().cpu()
+        tensors = {name: getattr(layer.experts, name).detach()
                    for name in ("gate_up_proj", "up_proj", "down_proj") if getattr(layer.experts, name, None) is not None}
-        tensors["router"] = layer.router_weight().detach().float().cpu()
+        tensors["router"] = layer.router_weight().detach()
         out[layer.layer] = tensors
     return out
 
