@@ -104,3 +104,34 @@ def test_export_keeps_tied_embeddings_tied(tmp_path):
     assert result.original_parameters - result.parameters == removed + router
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_export_writes_shards_one_at_a_time(tmp_path, monkeypatch):
+    """``max_shard_bytes``: several safetensors shards and an index, written one shard at a time (never the
+    whole pruned state dict in memory), loading to the same model as a one-file export."""
+    import safetensors.torch
+    from transformers import AutoModelForCausalLM
+
+    moe = make_moe("olmoe")
+    kept = {layer.layer: [0, 2, 5, 7] for layer in moe.layers}
+    export_pruned(moe, kept, tmp_path / "one")
+    written = []
+    real = safetensors.torch.save_file
+
+    def recording(tensors, path, metadata=None):
+        written.append(sum(t.numel() * t.element_size() for t in tensors.values()))
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", recording)
+    budget = 64 * 1024
+    export_pruned(moe, kept, tmp_path / "sharded", max_shard_bytes=budget)
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(files) == len(written) > 2 and set(index["weight_map"].values()) == set(files)
+    largest = max(p.numel() * p.element_size() for p in moe.model.parameters())
+    assert max(written) <= max(budget, largest) and sum(written) == index["metadata"]["total_size"]
+    ids = windows(2, 12, seed=4)
+    with torch.no_grad():
+        one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").eval()(input_ids=ids).logits
+        sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()(input_ids=ids).logits
+    assert torch.equal(one, sharded)

@@ -126,8 +126,36 @@ def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
                 "experts")
 
 
-def _pruned_state_dict(moe: MoEModel, kept: dict[int, list[int]]) -> dict[str, torch.Tensor]:
-    """The model's state dict with the dropped experts sliced out of expert and router tensors.
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of the exported checkpoint: the source tensor and, for an expert tensor, the slice kept."""
+
+    name: str
+    source: torch.Tensor
+    axis: int | None = None
+    index: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.source.shape)
+        if self.axis is not None:
+            shape[self.axis] = len(self.index)
+        return tuple(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * self.source.element_size()
+
+    def materialise(self) -> torch.Tensor:
+        data = self.source.detach()
+        if self.axis is not None:
+            data = data.index_select(self.axis, self.index.to(data.device))
+        return data.to("cpu").contiguous()
+
+
+def _pruned_entries(moe: MoEModel, kept: dict[int, list[int]]) -> list[_Entry]:
+    """The model's state dict with the dropped experts sliced out of expert and router tensors, as a plan
+    (nothing is copied until a shard is written).
 
     Sliced: every tensor of the experts module whose leading axis indexes experts; every parameter and
     buffer of the router (and its submodules: ERNIE-4.5's ``moe_statics``) with an expert axis, leading or,
@@ -147,14 +175,67 @@ def _pruned_state_dict(moe: MoEModel, kept: dict[int, list[int]]) -> dict[str, t
                 slices[id(tensor)] = (0, index)
             elif tensor.dim() == 2 and tensor.shape == (1, count):
                 slices[id(tensor)] = (1, index)
-    state = {}
+    entries = []
     for name, tensor in moe.model.state_dict(keep_vars=True).items():
-        data = tensor.detach()
-        if id(tensor) in slices:
-            axis, index = slices[id(tensor)]
-            data = data.index_select(axis, index.to(data.device)).contiguous()
-        state[name] = data
-    return state
+        axis, index = slices.get(id(tensor), (None, None))
+        entries.append(_Entry(name, tensor, axis, index))
+    return entries
+
+
+def _shards(entries: Sequence[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
+    """Consecutive entries grouped into shards of at most ``max_shard_bytes`` (a larger tensor alone)."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def _write_weights(entries: Sequence[_Entry], out: Path, max_shard_bytes: int) -> list[str]:
+    """Write ``entries`` as safetensors shards (with ``model.safetensors.index.json`` when more than one),
+    one shard in memory at a time; returns the file names.
+
+    ``save_pretrained`` on a model built from the sliced tensors would hold every sliced expert tensor at
+    once and serialise each shard into one more buffer; here at most one shard's tensors exist beside the
+    source model.
+    """
+    from safetensors.torch import save_file
+
+    shards = _shards(entries, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map = {}
+    for file_name, shard in zip(names, shards):
+        tensors = {entry.name: entry.materialise() for entry in shard}
+        save_file(tensors, out / file_name, metadata={"format": "pt"})
+        del tensors
+        weight_map.update({entry.name: file_name for entry in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(e.nbytes for e in entries)}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+def _untied(entries: Sequence[_Entry], model: torch.nn.Module) -> list[_Entry]:
+    """Entries without the duplicates of tied weights (``lm_head.weight`` sharing the embedding's storage),
+    which ``from_pretrained`` ties again, as ``save_pretrained`` writes them."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out = []
+    for entry in entries:
+        key = (entry.source.data_ptr(), tuple(entry.source.shape))
+        if entry.source.device.type != "meta" and key in seen and entry.axis is None:
+            continue
+        seen.add(key)
+        out.append(entry)
+    return out
+
+
+#: Default largest shard, as ``save_pretrained``'s ``max_shard_size`` (bytes).
+MAX_SHARD_BYTES = 2 * 2**30
 
 
 def _expert_count_fields(config, num_experts: int) -> tuple[str, ...]:
@@ -167,8 +248,14 @@ def _expert_count_fields(config, num_experts: int) -> tuple[str, ...]:
     return fields
 
 
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names the model ties to another tensor on load (absent from a checkpoint by design)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied) if not isinstance(tied, (list, tuple)) else set(tied)
+
+
 def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str | Path, *,
-                  overwrite: bool = False) -> ExportResult:
+                  overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> ExportResult:
     """Write a physically smaller Hugging Face checkpoint without the dropped experts.
 
     Parameters
@@ -181,6 +268,9 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
         Destination; created. Must be empty or absent unless ``overwrite``.
     overwrite : bool
         Write into a non-empty directory.
+    max_shard_bytes : int
+        Largest safetensors shard (``save_pretrained``'s ``max_shard_size``); shards are written one at a
+        time, so memory holds the source model and one shard.
 
     Returns
     -------
@@ -214,19 +304,25 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     fields = _expert_count_fields(text_config, original)
     for name in fields:
         setattr(text_config, name, new_count)
-    state = _pruned_state_dict(moe, full)
+    entries = _untied(_pruned_entries(moe, full), moe.model)
     with torch.device("meta"):
         pruned = type(moe.model)._from_config(config, dtype=moe.dtype)  # the loaded model's own class
-    missing, unexpected = pruned.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
+    expected = {name: tuple(t.shape) for name, t in pruned.state_dict().items()}
+    planned = {entry.name: entry.shape for entry in entries}
+    missing = sorted(set(expected) - set(planned) - _tied_names(pruned))
+    unexpected = sorted(set(planned) - set(expected))
+    wrong = sorted(name for name in set(planned) & set(expected) if planned[name] != expected[name])
+    if missing or unexpected or wrong:
         raise RuntimeError(f"internal error: pruned state dict does not fit the pruned config "
-                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    pruned.tie_weights()  # assign=True gives tied parameters (e.g. lm_head / embeddings) separate tensors
-    pruned.eval()
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {wrong[:3]})")
     original_parameters = sum(p.numel() for p in moe.model.parameters())
     parameters = sum(p.numel() for p in pruned.parameters())
     try:
-        pruned.save_pretrained(out)
+        _write_weights(entries, out, max_shard_bytes)
+        pruned.config.save_pretrained(out)
+        generation = getattr(moe.model, "generation_config", None)
+        if generation is not None and pruned.can_generate():
+            generation.save_pretrained(out)
         if moe.tokenizer is not None:
             moe.tokenizer.save_pretrained(out)
         record: dict[str, Any] = {"source": moe.name, "original_num_experts": original, "num_experts": new_count,
