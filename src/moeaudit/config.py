@@ -230,7 +230,8 @@ class ExecutionConfig(_Part):
         intervene units name their engine, so switching engines recomputes that stage instead of mixing.)
     rows_per_call, reference_batch, max_logit_elements : int
         Token-scope interventions per call of the fast engine, interventions per full forward of the
-        reference engine, and the cap on rows x positions x vocabulary per sequence-scope call.
+        reference engine, and the cap on one fast-engine call's logits (rows x vocabulary in token scope,
+        rows x positions x vocabulary in sequence scope; 2**25 float32 elements are 128 MiB).
     """
 
     batch_size: int = Field(8, ge=1)

@@ -76,3 +76,46 @@ def test_sequence_rows_batching_does_not_change_results(input_ids, max_logit_ele
                  for change in changes]
     for (a, _, _), (b, _, _) in zip(batched, alone):
         assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("scope", ["token", "sequence"])
+def test_every_fast_call_keeps_its_logits_under_the_budget(moe, input_ids, monkeypatch, scope):
+    """The logits of one call (rows x [positions x] vocabulary) stay within ``max_logit_elements``, however
+    many rows ``rows_per_call`` asks for, and the results do not depend on the budget."""
+    import moeaudit.intervene.fast as fast
+
+    clean = capture_clean(moe, input_ids[:1])
+    vocab = clean.logits.shape[-1]
+    layer = moe.layers[0]
+    record = clean.records[layer.layer]
+    positions = torch.nonzero(clean.valid_next)[:, 0]
+    removed = torch.zeros(len(positions), layer.num_experts, dtype=torch.bool)
+    removed[torch.arange(len(positions)), record.topk_idx[positions, 0]] = True
+    with torch.no_grad():
+        delta = routed_delta(layer, record, positions, removed, "zero")
+    shapes = []
+    real = fast.forward_rows
+
+    def recording(*args, **kwargs):
+        logits = real(*args, **kwargs)
+        shapes.append(tuple(logits.shape))
+        return logits
+
+    def run(budget):
+        shapes.clear()
+        with torch.no_grad():
+            if scope == "token":
+                out = fast.run_token_rows(moe, clean, layer.layer, positions, lambda rows: delta[rows],
+                                          rows_per_call=256, max_logit_elements=budget)
+                return out["delta_nll"]
+            changes = [(positions[i:i + 1], delta[i:i + 1]) for i in range(len(positions))]
+            return torch.stack([dn for dn, _, _ in
+                                fast.run_sequence_rows(moe, clean, layer.layer, changes, max_logit_elements=budget)])
+
+    monkeypatch.setattr(fast, "forward_rows", recording)
+    roomy = run(1 << 30)
+    budget = 3 * vocab * (clean.seq_len if scope == "sequence" else 1)  # three rows' worth per call
+    tight = run(budget)
+    assert len(shapes) > 1 and all(torch.Size(shape).numel() <= budget for shape in shapes)
+    assert max(shape[0] for shape in shapes) == 3 or scope == "sequence"
+    assert torch.equal(roomy, tight) or (roomy - tight).abs().max() <= 1e-5

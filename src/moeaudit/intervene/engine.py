@@ -62,7 +62,8 @@ class InterveneConfig:
     reference_batch : int
         Interventions stacked as batch rows per full forward of the reference engine.
     max_logit_elements : int
-        Cap on rows x positions x vocabulary per sequence-scope call (memory).
+        Cap on the logits of one fast-engine call (memory): rows x vocabulary in token scope, rows x
+        positions x vocabulary in sequence scope. 2**25 elements are 128 MiB of float32.
     noise_positions : int
         Positions per window and MoE layer for the null intervention that measures the noise floor.
     """
@@ -527,7 +528,8 @@ class _Run:
             for layer in self.layers:
                 zero = clean.layer_output[layer].new_zeros(len(pick), clean.layer_output[layer].shape[-1])
                 out = run_token_rows(self.moe, clean, layer, pick, lambda rows: zero[:len(rows)],
-                                     rows_per_call=self.config.rows_per_call)
+                                     rows_per_call=self.config.rows_per_call,
+                                     max_logit_elements=self.config.max_logit_elements)
                 self.noise.extend(out["delta_nll"].abs().tolist())
             if "sequence" in self.config.scopes:
                 zero = clean.layer_output[first].new_zeros(len(candidates), clean.layer_output[first].shape[-1])
@@ -543,7 +545,8 @@ class _Run:
         if not positions:
             return
         pos = torch.tensor(positions, dtype=torch.long, device=clean.input_ids.device)
-        grads = nll_gradients(self.moe, clean, layers, pos, rows_per_call=self.config.rows_per_call)
+        grads = nll_gradients(self.moe, clean, layers, pos, rows_per_call=self.config.rows_per_call,
+                              max_logit_elements=self.config.max_logit_elements)
         for layer in layers:
             record = clean.records[layer]
             k = record.topk_idx.shape[1]
@@ -631,7 +634,8 @@ class _Job:
             with torch.no_grad():
                 out = run_token_rows(self.run.moe, self.clean, self.layer, self.positions,
                                      lambda rows: self.delta(self.positions[rows], self.removed[rows]),
-                                     rows_per_call=self.run.config.rows_per_call)
+                                     rows_per_call=self.run.config.rows_per_call,
+                                     max_logit_elements=self.run.config.max_logit_elements)
             return out, later
         seq_len = self.clean.seq_len
         removal = []

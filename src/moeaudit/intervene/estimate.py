@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 
 from moeaudit.intervene.clean import CleanWindow, upcast
-from moeaudit.intervene.fast import forward_rows
+from moeaudit.intervene.fast import forward_rows, token_rows_per_call
 from moeaudit.models.moe_model import MoEModel
 
 
 def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], positions: torch.Tensor, *,
-                  rows_per_call: int) -> dict[int, torch.Tensor]:
+                  rows_per_call: int, max_logit_elements: int | None = None) -> dict[int, torch.Tensor]:
     """∂NLL_t/∂y_{ℓ,t} for every target position t and MoE layer ℓ.
 
     Parameters
@@ -47,8 +47,9 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
     dtype = upcast(clean.layer_output[first]).dtype
     grads = {layer: torch.empty(len(positions), clean.layer_output[layer].shape[-1], dtype=dtype) for layer in layers}
     base = clean.layer_input[first]
-    for lo in range(0, len(positions), rows_per_call):
-        pos = positions[lo:lo + rows_per_call]
+    per_call = token_rows_per_call(clean, rows_per_call, max_logit_elements)
+    for lo in range(0, len(positions), per_call):
+        pos = positions[lo:lo + per_call]
         hidden = base[pos].unsqueeze(1)
         with torch.enable_grad():
             leaves = {layer: torch.zeros_like(hidden, requires_grad=True) for layer in layers}

@@ -113,8 +113,18 @@ def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Te
     return nll - clean.nll[positions], kl, flip
 
 
+def token_rows_per_call(clean: CleanWindow, rows_per_call: int, max_logit_elements: int | None) -> int:
+    """Rows of one token-scope call: ``rows_per_call``, fewer when rows x vocabulary logits would pass
+    ``max_logit_elements`` (a 256k vocabulary: 1 GiB of float32 logits at 1,024 rows, and log-softmax
+    holds a second copy)."""
+    if max_logit_elements is None:
+        return rows_per_call
+    return max(1, min(rows_per_call, max_logit_elements // max(1, int(clean.logits.shape[-1]))))
+
+
 def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: torch.Tensor,
-                   make_delta: Callable[[torch.Tensor], torch.Tensor], *, rows_per_call: int):
+                   make_delta: Callable[[torch.Tensor], torch.Tensor], *, rows_per_call: int,
+                   max_logit_elements: int | None = None):
     """Token-scope effects of N interventions at MoE layer ``layer`` of one window.
 
     Parameters
@@ -125,6 +135,8 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
         ``make_delta(rows)`` returns Δy [len(rows), H] of the interventions with indices ``rows``.
     rows_per_call : int
         Interventions per batched call (rows are sorted by position, so a call reads a short clean prefix).
+    max_logit_elements : int, optional
+        Cap on rows x vocabulary of one call's logits (:func:`token_rows_per_call`).
 
     Returns
     -------
@@ -136,8 +148,9 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     record = clean.records[layer]
     order = torch.argsort(positions, stable=True)
     base = clean.layer_output[layer]
-    for lo in range(0, n, rows_per_call):
-        rows = order[lo:lo + rows_per_call]
+    per_call = token_rows_per_call(clean, rows_per_call, max_logit_elements)
+    for lo in range(0, n, per_call):
+        rows = order[lo:lo + per_call]
         pos = positions[rows]
         delta = make_delta(rows)
         logits = forward_rows(moe, clean, layer + 1, (base[pos] + delta).unsqueeze(1), pos)[:, 0]
