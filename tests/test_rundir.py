@@ -74,7 +74,7 @@ BAD_VALUES = {
     "router_probs_layers": "some", "dtype": "float64", "experts_implementation": "fast", "min_chars": -1,
     "first_docs": 0, "truncate": "maybe", "in_sample": "maybe",
     # intervene
-    "kind": "drop", "scope": "global", "intervene_n": 0, "progressive": "maybe", "noise_positions": -1,
+    "kind": "drop", "scope": "global", "intervene_n": 0, "intervene_layers": "7", "intervene_windows": 0, "progressive": "maybe", "noise_positions": -1,
     # audit
     "audit_n": 2, "correction": "sidak", "alpha": 0, "audit_metrics": "reap", "designs": ["pairs"], "ci": "boot",
     "equivalence_bound": 0, "n_permutations": 0,

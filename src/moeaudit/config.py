@@ -115,10 +115,18 @@ class InterveneSettings(_Part):
         sampled positions per layer, for the redundancy profile.
     noise_positions : int
         Positions per window and MoE layer for the null intervention that measures the noise floor.
+    intervene_layers : list of int or None
+        MoE layers the intervene stage intervenes at (None = every observed layer): observe and metrics
+        may cover every layer (for pruning) while the costly census covers a few.
+    intervene_windows : int or None
+        At most this many windows (the first, in ``seq`` order) of the split the effects are measured on
+        (None = all of them).
     """
 
     kind: AblationKind = "zero"
     scope: Scope = "token"
+    intervene_layers: list[int] | None = None
+    intervene_windows: int | None = Field(None, ge=1)
     intervene_n: int | None = Field(None, ge=1)
     progressive: bool = True
     noise_positions: int = Field(16, ge=0)

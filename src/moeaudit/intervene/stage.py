@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from moeaudit.errors import invalid
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir, token_windows
@@ -109,6 +110,20 @@ def engine_config_for(config) -> InterveneConfig:
                            noise_positions=config.intervene.noise_positions)
 
 
+def intervened_layers(run: RunDir) -> list[int] | None:
+    """The MoE layers the intervene stage intervenes at: ``intervene_layers`` (each one the observe stage
+    recorded: one line otherwise, before any model loads), else the observed ``layers``."""
+    config = run.config
+    if config.intervene_layers is None:
+        return config.layers
+    observed = run.manifest.get("stages", {}).get("observe", {}).get("layers")
+    missing = [layer for layer in config.intervene_layers if observed is not None and layer not in observed]
+    if missing or not config.intervene_layers:
+        raise invalid("intervene_layers", f"observed MoE layers, a non-empty subset of {observed}",
+                      missing[0] if missing else config.intervene_layers)
+    return sorted(set(config.intervene_layers))
+
+
 def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
                   on_batch: Callable[[int, int], None] | None = None, executor=None) -> dict[str, Any]:
     """Census of single-expert removals (config ``kind`` / ``scope``), plus progressive ablation.
@@ -119,9 +134,13 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
     from moeaudit.scale import make_executor, run_units
 
     config = run.config
+    layers = intervened_layers(run)
     tokens = run.read("tokens", columns=["seq", "pos", "token_id", "split"])
     split = "heldout" if (tokens["split"] == "heldout").any() and not config.in_sample else None
     chosen = tokens[tokens["split"] == split] if split else tokens
+    if config.intervene_windows is not None:
+        first = np.sort(chosen["seq"].unique())[: config.intervene_windows]
+        chosen = chosen[chosen["seq"].isin(first)]
     own_executor = executor is None
     executor = executor or make_executor(config, moe)
     try:
@@ -131,10 +150,10 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
         if bool(attention_mask.all()):
             attention_mask = None
         engine_config = engine_config_for(config)
-        selections = [Selection.census(layers=config.layers) if config.intervene_n is None
-                      else Selection.sample(config.intervene_n, seed=config.seed, layers=config.layers)]
+        selections = [Selection.census(layers=layers) if config.intervene_n is None
+                      else Selection.sample(config.intervene_n, seed=config.seed, layers=layers)]
         if config.progressive:
-            selections.append(Selection.progressive(layers=config.layers, n=config.audit_n, seed=config.seed))
+            selections.append(Selection.progressive(layers=layers, n=config.audit_n, seed=config.seed))
         units = intervene_work_units(seqs, input_ids, attention_mask, selections, engine_config,
                                      config.unit_windows)
         store, progress = run_units(run, "intervene", units, ("effects",), intervene_unit, executor,
