@@ -137,3 +137,18 @@ def test_windows_fingerprint_sees_every_token_and_the_order():
     assert windows_fingerprint([window(0, [1, 2, 3]), window(1, [4, 6])]) != by_hand
     assert windows_fingerprint(windows[::-1]) != by_hand
     assert windows_fingerprint([window(0, [1, 2, 3]), window(2, [4, 5])]) != by_hand
+
+
+def test_truncate_keeps_each_documents_first_max_len_tokens(word_tokenizer) -> None:
+    """The paper's protocol: one window per document, its first 512 tokens. The first of the near-equal
+    windows (what truncation gave before) is shorter: a 700-token document gave 350 tokens, not 512."""
+    docs = [Document(text=" ".join(f"w{i}_{j}" for j in range(n)), domain=None, doc_id=f"d{i}")
+            for i, n in enumerate([7, 20, 8, 13])]
+    corpus = build_windows(docs, word_tokenizer, max_len=8, seed=0, truncate=True)
+    assert [len(w.token_ids) for w in corpus.windows] == [7, 8, 8, 8]
+    full = build_windows(docs, word_tokenizer, max_len=8, seed=0)
+    firsts = {w.doc_id: w.token_ids for w in full.windows if w.start == 0}
+    for window in corpus.windows:
+        document = docs[int(window.doc_id[1:])].text
+        assert window.start == 0 and np.array_equal(window.token_ids, word_tokenizer([document])[0][:8])
+    assert len(firsts["d1"]) == 7 and len(firsts["d3"]) == 6  # the near-equal cuts: 20 -> 7+7+6, 13 -> 6+7

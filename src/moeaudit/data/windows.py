@@ -234,6 +234,7 @@ def build_windows(
     seed: int = 0,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     splits: Sequence[Split] | None = None,
+    truncate: bool = False,
 ) -> WindowedCorpus:
     """Tokenise documents and cut each into windows of at most ``max_len`` tokens.
 
@@ -252,6 +253,9 @@ def build_windows(
         Train / calibration / held-out shares of documents.
     splits : sequence of split names, optional
         Tokenise only documents of these splits (faster when only the held-out split is needed).
+    truncate : bool, default False
+        One window per document: its first ``max_len`` tokens (the paper's protocol, arXiv 2606.10703,
+        Sec. 3.1), the rest of the document dropped.
 
     Returns
     -------
@@ -261,7 +265,8 @@ def build_windows(
     -----
     The split is by document, so no document contributes windows to two splits. Documents shorter than
     two tokens give no window and are counted in ``counters["documents_too_short"]``. A document of
-    ``n`` tokens gives ``ceil(n / max_len)`` windows of near-equal length (:func:`cut_windows`).
+    ``n`` tokens gives ``ceil(n / max_len)`` windows of near-equal length (:func:`cut_windows`), or with
+    ``truncate`` one window of ``min(n, max_len)`` tokens.
     """
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < MIN_WINDOW_TOKENS:
         raise invalid("max_len", f"an integer >= {MIN_WINDOW_TOKENS}", max_len)
@@ -283,7 +288,8 @@ def build_windows(
             continue
         counts[f"documents_{split}"] += 1
         array = np.asarray(ids, dtype=np.int32)
-        for start, stop in cut_windows(len(array), max_len):
+        cuts = [(0, min(len(array), max_len))] if truncate else cut_windows(len(array), max_len)
+        for start, stop in cuts:
             windows.append(Window(len(windows), doc.doc_id, doc.domain, split, start, array[start:stop]))
             counts[f"windows_{split}"] += 1
             counts[f"tokens_{split}"] += stop - start

@@ -24,13 +24,15 @@ def build_corpus(config: AuditConfig, tokenizer):
         documents = documents[: config.first_docs]
     if config.max_docs is not None:
         documents = seeded_sample(documents, config.max_docs, config.split_seed)
-    return build_windows(documents, tokenizer, max_len=config.max_len, seed=config.split_seed)
+    return build_windows(documents, tokenizer, max_len=config.max_len, seed=config.split_seed, truncate=config.truncate)
 
 
 def observed_windows(corpus, config: AuditConfig) -> list[Any]:
     chosen = []
     for split in config.observe_splits:
         windows = [w for w in corpus.select(split) if w.start == 0] if config.truncate else corpus.select(split)
+        # (a corpus built with truncate holds first windows only; one built without it, passed in by a
+        # caller, is reduced to each document's first window)
         chosen.extend(windows[: config.max_windows] if config.max_windows else windows)
     return sorted(chosen, key=lambda w: w.seq)
 
