@@ -84,3 +84,19 @@ def test_cuda_without_gpus_is_one_line_and_stops_ray(cli, tmp_path):  # noqa: F8
     assert err.strip().splitlines() == ["error: --device cuda with --executor ray, but the Ray cluster has no GPU; "
                                         "start workers on GPU nodes or use --device cpu"]
     assert not ray.is_initialized()
+
+
+def test_a_local_ray_instance_runs_its_workers_at_the_drivers_priority(tmp_path):
+    """Ray starts workers at niceness 15; beside three busy processes its model workers then crawled (the
+    suite's Ray tests took tens of minutes). A local instance started by moeaudit runs them at niceness 0."""
+    import os
+
+    from moeaudit.config import AuditConfig
+    from moeaudit.scale.executors import RayExecutor
+
+    executor = RayExecutor(AuditConfig(model="tiny-olmoe", executor="ray"), workers=1)
+    try:
+        niceness = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())  # the actor holds the CPUs
+    finally:
+        executor.close()
+    assert niceness == os.nice(0) and not ray.is_initialized()
