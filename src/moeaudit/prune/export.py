@@ -182,9 +182,9 @@ def _pruned_entries(moe: MoEModel, kept: dict[int, list[int]]) -> list[_Entry]:
     return entries
 
 
-def _shards(entries: Sequence[_Entry], max_shard_bytes: int) -> list[list[_Entry]]:
+def _shards(entries: Sequence[Any], max_shard_bytes: int) -> list[list[Any]]:
     """Consecutive entries grouped into shards of at most ``max_shard_bytes`` (a larger tensor alone)."""
-    shards: list[list[_Entry]] = [[]]
+    shards: list[list[Any]] = [[]]
     size = 0
     for entry in entries:
         if shards[-1] and size + entry.nbytes > max_shard_bytes:
@@ -195,9 +195,12 @@ def _shards(entries: Sequence[_Entry], max_shard_bytes: int) -> list[list[_Entry
     return shards
 
 
-def _write_weights(entries: Sequence[_Entry], out: Path, max_shard_bytes: int) -> list[str]:
+def write_shards(entries: Sequence[Any], out: Path, max_shard_bytes: int) -> list[str]:
     """Write ``entries`` as safetensors shards (with ``model.safetensors.index.json`` when more than one),
     one shard in memory at a time; returns the file names.
+
+    Each entry has a ``name``, its ``nbytes`` and ``materialise()`` giving the tensor (a slice of a loaded
+    model here; freshly drawn random weights in ``benchmarks/realscale.py``).
 
     ``save_pretrained`` on a model built from the sliced tensors would hold every sliced expert tensor at
     once and serialise each shard into one more buffer; here at most one shard's tensors exist beside the
@@ -318,7 +321,7 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     original_parameters = sum(p.numel() for p in moe.model.parameters())
     parameters = sum(p.numel() for p in pruned.parameters())
     try:
-        _write_weights(entries, out, max_shard_bytes)
+        write_shards(entries, out, max_shard_bytes)
         pruned.config.save_pretrained(out)
         generation = getattr(moe.model, "generation_config", None)
         if generation is not None and pruned.can_generate():
