@@ -162,9 +162,10 @@ class RunDir:
         elif manifest_path.exists():
             self.manifest = manifest_data(manifest_path)
             stored = AuditConfig.from_manifest(manifest_path)
-            if config is not None and config_fingerprint(config) != config_fingerprint(stored) and not self._holds_work():
-                self._create(config)  # a run stopped (by bad input, say) before computing anything: take the new settings
-            elif config is not None and config_fingerprint(config) != config_fingerprint(stored):
+            differs = config is not None and config_fingerprint(config) != config_fingerprint(stored)
+            if differs and not self._holds_work():
+                self._create(config)  # stopped (by bad input, say) before computing anything: take the new settings
+            elif differs:
                 changed = sorted(k for k, v in config.fingerprint_fields().items()
                                  if stored.fingerprint_fields().get(k) != v)
                 raise RunDirectoryError(f"{self.path} holds a run with another configuration (differs in "

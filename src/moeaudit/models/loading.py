@@ -86,11 +86,14 @@ def _hub_source(repo_id: str) -> tuple[str, bool]:
         return repo_id, False
     cached = _cached_snapshot(repo_id)
     if cached is None:
-        raise ModelLoadError(
-            f"could not reach the model hub for {repo_id}; pass a local directory (download it where there is "
-            f"network with `hf download {repo_id} --local-dir DIR`)")
+        raise _unreachable_hub(repo_id)
     logger.info("the model hub cannot be reached: %s is read from its cached snapshot %s", repo_id, cached)
     return cached, True
+
+
+def _unreachable_hub(repo_id: str) -> ModelLoadError:
+    return ModelLoadError(f"could not reach the model hub for {repo_id}; pass a local directory (download it where "
+                          f"there is network with `hf download {repo_id} --local-dir DIR`)")
 
 
 def _cached_snapshot(repo_id: str) -> str | None:
@@ -155,10 +158,7 @@ def load_config(source: str, is_local: bool, display: str):
             raise ModelLoadError(f"could not read the checkpoint in {display}: {text.splitlines()[0]}") from None
         if "not a valid model identifier" in text or "Repository Not Found" in text or "404" in text:
             raise ModelLoadError(f"no model {display} on the model hub; check the id or pass a local directory") from None
-        raise ModelLoadError(
-            f"could not reach the model hub for {display}; pass a local directory (download it where there is "
-            f"network with `hf download {display} --local-dir DIR`)"
-        ) from None
+        raise _unreachable_hub(display) from None
 
 
 def _refuse_unsupported(config, display: str) -> None:

@@ -6,8 +6,8 @@ Writes (columns and types: :mod:`moeaudit.tables`):
 * ``tokens.parquet`` — one row per position: ``seq``, ``pos``, ``token_id``, ``nll``
   (NLL of the next token, null at a window's last position), ``domain``, ``split``;
 * ``routing.parquet`` — one row per (seq, layer, pos, slot), in that order: ``expert``, ``raw_gate`` (the
-  family's router score, :meth:`moeaudit.models.MoELayer.router_probs`: the softmax over all routed experts, or the sigmoid
-  score of DeepSeek-V3-style routers), ``combine_weight`` (what the architecture multiplies the expert output by),
+  family's router score, :meth:`moeaudit.models.MoELayer.router_probs`: the softmax over all routed experts,
+  or the sigmoid score of DeepSeek-V3-style routers), ``combine_weight`` (what the architecture multiplies the expert output by),
   ``renorm_gate`` (raw gate / Σ raw gates of the token's selected experts), ``act_norm`` (L2 norm of the
   ungated expert output), ``act_max_abs`` (max |f_e(x)_i|). ``slot`` 0 is the largest raw gate;
 * ``router_probs.parquet`` (optional, chosen layers) — ``layer``, ``seq``, ``pos``, ``probs`` (float16
@@ -194,9 +194,10 @@ def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], p
     out = []
     for row in range(b):
         window_nll = nll[row][np.isfinite(nll[row])].astype(np.float64)
+        rows = [part.num_rows // b for part in routing]  # t positions x k slots per window
         out.append(_WindowTables(
             tokens.slice(row * t, t),
-            [part.slice(row * t * (part.num_rows // (b * t)), t * (part.num_rows // (b * t))) for part in routing],
+            [part.slice(row * n, n) for part, n in zip(routing, rows)],
             [part.slice(row * t, t) for part in router_probs],
             float(window_nll.sum()), int(window_nll.size)))
     return out

@@ -223,14 +223,14 @@ def write_shards(entries: Sequence[Any], out: Path, max_shard_bytes: int) -> lis
     return names
 
 
-def _untied(entries: Sequence[_Entry], model: torch.nn.Module) -> list[_Entry]:
+def _untied(entries: Sequence[_Entry]) -> list[_Entry]:
     """Entries without the duplicates of tied weights (``lm_head.weight`` sharing the embedding's storage),
     which ``from_pretrained`` ties again, as ``save_pretrained`` writes them."""
     seen: set[tuple[int, tuple[int, ...]]] = set()
     out = []
     for entry in entries:
         key = (entry.source.data_ptr(), tuple(entry.source.shape))
-        if entry.source.device.type != "meta" and key in seen and entry.axis is None:
+        if key in seen and entry.axis is None:
             continue
         seen.add(key)
         out.append(entry)
@@ -253,8 +253,7 @@ def _expert_count_fields(config, num_experts: int) -> tuple[str, ...]:
 
 def _tied_names(model: torch.nn.Module) -> set[str]:
     """State-dict names the model ties to another tensor on load (absent from a checkpoint by design)."""
-    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or {}
-    return set(tied) if not isinstance(tied, (list, tuple)) else set(tied)
+    return set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
 
 
 def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str | Path, *,
@@ -307,7 +306,7 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     fields = _expert_count_fields(text_config, original)
     for name in fields:
         setattr(text_config, name, new_count)
-    entries = _untied(_pruned_entries(moe, full), moe.model)
+    entries = _untied(_pruned_entries(moe, full))
     with torch.device("meta"):
         pruned = type(moe.model)._from_config(config, dtype=moe.dtype)  # the loaded model's own class
     expected = {name: tuple(t.shape) for name, t in pruned.state_dict().items()}
