@@ -4,7 +4,10 @@ Every function wraps scipy or statsmodels, validates its arguments in one step (
 :class:`moeaudit.errors.InvalidParameterError`), and answers degenerate input with NaN fields and a
 :class:`DegenerateInputWarning` (a :class:`RuntimeWarning`) — never with a stand-in value such as p = 1.
 
-- :func:`paired_contrast` — the paper's test: d_z, its CI, paired t and Wilcoxon (arXiv:2606.10703).
+- :func:`paired_contrast` — the paper's test: d_z, its CI, paired t and Wilcoxon (arXiv:2606.10703);
+  with ``cluster=`` the tests treat documents, not tokens, as independent.
+- :func:`cluster_robust_mean`, :func:`cluster_bootstrap_ci`, :func:`mixed_effects_mean` — inference for
+  correlated tokens: CR2 / Bell–McCaffrey t, the cluster bootstrap, random-intercept models.
 - :func:`adjust`, :func:`dual_verdict`, :func:`verdicts_for_family` — multiple testing and verdicts.
 - :func:`within_token_spearman`, :func:`within_token_spearman_frame`, :func:`expert_level_spearman` —
   rank correlations over all active experts of a token, and across experts.
@@ -15,6 +18,13 @@ Every function wraps scipy or statsmodels, validates its arguments in one step (
 from __future__ import annotations
 
 from moeaudit.stats._common import ConfidenceInterval, DegenerateInputWarning
+from moeaudit.stats.cluster import (
+    ClusterMeanResult,
+    MixedMeanResult,
+    cluster_bootstrap_ci,
+    cluster_robust_mean,
+    mixed_effects_mean,
+)
 from moeaudit.stats.correlation import (
     ExpertLevelSpearmanResult,
     WithinTokenSpearmanResult,
@@ -29,6 +39,11 @@ from moeaudit.stats.redundancy import cliff, progressive_summary
 
 __all__ = [
     "VERDICTS",
+    "ClusterMeanResult",
+    "MixedMeanResult",
+    "cluster_bootstrap_ci",
+    "cluster_robust_mean",
+    "mixed_effects_mean",
     "ConfidenceInterval",
     "DegenerateInputWarning",
     "ExpertLevelSpearmanResult",

@@ -32,6 +32,7 @@ from moeaudit.stats._common import (
     rng_kwargs,
     warn_degenerate,
 )
+from moeaudit.stats.cluster import as_cluster_codes, cluster_means, cr2, t_interval, t_test
 
 __all__ = [
     "ExpertLevelSpearmanResult",
@@ -78,7 +79,10 @@ class WithinTokenSpearmanResult(ResultMixin):
         Tokens with rho > 0 and rho < 0 (rho = 0 counts for neither).
     p_sign : float
         Exact binomial sign test of ``n_positive`` out of ``n_positive + n_negative`` against 1/2
-        (:func:`scipy.stats.binomtest`).
+        (:func:`scipy.stats.binomtest`); with clusters, of the signs of the cluster-mean rhos.
+    n_clusters, design_effect, df_t : int, float, float or None
+        With ``cluster`` (:func:`within_token_spearman_frame`): the clusters among the usable tokens, the
+        CR2 design effect of the mean rho and the Bell–McCaffrey degrees of freedom of its t; else None.
     """
 
     n_tokens: int
@@ -97,7 +101,11 @@ class WithinTokenSpearmanResult(ResultMixin):
     n_positive: int
     n_negative: int
     p_sign: float
+    n_clusters: int | None = None
+    design_effect: float | None = None
+    df_t: float | None = None
     _rhos: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    _codes: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def rhos(self) -> np.ndarray:
@@ -109,6 +117,9 @@ class WithinTokenSpearmanResult(ResultMixin):
         level = check_open_unit("confidence_level", confidence_level)
         if self._rhos is None or not math.isfinite(self.p_t):
             return ConfidenceInterval(math.nan, math.nan)
+        if self._codes is not None:
+            fit = cr2(self._rhos, self._codes)
+            return t_interval(fit.mean, math.sqrt(fit.variance), fit.df, level, self.alternative)
         ci = sps.ttest_1samp(self._rhos, 0.0, alternative=self.alternative).confidence_interval(level)
         return ConfidenceInterval(float(ci.low), float(ci.high))
 
@@ -225,6 +236,7 @@ def within_token_spearman_frame(
     token: str | Sequence[str] = ("seq", "pos"),
     alpha: float = 0.05,
     alternative: Alternative = "two-sided",
+    cluster: str | None = None,
 ) -> WithinTokenSpearmanResult:
     """:func:`within_token_spearman` on a long table: one row per (token, active expert).
 
@@ -241,6 +253,11 @@ def within_token_spearman_frame(
         Column(s) identifying a token; rows sharing them form one active set.
     alpha, alternative
         As in :func:`within_token_spearman`.
+    cluster : str, optional
+        Column holding each token's cluster (its document or window; constant within a token). The mean rho
+        is then tested with the cluster-robust t of :func:`moeaudit.stats.cluster_robust_mean` (its CI too)
+        and the sign test counts the signs of the cluster-mean rhos, since the rhos of one document's tokens
+        are correlated. None (default): tokens are independent.
 
     Returns
     -------
@@ -263,26 +280,35 @@ def within_token_spearman_frame(
     >>> res.n_tokens, res.rhos.tolist()
     (2, [1.0, -0.5])
     """
-    blocks, n_small, n_seen = _validate_within_token_spearman_frame(frame, metric, effect, token, alpha, alternative)
-    return _summarise_rhos(blocks, n_small, n_seen, alpha, alternative)
+    blocks, n_small, n_seen, codes = _validate_within_token_spearman_frame(frame, metric, effect, token, alpha,
+                                                                         alternative, cluster)
+    return _summarise_rhos(blocks, n_small, n_seen, alpha, alternative, codes)
 
 
 def _validate_within_token_spearman_frame(
-    frame: Any, metric: Any, effect: Any, token: Any, alpha: Any, alternative: Any
-) -> tuple[dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], int, int]:
+    frame: Any, metric: Any, effect: Any, token: Any, alpha: Any, alternative: Any, cluster: Any
+) -> tuple[dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]], int, int, np.ndarray | None]:
     check_open_unit("alpha", alpha)
     check_choice("alternative", alternative, ALTERNATIVES)
     if not isinstance(frame, pd.DataFrame):
         raise InvalidParameterError(f"`frame` must be a pandas DataFrame; got {type(frame).__name__}.")
     token_cols = [token] if isinstance(token, str) else list(token)
-    for name, cols in (("metric", [metric]), ("effect", [effect]), ("token", token_cols)):
+    named = (("metric", [metric]), ("effect", [effect]), ("token", token_cols))
+    for name, cols in named + ((("cluster", [cluster]),) if cluster is not None else ()):
         absent = [c for c in cols if c not in frame.columns]
         if absent or not cols:
             raise InvalidParameterError(f"`{name}` must name columns of `frame`; got {absent or cols!r}.")
     m_all = as_1d_float(f"frame[{metric!r}]", frame[metric].to_numpy(dtype=float))
     e_all = as_1d_float(f"frame[{effect!r}]", frame[effect].to_numpy(dtype=float))
-    token_id = frame.groupby(token_cols, sort=False, dropna=False).ngroup().to_numpy()
+    grouped = frame.groupby(token_cols, sort=False, dropna=False)
+    token_id = grouped.ngroup().to_numpy()
     n_seen = int(token_id.max()) + 1 if token_id.size else 0
+    codes = None
+    if cluster is not None:
+        if (grouped[cluster].nunique(dropna=False) > 1).any():
+            raise InvalidParameterError(f"`cluster` must name a column constant within each token; {cluster!r} "
+                                        "varies inside a token.")
+        codes = as_cluster_codes("cluster", grouped[cluster].first().to_numpy(), n_seen)
     keep = ~(np.isnan(m_all) | np.isnan(e_all))
     token_id, m_all, e_all = token_id[keep], m_all[keep], e_all[keep]
     order = np.argsort(token_id, kind="stable")
@@ -295,7 +321,7 @@ def _validate_within_token_spearman_frame(
         rows = starts[tokens_k][:, None] + np.arange(k)[None, :]
         blocks[int(k)] = [(m_all[rows], e_all[rows], tokens_k)]
     n_small = int(np.sum(sizes < MIN_ACTIVE))
-    return blocks, n_small, n_seen
+    return blocks, n_small, n_seen, codes
 
 
 def _rowwise_spearman(m: np.ndarray, e: np.ndarray) -> np.ndarray:
@@ -317,6 +343,7 @@ def _summarise_rhos(
     n_seen: int,
     alpha: float,
     alternative: str,
+    codes: np.ndarray | None = None,
 ) -> WithinTokenSpearmanResult:
     by_token = np.full(n_seen, np.nan)  # too-small tokens stay NaN, as do constant ones
     n_rated = 0
@@ -326,7 +353,10 @@ def _summarise_rhos(
         idx = np.concatenate([part[2] for part in parts])
         by_token[idx] = _rowwise_spearman(m, e)
         n_rated += idx.size
-    rhos = by_token[~np.isnan(by_token)]
+    rated = ~np.isnan(by_token)
+    rhos = by_token[rated]
+    if codes is not None:
+        codes = pd.factorize(codes[rated], sort=False)[0]
     n_constant = int(n_rated - rhos.size)
     n = int(rhos.size)
     level = 1.0 - alpha
@@ -337,20 +367,33 @@ def _summarise_rhos(
     sd_rho = float(rhos.std(ddof=1)) if n >= 2 else nan
     ci_low = ci_high = t_stat = p_t = p_sign = nan
 
+    fit = cr2(rhos, codes) if codes is not None else None
+    clustered: dict[str, Any] = {}
+    if fit is not None:
+        clustered = dict(n_clusters=fit.n_clusters, design_effect=fit.design_effect, df_t=fit.df)
     problems = []
     if n < 2:
         problems.append(f"{n} usable tokens (need at least 2; {n_small} too small, {n_constant} constant)")
+    elif fit is not None and fit.n_clusters < 2:
+        problems.append(f"{fit.n_clusters} cluster(s) (need at least 2 for clustered inference)")
     elif sd_rho == 0.0:
         problems.append("every token has the same rho (p_t and the CI are NaN)")
-    else:
+    elif fit is None:
         t_res = sps.ttest_1samp(rhos, 0.0, alternative=alternative)
         t_stat, p_t = float(t_res.statistic), float(t_res.pvalue)
         ci = t_res.confidence_interval(level)
         ci_low, ci_high = float(ci.low), float(ci.high)
-    if n_pos + n_neg == 0:
+    else:
+        se = math.sqrt(fit.variance)
+        t_stat, p_t = t_test(fit.mean, se, fit.df, 0.0, alternative)
+        interval = t_interval(fit.mean, se, fit.df, level, alternative)
+        ci_low, ci_high = interval.low, interval.high
+    signs = rhos if fit is None else (cluster_means(rhos, codes) if n else rhos)
+    n_pos_s, n_neg_s = int(np.sum(signs > 0)), int(np.sum(signs < 0))
+    if n_pos_s + n_neg_s == 0:
         problems.append("no token has a non-zero rho (p_sign is NaN)")
     else:
-        p_sign = float(sps.binomtest(n_pos, n_pos + n_neg, 0.5, alternative=alternative).pvalue)
+        p_sign = float(sps.binomtest(n_pos_s, n_pos_s + n_neg_s, 0.5, alternative=alternative).pvalue)
     if problems:
         warn_degenerate("within_token_spearman: " + "; ".join(problems) + ".", 4)
     assert n + n_small + n_constant == n_seen
@@ -371,7 +414,9 @@ def _summarise_rhos(
         n_positive=n_pos,
         n_negative=n_neg,
         p_sign=p_sign,
+        **clustered,
         _rhos=rhos,
+        _codes=codes,
     )
 
 

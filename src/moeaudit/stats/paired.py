@@ -10,6 +10,7 @@ import warnings
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 from scipy import stats as sps
 
 from moeaudit.errors import InvalidParameterError
@@ -28,6 +29,7 @@ from moeaudit.stats._common import (
     rng_kwargs,
     warn_degenerate,
 )
+from moeaudit.stats.cluster import as_cluster_codes, bootstrap_clusters, cluster_means, cr2, t_test
 
 __all__ = ["PairedContrastResult", "paired_contrast"]
 
@@ -72,6 +74,16 @@ class PairedContrastResult(ResultMixin):
     n_distinct_high, n_distinct_low : int or None
         Number of distinct expert ids among the high / low picks (the paper's "degeneracy": a metric that
         always picks the same expert tests one expert, not the metric); None when ids were not given.
+    n_clusters : int or None
+        Distinct clusters among the complete pairs; None without ``cluster``.
+    design_effect : float or None
+        CR2 variance of ``mean_diff`` over the independent-pairs variance ``sd_diff**2 / n``
+        (:func:`moeaudit.stats.cluster_robust_mean`); None without ``cluster``.
+    df_t : float or None
+        Bell–McCaffrey degrees of freedom of the cluster-robust t (``n - 1`` without clusters, reported as
+        None then).
+    mean_diff_ci_low, mean_diff_ci_high : float or None
+        Cluster-bootstrap percentile interval of ``mean_diff`` (nats); None without ``cluster``.
     """
 
     n: int
@@ -92,9 +104,15 @@ class PairedContrastResult(ResultMixin):
     share_high_gt_low: float
     n_distinct_high: int | None = None
     n_distinct_low: int | None = None
+    n_clusters: int | None = None
+    design_effect: float | None = None
+    df_t: float | None = None
+    mean_diff_ci_low: float | None = None
+    mean_diff_ci_high: float | None = None
     _diff: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
     _n_boot: int = dataclasses.field(default=2000, repr=False, compare=False)
     _seed: int = dataclasses.field(default=0, repr=False, compare=False)
+    _codes: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def confidence_interval(self, confidence_level: float = 0.95) -> ConfidenceInterval:
         """Confidence interval for ``d_z`` at another level, by the same method and alternative.
@@ -108,14 +126,13 @@ class PairedContrastResult(ResultMixin):
         -------
         ConfidenceInterval
             ``low``, ``high``; NaN when ``d_z`` is undefined. A BCa interval is recomputed from the stored
-            differences with the same seed, so it is reproducible.
+            differences (and clusters) with the same seed, so it is reproducible.
         """
         level = check_open_unit("confidence_level", confidence_level)
         if not math.isfinite(self.d_z) or self._diff is None:
             return ConfidenceInterval(math.nan, math.nan)
-        if self.ci_method == "bca":
-            return _bca_ci(self._diff, level, self.alternative, self._n_boot, self._seed)
-        return _analytic_ci(self.d_z, self.n, level, self.alternative)
+        return _dz_interval(self._diff, self._codes, self.d_z, self.design_effect, level, self.ci_method,
+                            self.alternative, self._n_boot, self._seed)
 
 
 def paired_contrast(
@@ -130,6 +147,7 @@ def paired_contrast(
     zero_method: ZeroMethod = "wilcox",
     high_expert: Any = None,
     low_expert: Any = None,
+    cluster: Any = None,
 ) -> PairedContrastResult:
     r"""Paired contrast of two matched effect samples: effect size d_z, its CI, paired t and Wilcoxon tests.
 
@@ -154,6 +172,10 @@ def paired_contrast(
         Treatment of zero differences in the Wilcoxon test, passed to :func:`scipy.stats.wilcoxon`.
     high_expert, low_expert : array_like of int, shape (n,), optional
         Expert ids picked as high and low at each pair; give both to get ``n_distinct_high/low``.
+    cluster : array_like, shape (n,), optional
+        One label per pair (the document or window of the token). Pairs of one cluster may be correlated;
+        the tests and intervals then treat clusters, not pairs, as independent (see Notes). None (default)
+        treats pairs as independent, exactly as before this option existed.
 
     Returns
     -------
@@ -161,7 +183,8 @@ def paired_contrast(
         Fields ``n``, ``n_dropped``, ``mean_diff``, ``sd_diff``, ``d_z``, ``ci_low``, ``ci_high``,
         ``confidence_level``, ``ci_method``, ``alternative``, ``t_statistic``, ``p_t``,
         ``wilcoxon_statistic``, ``p_wilcoxon``, ``zero_method``, ``share_high_gt_low``,
-        ``n_distinct_high``, ``n_distinct_low``; method ``confidence_interval(confidence_level)``.
+        ``n_distinct_high``, ``n_distinct_low``, and with ``cluster`` also ``n_clusters``, ``design_effect``,
+        ``df_t``, ``mean_diff_ci_low``, ``mean_diff_ci_high``; method ``confidence_interval(confidence_level)``.
 
     Warns
     -----
@@ -192,6 +215,23 @@ def paired_contrast(
 
     A significant two-sided result with ``d_z < 0`` means the metric's *lowest* pick mattered more.
 
+    **Clustered pairs.** A census measures many tokens per document, and they are correlated, so the
+    independent-pairs tests above are anti-conservative. With ``cluster`` the point estimates
+    (``mean_diff``, ``sd_diff``, ``d_z``, ``share_high_gt_low``) are unchanged and the inference changes:
+
+    - ``t_statistic``, ``p_t``: the cluster-robust t, :math:`\bar d / \widehat{\mathrm{SE}}_\text{CR2}`
+      against Student's t with the Bell–McCaffrey ``df_t`` (:func:`moeaudit.stats.cluster_robust_mean`);
+    - ``p_wilcoxon``: the signed-rank test of the cluster means of ``diff`` (one observation per cluster,
+      valid for independent clusters whose means are symmetric about 0 under the null) [4]_;
+    - ``ci_low``, ``ci_high``: ``"analytic"`` uses the interval above with :math:`n` replaced by the
+      effective sample size :math:`n / \mathrm{deff}`, :math:`\mathrm{deff} =
+      \widehat V_\text{CR2}(\bar d)/(s_d^2/n)`; ``"bca"`` bootstraps d_z resampling whole clusters
+      (:func:`moeaudit.stats.cluster_bootstrap_ci`);
+    - ``mean_diff_ci_low/high``: the cluster-bootstrap percentile interval of ``mean_diff``.
+
+    With one pair per cluster every one of these equals its unclustered value up to rounding (deff = 1,
+    df = n − 1, the cluster means are the differences, the bootstrap draws the same resamples).
+
     References
     ----------
     .. [1] Engmann, Medeiros Adriano, Giese, "From Observation to Intervention: A Causal Audit of Expert
@@ -199,6 +239,8 @@ def paired_contrast(
     .. [2] Lakens, "Calculating and reporting effect sizes to facilitate cumulative science",
        Frontiers in Psychology 4:863 (2013), d_z.
     .. [3] Efron, "Better bootstrap confidence intervals", JASA 82(397):171-185 (1987), BCa.
+    .. [4] Larocque, "An affine-invariant multivariate sign test for cluster correlated data", Canadian
+       Journal of Statistics 31(4):437-455 (2003), tests on cluster summaries.
 
     Examples
     --------
@@ -214,11 +256,13 @@ def paired_contrast(
     >>> res.ci_low < ci90.low < res.d_z < ci90.high < res.ci_high
     True
     """
-    high_arr, low_arr, ids, seed = _validate_paired_contrast(
-        high, low, alpha, ci, n_boot, seed, alternative, zero_method, high_expert, low_expert
+    high_arr, low_arr, ids, codes, seed = _validate_paired_contrast(
+        high, low, alpha, ci, n_boot, seed, alternative, zero_method, high_expert, low_expert, cluster
     )
     keep = ~(np.isnan(high_arr) | np.isnan(low_arr))
     diff = high_arr[keep] - low_arr[keep]
+    if codes is not None:
+        codes = pd.factorize(codes[keep], sort=False)[0]
     n = int(diff.size)
     n_dropped = int(keep.size - n)
     level = 1.0 - alpha
@@ -233,26 +277,37 @@ def paired_contrast(
     share = float(np.mean(diff > 0)) if n >= 1 else nan
     sd_diff = float(diff.std(ddof=1)) if n >= 2 else nan
     d_z = ci_low = ci_high = t_stat = p_t = w_stat = p_w = nan
+    fit = cr2(diff, codes) if codes is not None else None
+    clustered: dict[str, Any] = {}
+    if fit is not None:
+        clustered = dict(n_clusters=fit.n_clusters, design_effect=fit.design_effect,
+                         df_t=fit.df, mean_diff_ci_low=nan, mean_diff_ci_high=nan)
 
     problems = []
     if n < 2:
         problems.append(f"n = {n} complete pairs (need at least 2)")
+    elif fit is not None and fit.n_clusters < 2:
+        problems.append(f"{fit.n_clusters} cluster(s) (need at least 2 for clustered inference)")
     else:
         if sd_diff == 0.0:
             problems.append("the differences have zero variance (d_z, its CI and p_t are NaN)")
         else:
             d_z = mean_diff / sd_diff
-            t_res = sps.ttest_rel(high_arr[keep], low_arr[keep], alternative=alternative)
-            t_stat, p_t = float(t_res.statistic), float(t_res.pvalue)
-            if ci == "bca":
-                interval = _bca_ci(diff, level, alternative, n_boot, seed)
+            if fit is None:
+                t_res = sps.ttest_rel(high_arr[keep], low_arr[keep], alternative=alternative)
+                t_stat, p_t = float(t_res.statistic), float(t_res.pvalue)
             else:
-                interval = _analytic_ci(d_z, n, level, alternative)
+                t_stat, p_t = t_test(mean_diff, math.sqrt(fit.variance), fit.df, 0.0, alternative)
+                boot = bootstrap_clusters(diff, codes, "mean", level, alternative, n_boot, seed, "percentile")
+                clustered.update(mean_diff_ci_low=boot.low, mean_diff_ci_high=boot.high)
+            interval = _dz_interval(diff, codes, d_z, fit.design_effect if fit is not None else None, level, ci,
+                                    alternative, n_boot, seed)
             ci_low, ci_high = float(interval.low), float(interval.high)
-        if not np.any(diff != 0):
+        ranked = diff if codes is None else cluster_means(diff, codes)
+        if not np.any(ranked != 0):
             problems.append("every difference is zero (p_wilcoxon is NaN)")
         else:
-            w_res = sps.wilcoxon(diff, zero_method=zero_method, alternative=alternative)
+            w_res = sps.wilcoxon(ranked, zero_method=zero_method, alternative=alternative)
             w_stat, p_w = float(w_res.statistic), float(w_res.pvalue)
     if problems:
         warn_degenerate("paired_contrast: " + "; ".join(problems) + ".")
@@ -276,9 +331,11 @@ def paired_contrast(
         share_high_gt_low=share,
         n_distinct_high=n_distinct_high,
         n_distinct_low=n_distinct_low,
+        **clustered,
         _diff=diff,
         _n_boot=n_boot,
         _seed=seed,
+        _codes=codes,
     )
 
 
@@ -293,7 +350,8 @@ def _validate_paired_contrast(
     zero_method: Any,
     high_expert: Any,
     low_expert: Any,
-) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, int]:
+    cluster: Any,
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, np.ndarray | None, int]:
     high_arr = as_1d_float("high", high)
     low_arr = as_1d_float("low", low)
     check_same_length(("high", "low"), high_arr, low_arr)
@@ -311,7 +369,8 @@ def _validate_paired_contrast(
         ids = (_as_ids("high_expert", high_expert), _as_ids("low_expert", low_expert))
         check_same_length(("high", "high_expert"), high_arr, ids[0])
         check_same_length(("high", "low_expert"), high_arr, ids[1])
-    return high_arr, low_arr, ids, seed
+    codes = as_cluster_codes("cluster", cluster, high_arr.size) if cluster is not None else None
+    return high_arr, low_arr, ids, codes, seed
 
 
 def _as_ids(name: str, values: Any) -> np.ndarray:
@@ -329,7 +388,19 @@ def _dz_statistic(diff: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.mean(diff, axis=axis) / np.std(diff, axis=axis, ddof=1)
 
 
-def _analytic_ci(d_z: float, n: int, level: float, alternative: str) -> ConfidenceInterval:
+def _dz_interval(diff: np.ndarray, codes: np.ndarray | None, d_z: float, design_effect: float | None, level: float,
+                 ci: str, alternative: str, n_boot: int, seed: int) -> ConfidenceInterval:
+    """The CI of d_z: analytic or BCa; with clusters at the effective n, or resampling clusters."""
+    if codes is None:
+        if ci == "bca":
+            return _bca_ci(diff, level, alternative, n_boot, seed)
+        return _analytic_ci(d_z, diff.size, level, alternative)
+    if ci == "bca":
+        return bootstrap_clusters(diff, codes, "d_z", level, alternative, n_boot, seed, "bca")
+    return _analytic_ci(d_z, diff.size / design_effect, level, alternative)
+
+
+def _analytic_ci(d_z: float, n: float, level: float, alternative: str) -> ConfidenceInterval:
     se = math.sqrt(1.0 / n + d_z**2 / (2.0 * n))
     if alternative == "two-sided":
         half = float(sps.norm.ppf(0.5 + level / 2.0)) * se

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 
@@ -21,6 +22,7 @@ from moeaudit.stats._common import (
     check_open_unit,
     warn_degenerate,
 )
+from moeaudit.stats.cluster import as_cluster_codes, cr2, t_test
 
 __all__ = ["TostResult", "min_detectable_dz", "power_dz", "tost_paired"]
 
@@ -181,7 +183,7 @@ class TostResult(ResultMixin):
     equivalent: bool
 
 
-def tost_paired(diff: Any, *, bound_dz: float = 0.2, alpha: float = 0.05) -> TostResult:
+def tost_paired(diff: Any, *, bound_dz: float = 0.2, alpha: float = 0.05, cluster: Any = None) -> TostResult:
     r"""Equivalence test (two one-sided tests) that a paired effect lies within ±bound_dz, in d_z units.
 
     Parameters
@@ -192,6 +194,9 @@ def tost_paired(diff: Any, *, bound_dz: float = 0.2, alpha: float = 0.05) -> Tos
         Equivalence margin in d_z units, > 0 (0.2 is Cohen's "small").
     alpha : float, default 0.05
         Level of each one-sided test, in (0, 1).
+    cluster : array_like, shape (n,), optional
+        One label per difference (document or window); the one-sided tests then use the cluster-robust
+        standard error and degrees of freedom of :func:`moeaudit.stats.cluster_robust_mean`.
 
     Returns
     -------
@@ -215,7 +220,9 @@ def tost_paired(diff: Any, *, bound_dz: float = 0.2, alpha: float = 0.05) -> Tos
         p = \max(p_\text{lower}, p_\text{upper}),
 
     computed with :func:`scipy.stats.ttest_1samp` (``popmean = ∓b``); it equals
-    :func:`statsmodels.stats.weightstats.ttost_paired` with the same raw bounds.
+    :func:`statsmodels.stats.weightstats.ttost_paired` with the same raw bounds. With ``cluster``,
+    :math:`s/\sqrt n` becomes the CR2 standard error and :math:`n - 1` the Bell–McCaffrey degrees of
+    freedom (a census's tokens of one document are not independent).
 
     **Caveat.** The raw-unit bounds use the *sample* sd, so the margin is estimated from the same data.
     The two statistics are then :math:`t \pm \text{bound\_dz}\sqrt n` with :math:`t` the ordinary paired
@@ -240,8 +247,10 @@ def tost_paired(diff: Any, *, bound_dz: float = 0.2, alpha: float = 0.05) -> Tos
     >>> res.equivalent, res.p < 0.05
     (True, True)
     """
-    d, bound_dz, alpha = _validate_tost_paired(diff, bound_dz, alpha)
-    d = d[~np.isnan(d)]
+    d, bound_dz, alpha, codes = _validate_tost_paired(diff, bound_dz, alpha, cluster)
+    keep = ~np.isnan(d)
+    d = d[keep]
+    fit = cr2(d, pd.factorize(codes[keep], sort=False)[0]) if codes is not None and d.size else None
     n = int(d.size)
     nan = math.nan
     sd = float(d.std(ddof=1)) if n >= 2 else nan
@@ -250,11 +259,18 @@ def tost_paired(diff: Any, *, bound_dz: float = 0.2, alpha: float = 0.05) -> Tos
         warn_degenerate(f"tost_paired: n = {n} differences (need at least 2).")
     elif sd == 0.0:
         warn_degenerate("tost_paired: the differences have zero variance, so the d_z margin is undefined.")
+    elif fit is not None and fit.n_clusters < 2:
+        warn_degenerate(f"tost_paired: {fit.n_clusters} cluster(s) (need at least 2 for clustered inference).")
     else:
         d_z = float(d.mean() / sd)
         bound_low, bound_high = -bound_dz * sd, bound_dz * sd
-        p_lower = float(sps.ttest_1samp(d, bound_low, alternative="greater").pvalue)
-        p_upper = float(sps.ttest_1samp(d, bound_high, alternative="less").pvalue)
+        if fit is None:
+            p_lower = float(sps.ttest_1samp(d, bound_low, alternative="greater").pvalue)
+            p_upper = float(sps.ttest_1samp(d, bound_high, alternative="less").pvalue)
+        else:
+            se = math.sqrt(fit.variance)
+            p_lower = t_test(fit.mean, se, fit.df, bound_low, "greater")[1]
+            p_upper = t_test(fit.mean, se, fit.df, bound_high, "less")[1]
         p = max(p_lower, p_upper)
     return TostResult(
         n=n,
@@ -270,9 +286,13 @@ def tost_paired(diff: Any, *, bound_dz: float = 0.2, alpha: float = 0.05) -> Tos
     )
 
 
-def _validate_tost_paired(diff: Any, bound_dz: Any, alpha: Any) -> tuple[np.ndarray, float, float]:
+def _validate_tost_paired(
+    diff: Any, bound_dz: Any, alpha: Any, cluster: Any
+) -> tuple[np.ndarray, float, float, np.ndarray | None]:
+    arr = as_1d_float("diff", diff)
     return (
-        as_1d_float("diff", diff),
+        arr,
         check_finite("bound_dz", bound_dz, positive=True),
         check_open_unit("alpha", alpha),
+        as_cluster_codes("cluster", cluster, arr.size) if cluster is not None else None,
     )
