@@ -34,7 +34,19 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moeaudit.errors import InvalidParameterError, RunDirectoryError
-from moeaudit.options import AblationKind, CIMethod, Correction, Design, DESIGNS, Dtype, Engine, Scope, Split
+from moeaudit.options import (
+    DESIGNS,
+    AblationKind,
+    CIMethod,
+    ClusterBy,
+    Correction,
+    Design,
+    Dtype,
+    Engine,
+    MixedModel,
+    Scope,
+    Split,
+)
 
 
 class _Part(BaseModel):
@@ -148,6 +160,10 @@ class AuditPart(_Part):
     ci, equivalence_bound, n_permutations
         As in :class:`moeaudit.audit.AuditSettings` (the CI of d_z, the TOST bound, the expert-level
         permutations).
+    audit_cluster, audit_mixed
+        :class:`moeaudit.audit.AuditSettings` ``cluster`` and ``mixed``: the unit of replication of the
+        token-level tests (``auto``: documents whenever a cell holds several tokens of one document) and the
+        mixed-effects view of clustered paired cells.
     """
 
     audit_n: int | None = Field(200, ge=3)
@@ -158,6 +174,8 @@ class AuditPart(_Part):
     ci: CIMethod = "analytic"
     equivalence_bound: float = Field(0.2, gt=0)
     n_permutations: int = Field(9999, ge=1)
+    audit_cluster: ClusterBy = "auto"
+    audit_mixed: MixedModel = "document"
 
     @field_validator("designs")
     @classmethod

@@ -36,6 +36,16 @@ CORRECTIONS: tuple[str, ...] = get_args(Correction)
 Design = Literal["paired", "routing_weight", "random_pair", "within_token", "expert_level"]
 DESIGNS: tuple[str, ...] = get_args(Design)
 
+#: The unit of replication of the audit's token-level tests: ``auto`` clusters by document (by window when
+#: the run holds no document ids) whenever a cell holds more than one token of one document.
+ClusterBy = Literal["auto", "document", "window", "none"]
+CLUSTER_BY: tuple[str, ...] = get_args(ClusterBy)
+
+#: The mixed-effects view of a clustered paired cell: random document intercepts, optionally with the
+#: (high, low) expert pair as a crossed variance component (seconds per cell), or none.
+MixedModel = Literal["document", "document+pair", "none"]
+MIXED_MODELS: tuple[str, ...] = get_args(MixedModel)
+
 #: The alternative hypothesis of a test (scipy's names).
 Alternative = Literal["two-sided", "greater", "less"]
 ALTERNATIVES: tuple[str, ...] = get_args(Alternative)

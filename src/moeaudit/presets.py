@@ -7,7 +7,8 @@ positions with a next token; the four metrics (utilisation = ``frequency``, acti
 ``ean_mean``, mean routing weight when active = ``mean_gate_active``, activation std = ``act_std``) in
 moeaudit's single definitions, computed in-sample on the same texts; ``zero`` removal in ``sequence``
 scope (the expert zeroed wherever routed in the window, outcome read at the target); Bonferroni over the
-model's 20 cells; the dual test. The paper's scripts defined some metrics differently per model
+model's 20 cells; the dual test, treating the 200 tokens as independent (``audit_cluster = "none"``, as the
+paper did; a run's own default clusters them by document). The paper's scripts defined some metrics differently per model
 (e.g. OLMoE's "utilisation" was a mean router logit): moeaudit's numbers follow the paper's *intent*.
 """
 
@@ -67,6 +68,7 @@ def preset_values(name: str, model: str, moe_layers: list[int]) -> dict[str, Any
         scope="sequence",
         correction="bonferroni",
         alpha=0.05,
+        audit_cluster="none",
         progressive=False,
     )
     if key:

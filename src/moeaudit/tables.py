@@ -5,6 +5,8 @@ column is added in one place. Torch-free (pyarrow and pandas only): the audit an
 
 Tables (one Parquet file each in a run directory):
 
+``windows``
+    One row per observed window, with the document it was cut from: :data:`WINDOWS_SCHEMA`.
 ``tokens``
     One row per real (non-padding) position: :data:`TOKENS_SCHEMA`.
 ``routing``
@@ -38,10 +40,18 @@ __all__ = [
     "PRUNING_COLUMNS",
     "ROUTING_SCHEMA",
     "TOKENS_SCHEMA",
+    "WINDOWS_SCHEMA",
     "router_probs_schema",
     "single_expert_rows",
     "single_expert_sql",
 ]
+
+#: ``windows``: ``start`` is the offset of the window's first token in its document; tokens of one document
+#: are correlated, so the audit's tests use ``doc_id`` as their unit of replication (its ``cluster``).
+WINDOWS_SCHEMA = pa.schema([
+    ("seq", pa.int32()), ("doc_id", pa.string()), ("domain", pa.string()), ("split", pa.string()),
+    ("start", pa.int32()), ("n_tokens", pa.int32()),
+])
 
 #: ``tokens``: ``nll`` is the NLL of the next token (null at a window's last position).
 TOKENS_SCHEMA = pa.schema([

@@ -16,7 +16,11 @@ NULL_RANKING = np.array([0, 4, 5, 7, 6, 2, 3, 1], dtype=float)
 
 
 def synthetic(n_tokens=300, layers=(0, 1), seed=0, planted_scale=0.2, gate_scale=0.0, noise=0.05):
-    """Effects where ΔNLL = planted_scale·v_e (+ gate_scale·gate) + noise; `planted` metric = v_e."""
+    """Effects where ΔNLL = planted_scale·v_e (+ gate_scale·gate) + noise; `planted` metric = v_e.
+
+    Tokens are independent draws, 50 to a window: the tests of the independent-token analysis say
+    ``cluster="none"`` (with "auto" the 6 windows would be the units).
+    """
     rng = np.random.default_rng(seed)
     rows, metric_rows = [], []
     for layer in layers:
@@ -38,7 +42,7 @@ def synthetic(n_tokens=300, layers=(0, 1), seed=0, planted_scale=0.2, gate_scale
 
 def test_planted_metric_found_unrelated_not():
     effects, metrics = synthetic()
-    tests = audit(effects, metrics, AuditSettings(n=200, n_permutations=999)).tests
+    tests = audit(effects, metrics, AuditSettings(n=200, n_permutations=999, cluster="none")).tests
     paired = tests[tests.design == "paired"].set_index(["metric", "layer"])
     for layer in (0, 1):
         assert paired.loc[("planted", layer), "verdict"] == "significant"
@@ -57,7 +61,7 @@ def test_planted_metric_found_unrelated_not():
 
 def test_routing_weight_control_detects_gate_effect():
     effects, metrics = synthetic(planted_scale=0.0, gate_scale=0.5)
-    tests = audit(effects, metrics, AuditSettings(designs=("routing_weight", "paired"))).tests
+    tests = audit(effects, metrics, AuditSettings(designs=("routing_weight", "paired"), cluster="none")).tests
     control = tests[tests.design == "routing_weight"]
     assert (control.verdict == "significant").all() and (control.effect > 1).all()
     assert (tests[tests.design == "paired"].verdict != "significant").all()
@@ -65,7 +69,7 @@ def test_routing_weight_control_detects_gate_effect():
 
 def test_paired_equals_hand_computation_and_scipy():
     effects, metrics = synthetic(n_tokens=60, layers=(0,), seed=3)
-    tests = audit(effects, metrics, AuditSettings(n=None, designs=("paired",), metrics=["unrelated"])).tests
+    tests = audit(effects, metrics, AuditSettings(n=None, designs=("paired",), metrics=["unrelated"], cluster="none")).tests
     row = tests.iloc[0]
     frame = effects.join(metrics.set_index("expert")[["unrelated"]], on="expert")
     diffs = []
@@ -104,7 +108,7 @@ def test_false_positive_rate_under_null():
     replicates = 200
     for seed in range(replicates):
         effects, metrics = synthetic(n_tokens=40, layers=(0,), seed=1000 + seed, planted_scale=0.0)
-        tests = audit(effects, metrics, AuditSettings(n=None, designs=("paired",), metrics=["unrelated"])).tests
+        tests = audit(effects, metrics, AuditSettings(n=None, designs=("paired",), metrics=["unrelated"], cluster="none")).tests
         rejections += int(tests.iloc[0].verdict == "significant")
     upper = sps.binom.ppf(0.995, replicates, 0.05)
     assert rejections <= upper
@@ -112,7 +116,7 @@ def test_false_positive_rate_under_null():
 
 def test_paper_table_and_bad_settings():
     effects, metrics = synthetic(n_tokens=80)
-    tests = audit(effects, metrics, AuditSettings(designs=("paired",))).tests
+    tests = audit(effects, metrics, AuditSettings(designs=("paired",), cluster="none")).tests
     table = paper_table(tests)
     assert list(table.columns) == ["metric", "layer 0", "layer 1"]
     assert table.set_index("metric").loc["planted", "layer 0"].endswith("*")

@@ -27,7 +27,8 @@ def test_run_audit_uses_and_records_the_audit_part(tmp_path):
     run_audit(run)
 
     expected = AuditSettings(metrics=["planted"], designs=("paired", "expert_level"), n=40, seed=7,
-                             correction="holm", alpha=0.1, ci="bca", equivalence_bound=0.3, n_permutations=99)
+                             correction="holm", alpha=0.1, ci="bca", equivalence_bound=0.3, n_permutations=99,
+                             cluster="auto", mixed="document")
     assert audit_settings(config) == expected
     by_hand = audit(effects, metrics, expected).tests
     written = run.read("tests")
@@ -35,4 +36,5 @@ def test_run_audit_uses_and_records_the_audit_part(tmp_path):
     pd.testing.assert_frame_equal(written, by_hand, check_exact=True)
     recorded = json.loads((run.path / "manifest.json").read_text())["stages"]["audit"]["settings"]
     assert recorded == dict(metrics=["planted"], designs=["paired", "expert_level"], n=40, seed=7,
-                            correction="holm", alpha=0.1, ci="bca", equivalence_bound=0.3, n_permutations=99)
+                            correction="holm", alpha=0.1, ci="bca", equivalence_bound=0.3, n_permutations=99,
+                            cluster="auto", mixed="document")

@@ -132,6 +132,12 @@ def test_stage_on_run_directory(tmp_path):
     tokens = rundir.read("tokens")
     assert set(tokens.split) == {"calibration", "heldout"}
     assert info["tokens"] == len(tokens)
+    # windows.parquet: each observed window's document (the audit's clusters), as the corpus cut it
+    windows = rundir.read("windows")
+    expected = corpus.to_frame().drop(columns="token_ids")
+    expected = expected[expected.seq.isin(tokens.seq)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(windows, expected, check_dtype=False)
+    assert (windows.groupby("seq").n_tokens.first() == tokens.groupby("seq").size()).all()
     metrics_info = run_metrics(rundir, moe=moe)
     table = rundir.read("expert_metrics")
     assert len(table) == sum(layer.num_experts for layer in moe.layers)

@@ -90,6 +90,20 @@ def _tests() -> pd.DataFrame:
     frame = pd.DataFrame(cells, columns=columns)
     frame["mde_dz"] = np.where(frame["design"].isin(["paired", "routing_weight", "random_pair"]), 0.297, NAN)
     frame["p_tost"] = np.where(frame["equivalent"] == True, 0.01, 0.4)  # noqa: E712
+    # the paired cells of layer 0 clustered by document (as a census's would be), the others not
+    clustered = (frame["design"] == "paired") & (frame["layer"] == 0)
+    frame["cluster"] = np.where(clustered, "document", "none")
+    frame["n_clusters"] = np.where(clustered, 24, NAN)
+    frame["design_effect"] = np.where(clustered, 1.8, NAN)
+    frame["df_t"] = np.where(clustered, 20.3, NAN)
+    frame["mean_diff"] = np.where(clustered, 0.012, NAN)
+    frame["mean_diff_ci_low"] = np.where(clustered, 0.004, NAN)
+    frame["mean_diff_ci_high"] = np.where(clustered, 0.020, NAN)
+    frame["mixed_mean_diff"] = np.where(clustered, 0.011, NAN)
+    frame["mixed_ci_low"] = np.where(clustered, 0.003, NAN)
+    frame["mixed_ci_high"] = np.where(clustered, 0.019, NAN)
+    frame["n_distinct_high"] = np.where(frame["design"] == "paired", 5, NAN)
+    frame["n_distinct_low"] = np.where(frame["design"] == "paired", 7, NAN)
     return frame
 
 

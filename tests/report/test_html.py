@@ -83,6 +83,15 @@ def test_audit_table_colour_codes_verdicts(page):
     assert 'class="v-equiv"' in page and 'class="v-ns"' in page
 
 
+def test_clustered_cells_show_their_clusters_and_design_effect(page):
+    # each clustered cell shows its number of documents and design effect; the hover adds both intervals in nats
+    assert page.count('<small class="clusters">24 documents · deff 1.8</small>') == 2 * 3  # 3 layer-0 cells, 2 runs
+    assert "cluster bootstrap [+0.0040, +0.0200]" in page and "mixed model +0.0110 [+0.0030, +0.0190]" in page
+    assert "distinct experts picked high/low 5/7" in page
+    assert "so 3 of 6 cells treat 24 documents, not tokens, as the independent units" in page
+    assert "high picks came from 5 distinct experts and its low picks from 7" in page
+
+
 def test_accepts_a_single_path(synthetic_run, tmp_path):
     out = write_report(synthetic_run, tmp_path / "one" / "r.html")
     assert out == tmp_path / "one" / "r.html" and out.stat().st_size > 10_000

@@ -44,6 +44,7 @@ from moeaudit.audit.designs import (
     DesignSpec,
     LayerInputs,
     audit,
+    clustering_summary,
     complete_tokens,
     get_design,
     high_low,
@@ -55,6 +56,6 @@ from moeaudit.audit.designs import (
 
 __all__ = [
     "DESIGNS", "PAPER_METRICS", "TOKEN", "AuditResult", "AuditSettings", "Design", "DesignSpec", "LayerInputs",
-    "audit", "complete_tokens", "get_design", "high_low", "layer_inputs", "list_designs", "paper_table",
+    "audit", "clustering_summary", "complete_tokens", "get_design", "high_low", "layer_inputs", "list_designs", "paper_table",
     "register_design",
 ]

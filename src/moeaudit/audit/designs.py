@@ -19,10 +19,22 @@ import numpy as np
 import pandas as pd
 
 from moeaudit.errors import invalid
-from moeaudit.options import CORRECTIONS, DESIGNS, CIMethod, Correction, Design, one_of
+from moeaudit.options import (
+    CLUSTER_BY,
+    CORRECTIONS,
+    DESIGNS,
+    MIXED_MODELS,
+    CIMethod,
+    ClusterBy,
+    Correction,
+    Design,
+    MixedModel,
+    one_of,
+)
 from moeaudit.stats import (
     expert_level_spearman,
     min_detectable_dz,
+    mixed_effects_mean,
     paired_contrast,
     tost_paired,
     verdicts_for_family,
@@ -34,6 +46,8 @@ logger = logging.getLogger(__name__)
 #: The paper's four metrics, in moeaudit's single definitions (arXiv 2606.10703).
 PAPER_METRICS: tuple[str, ...] = ("frequency", "ean_mean", "mean_gate_active", "act_std")
 TOKEN = ["seq", "pos"]
+#: The column of a layer's sample that holds each token's cluster (document or window) when tests cluster.
+CLUSTER = "cluster"
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,17 @@ class AuditSettings:
         |d_z| bound of the TOST equivalence test.
     n_permutations : int
         Permutations of the expert-level Spearman test.
+    cluster : {"auto", "document", "window", "none"}
+        Unit of replication of the token-level designs (paired, routing_weight, random_pair, within_token):
+        tokens of one document are correlated, so their tests treat documents as independent, not tokens
+        (:func:`moeaudit.stats.paired_contrast` with ``cluster``). ``"auto"``: by document (by window when
+        :func:`audit` gets no ``documents``) in every cell where some document holds more than one of the
+        cell's tokens, so a census is always clustered and a sample of one token per document never is;
+        ``"none"``: tokens are independent (the paper's analysis, arXiv 2606.10703 Sec. 3.3).
+    mixed : {"document", "document+pair", "none"}
+        The mixed-effects view of each clustered paired cell (:func:`moeaudit.stats.mixed_effects_mean`):
+        random document intercepts, plus the (high, low) expert pair as a crossed variance component
+        (seconds per cell), or none.
     """
 
     metrics: Sequence[str] | None = None
@@ -69,6 +94,8 @@ class AuditSettings:
     ci: CIMethod = "analytic"
     equivalence_bound: float = 0.2
     n_permutations: int = 9999
+    cluster: ClusterBy = "auto"
+    mixed: MixedModel = "document"
 
     def __post_init__(self) -> None:
         bad = [d for d in self.designs if d not in DESIGNS]
@@ -80,6 +107,10 @@ class AuditSettings:
             raise invalid("alpha", "in (0, 1)", self.alpha)
         if self.correction not in CORRECTIONS:
             raise invalid("correction", one_of(CORRECTIONS), self.correction)
+        if self.cluster not in CLUSTER_BY:
+            raise invalid("cluster", one_of(CLUSTER_BY), self.cluster)
+        if self.mixed not in MIXED_MODELS:
+            raise invalid("mixed", one_of(MIXED_MODELS), self.mixed)
 
 
 @dataclass
@@ -128,27 +159,55 @@ def high_low(frame: pd.DataFrame, score: str) -> tuple[pd.DataFrame, int]:
         "high": high["delta_nll"].to_numpy()[keep], "low": low["delta_nll"].to_numpy()[keep],
         "high_expert": high["expert"].to_numpy()[keep], "low_expert": low["expert"].to_numpy()[keep],
     }, index=high.index[keep])
+    if CLUSTER in frame.columns:
+        pairs[CLUSTER] = high[CLUSTER].to_numpy()[keep]
     dropped = int(frame.groupby(TOKEN).ngroups - keep.sum())
     return pairs, dropped
 
 
-def _paired_row(pairs: pd.DataFrame, settings: AuditSettings, **key) -> dict[str, Any]:
+def _cell_clusters(frame: pd.DataFrame, data: LayerInputs) -> tuple[str, np.ndarray | None]:
+    """The cluster kind a cell's tests use and its labels (None: tokens are independent), per ``settings.cluster``."""
+    if data.cluster_by == "none" or CLUSTER not in frame.columns:
+        return "none", None
+    labels = frame[CLUSTER].to_numpy()
+    if data.settings.cluster == "auto" and pd.Series(labels).is_unique:
+        return "none", None
+    return data.cluster_by, labels
+
+
+def _paired_row(pairs: pd.DataFrame, data: LayerInputs, **key) -> dict[str, Any]:
+    settings = data.settings
+    cluster_by, labels = _cell_clusters(pairs, data)
+    diff = pairs["high"].to_numpy() - pairs["low"].to_numpy()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # degenerate cells are reported as NaN rows
         result = paired_contrast(pairs["high"].to_numpy(), pairs["low"].to_numpy(), alpha=0.05, ci=settings.ci,
                                  seed=settings.seed, high_expert=pairs["high_expert"].to_numpy(),
-                                 low_expert=pairs["low_expert"].to_numpy()) if len(pairs) >= 2 else None
-        tost = tost_paired(pairs["high"].to_numpy() - pairs["low"].to_numpy(), bound_dz=settings.equivalence_bound,
-                           alpha=settings.alpha) if len(pairs) >= 3 else None
+                                 low_expert=pairs["low_expert"].to_numpy(), cluster=labels) if len(pairs) >= 2 else None
+        tost = tost_paired(diff, bound_dz=settings.equivalence_bound, alpha=settings.alpha,
+                           cluster=labels) if len(pairs) >= 3 else None
+        mixed = None
+        if labels is not None and settings.mixed != "none" and result is not None and result.n_clusters >= 2:
+            component = None
+            if settings.mixed == "document+pair":
+                component = [f"{a}/{b}" for a, b in zip(pairs["high_expert"], pairs["low_expert"])]
+            mixed = mixed_effects_mean(diff, labels, component=component, alpha=0.05)
     if result is None:
         return dict(key, n=len(pairs), effect=np.nan, ci_low=np.nan, ci_high=np.nan, p_t=np.nan,
-                    p_wilcoxon=np.nan, tests_used="t+wilcoxon")
-    return dict(key, n=result.n, effect=result.d_z, ci_low=result.ci_low, ci_high=result.ci_high, p_t=result.p_t,
-                p_wilcoxon=result.p_wilcoxon, tests_used="t+wilcoxon", mean_diff=result.mean_diff,
-                share_high_gt_low=result.share_high_gt_low, n_distinct_high=result.n_distinct_high,
-                n_distinct_low=result.n_distinct_low,
-                p_tost=tost.p if tost is not None else np.nan,
-                equivalent=bool(tost.equivalent) if tost is not None else False)
+                    p_wilcoxon=np.nan, tests_used="t+wilcoxon", cluster=cluster_by)
+    row = dict(key, n=result.n, effect=result.d_z, ci_low=result.ci_low, ci_high=result.ci_high, p_t=result.p_t,
+               p_wilcoxon=result.p_wilcoxon, tests_used="t+wilcoxon", mean_diff=result.mean_diff,
+               share_high_gt_low=result.share_high_gt_low, n_distinct_high=result.n_distinct_high,
+               n_distinct_low=result.n_distinct_low,
+               p_tost=tost.p if tost is not None else np.nan,
+               equivalent=bool(tost.equivalent) if tost is not None else False, cluster=cluster_by)
+    if labels is not None:
+        row.update(n_clusters=result.n_clusters, design_effect=result.design_effect, df_t=result.df_t,
+                   mean_diff_ci_low=result.mean_diff_ci_low, mean_diff_ci_high=result.mean_diff_ci_high)
+    if mixed is not None:
+        row.update(mixed_mean_diff=mixed.estimate, mixed_ci_low=mixed.ci_low, mixed_ci_high=mixed.ci_high,
+                   mixed_icc=mixed.icc)
+    return row
 
 
 @dataclass(frozen=True, eq=False)
@@ -170,6 +229,9 @@ class LayerInputs:
         The layer's generator (seeded by ``settings.seed`` and the layer), already used to sample tokens.
     untestable : dict
         ``{"layer/metric": tokens}`` the paired design could not rank; written by the design.
+    cluster_by : {"document", "window", "none"}
+        What the ``cluster`` column of ``sample`` holds (absent when "none"); the designs cluster a cell
+        by it as ``settings.cluster`` says.
     """
 
     layer: int
@@ -179,12 +241,15 @@ class LayerInputs:
     settings: AuditSettings
     rng: np.random.Generator
     untestable: dict[str, int] = field(default_factory=dict)
+    cluster_by: str = "none"
 
 
 def layer_inputs(effects: pd.DataFrame, expert_metrics: pd.DataFrame, metrics: Sequence[str],
-                 settings: AuditSettings, untestable: dict[str, int] | None = None) -> Iterator[LayerInputs]:
+                 settings: AuditSettings, untestable: dict[str, int] | None = None,
+                 documents: pd.Series | None = None) -> Iterator[LayerInputs]:
     """The :class:`LayerInputs` of every layer of ``effects``, in ascending order (see :func:`audit`)."""
     untestable = {} if untestable is None else untestable
+    cluster_by = cluster_kind(settings.cluster, documents)
     for layer in sorted(effects["layer"].unique()):
         layer_effects = complete_tokens(effects[effects["layer"] == layer])
         scores = expert_metrics[expert_metrics["layer"] == layer].set_index("expert")
@@ -192,8 +257,27 @@ def layer_inputs(effects: pd.DataFrame, expert_metrics: pd.DataFrame, metrics: S
         tokens = frame[TOKEN].drop_duplicates()
         rng = np.random.default_rng([settings.seed, int(layer)])
         sampled = _sample_tokens(tokens, settings.n, rng)
-        yield LayerInputs(int(layer), layer_effects, frame.merge(sampled, on=TOKEN), scores, settings, rng,
-                          untestable)
+        sample = frame.merge(sampled, on=TOKEN)
+        if cluster_by == "document":
+            sample[CLUSTER] = sample["seq"].map(documents).to_numpy()
+        elif cluster_by == "window":
+            sample[CLUSTER] = sample["seq"].to_numpy()
+        yield LayerInputs(int(layer), layer_effects, sample, scores, settings, rng, untestable, cluster_by)
+
+
+def cluster_kind(cluster: str, documents: pd.Series | None) -> str:
+    """What the token-level tests cluster by: ``"document"``, ``"window"`` or ``"none"`` (see
+    :class:`AuditSettings`); ``cluster="document"`` without ``documents`` is refused."""
+    if cluster == "none":
+        return "none"
+    if cluster == "window":
+        return "window"
+    if documents is None:
+        if cluster == "document":
+            raise invalid("cluster", "'auto', 'window' or 'none' when the documents of the windows are unknown "
+                          "(pass `documents`)", cluster)
+        return "window"
+    return "document"
 
 
 DesignFn = Callable[[LayerInputs, "str | None"], dict[str, Any]]
@@ -261,32 +345,38 @@ def paired_design(data: LayerInputs, metric: str | None) -> dict[str, Any]:
     active expert per sampled token."""
     pairs, dropped = high_low(data.sample, metric)
     data.untestable[f"{data.layer}/{metric}"] = dropped
-    return _paired_row(pairs, data.settings, layer=data.layer, metric=metric, design="paired")
+    return _paired_row(pairs, data, layer=data.layer, metric=metric, design="paired")
 
 
 @register_design("routing_weight", per_metric=False)
 def routing_weight_design(data: LayerInputs, metric: str | None = None) -> dict[str, Any]:
     """The paired contrast with high/low chosen by the token's own raw gate (``metric = "token_gate"``)."""
     pairs, _ = high_low(data.sample, "raw_gate")
-    return _paired_row(pairs, data.settings, layer=data.layer, metric="token_gate", design="routing_weight")
+    return _paired_row(pairs, data, layer=data.layer, metric="token_gate", design="routing_weight")
 
 
 @register_design("random_pair", per_metric=False)
 def random_pair_design(data: LayerInputs, metric: str | None = None) -> dict[str, Any]:
     """The paired contrast of two distinct random active experts per token (``metric = "random"``)."""
     pairs = _random_pairs(data.sample, data.rng)
-    return _paired_row(pairs, data.settings, layer=data.layer, metric="random", design="random_pair")
+    return _paired_row(pairs, data, layer=data.layer, metric="random", design="random_pair")
 
 
 @register_design("within_token", per_metric=True)
 def within_token_design(data: LayerInputs, metric: str | None) -> dict[str, Any]:
     """Mean Spearman ρ between the metric and ΔNLL over each token's active experts; t and sign tests."""
+    tokens = data.sample.drop_duplicates(TOKEN)
+    cluster_by, labels = _cell_clusters(tokens, data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        r = within_token_spearman_frame(data.sample, metric=metric, effect="delta_nll", token=tuple(TOKEN))
-    return dict(layer=data.layer, metric=metric, design="within_token", n=r.n_tokens, effect=r.mean_rho,
-                ci_low=r.ci_low, ci_high=r.ci_high, p_t=r.p_t, p_wilcoxon=np.nan, p_sign=r.p_sign,
-                tests_used="t+sign", n_skipped=r.n_skipped)
+        r = within_token_spearman_frame(data.sample, metric=metric, effect="delta_nll", token=tuple(TOKEN),
+                                        cluster=CLUSTER if labels is not None else None)
+    row = dict(layer=data.layer, metric=metric, design="within_token", n=r.n_tokens, effect=r.mean_rho,
+               ci_low=r.ci_low, ci_high=r.ci_high, p_t=r.p_t, p_wilcoxon=np.nan, p_sign=r.p_sign,
+               tests_used="t+sign", n_skipped=r.n_skipped, cluster=cluster_by)
+    if labels is not None:
+        row.update(n_clusters=r.n_clusters, design_effect=r.design_effect, df_t=r.df_t)
+    return row
 
 
 @register_design("expert_level", per_metric=True)
@@ -300,10 +390,12 @@ def expert_level_design(data: LayerInputs, metric: str | None) -> dict[str, Any]
                                   n_permutations=data.settings.n_permutations, seed=data.settings.seed)
     return dict(layer=data.layer, metric=metric, design="expert_level", n=r.n, effect=r.rho,
                 ci_low=np.nan, ci_high=np.nan, p_t=np.nan, p_wilcoxon=np.nan,
-                p_permutation=r.p_permutation, tests_used="permutation", p_asymptotic=r.p_asymptotic)
+                p_permutation=r.p_permutation, tests_used="permutation", p_asymptotic=r.p_asymptotic,
+                cluster="none")  # the units are experts (their tokens averaged), permuted across the layer
 
 
-def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSettings | None = None) -> AuditResult:
+def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSettings | None = None, *,
+          documents: pd.Series | None = None) -> AuditResult:
     """Run every selected design for every metric × layer; return the ``tests`` table.
 
     Parameters
@@ -314,20 +406,27 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
     expert_metrics : DataFrame
         ``layer``, ``expert`` and one column per metric (population values, ideally from another split).
     settings : AuditSettings
+    documents : pandas.Series, optional
+        The document id of each window, indexed by ``seq`` (the run's ``windows`` table): the clusters of
+        the token-level designs (``settings.cluster``). Without it they cluster by window.
 
     Returns
     -------
     AuditResult
         ``tests``: layer, metric, design, n, effect (d_z for contrast designs, mean ρ or ρ for correlation
         designs), ci_low, ci_high, p_t, p_wilcoxon, p_sign, p_permutation (NaN where a design has no such
-        test), tests_used, p_adjusted, verdict, plus design-specific columns.
+        test), tests_used, p_adjusted, verdict, cluster (what the cell's tests treated as independent:
+        document, window or none), plus design-specific columns: for clustered cells ``n_clusters``,
+        ``design_effect``, ``df_t`` and, for the contrasts, the cluster-bootstrap interval of the mean
+        difference (``mean_diff_ci_low/high``, nats) beside the mixed model's (``mixed_mean_diff``,
+        ``mixed_ci_low/high``, ``mixed_icc``). ``mde_dz`` uses the effective sample size ``n / design_effect``.
     """
     settings = settings or AuditSettings()
     metrics = _metric_columns(expert_metrics, settings.metrics)
     chosen = [get_design(name) for name in list_designs() if name in settings.designs]
     rows: list[dict[str, Any]] = []
     counters: dict[str, Any] = {"untestable_tokens": {}}
-    for data in layer_inputs(effects, expert_metrics, metrics, settings, counters["untestable_tokens"]):
+    for data in layer_inputs(effects, expert_metrics, metrics, settings, counters["untestable_tokens"], documents):
         for metric in metrics:
             rows.extend(spec(data, metric) for spec in chosen if spec.per_metric)
         rows.extend(spec(data, None) for spec in chosen if not spec.per_metric)
@@ -341,9 +440,12 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
     for design in tests.loc[paired, "design"].unique():
         rows_ = paired & (tests["design"] == design)
         corrected_alpha = settings.alpha / family[rows_].iloc[0] if settings.correction == "bonferroni" else settings.alpha
+        deff = tests.loc[rows_, "design_effect"].fillna(1.0) if "design_effect" in tests.columns else 1.0
+        effective = tests.loc[rows_, "n"] / deff  # the effective sample size of a clustered cell
         tests.loc[rows_, "mde_dz"] = [min_detectable_dz(int(n), alpha=corrected_alpha) if n >= 3 else np.nan
-                                      for n in tests.loc[rows_, "n"]]
+                                      for n in np.floor(effective.fillna(0)).astype(int)]
     counters["cells"] = len(tests)
+    counters["clustered_cells"] = int((tests["cluster"] != "none").sum())
     counters["significant"] = int((tests["verdict"] == "significant").sum())
     return AuditResult(tests, counters)
 
@@ -380,8 +482,26 @@ def _random_pairs(sample: pd.DataFrame, rng: np.random.Generator) -> pd.DataFram
         first.append(a)
         second.append(b)
     a_rows, b_rows = ordered.loc[first], ordered.loc[second]
-    return pd.DataFrame({"high": a_rows["delta_nll"].to_numpy(), "low": b_rows["delta_nll"].to_numpy(),
-                         "high_expert": a_rows["expert"].to_numpy(), "low_expert": b_rows["expert"].to_numpy()})
+    pairs = pd.DataFrame({"high": a_rows["delta_nll"].to_numpy(), "low": b_rows["delta_nll"].to_numpy(),
+                          "high_expert": a_rows["expert"].to_numpy(), "low_expert": b_rows["expert"].to_numpy()})
+    if CLUSTER in sample.columns:
+        pairs[CLUSTER] = a_rows[CLUSTER].to_numpy()
+    return pairs
+
+
+def clustering_summary(cells: pd.DataFrame) -> str:
+    """One sentence on what the cells' tests treated as independent units ("" when no cell is clustered)."""
+    if "cluster" not in cells or not (cells["cluster"] != "none").any():
+        return ""
+    clustered = cells[cells["cluster"] != "none"]
+    kinds = " / ".join(sorted(set(clustered["cluster"])))
+    deff = clustered["design_effect"].dropna()
+    groups = clustered["n_clusters"].dropna().astype(int)
+    span = (str(groups.min()) if groups.min() == groups.max() else f"{groups.min()}-{groups.max()}") if len(groups) \
+        else "?"
+    return (f"Tokens of one {kinds} are correlated, so {len(clustered)} of {len(cells)} cells treat {span} {kinds}s, "
+            f"not tokens, as the independent units (cluster-robust t and signed-rank test of {kinds} means); "
+            f"median design effect {deff.median():.2g}" + (f", up to {deff.max():.2g}." if len(deff) else "."))
 
 
 def paper_table(tests: pd.DataFrame, design: str = "paired", *, compact: bool = False) -> pd.DataFrame:

@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from moeaudit.audit import AuditSettings, audit
+from moeaudit.audit.designs import cluster_kind
 from moeaudit.config import AuditConfig
 from moeaudit.stats import cliff, progressive_summary
 from moeaudit.errors import RunDirectoryError
@@ -26,7 +27,8 @@ def audit_settings(config: AuditConfig) -> AuditSettings:
     part = config.audit
     return AuditSettings(metrics=part.audit_metrics, designs=tuple(part.designs), n=part.audit_n, seed=config.seed,
                          correction=part.correction, alpha=part.alpha, ci=part.ci,
-                         equivalence_bound=part.equivalence_bound, n_permutations=part.n_permutations)
+                         equivalence_bound=part.equivalence_bound, n_permutations=part.n_permutations,
+                         cluster=part.audit_cluster, mixed=part.audit_mixed)
 
 
 def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, Any]:
@@ -37,23 +39,37 @@ def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, A
     """
     config = run.config
     settings = settings or audit_settings(config)
+    documents = window_documents(run)
+    if settings.cluster == "document" and documents is None:
+        raise RunDirectoryError(f"{run.path} holds no windows.parquet (observed before moeaudit recorded each "
+                                "window's document), so tests cannot cluster by document; re-run `moeaudit observe` "
+                                "with --overwrite, or set audit_cluster = \"window\"")
     all_effects = run.read("effects")
     effects = single_expert_effects(all_effects, config.kind, config.scope)
     if effects.empty:
         raise RunDirectoryError(f"effects.parquet in {run.path} has no exact {config.kind}/{config.scope} rows; "
                                 "run `moeaudit intervene` with that kind and scope first")
-    result = audit(effects, run.read("expert_metrics"), settings)
+    result = audit(effects, run.read("expert_metrics"), settings, documents=documents)
     run.write_frame("tests", result.tests)
     redundancy = redundancy_table(all_effects)
     if not redundancy.empty:
         run.write_frame("redundancy", redundancy)
     info = dict(result.counters, kind=config.kind, scope=config.scope, n=settings.n, correction=settings.correction,
-                alpha=settings.alpha)
+                alpha=settings.alpha, cluster_by=cluster_kind(settings.cluster, documents))
     info["untestable_tokens"] = {k: v for k, v in info.get("untestable_tokens", {}).items() if v}
     info["settings"] = {name: list(value) if isinstance(value, tuple) else value
                         for name, value in dataclasses.asdict(settings).items()}
     run.record_stage("audit", info)
     return info
+
+
+def window_documents(run: RunDir) -> pd.Series | None:
+    """Each observed window's document id, indexed by ``seq`` (the ``windows`` table); None for a run
+    observed before the table existed."""
+    if not run.has("windows"):
+        return None
+    windows = run.read("windows", columns=["seq", "doc_id"])
+    return windows.set_index("seq")["doc_id"]
 
 
 def redundancy_table(effects: pd.DataFrame, threshold: float = 0.1) -> pd.DataFrame:

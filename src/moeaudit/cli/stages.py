@@ -112,7 +112,7 @@ def print_audit(tests, info) -> None:
     """The paper-style table (full cells) for the paper's metrics and the control, then d_z for all metrics."""
     import pandas as pd
 
-    from moeaudit.audit import PAPER_METRICS, paper_table
+    from moeaudit.audit import PAPER_METRICS, clustering_summary, paper_table
 
     rule = f"* = significant: t-test and Wilcoxon both pass {info['correction']} at α={info['alpha']}"
     paper = tests[tests["metric"].isin(PAPER_METRICS + ("token_gate",))]
@@ -123,6 +123,9 @@ def print_audit(tests, info) -> None:
     compact = pd.concat([paper_table(tests, design, compact=True) for design in
                          ("paired", "routing_weight", "random_pair")], ignore_index=True)
     print_frame(compact, f"d_z for every metric ({rule}; all columns in tests.parquet)")
+    clustering = clustering_summary(tests[tests["design"] == "paired"])
+    if clustering:
+        typer.echo(clustering + " Per cell: n_clusters, design_effect in tests.parquet.")
 
 
 def register(app: typer.Typer) -> None:

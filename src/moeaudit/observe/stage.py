@@ -109,6 +109,7 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
         check_context(windows, model, config)
         check_held_out_support(windows, corpus, config)
         run.check_corpus(windows_fingerprint(windows), corpus.manifest() if hasattr(corpus, "manifest") else {})
+        write_windows_table(run, windows)
         store, progress = run_units(run, "observe", observe_work_units(windows, config), OBSERVE_TABLES,
                                     observe_unit, executor, on_unit=on_batch)
     finally:
@@ -124,6 +125,25 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
                 seconds=time.perf_counter() - started, executor=executor.name, **progress)
     run.record_stage("observe", info)
     return info
+
+
+def write_windows_table(run: RunDir, windows: Sequence[Any]) -> None:
+    """Write ``windows.parquet``: each observed window's document, domain, split, offset and length."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moeaudit.tables import WINDOWS_SCHEMA
+
+    table = pa.table({
+        "seq": [w.seq for w in windows],
+        "doc_id": [str(getattr(w, "doc_id", w.seq)) for w in windows],
+        "domain": [getattr(w, "domain", None) for w in windows],
+        "split": [getattr(w, "split", None) for w in windows],
+        "start": [int(getattr(w, "start", 0)) for w in windows],
+        "n_tokens": [len(w.token_ids) for w in windows],
+    }, schema=WINDOWS_SCHEMA)
+    with run.writing("windows") as tmp:
+        pq.write_table(table, tmp)
 
 
 def check_context(windows: Sequence[Any], model: dict[str, Any], config: AuditConfig) -> None:

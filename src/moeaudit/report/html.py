@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from moeaudit import __version__
+from moeaudit.audit.designs import clustering_summary
 from moeaudit.report import _pruning, figures, tables
 from moeaudit.report._load import DOMINANT_FACTOR, RunData, compress_layers
 from moeaudit.rundir import RunDir
@@ -356,13 +357,62 @@ def _cell(row, *, kind: str = "d_z") -> str:
         value = getattr(row, name, np.nan)
         if value is not None and np.isfinite(value):
             extra.append(f"{label} {value:.3g}")
+    extra.extend(_cluster_notes(row))
     title = f"{kind} = {row.effect:+.4f}, n = {int(row.n)}; " + "; ".join(extra) + f"; verdict: {row.verdict}"
     ci = (f"<small>[{row.ci_low:+.2f}, {row.ci_high:+.2f}]</small>"
           if np.isfinite(row.ci_low) and np.isfinite(row.ci_high) else "")
     p_w = f" / {row.p_wilcoxon:.2g}" if np.isfinite(row.p_wilcoxon) and row.p_wilcoxon != row.p_t else ""
     mark = "*" if row.verdict == "significant" else ""
+    clusters = _finite(row, "n_clusters")
+    design = (f'<small class="clusters">{int(clusters)} {_e(row.cluster)}s · deff {row.design_effect:.2g}</small>'
+              if clusters is not None and _finite(row, "design_effect") is not None else "")
     return (f'<td class="{_verdict_class(row)}" title="{_e(title)}"><b>{row.effect:+.3f}{mark}</b>{ci}'
-            f"<small>p {row.p_t:.2g}{p_w}</small></td>")
+            f"<small>p {row.p_t:.2g}{p_w}</small>{design}</td>")
+
+
+def _finite(row, name: str) -> float | None:
+    """``row.name`` as a float when the column exists and holds a finite number, else None."""
+    value = getattr(row, name, None)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _cluster_notes(row) -> list[str]:
+    """What a cell's hover text says about its clusters, its two intervals in nats and its degeneracy."""
+    notes = []
+    if _finite(row, "n_clusters") is not None:
+        notes.append(f"{int(row.n_clusters)} {row.cluster}s as independent units, design effect "
+                     f"{row.design_effect:.3g}, df {row.df_t:.3g}")
+    low, high = _finite(row, "mean_diff_ci_low"), _finite(row, "mean_diff_ci_high")
+    if low is not None and high is not None:
+        notes.append(f"mean ΔNLL difference {row.mean_diff:+.4f} nats, cluster bootstrap [{low:+.4f}, {high:+.4f}]")
+    mixed = [_finite(row, name) for name in ("mixed_mean_diff", "mixed_ci_low", "mixed_ci_high")]
+    if all(value is not None for value in mixed):
+        notes.append(f"mixed model {mixed[0]:+.4f} [{mixed[1]:+.4f}, {mixed[2]:+.4f}]")
+    distinct = [_finite(row, name) for name in ("n_distinct_high", "n_distinct_low")]
+    if all(value is not None for value in distinct):
+        notes.append(f"distinct experts picked high/low {int(distinct[0])}/{int(distinct[1])}")
+    return notes
+
+
+def _degeneracy_text(cells: pd.DataFrame) -> str:
+    """The paper's "degeneracy": how many distinct experts the cells' high and low picks were."""
+    if not {"n_distinct_high", "n_distinct_low"} <= set(cells.columns) or cells["n_distinct_high"].isna().all():
+        return ""
+    def span(values: pd.Series) -> str:
+        low, high = int(values.min()), int(values.max())
+        return str(low) if low == high else f"{low}–{high}"
+
+    return (f" A cell's high picks came from {span(cells['n_distinct_high'].dropna())} distinct experts and its low "
+            f"picks from {span(cells['n_distinct_low'].dropna())} (hover a cell for its own counts).")
+
+
+def _clustering_text(cells: pd.DataFrame) -> str:
+    text = clustering_summary(cells)
+    return " " + _e(text) if text else ""
 
 
 def _design_table(cells: pd.DataFrame, layers: list[int], *, kind: str = "d_z", label: str = "metric") -> str:
@@ -400,7 +450,8 @@ def _audit(data: RunData, ctx: _Context) -> str:
                    f"α = {info.get('alpha', data.config.get('alpha', '?'))}); n = "
                    f"{int(ns.min()) if ns.min() == ns.max() else f'{int(ns.min())}–{int(ns.max())}'} token positions "
                    f"per cell" + (f"; smallest detectable |d_z| ≈ {mde.median():.2f}" if len(mde) else "")
-                   + f"; intervention {data.config.get('kind', '?')} / {data.config.get('scope', '?')}.</p>")
+                   + f"; intervention {data.config.get('kind', '?')} / {data.config.get('scope', '?')}."
+                   + _clustering_text(paired) + _degeneracy_text(paired) + "</p>")
         main = summary + LEGEND + _design_table(paired, layers)
     extra = []
     names = {"within_token": ("Within-token Spearman ρ (all active experts of a token, averaged)", "mean ρ"),
