@@ -120,3 +120,50 @@ def test_bad_inputs_are_one_line():
         table = compute_expert_metrics(uneven, {0: 3}, router_logits={0: np.zeros((2, 3))},
                                        metrics=["paper_code_mean_weight_active"])
     assert table.paper_code_mean_weight_active.isna().all()
+
+
+@pytest.mark.skipif(not __import__("moeaudit.models.builtin", fromlist=["builtin_path"]).builtin_path("tiny-olmoe")
+                    .joinpath("model.safetensors").exists(), reason="built-in model weights not present")
+def test_builtin_model_logits_recorded_and_rankings_move(tmp_path):
+    """On the built-in model: observe records the router logits transformers computes; the metrics stage gives
+    the script's values; and the script's definitions pick another highest or lowest active expert than the
+    corrected ones at some tokens (measured, so this fails if the two rank every active set alike)."""
+    import torch
+
+    from moeaudit.config import AuditConfig
+    from moeaudit.metrics.stage import run_metrics
+    from moeaudit.models import load_model
+    from moeaudit.observe import read_router_logits
+    from moeaudit.observe.stage import run_observe
+    from moeaudit.rundir import RunDir
+
+    moe = load_model("tiny-olmoe")
+    config = AuditConfig(model="tiny-olmoe", corpus="builtin", max_windows=3, max_len=32, in_sample=True,
+                         router_logits_layers="all")
+    run = RunDir(tmp_path / "run", config)
+    run_observe(run, moe=moe)
+    run_metrics(run, moe=moe)
+    tokens, routing, table = run.read("tokens"), run.read("routing"), run.read("expert_metrics")
+    logits = read_router_logits(run.table_path("router_logits"))
+    assert sorted(logits) == sorted(layer.layer for layer in moe.layers)
+    seq = int(tokens.seq.min())
+    ids = torch.tensor(tokens[tokens.seq == seq].sort_values("pos").token_id.to_numpy(), dtype=torch.long)[None]
+    with torch.no_grad():
+        reference = [r for r in moe.model(ids, output_router_logits=True).router_logits if r is not None]
+    order = np.lexsort((tokens.pos, tokens.seq))
+    first = (tokens.seq.to_numpy()[order] == seq)
+    for layer, want in zip(moe.layers, reference):
+        assert_allclose(logits[layer.layer][first], want.float().numpy().reshape(ids.shape[1], -1), atol=1e-5)
+    flips = 0
+    for layer in moe.layers:
+        scores = table[table.layer == layer.layer].set_index("expert")
+        u, w = script_style(logits[layer.layer].astype(np.float64), layer.top_k)
+        assert_allclose(scores.paper_code_utilization, u, rtol=1e-9)
+        assert_allclose(scores.paper_code_mean_weight_active, w, rtol=1e-9)
+        for _, active in routing[routing.layer == layer.layer].groupby(["seq", "pos"]).expert:
+            experts = np.sort(active.to_numpy())
+            for corrected, code in (("frequency", "paper_code_utilization"),
+                                    ("mean_gate_active", "paper_code_mean_weight_active")):
+                a, b = scores.loc[experts, corrected].to_numpy(), scores.loc[experts, code].to_numpy()
+                flips += int(experts[a.argmax()] != experts[b.argmax()] or experts[a.argmin()] != experts[b.argmin()])
+    assert flips > 0
