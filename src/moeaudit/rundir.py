@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-TABLES = ("tokens", "routing", "router_probs", "router_logits", "expert_metrics", "expert_metrics_by_domain", "effects", "tests",
-          "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals")
+TABLES = ("tokens", "routing", "router_probs", "router_logits", "expert_metrics", "expert_metrics_by_domain", "effects",
+          "tests", "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals")
 #: The stage (``moeaudit STAGE RUN_DIR``) that writes each table.
 TABLE_STAGES = {"tokens": "observe", "routing": "observe", "router_probs": "observe", "router_logits": "observe",
                 "expert_metrics": "metrics",

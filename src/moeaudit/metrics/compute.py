@@ -395,8 +395,9 @@ def compute_expert_metrics_by_domain(
 ) -> pd.DataFrame:
     """Compute the metrics separately over each domain's tokens.
 
-    Parameters are those of :func:`compute_expert_metrics` (``router_logits`` included), plus ``domain_column``, the routing column
-    naming each token's domain. Rows with a missing domain are left out of every domain.
+    Parameters are those of :func:`compute_expert_metrics` (``router_logits`` included), plus
+    ``domain_column``, the routing column naming each token's domain. Rows with a missing domain are left out
+    of every domain.
 
     Returns
     -------
