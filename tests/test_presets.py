@@ -106,3 +106,32 @@ def test_preset_flags_and_file_are_recorded_as_departures(tmp_path):
     assert text.startswith("preset engmann2026, departing from it in 2 setting(s)") and "kind = 'reroute'" in text
     plain = preset_config("engmann2026", dict(model=str(model_dir)), tmp_path / "run", None)
     assert plain.preset_overrides == {} and _protocol_text(plain.flat()) == "preset engmann2026, followed exactly"
+
+
+def test_paper_code_preset_loads_validates_and_differs_from_engmann2026():
+    from moeaudit.config import build_config
+    from moeaudit.errors import InvalidParameterError
+    from moeaudit.metrics import list_metrics
+    from moeaudit.metrics.registry import check_audit_metrics
+    from moeaudit.rundir import config_fingerprint
+
+    olmoe = "allenai/OLMoE-1B-7B-0924"
+    code = build_config(preset_values("engmann2026-code", olmoe, list(range(16))))
+    corrected = build_config(preset_values("engmann2026", olmoe, list(range(16))))
+    assert code.audit_metrics == ["paper_code_utilization", "ean_mean", "paper_code_mean_weight_active", "act_std"]
+    assert code.router_logits_layers == "all" and corrected.router_logits_layers is None
+    check_audit_metrics(code.audit_metrics)  # every metric is registered
+    assert set(code.audit_metrics) <= set(list_metrics())
+    assert config_fingerprint(code) != config_fingerprint(corrected)
+    differing = {k for k, v in code.fingerprint_fields().items() if corrected.fingerprint_fields()[k] != v}
+    assert differing == {"preset", "audit_metrics", "router_logits_layers"}  # the rest is the same protocol
+    # DeepSeek's script counted routed tokens and averaged top-k weights: moeaudit's own columns
+    deepseek = preset_values("engmann2026-code", "deepseek-ai/DeepSeek-V2-Lite", list(range(1, 27)))
+    assert deepseek["audit_metrics"] == ["frequency", "ean_mean", "mean_gate_active", "act_std"]
+    assert preset_values("engmann2026-code", "some/other-moe", [0, 1])["audit_metrics"] == code.audit_metrics
+    with pytest.raises(InvalidParameterError, match="`preset` must be engmann2026 for Qwen/Qwen1.5-MoE-A2.7B"):
+        preset_values("engmann2026-code", "Qwen/Qwen1.5-MoE-A2.7B", list(range(24)))
+    with pytest.raises(InvalidParameterError, match="one of engmann2026, engmann2026-code"):
+        preset_values("engmann2026-kode", olmoe, [0])
+    with pytest.raises(InvalidParameterError, match="`router_logits_layers` must be"):
+        build_config(dict(preset_values("engmann2026-code", olmoe, list(range(16))), router_logits_layers="some"))

@@ -71,7 +71,8 @@ BAD_VALUES = {
     "model": 3, "corpus": ["a"], "seed": 1.5, "preset": 3, "preset_overrides": {"kind": "zero"},
     # observe
     "max_len": 1, "max_docs": 0, "split_seed": "x", "observe_splits": ["test"], "max_windows": 0, "layers": "0,4",
-    "router_probs_layers": "some", "dtype": "float64", "experts_implementation": "fast", "min_chars": -1,
+    "router_probs_layers": "some", "router_logits_layers": "some", "dtype": "float64",
+    "experts_implementation": "fast", "min_chars": -1,
     "first_docs": 0, "truncate": "maybe", "in_sample": "maybe",
     # intervene
     "kind": "drop", "scope": "global", "intervene_n": 0, "intervene_layers": "7", "intervene_windows": 0, "progressive": "maybe", "noise_positions": -1,

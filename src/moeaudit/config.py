@@ -74,6 +74,9 @@ class ObserveConfig(_Part):
         MoE layers to observe (None = all).
     router_probs_layers : list of int or "all" or None
         Layers whose full router-probability matrix is kept (for routing entropy and Gini).
+    router_logits_layers : list of int or "all" or None
+        Layers whose full router-logit matrix is kept (float32; for the ``paper_code_*`` metrics of
+        :mod:`moeaudit.metrics.papercode`). None, the default, keeps none.
     dtype : str
         Compute dtype; float32 is the exact reference on CPU.
     experts_implementation : str or None
@@ -97,6 +100,7 @@ class ObserveConfig(_Part):
     max_windows: int | None = Field(None, ge=1)
     layers: list[int] | None = None
     router_probs_layers: list[int] | Literal["all"] | None = "all"
+    router_logits_layers: list[int] | Literal["all"] | None = None
     dtype: Dtype = "float32"
     experts_implementation: Literal["eager", "batched_mm", "grouped_mm"] | None = None
     min_chars: int | None = Field(None, ge=0)
@@ -512,6 +516,7 @@ _ALLOWED = {
 _DESCRIBED = {
     "layers": "a list of MoE layer indices such as [0, 4, 7]",
     "router_probs_layers": 'a list of MoE layer indices or "all"',
+    "router_logits_layers": 'a list of MoE layer indices or "all"',
     "audit_metrics": 'a list of metric names such as ["reap", "frequency"]',
     "observe_splits": "a list of splits (train, calibration, heldout)",
     "criteria": 'a list of criteria such as ["reap", "random"]',

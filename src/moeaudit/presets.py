@@ -10,6 +10,26 @@ scope (the expert zeroed wherever routed in the window, outcome read at the targ
 model's 20 cells; the dual test, treating the 200 tokens as independent (``audit_cluster = "none"``, as the
 paper did; a run's own default clusters them by document). The paper's scripts defined some metrics differently per model
 (e.g. OLMoE's "utilisation" was a mean router logit): moeaudit's numbers follow the paper's *intent*.
+
+``engmann2026-code`` is the same protocol with the metrics as the authors' released scripts computed them
+(github.com/callmeloui/observational_metrics), so that the published tables can be set beside the corrected
+ones. For OLMoE-1B-7B-0924 (and any checkpoint the paper did not audit) it tests
+``paper_code_utilization`` (mean router logit), ``ean_mean``, ``paper_code_mean_weight_active`` (mean logit
+over a batch-global top-k mask) and ``act_std`` (the script's activation norm and std agree with moeaudit's);
+for DeepSeek-V2-Lite, whose script counted routed tokens and averaged top-k weights, it tests the same four
+columns as ``engmann2026``. It keeps the router logits of the audited layers
+(``router_logits_layers = "all"``). What it does not replay:
+
+* padding. The scripts padded every text to the longest and pooled the padding positions into all four
+  metrics (about 62 % of the OLMoE rows). moeaudit never pads a forward pass, so the metrics here are over
+  real tokens only: where the published values depended on padding, these differ.
+* the position sets and ddof = 0. The scripts drew one position set per metric from numpy's global stream
+  seeded with 42 (the same four sets at every layer) and divided by the ddof-0 sd.
+  :func:`moeaudit.audit.papercode.paper_code_positions` and :func:`moeaudit.audit.papercode.dz_ddof0`
+  compute both, but the intervene and audit stages of this preset still draw one set per layer with
+  ``default_rng([seed, layer])`` and report d_z with ddof = 1.
+* Qwen1.5-MoE-A2.7B. Its script followed another protocol (its own generator, positions drawn per text,
+  activation norms on 30 texts, a std over output values); this preset refuses it.
 """
 
 from __future__ import annotations
@@ -32,7 +52,17 @@ ENGMANN2026_DTYPES: dict[str, str] = {
     "Qwen/Qwen1.5-MoE-A2.7B": "bfloat16",
     "deepseek-ai/DeepSeek-V2-Lite": "float16",
 }
-PRESETS: tuple[str, ...] = ("engmann2026",)
+PRESETS: tuple[str, ...] = ("engmann2026", "engmann2026-code")
+#: The metrics ``engmann2026-code`` tests, per checkpoint; the OLMoE script's for every other checkpoint.
+PAPER_CODE_METRICS: dict[str, list[str]] = {
+    "allenai/OLMoE-1B-7B-0924": ["paper_code_utilization", "ean_mean", "paper_code_mean_weight_active", "act_std"],
+    "deepseek-ai/DeepSeek-V2-Lite": ["frequency", "ean_mean", "mean_gate_active", "act_std"],
+}
+#: Checkpoints whose released script ``engmann2026-code`` does not replay, with the reason.
+PAPER_CODE_REFUSED: dict[str, str] = {
+    "Qwen/Qwen1.5-MoE-A2.7B": "its script followed another protocol (positions drawn per text with its own "
+                              "generator, activation norms on 30 texts, a std over output values)",
+}
 
 
 def evenly_spaced(moe_layers: list[int], count: int = 5) -> list[int]:
@@ -73,4 +103,10 @@ def preset_values(name: str, model: str, moe_layers: list[int]) -> dict[str, Any
     )
     if key:
         values["dtype"] = ENGMANN2026_DTYPES[key]
+    if name == "engmann2026-code":
+        if key in PAPER_CODE_REFUSED:
+            raise invalid("preset", f"engmann2026 for {key} ({PAPER_CODE_REFUSED[key]})", name)
+        olmoe = PAPER_CODE_METRICS["allenai/OLMoE-1B-7B-0924"]
+        values["audit_metrics"] = list(PAPER_CODE_METRICS.get(key or "", olmoe))
+        values["router_logits_layers"] = "all"
     return values

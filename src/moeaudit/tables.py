@@ -13,6 +13,8 @@ Tables (one Parquet file each in a run directory):
     One row per (layer, seq, pos, slot) of a selected expert: :data:`ROUTING_SCHEMA`.
 ``router_probs``
     Full router probabilities of chosen layers: :func:`router_probs_schema`.
+``router_logits``
+    Full router logits of chosen layers (``observe.router_logits_layers``): :func:`router_logits_schema`.
 ``effects``
     One row per intervention at a token: :data:`EFFECT_COLUMNS`.
 ``pruning``
@@ -41,6 +43,7 @@ __all__ = [
     "ROUTING_SCHEMA",
     "TOKENS_SCHEMA",
     "WINDOWS_SCHEMA",
+    "router_logits_schema",
     "router_probs_schema",
     "single_expert_rows",
     "single_expert_sql",
@@ -83,6 +86,22 @@ def router_probs_schema(num_experts: int) -> pa.Schema:
     """
     return pa.schema([("layer", pa.int16()), ("seq", pa.int32()), ("pos", pa.int32()),
                       ("probs", pa.list_(pa.float16(), num_experts))])
+
+
+def router_logits_schema(num_experts: int) -> pa.Schema:
+    """Schema of ``router_logits``: ``layer``, ``seq``, ``pos`` and ``logits``, a float32 list of length E.
+
+    Parameters
+    ----------
+    num_experts : int
+        E, the number of routed experts of the recorded layers (one count for the whole table).
+
+    Returns
+    -------
+    pyarrow.Schema
+    """
+    return pa.schema([("layer", pa.int16()), ("seq", pa.int32()), ("pos", pa.int32()),
+                      ("logits", pa.list_(pa.float32(), num_experts))])
 
 
 #: Columns of the ``effects`` table, in order. ``delta_nll`` is the causal effect of the intervention

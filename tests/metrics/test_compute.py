@@ -17,6 +17,7 @@ from moeaudit.metrics import compute_expert_metrics, compute_expert_metrics_by_d
 COLUMNS = [
     "layer", "expert", "frequency", "count", "gate_mass", "mean_gate_active", "ean_sum", "ean_mean", "msan",
     "act_std", "reap", "routing_entropy", "routing_gini", "max_act", "aimer", "router_row_norm",
+    "paper_code_utilization", "paper_code_mean_weight_active",
 ]
 MEAN_OVER_ACTIVE = ["mean_gate_active", "ean_mean", "msan", "act_std", "reap", "max_act"]
 
@@ -86,6 +87,7 @@ def _reference(routing, num_experts, router_probs, weights, tokens, reap_gate):
                 "max_act": max(r.act_max_abs for r in mine) if mine else nan,
                 "aimer": aimer,
                 "router_row_norm": math.sqrt(sum(float(w) ** 2 for w in weights[layer]["router"][e])),
+                "paper_code_utilization": nan, "paper_code_mean_weight_active": nan,  # no router logits given
             })
     return pd.DataFrame(out)
 

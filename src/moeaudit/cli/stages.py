@@ -141,7 +141,8 @@ def run_command(
     out: Path = typer.Option(..., "--out", help="Run directory to create (or resume with the same settings)."),
     model: Optional[str] = MODEL_OPTION,
     corpus: Optional[str] = CORPUS_OPTION,
-    preset: Optional[str] = typer.Option(None, "--preset", help="A published protocol: engmann2026."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A published protocol: engmann2026, or "
+                                         "engmann2026-code (the authors' scripts' metric definitions)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="MoE layers, e.g. 0,4,7 (default all)."),
     max_len: Optional[int] = MAX_LEN_OPTION,
     max_windows: Optional[int] = MAX_WINDOWS_OPTION,

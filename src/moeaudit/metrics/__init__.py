@@ -21,6 +21,10 @@ routing_gini           Gini of e's probability column over tokens               
 max_act                max over active tokens of max_i |f_e(x)_i|                     activation
 aimer                  mean |W| / RMS(W) over e's weights (weight-only)               weights
 router_row_norm        ‖router row e‖₂ (weight-only)                                   weights
+paper_code_            mean router logit over all tokens (arXiv 2606.10703's OLMoE    papercode
+utilization            script's "utilization"; needs router logits)
+paper_code_mean_       mean router logit where it reaches the batch's smallest top-k  papercode
+weight_active          threshold (the same script's "mean weight when active")
 =====================  ============================================================  ==============
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 from moeaudit.metrics.activation import act_std, ean_mean, ean_sum, max_act, msan
 from moeaudit.metrics.compute import REQUIRED_COLUMNS, compute_expert_metrics, compute_expert_metrics_by_domain
 from moeaudit.metrics.distribution import routing_entropy, routing_gini
+from moeaudit.metrics.papercode import paper_code_mean_weight_active, paper_code_utilization
 from moeaudit.metrics.reap import REAP_GATES, ReapGate, reap
 from moeaudit.metrics.registry import (
     LayerData,
@@ -64,6 +69,8 @@ __all__ = [
     "max_act",
     "mean_gate_active",
     "msan",
+    "paper_code_mean_weight_active",
+    "paper_code_utilization",
     "reap",
     "register_metric",
     "routing_entropy",

@@ -6,10 +6,12 @@ the function's name: ``moeaudit.metrics.reap`` is the function once the package 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from numpy.typing import NDArray
 
-from moeaudit.metrics import activation, distribution, routing, weights
+from moeaudit.metrics import activation, distribution, papercode, routing, weights
 from moeaudit.metrics.reap import gate_column, reap
 from moeaudit.metrics.registry import LayerData, MissingInputError, register_metric
 
@@ -77,6 +79,23 @@ def _router_row_norm(d: LayerData) -> NDArray[np.float64]:
     return weights.router_row_norm(d.weights.router)
 
 
+def _paper_code_utilization(d: LayerData) -> NDArray[np.float64]:
+    assert d.router_logits is not None
+    return papercode.paper_code_utilization(d.router_logits)
+
+
+def _paper_code_mean_weight_active(d: LayerData) -> NDArray[np.float64]:
+    assert d.router_logits is not None
+    per_token = np.bincount(d.token, minlength=d.n_tokens)
+    if d.n_tokens and per_token.min() != per_token.max():
+        warnings.warn(f"paper_code_mean_weight_active: layer {d.layer} has tokens with {per_token.min()} to "
+                      f"{per_token.max()} routing rows, so no single top-k; the values are NaN.", RuntimeWarning,
+                      stacklevel=2)
+        return np.full(d.num_experts, np.nan)
+    top_k = int(per_token[0]) if d.n_tokens else 1
+    return papercode.paper_code_mean_weight_active(d.router_logits, top_k)
+
+
 #: Built-in metrics that read only weights: computed once per layer, not per token selection.
 WEIGHT_ONLY: frozenset[str] = frozenset({"aimer", "router_row_norm"})
 
@@ -94,3 +113,5 @@ register_metric("routing_gini", _routing_gini, needs=("router_probs",))
 register_metric("max_act", _max_act, needs=("act_max_abs",))
 register_metric("aimer", _aimer, needs=("weights",))
 register_metric("router_row_norm", _router_row_norm, needs=("weights",))
+register_metric("paper_code_utilization", _paper_code_utilization, needs=("router_logits",))
+register_metric("paper_code_mean_weight_active", _paper_code_mean_weight_active, needs=("router_logits",))

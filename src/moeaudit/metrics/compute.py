@@ -14,6 +14,9 @@ Inputs (the observe stage's data contract):
     ``{layer: array [T_layer, E]}``: full router probabilities, one row per distinct token of that
     layer in ``routing``, **rows in ascending (seq, pos) order**. The rows are aligned by that order,
     so ``seqs=`` and per-domain breakdowns select the matching rows.
+``router_logits``
+    ``{layer: array [T_layer, E]}``: full router logits, rows aligned as ``router_probs``; read by the
+    ``paper_code_*`` metrics (:mod:`moeaudit.metrics.papercode`).
 ``weights``
     ``{layer: LayerWeights | {"gate_up_proj": ..., "down_proj": ..., "router": ...}}``.
 
@@ -62,6 +65,7 @@ class _LayerInput:
     n_tokens: int
     router_probs: NDArray[np.floating] | None
     weights: LayerWeights | None
+    router_logits: NDArray[np.floating] | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,6 +167,7 @@ def _prepare(
     num_experts: Mapping[int, int],
     router_probs: Mapping[int, Any] | None,
     weights: Mapping[int, Any] | None,
+    router_logits: Mapping[int, Any] | None = None,
 ) -> list[_LayerInput]:
     routing = _check_routing(routing)
     groups = routing.groupby("layer", sort=True).indices
@@ -170,6 +175,9 @@ def _prepare(
     n_exp = _check_num_experts(num_experts, layers)
     if router_probs is not None and not isinstance(router_probs, Mapping):
         raise invalid("router_probs", "a mapping {layer: array [n_tokens, num_experts]}", type(router_probs).__name__)
+    if router_logits is not None and not isinstance(router_logits, Mapping):
+        raise invalid("router_logits", "a mapping {layer: array [n_tokens, num_experts]}",
+                      type(router_logits).__name__)
     if weights is not None and not isinstance(weights, Mapping):
         raise invalid("weights", "a mapping {layer: LayerWeights or {name: tensor}}", type(weights).__name__)
 
@@ -197,18 +205,25 @@ def _prepare(
             with np.errstate(invalid="ignore", divide="ignore"):
                 frame = frame.assign(renorm_gate=raw / total[row_token])
 
-        probs = None
-        if router_probs is not None and layer in router_probs and router_probs[layer] is not None:
-            probs = _to_array(router_probs[layer])
-            if probs.shape != (len(tokens), e_count):
-                raise invalid(f"router_probs[{layer}]", f"an array of shape ({len(tokens)}, {e_count}): one row per "
-                              "distinct (seq, pos) of the layer in `routing`, in ascending (seq, pos) order",
-                              f"shape {probs.shape}")
+        probs, logits = (_token_matrix(name, given, layer, len(tokens), e_count)
+                         for name, given in (("router_probs", router_probs), ("router_logits", router_logits)))
         lw = None
         if weights is not None and layer in weights and weights[layer] is not None:
             lw = _layer_weights(layer, weights[layer], e_count)
-        out.append(_LayerInput(layer, e_count, frame, row_token, len(tokens), probs, lw))
+        out.append(_LayerInput(layer, e_count, frame, row_token, len(tokens), probs, lw, logits))
     return out
+
+
+def _token_matrix(name: str, given: Mapping[int, Any] | None, layer: int, n_tokens: int,
+                  e_count: int) -> NDArray[np.floating] | None:
+    """Layer ``layer``'s [n_tokens, E] matrix of ``router_probs`` / ``router_logits``, checked; None if absent."""
+    if given is None or layer not in given or given[layer] is None:
+        return None
+    matrix = _to_array(given[layer])
+    if matrix.shape != (n_tokens, e_count):
+        raise invalid(f"{name}[{layer}]", f"an array of shape ({n_tokens}, {e_count}): one row per distinct "
+                      "(seq, pos) of the layer in `routing`, in ascending (seq, pos) order", f"shape {matrix.shape}")
+    return matrix
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,9 +242,10 @@ def _select(li: _LayerInput, row_mask: NDArray[np.bool_] | None, options: Mappin
         used = np.unique(row_token_full)
         n_tokens = len(used)
         token = np.searchsorted(used, row_token_full).astype(np.int64)
-    probs = li.router_probs
-    if probs is not None and used is not None:
-        probs = probs[used]
+    probs, logits = li.router_probs, li.router_logits
+    if used is not None:
+        probs = None if probs is None else probs[used]
+        logits = None if logits is None else logits[used]
     return LayerData(
         layer=li.layer,
         num_experts=li.num_experts,
@@ -240,6 +256,7 @@ def _select(li: _LayerInput, row_mask: NDArray[np.bool_] | None, options: Mappin
         router_probs=probs,
         weights=li.weights,
         options=options,
+        router_logits=logits,
     )
 
 
@@ -298,6 +315,7 @@ def compute_expert_metrics(
     metrics: Iterable[str] | str | None = None,
     reap_gate: ReapGate = "combine",
     seqs: Iterable[int] | None = None,
+    router_logits: Mapping[int, Any] | None = None,
 ) -> pd.DataFrame:
     """Compute every registered metric for every (layer, expert).
 
@@ -323,6 +341,9 @@ def compute_expert_metrics(
     seqs : iterable of int, optional
         Restrict to these sequences (e.g. the calibration split); token metrics are computed over their
         tokens only. Default: all.
+    router_logits : mapping of int to array [T_layer, E], optional
+        Full router logits per layer, rows aligned as ``router_probs``. Enables ``paper_code_utilization``
+        and ``paper_code_mean_weight_active``.
 
     Returns
     -------
@@ -353,7 +374,7 @@ def compute_expert_metrics(
     options = {"reap_gate": _check_reap_gate(reap_gate)}
     seq_arr = _check_seqs(seqs)
     start = time.perf_counter()
-    prepared = _prepare(routing, num_experts, router_probs, weights)
+    prepared = _prepare(routing, num_experts, router_probs, weights, router_logits)
     table = _run(prepared, specs, explicit, options, _seq_masks(prepared, seq_arr), cache={})
     table.attrs["reap_gate"] = options["reap_gate"]
     logger.info("expert metrics: %d layers, %d rows, %.2fs", len(prepared), len(routing), time.perf_counter() - start)
@@ -370,11 +391,13 @@ def compute_expert_metrics_by_domain(
     reap_gate: ReapGate = "combine",
     seqs: Iterable[int] | None = None,
     domain_column: str = "domain",
+    router_logits: Mapping[int, Any] | None = None,
 ) -> pd.DataFrame:
     """Compute the metrics separately over each domain's tokens.
 
-    Parameters are those of :func:`compute_expert_metrics`, plus ``domain_column``, the routing column
-    naming each token's domain. Rows with a missing domain are left out of every domain.
+    Parameters are those of :func:`compute_expert_metrics` (``router_logits`` included), plus
+    ``domain_column``, the routing column naming each token's domain. Rows with a missing domain are left out
+    of every domain.
 
     Returns
     -------
@@ -389,7 +412,7 @@ def compute_expert_metrics_by_domain(
     specs, explicit = _check_metrics(metrics)
     options = {"reap_gate": _check_reap_gate(reap_gate)}
     seq_arr = _check_seqs(seqs)
-    prepared = _prepare(routing, num_experts, router_probs, weights)
+    prepared = _prepare(routing, num_experts, router_probs, weights, router_logits)
     base = _seq_masks(prepared, seq_arr)
     domains = sorted(pd.unique(routing[domain_column].dropna()).tolist())
     if not domains:

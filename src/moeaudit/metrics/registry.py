@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Inputs other than routing columns that a metric may need.
-INPUT_NEEDS: tuple[str, ...] = ("router_probs", "weights")
+INPUT_NEEDS: tuple[str, ...] = ("router_probs", "router_logits", "weights")
 #: Column names of the output table that metrics may not take.
 KEY_COLUMNS: frozenset[str] = frozenset({"layer", "expert", "domain"})
 
@@ -72,6 +72,8 @@ class LayerData:
         This layer's routing rows for the selected tokens (all columns of the input table).
     router_probs : ndarray, shape (n_tokens, E), optional
         Full router probabilities of the selected tokens; None when not given.
+    router_logits : ndarray, shape (n_tokens, E), optional
+        Full router logits of the selected tokens (rows as ``router_probs``); None when not given.
     weights : LayerWeights, optional
         The layer's expert tensors and router weight; None when not given.
     options : mapping
@@ -86,6 +88,7 @@ class LayerData:
     routing: pd.DataFrame
     router_probs: NDArray[np.floating] | None = None
     weights: LayerWeights | None = None
+    router_logits: NDArray[np.floating] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def column(self, name: str) -> NDArray[np.float64]:
@@ -98,9 +101,12 @@ class LayerData:
         return self.routing[name].to_numpy(dtype=np.float64)
 
     def has(self, need: str) -> bool:
-        """Whether the input ``need`` ("router_probs", "weights" or a routing column) is present."""
+        """Whether the input ``need`` ("router_probs", "router_logits", "weights" or a routing column) is
+        present."""
         if need == "router_probs":
             return self.router_probs is not None
+        if need == "router_logits":
+            return self.router_logits is not None
         if need == "weights":
             return self.weights is not None
         return need in self.routing.columns
@@ -183,7 +189,7 @@ def register_metric(
     fn : callable, optional
         ``fn(data: LayerData) -> array of shape (data.num_experts,)``. Omit to use as a decorator.
     needs : iterable of str
-        Inputs the metric reads: ``"router_probs"``, ``"weights"`` and/or routing column names
+        Inputs the metric reads: ``"router_probs"``, ``"router_logits"``, ``"weights"`` and/or routing column names
         (e.g. ``"act_norm"``). When one is absent the metric's column is NaN, or, when the metric was
         requested by name in ``metrics=``, :class:`MissingInputError` is raised.
     overwrite : bool

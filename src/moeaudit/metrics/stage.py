@@ -34,7 +34,7 @@ def layer_weights(moe: MoEModel) -> dict[int, dict[str, Any]]:
 
 
 def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
-    from moeaudit.observe.forward import read_router_probs
+    from moeaudit.observe.forward import read_router_logits, read_router_probs
     from moeaudit.models.loading import model_from_config
 
     routing = run.read("routing")
@@ -45,14 +45,16 @@ def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
     moe = moe or model_from_config(run.config)
     num_experts = {layer.layer: layer.num_experts for layer in moe.layers if layer.layer in set(routing["layer"])}
     probs = read_router_probs(run.table_path("router_probs")) if run.has("router_probs") else {}
+    logits = read_router_logits(run.table_path("router_logits")) if run.has("router_logits") else {}
     weights = layer_weights(moe)
-    table = compute_expert_metrics(routing, num_experts, router_probs=probs or None, weights=weights, seqs=seqs)
+    table = compute_expert_metrics(routing, num_experts, router_probs=probs or None, weights=weights, seqs=seqs,
+                                   router_logits=logits or None)
     run.write_frame("expert_metrics", table)
     domains = tokens[["seq", "domain"]].drop_duplicates("seq")
     if domains["domain"].notna().any():  # corpora without domain labels have no breakdown
         with_domain = routing.merge(domains, on="seq", how="left")
         by_domain = compute_expert_metrics_by_domain(with_domain, num_experts, router_probs=probs or None,
-                                                     weights=weights, seqs=seqs)
+                                                     weights=weights, seqs=seqs, router_logits=logits or None)
         run.write_frame("expert_metrics_by_domain", by_domain)
     dead = table.groupby("layer")["count"].apply(lambda c: int((c == 0).sum())).to_dict()
     info = {

@@ -16,11 +16,12 @@ from moeaudit.observe.forward import (
     as_windows,
     observe,
     observe_batches,
+    read_router_logits,
     read_router_probs,
 )
-from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_probs_schema
+from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_logits_schema, router_probs_schema
 
 __all__ = [
     "BatchTables", "ObserveStats", "ROUTING_SCHEMA", "TOKENS_SCHEMA", "WindowInput", "as_windows", "observe",
-    "observe_batches", "read_router_probs", "router_probs_schema",
+    "observe_batches", "read_router_logits", "read_router_probs", "router_logits_schema", "router_probs_schema",
 ]

@@ -11,7 +11,9 @@ Writes (columns and types: :mod:`moeaudit.tables`):
   ``renorm_gate`` (raw gate / Σ raw gates of the token's selected experts), ``act_norm`` (L2 norm of the
   ungated expert output), ``act_max_abs`` (max |f_e(x)_i|). ``slot`` 0 is the largest raw gate;
 * ``router_probs.parquet`` (optional, chosen layers) — ``layer``, ``seq``, ``pos``, ``probs`` (float16
-  list of length E), for routing entropy and Gini.
+  list of length E), for routing entropy and Gini;
+* ``router_logits.parquet`` (optional, chosen layers) — ``layer``, ``seq``, ``pos``, ``logits`` (float32
+  list of length E): the router's raw logits, for the ``paper_code_*`` metrics.
 
 Memory does not grow with the corpus: each block of :data:`BLOCK_BATCHES` batches is written and dropped.
 The rows do not depend on the batch size or the work units: windows are batched only with windows of their
@@ -33,7 +35,7 @@ import torch
 
 from moeaudit.errors import invalid
 from moeaudit.models.moe_model import MoEModel, nll_from_logits
-from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_probs_schema
+from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_logits_schema, router_probs_schema
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,7 @@ class ObserveStats:
     seconds: float = 0.0
     layers: list[int] = field(default_factory=list)
     router_probs_layers: list[int] = field(default_factory=list)
+    router_logits_layers: list[int] = field(default_factory=list)
     experts_implementation: str = ""
     mean_nll: float = float("nan")
     batch_size_used: int = 0
@@ -111,6 +114,7 @@ class BatchTables:
     nll_sum: float
     nll_count: int
     windows: int
+    router_logits: list[pa.Table] = field(default_factory=list)
 
 
 @dataclass
@@ -122,6 +126,7 @@ class _WindowTables:
     router_probs: list[pa.Table]
     nll_sum: float
     nll_count: int
+    router_logits: list[pa.Table] = field(default_factory=list)
 
 
 def _check_finite(trace, layers: Sequence[int], logits: torch.Tensor, batch: Sequence[Any],
@@ -155,7 +160,8 @@ def _check_finite(trace, layers: Sequence[int], logits: torch.Tensor, batch: Seq
 
 
 def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], probs_layers: Sequence[int],
-                   probs_schema: pa.Schema | None) -> list[_WindowTables]:
+                   probs_schema: pa.Schema | None, logits_layers: Sequence[int] = (),
+                   logits_schema: pa.Schema | None = None) -> list[_WindowTables]:
     """One forward pass over windows of one length (no padding), cut into each window's tables."""
     lengths = {len(w.token_ids) for w in batch}
     if len(lengths) != 1:
@@ -176,7 +182,7 @@ def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], p
         "domain": np.repeat(np.array([getattr(w, "domain", None) for w in batch], dtype=object), t),
         "split": np.repeat(np.array([getattr(w, "split", None) for w in batch], dtype=object), t),
     }, schema=TOKENS_SCHEMA)
-    routing, router_probs = [], []
+    routing, router_probs, router_logits = [], [], []
     for index in layers:
         record = trace[index]
         routing.append(pa.table(_routing_columns(record, index, seqs, positions), schema=ROUTING_SCHEMA))
@@ -191,6 +197,14 @@ def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], p
                 "seq": seqs.astype(np.int32), "pos": positions.astype(np.int32),
                 "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1]),
             }, schema=probs_schema))
+        if index in logits_layers:
+            logits = record.router_logits.float().cpu().numpy().reshape(b * t, -1)
+            router_logits.append(pa.table({
+                "layer": np.full(len(logits), index, dtype=np.int16),
+                "seq": seqs.astype(np.int32), "pos": positions.astype(np.int32),
+                "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), type=pa.float32()),
+                                                            logits.shape[1]),
+            }, schema=logits_schema))
     out = []
     for row in range(b):
         window_nll = nll[row][np.isfinite(nll[row])].astype(np.float64)
@@ -199,7 +213,8 @@ def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], p
             tokens.slice(row * t, t),
             [part.slice(row * n, n) for part, n in zip(routing, rows)],
             [part.slice(row * t, t) for part in router_probs],
-            float(window_nll.sum()), int(window_nll.size)))
+            float(window_nll.sum()), int(window_nll.size),
+            [part.slice(row * t, t) for part in router_logits]))
     return out
 
 
@@ -229,6 +244,7 @@ def observe_batches(
     router_probs_layers: Sequence[int] | str | None = None,
     batch_size: int = 8,
     stats: ObserveStats | None = None,
+    router_logits_layers: Sequence[int] | str | None = None,
 ) -> Iterator[BatchTables]:
     """Yield the tables of ``windows`` in blocks of consecutive windows (see :func:`observe`).
 
@@ -255,8 +271,14 @@ def observe_batches(
     if len({num_experts[i] for i in probs_layers}) > 1:
         raise invalid("router_probs_layers", "layers with one expert count", probs_layers)
     probs_schema = router_probs_schema(num_experts[probs_layers[0]]) if probs_layers else None
+    logits_layers = list(layers) if router_logits_layers == "all" else [
+        i for i in (router_logits_layers or []) if i in layers]
+    if len({num_experts[i] for i in logits_layers}) > 1:
+        raise invalid("router_logits_layers", "layers with one expert count", logits_layers)
+    logits_schema = router_logits_schema(num_experts[logits_layers[0]]) if logits_layers else None
     if stats is not None:
         stats.layers, stats.router_probs_layers = layers, probs_layers
+        stats.router_logits_layers = logits_layers
         stats.experts_implementation = moe.experts_implementation
     block = batch_size * BLOCK_BATCHES
     for start in range(0, len(windows), block):
@@ -267,7 +289,7 @@ def observe_batches(
             group = queue.pop(0)
             done, batch_size = with_halving(
                 lambda size: _observe_batch(moe, [part[i] for i in group[:size]], layers, probs_layers,
-                                            probs_schema), batch_size, "batch_size")
+                                            probs_schema, logits_layers, logits_schema), batch_size, "batch_size")
             pieces.update(zip(group, done))
             if len(done) < len(group):
                 queue.insert(0, group[len(done):])
@@ -279,7 +301,8 @@ def observe_batches(
             pa.concat_tables([p.tokens for p in ordered]),
             [table for p in ordered for table in p.routing],
             [table for p in ordered for table in p.router_probs],
-            sum(p.nll_sum for p in ordered), sum(p.nll_count for p in ordered), len(ordered))
+            sum(p.nll_sum for p in ordered), sum(p.nll_count for p in ordered), len(ordered),
+            [table for p in ordered for table in p.router_logits])
         if stats is not None:
             stats.windows += tables.windows
             stats.tokens += tables.tokens.num_rows
@@ -360,6 +383,15 @@ def observe(
 
 def read_router_probs(path: str | Path, layers: Sequence[int] | None = None) -> dict[int, np.ndarray]:
     """``{layer: float32 array [tokens, E]}`` with rows in ascending (seq, pos) order, as metrics expects."""
+    return _read_token_matrix(path, "probs", layers)
+
+
+def read_router_logits(path: str | Path, layers: Sequence[int] | None = None) -> dict[int, np.ndarray]:
+    """``{layer: float32 array [tokens, E]}`` of ``router_logits.parquet``, rows in ascending (seq, pos) order."""
+    return _read_token_matrix(path, "logits", layers)
+
+
+def _read_token_matrix(path: str | Path, column: str, layers: Sequence[int] | None) -> dict[int, np.ndarray]:
     table = pq.read_table(path)
     out: dict[int, np.ndarray] = {}
     layer_col = table.column("layer").to_numpy()
@@ -367,7 +399,7 @@ def read_router_probs(path: str | Path, layers: Sequence[int] | None = None) -> 
         sub = table.filter(pa.compute.equal(table.column("layer"), index))
         seq = sub.column("seq").to_numpy().astype(np.int64)
         pos = sub.column("pos").to_numpy().astype(np.int64)
-        probs = sub.column("probs").combine_chunks()
+        probs = sub.column(column).combine_chunks()
         width = probs.type.list_size
         matrix = probs.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
         out[int(index)] = matrix[np.lexsort((pos, seq))]

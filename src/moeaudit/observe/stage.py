@@ -37,27 +37,32 @@ def observed_windows(corpus, config: AuditConfig) -> list[Any]:
     return sorted(chosen, key=lambda w: w.seq)
 
 
-OBSERVE_TABLES = ("tokens", "routing", "router_probs")
+OBSERVE_TABLES = ("tokens", "routing", "router_probs", "router_logits")
 
 
 def observe_unit(moe: MoEModel, payload: dict[str, Any]):
-    """Compute one observe work unit: its windows' tokens / routing / router_probs tables and counters."""
+    """Compute one observe work unit: its windows' tokens / routing / router_probs / router_logits tables and
+    counters."""
     import pyarrow as pa
 
     from moeaudit.observe.forward import ObserveStats, observe_batches
-    from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_probs_schema
+    from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_logits_schema, router_probs_schema
     from moeaudit.scale import UnitResult
 
     stats = ObserveStats()
     parts: dict[str, list] = {name: [] for name in OBSERVE_TABLES}
     for tables in observe_batches(moe, payload["windows"], layers=payload["layers"],
                                   router_probs_layers=payload["router_probs_layers"],
+                                  router_logits_layers=payload.get("router_logits_layers"),
                                   batch_size=payload["batch_size"], stats=stats):
         parts["tokens"].append(tables.tokens)
         parts["routing"].extend(tables.routing)
         parts["router_probs"].extend(tables.router_probs)
+        parts["router_logits"].extend(tables.router_logits)
     probs_experts = moe.layer(stats.router_probs_layers[0]).num_experts if stats.router_probs_layers else 1
-    schemas = {"tokens": TOKENS_SCHEMA, "routing": ROUTING_SCHEMA, "router_probs": router_probs_schema(probs_experts)}
+    logits_experts = moe.layer(stats.router_logits_layers[0]).num_experts if stats.router_logits_layers else 1
+    schemas = {"tokens": TOKENS_SCHEMA, "routing": ROUTING_SCHEMA, "router_probs": router_probs_schema(probs_experts),
+               "router_logits": router_logits_schema(logits_experts)}
     out = {name: pa.concat_tables(parts[name]) if parts[name] else schemas[name].empty_table()
            for name in OBSERVE_TABLES}
     counters = {k: v for k, v in stats.to_dict().items() if k not in ("seconds", "mean_nll")}
@@ -75,14 +80,14 @@ def observe_work_units(windows: Sequence[Any], config: AuditConfig) -> list[Any]
         part = [WindowInput(w.seq, np.asarray(w.token_ids, dtype=np.int64), getattr(w, "domain", None),
                             getattr(w, "split", None)) for w in windows[start:stop]]
         payload = {"windows": part, "layers": config.layers, "router_probs_layers": config.router_probs_layers,
-                   "batch_size": config.batch_size}
+                   "router_logits_layers": config.router_logits_layers, "batch_size": config.batch_size}
         units.append(WorkUnit(unit_id("observe", start, stop), payload, windows=stop - start))
     return units
 
 
 def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
                 on_batch: Callable[[int, int], None] | None = None, executor=None) -> dict[str, Any]:
-    """Write tokens / routing / router_probs tables into ``run`` and record counters in its manifest.
+    """Write tokens / routing / router_probs / router_logits tables into ``run`` and record counters in its manifest.
 
     The work is cut into units of ``config.unit_windows`` windows; a re-run skips the units (or the whole
     stage) already done. ``executor`` (default: from the config) runs the units.
@@ -119,6 +124,7 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
     nll_sum, nll_count = sum(p["nll_sum"] for p in parts), sum(p["nll_count"] for p in parts)
     info = {key: int(sum(p[key] for p in parts)) for key in ("windows", "tokens", "routing_rows", "batches")}
     info.update(layers=parts[0]["layers"], router_probs_layers=parts[0]["router_probs_layers"],
+                router_logits_layers=parts[0].get("router_logits_layers", []),
                 experts_implementation=parts[0]["experts_implementation"],
                 batch_size_used=min(p["batch_size_used"] for p in parts),
                 mean_nll=nll_sum / nll_count if nll_count else float("nan"),
