@@ -155,3 +155,11 @@ def test_reconstruction_errors_match_direct_computation():
     expected = float(torch.sqrt((diff.double() ** 2).sum(-1).mean()))
     got = table[(table.layer == layer.layer) & (table.expert == 3)].oracle_reconstruction.item()
     assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_metric_that_is_nan_throughout_is_no_criterion():
+    from moeaudit.prune.criteria import metric_criteria
+
+    table = pd.DataFrame({"layer": [0, 0, 0], "expert": [0, 1, 2], "frequency": [0.2, 0.5, 0.3],
+                          "paper_code_utilization": [np.nan] * 3, "partly": [1.0, np.nan, 2.0]})
+    assert metric_criteria(table) == ["frequency", "partly"]

@@ -190,10 +190,12 @@ def layer_budgets(ratio: float, num_experts: Mapping[int, int], top_k: Mapping[i
 
 # ----------------------------------------------------------------------------- scores
 def metric_criteria(expert_metrics: pd.DataFrame) -> list[str]:
-    """The criterion columns of an ``expert_metrics`` table: every numeric column except the keys."""
+    """The criterion columns of an ``expert_metrics`` table: every numeric column except the keys, and except
+    a column that is NaN throughout (a metric whose input the run did not record, e.g. router logits): it
+    ranks nothing, and pruning "by" it would only repeat the tie-break."""
     return [c for c in expert_metrics.columns
             if c not in _KEY_COLUMNS and pd.api.types.is_numeric_dtype(expert_metrics[c])
-            and not pd.api.types.is_bool_dtype(expert_metrics[c])]
+            and not pd.api.types.is_bool_dtype(expert_metrics[c]) and expert_metrics[c].notna().any()]
 
 
 def direction_of(criterion: str, directions: Mapping[str, str] | None = None) -> Direction:
