@@ -168,6 +168,8 @@ class AuditPart(_Part):
         :class:`moeaudit.audit.AuditSettings` ``cluster`` and ``mixed``: the unit of replication of the
         token-level tests (``auto``: documents whenever a cell holds several tokens of one document) and the
         mixed-effects view of clustered paired cells.
+    dz_ddof : {0, 1}
+        ddof of the sd in d_z: 1 (the sample sd); 0 replays the paper's released scripts.
     """
 
     audit_n: int | None = Field(200, ge=3)
@@ -180,6 +182,7 @@ class AuditPart(_Part):
     n_permutations: int = Field(9999, ge=1)
     audit_cluster: ClusterBy = "auto"
     audit_mixed: MixedModel = "document"
+    dz_ddof: Literal[0, 1] = 1
 
     @field_validator("designs")
     @classmethod

@@ -23,11 +23,10 @@ columns as ``engmann2026``. It keeps the router logits of the audited layers
 * padding. The scripts padded every text to the longest and pooled the padding positions into all four
   metrics (about 62 % of the OLMoE rows). moeaudit never pads a forward pass, so the metrics here are over
   real tokens only: where the published values depended on padding, these differ.
-* the position sets and ddof = 0. The scripts drew one position set per metric from numpy's global stream
-  seeded with 42 (the same four sets at every layer) and divided by the ddof-0 sd.
-  :func:`moeaudit.audit.papercode.paper_code_positions` and :func:`moeaudit.audit.papercode.dz_ddof0`
-  compute both, but the intervene and audit stages of this preset still draw one set per layer with
-  ``default_rng([seed, layer])`` and report d_z with ddof = 1.
+* the position sets. The scripts drew one position set per metric from numpy's global stream seeded with
+  42 (the same four sets at every layer). :func:`moeaudit.audit.papercode.paper_code_positions` computes
+  them, but the intervene and audit stages of this preset still draw one set per layer with
+  ``default_rng([seed, layer])``. (Their ddof-0 d_z is replayed: ``dz_ddof = 0``.)
 * Qwen1.5-MoE-A2.7B. Its script followed another protocol (its own generator, positions drawn per text,
   activation norms on 30 texts, a std over output values); this preset refuses it.
 """
@@ -109,4 +108,5 @@ def preset_values(name: str, model: str, moe_layers: list[int]) -> dict[str, Any
         olmoe = PAPER_CODE_METRICS["allenai/OLMoE-1B-7B-0924"]
         values["audit_metrics"] = list(PAPER_CODE_METRICS.get(key or "", olmoe))
         values["router_logits_layers"] = "all"
+        values["dz_ddof"] = 0
     return values

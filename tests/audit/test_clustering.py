@@ -97,3 +97,18 @@ def test_run_audit_reads_documents_from_the_windows_table(tmp_path):
     with pytest.raises(RunDirectoryError, match="audit_cluster = \"window\""):
         run_audit(strict)
     assert not strict.has("tests")
+
+
+def test_dz_ddof_zero_replays_the_scripts_d_z():
+    effects, metrics, documents = correlated()
+    ddof1 = audit(effects, metrics, AuditSettings(n=None, metrics=["score"], designs=("paired",), cluster="none"),
+                  documents=documents).tests.iloc[0]
+    ddof0 = audit(effects, metrics, AuditSettings(n=None, metrics=["score"], designs=("paired",), cluster="none",
+                                                  dz_ddof=0), documents=documents).tests.iloc[0]
+    n = ddof1.n
+    assert ddof0.effect == pytest.approx(ddof1.effect * np.sqrt(n / (n - 1)), rel=1e-12)
+    assert ddof0.p_t == ddof1.p_t and ddof0.p_wilcoxon == ddof1.p_wilcoxon
+    with pytest.raises(InvalidParameterError, match="`dz_ddof`"):
+        AuditSettings(dz_ddof=2)
+    with pytest.raises(InvalidParameterError, match="`ddof`"):
+        paired_contrast([1.0, 2.0, 3.0], [0.0, 0.0, 0.0], ddof=True)

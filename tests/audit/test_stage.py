@@ -28,7 +28,7 @@ def test_run_audit_uses_and_records_the_audit_part(tmp_path):
 
     expected = AuditSettings(metrics=["planted"], designs=("paired", "expert_level"), n=40, seed=7,
                              correction="holm", alpha=0.1, ci="bca", equivalence_bound=0.3, n_permutations=99,
-                             cluster="auto", mixed="document")
+                             cluster="auto", mixed="document", dz_ddof=1)
     assert audit_settings(config) == expected
     by_hand = audit(effects, metrics, expected).tests
     written = run.read("tests")
@@ -37,4 +37,4 @@ def test_run_audit_uses_and_records_the_audit_part(tmp_path):
     recorded = json.loads((run.path / "manifest.json").read_text())["stages"]["audit"]["settings"]
     assert recorded == dict(metrics=["planted"], designs=["paired", "expert_level"], n=40, seed=7,
                             correction="holm", alpha=0.1, ci="bca", equivalence_bound=0.3, n_permutations=99,
-                            cluster="auto", mixed="document")
+                            cluster="auto", mixed="document", dz_ddof=1)

@@ -79,6 +79,8 @@ class AuditSettings:
         :func:`audit` gets no ``documents``) in every cell where some document holds more than one of the
         cell's tokens, so a census is always clustered and a sample of one token per document never is;
         ``"none"``: tokens are independent (the paper's analysis, arXiv 2606.10703 Sec. 3.3).
+    dz_ddof : {0, 1}
+        ddof of the sd in d_z (1; 0 replays the paper's released scripts, :func:`paired_contrast`).
     mixed : {"document", "document+pair", "none"}
         The mixed-effects view of each clustered paired cell (:func:`moeaudit.stats.mixed_effects_mean`):
         random document intercepts, plus the (high, low) expert pair as a crossed variance component
@@ -96,6 +98,7 @@ class AuditSettings:
     n_permutations: int = 9999
     cluster: ClusterBy = "auto"
     mixed: MixedModel = "document"
+    dz_ddof: int = 1
 
     def __post_init__(self) -> None:
         bad = [d for d in self.designs if d not in DESIGNS]
@@ -109,6 +112,8 @@ class AuditSettings:
             raise invalid("correction", one_of(CORRECTIONS), self.correction)
         if self.cluster not in CLUSTER_BY:
             raise invalid("cluster", one_of(CLUSTER_BY), self.cluster)
+        if isinstance(self.dz_ddof, bool) or self.dz_ddof not in (0, 1):
+            raise invalid("dz_ddof", "0 or 1", self.dz_ddof)
         if self.mixed not in MIXED_MODELS:
             raise invalid("mixed", one_of(MIXED_MODELS), self.mixed)
 
@@ -183,7 +188,8 @@ def _paired_row(pairs: pd.DataFrame, data: LayerInputs, **key) -> dict[str, Any]
         warnings.simplefilter("ignore", RuntimeWarning)  # degenerate cells are reported as NaN rows
         result = paired_contrast(pairs["high"].to_numpy(), pairs["low"].to_numpy(), alpha=0.05, ci=settings.ci,
                                  seed=settings.seed, high_expert=pairs["high_expert"].to_numpy(),
-                                 low_expert=pairs["low_expert"].to_numpy(), cluster=labels) if len(pairs) >= 2 else None
+                                 low_expert=pairs["low_expert"].to_numpy(), cluster=labels,
+                                 ddof=settings.dz_ddof) if len(pairs) >= 2 else None
         tost = tost_paired(diff, bound_dz=settings.equivalence_bound, alpha=settings.alpha,
                            cluster=labels) if len(pairs) >= 3 else None
         mixed = None

@@ -28,7 +28,7 @@ def audit_settings(config: AuditConfig) -> AuditSettings:
     return AuditSettings(metrics=part.audit_metrics, designs=tuple(part.designs), n=part.audit_n, seed=config.seed,
                          correction=part.correction, alpha=part.alpha, ci=part.ci,
                          equivalence_bound=part.equivalence_bound, n_permutations=part.n_permutations,
-                         cluster=part.audit_cluster, mixed=part.audit_mixed)
+                         cluster=part.audit_cluster, mixed=part.audit_mixed, dz_ddof=part.dz_ddof)
 
 
 def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, Any]:

@@ -142,7 +142,7 @@ def t_interval(estimate: float, se: float, df: float, level: float, alternative:
 
 
 def bootstrap_clusters(values: np.ndarray, codes: np.ndarray, statistic: str, level: float, alternative: str,
-                       n_boot: int, seed: int, method: str) -> ConfidenceInterval:
+                       n_boot: int, seed: int, method: str, ddof: int = 1) -> ConfidenceInterval:
     """Bootstrap interval of the mean or d_z resampling whole clusters (:func:`scipy.stats.bootstrap` on the
     cluster indices; the statistic is computed from per-cluster sums, so a resample costs O(G))."""
     g = int(codes.max()) + 1
@@ -160,7 +160,7 @@ def bootstrap_clusters(values: np.ndarray, codes: np.ndarray, statistic: str, le
             mean = t1 / m
             if statistic == "mean":
                 return mean + shift
-            var = (t2 - m * mean**2) / (m - 1)
+            var = (t2 - m * mean**2) / (m - ddof)
             return (mean + shift) / np.sqrt(var)
 
     with warnings.catch_warnings():

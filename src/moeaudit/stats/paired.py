@@ -5,6 +5,7 @@ causal-effectiveness test of a metric)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Literal
@@ -13,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from moeaudit.errors import InvalidParameterError
+from moeaudit.errors import InvalidParameterError, invalid
 from moeaudit.options import CI_METHODS, Alternative, CIMethod  # noqa: F401 (the annotations)
 from moeaudit.stats._common import (
     ALTERNATIVES,
@@ -113,6 +114,7 @@ class PairedContrastResult(ResultMixin):
     _n_boot: int = dataclasses.field(default=2000, repr=False, compare=False)
     _seed: int = dataclasses.field(default=0, repr=False, compare=False)
     _codes: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    _ddof: int = dataclasses.field(default=1, repr=False, compare=False)
 
     def confidence_interval(self, confidence_level: float = 0.95) -> ConfidenceInterval:
         """Confidence interval for ``d_z`` at another level, by the same method and alternative.
@@ -132,7 +134,7 @@ class PairedContrastResult(ResultMixin):
         if not math.isfinite(self.d_z) or self._diff is None:
             return ConfidenceInterval(math.nan, math.nan)
         return _dz_interval(self._diff, self._codes, self.d_z, self.design_effect, level, self.ci_method,
-                            self.alternative, self._n_boot, self._seed)
+                            self.alternative, self._n_boot, self._seed, self._ddof)
 
 
 def paired_contrast(
@@ -148,6 +150,7 @@ def paired_contrast(
     high_expert: Any = None,
     low_expert: Any = None,
     cluster: Any = None,
+    ddof: int = 1,
 ) -> PairedContrastResult:
     r"""Paired contrast of two matched effect samples: effect size d_z, its CI, paired t and Wilcoxon tests.
 
@@ -176,6 +179,10 @@ def paired_contrast(
         One label per pair (the document or window of the token). Pairs of one cluster may be correlated;
         the tests and intervals then treat clusters, not pairs, as independent (see Notes). None (default)
         treats pairs as independent, exactly as before this option existed.
+    ddof : {0, 1}, default 1
+        Delta degrees of freedom of ``sd_diff`` and hence of ``d_z`` and its intervals. 1 is the sample sd;
+        0 is numpy's default, which the paper's released scripts used (``diffs.mean() / diffs.std()``), for
+        replaying their tables. The tests do not depend on it.
 
     Returns
     -------
@@ -203,7 +210,7 @@ def paired_contrast(
         \mathrm{SE}(d_z) \approx \sqrt{1/n + d_z^2 / (2n)}, \qquad
         \mathrm{CI} = d_z \pm z_{1-\alpha/2}\,\mathrm{SE}(d_z).
 
-    The paper's scripts mixed ``ddof=0`` and ``ddof=1``; moeaudit uses ``ddof=1`` throughout. The analytic
+    The paper's scripts mixed ``ddof=0`` and ``ddof=1``; moeaudit uses ``ddof=1`` unless told otherwise. The analytic
     interval reproduces the paper's reported CI (d_z = 0.231, n = 200 → [0.09, 0.37]) [1]_. The paired t
     statistic equals ``d_z * sqrt(n)``.
 
@@ -257,7 +264,7 @@ def paired_contrast(
     True
     """
     high_arr, low_arr, ids, codes, seed = _validate_paired_contrast(
-        high, low, alpha, ci, n_boot, seed, alternative, zero_method, high_expert, low_expert, cluster
+        high, low, alpha, ci, n_boot, seed, alternative, zero_method, high_expert, low_expert, cluster, ddof
     )
     keep = ~(np.isnan(high_arr) | np.isnan(low_arr))
     diff = high_arr[keep] - low_arr[keep]
@@ -275,7 +282,7 @@ def paired_contrast(
 
     mean_diff = float(diff.mean()) if n >= 1 else nan
     share = float(np.mean(diff > 0)) if n >= 1 else nan
-    sd_diff = float(diff.std(ddof=1)) if n >= 2 else nan
+    sd_diff = float(diff.std(ddof=ddof)) if n >= 2 else nan
     d_z = ci_low = ci_high = t_stat = p_t = w_stat = p_w = nan
     fit = cr2(diff, codes) if codes is not None else None
     clustered: dict[str, Any] = {}
@@ -301,7 +308,7 @@ def paired_contrast(
                 boot = bootstrap_clusters(diff, codes, "mean", level, alternative, n_boot, seed, "percentile")
                 clustered.update(mean_diff_ci_low=boot.low, mean_diff_ci_high=boot.high)
             interval = _dz_interval(diff, codes, d_z, fit.design_effect if fit is not None else None, level, ci,
-                                    alternative, n_boot, seed)
+                                    alternative, n_boot, seed, ddof)
             ci_low, ci_high = float(interval.low), float(interval.high)
         ranked = diff if codes is None else cluster_means(diff, codes)
         if not np.any(ranked != 0):
@@ -336,6 +343,7 @@ def paired_contrast(
         _n_boot=n_boot,
         _seed=seed,
         _codes=codes,
+        _ddof=ddof,
     )
 
 
@@ -351,6 +359,7 @@ def _validate_paired_contrast(
     high_expert: Any,
     low_expert: Any,
     cluster: Any,
+    ddof: Any,
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None, np.ndarray | None, int]:
     high_arr = as_1d_float("high", high)
     low_arr = as_1d_float("low", low)
@@ -361,6 +370,8 @@ def _validate_paired_contrast(
     seed = resolve_seed(check_seed("seed", seed))
     check_choice("alternative", alternative, ALTERNATIVES)
     check_choice("zero_method", zero_method, _ZERO_METHODS)
+    if isinstance(ddof, bool) or ddof not in (0, 1):
+        raise invalid("ddof", "0 or 1", ddof)
     if (high_expert is None) != (low_expert is None):
         given, missing = ("high_expert", "low_expert") if low_expert is None else ("low_expert", "high_expert")
         raise InvalidParameterError(f"`{missing}` must be given together with `{given}`; got None.")
@@ -382,21 +393,21 @@ def _as_ids(name: str, values: Any) -> np.ndarray:
     return arr
 
 
-def _dz_statistic(diff: np.ndarray, axis: int = -1) -> np.ndarray:
+def _dz_statistic(diff: np.ndarray, axis: int = -1, ddof: int = 1) -> np.ndarray:
     """d_z along ``axis`` (vectorised for :func:`scipy.stats.bootstrap`)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.mean(diff, axis=axis) / np.std(diff, axis=axis, ddof=1)
+        return np.mean(diff, axis=axis) / np.std(diff, axis=axis, ddof=ddof)
 
 
 def _dz_interval(diff: np.ndarray, codes: np.ndarray | None, d_z: float, design_effect: float | None, level: float,
-                 ci: str, alternative: str, n_boot: int, seed: int) -> ConfidenceInterval:
+                 ci: str, alternative: str, n_boot: int, seed: int, ddof: int = 1) -> ConfidenceInterval:
     """The CI of d_z: analytic or BCa; with clusters at the effective n, or resampling clusters."""
     if codes is None:
         if ci == "bca":
-            return _bca_ci(diff, level, alternative, n_boot, seed)
+            return _bca_ci(diff, level, alternative, n_boot, seed, ddof)
         return _analytic_ci(d_z, diff.size, level, alternative)
     if ci == "bca":
-        return bootstrap_clusters(diff, codes, "d_z", level, alternative, n_boot, seed, "bca")
+        return bootstrap_clusters(diff, codes, "d_z", level, alternative, n_boot, seed, "bca", ddof)
     return _analytic_ci(d_z, diff.size / design_effect, level, alternative)
 
 
@@ -411,14 +422,15 @@ def _analytic_ci(d_z: float, n: float, level: float, alternative: str) -> Confid
     return ConfidenceInterval(-math.inf, d_z + half)
 
 
-def _bca_ci(diff: np.ndarray, level: float, alternative: str, n_boot: int, seed: int) -> ConfidenceInterval:
+def _bca_ci(diff: np.ndarray, level: float, alternative: str, n_boot: int, seed: int,
+            ddof: int = 1) -> ConfidenceInterval:
     # Resampling the differences is resampling whole (high, low) pairs: the paired bootstrap.
     with warnings.catch_warnings():
         warnings.simplefilter("error", sps.DegenerateDataWarning)
         try:
             res = sps.bootstrap(
                 (diff,),
-                _dz_statistic,
+                functools.partial(_dz_statistic, ddof=ddof),
                 n_resamples=n_boot,
                 vectorized=True,
                 confidence_level=level,
