@@ -29,6 +29,8 @@ def demo_command(
 
     import pandas as pd
 
+    from moeaudit.calibration import run_calibration
+    from moeaudit.cli.calibration import print_calibration
     from moeaudit.config import AuditConfig
     from moeaudit.errors import invalid
     from moeaudit.models import builtin
@@ -57,6 +59,9 @@ def demo_command(
         with StagePrinter(quiet, prefix=f"{name} ", on_finished=_printers(name, run)) as printer:
             result = run_pipeline(run, moe=moe, corpus=corpus, prune_options=PRUNE_QUICK if quick else PRUNE_FULL,
                                   report=False, on_progress=printer)
+        # how much the metric rankings depend on the calibration documents (no model run; issue 16)
+        calibration = run_calibration(run, corpus=corpus)
+        print_calibration(run.read("calibration"), calibration)
         observed, intervened, audited = result["observe"], result["intervene"], result["audit"]
         metrics = run.read("expert_metrics")
         summary.append({"model": name, "tokens": observed["tokens"], "mean NLL": observed["mean_nll"],
