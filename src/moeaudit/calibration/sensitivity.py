@@ -137,23 +137,32 @@ def _validate_kendall_tau_b(reference: Any, values: Any) -> tuple[NDArray[np.flo
 
 def _tau_b(x: NDArray[np.float64], y: NDArray[np.float64]) -> NDArray[np.float64]:
     """tau-b of ``x`` against each row of ``y`` (no checks). ``-inf`` is the lowest value, tied with itself."""
-    from scipy.stats import rankdata
-
     n = x.size
     i, j = np.triu_indices(n, 1)
-    rx = rankdata(x, method="dense")
-    sx = np.sign(rx[i] - rx[j]).astype(np.int8)
+    x = _finite_floor(x[None, :])[0]
+    sx = np.sign(x[i] - x[j]).astype(np.int8)
     untied_x = int(np.count_nonzero(sx))
     out = np.empty(y.shape[0], dtype=np.float64)
     for start in range(0, y.shape[0], _TAU_CHUNK):
-        ry = rankdata(y[start:start + _TAU_CHUNK], method="dense", axis=1)
-        sy = np.sign(ry[:, i] - ry[:, j]).astype(np.int8)
+        block = _finite_floor(y[start:start + _TAU_CHUNK])
+        sy = np.sign(block[:, i] - block[:, j]).astype(np.int8)
         score = (sy * sx).sum(axis=1, dtype=np.int64)
         untied_y = np.count_nonzero(sy, axis=1)
         denominator = np.sqrt(float(untied_x) * untied_y.astype(np.float64))
         with np.errstate(invalid="ignore", divide="ignore"):
             out[start:start + _TAU_CHUNK] = np.where(denominator > 0, score / denominator, np.nan)
     return out
+
+
+def _finite_floor(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Each row with ``-inf`` replaced by one value below the row's finite minimum: the same order and ties,
+    and differences that are never ``-inf - -inf`` (NaN)."""
+    low = np.isneginf(rows)
+    if not low.any():
+        return rows
+    finite = np.where(low, np.inf, rows)
+    floor = np.where(np.isfinite(finite.min(axis=1)), finite.min(axis=1) - 1.0, 0.0)
+    return np.where(low, floor[:, None], rows)
 
 
 def _oriented(values: NDArray[np.float64], direction: str) -> NDArray[np.float64]:
