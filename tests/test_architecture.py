@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
     {"intervene"},
     {"audit"},
     {"prune"},
+    {"calibration"},
     {"report"},
     {"pipeline"},
     {"cli", "__main__"},

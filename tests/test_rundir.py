@@ -82,6 +82,9 @@ BAD_VALUES = {
     # prune
     "ratios": [1.5], "criteria": "reap", "random_seeds": -1, "single_layer": "maybe", "guard": -1,
     "budget_weights": "flat", "directions": {"reap": "up"},
+    # calibration
+    "resamples": 1, "flip_ratio": 1.0, "tau_target": 0, "curve_points": 0, "curve_repeats": 0,
+    "resample_unit": "token",
     # execution
     "batch_size": 0, "device": 3, "unit_windows": 0, "executor": "dask", "ray_address": 3, "workers": 0,
     "engine": "slow", "rows_per_call": 0, "reference_batch": 0, "max_logit_elements": 0,
@@ -131,8 +134,10 @@ def test_the_tree_reads_flat_and_nested_settings_alike(tmp_path):
     run = RunDir(tmp_path / "run", flat)
     stored = json.loads((run.path / "manifest.json").read_text())["config"]
     assert stored["observe"]["max_len"] == 64 and stored["prune"]["ratios"] == [0.5]
-    assert set(stored) == {"model", "corpus", "seed", "preset", "preset_overrides", "observe", "intervene", "audit", "prune", "execution"}
+    assert set(stored) == {"model", "corpus", "seed", "preset", "preset_overrides", "observe", "intervene", "audit", "prune",
+                           "calibration", "execution"}
     assert RunDir(tmp_path / "run", flat.replace(workers=3, ratios=[0.25], engine="reference")).config.workers == 3
+    assert RunDir(tmp_path / "run", flat.replace(resamples=50, resample_unit="window")).config.resamples == 50
     # a run that computed nothing yet (stopped by bad input, say) takes the corrected settings ...
     assert RunDir(tmp_path / "run", flat.replace(alpha=0.02)).config.alpha == 0.02
     # ... one that holds work refuses them

@@ -2,25 +2,27 @@
 
 :class:`AuditConfig` is composed of typed parts, one per concern:
 
-============  ==============================================================================
-part          settings
-============  ==============================================================================
-(root)        ``model``, ``corpus``, ``seed``, ``preset``: what is audited
-``observe``   :class:`ObserveConfig`: the corpus windows, splits, layers, dtype
-``intervene`` :class:`InterveneSettings`: the measured intervention (kind, scope, sample)
-``audit``     :class:`AuditPart`: the statistical tests (sample, designs, correction, CI)
-``prune``     :class:`PruneConfig`: the pruning experiment (ratios, criteria, random draws)
-``execution`` :class:`ExecutionConfig`: how the work runs (batching, device, units, executor)
-============  ==============================================================================
+===============  ==============================================================================
+part             settings
+===============  ==============================================================================
+(root)           ``model``, ``corpus``, ``seed``, ``preset``: what is audited
+``observe``      :class:`ObserveConfig`: the corpus windows, splits, layers, dtype
+``intervene``    :class:`InterveneSettings`: the measured intervention (kind, scope, sample)
+``audit``        :class:`AuditPart`: the statistical tests (sample, designs, correction, CI)
+``prune``        :class:`PruneConfig`: the pruning experiment (ratios, criteria, random draws)
+``calibration``  :class:`CalibrationConfig`: how much the metric rankings depend on the calibration data
+``execution``    :class:`ExecutionConfig`: how the work runs (batching, device, units, executor)
+===============  ==============================================================================
 
 The CLI only builds an :class:`AuditConfig`; a TOML file (a table per part: ``[observe]``,
 ``[intervene]``, ...) or a manifest gives the same object. Every setting has one name, unique across the
 tree, so the flat spelling of earlier versions (``AuditConfig(max_len=512)``, a flat TOML file, an old
 manifest) still works and reads as ``config.max_len``; :data:`FLAT_PATHS` maps each name to its part.
 The fingerprint that guards a run directory covers everything but ``execution`` (how a run executes never
-changes its tables) and ``prune`` (each pruning run rewrites its own tables; its work units carry a digest
-of their settings, and the manifest records the settings of the last one). Defaults cite where they come
-from.
+changes its tables), ``prune`` (each pruning run rewrites its own tables; its work units carry a digest
+of their settings, and the manifest records the settings of the last one) and ``calibration`` (each
+``moeaudit calibration`` run rewrites ``calibration.parquet``, which records its settings in its columns and
+the manifest's stage record). Defaults cite where they come from.
 """
 
 from __future__ import annotations
@@ -238,6 +240,38 @@ class PruneConfig(_Part):
         return value
 
 
+class CalibrationConfig(_Part):
+    """The calibration-sensitivity analysis (:func:`moeaudit.calibration.run_calibration`).
+
+    How much does each metric's expert ranking depend on which, and how many, calibration tokens were used?
+    The analysis resamples the calibration split and recomputes the metrics; it never runs the model.
+
+    Attributes
+    ----------
+    resamples : int
+        Bootstrap resamples of the calibration documents (drawn with replacement; 200 gives a stable mean
+        and 5th percentile of Kendall's τ).
+    flip_ratio : float
+        Share of each layer's experts a metric prunes (its lowest-ranked ``round(ratio * E)``, as the prune
+        stage would) when counting how many prune/keep decisions a resample flips; REAP's 25 %.
+    tau_target : float
+        The τ to the full-calibration ranking that the learning curve asks for ("tokens until τ ≥ 0.9").
+    curve_points, curve_repeats : int
+        Calibration sizes on the learning curve (geometric, 1 document to half the split) and the nested
+        random orders averaged at each size.
+    resample_unit : {"document", "window"}
+        What is resampled: whole documents (their windows together, the default; a document's windows are
+        not independent) or single windows.
+    """
+
+    resamples: int = Field(200, ge=2)
+    flip_ratio: float = Field(0.25, gt=0, lt=1)
+    tau_target: float = Field(0.9, gt=0, le=1)
+    curve_points: int = Field(6, ge=1)
+    curve_repeats: int = Field(10, ge=1)
+    resample_unit: Literal["document", "window"] = "document"
+
+
 class ExecutionConfig(_Part):
     """How a run executes; never what it computes, so a run may be resumed with other values.
 
@@ -288,13 +322,14 @@ class ExecutionConfig(_Part):
 
 #: The parts of the tree, by the attribute (and TOML table) that holds each.
 PARTS: dict[str, type[_Part]] = {"observe": ObserveConfig, "intervene": InterveneSettings, "audit": AuditPart,
-                                 "prune": PruneConfig, "execution": ExecutionConfig}
+                                 "prune": PruneConfig, "calibration": CalibrationConfig,
+                                 "execution": ExecutionConfig}
 #: Settings held by the root itself.
 ROOT_FIELDS = ("model", "corpus", "seed", "preset", "preset_overrides")
 #: Every setting's part, by its (unique) name: the flat spelling ``max_len`` is ``observe.max_len``.
 FLAT_PATHS: dict[str, str] = {name: part for part, cls in PARTS.items() for name in cls.model_fields}
 #: Parts left out of the run directory's fingerprint (see the module docstring).
-UNFINGERPRINTED = frozenset({"execution", "prune"})
+UNFINGERPRINTED = frozenset({"execution", "prune", "calibration"})
 #: The execution settings by name (a run may be resumed with other values).
 EXECUTION_FIELDS = frozenset(ExecutionConfig.model_fields)
 
@@ -355,7 +390,7 @@ class AuditConfig(_Part):
         The settings in which this run departs from its preset, ``{name: {"preset": value, "used": value}}``
         (:meth:`departing_from`), so that a run never claims a protocol it does not follow. Derived from the
         other settings, so not part of the fingerprint.
-    observe, intervene, audit, prune, execution
+    observe, intervene, audit, prune, calibration, execution
         The parts; each setting may also be read flat (``config.max_len`` is ``config.observe.max_len``).
 
     Examples
@@ -374,6 +409,7 @@ class AuditConfig(_Part):
     intervene: InterveneSettings = Field(default_factory=InterveneSettings)
     audit: AuditPart = Field(default_factory=AuditPart)
     prune: PruneConfig = Field(default_factory=PruneConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="before")

@@ -32,13 +32,14 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 TABLES = ("windows", "tokens", "routing", "router_probs", "router_logits", "expert_metrics", "expert_metrics_by_domain",
-          "effects", "tests", "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals")
+          "effects", "tests", "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals",
+          "calibration")
 #: The stage (``moeaudit STAGE RUN_DIR``) that writes each table.
 TABLE_STAGES = {"windows": "observe", "tokens": "observe", "routing": "observe", "router_probs": "observe",
                 "router_logits": "observe", "expert_metrics": "metrics",
                 "expert_metrics_by_domain": "metrics", "effects": "intervene", "tests": "audit", "redundancy": "audit",
                 "pruning": "prune", "jaccard": "prune", "pruning_domains": "prune", "pruning_scores": "prune",
-                "pruning_evals": "prune"}
+                "pruning_evals": "prune", "calibration": "calibration"}
 
 
 def damaged_table_error(path: Path, err: BaseException) -> RunDirectoryError:

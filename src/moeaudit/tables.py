@@ -23,6 +23,9 @@ Tables (one Parquet file each in a run directory):
     The prune stage's per-unit evaluations: :data:`EVALS_SCHEMA`.
 ``jaccard``, ``downstream``
     :data:`JACCARD_COLUMNS`, :data:`DOWNSTREAM_COLUMNS`.
+``calibration``
+    One row per (metric, layer): how stable the metric's expert ranking is under resampled calibration
+    data: :data:`CALIBRATION_SCHEMA`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 
 __all__ = [
+    "CALIBRATION_SCHEMA",
     "DOWNSTREAM_COLUMNS",
     "EFFECT_COLUMNS",
     "EVALS_SCHEMA",
@@ -131,6 +135,43 @@ EVALS_SCHEMA = pa.schema([(name, getattr(pa, kind)()) for name, kind in EVALS_SC
 #: Columns of :func:`moeaudit.prune.jaccard_table`, in order.
 JACCARD_COLUMNS: tuple[str, ...] = ("criterion_a", "criterion_b", "ratio", "layer", "jaccard", "n_pairs",
                                     "expected_random", "n_dropped", "num_experts")
+
+#: ``calibration`` (:func:`moeaudit.calibration.calibration_sensitivity`), one row per (metric, layer). A *unit*
+#: is what is resampled (``unit``: a calibration document, or a window); Kendall's τ is tau-b between the
+#: expert ranking on the resampled or reduced calibration data and on the whole calibration split.
+#:
+#: ``n_units``, ``n_tokens``
+#:     Calibration units and tokens of the whole split.
+#: ``n_resamples``, ``tau_mean``, ``tau_p05``, ``tau_median``
+#:     Bootstrap resamples with a defined τ, and the mean, 5th percentile and median of τ over them.
+#: ``flip_ratio``, ``n_pruned``, ``flip_share``, ``flip_share_p95``
+#:     The share of experts pruned (``n_pruned = round(flip_ratio * E)``, the lowest-ranked, as the prune
+#:     stage does) and the share of the layer's experts whose prune/keep decision differs from the full
+#:     split's: mean and 95th percentile over resamples.
+#: ``curve_units``, ``curve_tokens``, ``curve_tau``
+#:     The learning curve: nested random subsets of ``curve_units`` units (mean ``curve_tokens`` tokens)
+#:     and the mean τ at each size.
+#: ``tau_target``, ``units_to_target``, ``tokens_to_target``
+#:     The smallest curve size whose mean τ reaches ``tau_target``; NaN when no size does.
+#: ``n_domains``, ``domain_tau_mean``, ``domain_tau_min``, ``domain_pair_min``
+#:     τ between the rankings computed on each calibration domain alone, over domain pairs (mean, min, and
+#:     the pair with the minimum as ``"a | b"``).
+#: ``seed``
+#:     Seed of the resampling.
+CALIBRATION_SCHEMA = pa.schema([
+    ("metric", pa.string()), ("layer", pa.int32()), ("num_experts", pa.int32()), ("unit", pa.string()),
+    ("n_units", pa.int32()), ("n_tokens", pa.int64()),
+    ("n_resamples", pa.int32()), ("tau_mean", pa.float64()), ("tau_p05", pa.float64()),
+    ("tau_median", pa.float64()),
+    ("flip_ratio", pa.float64()), ("n_pruned", pa.int32()), ("flip_share", pa.float64()),
+    ("flip_share_p95", pa.float64()),
+    ("curve_units", pa.list_(pa.int32())), ("curve_tokens", pa.list_(pa.float64())),
+    ("curve_tau", pa.list_(pa.float64())),
+    ("tau_target", pa.float64()), ("units_to_target", pa.float64()), ("tokens_to_target", pa.float64()),
+    ("n_domains", pa.int32()), ("domain_tau_mean", pa.float64()), ("domain_tau_min", pa.float64()),
+    ("domain_pair_min", pa.string()),
+    ("seed", pa.int64()),
+])
 
 #: Columns of :attr:`moeaudit.prune.DownstreamResult.table`, in order.
 DOWNSTREAM_COLUMNS: tuple[str, ...] = ("task", "metric", "filter", "value", "stderr", "n")

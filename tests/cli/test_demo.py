@@ -37,10 +37,13 @@ def demo_dir(tmp_path_factory):
 
 def test_demo_writes_every_table(demo_dir):
     for table in ("tokens", "routing", "router_probs", "expert_metrics", "effects", "tests", "redundancy",
-                  "pruning", "jaccard"):
+                  "pruning", "jaccard", "calibration"):
         assert (demo_dir / f"{table}.parquet").exists(), table
     manifest = json.loads((demo_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"observe", "metrics", "intervene", "audit", "prune"}
+    assert set(manifest["stages"]) == {"observe", "metrics", "intervene", "audit", "prune", "calibration"}
+    calibration = pd.read_parquet(demo_dir / "calibration.parquet")
+    assert set(calibration["unit"]) == {"document"} and calibration["n_units"].min() >= 2
+    assert manifest["stages"]["calibration"]["seconds"] < 10
     pruning = pd.read_parquet(demo_dir / "pruning.parquet")
     assert {"reap", "frequency", "random", "oracle_delta_nll"} <= set(pruning.criterion)
     assert pruning[pruning.criterion == "random"].seed.nunique() == 5
@@ -52,6 +55,8 @@ def test_demo_writes_every_table(demo_dir):
 def test_demo_writes_a_self_contained_report(demo_dir):
     html = (demo_dir.parent / "report.html").read_text()
     assert "tiny-olmoe" in html and "http://" not in html and "https://" not in html
+    section = html[html.index("<h3>Calibration sensitivity</h3>"):]
+    assert "Not available" not in section.split("</section>")[0] and "reap" in section
     assert (demo_dir.parent / "figures").is_dir()
 
 

@@ -12,8 +12,9 @@ from moeaudit.cli.common import QUIET_OPTION, StagePrinter, print_frame
 # Window counts sized for the budget on 2 CPU cores: <= 5 minutes for all three models, <= 60 s quick. Each
 # document gives its first window only (`truncate`), so a split's windows come from as many documents: the
 # audit's tests treat documents as the independent units, and consecutive windows of 3 documents would
-# leave them 3 units.
-FULL = dict(max_len=128, max_windows=64, batch_size=16, truncate=True)
+# leave them 3 units. The calibration analysis of the full demo draws 100 resamples and 5 curve orders (the
+# defaults, 200 and 10, take about twice as long); --quick keeps the defaults.
+FULL = dict(max_len=128, max_windows=64, batch_size=16, truncate=True, resamples=100, curve_repeats=5)
 QUICK = dict(max_len=64, max_windows=12, batch_size=12, truncate=True)
 # Pruning evaluates every criterion x ratio x random seed on the held-out windows; the demo prunes all layers
 # at once (per-layer pruning: `moeaudit prune RUN_DIR`) with a 10-seed random distribution.
@@ -32,6 +33,8 @@ def demo_command(
 
     import pandas as pd
 
+    from moeaudit.calibration import run_calibration
+    from moeaudit.cli.calibration import print_calibration
     from moeaudit.config import AuditConfig
     from moeaudit.errors import invalid
     from moeaudit.models import builtin
@@ -60,6 +63,9 @@ def demo_command(
         with StagePrinter(quiet, prefix=f"{name} ", on_finished=_printers(name, run)) as printer:
             result = run_pipeline(run, moe=moe, corpus=corpus, prune_options=PRUNE_QUICK if quick else PRUNE_FULL,
                                   report=False, on_progress=printer)
+        # how much the metric rankings depend on the calibration documents (no model run; issue 16)
+        calibration = run_calibration(run, corpus=corpus)
+        print_calibration(run.read("calibration"), calibration)
         observed, intervened, audited = result["observe"], result["intervene"], result["audit"]
         metrics = run.read("expert_metrics")
         summary.append({"model": name, "tokens": observed["tokens"], "mean NLL": observed["mean_nll"],

@@ -344,6 +344,51 @@ def jaccard(matrices: dict[float, pd.DataFrame]):
     return fig
 
 
+def calibration(table: pd.DataFrame):
+    """Calibration sensitivity per metric: bootstrap τ (left: mean over layers, line down to the worst layer's
+    5th percentile) and the learning curve (right: mean τ over layers against calibration tokens)."""
+    if table is None or table.empty:
+        return None
+    metrics = list(dict.fromkeys(table["metric"]))
+    target = float(table["tau_target"].iloc[0])
+    fig = _figure(WIDTH, max(2.8, 0.2 * len(metrics) + 1.2))
+    left, right = fig.subplots(1, 2)
+    y = np.arange(len(metrics))
+    groups = [table[table["metric"] == m] for m in metrics]
+    mean = np.array([g["tau_mean"].mean() for g in groups], dtype=float)
+    low = np.array([g["tau_p05"].min() for g in groups], dtype=float)
+    left.hlines(y, low, mean, color="#888888", linewidth=1.2, label="worst layer's 5th percentile")
+    left.plot(mean, y, "o", color=PALETTE[0], markersize=4, label="mean τ (over layers)")
+    left.axvline(target, color="black", linestyle=":", linewidth=1)
+    left.set_yticks(y, metrics)
+    left.invert_yaxis()
+    left.set_xlabel("Kendall τ to the full-calibration ranking (bootstrap)")
+    left.legend(frameon=False, fontsize=7, loc="lower left")
+    drawn = False
+    for i, (metric, group) in enumerate(zip(metrics, groups)):
+        curves = [(np.asarray(t, dtype=float), np.asarray(v, dtype=float))
+                  for t, v in zip(group["curve_tokens"], group["curve_tau"]) if len(v)]
+        if not curves:
+            continue
+        tokens = np.mean([c[0] for c in curves], axis=0)
+        stacked = np.stack([c[1] for c in curves])
+        defined = np.isfinite(stacked).sum(axis=0)
+        tau = np.where(defined > 0, np.nansum(stacked, axis=0) / np.maximum(defined, 1), np.nan)
+        right.plot(tokens, tau, "-o", color=PALETTE[i % len(PALETTE)], markersize=3, label=metric)
+        drawn = True
+    right.axhline(target, color="black", linestyle=":", linewidth=1, label=f"τ = {target:g}")
+    right.set_xlabel("calibration tokens (nested subsets, up to half the split)")
+    right.set_ylabel("mean τ to the full ranking")
+    if drawn:
+        right.set_xscale("log")
+        right.set_ylim(top=1.02)
+        right.legend(frameon=False, fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    else:
+        right.text(0.5, 0.5, "no learning curve: fewer than 2 calibration units", ha="center", va="center",
+                   transform=right.transAxes, color="#5b6472")
+    return fig
+
+
 def _layer_colors(n: int) -> list:
     from matplotlib import colormaps
 

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 SECTIONS: tuple[str, ...] = (
     "Provenance", "Routing load", "Domain specialisation", "Metric-vs-effect audit",
     "Metric value vs removal effect", "Routing-weight control", "Progressive ablation", "Gap norm over depth",
-    "Pruning",
+    "Pruning", "Calibration sensitivity",
 )
 #: One sentence per section: what it shows and how to read it.
 LEDES: dict[str, str] = {
@@ -67,11 +67,16 @@ LEDES: dict[str, str] = {
     "Pruning": "What happens when experts are actually pruned: held-out loss by criterion and pruning ratio "
                "against the band of random prunings (a criterion inside the grey band is no better than chance), "
                "and how much the criteria agree on which experts to drop (Jaccard overlap).",
+    "Calibration sensitivity": "How much each metric's expert ranking depends on the calibration data: Kendall τ "
+                               "between the ranking on bootstrap resamples of the calibration documents and on "
+                               "all of them (1 = the same order), the share of prune/keep decisions at the "
+                               "pruning ratio that such a resample flips, the calibration size from which nested "
+                               "subsets reach the target τ, and τ between rankings computed on single domains.",
 }
 #: The command that writes each table, for the "not available" sentences.
 PRODUCER = {"tokens": "observe", "routing": "observe", "expert_metrics": "metrics",
             "expert_metrics_by_domain": "metrics", "effects": "intervene", "tests": "audit",
-            "redundancy": "audit", "pruning": "prune", "jaccard": "prune"}
+            "redundancy": "audit", "pruning": "prune", "jaccard": "prune", "calibration": "calibration"}
 SCATTER_METRICS = ("frequency", "ean_mean", "mean_gate_active", "act_std", "reap", "ean_sum", "gate_mass", "msan")
 MAX_SCATTER_METRICS = 6
 MAX_SCATTER_LAYERS = 6
@@ -217,7 +222,7 @@ def _run_html(data: RunData, ctx: _Context) -> str:
         "Provenance": _provenance, "Routing load": _routing_load, "Domain specialisation": _domains,
         "Metric-vs-effect audit": _audit, "Metric value vs removal effect": _scatter,
         "Routing-weight control": _control, "Progressive ablation": _progressive,
-        "Gap norm over depth": _gap, "Pruning": _pruning_section,
+        "Gap norm over depth": _gap, "Pruning": _pruning_section, "Calibration sensitivity": _calibration_section,
     }
     links = " · ".join(f'<a href="#{_section_id(ctx.slug, h)}">{_e(h)}</a>' for h in SECTIONS)
     parts = [f'<section class="run" id="{ctx.slug}"><h2>{_e(data.name)} '
@@ -563,6 +568,41 @@ def _pruning_section(data: RunData, ctx: _Context) -> str:
         parts.append('<p class="absent">No Jaccard matrix: the run has neither <code>jaccard.parquet</code> nor '
                      "per-layer kept sets in <code>pruning.parquet</code>.</p>")
     return "".join(parts)
+
+
+def _calibration_section(data: RunData, ctx: _Context) -> str:
+    table = data.table("calibration")
+    if table is None:
+        return _absent(data, "calibration")
+    if table.empty:
+        return '<p class="absent">calibration.parquet has no rows.</p>'
+    from moeaudit.calibration.stage import calibration_summary
+
+    first = table.iloc[0]
+    target, ratio = float(first["tau_target"]), float(first["flip_ratio"])
+    summary = calibration_summary(table)
+    rows = []
+    for row in summary.itertuples(index=False):
+        group = table[table["metric"] == row.metric]
+        worst = group.loc[group["domain_tau_min"].idxmin()] if group["domain_tau_min"].notna().any() else None
+        tokens = (f"{row.tokens_to_target:,.0f}" if np.isfinite(row.tokens_to_target)
+                  else f"not reached ({row.reached} layers)")
+        rows.append((row.metric, _fmt(row.tau, ".2f"), _fmt(row.tau_p05_min, ".2f"),
+                     "–" if not np.isfinite(row.flips) else f"{row.flips:.1%}", tokens,
+                     _fmt(row.domain_tau, ".2f"), _fmt(row.domain_tau_min, ".2f"),
+                     "–" if worst is None else f"{worst['domain_pair_min']} (layer {int(worst['layer'])})"))
+    header = ["metric", "τ mean", "τ p05 (worst layer)", f"flips at {ratio:.0%} pruned", f"tokens to τ ≥ {target:g}",
+              "domain τ mean", "domain τ min", "least concordant domains"]
+    layers = table["layer"].nunique()
+    note = (f"{int(first['n_units'])} calibration {_e(first['unit'])}s, {int(first['n_tokens']):,} tokens, "
+            f"{int(table['n_resamples'].max())} bootstrap resamples (seed {int(first['seed'])}); values are means "
+            f"over {layers} layer{'s' if layers != 1 else ''} (per layer: <code>calibration.parquet</code>). Tokens to "
+            f"τ ≥ {target:g}: the smallest nested subset (at most half the split) whose mean τ reaches it in every "
+            "layer; not reached means more calibration data than half of this split would be needed to show it. "
+            "Weight-only metrics do not depend on calibration data and are not listed.")
+    return (ctx.figure(figures.calibration(table), "calibration",
+                       "Bootstrap τ per metric and learning curves over calibration size.")
+            + _table(header, rows, classes="num") + f'<p class="note">{note}</p>')
 
 
 # ---------------------------------------------------------------------------------------------- the page
