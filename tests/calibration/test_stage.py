@@ -84,6 +84,13 @@ def test_a_changed_corpus_is_refused(observed_run, tmp_path):
     run = RunDir(copy_run(observed_run, tmp_path / "run"))
     run.manifest["corpus"]["fingerprint_observed"] = "0" * 16
     run.save()
+    # windows.parquet names each window's document: the corpus is not rebuilt, so its fingerprint is not read
+    documents = RunDir(run.path).read("windows")
+    info = run_calibration(RunDir(run.path))
+    assert info["unit"] == "document" and info["units"] == documents[documents.split == "calibration"].doc_id.nunique()
+    (run.path / "calibration.parquet").unlink()
+    # a run observed before windows.parquet existed: the corpus is rebuilt and must match
+    (run.path / "windows.parquet").unlink()
     with pytest.raises(RunDirectoryError, match="cannot be matched to its observed windows.*--unit window"):
         run_calibration(RunDir(run.path))
     assert not run.has("calibration")

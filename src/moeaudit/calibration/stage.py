@@ -3,8 +3,9 @@
 
 It needs the observe and metrics stages: it resamples the same calibration windows the metrics stage
 computed ``expert_metrics`` on (the ``calibration`` split, or every observed window for an ``in_sample``
-run) and never runs the model. Documents are found by rebuilding the run's corpus windows (tokenizer only)
-and checking them against the observed windows' fingerprint in the manifest.
+run) and never runs the model. Documents are read from ``windows.parquet``; for a run observed before that
+table existed they are found by rebuilding the run's corpus windows (tokenizer only) and checking them
+against the observed windows' fingerprint in the manifest.
 """
 
 from __future__ import annotations
@@ -44,11 +45,20 @@ def _check_stages(run: RunDir) -> None:
 
 
 def _documents(run: RunDir, seqs: np.ndarray, corpus: Any) -> dict[int, str]:
-    """seq -> document id of the observed windows, from ``corpus`` or the run's corpus rebuilt from its config."""
+    """seq -> document id of the observed windows: the ``windows`` table, else ``corpus`` or the run's corpus
+    rebuilt from its config."""
+    from moeaudit.audit.stage import window_documents
     from moeaudit.data.windows import windows_fingerprint
     from moeaudit.observe.stage import build_corpus, observed_windows
 
     hint = "; pass --unit window to resample windows instead"
+    stored_documents = window_documents(run) if corpus is None else None
+    if stored_documents is not None:
+        lacking = [int(s) for s in seqs if int(s) not in stored_documents.index]
+        if lacking:
+            raise RunDirectoryError(f"observed windows {lacking[:5]} of {run.path} are not in its windows.parquet; "
+                                    f"re-run `moeaudit observe` with --overwrite{hint}")
+        return {int(s): str(stored_documents.loc[int(s)]) for s in seqs}
     if corpus is None:
         from moeaudit.models.loading import tokenizer_for
 
