@@ -128,6 +128,12 @@ class InterveneSettings(_Part):
         scope; moeaudit's census default is the exact per-token effect, ``token`` scope).
     intervene_n : int or None
         Target positions per layer for the interventions (every active expert at each; None = census).
+    position_sets : {"per_layer", "paper_code"}
+        ``per_layer``: ``intervene_n`` positions per layer from ``default_rng(seed)``, and the audit samples
+        ``audit_n`` of them per layer for every metric. ``paper_code``: the released scripts of arXiv
+        2606.10703 — one set of ``intervene_n`` positions per audit metric, drawn in turn from numpy's
+        legacy stream seeded with ``seed`` over the padded global numbering, the same sets at every layer
+        (:func:`moeaudit.audit.papercode.paper_code_positions`); the paired design tests metric i on set i.
     progressive : bool
         Also run progressive ablation (remove the top-j experts by gate, j = 1..k-1) at ``audit_n``
         sampled positions per layer, for the redundancy profile.
@@ -146,6 +152,7 @@ class InterveneSettings(_Part):
     intervene_layers: list[int] | None = None
     intervene_windows: int | None = Field(None, ge=1)
     intervene_n: int | None = Field(None, ge=1)
+    position_sets: Literal["per_layer", "paper_code"] = "per_layer"
     progressive: bool = True
     noise_positions: int = Field(16, ge=0)
 

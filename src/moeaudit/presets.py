@@ -23,12 +23,15 @@ columns as ``engmann2026``. It keeps the router logits of the audited layers
 * padding. The scripts padded every text to the longest and pooled the padding positions into all four
   metrics (about 62 % of the OLMoE rows). moeaudit never pads a forward pass, so the metrics here are over
   real tokens only: where the published values depended on padding, these differ.
-* the position sets. The scripts drew one position set per metric from numpy's global stream seeded with
-  42 (the same four sets at every layer). :func:`moeaudit.audit.papercode.paper_code_positions` computes
-  them, but the intervene and audit stages of this preset still draw one set per layer with
-  ``default_rng([seed, layer])``. (Their ddof-0 d_z is replayed: ``dz_ddof = 0``.)
+* the routing-weight control script.
 * Qwen1.5-MoE-A2.7B. Its script followed another protocol (its own generator, positions drawn per text,
   activation norms on 30 texts, a std over output values); this preset refuses it.
+
+What it does replay besides the metrics: the scripts' four position sets, one per metric, drawn in turn from
+numpy's global stream seeded with 42 over the padded global numbering, the same sets at every layer
+(``position_sets = "paper_code"``: the intervene stage intervenes at their union, the paired design tests
+metric i on set i), and their ddof-0 d_z (``dz_ddof = 0``). The sets equal the scripts' only when the
+windows are the scripts' token rows (one per text, in corpus order, as ``first_docs`` + ``truncate`` give).
 """
 
 from __future__ import annotations
@@ -109,4 +112,5 @@ def preset_values(name: str, model: str, moe_layers: list[int]) -> dict[str, Any
         values["audit_metrics"] = list(PAPER_CODE_METRICS.get(key or "", olmoe))
         values["router_logits_layers"] = "all"
         values["dz_ddof"] = 0
+        values["position_sets"] = "paper_code"
     return values

@@ -310,6 +310,23 @@ class RunDir:
         chosen = tokens if split is None else tokens[tokens["split"] == split]
         return token_windows(chosen, pad_id) if len(chosen) else None
 
+    def intervened_tokens(self, columns: list[str] | None = None) -> tuple["pd.DataFrame", str | None]:
+        """The ``tokens`` rows the intervene stage intervenes on, and their split (None: every split).
+
+        The held-out split unless the run is ``in_sample`` or observed none, cut to the first
+        ``intervene_windows`` windows when that is set.
+        """
+        import numpy as np
+
+        columns = list(dict.fromkeys(["seq", "split", *(columns or ["pos"])]))
+        tokens = self.read("tokens", columns=columns)
+        split = "heldout" if (tokens["split"] == "heldout").any() and not self.config.in_sample else None
+        chosen = tokens[tokens["split"] == split] if split else tokens
+        if self.config.intervene_windows is not None:
+            first = np.sort(chosen["seq"].unique())[: self.config.intervene_windows]
+            chosen = chosen[chosen["seq"].isin(first)]
+        return chosen, split
+
     def writing(self, name: str):
         """Context manager yielding a temporary path that becomes ``name.parquet`` only on success."""
         return atomic_path(self.table_path(name))

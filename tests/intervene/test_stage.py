@@ -19,7 +19,8 @@ def moe():
 
 
 def _run(path, moe, **settings):
-    config = AuditConfig(model="tiny-olmoe", max_len=24, max_windows=3, progressive=False, **settings)
+    settings = {"max_windows": 3, **settings}
+    config = AuditConfig(model="tiny-olmoe", max_len=24, progressive=False, **settings)
     run = RunDir(path, config)
     run_observe(run, moe=moe)
     return run
@@ -48,3 +49,45 @@ def test_intervene_layers_must_have_been_observed(tmp_path, moe):
     with pytest.raises(InvalidParameterError, match=r"`intervene_layers` must be observed MoE layers"):
         run_intervene(run, moe=moe)
     assert not run.has("effects")
+
+
+def test_paper_code_position_sets_are_intervened_and_tested_one_per_metric(tmp_path, moe):
+    """position_sets = "paper_code": the scripts' four sets (one per metric, the same at every layer) are
+    intervened at, and the paired design tests metric i on set i — not one per-layer sample for all."""
+    from moeaudit.audit.stage import run_audit
+    from moeaudit.data.positions import paper_code_positions
+    from moeaudit.metrics.stage import run_metrics
+
+    metrics = ["frequency", "ean_mean", "mean_gate_active", "act_std"]
+    run = _run(tmp_path / "code", moe, max_windows=4, position_sets="paper_code", intervene_n=12,
+               audit_metrics=metrics, audit_n=None, in_sample=True, audit_cluster="none",
+               designs=["paired", "within_token"])
+    run_metrics(run, moe=moe)
+    run_intervene(run, moe=moe)
+    tokens = run.read("tokens")
+    sets = paper_code_positions(tokens.groupby("seq").size().to_dict(), n=12, seed=run.config.seed, draws=4)
+    union = {tuple(map(int, row)) for part in sets for row in part}
+    effects = run.read("effects")
+    for layer in {layer.layer for layer in moe.layers}:
+        rows = effects[effects.layer == layer]
+        assert set(zip(rows.seq, rows.pos)) == union  # every set, at every layer
+    run_audit(run)
+    tests = run.read("tests").set_index(["design", "metric", "layer"])
+    layer = moe.layers[0].layer
+    for metric, part in zip(metrics, sets):
+        assert tests.loc[("paired", metric, layer), "n"] <= len(part) == 12
+    # each metric's cell is the paired contrast on its own set: frequency's equals a hand computation
+    from moeaudit.audit import high_low
+    from moeaudit.stats import paired_contrast
+
+    frame = effects[effects.layer == layer].join(
+        run.read("expert_metrics").query("layer == @layer").set_index("expert")["frequency"], on="expert")
+    own = frame.merge(pd.DataFrame(sets[0], columns=["seq", "pos"]), on=["seq", "pos"])
+    pairs, _ = high_low(own, "frequency")
+    ref = paired_contrast(pairs["high"].to_numpy(), pairs["low"].to_numpy())
+    assert tests.loc[("paired", "frequency", layer), "p_t"] == pytest.approx(ref.p_t, rel=1e-12)
+    assert len(union) > 12  # the sets differ, so a shared sample would have tested other positions
+    bad = _run(tmp_path / "bad", moe, position_sets="paper_code", audit_metrics=metrics)
+    with pytest.raises(InvalidParameterError, match="`intervene_n` must be a number of positions per set"):
+        run_intervene(bad, moe=moe)
+    assert not bad.has("effects")

@@ -238,6 +238,9 @@ class LayerInputs:
     cluster_by : {"document", "window", "none"}
         What the ``cluster`` column of ``sample`` holds (absent when "none"); the designs cluster a cell
         by it as ``settings.cluster`` says.
+    metric_samples : dict
+        ``{metric: rows}`` when each metric has its own position set (:func:`audit` ``position_sets``): the
+        paired design tests a metric on its own rows; ``sample`` is then their union.
     """
 
     layer: int
@@ -248,27 +251,38 @@ class LayerInputs:
     rng: np.random.Generator
     untestable: dict[str, int] = field(default_factory=dict)
     cluster_by: str = "none"
+    metric_samples: dict[str, pd.DataFrame] = field(default_factory=dict)
 
 
 def layer_inputs(effects: pd.DataFrame, expert_metrics: pd.DataFrame, metrics: Sequence[str],
                  settings: AuditSettings, untestable: dict[str, int] | None = None,
-                 documents: pd.Series | None = None) -> Iterator[LayerInputs]:
+                 documents: pd.Series | None = None,
+                 position_sets: Sequence[Any] | None = None) -> Iterator[LayerInputs]:
     """The :class:`LayerInputs` of every layer of ``effects``, in ascending order (see :func:`audit`)."""
     untestable = {} if untestable is None else untestable
     cluster_by = cluster_kind(settings.cluster, documents)
+    sets = None
+    if position_sets is not None:
+        sets = {metric: pd.DataFrame(np.asarray(part, dtype=np.int64).reshape(-1, 2), columns=TOKEN)
+                for metric, part in zip(metrics, position_sets)}
     for layer in sorted(effects["layer"].unique()):
         layer_effects = complete_tokens(effects[effects["layer"] == layer])
         scores = expert_metrics[expert_metrics["layer"] == layer].set_index("expert")
         frame = layer_effects.join(scores[list(metrics)], on="expert")
         tokens = frame[TOKEN].drop_duplicates()
         rng = np.random.default_rng([settings.seed, int(layer)])
-        sampled = _sample_tokens(tokens, settings.n, rng)
+        if sets is None:
+            sampled = _sample_tokens(tokens, settings.n, rng)
+        else:  # the given sets are the samples: their union for the designs that test every metric at once
+            sampled = pd.concat(sets.values()).drop_duplicates().sort_values(TOKEN)
         sample = frame.merge(sampled, on=TOKEN)
         if cluster_by == "document":
             sample[CLUSTER] = sample["seq"].map(documents).to_numpy()
         elif cluster_by == "window":
             sample[CLUSTER] = sample["seq"].to_numpy()
-        yield LayerInputs(int(layer), layer_effects, sample, scores, settings, rng, untestable, cluster_by)
+        per_metric = {} if sets is None else {metric: sample.merge(part, on=TOKEN) for metric, part in sets.items()}
+        yield LayerInputs(int(layer), layer_effects, sample, scores, settings, rng, untestable, cluster_by,
+                          per_metric)
 
 
 def cluster_kind(cluster: str, documents: pd.Series | None) -> str:
@@ -349,7 +363,7 @@ def get_design(name: str) -> DesignSpec:
 def paired_design(data: LayerInputs, metric: str | None) -> dict[str, Any]:
     """The paper's contrast (arXiv 2606.10703, Sec. 3.3): ΔNLL of the highest- minus the lowest-metric
     active expert per sampled token."""
-    pairs, dropped = high_low(data.sample, metric)
+    pairs, dropped = high_low(data.metric_samples.get(metric, data.sample), metric)
     data.untestable[f"{data.layer}/{metric}"] = dropped
     return _paired_row(pairs, data, layer=data.layer, metric=metric, design="paired")
 
@@ -401,7 +415,7 @@ def expert_level_design(data: LayerInputs, metric: str | None) -> dict[str, Any]
 
 
 def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSettings | None = None, *,
-          documents: pd.Series | None = None) -> AuditResult:
+          documents: pd.Series | None = None, position_sets: Sequence[Any] | None = None) -> AuditResult:
     """Run every selected design for every metric × layer; return the ``tests`` table.
 
     Parameters
@@ -415,6 +429,10 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
     documents : pandas.Series, optional
         The document id of each window, indexed by ``seq`` (the run's ``windows`` table): the clusters of
         the token-level designs (``settings.cluster``). Without it they cluster by window.
+    position_sets : sequence of int arrays [m, 2] of (seq, pos), optional
+        One position set per metric, in the order of ``settings.metrics`` (required then): the paired
+        design tests metric i on set i, the other designs use their union, and ``settings.n`` is not drawn —
+        the released scripts of arXiv 2606.10703 (:func:`moeaudit.data.positions.paper_code_positions`).
 
     Returns
     -------
@@ -429,10 +447,14 @@ def audit(effects: pd.DataFrame, expert_metrics: pd.DataFrame, settings: AuditSe
     """
     settings = settings or AuditSettings()
     metrics = _metric_columns(expert_metrics, settings.metrics)
+    if position_sets is not None and (settings.metrics is None or len(position_sets) < len(metrics)):
+        raise invalid("position_sets", f"one set per metric of settings.metrics ({len(metrics)})",
+                      f"{len(position_sets)} sets" + ("" if settings.metrics else " without settings.metrics"))
     chosen = [get_design(name) for name in list_designs() if name in settings.designs]
     rows: list[dict[str, Any]] = []
     counters: dict[str, Any] = {"untestable_tokens": {}}
-    for data in layer_inputs(effects, expert_metrics, metrics, settings, counters["untestable_tokens"], documents):
+    for data in layer_inputs(effects, expert_metrics, metrics, settings, counters["untestable_tokens"], documents,
+                             position_sets):
         for metric in metrics:
             rows.extend(spec(data, metric) for spec in chosen if spec.per_metric)
         rows.extend(spec(data, None) for spec in chosen if not spec.per_metric)

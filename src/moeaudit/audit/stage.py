@@ -9,6 +9,7 @@ import pandas as pd
 
 from moeaudit.audit import AuditSettings, audit
 from moeaudit.audit.designs import cluster_kind
+from moeaudit.data.positions import run_position_sets
 from moeaudit.config import AuditConfig
 from moeaudit.stats import cliff, progressive_summary
 from moeaudit.errors import RunDirectoryError
@@ -40,6 +41,8 @@ def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, A
     config = run.config
     settings = settings or audit_settings(config)
     documents = window_documents(run)
+    position_sets = run_position_sets(config, run.intervened_tokens()[0]) if config.position_sets != "per_layer" \
+        else None
     if settings.cluster == "document" and documents is None:
         raise RunDirectoryError(f"{run.path} holds no windows.parquet (observed before moeaudit recorded each "
                                 "window's document), so tests cannot cluster by document; re-run `moeaudit observe` "
@@ -49,12 +52,13 @@ def run_audit(run: RunDir, settings: AuditSettings | None = None) -> dict[str, A
     if effects.empty:
         raise RunDirectoryError(f"effects.parquet in {run.path} has no exact {config.kind}/{config.scope} rows; "
                                 "run `moeaudit intervene` with that kind and scope first")
-    result = audit(effects, run.read("expert_metrics"), settings, documents=documents)
+    result = audit(effects, run.read("expert_metrics"), settings, documents=documents, position_sets=position_sets)
     run.write_frame("tests", result.tests)
     redundancy = redundancy_table(all_effects)
     if not redundancy.empty:
         run.write_frame("redundancy", redundancy)
-    info = dict(result.counters, kind=config.kind, scope=config.scope, n=settings.n, correction=settings.correction,
+    info = dict(result.counters, kind=config.kind, scope=config.scope,
+                n=settings.n if position_sets is None else config.intervene_n, position_sets=config.position_sets, correction=settings.correction,
                 alpha=settings.alpha, cluster_by=cluster_kind(settings.cluster, documents))
     info["untestable_tokens"] = {k: v for k, v in info.get("untestable_tokens", {}).items() if v}
     info["settings"] = {name: list(value) if isinstance(value, tuple) else value

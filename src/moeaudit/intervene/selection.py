@@ -2,7 +2,8 @@
 
 Target positions
     Every position that has a real next token (the last position of a window and padding are skipped and
-    counted), optionally a seeded sample of ``n`` of them per MoE layer, or an explicit list.
+    counted), optionally a seeded sample of ``n`` of them per MoE layer, or given positions per layer
+    (:meth:`Selection.at`), or an explicit list of interventions.
 What is removed at a target (ℓ, t)
     ``active``       every expert of the active set A_ℓ(t), one intervention each (the census);
     ``explicit``     the given (layer, seq, pos, expert) items (an inactive expert is allowed);
@@ -50,6 +51,9 @@ class Selection:
         For ``contrast`` with a population metric.
     shared_index : int or None
         For ``shared``: None removes all shared experts of the layer, j removes fused shared expert j.
+    targets : tuple of (seq, pos)
+        Given target positions, the same at every layer (:meth:`at`); ``seq`` counts from the first window
+        of the batch.
 
     Examples
     --------
@@ -67,6 +71,7 @@ class Selection:
     metric: str | None = None
     metric_values: Mapping[tuple[int, int], float] | None = field(default=None, compare=False, repr=False)
     shared_index: int | None = None
+    targets: tuple[tuple[int, int], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         if self.what not in SELECTION_WHAT:
@@ -91,6 +96,16 @@ class Selection:
     def sample(cls, n: int, *, seed: int = 0, layers: Iterable[int] | None = None) -> "Selection":
         """Every active expert at ``n`` seeded target positions per MoE layer."""
         return cls("active", _layers(layers), n=n, seed=seed)
+
+    @classmethod
+    def at(cls, targets: Iterable[tuple[int, int]], *, layers: Iterable[int] | None = None) -> "Selection":
+        """Every active expert at the given (seq, pos) target positions of every chosen MoE layer (e.g. a
+        replayed sample)."""
+        targets = tuple(sorted({tuple(int(v) for v in item) for item in targets}))
+        bad = [item for item in targets if len(item) != 2]
+        if bad or not targets:
+            raise invalid("targets", "a non-empty list of (seq, pos)", bad[0] if bad else [])
+        return cls("active", _layers(layers), targets=targets)  # type: ignore[arg-type]
 
     @classmethod
     def explicit(cls, items: Iterable[tuple[int, int, int, int]]) -> "Selection":
@@ -141,7 +156,7 @@ class Selection:
     def name(self) -> str:
         """The value of the ``selection`` column: census, sample, explicit, contrast, progressive, shared."""
         if self.what == "active":
-            return "census" if self.n is None else "sample"
+            return "census" if self.n is None and not self.targets else "sample"
         return self.what
 
 
@@ -174,11 +189,19 @@ class Plan:
 
 
 def sample_targets(selection: Selection, layers: list[int], valid: torch.Tensor) -> dict[int, np.ndarray] | None:
-    """Seeded target positions per layer: {layer: int array [n, 2] of (seq, pos)}; None = all valid.
+    """Seeded (or given) target positions per layer: {layer: int array [n, 2] of (seq, pos)}; None = all valid.
+
+    Given targets (:meth:`Selection.at`) keep the valid ones of each layer.
 
     Positions are drawn uniformly without replacement among positions with a next token, independently
     per layer (one generator, layers in ascending order); when fewer exist, all are taken.
     """
+    if selection.targets:
+        rows = np.asarray(selection.targets, dtype=np.int64)
+        valid_np = valid.cpu().numpy()
+        rows = rows[(rows[:, 0] < valid_np.shape[0]) & (rows[:, 1] < valid_np.shape[1])]
+        rows = rows[valid_np[rows[:, 0], rows[:, 1]]]
+        return {layer: rows for layer in layers}
     if selection.n is None:
         return None
     candidates = torch.nonzero(valid).cpu().numpy()  # [M, 2] (seq, pos), row-major order

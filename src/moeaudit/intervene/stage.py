@@ -85,13 +85,13 @@ def intervene_unit(moe: MoEModel, payload: dict[str, Any]):
 def intervene_work_units(seqs: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                          selections: list[Selection], engine_config: InterveneConfig, unit_windows: int) -> list:
     """Per selection, chunks of ``unit_windows`` windows; a sampled selection draws its positions over all
-    windows at once, so it is one unit."""
+    windows at once (and given positions count windows from the first), so it is one unit."""
     from moeaudit.scale import WorkUnit
     from moeaudit.scale.units import chunks, unit_id
 
     units = []
     for selection in selections:
-        step = len(seqs) if selection.n is not None else unit_windows
+        step = len(seqs) if selection.n is not None or selection.targets else unit_windows
         for start, stop in chunks(len(seqs), step):
             payload = {"selection": selection, "engine_config": engine_config, "seqs": seqs[start:stop],
                        "input_ids": input_ids[start:stop],
@@ -133,14 +133,12 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
     """
     from moeaudit.scale import make_executor, run_units
 
+    from moeaudit.data.positions import run_position_sets
+
     config = run.config
     layers = intervened_layers(run)
-    tokens = run.read("tokens", columns=["seq", "pos", "token_id", "split"])
-    split = "heldout" if (tokens["split"] == "heldout").any() and not config.in_sample else None
-    chosen = tokens[tokens["split"] == split] if split else tokens
-    if config.intervene_windows is not None:
-        first = np.sort(chosen["seq"].unique())[: config.intervene_windows]
-        chosen = chosen[chosen["seq"].isin(first)]
+    chosen, split = run.intervened_tokens(["pos", "token_id"])
+    position_sets = run_position_sets(config, chosen)  # checked before any model loads
     own_executor = executor is None
     executor = executor or make_executor(config, moe)
     try:
@@ -150,8 +148,14 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
         if bool(attention_mask.all()):
             attention_mask = None
         engine_config = engine_config_for(config)
-        selections = [Selection.census(layers=layers) if config.intervene_n is None
-                      else Selection.sample(config.intervene_n, seed=config.seed, layers=layers)]
+        if position_sets is not None:  # the union of the sets, at every layer, windows counted from the first
+            local = {int(seq): b for b, seq in enumerate(seqs)}
+            union = {(int(seq), int(pos)) for part in position_sets for seq, pos in part}
+            selections = [Selection.at(((local[seq], pos) for seq, pos in union), layers=layers)]
+        elif config.intervene_n is None:
+            selections = [Selection.census(layers=layers)]
+        else:
+            selections = [Selection.sample(config.intervene_n, seed=config.seed, layers=layers)]
         if config.progressive:
             selections.append(Selection.progressive(layers=layers, n=config.audit_n, seed=config.seed))
         units = intervene_work_units(seqs, input_ids, attention_mask, selections, engine_config,
