@@ -125,7 +125,7 @@ def test_paper_code_preset_loads_validates_and_differs_from_engmann2026():
     assert config_fingerprint(code) != config_fingerprint(corrected)
     differing = {k for k, v in code.fingerprint_fields().items() if corrected.fingerprint_fields()[k] != v}
     assert differing == {"preset", "audit_metrics", "router_logits_layers", "dz_ddof",
-                         "position_sets"}  # the rest is the same protocol
+                         "position_sets", "paper_code_padding"}  # the rest is the same protocol
     assert code.audit.dz_ddof == 0 and corrected.audit.dz_ddof == 1
     # DeepSeek's script counted routed tokens and averaged top-k weights: moeaudit's own columns
     deepseek = preset_values("engmann2026-code", "deepseek-ai/DeepSeek-V2-Lite", list(range(1, 27)))

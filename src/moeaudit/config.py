@@ -90,6 +90,11 @@ class ObserveConfig(_Part):
         ``max_docs`` (a seeded sample), this is positional.
     truncate : bool
         One window per document (its first ``max_len`` tokens) instead of cutting it into many.
+    paper_code_padding : bool
+        Also record routing at the padding positions of the observed windows right-padded to the longest
+        one, and pool them into every metric, as the released scripts of arXiv 2606.10703 did
+        (:func:`moeaudit.observe.forward.observe_padding`; ``engmann2026-code``). Default False: metrics
+        describe real tokens only.
     in_sample : bool
         Compute metrics and effects on the same windows, as the paper did (default: metrics on the
         calibration split, effects on held-out).
@@ -108,6 +113,7 @@ class ObserveConfig(_Part):
     min_chars: int | None = Field(None, ge=0)
     first_docs: int | None = Field(None, ge=1)
     truncate: bool = False
+    paper_code_padding: bool = False
     in_sample: bool = False
 
     @field_validator("observe_splits")

@@ -17,21 +17,22 @@ ones. For OLMoE-1B-7B-0924 (and any checkpoint the paper did not audit) it tests
 ``paper_code_utilization`` (mean router logit), ``ean_mean``, ``paper_code_mean_weight_active`` (mean logit
 over a batch-global top-k mask) and ``act_std`` (the script's activation norm and std agree with moeaudit's);
 for DeepSeek-V2-Lite, whose script counted routed tokens and averaged top-k weights, it tests the same four
-columns as ``engmann2026``. It keeps the router logits of the audited layers
-(``router_logits_layers = "all"``). What it does not replay:
+columns as ``engmann2026``. Beside the metrics it replays:
 
-* padding. The scripts padded every text to the longest and pooled the padding positions into all four
-  metrics (about 62 % of the OLMoE rows). moeaudit never pads a forward pass, so the metrics here are over
-  real tokens only: where the published values depended on padding, these differ.
-* the routing-weight control script.
-* Qwen1.5-MoE-A2.7B. Its script followed another protocol (its own generator, positions drawn per text,
-  activation norms on 30 texts, a std over output values); this preset refuses it.
+* the padding: the scripts padded every text to the longest one and pooled the padding positions into all
+  four metrics (about 62 % of the released OLMoE rows). ``paper_code_padding`` records the routing (and
+  router logits, ``router_logits_layers = "all"``) of the windows right-padded the same way, and the metrics
+  stage pools it into every metric;
+* the position sets: one per metric, drawn in turn from numpy's global stream seeded with 42 over the padded
+  global numbering, the same sets at every layer (``position_sets = "paper_code"``: the intervene stage
+  intervenes at their union, the paired design tests metric i on set i). They equal the scripts' only when
+  the windows are the scripts' token rows (one per text, in corpus order, as ``first_docs`` + ``truncate``
+  give);
+* the ddof-0 d_z (``dz_ddof = 0``).
 
-What it does replay besides the metrics: the scripts' four position sets, one per metric, drawn in turn from
-numpy's global stream seeded with 42 over the padded global numbering, the same sets at every layer
-(``position_sets = "paper_code"``: the intervene stage intervenes at their union, the paired design tests
-metric i on set i), and their ddof-0 d_z (``dz_ddof = 0``). The sets equal the scripts' only when the
-windows are the scripts' token rows (one per text, in corpus order, as ``first_docs`` + ``truncate`` give).
+It does not replay the routing-weight control script, nor Qwen1.5-MoE-A2.7B, whose script followed another
+protocol (its own generator, positions drawn per text, activation norms on 30 texts, a std over output
+values); this preset refuses it.
 """
 
 from __future__ import annotations
@@ -113,4 +114,5 @@ def preset_values(name: str, model: str, moe_layers: list[int]) -> dict[str, Any
         values["router_logits_layers"] = "all"
         values["dz_ddof"] = 0
         values["position_sets"] = "paper_code"
+        values["paper_code_padding"] = True
     return values

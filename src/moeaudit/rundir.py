@@ -31,12 +31,13 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-TABLES = ("windows", "tokens", "routing", "router_probs", "router_logits", "expert_metrics", "expert_metrics_by_domain",
-          "effects", "tests", "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals",
+TABLES = ("windows", "tokens", "routing", "router_probs", "router_logits", "padding_routing", "padding_router_probs",
+          "padding_router_logits", "expert_metrics", "expert_metrics_by_domain", "effects", "tests", "redundancy", "pruning", "jaccard", "pruning_domains", "pruning_scores", "pruning_evals",
           "calibration")
 #: The stage (``moeaudit STAGE RUN_DIR``) that writes each table.
 TABLE_STAGES = {"windows": "observe", "tokens": "observe", "routing": "observe", "router_probs": "observe",
-                "router_logits": "observe", "expert_metrics": "metrics",
+                "router_logits": "observe", "padding_routing": "observe", "padding_router_probs": "observe",
+                "padding_router_logits": "observe", "expert_metrics": "metrics",
                 "expert_metrics_by_domain": "metrics", "effects": "intervene", "tests": "audit", "redundancy": "audit",
                 "pruning": "prune", "jaccard": "prune", "pruning_domains": "prune", "pruning_scores": "prune",
                 "pruning_evals": "prune", "calibration": "calibration"}

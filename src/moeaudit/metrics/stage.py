@@ -46,6 +46,8 @@ def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
     num_experts = {layer.layer: layer.num_experts for layer in moe.layers if layer.layer in set(routing["layer"])}
     probs = read_router_probs(run.table_path("router_probs")) if run.has("router_probs") else {}
     logits = read_router_logits(run.table_path("router_logits")) if run.has("router_logits") else {}
+    if run.config.paper_code_padding:  # the released scripts pooled padding positions into every metric
+        routing, probs, logits = _with_padding(run, routing, probs, logits)
     weights = layer_weights(moe)
     table = compute_expert_metrics(routing, num_experts, router_probs=probs or None, weights=weights, seqs=seqs,
                                    router_logits=logits or None)
@@ -66,6 +68,48 @@ def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
     }
     run.record_stage("metrics", info)
     return info
+
+
+def _with_padding(run: RunDir, routing, probs: dict, logits: dict):
+    """``routing`` and the router matrices with the padding rows of ``paper_code_padding`` appended.
+
+    Tokens are ordered by (seq, pos) in both parts (padding positions follow a window's last token), so the
+    matrices stay aligned with the routing rows' tokens: each padding matrix is placed after the real
+    one and the whole re-ordered by (seq, pos), as :func:`compute_expert_metrics` numbers tokens.
+    """
+    import pandas as pd
+
+    from moeaudit.observe.forward import read_router_logits, read_router_probs
+
+    if not run.has("padding_routing"):
+        from moeaudit.errors import RunDirectoryError
+
+        raise RunDirectoryError(f"{run.path} has paper_code_padding set but no padding_routing.parquet; re-run "
+                                "`moeaudit observe` with --overwrite")
+    padding = run.read("padding_routing").astype({"layer": "int64", "seq": "int64", "pos": "int64",
+                                                  "expert": "int64"})
+    merged = pd.concat([routing, padding], ignore_index=True).sort_values(["layer", "seq", "pos", "slot"],
+                                                                          kind="stable", ignore_index=True)
+    out = []
+    for name, reader, real in (("padding_router_probs", read_router_probs, probs),
+                               ("padding_router_logits", read_router_logits, logits)):
+        extra = reader(run.table_path(name)) if real and run.has(name) else {}
+        combined = {}
+        for layer, matrix in real.items():
+            keys = _token_keys(routing, layer)
+            pad_keys = _token_keys(padding, layer)
+            rows = np.concatenate([matrix, extra.get(layer, np.zeros((0, matrix.shape[1]), matrix.dtype))])
+            order = np.lexsort((np.concatenate([keys[:, 1], pad_keys[:, 1]]),
+                                np.concatenate([keys[:, 0], pad_keys[:, 0]])))
+            combined[layer] = rows[order]
+        out.append(combined)
+    return merged, out[0], out[1]
+
+
+def _token_keys(routing, layer: int) -> np.ndarray:
+    """(seq, pos) of each distinct token of ``layer`` in the routing table, in table order."""
+    rows = routing[routing["layer"] == layer]
+    return rows[["seq", "pos"]].drop_duplicates().to_numpy()
 
 
 def layer_summary(table, top: int = 3) -> "Any":

@@ -313,6 +313,103 @@ def observe_batches(
         yield tables
 
 
+PADDING_TABLES = ("padding_routing", "padding_router_probs", "padding_router_logits")
+
+
+def observe_padding(
+    moe: MoEModel,
+    windows: Sequence[Any],
+    *,
+    pad_to: int,
+    layers: Sequence[int],
+    router_probs_layers: Sequence[int] = (),
+    router_logits_layers: Sequence[int] = (),
+    batch_size: int = 8,
+) -> dict[str, pa.Table]:
+    """Routing (and router probabilities / logits) at the *padding* positions of ``windows`` right-padded to
+    ``pad_to`` tokens, as the released scripts of arXiv 2606.10703 computed them.
+
+    The scripts tokenised their texts padded to the longest one (right padding with the tokenizer's pad
+    token, the model's ``pad_token_id``), ran the padded batch with its attention mask, and pooled every
+    position — padding included — into their four metrics (about 62 % of the released OLMoE rows are
+    padding). moeaudit's own tables never hold a padding position; this pass adds exactly those rows: one
+    row per (layer, window, padding position, slot) in :data:`~moeaudit.tables.ROUTING_SCHEMA`, ``pos``
+    counting on past the window's last token. The real positions of the padded pass are not kept (they are
+    the observe tables' rows, computed without padding).
+
+    Parameters
+    ----------
+    moe : MoEModel
+    windows : sequence of WindowInput-like
+        ``seq`` and ``token_ids`` of each window, each at most ``pad_to`` tokens.
+    pad_to : int
+        The padded length (the scripts: the longest text).
+    layers, router_probs_layers, router_logits_layers : sequence of int
+        MoE layers whose routing / router probabilities / router logits are kept (the observe stage's).
+    batch_size : int
+        Windows per forward pass (padding rows of one window do not depend on the others').
+
+    Returns
+    -------
+    dict of str to pyarrow.Table
+        ``padding_routing``, ``padding_router_probs``, ``padding_router_logits`` (empty tables when none).
+    """
+    import dataclasses as _dc
+
+    pad_id = getattr(moe.model.config, "pad_token_id", None)
+    if pad_id is None:
+        raise invalid("paper_code_padding", "used with a model whose config names a pad_token_id", True, moe.name)
+    num_experts = {index: moe.layer(index).num_experts for index in layers}
+    probs_schema = router_probs_schema(num_experts[router_probs_layers[0]]) if router_probs_layers else None
+    logits_schema = router_logits_schema(num_experts[router_logits_layers[0]]) if router_logits_layers else None
+    parts: dict[str, list[pa.Table]] = {name: [] for name in PADDING_TABLES}
+    padded = [w for w in windows if len(w.token_ids) < pad_to]
+    for start in range(0, len(padded), batch_size):
+        batch = padded[start:start + batch_size]
+        b = len(batch)
+        ids = torch.full((b, pad_to), int(pad_id), dtype=torch.int64)
+        mask = torch.zeros((b, pad_to), dtype=torch.int64)
+        for row, w in enumerate(batch):
+            n = len(w.token_ids)
+            ids[row, :n] = torch.as_tensor(np.asarray(w.token_ids, dtype=np.int64))
+            mask[row, :n] = 1
+        with torch.no_grad(), moe.capture(layers) as trace:
+            moe.model(input_ids=ids.to(moe.device), attention_mask=mask.to(moe.device))
+        keep = (mask.reshape(-1) == 0).to(moe.device)
+        seqs = np.repeat(np.array([w.seq for w in batch], dtype=np.int64), pad_to)[keep.cpu().numpy()]
+        positions = np.tile(np.arange(pad_to, dtype=np.int64), b)[keep.cpu().numpy()]
+        for index in layers:
+            record = trace[index]
+            sliced = _dc.replace(record, **{f.name: getattr(record, f.name)[keep] for f in _dc.fields(record)
+                                            if isinstance(getattr(record, f.name), torch.Tensor)
+                                            and getattr(record, f.name).shape[:1] == keep.shape})
+            parts["padding_routing"].append(pa.table(_routing_columns(sliced, index, seqs, positions),
+                                                     schema=ROUTING_SCHEMA))
+            if index in router_probs_layers:
+                probs = sliced.router_probs if sliced.router_probs is not None else \
+                    moe.layer(index).router_probs(sliced.router_logits)
+                probs = probs.float().cpu().numpy()
+                parts["padding_router_probs"].append(pa.table({
+                    "layer": np.full(len(probs), index, dtype=np.int16), "seq": seqs.astype(np.int32),
+                    "pos": positions.astype(np.int32),
+                    "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float16).reshape(-1),
+                                                                        type=pa.float16()), probs.shape[1]),
+                }, schema=probs_schema))
+            if index in router_logits_layers:
+                logits = sliced.router_logits.float().cpu().numpy()
+                parts["padding_router_logits"].append(pa.table({
+                    "layer": np.full(len(logits), index, dtype=np.int16), "seq": seqs.astype(np.int32),
+                    "pos": positions.astype(np.int32),
+                    "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), type=pa.float32()),
+                                                                logits.shape[1]),
+                }, schema=logits_schema))
+    empty = {"padding_routing": ROUTING_SCHEMA,
+             "padding_router_probs": probs_schema or router_probs_schema(1),
+             "padding_router_logits": logits_schema or router_logits_schema(1)}
+    return {name: pa.concat_tables(parts[name]) if parts[name] else empty[name].empty_table()
+            for name in PADDING_TABLES}
+
+
 def observe(
     moe: MoEModel,
     windows: Iterable[Any],

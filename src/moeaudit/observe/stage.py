@@ -37,7 +37,8 @@ def observed_windows(corpus, config: AuditConfig) -> list[Any]:
     return sorted(chosen, key=lambda w: w.seq)
 
 
-OBSERVE_TABLES = ("tokens", "routing", "router_probs", "router_logits")
+OBSERVE_TABLES = ("tokens", "routing", "router_probs", "router_logits", "padding_routing", "padding_router_probs",
+                  "padding_router_logits")
 
 
 def observe_unit(moe: MoEModel, payload: dict[str, Any]):
@@ -45,7 +46,7 @@ def observe_unit(moe: MoEModel, payload: dict[str, Any]):
     counters."""
     import pyarrow as pa
 
-    from moeaudit.observe.forward import ObserveStats, observe_batches
+    from moeaudit.observe.forward import ObserveStats, observe_batches, observe_padding
     from moeaudit.tables import ROUTING_SCHEMA, TOKENS_SCHEMA, router_logits_schema, router_probs_schema
     from moeaudit.scale import UnitResult
 
@@ -64,8 +65,18 @@ def observe_unit(moe: MoEModel, payload: dict[str, Any]):
     schemas = {"tokens": TOKENS_SCHEMA, "routing": ROUTING_SCHEMA, "router_probs": router_probs_schema(probs_experts),
                "router_logits": router_logits_schema(logits_experts)}
     out = {name: pa.concat_tables(parts[name]) if parts[name] else schemas[name].empty_table()
-           for name in OBSERVE_TABLES}
+           for name in OBSERVE_TABLES if name in schemas}
+    if payload.get("pad_to"):  # the released scripts' padding rows (paper_code_padding)
+        out.update(observe_padding(moe, payload["windows"], pad_to=payload["pad_to"], layers=stats.layers,
+                                   router_probs_layers=stats.router_probs_layers,
+                                   router_logits_layers=stats.router_logits_layers,
+                                   batch_size=payload["batch_size"]))
+    else:
+        out.update({"padding_routing": ROUTING_SCHEMA.empty_table(),
+                    "padding_router_probs": schemas["router_probs"].empty_table(),
+                    "padding_router_logits": schemas["router_logits"].empty_table()})
     counters = {k: v for k, v in stats.to_dict().items() if k not in ("seconds", "mean_nll")}
+    counters["padding_routing_rows"] = out["padding_routing"].num_rows
     return UnitResult(out, counters)
 
 
@@ -76,11 +87,13 @@ def observe_work_units(windows: Sequence[Any], config: AuditConfig) -> list[Any]
     from moeaudit.scale.units import chunks, unit_id
 
     units = []
+    pad_to = max(len(w.token_ids) for w in windows) if config.paper_code_padding and windows else None
     for start, stop in chunks(len(windows), config.unit_windows):
         part = [WindowInput(w.seq, np.asarray(w.token_ids, dtype=np.int64), getattr(w, "domain", None),
                             getattr(w, "split", None)) for w in windows[start:stop]]
         payload = {"windows": part, "layers": config.layers, "router_probs_layers": config.router_probs_layers,
-                   "router_logits_layers": config.router_logits_layers, "batch_size": config.batch_size}
+                   "router_logits_layers": config.router_logits_layers, "batch_size": config.batch_size,
+                   "pad_to": pad_to}
         units.append(WorkUnit(unit_id("observe", start, stop), payload, windows=stop - start))
     return units
 
@@ -123,6 +136,8 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
     parts = store.stats()
     nll_sum, nll_count = sum(p["nll_sum"] for p in parts), sum(p["nll_count"] for p in parts)
     info = {key: int(sum(p[key] for p in parts)) for key in ("windows", "tokens", "routing_rows", "batches")}
+    if config.paper_code_padding:
+        info["padding_routing_rows"] = int(sum(p.get("padding_routing_rows", 0) for p in parts))
     info.update(layers=parts[0]["layers"], router_probs_layers=parts[0]["router_probs_layers"],
                 router_logits_layers=parts[0].get("router_logits_layers", []),
                 experts_implementation=parts[0]["experts_implementation"],
