@@ -109,13 +109,15 @@ def audit_command(
 
 
 def print_audit(tests, info) -> None:
-    """The paper-style table (full cells) for the paper's metrics and the control, then d_z for all metrics."""
+    """The paper-style table (full cells) for the paper's metrics (or the run's ``audit_metrics``) and the control,
+    then d_z for all metrics."""
     import pandas as pd
 
     from moeaudit.audit import PAPER_METRICS, clustering_summary, paper_table
 
     rule = f"* = significant: t-test and Wilcoxon both pass {info['correction']} at α={info['alpha']}"
-    paper = tests[tests["metric"].isin(PAPER_METRICS + ("token_gate",))]
+    chosen = tuple((info.get("settings") or {}).get("metrics") or PAPER_METRICS)  # a preset's own four
+    paper = tests[tests["metric"].isin(chosen + ("token_gate",))]
     full = pd.concat([paper_table(paper, "paired"), paper_table(paper, "routing_weight")], ignore_index=True)
     full = full.map(lambda cell: cell.replace(" [", "\n[").replace("] ", "]\n") if isinstance(cell, str) else cell)
     print_frame(full, f"paired contrast, paper's metrics and routing-weight control: d_z [95% CI] p_t/p_W "
