@@ -88,8 +88,7 @@ def router_probs_schema(num_experts: int) -> pa.Schema:
     -------
     pyarrow.Schema
     """
-    return pa.schema([("layer", pa.int16()), ("seq", pa.int32()), ("pos", pa.int32()),
-                      ("probs", pa.list_(pa.float16(), num_experts))])
+    return _token_matrix_schema("probs", pa.float16(), num_experts)
 
 
 def router_logits_schema(num_experts: int) -> pa.Schema:
@@ -104,8 +103,12 @@ def router_logits_schema(num_experts: int) -> pa.Schema:
     -------
     pyarrow.Schema
     """
+    return _token_matrix_schema("logits", pa.float32(), num_experts)
+
+
+def _token_matrix_schema(column: str, value_type: pa.DataType, num_experts: int) -> pa.Schema:
     return pa.schema([("layer", pa.int16()), ("seq", pa.int32()), ("pos", pa.int32()),
-                      ("logits", pa.list_(pa.float32(), num_experts))])
+                      (column, pa.list_(value_type, num_experts))])
 
 
 #: Columns of the ``effects`` table, in order. ``delta_nll`` is the causal effect of the intervention

@@ -1,19 +1,10 @@
-r"""Replays of two sampling and statistics choices of arXiv 2606.10703's released scripts.
+r"""The released scripts of arXiv 2606.10703 computed Cohen's d_z as ``diffs.mean() / diffs.std()``: numpy's
+default ddof = 0 (github.com/callmeloui/observational_metrics, ``per_token_ablation_olmoe.py``).
 
-The OLMoE and DeepSeek-V2-Lite scripts (github.com/callmeloui/observational_metrics,
-``per_token_ablation_olmoe.py``, ``per_token_ablation_deepseek.py``) run once per layer in a fresh process.
-Each seeds numpy's global generator (``np.random.seed(42)``), tokenises the texts padded to the longest
-one, numbers every position of the padded batch ``g = doc * L + pos`` (L the padded length), keeps the
-positions with a real next token, and then, for each of its four metrics in turn (utilisation,
-activation norm, mean routing weight when active, activation std), draws
-``np.random.choice(valid_positions, size=200, replace=False)`` from that one global stream. Every layer
-therefore tests metric i on the same i-th position set, and the four sets differ. Cohen's d_z is
-``diffs.mean() / diffs.std()``: numpy's default ddof = 0.
-
-moeaudit's audit draws one set per layer for every metric, from ``default_rng([seed, layer])``, and uses
-ddof = 1 (:func:`moeaudit.stats.paired_contrast`). The scripts' sets are
+moeaudit's audit uses ddof = 1 (:func:`moeaudit.stats.paired_contrast`); ``dz_ddof = 0`` replays the
+scripts, and :func:`dz_ddof0` converts a reported d_z. The scripts' position sets are
 :func:`moeaudit.data.positions.paper_code_positions` (re-exported here), replayed by
-``position_sets = "paper_code"``; their d_z is ``dz_ddof = 0``, and :func:`dz_ddof0` converts a reported one.
+``position_sets = "paper_code"``.
 """
 
 from __future__ import annotations

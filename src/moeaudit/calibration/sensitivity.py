@@ -42,7 +42,7 @@ import pandas as pd
 from numpy.typing import NDArray
 
 from moeaudit.errors import invalid
-from moeaudit.metrics.compute import REQUIRED_COLUMNS, compute_expert_metrics
+from moeaudit.metrics.compute import check_routing, compute_expert_metrics
 from moeaudit.metrics.reap import REAP_GATES, ReapGate
 from moeaudit.metrics.registry import get_metric, list_metrics
 from moeaudit.prune.criteria import direction_of, drop_count
@@ -345,12 +345,7 @@ def calibration_metrics(available: Iterable[str] | None = None) -> list[str]:
 def _setup(routing: Any, num_experts: Any, router_probs: Any, documents: Any, seqs: Any, metrics: Any,
            reap_gate: Any, directions: Any) -> _Setup:
     """The shared part of every ``_validate_*`` step: check the tables, compute the reference, build the pool."""
-    if not isinstance(routing, pd.DataFrame):
-        raise invalid("routing", "a pandas DataFrame", type(routing).__name__)
-    missing = [c for c in REQUIRED_COLUMNS if c not in routing.columns]
-    if missing:
-        raise invalid("routing", f"a table with columns {list(REQUIRED_COLUMNS)} (missing {missing})",
-                      sorted(map(str, routing.columns)))
+    check_routing(routing)
     check_choice("reap_gate", reap_gate, REAP_GATES)
     if directions is not None and not isinstance(directions, Mapping):
         raise invalid("directions", "a mapping {metric: 'low' or 'high'}", type(directions).__name__)

@@ -72,7 +72,8 @@ class _LayerInput:
 # validation (one private step per public entry point, house message shape)
 
 
-def _check_routing(routing: object) -> pd.DataFrame:
+def check_routing(routing: object) -> pd.DataFrame:
+    """The routing table, checked: a non-empty DataFrame with the required integer key columns (one line each)."""
     if not isinstance(routing, pd.DataFrame):
         raise invalid("routing", "a pandas DataFrame", type(routing).__name__)
     missing = [c for c in REQUIRED_COLUMNS if c not in routing.columns]
@@ -169,7 +170,7 @@ def _prepare(
     weights: Mapping[int, Any] | None,
     router_logits: Mapping[int, Any] | None = None,
 ) -> list[_LayerInput]:
-    routing = _check_routing(routing)
+    routing = check_routing(routing)
     groups = routing.groupby("layer", sort=True).indices
     layers = [int(layer) for layer in groups]
     n_exp = _check_num_experts(num_experts, layers)
