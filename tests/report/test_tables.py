@@ -18,7 +18,7 @@ from moeaudit.errors import InvalidParameterError, RunDirectoryError
 from moeaudit.report import tables
 
 GOLDEN = Path(__file__).parent / "golden"
-EXTENSION = {"markdown": "md", "latex": "tex", "csv": "csv"}
+EXTENSION = {"markdown": "md", "latex": "tex", "csv": "csv", "json": "json"}
 
 
 @pytest.mark.parametrize("fmt", tables.FORMATS)
@@ -74,7 +74,7 @@ def test_pruning_percentiles_and_band(synthetic_run):
 def test_bad_arguments_are_one_line(synthetic_run):
     with pytest.raises(InvalidParameterError, match=r"^`what` must be one of audit, pruning, metrics; got 'x'\.$"):
         tables.render(synthetic_run, "x", "csv")
-    with pytest.raises(InvalidParameterError, match=r"^`fmt` must be one of markdown, latex, csv; got 'html'\.$"):
+    with pytest.raises(InvalidParameterError, match=r"^`fmt` must be one of markdown, latex, csv, json; got 'html'\.$"):
         tables.render(synthetic_run, "audit", "html")
 
 

@@ -22,12 +22,18 @@ def report_command(
 def table_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),
     what: str = typer.Option("audit", "--what", help="audit, pruning or metrics."),
-    fmt: str = typer.Option("markdown", "--format", help="markdown, latex (booktabs) or csv."),
+    fmt: str = typer.Option("markdown", "--format", help="markdown, latex (booktabs), csv or json."),
 ) -> None:
     """Print a paper-style table."""
-    from moeaudit.report.tables import render
+    from moeaudit.errors import invalid
+    from moeaudit.options import one_of
+    from moeaudit.report.tables import FORMATS, WHATS, render
 
-    typer.echo(render(run_dir, what, fmt))
+    if what not in WHATS:
+        raise invalid("--what", one_of(WHATS), what)
+    if fmt not in FORMATS:
+        raise invalid("--format", one_of(FORMATS), fmt)
+    typer.echo(render(run_dir, what, fmt), nl=False)
 
 
 def query_command(
@@ -36,12 +42,23 @@ def query_command(
     allow_external: bool = typer.Option(False, "--allow-external", help="Run any statement and let it read and "
                                         "write files outside the run's tables (off: read-only SELECT/EXPLAIN on "
                                         "the run's tables only)."),
+    fmt: str = typer.Option("table", "--format", help="table (aligned text), csv or json (a list of row objects)."),
 ) -> None:
     """Run SQL over the run's Parquet tables and print the result."""
+    from moeaudit.errors import invalid
+    from moeaudit.options import one_of
     from moeaudit.report import query
 
+    formats = ("table", "csv", "json")
+    if fmt not in formats:
+        raise invalid("--format", one_of(formats), fmt)  # before the query runs
     frame = query(run_dir, sql, allow_external=allow_external)
-    typer.echo(frame.to_string(index=False))
+    if fmt == "csv":
+        typer.echo(frame.to_csv(index=False, lineterminator="\n"), nl=False)
+    elif fmt == "json":
+        typer.echo(frame.to_json(orient="records", double_precision=15))
+    else:
+        typer.echo(frame.to_string(index=False))
 
 
 def status_command(

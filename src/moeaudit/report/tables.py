@@ -35,9 +35,9 @@ from moeaudit.report._load import DOMINANT_FACTOR, RunData
 from moeaudit.rundir import RunDir
 
 What = Literal["audit", "pruning", "metrics"]
-Format = Literal["markdown", "latex", "csv"]
+Format = Literal["markdown", "latex", "csv", "json"]
 WHATS: tuple[str, ...] = ("audit", "pruning", "metrics")
-FORMATS: tuple[str, ...] = ("markdown", "latex", "csv")
+FORMATS: tuple[str, ...] = ("markdown", "latex", "csv", "json")
 
 #: Row labels of the two reference designs in the audit table.
 CONTROL_ROWS = {"routing_weight": "token gate (control)", "random_pair": "random pair (null)"}
@@ -63,13 +63,14 @@ def render(run_dir: str | Path | RunDir, what: What, fmt: Format = "markdown") -
     ----------
     run_dir : path or RunDir
     what : {"audit", "pruning", "metrics"}
-    fmt : {"markdown", "latex", "csv"}
+    fmt : {"markdown", "latex", "csv", "json"}
 
     Returns
     -------
     str
         The table, ending with a newline. Markdown and LaTeX carry a one-line caption (LaTeX as ``%``
-        comments above a booktabs ``tabular``); CSV has a header row and full-precision numbers.
+        comments above a booktabs ``tabular``); CSV has a header row and full-precision numbers; JSON is a
+        list of row objects with the same numbers (NaN as ``null``).
 
     Raises
     ------
@@ -88,6 +89,8 @@ def render(run_dir: str | Path | RunDir, what: What, fmt: Format = "markdown") -
         raise invalid("fmt", "one of " + ", ".join(FORMATS), fmt)
     data = RunData(run_dir)
     table = {"audit": audit_table, "metrics": metrics_table, "pruning": pruning_table}[what](data)
+    if fmt == "json":
+        return table.numbers.to_json(orient="records", double_precision=15) + "\n"
     if fmt == "csv":
         buffer = io.StringIO()
         table.numbers.to_csv(buffer, index=False, float_format="%.6g", lineterminator="\n")
