@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moeaudit.errors import InvalidParameterError
-from moeaudit.models import Ablation, SharedAblation, wrap_model
+from moeaudit.models import Ablation, SharedAblation, UnchangedWarning, wrap_model
 from moeaudit.models.testing import FAMILIES, tiny_model
 
 BATCH, SEQ = 2, 12
@@ -149,9 +149,10 @@ def test_zero_of_inactive_expert_has_no_effect(moe, input_ids):
     layer = moe.layers[-1]
     flat, pos, _, _ = pick_active(clean[layer.layer])
     inactive = sorted(set(range(layer.num_experts)) - set(clean[layer.layer].topk_idx[flat].tolist()))[0]
-    with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=inactive, positions=row1(pos))]):
-        logits = moe.model(input_ids).logits
-    assert torch.equal(logits[1, : pos + 1], clean_logits[1, : pos + 1])
+    with pytest.warns(UnchangedWarning, match="removed no slot"):  # and moe.intervene says so
+        with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=inactive, positions=row1(pos))]) as trace:
+            logits = moe.model(input_ids).logits
+    assert torch.equal(logits[1, : pos + 1], clean_logits[1, : pos + 1]) and trace.slots_changed[layer.layer] == 0
 
 
 def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set, dict]:

@@ -43,7 +43,7 @@ def reference_logits(moe: MoEModel, clean: CleanWindow, layer: int, kind: str, r
             ablation = SharedAblation(layer, positions=stacked, index=shared_index)
         else:
             ablation = Ablation(layer, mask=stacked, kind=kind, mean_output=mean_output)
-        with torch.no_grad(), moe.intervene([ablation], blocks=[layer]) as trace:
+        with torch.no_grad(), moe.intervene([ablation], blocks=[layer], warn_unchanged=False) as trace:
             logits = moe.model(input_ids=ids, attention_mask=mask).logits.float()
         moe_output = trace.block_outputs[layer][0].reshape(rows, seq_len, -1)
         for row in range(rows):

@@ -18,6 +18,7 @@ weights instead. All hooks are registered together and removed in a ``finally`` 
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -159,6 +160,9 @@ class Trace:
     layer_inputs, layer_outputs : dict[int, list[Tensor]]
         With ``residual=True``, per decoder layer (every layer, dense ones too) the residual stream
         entering and leaving it per call.
+    slots_changed : dict[int, int]
+        Per MoE layer with routed-expert ablations, the (token, slot) pairs they removed, summed over calls:
+        an ablation of an expert the router did not select at a position changes nothing there.
     """
 
     records: dict[int, list[LayerRecord]] = field(default_factory=lambda: defaultdict(list))
@@ -166,6 +170,7 @@ class Trace:
     block_outputs: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
     layer_inputs: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
     layer_outputs: dict[int, list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    slots_changed: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
     def __getitem__(self, layer: int) -> LayerRecord:
         """The single record of ``layer`` (raises when the layer was run more than once)."""
@@ -245,6 +250,7 @@ class _LayerHooks:
         router_logits, topk_weights, topk_idx = output
         if self.reroutes:
             removed = self._removal(self.reroutes, router_logits.device)
+            self.trace.slots_changed[self.layer.layer] += int(removed.gather(-1, topk_idx).sum())
             rows = removed.any(dim=-1)
             if rows.any():
                 rerouted = self.layer.route(router_logits[rows], removed[rows])
@@ -302,6 +308,7 @@ class _LayerHooks:
                     means += mean_replacement(topk_weights, own_slots, topk_idx, ablation.mean_output)
                 self.mean_correction = means
             topk_weights = edited_combine_weight(kind, topk_weights, slot_removed)
+        self.trace.slots_changed[self.layer.layer] += int(slot_removed_any.sum())
         if self.record is not None:
             self.record.combine_weight = topk_weights.detach()
         return (hidden, topk_idx, topk_weights, *args[3:])
@@ -369,10 +376,14 @@ def intervene(
     keep_outputs: bool = False,
     blocks: Iterable[int] | Literal["all"] | None = None,
     residual: bool = False,
+    warn_unchanged: bool = True,
 ) -> Iterator[Trace]:
     """Attach ablation and capture hooks for the duration of a ``with`` block; always restore the model.
 
-    See :meth:`moeaudit.models.MoEModel.intervene`.
+    See :meth:`moeaudit.models.MoEModel.intervene`. With ``warn_unchanged`` (the default) a block whose
+    forwards ran the routed-expert ablations without removing a single slot (the experts were not selected
+    at the given positions) ends with an :class:`UnchangedWarning`; the pipeline's own callers, which
+    remove experts that may be inactive on purpose, turn it off.
     """
     capture_layers = set(moe.moe_layer_indices if capture == "all" else (capture or ()))
     block_layers = set(moe.moe_layer_indices if blocks == "all" else (blocks or ()))
@@ -404,9 +415,26 @@ def intervene(
             for index, decoder_layer in enumerate(moe.adapter.decoder_layers(moe.model)):
                 handles.append(decoder_layer.register_forward_hook(_residual_hook(trace, index), with_kwargs=True))
         yield trace
+        routed_ablations = [a for a in ablations if not isinstance(a, SharedAblation)]
+        ran = any(hooks.batch_shape is not None for hooks in layer_hooks)
+        if warn_unchanged and routed_ablations and ran and not any(
+                trace.slots_changed.get(a.layer, 0) for a in routed_ablations):
+            described = "; ".join(f"layer {a.layer}: " + (f"experts {_as_list(a.experts)}" if a.experts is not None
+                                                           else "a mask") for a in routed_ablations)
+            warnings.warn(f"intervene: the ablations removed no slot ({described}): the router did not select "
+                          "those experts at those positions, so the forward pass ran unchanged; remove an "
+                          "expert from trace[layer].topk_idx", UnchangedWarning, stacklevel=3)
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _as_list(experts) -> list[int]:
+    return [int(experts)] if isinstance(experts, int) else [int(e) for e in experts]
+
+
+class UnchangedWarning(UserWarning):
+    """An :meth:`~moeaudit.models.MoEModel.intervene` block whose routed-expert ablations removed nothing."""
 
 
 def _residual_hook(trace: Trace, index: int):

@@ -139,6 +139,7 @@ class MoEModel:
         keep_outputs: bool = False,
         blocks: Iterable[int] | Literal["all"] | None = None,
         residual: bool = False,
+        warn_unchanged: bool = True,
     ):
         """Context manager: apply ``ablations`` and capture routing for forwards run inside it.
 
@@ -158,11 +159,15 @@ class MoEModel:
         residual : bool
             Record the residual stream entering and leaving every decoder layer (``trace.layer_inputs[i]``,
             ``trace.layer_outputs[i]``, one entry per call).
+        warn_unchanged : bool
+            Warn (:class:`moeaudit.models.hooks.UnchangedWarning`) when the block's forwards ran but the
+            routed-expert ablations removed no slot, i.e. the router did not select those experts there.
 
         Yields
         ------
         Trace
-            Filled as forwards run; ``trace[layer]`` is the layer's record when it ran once.
+            Filled as forwards run; ``trace[layer]`` is the layer's record when it ran once, and
+            ``trace.slots_changed[layer]`` counts the (token, slot) pairs the ablations removed.
 
         Examples
         --------
@@ -171,7 +176,7 @@ class MoEModel:
         >>> trace[1].topk_idx  # doctest: +SKIP
         """
         return intervene(self, ablations, capture=capture, keep_outputs=keep_outputs, blocks=blocks,
-                         residual=residual)
+                         residual=residual, warn_unchanged=warn_unchanged)
 
     def capture(self, layers: Iterable[int] | Literal["all"] = "all", *, keep_outputs: bool = False):
         """Shorthand for ``intervene((), capture=layers, keep_outputs=keep_outputs)``."""

@@ -382,7 +382,7 @@ def reconstruction_errors(moe, input_ids, attention_mask=None, *, layers: Sequen
             with torch.no_grad():
                 clean = block_hidden(described.block(x)).float().reshape(-1, x.shape[-1])[valid]
                 for e in range(described.num_experts):
-                    with moe.intervene([Ablation(layer=l, experts=[e], kind="reroute")]):
+                    with moe.intervene([Ablation(layer=l, experts=[e], kind="reroute")], warn_unchanged=False):
                         out = block_hidden(described.block(x)).float().reshape(-1, x.shape[-1])[valid]
                     sq[l][e] += float(((out - clean).double() ** 2).sum())
             done += 1

@@ -193,7 +193,7 @@ def evaluate_pruned(
         if on_batch is not None:
             on_batch(done, total)
         for canon, ablations in plans.items():
-            with moe.intervene(ablations):
+            with moe.intervene(ablations, warn_unchanged=False):
                 pruned = moe.model(input_ids=ids, attention_mask=mask).logits.float()
             # log q = z - logsumexp(z): NLL = lse - z[target], KL = Σ p log p - (Σ p z - lse) (Σ p = 1),
             # without materialising log q
