@@ -13,6 +13,26 @@ import typer
 from moeaudit import __version__
 from moeaudit.errors import MoeAuditError, RunInterrupted
 
+def _flags_without_a_type() -> None:
+    """typer's rich help prints a type (``<bool>``) beside every on/off flag, as if it took a value
+    (typer 0.29, the version in constraints.txt); a flag takes none, so its type column stays empty."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "_moeaudit_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False) and self.metavar is None:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich._moeaudit_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_a_type()
+
 app = typer.Typer(
     name="moeaudit",
     help="Audit which experts in a Mixture-of-Experts language model actually matter.",
