@@ -110,3 +110,15 @@ def test_a_ray_setting_inherited_from_an_old_run_is_dropped_not_refused(tmp_path
     toml.write_text("[execution]\nworkers = 2\n")
     with pytest.raises(InvalidParameterError, match="`--workers` must be given with --executor ray"):
         resolve_config(tmp_path / "other", {}, toml)
+
+
+def test_export_without_criterion_and_ratio_is_one_line_before_anything_loads(tmp_path, cli, monkeypatch):
+    import moeaudit.models.loading as loading
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(loading, "model_from_config", no_model)
+    code, out, err = cli("prune", str(tmp_path / "run"), "--export", str(tmp_path / "out"), "--ratio", "0.25")
+    assert code == 2 and "`--export` must be given with --criterion and --ratio" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

@@ -135,3 +135,28 @@ def test_export_writes_shards_one_at_a_time(tmp_path, monkeypatch):
         one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").eval()(input_ids=ids).logits
         sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded").eval()(input_ids=ids).logits
     assert torch.equal(one, sharded)
+
+
+def test_export_writes_a_model_card_a_full_record_and_usual_file_modes(tmp_path):
+    import os
+
+    from moeaudit import __version__
+
+    moe = make_moe("qwen3_moe")
+    kept = {l.layer: [0, 2, 3, 5, 6, 7] for l in moe.layers}
+    old = os.umask(0o022)
+    try:
+        export_pruned(moe, kept, tmp_path / "p", provenance={"criterion": "reap", "ratio": 0.25, "guard": 0,
+                                                              "run": "runs/x", "run_fingerprint": "abc123"})
+    finally:
+        os.umask(old)
+    record = json.loads((tmp_path / "p" / "moeaudit_pruning.json").read_text())
+    assert record["dropped"] == {str(l.layer): [1, 4] for l in moe.layers}
+    assert record["criterion"] == "reap" and record["ratio"] == 0.25 and record["run_fingerprint"] == "abc123"
+    assert record["moeaudit_version"] == __version__
+    card = (tmp_path / "p" / "README.md").read_text()
+    assert "pruned to 6 of 8 routed experts" in card and "by `reap` at ratio 0.25" in card and "`abc123`" in card
+    assert f"| {moe.layers[0].layer} | 1, 4 |" in card
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "p").iterdir()}
+    assert any(name.endswith(".safetensors") for name in modes)
+    assert set(modes.values()) == {0o644}, modes  # safetensors alone writes its shards 0600

@@ -244,16 +244,18 @@ def prune_command(
     overrides = dict(ratios=parse_float_list(ratios, "--ratios"),
                      criteria=criteria.split(",") if criteria else None, random_seeds=seeds,
                      single_layer=single_layer, guard=guard, **execution_flags(executor, address, workers, None))
+    if export is not None and (criterion is None or ratio is None):  # before the model loads
+        raise invalid("--export", "given with --criterion and --ratio", str(export))
     run = RunDir(run_dir)
     if config_file is not None or any(v is not None for v in overrides.values()):
         run = RunDir(run_dir, resolve_config(run_dir, overrides, config_file))
     moe = model_from_config(run.config)
     if export is not None:
-        if criterion is None or ratio is None:
-            raise invalid("--export", "given with --criterion and --ratio", str(export))
         kept = select_kept(run, criterion, ratio, moe=moe, guard=run.config.prune.guard,
                            directions=run.config.prune.directions)
-        result = export_pruned(moe, kept, export)
+        result = export_pruned(moe, kept, export, provenance={
+            "criterion": criterion, "ratio": ratio, "guard": run.config.prune.guard, "run": str(run.path),
+            "run_fingerprint": run.manifest.get("config_fingerprint")})
         typer.echo(f"exported {criterion} at ratio {ratio} to {result.path}")
         return
     with progress_bar("prune", quiet) as update:

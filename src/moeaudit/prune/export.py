@@ -256,8 +256,46 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
 
 
+def _model_card(record: Mapping[str, Any]) -> str:
+    """The exported checkpoint's ``README.md``: what was pruned, how, and how to load it."""
+    how = ""
+    if "criterion" in record:
+        how = f" by `{record['criterion']}`" + (f" at ratio {record['ratio']}" if "ratio" in record else "")
+    lines = [
+        "---", "library_name: transformers", "tags:", "- moe", "- pruned", "- moeaudit",
+        f"base_model: {record['source']}", "---", "",
+        f"# {record['source']}, pruned to {record['num_experts']} of {record['original_num_experts']} routed experts",
+        "",
+        f"Experts were removed{how} with moeaudit {record['moeaudit_version']}; the weights of the kept experts,",
+        "the shared experts, attention and embeddings are the source model's, unchanged. Exported expert i of a",
+        "layer is original expert `kept[layer][i]`.",
+        "",
+    ]
+    if "run" in record or "run_fingerprint" in record:
+        lines += [f"Audit run: `{record.get('run', '?')}` (configuration fingerprint "
+                  f"`{record.get('run_fingerprint', '?')}`).", ""]
+    lines += ["| layer | dropped experts |", "|---|---|"]
+    lines += [f"| {layer} | {', '.join(map(str, ids))} |" for layer, ids in record["dropped"].items()]
+    lines += ["", "```python", "from transformers import AutoModelForCausalLM",
+              "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/directory\")", "```", "",
+              "`moeaudit_pruning.json` holds the same record for programs.", ""]
+    return "\n".join(lines)
+
+
+def _usual_modes(out: Path) -> None:
+    """Give every written file the permissions a new file gets under the process umask."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in out.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
+
+
 def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str | Path, *,
-                  overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> ExportResult:
+                  overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                  provenance: Mapping[str, Any] | None = None) -> ExportResult:
     """Write a physically smaller Hugging Face checkpoint without the dropped experts.
 
     Parameters
@@ -273,6 +311,9 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     max_shard_bytes : int
         Largest safetensors shard (``save_pretrained``'s ``max_shard_size``); shards are written one at a
         time, so memory holds the source model and one shard.
+    provenance : mapping, optional
+        How the kept sets were chosen (``criterion``, ``ratio``, ``guard``, ``run``, ``run_fingerprint``, …):
+        recorded in ``moeaudit_pruning.json`` and the model card.
 
     Returns
     -------
@@ -281,8 +322,10 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     Notes
     -----
     Kept experts keep their relative order: exported expert i is original expert ``kept[layer][i]``
-    (recorded in ``moeaudit_pruning.json`` beside the weights). Shared experts, attention and embeddings
-    are untouched. The tokenizer is saved when the model has one.
+    (recorded in ``moeaudit_pruning.json`` beside the weights, with the dropped experts, the moeaudit
+    version and ``provenance``; a ``README.md`` model card says the same in words). Shared experts,
+    attention and embeddings are untouched. The tokenizer is saved when the model has one. Files get the
+    usual permissions (0644 under umask 022; safetensors alone would write its shards 0600).
 
     Examples
     --------
@@ -327,9 +370,16 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
             generation.save_pretrained(out)
         if moe.tokenizer is not None:
             moe.tokenizer.save_pretrained(out)
+        from moeaudit import __version__
+
+        dropped = {str(l): sorted(set(range(original)) - set(ids)) for l, ids in full.items()}
         record: dict[str, Any] = {"source": moe.name, "original_num_experts": original, "num_experts": new_count,
-                                  "kept": {str(l): ids for l, ids in full.items()}, "config_fields": list(fields)}
+                                  "kept": {str(l): ids for l, ids in full.items()}, "dropped": dropped,
+                                  "config_fields": list(fields), "moeaudit_version": __version__,
+                                  **dict(provenance or {})}
         (out / "moeaudit_pruning.json").write_text(json.dumps(record, indent=2))
+        (out / "README.md").write_text(_model_card(record))
+        _usual_modes(out)
     except OSError as err:
         raise RunDirectoryError(f"could not write the checkpoint to {out}: {err.strerror}; free disk space or "
                                 "choose another directory") from None
