@@ -218,10 +218,11 @@ class PruneConfig(_Part):
         Criteria to compare (metric columns, ``oracle_delta_nll``, ``oracle_reconstruction``, ``random``);
         None = all available.
     random_seeds : int or list of int
-        Random draws per ratio: a count (seeds ``seed``, ``seed + 1``, ...) or explicit seeds (20 by
-        default: enough for a 5-95 % band).
+        Random draws per ratio: a count (seeds ``seed``, ``seed + 1``, ...) or explicit seeds (10 by
+        default, a 5-95 % band from 10 draws; 20 or more for a steadier band).
     single_layer : bool
-        Also prune each layer alone.
+        Also prune each layer alone (off by default: it multiplies the configurations by the number of
+        MoE layers; ``moeaudit prune --single-layer`` turns it on).
     guard : int
         Never prune the ``guard`` experts with the largest max activation per layer (super experts).
     budget_weights : dict of layer -> float, or None
@@ -232,8 +233,8 @@ class PruneConfig(_Part):
 
     ratios: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])
     criteria: list[str] | None = None
-    random_seeds: int | list[int] = Field(20)
-    single_layer: bool = True
+    random_seeds: int | list[int] = Field(10)
+    single_layer: bool = False
     guard: int = Field(0, ge=0)
     budget_weights: dict[int, float] | None = None
     directions: dict[str, Literal["low", "high"]] | None = None

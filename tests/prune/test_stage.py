@@ -48,7 +48,8 @@ def greedy_tokens(moe, n_held: int = 8, seq_len: int = 16) -> pd.DataFrame:
 def test_planted_criterion_beats_random_by_a_wide_margin(tmp_path):
     moe, metrics = planted_gpt_oss()
     run = make_run(tmp_path, moe, metrics, tokens=greedy_tokens(moe))
-    info = run_prune(run, moe=moe, ratios=(0.25, 0.5), criteria=["planted", "aimer", "random"], random_seeds=20)
+    info = run_prune(run, moe=moe, ratios=(0.25, 0.5), criteria=["planted", "aimer", "random"], random_seeds=20,
+                     single_layer=True)
     table = run.read("pruning")
     assert list(table.columns) == list(PRUNING_COLUMNS)
     planted = table[table.criterion == "planted"]
@@ -81,7 +82,7 @@ def test_stage_tables_oracles_and_reproducibility(tmp_path):
     effects = compute_effects(moe, ids, attention_mask=mask, seq_offset=int(seqs[0])).effects
     metrics = metrics_table(moe)
     runs = [make_run(tmp_path, moe, metrics, effects=effects, tokens=tokens, name=f"run{i}") for i in range(2)]
-    infos = [run_prune(run, moe=moe, ratios=(0.25,), random_seeds=4) for run in runs]
+    infos = [run_prune(run, moe=moe, ratios=(0.25,), random_seeds=4, single_layer=True) for run in runs]
     first, second = (run.read("pruning") for run in runs)
     pd.testing.assert_frame_equal(first, second)  # seeded: the same draws and the same numbers
     assert infos[0]["skipped_criteria"] == {}

@@ -217,9 +217,10 @@ def prune_command(
                                          "0.125,0.25,0.5 (default: the run's prune.ratios)."),
     criteria: Optional[str] = typer.Option(None, "--criteria", help="Comma-separated criteria (default: all)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Random-selection seeds (the random distribution; "
-                                        "default 20)."),
+                                        "default 10)."),
     single_layer: Optional[bool] = typer.Option(None, "--single-layer/--all-layers-only",
-                                                help="Also prune each layer alone (slower; default on)."),
+                                                help="Also prune each layer alone (one configuration per layer more "
+                                                "for each; default off)."),
     guard: Optional[int] = typer.Option(None, "--guard", help="Never prune the top-N experts by max activation per "
                                         "layer (default 0)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file whose prune table gives the "

@@ -291,9 +291,10 @@ def run_prune(
         recorded, when their input is missing).
     random_seeds : int or sequence of int, optional
         Random draws per ratio: a count (seeds ``config.seed``, ``config.seed + 1``, …) or explicit seeds
-        (default from the config: 20).
+        (default from the config: 10).
     single_layer : bool, optional
-        Also prune each layer alone (same dropped sets), to see where criteria matter (default True).
+        Also prune each layer alone (same dropped sets), to see where criteria matter (default: the
+        run's ``prune.single_layer``, off).
     guard : int, optional
         Super-expert guard: the ``guard`` experts with the largest ``max_act`` per layer are never dropped
         (by any criterion, random included; default 0).
