@@ -77,7 +77,7 @@ BAD_VALUES = {
     # intervene
     "kind": "drop", "scope": "global", "intervene_n": 0, "intervene_layers": "7", "intervene_windows": 0, "progressive": "maybe", "noise_positions": -1,
     # audit
-    "audit_n": 2, "correction": "sidak", "alpha": 0, "audit_metrics": "reap", "designs": ["pairs"], "ci": "boot", "audit_cluster": "token", "audit_mixed": "pair", "dz_ddof": 2, "position_sets": "global", "paper_code_padding": "sometimes",
+    "audit_n": 2, "correction": "sidak", "alpha": 0, "audit_metrics": "reap", "designs": ["pairs"], "ci": "boot", "audit_cluster": "token", "audit_mixed": "pair", "dz_ddof": 2, "position_sets": "global", "reap_gate": "signed", "paper_code_padding": "sometimes",
     "equivalence_bound": 0, "n_permutations": 0,
     # prune
     "ratios": [1.5], "criteria": "reap", "random_seeds": -1, "single_layer": "maybe", "guard": -1,

@@ -179,6 +179,9 @@ class AuditPart(_Part):
     ci, equivalence_bound, n_permutations
         As in :class:`moeaudit.audit.AuditSettings` (the CI of d_z, the TOST bound, the expert-level
         permutations).
+    reap_gate : {"combine", "renorm", "raw", "reap-code"}
+        The gate in REAP's saliency (the metrics stage; :func:`moeaudit.metrics.reap.resolve_reap_gate`):
+        the weight the model applies (default), forced renormalised or raw, or REAP's released code's rule.
     audit_cluster, audit_mixed
         :class:`moeaudit.audit.AuditSettings` ``cluster`` and ``mixed``: the unit of replication of the
         token-level tests (``auto``: documents whenever a cell holds several tokens of one document) and the
@@ -195,6 +198,7 @@ class AuditPart(_Part):
     ci: CIMethod = "analytic"
     equivalence_bound: float = Field(0.2, gt=0)
     n_permutations: int = Field(9999, ge=1)
+    reap_gate: Literal["combine", "renorm", "raw", "reap-code"] = "combine"
     audit_cluster: ClusterBy = "auto"
     audit_mixed: MixedModel = "document"
     dz_ddof: Literal[0, 1] = 1

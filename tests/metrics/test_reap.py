@@ -42,3 +42,45 @@ def test_renorm_gate_is_derived_when_absent(routing):
 def test_bad_reap_gate_is_refused(routing):
     with pytest.raises(InvalidParameterError, match="`reap_gate` must be one of"):
         compute_expert_metrics(routing, {0: 4}, reap_gate="softmax")
+
+
+def test_reap_code_follows_norm_topk_prob_as_reaps_released_code():
+    from types import SimpleNamespace
+
+    from moeaudit.errors import InvalidParameterError
+    from moeaudit.metrics.reap import resolve_reap_gate
+
+    qwen3 = SimpleNamespace(norm_topk_prob=True)
+    mixtral = SimpleNamespace()  # renormalises in its router, but has no norm_topk_prob field
+    assert resolve_reap_gate("reap-code", qwen3) == "renorm"
+    assert resolve_reap_gate("reap-code", mixtral) == "raw"
+    assert resolve_reap_gate("reap-code", SimpleNamespace(norm_topk_prob=False)) == "raw"
+    assert [resolve_reap_gate(g, mixtral) for g in ("combine", "renorm", "raw")] == ["combine", "renorm", "raw"]
+    with pytest.raises(InvalidParameterError, match="`reap_gate` must be one of combine, renorm, raw, reap-code"):
+        resolve_reap_gate("signed", mixtral)
+
+
+def test_metrics_stage_uses_the_runs_reap_gate(tmp_path):
+    """On the built-in OLMoE-style model (no renormalisation): reap-code is the raw gate, and the stage's
+    reap column equals the raw-gate REAP recomputed from the routing table."""
+    import numpy as np
+
+    from moeaudit.config import AuditConfig
+    from moeaudit.metrics.stage import run_metrics
+    from moeaudit.models import load_model
+    from moeaudit.observe.stage import run_observe
+    from moeaudit.rundir import RunDir
+
+    moe = load_model("tiny-olmoe")
+    run = RunDir(tmp_path / "run", AuditConfig(model="tiny-olmoe", corpus="builtin", max_windows=2, max_len=32,
+                                               in_sample=True, reap_gate="reap-code"))
+    run_observe(run, moe=moe)
+    info = run_metrics(run, moe=moe)
+    assert info["reap_gate"] == ("renorm" if moe.model.config.norm_topk_prob else "raw")
+    routing, table = run.read("routing"), run.read("expert_metrics")
+    layer = moe.layers[0].layer
+    rows = routing[routing.layer == layer]
+    column = "renorm_gate" if info["reap_gate"] == "renorm" else "raw_gate"
+    want = (rows[column].astype(float) * rows.act_norm.astype(float)).groupby(rows.expert).mean()
+    got = table[table.layer == layer].set_index("expert").reap.loc[want.index]
+    np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-6)

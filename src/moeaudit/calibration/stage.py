@@ -131,7 +131,7 @@ def run_calibration(run: RunDir, *, corpus: Any = None) -> dict[str, Any]:
             routing, num_experts, router_probs=probs or None, documents=documents, seqs=seqs, by_domain=by_domain,
             n_resamples=settings.resamples, ratio=settings.flip_ratio, tau_target=settings.tau_target,
             points=settings.curve_points, repeats=settings.curve_repeats, seed=run.config.seed,
-            directions=directions)
+            directions=directions, reap_gate=run.stage("metrics").get("reap_gate", "combine"))
     _write(run, table)
     written = set(table["metric"])
     info = {

@@ -58,6 +58,10 @@ def resumed_text(info) -> str:
     return ", ".join(parts)
 
 
+REAP_GATE_OPTION = typer.Option(None, "--reap-gate", help="The gate in REAP's saliency: combine (the weight the "
+                                "model applies; default), renorm, raw, or reap-code (REAP's released rule).")
+
+
 def metrics_command(
     run_dir: Path = typer.Argument(..., help="A run directory with routing.parquet."),
 ) -> None:
@@ -152,6 +156,7 @@ def run_command(
     scope: Optional[str] = typer.Option(None, "--scope", help="token or sequence."),
     dtype: Optional[str] = DTYPE_OPTION,
     device: Optional[str] = DEVICE_OPTION,
+    reap_gate: Optional[str] = REAP_GATE_OPTION,
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file, or a run's manifest.json."),
     executor: Optional[str] = EXECUTOR_OPTION,
     address: Optional[str] = ADDRESS_OPTION,
@@ -167,7 +172,7 @@ def run_command(
     from moeaudit.rundir import RunDir
 
     flags = dict(model=model, corpus=corpus, layers=parse_int_list(layers, "--layers"), max_len=max_len,
-                 max_windows=max_windows, kind=kind, scope=scope, dtype=dtype, device=device,
+                 max_windows=max_windows, kind=kind, scope=scope, dtype=dtype, device=device, reap_gate=reap_gate,
                  **execution_flags(executor, address, workers, unit_windows))
     if config_file is not None and config_file.name == "manifest.json":
         from moeaudit.config import AuditConfig

@@ -9,11 +9,16 @@ from numpy.typing import ArrayLike, NDArray
 
 from moeaudit.metrics._common import as_expert_index, as_values, group_mean
 
-__all__ = ["REAP_GATES", "ReapGate", "gate_column", "reap"]
+__all__ = ["REAP_GATES", "REAP_GATE_SETTINGS", "ReapGate", "ReapGateSetting", "gate_column", "reap",
+           "resolve_reap_gate"]
 
 ReapGate = Literal["combine", "renorm", "raw"]
 #: Allowed values of ``reap_gate``, in the order used in messages and docs.
 REAP_GATES: tuple[ReapGate, ...] = ("combine", "renorm", "raw")
+
+ReapGateSetting = Literal["combine", "renorm", "raw", "reap-code"]
+#: What a run's ``reap_gate`` may say: a gate, or ``reap-code``, REAP's own rule (:func:`resolve_reap_gate`).
+REAP_GATE_SETTINGS: tuple[ReapGateSetting, ...] = ("combine", "renorm", "raw", "reap-code")
 
 _GATE_COLUMN: dict[str, str] = {"combine": "combine_weight", "renorm": "renorm_gate", "raw": "raw_gate"}
 
@@ -21,6 +26,36 @@ _GATE_COLUMN: dict[str, str] = {"combine": "combine_weight", "renorm": "renorm_g
 def gate_column(gate: ReapGate) -> str:
     """Name of the ``routing`` column that holds the gate chosen by ``gate``."""
     return _GATE_COLUMN[gate]
+
+
+def resolve_reap_gate(setting: ReapGateSetting, model_config: object) -> ReapGate:
+    """The gate a ``reap_gate`` setting means for a model: itself, or for ``"reap-code"`` REAP's rule.
+
+    REAP's released code (CerebrasResearch/reap, ``src/reap/main.py``, ``_setup_observer``) renormalises the
+    softmax over the token's top-k only when the model config's ``norm_topk_prob`` is true, else it uses the
+    raw softmax probability — whatever the architecture itself multiplies the expert output by. So
+    ``"reap-code"`` is ``"renorm"`` when ``norm_topk_prob`` is set (Qwen3-MoE, where it equals the
+    combine weight) and ``"raw"`` otherwise (Mixtral, which has no such field but renormalises in its
+    router: there REAP's saliency differs from the one the model's own combine weight gives).
+
+    Parameters
+    ----------
+    setting : {"combine", "renorm", "raw", "reap-code"}
+    model_config : transformers.PretrainedConfig
+        Its text config's ``norm_topk_prob`` decides ``"reap-code"``.
+
+    Returns
+    -------
+    {"combine", "renorm", "raw"}
+    """
+    if setting not in REAP_GATE_SETTINGS:
+        from moeaudit.errors import invalid
+
+        raise invalid("reap_gate", "one of " + ", ".join(REAP_GATE_SETTINGS), setting)
+    if setting != "reap-code":
+        return setting
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return "renorm" if bool(getattr(text, "norm_topk_prob", False)) else "raw"
 
 
 def reap(expert: ArrayLike, gate: ArrayLike, act_norm: ArrayLike, *, num_experts: int) -> NDArray[np.float64]:
@@ -53,9 +88,11 @@ def reap(expert: ArrayLike, gate: ArrayLike, act_norm: ArrayLike, *, num_experts
     ``ObserverArgs.renormalize_router_weights=True``), but ``src/reap/main.py`` (``_setup_observer``)
     enables it only if ``model.config.norm_topk_prob`` is true. REAP therefore uses the model's own
     top-k weighting: the combine weight, apart from DeepSeek's ``routed_scaling_factor``, which REAP
-    does not apply. That is why moeaudit's default is ``"combine"``. Use ``"renorm"`` to force
-    renormalisation (REAP with ``norm_topk_prob=True``) and ``"raw"`` for the plain softmax probability
-    (REAP on a model with ``norm_topk_prob=False``, when ``routed_scaling_factor`` ≠ 1).
+    does not apply. That holds where the model's renormalisation follows ``norm_topk_prob`` (Qwen3-MoE:
+    agreement to 1e-7 with REAP's code) but not for Mixtral, which renormalises in its router without
+    such a field, so REAP's code uses the raw softmax there. moeaudit's default is ``"combine"`` (the
+    weight the model really applies); a run's ``reap_gate = "reap-code"`` follows REAP's rule
+    (:func:`resolve_reap_gate`); ``"renorm"`` and ``"raw"`` force either gate.
 
     References
     ----------

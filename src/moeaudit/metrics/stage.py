@@ -13,6 +13,7 @@ import numpy as np
 
 from moeaudit.metrics.compute import compute_expert_metrics, compute_expert_metrics_by_domain
 from moeaudit.metrics.distribution import routing_gini
+from moeaudit.metrics.reap import resolve_reap_gate
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir
 
@@ -49,14 +50,16 @@ def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
     if run.config.paper_code_padding:  # the released scripts pooled padding positions into every metric
         routing, probs, logits = _with_padding(run, routing, probs, logits)
     weights = layer_weights(moe)
+    reap_gate = resolve_reap_gate(run.config.reap_gate, moe.model.config)
     table = compute_expert_metrics(routing, num_experts, router_probs=probs or None, weights=weights, seqs=seqs,
-                                   router_logits=logits or None)
+                                   router_logits=logits or None, reap_gate=reap_gate)
     run.write_frame("expert_metrics", table)
     domains = tokens[["seq", "domain"]].drop_duplicates("seq")
     if domains["domain"].notna().any():  # corpora without domain labels have no breakdown
         with_domain = routing.merge(domains, on="seq", how="left")
         by_domain = compute_expert_metrics_by_domain(with_domain, num_experts, router_probs=probs or None,
-                                                     weights=weights, seqs=seqs, router_logits=logits or None)
+                                                     weights=weights, seqs=seqs, router_logits=logits or None,
+                                                     reap_gate=reap_gate)
         run.write_frame("expert_metrics_by_domain", by_domain)
     dead = table.groupby("layer")["count"].apply(lambda c: int((c == 0).sum())).to_dict()
     info = {
@@ -64,6 +67,7 @@ def run_metrics(run: RunDir, *, moe: MoEModel | None = None) -> dict[str, Any]:
         "windows": int(len(calibration)) if seqs is not None else int(tokens["seq"].nunique()),
         "layers": sorted(num_experts),
         "dead_experts": {str(k): v for k, v in dead.items()},
+        "reap_gate": reap_gate,
         "metrics": [c for c in table.columns if c not in ("layer", "expert")],
     }
     run.record_stage("metrics", info)
