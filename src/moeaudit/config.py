@@ -599,10 +599,17 @@ def config_error(error: dict[str, Any], flat_given: set[str] = frozenset()) -> I
         name = leaf
     kind = error["type"]
     if kind == "extra_forbidden":
+        import difflib
+
+        names = list(PARTS[loc[0]].model_fields) if loc and loc[0] in PARTS and len(loc) > 1 else \
+            [*ROOT_FIELDS[:2], *FLAT_PATHS, *ROOT_FIELDS[2:]]
+        close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.75)
+        if close:
+            return InvalidParameterError(f"unknown setting `{name}`; did you mean `{close[0]}`?")
         if loc and loc[0] in PARTS and len(loc) > 1:
             allowed = ", ".join(PARTS[loc[0]].model_fields)
             return InvalidParameterError(f"unknown setting `{name}`; allowed in [{loc[0]}]: {allowed}.")
-        allowed = ", ".join([*ROOT_FIELDS[:2], *FLAT_PATHS, *ROOT_FIELDS[2:]])
+        allowed = ", ".join(names)
         return InvalidParameterError(f"unknown setting `{name}`; allowed settings are: {allowed} (flat, or in "
                                      f"the tables {', '.join(f'[{p}]' for p in PARTS)}).")
     ctx = error.get("ctx") or {}

@@ -18,7 +18,7 @@ NO_MPS = not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_ava
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
 ])
 def test_bad_device_is_one_line_and_writes_nothing(tmp_path, cli, device, fragment):
-    code, _, err = cli("observe", str(tmp_path / "run"), "--device", device)
+    code, _, err = cli("observe", str(tmp_path / "run"), "--model", "tiny-olmoe", "--device", device)
     one_line_error(code, err, fragment)
     assert not (tmp_path / "run").exists()
 
@@ -60,7 +60,7 @@ def test_a_damaged_manifest_is_one_line_and_overwrite_replaces_it(tmp_path, cli,
     for command in (["observe", str(run)], ["status", str(run)], ["report", str(run)]):
         code, _, err = cli(*command)
         one_line_error(code, err, "manifest.json", "remove the run directory or pass --overwrite")
-    code, out, err = cli("observe", str(run), "--overwrite", "--max-windows", "1", "--quiet")
+    code, out, err = cli("observe", str(run), "--model", "tiny-olmoe", "--overwrite", "--max-windows", "1", "--quiet")
     assert code == 0, err
     assert '"config"' in (run / "manifest.json").read_text()
 
@@ -81,7 +81,7 @@ def test_a_damaged_table_is_named_with_the_stage_that_rebuilds_it(tmp_path, cli,
 def test_an_unknown_audit_metric_is_one_line_before_anything_runs(tmp_path, cli):
     config = tmp_path / "audit.toml"
     config.write_text('[audit]\naudit_metrics = ["reap", "nope"]\n')
-    code, _, err = cli("run", "--out", str(tmp_path / "run"), "--config", str(config), "--quiet")
+    code, _, err = cli("run", "--out", str(tmp_path / "run"), "--model", "tiny-olmoe", "--config", str(config), "--quiet")
     one_line_error(code, err, "`audit.audit_metrics` must be registered metric names", "got 'nope'")
     assert not (tmp_path / "run").exists()
 
@@ -89,7 +89,7 @@ def test_an_unknown_audit_metric_is_one_line_before_anything_runs(tmp_path, cli)
 @pytest.mark.parametrize("flag, value", [("--workers", "3"), ("--address", "auto")])
 def test_a_ray_setting_without_the_ray_executor_is_one_line(tmp_path, cli, flag, value):
     """``--workers 3`` without ``--executor ray`` used to be ignored without a word."""
-    code, _, err = cli("run", "--out", str(tmp_path / "run"), flag, value, "--quiet")
+    code, _, err = cli("run", "--out", str(tmp_path / "run"), "--model", "tiny-olmoe", flag, value, "--quiet")
     one_line_error(code, err, f"`{flag}` must be given with --executor ray", "drop the setting")
     assert not (tmp_path / "run").exists()
 
@@ -102,7 +102,7 @@ def test_a_ray_setting_inherited_from_an_old_run_is_dropped_not_refused(tmp_path
     from moeaudit.rundir import RunDir
 
     RunDir(tmp_path / "run", AuditConfig(model="tiny-olmoe", workers=3))
-    config = resolve_config(tmp_path / "run", {}, None)
+    config = resolve_config(tmp_path / "run", {}, None)  # an existing run: its stored model
     assert config.execution.workers is None and config.execution.executor == "local"
     with pytest.raises(InvalidParameterError, match="`--workers` must be given with --executor ray"):
         resolve_config(tmp_path / "run", {"workers": 3}, None)
@@ -122,3 +122,20 @@ def test_export_without_criterion_and_ratio_is_one_line_before_anything_loads(tm
     code, out, err = cli("prune", str(tmp_path / "run"), "--export", str(tmp_path / "out"), "--ratio", "0.25")
     assert code == 2 and "`--export` must be given with --criterion and --ratio" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_new_run_without_model_is_one_line_and_writes_nothing(tmp_path, cli):
+    code, _, err = cli("observe", str(tmp_path / "run"), "--max-windows", "1")
+    assert code == 2 and "`--model` is required for a new run directory" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_setting_suggests_the_closest_name(tmp_path, cli):
+    config = tmp_path / "c.toml"
+    config.write_text('[audit]\naudit_clustr = "none"\n')
+    code, _, err = cli("run", "--out", str(tmp_path / "run"), "--model", "tiny-olmoe", "--config", str(config))
+    assert code == 2 and "unknown setting `audit_clustr`; did you mean `audit_cluster`?" in err
+    config.write_text('zzz = 1\n')  # nothing close: the allowed names
+    code, _, err = cli("run", "--out", str(tmp_path / "run"), "--model", "tiny-olmoe", "--config", str(config))
+    assert code == 2 and "unknown setting `zzz`; allowed settings are: model, corpus" in err
+    assert not (tmp_path / "run").exists()

@@ -102,7 +102,13 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path |
     config = build_config(merge_values(*layers))
     if base is not None:
         config = config.departing_from(base)
-    return checked_config(config, merge_values(from_file, given))
+    config = checked_config(config, merge_values(from_file, given))
+    if base is None and "model" not in given and "model" not in from_file:  # never a silent default model
+        from moeaudit.errors import InvalidParameterError
+
+        raise InvalidParameterError("`--model` is required for a new run directory: give a checkpoint path, a hub "
+                                    "id, or a built-in model (tiny-olmoe, tiny-qwen-moe, tiny-deepseek).")
+    return config
 
 
 def checked_config(config, given: dict[str, Any]):
