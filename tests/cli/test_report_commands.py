@@ -44,3 +44,27 @@ def test_query_formats(cli, run_dir, fmt):
     tests = pd.read_parquet(run_dir / "tests.parquet")
     want = tests[tests.design == "paired"].sort_values(["layer", "metric"])[["layer", "metric", "effect"]]
     pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True), check_dtype=False)
+
+
+def test_status_and_audit_json(cli, tmp_path):
+    from moeaudit.config import AuditConfig
+    from moeaudit.rundir import RunDir
+    from tests.audit.test_clustering import correlated
+
+    effects, metrics, documents = correlated()
+    run = RunDir(tmp_path / "run", AuditConfig(model="tiny-olmoe", audit={"audit_metrics": ["score"],
+                                                                          "designs": ["paired"]}))
+    run.write_frame("effects", effects.assign(kind="zero", scope="token", selection="census", estimate=False,
+                                              shared=False, j=1))
+    run.write_frame("expert_metrics", metrics)
+    run.write_frame("windows", pd.DataFrame({"seq": documents.index, "doc_id": documents.to_numpy()}))
+    code, out, _ = cli("audit", str(run.path), "--json")
+    assert code == 0
+    answer = json.loads(out)
+    written = pd.read_parquet(run.path / "tests.parquet")
+    assert len(answer["tests"]) == len(written) and answer["tests"][0]["p_t"] == pytest.approx(written.p_t[0])
+    assert answer["audit"]["cluster_by"] == "document" and answer["tests"][0]["n_clusters"] == 12
+    code, out, _ = cli("status", str(run.path), "--json")
+    status = json.loads(out)
+    assert code == 0 and status["model"] == "tiny-olmoe" and status["in_use_by"] is None
+    assert {s["stage"]: s["state"] for s in status["stages"]}["audit"] == "done"

@@ -63,14 +63,22 @@ def query_command(
 
 def status_command(
     run_dir: Path = typer.Argument(..., help="A run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Show each stage's progress: done, running or interrupted, and its work units."""
+    import json
+
     from moeaudit.cli.common import print_frame
     from moeaudit.rundir import RunDir
     from moeaudit.scale.units import lock_holder, run_status
 
     run = RunDir(run_dir)
     status = run_status(run)
+    if as_json:
+        stages = json.loads(status.to_json(orient="records"))
+        typer.echo(json.dumps({"run": str(run_dir), "model": run.config.model, "corpus": run.config.corpus,
+                               "in_use_by": lock_holder(run), "stages": stages}, indent=2))
+        return
     print_frame(status.astype(object).where(status.notna(), "-"), f"{run_dir}: {run.config.model} on "
                 f"{run.config.corpus}")
     holder = lock_holder(run)

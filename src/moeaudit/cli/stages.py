@@ -101,14 +101,22 @@ def intervene_command(
 
 def audit_command(
     run_dir: Path = typer.Argument(..., help="A run directory with effects.parquet and expert_metrics.parquet."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stage record and every tests.parquet row as "
+                                 "JSON instead of the tables."),
 ) -> None:
     """Test whether each metric predicts the causal effect: writes tests.parquet and redundancy.parquet."""
+    import json
+
     from moeaudit.audit.stage import run_audit
     from moeaudit.rundir import RunDir
 
     run = RunDir(run_dir)
     info = run_audit(run)
     tests = run.read("tests")
+    if as_json:
+        rows = json.loads(tests.to_json(orient="records", double_precision=15))
+        typer.echo(json.dumps({"audit": info, "tests": rows}, indent=2, default=str))
+        return
     print_audit(tests, info)
 
 
