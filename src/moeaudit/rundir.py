@@ -221,7 +221,9 @@ class RunDir:
         self.manifest["stages"][name] = dict(info, finished=_dt.datetime.now(_dt.timezone.utc)
                                              .isoformat(timespec="seconds"))
         self.save()
-        logger.info("stage %s finished in %s: %s", name, self.path, json.dumps(info, default=str))
+        # the counters travel as fields of the record (``--log-json`` prints them as JSON fields)
+        logger.info("stage %s finished in %s", name, self.path,
+                    extra={"stage": name, "run": str(self.path), "counters": json.loads(json.dumps(info, default=str))})
 
     def set(self, key: str, value: Any) -> None:
         self.manifest[key] = value

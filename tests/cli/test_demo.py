@@ -126,5 +126,8 @@ def test_log_json_emits_one_json_object_per_line(demo_dir, cli):
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     finished = [r for r in records if r["message"].startswith("stage metrics finished")]
     assert finished and finished[0]["logger"] == "moeaudit.rundir" and finished[0]["level"] == "INFO"
+    # the counters are fields, not text inside the message
+    assert finished[0]["stage"] == "metrics" and finished[0]["counters"]["split"] == "calibration"
+    assert "{" not in finished[0]["message"]
     code, out, err = cli("metrics", str(demo_dir))  # without the flag: no INFO records on stderr
     assert code == 0 and "stage metrics finished" not in err

@@ -68,3 +68,32 @@ def test_status_and_audit_json(cli, tmp_path):
     status = json.loads(out)
     assert code == 0 and status["model"] == "tiny-olmoe" and status["in_use_by"] is None
     assert {s["stage"]: s["state"] for s in status["stages"]}["audit"] == "done"
+
+
+def test_log_records_carry_stage_counters_as_fields(tmp_path):
+    import logging
+
+    from moeaudit.cli import JsonLogFormatter, TextLogFormatter
+    from moeaudit.config import AuditConfig
+    from moeaudit.rundir import RunDir
+
+    captured = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            captured.append(record)
+
+    logger = logging.getLogger("moeaudit.rundir")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        RunDir(tmp_path / "run", AuditConfig(model="tiny-olmoe")).record_stage("audit", {"cells": 3, "alpha": 0.05})
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    record = next(r for r in captured if r.getMessage().startswith("stage audit finished"))
+    entry = json.loads(JsonLogFormatter().format(record))
+    assert entry["stage"] == "audit" and entry["counters"] == {"cells": 3, "alpha": 0.05}
+    assert entry["message"] == f"stage audit finished in {tmp_path / 'run'}"
+    assert TextLogFormatter().format(record).endswith(': {"cells": 3, "alpha": 0.05}')

@@ -48,21 +48,39 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: Structured fields a library log record may carry (``extra=``), e.g. a finished stage's counters.
+LOG_FIELDS = ("stage", "run", "counters")
+
+
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per log record: time, level, logger, message (+ exception text)."""
+    """One JSON object per log record: time, level, logger, message, the record's structured fields
+    (:data:`LOG_FIELDS`) and the exception text."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"), "level": record.levelname,
                  "logger": record.name, "message": record.getMessage()}
+        entry.update({name: getattr(record, name) for name in LOG_FIELDS if hasattr(record, name)})
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
+class TextLogFormatter(logging.Formatter):
+    """``LEVEL logger: message``, followed by a record's counters as compact JSON when it has them."""
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        counters = getattr(record, "counters", None)
+        return f"{text}: {json.dumps(counters, default=str)}" if counters is not None else text
+
+
 def configure_logging(log_json: bool, verbose: bool) -> None:
     """Library code logs through `logging`; the CLI decides how those records reach the terminal."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if log_json else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if log_json else TextLogFormatter())
     root = logging.getLogger("moeaudit")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if (log_json or verbose) else logging.WARNING)
