@@ -97,3 +97,11 @@ def test_log_records_carry_stage_counters_as_fields(tmp_path):
     assert entry["stage"] == "audit" and entry["counters"] == {"cells": 3, "alpha": 0.05}
     assert entry["message"] == f"stage audit finished in {tmp_path / 'run'}"
     assert TextLogFormatter().format(record).endswith(': {"cells": 3, "alpha": 0.05}')
+
+
+def test_report_writes_the_file_given_with_output(cli, run_dir, tmp_path):
+    target = tmp_path / "reports" / "mine.html"
+    code, out, _ = cli("report", str(run_dir), "-o", str(target))
+    assert code == 0 and target.is_file() and target.stat().st_size > 10_000 and str(target) in out
+    code, _, err = cli("report", str(run_dir), "--out", str(target))  # --out is a directory everywhere else
+    assert code == 2 and "--out" in err

@@ -10,7 +10,8 @@ import typer
 
 def report_command(
     run_dirs: List[Path] = typer.Argument(..., help="One or more run directories."),
-    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN_DIR/report.html)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--output", help="The HTML file to write (default: "
+                                       "RUN_DIR/report.html); --out names a directory in every other command."),
 ) -> None:
     """Write one self-contained HTML report (figures also as PNG/SVG beside it)."""
     from moeaudit.report import write_report
