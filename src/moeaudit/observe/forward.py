@@ -103,6 +103,30 @@ def _routing_columns(record, layer: int, seqs: np.ndarray, positions: np.ndarray
     }
 
 
+def _layer_tables(moe: MoEModel, record, index: int, seqs: np.ndarray, positions: np.ndarray,
+                  probs_schema: pa.Schema | None, logits_schema: pa.Schema | None):
+    """One layer's rows of a record (one row per token of ``seqs``/``positions``): the routing table, and the
+    router-probability and router-logit tables when their schema is given (else None)."""
+    routing = pa.table(_routing_columns(record, index, seqs, positions), schema=ROUTING_SCHEMA)
+    keys = {"layer": np.full(len(seqs), index, dtype=np.int16), "seq": seqs.astype(np.int32),
+            "pos": positions.astype(np.int32)}
+    probs_table = logits_table = None
+    if probs_schema is not None:
+        probs = record.router_probs
+        if probs is None:
+            probs = moe.layer(index).router_probs(record.router_logits)
+        probs = probs.float().cpu().numpy().reshape(len(seqs), -1)
+        flat = pa.array(probs.astype(np.float16).reshape(-1), type=pa.float16())
+        probs_table = pa.table({**keys, "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1])},
+                               schema=probs_schema)
+    if logits_schema is not None:
+        logits = record.router_logits.float().cpu().numpy().reshape(len(seqs), -1)
+        flat = pa.array(logits.reshape(-1), type=pa.float32())
+        logits_table = pa.table({**keys, "logits": pa.FixedSizeListArray.from_arrays(flat, logits.shape[1])},
+                                schema=logits_schema)
+    return routing, probs_table, logits_table
+
+
 @dataclass
 class BatchTables:
     """Observed windows' rows, window by window in input order: the tokens table and, per window and then per
@@ -185,26 +209,14 @@ def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], p
     routing, router_probs, router_logits = [], [], []
     for index in layers:
         record = trace[index]
-        routing.append(pa.table(_routing_columns(record, index, seqs, positions), schema=ROUTING_SCHEMA))
-        if index in probs_layers:
-            probs = record.router_probs
-            if probs is None:
-                probs = moe.layer(index).router_probs(record.router_logits)
-            probs = probs.float().cpu().numpy().reshape(b * t, -1)
-            flat = pa.array(probs.astype(np.float16).reshape(-1), type=pa.float16())
-            router_probs.append(pa.table({
-                "layer": np.full(len(probs), index, dtype=np.int16),
-                "seq": seqs.astype(np.int32), "pos": positions.astype(np.int32),
-                "probs": pa.FixedSizeListArray.from_arrays(flat, probs.shape[1]),
-            }, schema=probs_schema))
-        if index in logits_layers:
-            logits = record.router_logits.float().cpu().numpy().reshape(b * t, -1)
-            router_logits.append(pa.table({
-                "layer": np.full(len(logits), index, dtype=np.int16),
-                "seq": seqs.astype(np.int32), "pos": positions.astype(np.int32),
-                "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), type=pa.float32()),
-                                                            logits.shape[1]),
-            }, schema=logits_schema))
+        routing_table, probs_table, logits_table = _layer_tables(
+            moe, record, index, seqs, positions, probs_schema if index in probs_layers else None,
+            logits_schema if index in logits_layers else None)
+        routing.append(routing_table)
+        if probs_table is not None:
+            router_probs.append(probs_table)
+        if logits_table is not None:
+            router_logits.append(logits_table)
     out = []
     for row in range(b):
         window_nll = nll[row][np.isfinite(nll[row])].astype(np.float64)
@@ -375,34 +387,21 @@ def observe_padding(
             mask[row, :n] = 1
         with torch.no_grad(), moe.capture(layers) as trace:
             moe.model(input_ids=ids.to(moe.device), attention_mask=mask.to(moe.device))
-        keep = (mask.reshape(-1) == 0).to(moe.device)
-        seqs = np.repeat(np.array([w.seq for w in batch], dtype=np.int64), pad_to)[keep.cpu().numpy()]
-        positions = np.tile(np.arange(pad_to, dtype=np.int64), b)[keep.cpu().numpy()]
+        pads = (mask.reshape(-1) == 0).numpy()
+        keep = torch.from_numpy(pads).to(moe.device)
+        seqs = np.repeat(np.array([w.seq for w in batch], dtype=np.int64), pad_to)[pads]
+        positions = np.tile(np.arange(pad_to, dtype=np.int64), b)[pads]
         for index in layers:
             record = trace[index]
             sliced = _dc.replace(record, **{f.name: getattr(record, f.name)[keep] for f in _dc.fields(record)
                                             if isinstance(getattr(record, f.name), torch.Tensor)
                                             and getattr(record, f.name).shape[:1] == keep.shape})
-            parts["padding_routing"].append(pa.table(_routing_columns(sliced, index, seqs, positions),
-                                                     schema=ROUTING_SCHEMA))
-            if index in router_probs_layers:
-                probs = sliced.router_probs if sliced.router_probs is not None else \
-                    moe.layer(index).router_probs(sliced.router_logits)
-                probs = probs.float().cpu().numpy()
-                parts["padding_router_probs"].append(pa.table({
-                    "layer": np.full(len(probs), index, dtype=np.int16), "seq": seqs.astype(np.int32),
-                    "pos": positions.astype(np.int32),
-                    "probs": pa.FixedSizeListArray.from_arrays(pa.array(probs.astype(np.float16).reshape(-1),
-                                                                        type=pa.float16()), probs.shape[1]),
-                }, schema=probs_schema))
-            if index in router_logits_layers:
-                logits = sliced.router_logits.float().cpu().numpy()
-                parts["padding_router_logits"].append(pa.table({
-                    "layer": np.full(len(logits), index, dtype=np.int16), "seq": seqs.astype(np.int32),
-                    "pos": positions.astype(np.int32),
-                    "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), type=pa.float32()),
-                                                                logits.shape[1]),
-                }, schema=logits_schema))
+            tables = _layer_tables(moe, sliced, index, seqs, positions,
+                                   probs_schema if index in router_probs_layers else None,
+                                   logits_schema if index in router_logits_layers else None)
+            for name, table in zip(PADDING_TABLES, tables):
+                if table is not None:
+                    parts[name].append(table)
     empty = {"padding_routing": ROUTING_SCHEMA,
              "padding_router_probs": probs_schema or router_probs_schema(1),
              "padding_router_logits": logits_schema or router_logits_schema(1)}

@@ -64,17 +64,15 @@ def observe_unit(moe: MoEModel, payload: dict[str, Any]):
     logits_experts = moe.layer(stats.router_logits_layers[0]).num_experts if stats.router_logits_layers else 1
     schemas = {"tokens": TOKENS_SCHEMA, "routing": ROUTING_SCHEMA, "router_probs": router_probs_schema(probs_experts),
                "router_logits": router_logits_schema(logits_experts)}
-    out = {name: pa.concat_tables(parts[name]) if parts[name] else schemas[name].empty_table()
-           for name in OBSERVE_TABLES if name in schemas}
+    schemas.update(padding_routing=schemas["routing"], padding_router_probs=schemas["router_probs"],
+                   padding_router_logits=schemas["router_logits"])
     if payload.get("pad_to"):  # the released scripts' padding rows (paper_code_padding)
-        out.update(observe_padding(moe, payload["windows"], pad_to=payload["pad_to"], layers=stats.layers,
-                                   router_probs_layers=stats.router_probs_layers,
-                                   router_logits_layers=stats.router_logits_layers,
-                                   batch_size=payload["batch_size"]))
-    else:
-        out.update({"padding_routing": ROUTING_SCHEMA.empty_table(),
-                    "padding_router_probs": schemas["router_probs"].empty_table(),
-                    "padding_router_logits": schemas["router_logits"].empty_table()})
+        padding = observe_padding(moe, payload["windows"], pad_to=payload["pad_to"], layers=stats.layers,
+                                  router_probs_layers=stats.router_probs_layers,
+                                  router_logits_layers=stats.router_logits_layers, batch_size=payload["batch_size"])
+        parts.update({name: [table] for name, table in padding.items()})
+    out = {name: pa.concat_tables(parts[name]) if parts[name] else schemas[name].empty_table()
+           for name in OBSERVE_TABLES}
     counters = {k: v for k, v in stats.to_dict().items() if k not in ("seconds", "mean_nll")}
     counters["padding_routing_rows"] = out["padding_routing"].num_rows
     return UnitResult(out, counters)
