@@ -26,6 +26,10 @@ Tables (one Parquet file each in a run directory):
 ``calibration``
     One row per (metric, layer): how stable the metric's expert ranking is under resampled calibration
     data: :data:`CALIBRATION_SCHEMA`.
+``interactions``, ``shapley``, ``interaction_sets``
+    Joint removals inside a token's active set (:mod:`moeaudit.interactions`): one row per pair of active
+    experts, per active expert, and per (removal set, token): :data:`INTERACTION_COLUMNS`,
+    :data:`SHAPLEY_COLUMNS`, :data:`INTERACTION_SET_COLUMNS`.
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ __all__ = [
     "EFFECT_COLUMNS",
     "EVALS_SCHEMA",
     "EVALS_SCHEMA_FIELDS",
+    "INTERACTION_COLUMNS",
+    "INTERACTION_SET_COLUMNS",
     "JACCARD_COLUMNS",
     "PRUNING_COLUMNS",
     "ROUTING_SCHEMA",
+    "SHAPLEY_COLUMNS",
     "TOKENS_SCHEMA",
     "WINDOWS_SCHEMA",
     "router_logits_schema",
@@ -175,6 +182,34 @@ CALIBRATION_SCHEMA = pa.schema([
     ("domain_pair_min", pa.string()),
     ("seed", pa.int64()),
 ])
+
+#: Columns of the ``interactions`` table: one row per pair of a target token's active experts (token scope,
+#: layer ℓ only). ``gate_rank_a < gate_rank_b`` (0 = largest raw gate); ``delta_nll_a``/``_b`` remove one of
+#: them, ``delta_nll_joint`` both, ``interaction = delta_nll_joint - delta_nll_a - delta_nll_b`` (nats;
+#: > 0: removing both costs more than the two removals apart, e.g. each expert compensates for the other;
+#: :mod:`moeaudit.interactions.games`); ``kl_joint`` and ``top1_flip_joint`` are the joint removal's.
+INTERACTION_COLUMNS: tuple[str, ...] = (
+    "layer", "seq", "pos", "kind", "expert_a", "expert_b", "gate_rank_a", "gate_rank_b",
+    "delta_nll_a", "delta_nll_b", "delta_nll_joint", "interaction", "kl_joint", "top1_flip_joint",
+)
+
+#: Columns of the ``shapley`` table: one row per active expert of a target token. ``shapley`` (nats) is the
+#: expert's Shapley value in the game v(S) = ΔNLL of removing S ⊆ A_ℓ(t); per token the values sum to
+#: ``delta_nll_all`` (every active expert removed). ``delta_nll_single`` is v({e}) (the census's effect);
+#: ``estimate`` marks permutation estimates (k > the exact limit) with their standard error ``shapley_se``
+#: (NaN for exact values); ``n_players`` is k.
+SHAPLEY_COLUMNS: tuple[str, ...] = (
+    "layer", "seq", "pos", "kind", "expert", "gate_rank", "raw_gate", "combine_weight", "delta_nll_single",
+    "shapley", "shapley_se", "delta_nll_all", "n_players", "estimate",
+)
+
+#: Columns of the ``interaction_sets`` table: one row per (removal set, target token). A removal set is a
+#: pruning configuration's dropped experts at the layer (``criterion``, ``ratio``, ``seed``: null but for
+#: ``random``); ``n_removed`` of them are active at the token and removed together (``delta_nll_joint``;
+#: 0 when none is), ``delta_nll_sum`` is the sum of their single removals.
+INTERACTION_SET_COLUMNS: tuple[str, ...] = (
+    "criterion", "ratio", "seed", "layer", "seq", "pos", "kind", "n_removed", "delta_nll_joint", "delta_nll_sum",
+)
 
 #: Columns of :attr:`moeaudit.prune.DownstreamResult.table`, in order.
 DOWNSTREAM_COLUMNS: tuple[str, ...] = ("task", "metric", "filter", "value", "stderr", "n")

@@ -282,11 +282,7 @@ def compute_effects(
         mean_output = _check_mean_output(moe, layers, mean_output, input_ids, attention_mask)
     started = time.perf_counter()
     run = _Run(moe, selection, config, layers, mean_output or {}, seq_offset)
-    run.fallback_reason = fast_unsupported_reason(moe) if config.engine == "fast" else None
-    if config.engine == "fast" and run.fallback_reason is None:
-        run.fallback_reason = fast_disagreement(moe, input_ids, attention_mask, compute_effects, config)
-    if run.fallback_reason:
-        logger.warning("fast engine unavailable, using the reference engine: %s", run.fallback_reason)
+    run.fallback_reason = fallback_reason(moe, input_ids, attention_mask, config)
     valid = valid_next_mask(input_ids, attention_mask)
     targets = sample_targets(selection, layers, valid)
     for b in range(input_ids.shape[0]):
@@ -298,6 +294,81 @@ def compute_effects(
         logger.warning("noise floor %.1e nats exceeds %.0e: effects below it are rounding, not causal (low "
                        "precision or an ill-conditioned model)", stats.noise_floor, NOISE_WARNING)
     return EffectsResult(effects, stats)
+
+
+def fallback_reason(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                    config: InterveneConfig) -> str | None:
+    """Why the run must use the reference engine (logged), or None when the requested engine runs: the fast
+    engine cannot replay the model (:func:`fast_unsupported_reason`) or disagrees with the reference on the
+    first window (:func:`moeaudit.intervene.spotcheck.fast_disagreement`)."""
+    if config.engine != "fast":
+        return None
+    reason = fast_unsupported_reason(moe)
+    if reason is None:
+        reason = fast_disagreement(moe, input_ids, attention_mask, compute_effects, config)
+    if reason:
+        logger.warning("fast engine unavailable, using the reference engine: %s", reason)
+    return reason
+
+
+def clean_window(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 fast: bool) -> tuple[CleanWindow, str | None]:
+    """The clean pass of one window ([1, T]), with the attention record the fast engine needs when ``fast``;
+    an attention the fast engine cannot record falls back (the reason is returned and logged)."""
+    if fast:
+        try:
+            return capture_clean(moe, input_ids, attention_mask, record_attention=True), None
+        except UnsupportedAttention as err:
+            logger.warning("fast engine unavailable, using the reference engine: %s", err)
+            return capture_clean(moe, input_ids, attention_mask, record_attention=False), str(err)
+    return capture_clean(moe, input_ids, attention_mask, record_attention=False), None
+
+
+def removal_outcomes(moe: MoEModel, clean: CleanWindow, layer: int, positions, removed: torch.Tensor, *,
+                     kind: str = "zero", engine: str = "fast", config: InterveneConfig | None = None,
+                     mean_output: Mapping[int, torch.Tensor] | None = None,
+                     attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Token-scope outcomes of removing arbitrary sets of routed experts at positions of one window.
+
+    The same computation as :func:`compute_effects`' token scope (the same Δy, rows and outcomes), for
+    callers that remove sets no :class:`Selection` names (joint removals, the subsets of a Shapley game:
+    :mod:`moeaudit.interactions`).
+
+    Parameters
+    ----------
+    moe : MoEModel
+    clean : CleanWindow
+        The window's clean pass (:func:`clean_window`; with the attention record for ``engine="fast"``).
+    layer : int
+        MoE layer (decoder-layer index).
+    positions : sequence of int [N]
+        Target positions (each with a real next token).
+    removed : bool Tensor [N, E]
+        The experts removed at each target (an empty row is a null intervention).
+    kind : {"zero", "renorm", "reroute", "mean"}
+    engine : {"fast", "reference"}
+    config : InterveneConfig, optional
+        Batching (``rows_per_call``, ``max_logit_elements``, ``reference_batch``).
+    mean_output : mapping layer -> Tensor [E, H], optional
+        Required for ``mean``.
+    attention_mask : Tensor [1, T], optional
+
+    Returns
+    -------
+    dict of tensors [N]
+        ``delta_nll``, ``kl``, ``top1_flip``, ``gap_norm``, ``compensation_cos`` (float64; bool flip).
+    """
+    config = config or InterveneConfig()
+    num_experts = moe.layer(layer).num_experts
+    if removed.dim() != 2 or removed.shape[1] != num_experts or removed.shape[0] != len(positions):
+        raise invalid("removed", f"a bool tensor [{len(positions)}, {num_experts}]", tuple(removed.shape))
+    plan = Plan()
+    for pos, row in zip(positions, removed.cpu().numpy()):
+        experts = tuple(int(e) for e in np.flatnonzero(row))
+        plan.add(int(pos), experts[0] if experts else -1, experts, len(experts), None, -1)
+    context = _Context(moe, config, engine, mean_output or {})
+    out, _ = _Job(context, clean, layer, plan, kind, attention_mask).token()
+    return out
 
 
 # ---------------------------------------------------------------------------- validation
@@ -408,18 +479,15 @@ class _Run:
     def engine(self) -> str:
         return "reference" if self.fallback_reason or self.config.engine == "reference" else "fast"
 
+    def context(self) -> _Context:
+        return _Context(self.moe, self.config, self.engine, self.mean_output, self.selection.what == "shared",
+                        self.selection.shared_index)
+
     # ------------------------------------------------------------------ one window
     def window(self, b: int, input_ids, attention_mask, valid, targets) -> None:
         tick = time.perf_counter()
-        clean = None
-        if self.engine == "fast":
-            try:
-                clean = capture_clean(self.moe, input_ids, attention_mask, record_attention=True)
-            except UnsupportedAttention as err:
-                self.fallback_reason = str(err)
-                logger.warning("fast engine unavailable, using the reference engine: %s", err)
-        if clean is None:
-            clean = capture_clean(self.moe, input_ids, attention_mask, record_attention=False)
+        clean, reason = clean_window(self.moe, input_ids, attention_mask, self.engine == "fast")
+        self.fallback_reason = self.fallback_reason or reason
         self.seconds["clean"] += time.perf_counter() - tick
         rows = valid.reshape(-1)
         self.near_tie_positions += int(rows.sum())
@@ -432,7 +500,7 @@ class _Run:
         for layer, plan in plans.items():
             for kind in self.config.kinds:
                 if len(plan):
-                    job = _Job(self, clean, layer, plan, kind, attention_mask)
+                    job = _Job(self.context(), clean, layer, plan, kind, attention_mask)
                     for scope in self.config.scopes:
                         out, later = job.token() if scope == "token" else job.sequence()
                         self.append_exact(b, clean, job, scope, out, later)
@@ -595,16 +663,28 @@ class _Run:
         )
 
 
+@dataclass(frozen=True)
+class _Context:
+    """What a :class:`_Job` needs from its caller: the model, the engine settings and the engine in use."""
+
+    moe: MoEModel
+    config: InterveneConfig
+    engine: str
+    mean_output: Mapping[int, torch.Tensor]
+    shared: bool = False
+    shared_index: int | None = None
+
+
 class _Job:
     """The interventions of one window at one MoE layer with one kind, run in either scope by either engine."""
 
-    def __init__(self, run: _Run, clean: CleanWindow, layer: int, plan: Plan, kind: str, attention_mask):
+    def __init__(self, run: _Context, clean: CleanWindow, layer: int, plan: Plan, kind: str, attention_mask):
         self.run, self.clean, self.layer, self.plan, self.kind = run, clean, layer, plan, kind
         self.attention_mask = attention_mask
         self.described = run.moe.layer(layer)
         self.record = clean.records[layer]
-        self.shared = run.selection.what == "shared"
-        self.shared_index = run.selection.shared_index
+        self.shared = run.shared
+        self.shared_index = run.shared_index
         self.mean = run.mean_output.get(layer)
         self.positions = torch.tensor(plan.pos, dtype=torch.long, device=clean.input_ids.device)
         self.removed = _removed_mask(plan, self.described.num_experts, self.positions.device)
