@@ -32,6 +32,7 @@ LAYERS: list[set[str]] = [
     {"audit"},
     {"prune"},
     {"calibration"},
+    {"interactions"},
     {"report"},
     {"pipeline"},
     {"cli", "__main__"},
