@@ -2,17 +2,18 @@
 
 :class:`AuditConfig` is composed of typed parts, one per concern:
 
-===============  ==============================================================================
-part             settings
-===============  ==============================================================================
-(root)           ``model``, ``corpus``, ``seed``, ``preset``: what is audited
-``observe``      :class:`ObserveConfig`: the corpus windows, splits, layers, dtype
-``intervene``    :class:`InterveneSettings`: the measured intervention (kind, scope, sample)
-``audit``        :class:`AuditPart`: the statistical tests (sample, designs, correction, CI)
-``prune``        :class:`PruneConfig`: the pruning experiment (ratios, criteria, random draws)
-``calibration``  :class:`CalibrationConfig`: how much the metric rankings depend on the calibration data
-``execution``    :class:`ExecutionConfig`: how the work runs (batching, device, units, executor)
-===============  ==============================================================================
+================  ==============================================================================
+part              settings
+================  ==============================================================================
+(root)            ``model``, ``corpus``, ``seed``, ``preset``: what is audited
+``observe``       :class:`ObserveConfig`: the corpus windows, splits, layers, dtype
+``intervene``     :class:`InterveneSettings`: the measured intervention (kind, scope, sample)
+``audit``         :class:`AuditPart`: the statistical tests (sample, designs, correction, CI)
+``prune``         :class:`PruneConfig`: the pruning experiment (ratios, criteria, random draws)
+``calibration``   :class:`CalibrationConfig`: how much the metric rankings depend on the calibration data
+``interactions``  :class:`InteractionsConfig`: joint removals, interactions and Shapley values
+``execution``     :class:`ExecutionConfig`: how the work runs (batching, device, units, executor)
+================  ==============================================================================
 
 The CLI only builds an :class:`AuditConfig`; a TOML file (a table per part: ``[observe]``,
 ``[intervene]``, ...) or a manifest gives the same object. Every setting has one name, unique across the
@@ -22,7 +23,7 @@ The fingerprint that guards a run directory covers everything but ``execution`` 
 changes its tables), ``prune`` (each pruning run rewrites its own tables; its work units carry a digest
 of their settings, and the manifest records the settings of the last one) and ``calibration`` (each
 ``moeaudit calibration`` run rewrites ``calibration.parquet``, which records its settings in its columns and
-the manifest's stage record). Defaults cite where they come from.
+the manifest's stage record), and ``interactions`` likewise. Defaults cite where they come from.
 """
 
 from __future__ import annotations
@@ -290,6 +291,31 @@ class CalibrationConfig(_Part):
     resample_unit: Literal["document", "window"] = "document"
 
 
+class InteractionsConfig(_Part):
+    """Joint removals inside the active set (:func:`moeaudit.interactions.run_interactions`).
+
+    Attributes
+    ----------
+    interactions_n : int or None
+        Held-out target tokens per MoE layer (seeded by ``seed``); None: every held-out token.
+    interactions_layers : list of int or None
+        MoE layers to measure (None: the intervened layers).
+    interactions_kind : {"zero", "renorm", "reroute", "mean"} or None
+        How an expert is removed (None: the run's ``kind``).
+    shapley_exact_players : int
+        Active sets of at most this many experts get exact Shapley values (2^k removals per token; 256
+        for top-8); larger ones a permutation estimate.
+    shapley_permutations : int
+        Orderings per token for the permutation estimate.
+    """
+
+    interactions_n: int | None = Field(500, ge=1)
+    interactions_layers: list[int] | None = None
+    interactions_kind: AblationKind | None = None
+    shapley_exact_players: int = Field(10, ge=1, le=10)
+    shapley_permutations: int = Field(200, ge=2)
+
+
 class ExecutionConfig(_Part):
     """How a run executes; never what it computes, so a run may be resumed with other values.
 
@@ -341,13 +367,13 @@ class ExecutionConfig(_Part):
 #: The parts of the tree, by the attribute (and TOML table) that holds each.
 PARTS: dict[str, type[_Part]] = {"observe": ObserveConfig, "intervene": InterveneSettings, "audit": AuditPart,
                                  "prune": PruneConfig, "calibration": CalibrationConfig,
-                                 "execution": ExecutionConfig}
+                                 "interactions": InteractionsConfig, "execution": ExecutionConfig}
 #: Settings held by the root itself.
 ROOT_FIELDS = ("model", "corpus", "seed", "preset", "preset_overrides")
 #: Every setting's part, by its (unique) name: the flat spelling ``max_len`` is ``observe.max_len``.
 FLAT_PATHS: dict[str, str] = {name: part for part, cls in PARTS.items() for name in cls.model_fields}
 #: Parts left out of the run directory's fingerprint (see the module docstring).
-UNFINGERPRINTED = frozenset({"execution", "prune", "calibration"})
+UNFINGERPRINTED = frozenset({"execution", "prune", "calibration", "interactions"})
 #: The execution settings by name (a run may be resumed with other values).
 EXECUTION_FIELDS = frozenset(ExecutionConfig.model_fields)
 
@@ -408,7 +434,7 @@ class AuditConfig(_Part):
         The settings in which this run departs from its preset, ``{name: {"preset": value, "used": value}}``
         (:meth:`departing_from`), so that a run never claims a protocol it does not follow. Derived from the
         other settings, so not part of the fingerprint.
-    observe, intervene, audit, prune, calibration, execution
+    observe, intervene, audit, prune, calibration, interactions, execution
         The parts; each setting may also be read flat (``config.max_len`` is ``config.observe.max_len``).
 
     Examples
@@ -428,6 +454,7 @@ class AuditConfig(_Part):
     audit: AuditPart = Field(default_factory=AuditPart)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    interactions: InteractionsConfig = Field(default_factory=InteractionsConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
 
     @model_validator(mode="before")

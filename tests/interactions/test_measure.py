@@ -154,6 +154,11 @@ def test_removal_sets_joint_and_sum(moe, ids, result):
             assert row.delta_nll_joint == 0
         elif len(hit) == 1:
             assert row.delta_nll_joint == pytest.approx(singles[(row.layer, row.seq, row.pos, hit[0])], abs=1e-6)
+        elif len(hit) == 2:
+            assert row.delta_nll_joint == pytest.approx(pairs.loc[(row.layer, row.seq, row.pos, *hit), "delta_nll_joint"]
+                                                        if (row.layer, row.seq, row.pos, *hit) in pairs.index else
+                                                        pairs.loc[(row.layer, row.seq, row.pos, *hit[::-1]),
+                                                                  "delta_nll_joint"], abs=1e-6)
         else:
             expected = brute_force_delta(moe, ids, row.layer, row.seq, row.pos, hit)
             assert abs(row.delta_nll_joint - expected) <= 1e-5

@@ -101,12 +101,14 @@ from moeaudit.cli import inspect as _inspect  # noqa: E402  (sub-commands regist
 from moeaudit.cli import calibration as _calibration  # noqa: E402
 from moeaudit.cli import demo as _demo  # noqa: E402
 from moeaudit.cli import evaluate as _evaluate  # noqa: E402
+from moeaudit.cli import interactions as _interactions  # noqa: E402
 from moeaudit.cli import report as _report  # noqa: E402
 from moeaudit.cli import stages as _stages  # noqa: E402
 
 _inspect.register(app)
 _stages.register(app)
 _calibration.register(app)
+_interactions.register(app)
 _demo.register(app)
 _report.register(app)
 _evaluate.register(app)

@@ -14,9 +14,11 @@ from moeaudit.cli.common import QUIET_OPTION, StagePrinter, print_frame
 # document gives its first window only (`truncate`), so a split's windows come from as many documents: the
 # audit's tests treat documents as the independent units, and consecutive windows of 3 documents would
 # leave them 3 units. The calibration analysis of the full demo draws 100 resamples and 5 curve orders (the
-# defaults, 200 and 10, take about twice as long); --quick keeps the defaults.
-FULL = dict(max_len=128, max_windows=64, batch_size=16, truncate=True, resamples=100, curve_repeats=5)
-QUICK = dict(max_len=64, max_windows=12, batch_size=12, truncate=True)
+# defaults, 200 and 10, take about twice as long); --quick keeps the defaults. The interactions stage removes
+# every subset of the active set at 300 (quick: 200) held-out tokens per layer (default 500).
+FULL = dict(max_len=128, max_windows=64, batch_size=16, truncate=True, resamples=100, curve_repeats=5,
+            interactions_n=300)
+QUICK = dict(max_len=64, max_windows=12, batch_size=12, truncate=True, interactions_n=200)
 # Pruning evaluates every criterion x ratio x random seed on the held-out windows; the demo prunes all layers
 # at once (per-layer pruning: `moeaudit prune RUN_DIR`) with a 10-seed random distribution.
 PRUNE_FULL = dict(ratios=(0.125, 0.25, 0.5), random_seeds=10, single_layer=False)
@@ -36,8 +38,10 @@ def demo_command(
 
     from moeaudit.calibration import run_calibration
     from moeaudit.cli.calibration import print_calibration
+    from moeaudit.cli.interactions import print_interactions
     from moeaudit.config import AuditConfig
     from moeaudit.errors import invalid
+    from moeaudit.interactions import run_interactions
     from moeaudit.models import builtin
     from moeaudit.models.loading import model_from_config, tokenizer_for
     from moeaudit.observe.stage import build_corpus
@@ -67,6 +71,8 @@ def demo_command(
         # how much the metric rankings depend on the calibration documents (no model run; issue 16)
         calibration = run_calibration(run, corpus=corpus)
         print_calibration(run.read("calibration"), calibration)
+        # experts removed together: pairwise interactions, Shapley values, pruned sets (issue 17)
+        print_interactions(run, run_interactions(run, moe=moe), title_prefix=f"{name}: ")
         observed, intervened, audited = result["observe"], result["intervene"], result["audit"]
         metrics = run.read("expert_metrics")
         summary.append({"model": name, "tokens": observed["tokens"], "mean NLL": observed["mean_nll"],

@@ -16,6 +16,8 @@ Examples
 
 from moeaudit.interactions.games import exact_shapley, permutation_shapley
 from moeaudit.interactions.measure import InteractionsResult, InteractionsStats, measure_interactions
+from moeaudit.interactions.stage import run_interactions
+from moeaudit.interactions.summary import interaction_matrix, interaction_summary, set_summary, shapley_tests
 
-__all__ = ["InteractionsResult", "InteractionsStats", "exact_shapley", "measure_interactions",
-           "permutation_shapley"]
+__all__ = ["InteractionsResult", "InteractionsStats", "exact_shapley", "interaction_matrix", "interaction_summary",
+           "measure_interactions", "permutation_shapley", "run_interactions", "set_summary", "shapley_tests"]

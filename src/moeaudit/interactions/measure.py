@@ -344,9 +344,11 @@ class _LayerGames:
     def lookup(self, i: int, masks, what=None) -> np.ndarray:
         """v (or ``what``: kl, flip) of token i at ``masks``; v(∅) is 0 by definition (the clean pass)."""
         what = self.values if what is None else what
-        lo, hi = self.offsets[i], self.offsets[i + 1]
         masks = np.asarray(masks, dtype=np.int64)
-        found = what[lo + np.searchsorted(self.masks[i], masks)]
+        index = np.searchsorted(self.masks[i], masks)
+        if (index >= len(self.masks[i])).any() or (self.masks[i][np.minimum(index, len(self.masks[i]) - 1)] != masks).any():
+            raise AssertionError("a coalition was read that was never evaluated")  # a planning bug, never data
+        found = what[self.offsets[i] + index]
         return np.where(masks == 0, np.zeros_like(found), found)
 
     def null_values(self) -> list[float]:

@@ -1,0 +1,70 @@
+"""The interactions stage and `moeaudit interactions` on a small real run of the built-in model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moeaudit.rundir import RunDir
+from tests.calibration.conftest import HAS_BUILTIN, copy_run, small_run
+
+pytestmark = pytest.mark.skipif(not HAS_BUILTIN, reason="built-in model weights not present")
+TOKEN = ["layer", "seq", "pos"]
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    """observe + metrics of tiny-olmoe (4 MoE layers, top-4): 6 calibration and 6 held-out windows."""
+    return small_run(tmp_path_factory.mktemp("interactions") / "run", max_windows=6).path
+
+
+@pytest.fixture
+def run_dir(observed, tmp_path):
+    return copy_run(observed, tmp_path / "run")
+
+
+def write_pruning(run_dir) -> pd.DataFrame:
+    """A pruning table's set columns: one criterion and two random draws at layers 0 and 3."""
+    sets = pd.DataFrame({
+        "criterion": ["reap", "reap", "random", "random", "random", "random"], "ratio": [0.25] * 6,
+        "seed": pd.array([None, None, 1, 1, 2, 2], dtype="Int64"), "mode": "all_layers", "layer": [0, 3, 0, 3, 0, 3],
+        "dropped": [list(range(8)), list(range(8, 16)), list(range(16, 24)), list(range(0, 32, 4)),
+                    list(range(1, 32, 4)), list(range(2, 32, 4))],
+    })
+    sets.to_parquet(run_dir / "pruning.parquet", index=False)
+    return sets
+
+
+def test_stage_writes_the_tables_on_held_out_tokens(run_dir):
+    from moeaudit.config import AuditConfig
+    from moeaudit.interactions import measure_interactions, run_interactions
+    from moeaudit.intervene.stage import windows_from_tokens
+    from moeaudit.models.loading import model_from_config
+
+    write_pruning(run_dir)
+    run = RunDir(run_dir)
+    run = RunDir(run_dir, run.config.replace(interactions_n=15, interactions_layers=[0, 3]))
+    info = run_interactions(run)
+    shapley, pairs, sets = run.read("shapley"), run.read("interactions"), run.read("interaction_sets")
+    tokens = run.read("tokens", columns=["seq", "split"])
+    heldout = set(tokens.loc[tokens["split"] == "heldout", "seq"])
+    assert set(shapley["seq"]) <= heldout and set(pairs["seq"]) <= heldout
+    assert info["tokens"] == {"0": 15, "3": 15} and info["split"] == "heldout" and info["engine"] == "fast"
+    assert len(shapley) == 2 * 15 * 4 and len(pairs) == 2 * 15 * 6 and len(sets) == 2 * 15 * 3
+    assert info["removals"] == 2 * 15 * 16 and info["sets"] == 6
+    assert run.has("shapley_tests") and set(run.read("shapley_tests")["outcome"]) == {"single", "shapley"}
+    assert [row["layer"] for row in info["summary"]] == [0, 3]
+    assert run.manifest["stages"]["interactions"]["settings"]["interactions_n"] == 15
+    # the same numbers as the library on the same windows (seq mapped back to the run's numbering)
+    chosen, _ = run.intervened_tokens(["pos", "token_id"])
+    seqs, ids, _ = windows_from_tokens(chosen)
+    moe = model_from_config(AuditConfig(model="tiny-olmoe"))
+    direct = measure_interactions(moe, ids, layers=[0, 3], n=15, seed=run.config.seed).shapley
+    direct["seq"] = seqs[direct["seq"].to_numpy()]
+    merged = shapley.merge(direct, on=TOKEN + ["expert"], suffixes=("", "_direct"))
+    assert len(merged) == len(shapley) and np.allclose(merged["shapley"], merged["shapley_direct"], atol=1e-6)
+    # a later run without a pruning table leaves no stale set table behind
+    (run_dir / "pruning.parquet").unlink()
+    run_interactions(RunDir(run_dir))
+    assert not (run_dir / "interaction_sets.parquet").exists()
