@@ -398,3 +398,44 @@ def _layer_colors(n: int) -> list:
 
 def _criterion_colors(criteria: Sequence[str]) -> dict[str, str]:
     return {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(criteria)}
+
+
+def interaction_heatmaps(pairs: pd.DataFrame, num_experts: dict[int, int], *, max_layers: int = 6):
+    """Mean pairwise interaction (nats) of each expert pair where both are active, one panel per MoE layer.
+
+    Pairs never active together are grey; each panel has its own colour scale, symmetric around 0 (red:
+    removing both costs more than the two apart; blue: less) and clipped at the layer's 95th percentile of
+    |mean interaction|, since interactions shrink by orders of magnitude over depth. At most ``max_layers``
+    layers are drawn, spread over depth (first and last included).
+    """
+    from matplotlib import colormaps
+
+    from moeaudit.interactions.summary import interaction_matrix
+
+    if pairs is None or pairs.empty:
+        return None
+    layers = sorted(int(layer) for layer in pairs["layer"].unique())
+    if len(layers) > max_layers:
+        pick = np.unique(np.linspace(0, len(layers) - 1, max_layers).round().astype(int))
+        layers = [layers[i] for i in pick]
+    rows, cols = _grid(len(layers), 3)
+    fig = _figure(WIDTH, 3.0 * rows + 0.3)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    cmap = colormaps["RdBu_r"].copy()
+    cmap.set_bad("#c8c8c8")
+    for ax, layer in zip(axes, layers):
+        size = num_experts.get(layer) or int(pairs[["expert_a", "expert_b"]].to_numpy().max()) + 1
+        matrix = interaction_matrix(pairs, layer, size)[0]
+        finite = np.abs(matrix[np.isfinite(matrix)])
+        limit = float(np.quantile(finite, 0.95)) if len(finite) else 0.0
+        limit = limit if limit > 0 else 1e-6
+        image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=-limit, vmax=limit, interpolation="nearest")
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("expert")
+        ax.grid(False)
+        bar = fig.colorbar(image, ax=ax, shrink=0.85)
+        bar.set_label("mean interaction (nats)")
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    return fig
