@@ -51,7 +51,7 @@ def test_overwrite_replaces_config_and_tables(tmp_path):
 
 @pytest.mark.parametrize("values, message", [
     ({"max_len": 1}, "`max_len` must be at least 2; got 1."),
-    ({"dtype": "fp8"}, "`dtype` must be one of float32, bfloat16, float16; got 'fp8'."),
+    ({"dtype": "fp8"}, "`dtype` must be one of float32, bfloat16, float16, auto; got 'fp8'."),
     ({"kind": "drop"}, "`kind` must be one of zero, renorm, reroute, mean; got 'drop'."),
     ({"alpha": 2}, "`alpha` must be less than 1.0; got 2."),
     ({"observe_splits": []}, "`observe_splits` must be a non-empty list of splits"),
@@ -85,6 +85,9 @@ BAD_VALUES = {
     # calibration
     "resamples": 1, "flip_ratio": 1.0, "tau_target": 0, "curve_points": 0, "curve_repeats": 0,
     "resample_unit": "token",
+    # interactions
+    "interactions_n": 0, "interactions_layers": "first", "interactions_kind": "drop", "shapley_exact_players": 11,
+    "shapley_permutations": 1,
     # execution
     "batch_size": 0, "device": 3, "unit_windows": 0, "executor": "dask", "ray_address": 3, "workers": 0,
     "engine": "slow", "rows_per_call": 0, "reference_batch": 0, "max_logit_elements": 0,
@@ -135,15 +138,18 @@ def test_the_tree_reads_flat_and_nested_settings_alike(tmp_path):
     stored = json.loads((run.path / "manifest.json").read_text())["config"]
     assert stored["observe"]["max_len"] == 64 and stored["prune"]["ratios"] == [0.5]
     assert set(stored) == {"model", "corpus", "seed", "preset", "preset_overrides", "observe", "intervene", "audit", "prune",
-                           "calibration", "execution"}
+                           "calibration", "interactions", "execution"}
     assert RunDir(tmp_path / "run", flat.replace(workers=3, ratios=[0.25], engine="reference")).config.workers == 3
     assert RunDir(tmp_path / "run", flat.replace(resamples=50, resample_unit="window")).config.resamples == 50
+    assert RunDir(tmp_path / "run", flat.replace(interactions_n=7)).config.interactions_n == 7
     # a run that computed nothing yet (stopped by bad input, say) takes the corrected settings ...
     assert RunDir(tmp_path / "run", flat.replace(alpha=0.02)).config.alpha == 0.02
     # ... one that holds work refuses them
     RunDir(tmp_path / "run", flat).record_stage("observe", {"tokens": 1})
     with pytest.raises(RunDirectoryError, match="differs in alpha"):
         RunDir(tmp_path / "run", flat.replace(alpha=0.01))
+    # ... but not settings outside the fingerprint (each such stage rewrites its own tables)
+    assert RunDir(tmp_path / "run", flat.replace(interactions_n=9, resamples=20)).config.interactions_n == 9
 
 
 def test_the_tree_defaults_are_the_library_defaults():

@@ -49,6 +49,7 @@ from moeaudit.options import (
     MixedModel,
     Scope,
     Split,
+    canonical_dtype,
 )
 
 
@@ -81,7 +82,8 @@ class ObserveConfig(_Part):
         Layers whose full router-logit matrix is kept (float32; for the ``paper_code_*`` metrics of
         :mod:`moeaudit.metrics.papercode`). None, the default, keeps none.
     dtype : str
-        Compute dtype; float32 is the exact reference on CPU.
+        Compute dtype; float32 is the exact reference on CPU. ``auto`` loads the checkpoint's own dtype;
+        ``fp32``, ``bf16``, ``fp16`` are read as float32, bfloat16, float16.
     experts_implementation : str or None
         transformers' experts kernel; None keeps the library default.
     min_chars : int or None
@@ -110,6 +112,11 @@ class ObserveConfig(_Part):
     router_probs_layers: list[int] | Literal["all"] | None = "all"
     router_logits_layers: list[int] | Literal["all"] | None = None
     dtype: Dtype = "float32"
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return canonical_dtype(value)
     experts_implementation: Literal["eager", "batched_mm", "grouped_mm"] | None = None
     min_chars: int | None = Field(None, ge=0)
     first_docs: int | None = Field(None, ge=1)

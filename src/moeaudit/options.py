@@ -7,7 +7,7 @@ so ``moeaudit --help`` and the configuration stay instant.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 #: How an expert is removed (arXiv 2606.10703, Sec. 3.2 uses ``zero``): ``zero`` drops its term,
 #: ``renorm`` drops it and rescales the survivors to the same total weight, ``reroute`` masks its router
@@ -54,9 +54,18 @@ ALTERNATIVES: tuple[str, ...] = get_args(Alternative)
 CIMethod = Literal["analytic", "bca"]
 CI_METHODS: tuple[str, ...] = get_args(CIMethod)
 
-#: Floating-point types a model is loaded in.
-Dtype = Literal["float32", "bfloat16", "float16"]
+#: Floating-point types a model is loaded in; ``auto`` is the checkpoint's own (its config's ``dtype``), as
+#: transformers' ``from_pretrained(dtype="auto")`` reads it.
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
+#: Short spellings accepted wherever a dtype is (``--dtype bf16``), mapped to :data:`DTYPES`.
+DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
+                                 "half": "float16"}
+
+
+def canonical_dtype(value: Any) -> Any:
+    """``value`` with a :data:`DTYPE_ALIASES` spelling replaced by its name (anything else unchanged)."""
+    return DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
 #: Dataset splits (by document).
 Split = Literal["train", "calibration", "heldout"]

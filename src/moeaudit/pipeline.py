@@ -215,6 +215,16 @@ class PipelineResult:
     def total_seconds(self) -> float:
         return float(sum(self.seconds.values()))
 
+    def _repr_html_(self) -> str:
+        import pandas as pd
+
+        from moeaudit.tables import html_summary
+
+        frame = pd.DataFrame({"stage": list(self.records), "seconds": [self.seconds.get(s, float("nan"))
+                                                                          for s in self.records]})
+        return html_summary(f"pipeline run in {self.run.path}", frame,
+                            [f"{self.total_seconds:.1f} s in all; tables: RunDir(...).read(name)"])
+
     def __getitem__(self, stage: str) -> StageRecord:
         return self.records[stage]
 

@@ -54,6 +54,7 @@ __all__ = [
     "SHAPLEY_COLUMNS",
     "TOKENS_SCHEMA",
     "WINDOWS_SCHEMA",
+    "html_summary",
     "router_logits_schema",
     "router_probs_schema",
     "single_expert_rows",
@@ -281,3 +282,27 @@ def single_expert_sql(columns: Collection[str], *, kind: str | None = None,
     if "selection" in columns:
         where.append("coalesce(selection, '') <> 'progressive'")
     return " AND ".join(where), params
+
+
+def html_summary(title: str, frame: pd.DataFrame | None = None, notes: Collection[str] = (), *,
+                 max_rows: int = 30) -> str:
+    """A result object's ``_repr_html_`` (Jupyter): a title, notes and a summary table (escaped by pandas).
+
+    Parameters
+    ----------
+    title : str
+    frame : DataFrame, optional
+        The summary to show; longer frames show their first ``max_rows`` rows and say how many there are.
+    notes : collection of str
+        Short lines under the title (counters, the engine, ...).
+    """
+    from html import escape
+
+    parts = [f"<p><strong>{escape(title)}</strong></p>"]
+    parts += [f"<p>{escape(note)}</p>" for note in notes if note]
+    if frame is not None:
+        shown = frame.head(max_rows)
+        parts.append(shown.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–", border=0))
+        if len(frame) > max_rows:
+            parts.append(f"<p>{max_rows} of {len(frame):,} rows shown</p>")
+    return "<div>" + "".join(parts) + "</div>"

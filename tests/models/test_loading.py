@@ -182,3 +182,57 @@ def test_an_unreachable_hub_falls_back_to_the_cached_snapshot(tmp_path):
                           text=True, env=_hub_env(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "olmoe" in proc.stdout.lower() and "Retry" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- transformers-style arguments
+def test_dtype_auto_is_the_checkpoints_own_and_aliases_are_names(tmp_path):
+    tiny_model("olmoe", seed=2).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert load_model(str(tmp_path), dtype="auto").dtype == torch.bfloat16
+    assert load_model(str(tmp_path), dtype="fp16").dtype == torch.float16
+    assert load_model(str(tmp_path)).dtype == torch.float32  # the default stays the exact float32 reference
+    from moeaudit.config import AuditConfig
+    from moeaudit.models.loading import model_from_config, model_record
+
+    moe = model_from_config(AuditConfig(model=str(tmp_path), dtype="auto"))
+    assert moe.dtype == torch.bfloat16 and model_record(moe)["dtype"] == "torch.bfloat16"
+    assert AuditConfig(dtype="bf16").dtype == "bfloat16"
+
+
+def test_from_pretrained_arguments_pass_through_and_remote_code_is_refused(tmp_path):
+    from moeaudit.errors import InvalidParameterError
+
+    tiny_model("olmoe", seed=2).save_pretrained(tmp_path)
+    moe = load_model(str(tmp_path), device_map="cpu", low_cpu_mem_usage=True, local_files_only=True,
+                     attn_implementation="eager")
+    assert moe.model.config._attn_implementation == "eager" and moe.device.type == "cpu"
+    with pytest.raises(InvalidParameterError, match="trust_remote_code"):
+        load_model(str(tmp_path), trust_remote_code=True)
+    with pytest.raises(InvalidParameterError, match="`config`"):
+        load_model(str(tmp_path), config=None)
+    with pytest.raises(InvalidParameterError, match="dtype"):
+        load_model(str(tmp_path), dtype="int8")
+
+
+def test_revision_picks_the_snapshot(tmp_path):
+    """``revision=`` reaches the hub cache: two snapshots of one repository, loaded by tag."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hf" / "hub" / "models--some-org--tagged-moe"
+    (repo / "refs").mkdir(parents=True)
+    for tag, (commit, seed) in {"main": ("1" * 40, 1), "v2": ("2" * 40, 2)}.items():
+        (repo / "refs" / tag).write_text(commit)
+        tiny_model("olmoe", seed=seed).save_pretrained(repo / "snapshots" / commit)
+    code = ("import moeaudit; from moeaudit.models.loading import model_fingerprint as f; "
+            "print(f(moeaudit.load_model('some-org/tagged-moe')), f(moeaudit.load_model('some-org/tagged-moe', "
+            "revision='v2')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_hub_env(tmp_path),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    main, v2 = proc.stdout.split()
+    from moeaudit.models.loading import model_fingerprint
+
+    snapshot = {tag: model_fingerprint(load_model(str(repo / "snapshots" / commit)))
+                for tag, commit in (("main", "1" * 40), ("v2", "2" * 40))}
+    assert main != v2 and (main, v2) == (snapshot["main"], snapshot["v2"])

@@ -120,8 +120,22 @@ class AuditSettings:
 
 @dataclass
 class AuditResult:
+    """What :func:`audit` returns: the ``tests`` table and its counters (``cells``, ``significant``, ...)."""
+
     tests: pd.DataFrame
     counters: dict[str, Any] = field(default_factory=dict)
+
+    def _repr_html_(self) -> str:
+        from moeaudit.tables import html_summary
+
+        if self.tests.empty:
+            return html_summary("audit: no cell could be tested")
+        design = "paired" if (self.tests["design"] == "paired").any() else str(self.tests["design"].iloc[0])
+        notes = [f"{self.counters.get('significant', 0)} of {self.counters.get('cells', len(self.tests))} cells "
+                 f"significant; {design} design below (d_z [95% CI] p_t/p_W, * significant); every design and "
+                 "column in .tests", clustering_summary(self.tests)]
+        return html_summary("audit: does each metric predict the effect of removing an expert?",
+                            paper_table(self.tests, design), notes)
 
 
 def _metric_columns(expert_metrics: pd.DataFrame, wanted: Sequence[str] | None) -> list[str]:

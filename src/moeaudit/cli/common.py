@@ -15,7 +15,8 @@ MODEL_OPTION = typer.Option(None, "--model", help="Built-in name, checkpoint dir
 CORPUS_OPTION = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a hub dataset.")
 MAX_LEN_OPTION = typer.Option(None, "--max-len", help="Window length in tokens.")
 MAX_WINDOWS_OPTION = typer.Option(None, "--max-windows", help="Cap on windows per observed split.")
-DTYPE_OPTION = typer.Option(None, "--dtype", help="float32, bfloat16 or float16.")
+DTYPE_OPTION = typer.Option(None, "--dtype", help="float32 (default), bfloat16, float16 or auto (the checkpoint's "
+                            "own); bf16, fp16 also read.")
 DEVICE_OPTION = typer.Option(None, "--device", help="cpu, cuda, ...")
 OVERWRITE_OPTION = typer.Option(False, "--overwrite", help="Start afresh (else a re-run resumes).")
 QUIET_OPTION = typer.Option(False, "--quiet", help="No progress bars.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Mapping
 
 import numpy as np
@@ -103,7 +103,17 @@ class InteractionsResult:
     shapley: pd.DataFrame
     sets: pd.DataFrame
     stats: InteractionsStats
-    extra: dict = field(default_factory=dict)
+
+    def _repr_html_(self) -> str:
+        from moeaudit.interactions.summary import interaction_summary
+        from moeaudit.tables import html_summary
+
+        stats = self.stats
+        notes = [f"{stats.removals:,} exact joint removals in {stats.seconds:.1f} s with the {stats.engine} engine; "
+                 f"noise floor {stats.noise_floor:.1e} nats; {stats.estimated_tokens:,} tokens with estimated "
+                 "Shapley values"]
+        summary = interaction_summary(self.pairs, self.shapley) if len(self.shapley) else None
+        return html_summary("experts removed together: interactions and Shapley values per layer", summary, notes)
 
 
 def measure_interactions(

@@ -156,6 +156,20 @@ class EffectsResult:
     effects: pd.DataFrame
     stats: InterveneStats
 
+    def _repr_html_(self) -> str:
+        from moeaudit.tables import html_summary
+
+        frame = self.effects[~self.effects["estimate"]] if len(self.effects) else self.effects
+        summary = (frame.groupby(["layer", "selection", "kind", "scope"])
+                   .agg(interventions=("delta_nll", "size"), mean_delta_nll=("delta_nll", "mean"),
+                        p95_delta_nll=("delta_nll", lambda v: v.quantile(0.95)), mean_kl=("kl", "mean"),
+                        top1_flips=("top1_flip", "mean")).reset_index() if len(frame) else None)
+        stats = self.stats
+        notes = [f"{stats.interventions:,} exact interventions in {stats.seconds:.1f} s with the {stats.engine} engine; "
+                 f"noise floor {stats.noise_floor:.1e} nats"
+                 + (f"; fallback: {stats.fallback_reason}" if stats.fallback_reason else "")]
+        return html_summary("effects of removing experts (ΔNLL in nats)", summary, notes)
+
 
 def fast_unsupported_reason(moe: MoEModel) -> str | None:
     """Why the fast engine cannot replay ``moe`` exactly, or None when it can (checked before loading data)."""

@@ -33,14 +33,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, config: Any = None) -> torch.dtype:
+    """``dtype`` as a torch dtype: a name of :data:`moeaudit.options.DTYPES` or an alias (``bf16``), a torch
+    dtype, or ``auto``: the dtype ``config`` declares (transformers' ``dtype``/``torch_dtype``), float32 when it
+    declares none or ``config`` is not given."""
+    from moeaudit.options import DTYPE_ALIASES, canonical_dtype
+
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    dtype = canonical_dtype(dtype)
+    if dtype == "auto":
+        declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(declared, str):
+            declared = DTYPES.get(declared)
+        return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
     if dtype not in DTYPES:
-        raise invalid("dtype", "one of " + ", ".join(DTYPES), dtype)
+        raise invalid("dtype", "one of " + ", ".join([*DTYPES, "auto", *DTYPE_ALIASES]), dtype)
     return DTYPES[dtype]
+
+
+#: ``from_pretrained`` arguments :func:`load_model` sets itself (or never passes).
+RESERVED_LOAD_ARGUMENTS = ("config", "output_loading_info", "torch_dtype", "trust_remote_code", "code_revision")
 
 
 def _builtin_source(name: str) -> Path | None:
@@ -55,8 +70,9 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
 
 
-def resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
-    """Return (source for from_pretrained, is_local); refuse missing local paths clearly."""
+def resolve_source(name_or_path: str | Path, *, revision: str | None = None) -> tuple[str, bool]:
+    """Return (source for from_pretrained, is_local); refuse missing local paths clearly. A hub id the hub
+    cannot answer for is read from its cached snapshot (of ``revision`` when given)."""
     name = str(name_or_path)
     builtin = _builtin_source(name)
     if builtin is not None:
@@ -71,10 +87,10 @@ def resolve_source(name_or_path: str | Path) -> tuple[str, bool]:
     if isinstance(name_or_path, Path) or _looks_like_path(name):
         raise ModelLoadError(f"no such directory: {name}; pass an existing checkpoint directory, a hub id "
                              "(org/name) or a built-in model name (see `moeaudit inspect --help`)")
-    return _hub_source(name)
+    return _hub_source(name, revision)
 
 
-def _hub_source(repo_id: str) -> tuple[str, bool]:
+def _hub_source(repo_id: str, revision: str | None = None) -> tuple[str, bool]:
     """Where a hub id loads from: the hub itself when it answers, its cached snapshot when the hub cannot be
     reached (:func:`moeaudit.hub.probe`: one request without retries), else one line at once."""
     from moeaudit.hub import probe
@@ -84,7 +100,7 @@ def _hub_source(repo_id: str) -> tuple[str, bool]:
         raise ModelLoadError(f"no model {repo_id} on the model hub; check the id or pass a local directory")
     if answer != "unreachable":
         return repo_id, False
-    cached = _cached_snapshot(repo_id)
+    cached = _cached_snapshot(repo_id, revision)
     if cached is None:
         raise _unreachable_hub(repo_id)
     logger.info("the model hub cannot be reached: %s is read from its cached snapshot %s", repo_id, cached)
@@ -96,12 +112,12 @@ def _unreachable_hub(repo_id: str) -> ModelLoadError:
                           f"there is network with `hf download {repo_id} --local-dir DIR`)")
 
 
-def _cached_snapshot(repo_id: str) -> str | None:
+def _cached_snapshot(repo_id: str, revision: str | None = None) -> str | None:
     """The local snapshot directory of ``repo_id`` in the Hugging Face cache, if one holds a config.json."""
     from huggingface_hub import snapshot_download
 
     try:
-        path = snapshot_download(repo_id, local_files_only=True)
+        path = snapshot_download(repo_id, revision=revision, local_files_only=True)
     except Exception:  # noqa: BLE001 — nothing cached (LocalEntryNotFoundError) or an unreadable cache
         return None
     return path if (Path(path) / "config.json").exists() else None
@@ -130,7 +146,7 @@ def _native_alias_config(source: str, display: str):
     return CONFIG_MAPPING[native].from_dict({k: v for k, v in raw.items() if k not in ("auto_map", "model_type")})
 
 
-def load_config(source: str, is_local: bool, display: str):
+def load_config(source: str, is_local: bool, display: str, *, revision: str | None = None):
     """AutoConfig without remote code, with one-line errors for the usual failures."""
     from transformers import AutoConfig
 
@@ -138,7 +154,8 @@ def load_config(source: str, is_local: bool, display: str):
     if alias is not None:
         return alias
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=False)
+        return AutoConfig.from_pretrained(source, trust_remote_code=False,
+                                          **({"revision": revision} if revision and not is_local else {}))
     except ValueError as err:
         raw = _read_local_config(source) if is_local else {}
         text = str(err)
@@ -288,6 +305,10 @@ def load_model(
     attn_implementation: str | None = None,
     layers: list[int] | None = None,
     check: bool = True,
+    revision: str | None = None,
+    device_map: str | dict | None = None,
+    low_cpu_mem_usage: bool | None = None,
+    **from_pretrained_kwargs: Any,
 ) -> MoEModel:
     """Load an MoE causal LM through transformers and expose its MoE layers uniformly.
 
@@ -296,10 +317,13 @@ def load_model(
     name_or_path : str or Path
         A built-in model name (``tiny-olmoe``, ``tiny-qwen-moe``, ``tiny-deepseek``), a local directory
         written by ``save_pretrained``, or a hub id (``allenai/OLMoE-1B-7B-0924``; needs network).
-    dtype : {"float32", "bfloat16", "float16"} or torch.dtype
-        Weights and compute dtype; float32 is the default (and the exact reference) on CPU.
+    dtype : {"float32", "bfloat16", "float16", "auto"} or torch.dtype
+        Weights and compute dtype; float32 is the default (and the exact reference) on CPU. ``auto`` is the
+        checkpoint's own dtype, as in ``from_pretrained(dtype="auto")``; ``bf16``, ``fp16``, ``fp32`` are
+        accepted spellings.
     device : str or torch.device
-        ``cpu``, ``cuda``, ``cuda:1``, ...
+        ``cpu``, ``cuda``, ``cuda:1``, ``mps`` or ``auto`` (CUDA, else MPS, else the CPU). Ignored when
+        ``device_map`` places the model.
     experts_implementation : str, optional
         transformers' experts kernel (``eager``, ``batched_mm``, ``grouped_mm``); None keeps the
         library's default. ``batched_mm`` computes every (token, slot) row independently, which makes
@@ -310,6 +334,17 @@ def load_model(
         MoE layers the caller will use; validated against the config *before* any weight is loaded.
     check : bool
         Run the contract check (recommended; it costs a few tiny forward calls per layer).
+    revision : str, optional
+        A hub branch, tag or commit of the checkpoint (config, weights and tokenizer alike).
+    device_map : str or dict, optional
+        Passed to ``from_pretrained`` (``"auto"`` spreads a model over the GPUs and the CPU through
+        accelerate); the model is then not moved to ``device``.
+    low_cpu_mem_usage : bool, optional
+        Passed to ``from_pretrained``.
+    **from_pretrained_kwargs
+        Any other argument of transformers' ``from_pretrained`` (``cache_dir``, ``token``,
+        ``local_files_only``, ``quantization_config``, ...), passed unchanged, except those moeaudit sets
+        itself (:data:`RESERVED_LOAD_ARGUMENTS`); ``trust_remote_code=True`` is refused.
 
     Returns
     -------
@@ -318,18 +353,29 @@ def load_model(
     Notes
     -----
     ``trust_remote_code`` is never passed: DeepSeek-V2 loads through transformers' native
-    ``DeepseekV2ForCausalLM``; checkpoints that only work with remote code are refused.
+    ``DeepseekV2ForCausalLM``; checkpoints that only work with remote code are refused. For a model that is
+    already loaded, :func:`wrap_model` takes the transformers model (and its tokenizer) as it is.
 
     Examples
     --------
     >>> moe = moeaudit.load_model("tiny-olmoe")  # doctest: +SKIP
     >>> moe.describe()["moe_layers"][0]  # doctest: +SKIP
     """
-    torch_dtype = resolve_dtype(dtype)
-    device = resolve_device(device)
+    if from_pretrained_kwargs.get("trust_remote_code"):
+        raise invalid("trust_remote_code", "never True: moeaudit does not run a checkpoint's own modelling code "
+                      "(load a checkpoint in transformers' native format)", True)
+    reserved = sorted(set(from_pretrained_kwargs) & set(RESERVED_LOAD_ARGUMENTS) - {"trust_remote_code"})
+    if reserved:
+        raise invalid(reserved[0], "not passed: load_model sets it (use dtype= for the dtype)",
+                      from_pretrained_kwargs[reserved[0]])
+    from_pretrained_kwargs.pop("trust_remote_code", None)
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        resolve_dtype(dtype)  # a bad name is one line before anything loads
+    device = resolve_device(device) if device_map is None else None
     display = str(name_or_path)
-    source, is_local = resolve_source(name_or_path)
-    config = load_config(source, is_local, display)
+    source, is_local = resolve_source(name_or_path, revision=revision)
+    config = load_config(source, is_local, display, revision=revision)
+    torch_dtype = resolve_dtype(dtype, config)
     adapter = resolve_adapter(getattr(config, "model_type", ""))
     if adapter is None:
         _refuse_unsupported(config, display)
@@ -339,11 +385,12 @@ def load_model(
 
     from transformers import AutoTokenizer
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": False}
-    if experts_implementation is not None:
-        kwargs["experts_implementation"] = experts_implementation
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
+    kwargs: dict[str, Any] = {**from_pretrained_kwargs, "dtype": torch_dtype, "trust_remote_code": False}
+    for name, value in (("experts_implementation", experts_implementation),
+                        ("attn_implementation", attn_implementation), ("revision", revision),
+                        ("device_map", device_map), ("low_cpu_mem_usage", low_cpu_mem_usage)):
+        if value is not None:
+            kwargs[name] = value
     try:
         model = _from_pretrained(causal_lm_class(config), source, config, display, kwargs)
     except OSError as err:
@@ -357,12 +404,14 @@ def load_model(
     except torch.OutOfMemoryError:
         raise ModelLoadError(f"out of memory loading {display} on {device}; use a smaller dtype "
                              "(--dtype bfloat16) or a device with more memory") from None
-    try:
-        model.to(device)
-    except torch.OutOfMemoryError:
-        raise ModelLoadError(f"out of memory moving {display} to {device}; use --dtype bfloat16 or another "
-                             "device") from None
-    return wrap_model(model, name=display, tokenizer=load_tokenizer(display, source, is_local), check=check)
+    if device_map is None:
+        try:
+            model.to(device)
+        except torch.OutOfMemoryError:
+            raise ModelLoadError(f"out of memory moving {display} to {device}; use --dtype bfloat16 or another "
+                                 "device") from None
+    return wrap_model(model, name=display, tokenizer=load_tokenizer(display, source, is_local, revision=revision),
+                      check=check)
 
 
 def _from_pretrained(cls, source: str, config, display: str, kwargs: dict):
@@ -399,7 +448,7 @@ def _from_pretrained(cls, source: str, config, display: str, kwargs: dict):
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
-def load_tokenizer(display: str, source: str, is_local: bool):
+def load_tokenizer(display: str, source: str, is_local: bool, *, revision: str | None = None):
     """The checkpoint's tokenizer, or None (a checkpoint without one is still auditable on token ids).
 
     transformers builds an *empty* tokenizer from a config alone (every text encodes to []), so a local
@@ -417,7 +466,8 @@ def load_tokenizer(display: str, source: str, is_local: bool):
         logger.info("no tokenizer files in %s", display)
         return None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **({"revision": revision} if revision and not
+                                                                         is_local else {}))
     except json.JSONDecodeError as err:  # a tokenizer file that is there but damaged: not "no tokenizer"
         raise ModelLoadError(f"the tokenizer files of {display} are damaged ({err}); repair or remove them") from None
     except (OSError, ValueError, TypeError) as err:
@@ -488,7 +538,7 @@ def model_fingerprint(moe: MoEModel) -> str:
 
 def model_record(moe: MoEModel) -> dict[str, Any]:
     """What a run's manifest records about its model (with a fingerprint of the weights)."""
-    return {"name": moe.name, "family": moe.family, "fingerprint": model_fingerprint(moe),
+    return {"name": moe.name, "family": moe.family, "fingerprint": model_fingerprint(moe), "dtype": str(moe.dtype),
             "moe_layers": moe.moe_layer_indices,
             "num_experts": {str(l.layer): l.num_experts for l in moe.layers},
             "top_k": {str(l.layer): l.top_k for l in moe.layers},
