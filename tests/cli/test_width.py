@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 
 import numpy as np
@@ -82,6 +83,61 @@ def test_print_note_wraps_at_the_console_width():
     print_note(text, out=out)
     assert_fits(printed(out), [text])
     assert printed(out).split() == text.split()
+
+
+def wide_tests() -> pd.DataFrame:
+    """The synthetic run's tests over eight layers, with p-values as long as .2g writes them."""
+    from tests.report.conftest import _tests
+
+    base = _tests().query("layer == 0")
+    frames = []
+    for layer in range(8):
+        frame = base.copy()
+        frame["layer"] = layer
+        frame["p_t"] = frame["p_t"] * (layer + 1) / 9.7
+        frame["p_wilcoxon"] = frame["p_wilcoxon"] * (layer + 2) / 13.3
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_print_audit_shows_every_digit_at_80_columns():
+    from moeaudit.cli.stages import print_audit
+
+    tests = wide_tests()
+    out = recording()
+    print_audit(tests, {"correction": "bonferroni", "alpha": 0.05, "n": 200}, out=out)
+    from moeaudit.audit import PAPER_METRICS
+
+    values = []
+    for row in tests.itertuples():
+        mark = "*" if row.verdict == "significant" else ""
+        if row.design in ("paired", "routing_weight", "random_pair"):
+            values.append(f"{row.effect:+.2f}{mark}" if math.isfinite(row.effect) else "untestable")  # compact
+        if row.design in ("paired", "routing_weight") and row.metric in (*PAPER_METRICS, "token_gate"):
+            values += ([f"{row.effect:+.3f}", f"[{row.ci_low:+.2f},", f"{row.ci_high:+.2f}]", f"{row.p_t:.2g}",
+                        f"{row.p_wilcoxon:.2g}{mark}"] if math.isfinite(row.effect) else ["untestable"])
+    values += [f"layer {layer}" for layer in range(8)] + list(tests["metric"].unique())
+    assert_fits(printed(out), values)
+    assert "cluster-robust" in printed(out)
+
+
+def test_print_pruning_shows_every_number_at_80_columns(tmp_path):
+    from moeaudit.cli.stages import print_pruning
+    from moeaudit.prune import pruning_summary
+
+    run = make_run(tmp_path / "run")
+    summary = pruning_summary(pd.read_parquet(run / "pruning.parquet"))
+    out = recording()
+    print_pruning(summary, out=out)
+    text = printed(out)
+    values = [word for table in summary.frames() for column in table.frame
+              for word in [column, *table.frame[column]]]
+    assert len(summary.frames()) == 2 and values
+    assert_fits(text, values)
+    for ratio, row in summary.random.iterrows():  # the numbers are the summary's, as computed
+        assert f"{row['median']:.2f}" in text and f"{row['p95']:.2f}]" in text
+    for layer in summary.layers.itertuples():
+        assert f"{layer.crit_ppl_max:.2f}]" in text and f"[{layer.random_ppl_p05:.2f}," in text
 
 
 def test_query_status_and_table_commands_fit_80_columns(tmp_path, cli, monkeypatch):
