@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 from rich.console import Console
 
 from tests.report.conftest import make_run
@@ -140,6 +141,29 @@ def test_print_pruning_shows_every_number_at_80_columns(tmp_path):
         assert f"{layer.crit_ppl_max:.2f}]" in text and f"[{layer.random_ppl_p05:.2f}," in text
 
 
+def test_print_calibration_shows_every_value_at_80_columns():
+    from moeaudit.cli.calibration import print_calibration
+
+    metrics = ["frequency", "mean_gate_active", "routing_entropy", "a_much_longer_metric_name"]
+    rows = [{"metric": metric, "layer": layer, "tau_mean": 0.61 + 0.01 * i + 0.003 * layer, "tau_p05": 0.19 - 0.5 * i,
+             "flip_share": 0.131 * (i + 1) / 3, "tokens_to_target": 12_288.0 * (i + 1) if i % 2 else np.nan,
+             "domain_tau_mean": 0.07 * i, "domain_tau_min": -0.49 + 0.1 * i}
+            for i, metric in enumerate(metrics) for layer in range(4)]
+    info = {"tau_target": 0.9, "units": 12, "unit": "document", "tokens": 765, "resamples": 200,
+            "layers": [0, 1, 2, 3], "flip_ratio": 0.25, "weight_only": ["aimer", "router_row_norm"],
+            "warnings": ["tokens_to_tau: mean τ never reaches 0.9 on the curve for 8 cell(s); their size is NaN."]}
+    out = recording()
+    print_calibration(pd.DataFrame(rows), info, out=out)
+    from moeaudit.calibration import calibration_summary
+
+    summary = calibration_summary(pd.DataFrame(rows))
+    values = list(summary["metric"]) + ["tokens τ≥0.9", "never", "0/4", "13.1%"]
+    values += [f"{v:,.0f}" for v in summary["tokens_to_target"].dropna()] + ["24,576", "49,152"]
+    values += [f"{v:.2f}" for column in ("tau", "tau_p05_min", "domain_tau", "domain_tau_min")
+               for v in summary[column]]
+    assert_fits(printed(out), values + info["warnings"])
+
+
 def test_query_status_and_table_commands_fit_80_columns(tmp_path, cli, monkeypatch):
     monkeypatch.setenv("COLUMNS", "80")
     run = make_run(tmp_path / "run")
@@ -151,3 +175,19 @@ def test_query_status_and_table_commands_fit_80_columns(tmp_path, cli, monkeypat
     code, out, err = cli("status", str(run))
     assert code == 0, err
     assert_fits(out, ["observe", "intervene", "2026-01-01T00:00:03+00:00"])
+
+
+def test_inspect_fits_80_columns(cli, monkeypatch):
+    from moeaudit.models import builtin
+
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, err = cli("inspect", "--supported")
+    assert code == 0, err
+    from moeaudit.models.registry import family_support
+
+    assert_fits(out, [word for row in family_support() for word in row])
+    if not (builtin.builtin_path("tiny-olmoe") / "model.safetensors").exists():
+        pytest.skip("built-in model weights not present")
+    code, out, err = cli("inspect", "tiny-olmoe")
+    assert code == 0, err
+    assert_fits(out, ["393,216", "softmax_topk", "architecture=OlmoeForCausalLM", "total=2,902,144"])
