@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -21,18 +22,46 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
+def demo_run(tmp_path_factory):
+    """``moeaudit demo --quick`` on an 80-column terminal, run once: its run directory and what it printed
+    (stdout, stderr). ``--out`` is relative, so that the paths it prints are short."""
+    import contextlib
+    import io
+
     out = tmp_path_factory.mktemp("demo")
+    printed, errors = io.StringIO(), io.StringIO()
     mp = pytest.MonkeyPatch()
-    mp.setattr(sys, "argv", ["moeaudit", "demo", "--quick", "--quiet", "--out", str(out)])
-    with restored_logging():
+    mp.chdir(out)
+    mp.setenv("COLUMNS", "80")
+    mp.setattr(sys, "argv", ["moeaudit", "demo", "--quick", "--out", "."])
+    with restored_logging(), contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
         try:
             main()
         except SystemExit as exit_:
             assert not exit_.code
         finally:
             mp.undo()
-    return out / "tiny-olmoe"
+    return out / "tiny-olmoe", printed.getvalue(), errors.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_run):
+    return demo_run[0]
+
+
+def test_demo_output_fits_80_columns_and_hides_nothing(demo_run):
+    run_dir, out, err = demo_run
+    lines = (out + err).splitlines()
+    assert max(len(line) for line in lines) <= 80, max(lines, key=len)
+    assert "…" not in out + err
+    tests = pd.read_parquet(run_dir / "tests.parquet")
+    paired = tests[(tests.design == "paired") & np.isfinite(tests.effect)]
+    words = set(out.replace("│", " ").split())
+    for row in paired.itertuples():  # the full cells of the paper's metrics: every p-value whole
+        if row.metric in ("frequency", "ean_mean", "act_std", "mean_gate_active"):
+            mark = "*" if row.verdict == "significant" else ""
+            assert {f"{row.effect:+.3f}", f"{row.p_t:.2g}", f"{row.p_wilcoxon:.2g}{mark}"} <= words, row
+    assert "interventions" in words and "tiny-olmoe" in words and "oracle_reconstruction" in words
 
 
 def test_demo_writes_every_table(demo_dir):
@@ -68,7 +97,7 @@ def test_table_and_query_commands(demo_dir, cli):
                              "select count(*) as n from effects where selection = 'census'")
     assert code == 0, err
     census = pd.read_parquet(demo_dir / "effects.parquet").query("selection == 'census'")
-    assert out.split()[-1] == str(len(census))
+    assert re.findall(r"│ +(\d+) │", out) == [str(len(census))]  # one cell, in a table that fits the terminal
 
 
 def test_census_covers_every_active_expert_of_heldout_tokens(demo_dir):

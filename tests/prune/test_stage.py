@@ -68,8 +68,9 @@ def test_planted_criterion_beats_random_by_a_wide_margin(tmp_path):
     assert summary.random.loc[0.5, "n_seeds"] == 20
     assert summary.random.loc[0.5, "p05"] <= summary.random.loc[0.5, "median"] <= summary.random.loc[0.5, "p95"]
     assert summary.perplexity.loc["planted", 0.5] < summary.random.loc[0.5, "p05"]
-    text = summary.to_text()
-    assert "random median [5-95%]" in text and "planted" in text and "Jaccard" in text
+    whole, layers = summary.frames()
+    assert list(whole.frame.criterion) == ["planted", "aimer", "random median [5-95%]"]
+    assert "Jaccard criteria" in layers.frame.columns and "Jaccard" in layers.title
     assert set(summary.layers.layer) == {l.layer for l in moe.layers}
     assert run.stage("prune")["criteria"] == ["planted", "aimer", "random"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,7 +21,7 @@ def calibration_command(
     """Resample the calibration documents: ranking stability, learning curve and per-domain agreement of every
     metric; writes calibration.parquet (the model is not run)."""
     from moeaudit.calibration import UNITS, run_calibration
-    from moeaudit.cli.common import resolve_config
+    from moeaudit.cli.common import print_note, resolve_config
     from moeaudit.errors import invalid
     from moeaudit.rundir import RunDir
 
@@ -34,30 +33,26 @@ def calibration_command(
         run = RunDir(run_dir, resolve_config(run_dir, overrides, config_file))
     info = run_calibration(run)
     print_calibration(run.read("calibration"), info)
-    typer.echo(f"calibration.parquet written to {run_dir} ({info['seconds']:.1f}s)")
+    print_note(f"calibration.parquet written to {run_dir} ({info['seconds']:.1f}s)")
 
 
-def print_calibration(table, info: dict[str, Any]) -> None:
-    """The per-metric summary (over layers) as a rich table that fits 80 columns, then the notes."""
-    from rich.console import Console
-    from rich.table import Table
+def print_calibration(table, info: dict[str, Any], out=None) -> None:
+    """The per-metric summary (over layers) as a table that fits the console, then the notes wrapped to its
+    width; ``out``: a rich console to print to."""
+    import pandas as pd
 
     from moeaudit.calibration import calibration_summary
+    from moeaudit.cli.common import print_frame, print_note
 
     summary = calibration_summary(table)
     target = info["tau_target"]
     title = (f"ranking stability: {info['units']} calibration {info['unit']}s, {info['tokens']:,} tokens, "
              f"{info['resamples']} resamples (means over {len(info['layers'])} layers)")
-    out = Table(title=title, title_justify="left")
-    for column in ("metric", "τ mean", "τ p05", "flips", f"tokens τ≥{target:g}", "domain τ", "min"):
-        out.add_column(column, justify="left" if column == "metric" else "right", no_wrap=True)
-    for row in summary.itertuples(index=False):
-        tokens = (f"{row.tokens_to_target:,.0f}" if math.isfinite(row.tokens_to_target)
-                  else f"never {row.reached}")
-        out.add_row(row.metric, _num(row.tau), _num(row.tau_p05_min), _share(row.flips), tokens,
-                    _num(row.domain_tau), _num(row.domain_tau_min))
-    console = Console()
-    console.print(out)
+    rows = [[row.metric, _num(row.tau), _num(row.tau_p05_min), _share(row.flips),
+             f"{row.tokens_to_target:,.0f}" if math.isfinite(row.tokens_to_target) else f"never {row.reached}",
+             _num(row.domain_tau), _num(row.domain_tau_min)] for row in summary.itertuples(index=False)]
+    columns = ["metric", "τ mean", "τ p05", "flips", f"tokens τ≥{target:g}", "domain τ", "min"]
+    print_frame(pd.DataFrame(rows, columns=columns), title, left=("metric",), out=out)
     notes = [f"τ: Kendall tau-b to the full-calibration ranking; τ p05: the worst layer's 5th percentile; flips: "
              f"prune/keep decisions that change at {info['flip_ratio']:.0%} pruned; tokens τ≥{target:g}: "
              f"calibration tokens from which the mean τ of nested subsets reaches {target:g} in every layer "
@@ -67,7 +62,7 @@ def print_calibration(table, info: dict[str, Any]) -> None:
                      "data)")
     notes += info.get("warnings", [])
     for note in notes:
-        typer.echo(textwrap.fill(f"note: {note}", width=80, subsequent_indent="  "))
+        print_note(f"note: {note}", out=out)
 
 
 def _num(value: float) -> str:

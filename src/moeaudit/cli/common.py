@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import typer
 
@@ -158,16 +158,173 @@ def progress_bar(description: str, quiet: bool = False) -> Iterator[Any]:
         yield update
 
 
-def print_frame(frame, title: str, float_format: str = "{:.3f}") -> None:
+def console():
+    """A rich console for the command's output: as wide as the terminal (``COLUMNS`` wins; 80 when the
+    output is not a terminal), written to the ``sys.stdout`` of the moment."""
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=title)
-    for column in frame.columns:
-        table.add_column(str(column), justify="right")
-    for row in frame.itertuples(index=False):
-        table.add_row(*[float_format.format(v) if isinstance(v, float) else str(v) for v in row])
-    Console().print(table)
+    return Console()
+
+
+def print_note(text: str, *, indent: str = "  ", bold: bool = False, fg: str | None = None, err: bool = False,
+               out=None) -> None:
+    """Print ``text`` wrapped to the console width at spaces, later lines indented by ``indent``.
+
+    A word longer than the width (a long path, say) keeps its own line whole rather than being split.
+
+    Parameters
+    ----------
+    text : str
+        One paragraph.
+    indent : str
+        Prefix of the second and later lines.
+    bold : bool
+        Print in bold (on a terminal).
+    fg : str, optional
+        Colour (on a terminal), e.g. ``"yellow"``.
+    err : bool
+        Print to stderr instead of stdout.
+    out : rich.console.Console, optional
+        Print here (its width decides the wrapping) instead of to stdout/stderr.
+    """
+    import textwrap
+
+    width = (out or console()).width
+    lines = textwrap.fill(text, width=width, subsequent_indent=indent, break_long_words=False,
+                          break_on_hyphens=False)
+    if out is not None:
+        out.print(lines, style=" ".join(filter(None, ["bold" if bold else "", fg])) or None, markup=False,
+                  highlight=False, soft_wrap=True)
+    else:
+        typer.secho(lines, bold=bold or None, fg=fg, err=err)
+
+
+def frame_tables(frame, title: str | None = None, float_format: str | None = "{:.3f}", *, key: int = 1,
+                 left: Collection[str] = (), caption: str | None = None, width: int | None = None) -> list:
+    """``frame`` as rich tables that together fit ``width`` columns and show every character of every cell.
+
+    A cell or header wraps at its spaces (never inside a word); when the columns do not fit side by side even
+    so, they are split over several tables, each repeating the first ``key`` columns (the row labels). Only a
+    single word wider than the whole table is folded onto the next line; nothing is cut off.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        Rows to show; the column names are the headers.
+    title, caption : str, optional
+        Above the first table and below the last.
+    float_format : str or None
+        Format of float cells; ``None`` formats each column as ``DataFrame.to_string`` does.
+    key : int
+        Leading columns repeated in every table when the columns are split.
+    left : collection of str
+        Columns justified left (the others are justified right).
+    width : int, optional
+        Width to fit; default the console's.
+
+    Returns
+    -------
+    list of rich.table.Table
+    """
+    from rich.cells import cell_len
+    from rich.markup import escape
+    from rich.measure import Measurement
+    from rich.table import Table
+    from rich.text import Text
+
+    out = console()
+    width = out.width if width is None else width
+    headers = [str(column) for column in frame.columns]
+    cells = [_column_text(frame.iloc[:, i], float_format) for i in range(len(headers))]
+
+    def table(columns: list[int], widths: dict[int, int] | None = None, **text) -> Table:
+        built = Table(**text)
+        for i in columns:
+            built.add_column(Text(headers[i]), justify="left" if headers[i] in left else "right", overflow="fold",
+                             width=(widths or {}).get(i))
+        for row in range(len(frame)):
+            built.add_row(*[Text(cells[i][row]) for i in columns])
+        return built
+
+    def measure(built: Table):
+        return Measurement.get(out, out.options.update_width(10**6), built)
+
+    empty = Table()
+    frame_width = measure(empty).minimum  # a table's width: frame_width + for each column, its own + per_column
+    empty.add_column("")
+    per_column = measure(empty).minimum - frame_width
+    # as rich measures a cell of text: its longest word, its longest line
+    narrowest = [max(cell_len(word) for text in [headers[i], *cells[i]] for word in text.split() or [""])
+                 for i in range(len(headers))]
+    longest = [max([cell_len(line) for text in cells[i] for line in text.splitlines()] or [0])
+               for i in range(len(headers))]
+    widest = [max(longest[i], *[cell_len(line) for line in headers[i].splitlines() or [""]])
+              for i in range(len(headers))]
+    keys = list(range(min(key, len(headers))))
+    groups: list[list[int]] = []
+    used = 0
+    for i in range(len(keys), len(headers)):
+        if groups and used + narrowest[i] + per_column <= width:
+            groups[-1].append(i)
+            used += narrowest[i] + per_column
+        else:  # a new table: the key columns and this one (folded only if they alone are too wide)
+            groups.append([i])
+            used = frame_width + sum(narrowest[j] + per_column for j in keys + [i])
+    groups = [keys + group for group in groups] or [keys]
+    title, caption = (escape(text) if text else None for text in (title, caption))  # text, not markup
+    return [table(columns, _widths(columns, narrowest, [longest, widest],
+                                             width - frame_width - per_column * len(columns)),
+                  title=title if n == 0 else ("(continued)" if title else None),
+                  caption=caption if n == len(groups) - 1 else None) for n, columns in enumerate(groups)]
+
+
+def _widths(columns: list[int], narrowest: list[int], wanted: list[list[int]], room: int) -> dict[int, int] | None:
+    """Column widths that fill ``room`` when the columns' natural widths do not fit (``None`` when they do).
+
+    Each column gets at least its longest word; the rest is shared out towards each target width of
+    ``wanted`` in turn (the cells on one line, then the headers too), in proportion to what each column
+    still lacks. rich itself would narrow the widest columns first, below their longest word, and cut it.
+    """
+    if sum(wanted[-1][i] for i in columns) <= room:
+        return None
+    widths = {i: narrowest[i] for i in columns}
+    for target in wanted:
+        lacks = {i: max(target[i] - widths[i], 0) for i in columns}
+        spare = room - sum(widths.values())
+        if spare <= 0 or not sum(lacks.values()):
+            continue
+        if spare >= sum(lacks.values()):
+            widths = {i: widths[i] + lacks[i] for i in columns}
+            continue
+        shares = {i: spare * lacks[i] // sum(lacks.values()) for i in columns}
+        widths = {i: widths[i] + shares[i] for i in columns}
+        left_over = room - sum(widths.values())
+        for i in sorted(columns, key=lambda i: lacks[i] - shares[i], reverse=True)[:left_over]:
+            widths[i] += 1
+        break
+    return widths
+
+
+def _column_text(column, float_format: str | None) -> list[str]:
+    """The cells of one column as text: floats by ``float_format``, or as ``DataFrame.to_string`` prints them."""
+    if float_format is None:
+        if not len(column):
+            return []
+        text = column.to_frame().to_string(index=False, header=False).splitlines()
+        return [line.strip() for line in text]
+    return [float_format.format(v) if isinstance(v, float) else str(v) for v in column]
+
+
+def print_frame(frame, title: str | None = None, float_format: str | None = "{:.3f}", *, key: int = 1,
+                left: Collection[str] = (), caption: str | None = None, out=None) -> None:
+    """Print ``frame`` as rich tables that fit the console width without hiding a character.
+
+    The one table printer of the commands; see :func:`frame_tables` for the parameters and the layout.
+    ``out`` (a rich console) prints there instead of to stdout.
+    """
+    out = out or console()
+    for table in frame_tables(frame, title, float_format, key=key, left=left, caption=caption, width=out.width):
+        out.print(table)
 
 
 class StagePrinter:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moeaudit.cli.common import QUIET_OPTION, StagePrinter, print_frame
+from moeaudit.cli.common import QUIET_OPTION, StagePrinter, print_frame, print_note
 
 # Window counts sized for the budget on 2 CPU cores: about 5.5 minutes for all three models (5 min 18 s
 # measured, with the calibration analysis and the clustered tests' mixed models), <= 60 s quick. Each
@@ -63,8 +63,9 @@ def demo_command(
         moe = model_from_config(config)
         if corpus is None:  # the built-in models share one tokenizer, so one corpus serves all three
             corpus = build_corpus(config, tokenizer_for(config.model, moe))
-        typer.secho(f"\n== {name} ({moe.family}: {len(moe.layers)} MoE layers, {moe.layers[0].num_experts} experts, "
-                    f"top-{moe.layers[0].top_k}) ==", bold=True)
+        typer.echo()
+        print_note(f"== {name} ({moe.family}: {len(moe.layers)} MoE layers, {moe.layers[0].num_experts} experts, "
+                   f"top-{moe.layers[0].top_k}) ==", bold=True)
         with StagePrinter(quiet, prefix=f"{name} ", on_finished=_printers(name, run)) as printer:
             result = run_pipeline(run, moe=moe, corpus=corpus, prune_options=PRUNE_QUICK if quick else PRUNE_FULL,
                                   report=False, on_progress=printer)
@@ -84,16 +85,16 @@ def demo_command(
     from moeaudit.report import write_report
 
     report = write_report([out / name for name in names], out / "report.html")
-    typer.echo(f"run directories: {', '.join(str(out / name) for name in names)} "
+    print_note(f"run directories: {', '.join(str(out / name) for name in names)} "
                "(manifest.json and Parquet tables, e.g. pandas.read_parquet(DIR + '/tests.parquet'))")
-    typer.echo(f"report: {report}")
+    print_note(f"report: {report}")
 
 
 def _printers(name: str, run) -> dict:
     """What the demo prints after each stage of one model's run (tables read back from ``run``)."""
     import pandas as pd
 
-    from moeaudit.cli.stages import print_audit
+    from moeaudit.cli.stages import print_audit, print_pruning
     from moeaudit.intervene.stage import effects_summary
     from moeaudit.metrics.stage import layer_summary
     from moeaudit.prune import pruning_summary
@@ -118,10 +119,9 @@ def _printers(name: str, run) -> dict:
                         f"{name}: mean ΔNLL after removing the top-j experts by gate (cliff: first j > 0.1 nats)")
 
     def prune(record) -> None:
-        pruned = pruning_summary(run.read("pruning"), run.read("jaccard"))
-        typer.secho(f"{name}: held-out perplexity after pruning, by criterion (percentile in the random "
-                    "distribution; low = better than random)", bold=True)
-        typer.echo(pruned.to_text())
+        print_note(f"{name}: held-out perplexity after pruning, by criterion (percentile in the random "
+                   "distribution; low = better than random)", bold=True)
+        print_pruning(pruning_summary(run.read("pruning"), run.read("jaccard")))
 
     return {"metrics": metrics, "intervene": intervene, "audit": audit, "prune": prune}
 

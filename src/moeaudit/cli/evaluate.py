@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from moeaudit.cli.common import print_frame
+from moeaudit.cli.common import print_frame, print_note
 
 #: Table formats ``--out`` writes, by file suffix.
 OUT_SUFFIXES = (".json", ".parquet")
@@ -40,7 +40,7 @@ def evaluate_command(
                 float_format="{:.4f}")
     if out is not None:
         write_table(result.table, out)
-    typer.echo(f"{len(result.tasks)} task(s) in {result.seconds:.1f}s" + (f" -> {out}" if out is not None else ""))
+    print_note(f"{len(result.tasks)} task(s) in {result.seconds:.1f}s" + (f" -> {out}" if out is not None else ""))
 
 
 def write_table(table, out: Path) -> None:

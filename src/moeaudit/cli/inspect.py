@@ -46,27 +46,24 @@ def inspect_command(
 
 
 def _print_table(d: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    import pandas as pd
 
-    console = Console()
+    from moeaudit.cli.common import print_frame, print_note
+
     params = d["parameters"]
-    console.print(f"[bold]{d['name']}[/bold]  family={d['family']}  architecture={d['architecture']}  "
-                  f"dtype={d['dtype']}  device={d['device']}")
-    console.print(f"decoder layers={d['num_decoder_layers']}  hidden={d['hidden_size']}  vocab={d['vocab_size']}  "
-                  f"dense layers={d['dense_layers'] or 'none'}  experts kernel={d['experts_implementation']}")
-    console.print(f"parameters: total={params['total']:,}  routed experts={params['routed_experts']:,}  "
-                  f"shared experts={params['shared_experts']:,}  active per token={params['active_per_token']:,}")
-    table = Table(title="MoE layers")
-    for column in ("layer", "experts", "top-k", "shared", "shared gate", "routing rule", "expert params"):
-        table.add_column(column, justify="right" if column not in ("routing rule", "shared gate") else "left")
-    for row in d["moe_layers"]:
-        table.add_row(str(row["layer"]), str(row["num_experts"]), str(row["top_k"]), str(row["num_shared"]),
-                      "sigmoid" if row["shared_gated"] else ("-" if not row["num_shared"] else "none"),
-                      row["routing_rule"], f"{row['expert_parameters']:,}")
-    console.print(table)
+    print_note(f"{d['name']}  family={d['family']}  architecture={d['architecture']}  dtype={d['dtype']}  "
+               f"device={d['device']}", bold=True)
+    print_note(f"decoder layers={d['num_decoder_layers']}  hidden={d['hidden_size']}  vocab={d['vocab_size']}  "
+               f"dense layers={d['dense_layers'] or 'none'}  experts kernel={d['experts_implementation']}")
+    print_note(f"parameters: total={params['total']:,}  routed experts={params['routed_experts']:,}  "
+               f"shared experts={params['shared_experts']:,}  active per token={params['active_per_token']:,}")
+    rows = [[str(row["layer"]), str(row["num_experts"]), str(row["top_k"]), str(row["num_shared"]),
+             "sigmoid" if row["shared_gated"] else ("-" if not row["num_shared"] else "none"),
+             row["routing_rule"], f"{row['expert_parameters']:,}"] for row in d["moe_layers"]]
+    print_frame(pd.DataFrame(rows, columns=["layer", "experts", "top-k", "shared", "shared gate", "routing rule",
+                                            "expert params"]), "MoE layers", left=("shared gate", "routing rule"))
     for rule, text in d["routing_rules"].items():
-        console.print(f"  {rule}: {text}")
+        print_note(f"  {rule}: {text}", indent="    ")
     shown: list[dict] = []
     for row in d["moe_layers"]:
         params = row.get("routing_parameters") or {}
@@ -75,25 +72,21 @@ def _print_table(d: dict) -> None:
     for params in shown:
         layers = [r["layer"] for r in d["moe_layers"] if r.get("routing_parameters") == params]
         where = "every MoE layer" if len(layers) == len(d["moe_layers"]) else f"layers {layers}"
-        console.print(f"  parameters ({where}): " + ", ".join(f"{k}={v}" for k, v in params.items()))
+        print_note(f"  parameters ({where}): " + ", ".join(f"{k}={v}" for k, v in params.items()), indent="    ")
 
 
 def _print_support(as_json: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    import pandas as pd
 
+    from moeaudit.cli.common import print_frame
     from moeaudit.models.registry import family_support
 
     rows = family_support()
     if as_json:
         typer.echo(json.dumps([dict(model_type=m, status=s, note=n) for m, s, n in rows], indent=2))
         return
-    table = Table(title="MoE families of the installed transformers")
-    for column in ("model_type", "status", "adapter, or why it is refused"):
-        table.add_column(column, overflow="fold")
-    for model_type, status, note in rows:
-        table.add_row(model_type, status, note)
-    Console().print(table)
+    columns = ["model_type", "status", "adapter, or why it is refused"]
+    print_frame(pd.DataFrame(rows, columns=columns), "MoE families of the installed transformers", left=columns)
 
 
 def register(app: typer.Typer) -> None:

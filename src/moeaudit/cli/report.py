@@ -14,10 +14,11 @@ def report_command(
                                        "RUN_DIR/report.html); --out names a directory in every other command."),
 ) -> None:
     """Write one self-contained HTML report (figures also as PNG/SVG beside it)."""
+    from moeaudit.cli.common import print_note
     from moeaudit.report import write_report
 
     path = write_report(run_dirs, out or run_dirs[0] / "report.html")
-    typer.echo(f"report: {path}")
+    print_note(f"report: {path}")
 
 
 def table_command(
@@ -43,7 +44,8 @@ def query_command(
     allow_external: bool = typer.Option(False, "--allow-external", help="Run any statement and let it read and "
                                         "write files outside the run's tables (off: read-only SELECT/EXPLAIN on "
                                         "the run's tables only)."),
-    fmt: str = typer.Option("table", "--format", help="table (aligned text), csv or json (a list of row objects)."),
+    fmt: str = typer.Option("table", "--format", help="table (fitted to the terminal), csv or json (a list of row "
+                            "objects)."),
 ) -> None:
     """Run SQL over the run's Parquet tables and print the result."""
     from moeaudit.errors import invalid
@@ -58,8 +60,10 @@ def query_command(
         typer.echo(frame.to_csv(index=False, lineterminator="\n"), nl=False)
     elif fmt == "json":
         typer.echo(frame.to_json(orient="records", double_precision=15))
-    else:
-        typer.echo(frame.to_string(index=False))
+    else:  # as DataFrame.to_string prints each column, split over tables as narrow as the terminal
+        from moeaudit.cli.common import print_frame
+
+        print_frame(frame, float_format=None, key=0)
 
 
 def status_command(
@@ -69,7 +73,7 @@ def status_command(
     """Show each stage's progress: done, running or interrupted, and its work units."""
     import json
 
-    from moeaudit.cli.common import print_frame
+    from moeaudit.cli.common import print_frame, print_note
     from moeaudit.rundir import RunDir
     from moeaudit.scale.units import lock_holder, run_status
 
@@ -84,9 +88,9 @@ def status_command(
                 f"{run.config.corpus}")
     holder = lock_holder(run)
     if holder:
-        typer.echo(f"in use by {holder}")
+        print_note(f"in use by {holder}")
     elif (status["state"] == "interrupted").any():
-        typer.echo("interrupted: re-run the command that made it (same settings) to resume")
+        print_note("interrupted: re-run the command that made it (same settings) to resume")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,7 @@ import typer
 from moeaudit.cli.common import (ADDRESS_OPTION, CORPUS_OPTION, DEVICE_OPTION, DTYPE_OPTION, EXECUTOR_OPTION,
                                  MAX_LEN_OPTION, MAX_WINDOWS_OPTION, MODEL_OPTION, OVERWRITE_OPTION, QUIET_OPTION,
                                  UNIT_WINDOWS_OPTION, WORKERS_OPTION, StagePrinter, execution_flags, parse_float_list,
-                                 parse_int_list, print_frame, progress_bar, resolve_config, resumable)
+                                 parse_int_list, print_frame, print_note, progress_bar, resolve_config, resumable)
 
 
 def observe_command(
@@ -43,7 +43,7 @@ def observe_command(
     run = RunDir(run_dir, config, overwrite=overwrite)
     with progress_bar("observe", quiet) as update:
         info = run_observe(run, on_batch=update)
-    typer.echo(f"observed {info['windows']} windows, {info['tokens']:,} tokens, {info['routing_rows']:,} routing rows "
+    print_note(f"observed {info['windows']} windows, {info['tokens']:,} tokens, {info['routing_rows']:,} routing rows "
                f"in {info['seconds']:.1f}s (mean NLL {info['mean_nll']:.3f} nats; {resumed_text(info)}) -> {run_dir}")
 
 
@@ -95,7 +95,7 @@ def intervene_command(
         info = run_intervene(run, on_batch=update)
     print_frame(effects_summary(run.read("effects")), f"effects of removing one expert ({info['kind']}, "
                 f"{info['scope']} scope, {info['split']} windows)")
-    typer.echo(f"{info['interventions']:,} exact interventions in {info['seconds']:.1f}s with the {info['engine']} "
+    print_note(f"{info['interventions']:,} exact interventions in {info['seconds']:.1f}s with the {info['engine']} "
                f"engine ({resumed_text(info)}); noise floor {info['noise_floor']:.1e} nats")
 
 
@@ -120,9 +120,13 @@ def audit_command(
     print_audit(tests, info)
 
 
-def print_audit(tests, info) -> None:
+def print_audit(tests, info, out=None) -> None:
     """The paper-style table (full cells) for the paper's metrics (or the run's ``audit_metrics``) and the control,
-    then d_z for all metrics."""
+    then d_z for all metrics, then how the tests treated correlated tokens; ``out``: a rich console to print to.
+
+    A full cell stacks d_z, the 95 % CI, p_t and p_W on lines of their own, so that no number is cut at 80
+    columns; the tables split over several when the layers do not fit side by side.
+    """
     import pandas as pd
 
     from moeaudit.audit import PAPER_METRICS, clustering_summary, paper_table
@@ -131,15 +135,31 @@ def print_audit(tests, info) -> None:
     chosen = tuple((info.get("settings") or {}).get("metrics") or PAPER_METRICS)  # a preset's own four
     paper = tests[tests["metric"].isin(chosen + ("token_gate",))]
     full = pd.concat([paper_table(paper, "paired"), paper_table(paper, "routing_weight")], ignore_index=True)
-    full = full.map(lambda cell: cell.replace(" [", "\n[").replace("] ", "]\n") if isinstance(cell, str) else cell)
-    print_frame(full, f"paired contrast, paper's metrics and routing-weight control: d_z [95% CI] p_t/p_W "
-                f"(n={info['n']} positions per cell; {rule})")
+    full = full.map(_stacked_cell)
+    print_frame(full, f"paired contrast, paper's metrics and routing-weight control; each cell: d_z, [95% CI], p_t, "
+                f"p_W (n={info['n']} positions per cell; {rule})", out=out)
     compact = pd.concat([paper_table(tests, design, compact=True) for design in
                          ("paired", "routing_weight", "random_pair")], ignore_index=True)
-    print_frame(compact, f"d_z for every metric ({rule}; all columns in tests.parquet)")
+    print_frame(compact, f"d_z for every metric ({rule}; all columns in tests.parquet)", out=out)
     clustering = clustering_summary(tests[tests["design"] == "paired"])
     if clustering:
-        typer.echo(clustering + " Per cell: n_clusters, design_effect in tests.parquet.")
+        print_note(clustering + " Per cell: n_clusters, design_effect in tests.parquet.", out=out)
+
+
+def print_pruning(summary, out=None) -> None:
+    """Print a :class:`~moeaudit.prune.summary.PruningSummary` (its :meth:`frames`) to fit the console;
+    ``out``: a rich console to print to."""
+    for table in summary.frames():
+        print_frame(table.frame, table.title, key=table.key, left=table.left, caption=table.caption, out=out)
+
+
+def _stacked_cell(cell):
+    """A paper cell "d_z [lo, hi] p_t/p_W*" as four lines: d_z, [lo, hi], p_t, p_W* (other values unchanged)."""
+    if not isinstance(cell, str) or " [" not in cell:
+        return cell
+    effect, rest = cell.split(" [", 1)
+    interval, p_values = rest.split("] ", 1)
+    return "\n".join([effect, f"[{interval}]", *p_values.split("/", 1)])
 
 
 def register(app: typer.Typer) -> None:
@@ -191,8 +211,9 @@ def run_command(
     else:
         config = resolve_config(out, flags, config_file, overwrite=overwrite)
     for name, change in config.preset_overrides.items():
-        typer.secho(f"note: {name} = {change['used']!r} departs from the preset {config.preset} "
-                    f"({change['preset']!r}); recorded in the manifest under preset_overrides", err=True, fg="yellow")
+        print_note(f"note: {name} = {change['used']!r} departs from the preset {config.preset} "
+                   f"({change['preset']!r}); recorded in the manifest under preset_overrides", err=True,
+                   fg="yellow")
     run = RunDir(out, config, overwrite=overwrite)
     printed = {
         "metrics": lambda record: print_frame(layer_summary(run.read("expert_metrics")), "experts per layer"),
@@ -202,7 +223,7 @@ def run_command(
     }
     with StagePrinter(quiet, on_finished=printed) as printer:
         result = run_pipeline(run, prune=False, on_progress=printer)
-    typer.echo(f"{result['intervene']['interventions']:,} exact interventions; results in {out}; "
+    print_note(f"{result['intervene']['interventions']:,} exact interventions; results in {out}; "
                f"report: {result['report'].path}")
 
 
@@ -270,9 +291,8 @@ def prune_command(
         result = export_pruned(moe, kept, export, provenance={
             "criterion": criterion, "ratio": ratio, "guard": run.config.prune.guard, "run": str(run.path),
             "run_fingerprint": run.manifest.get("config_fingerprint")})
-        typer.echo(f"exported {criterion} at ratio {ratio} to {result.path}")
+        print_note(f"exported {criterion} at ratio {ratio} to {result.path}")
         return
     with progress_bar("prune", quiet) as update:
         run_prune(run, moe=moe, on_batch=update)
-    summary = pruning_summary(run.read("pruning"), run.read("jaccard") if run.has("jaccard") else None)
-    typer.echo(summary.to_text())
+    print_pruning(pruning_summary(run.read("pruning"), run.read("jaccard") if run.has("jaccard") else None))

@@ -12,7 +12,7 @@ reference band. ``jaccard.parquet`` (``criterion_a``, ``criterion_b``, ``ratio``
 the overlap of dropped sets; without it they are computed from the per-layer ``kept`` lists.
 
 :func:`whole_model`, :func:`per_layer` and :func:`summary` are the computation; :func:`pruning_summary`
-arranges their result for a terminal (:class:`PruningSummary`, rendered with ``rich``) and
+arranges their result for a terminal (:class:`PruningSummary`, tables of text for the CLI's printer) and
 :mod:`moeaudit.report.tables` for the report. :func:`kept_from_table` reads one pruning's kept sets back.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -206,69 +206,77 @@ class PruningSummary:
     unpruned_ppl: float
     layers: pd.DataFrame
 
-    def tables(self, digits: int = 2) -> list:
-        """The summary as ``rich`` tables: criteria × ratios, then (when there are any) the per-layer rows."""
-        from rich import box
-        from rich.table import Table
+    def frames(self, digits: int = 2) -> list[SummaryTable]:
+        """The summary as tables of text: criteria × ratios, then (when there are any) the per-layer rows.
+
+        Every cell is text formatted here (``digits`` decimals for perplexities, two for Jaccard overlaps), so
+        that any printer shows the same numbers: ``moeaudit prune`` and the demo print them with
+        :func:`moeaudit.cli.common.print_frame`.
+        """
 
         def number(value: float, spec: str = f".{digits}f") -> str:
             return format(value, spec) if np.isfinite(value) else "-"
 
         ratios = list(self.perplexity.columns) or list(self.random.index)
-        draws = f"{int(self.random['n_seeds'].max())} random draws per ratio" if len(self.random) else None
-        whole = Table(title=f"held-out perplexity, all MoE layers pruned (unpruned {self.unpruned_ppl:.{digits}f}); "
-                            "(percentile of the random draws: low = better than random)",
-                      caption=f"({draws})" if draws else None, box=box.SIMPLE, title_justify="left",
-                      caption_justify="left")
-        whole.add_column("criterion", no_wrap=True)
-        for ratio in ratios:
-            whole.add_column(f"ratio {ratio:g}", justify="right", no_wrap=True)
+        rows = []
         for criterion, values in self.perplexity.iterrows():
             cells = []
             for ratio in ratios:
                 pct = self.percentile.loc[criterion, ratio] if ratio in self.percentile.columns else np.nan
                 cells.append(f"{values[ratio]:.{digits}f}" + (f" ({pct:.0f}%)" if np.isfinite(pct) else ""))
-            whole.add_row(str(criterion), *cells)
+            rows.append([str(criterion), *cells])
         if len(self.random):
-            band = [(f"{self.random.loc[r, 'median']:.{digits}f} [{self.random.loc[r, 'p05']:.{digits}f}, "
-                     f"{self.random.loc[r, 'p95']:.{digits}f}]") if r in self.random.index else "" for r in ratios]
-            whole.add_row("random median [5-95%]", *band)
-        out = [whole]
+            rows.append(["random median [5-95%]", *[
+                (f"{self.random.loc[r, 'median']:.{digits}f} [{self.random.loc[r, 'p05']:.{digits}f}, "
+                 f"{self.random.loc[r, 'p95']:.{digits}f}]") if r in self.random.index else "" for r in ratios]])
+        draws = f"{int(self.random['n_seeds'].max())} random draws per ratio" if len(self.random) else None
+        out = [SummaryTable(
+            f"held-out perplexity, all MoE layers pruned (unpruned {self.unpruned_ppl:.{digits}f}); "
+            "(percentile of the random draws: low = better than random)",
+            pd.DataFrame(rows, columns=["criterion", *[f"ratio {ratio:g}" for ratio in ratios]]),
+            f"({draws})" if draws else None, key=1, left=("criterion",))]
         if len(self.layers):
-            per_layer_table = Table(title="per layer: Jaccard of the dropped sets between criteria (mean [min, max]) "
-                                          "vs random expectation; single-layer pruning: criteria's perplexity range "
-                                          "vs random 5-95%", box=box.SIMPLE, title_justify="left")
-            for name in ("ratio", "layer", "Jaccard criteria", "vs random", "E[random]", "criteria ppl",
-                         "random ppl 5-95%"):
-                per_layer_table.add_column(name, justify="left" if name in ("ratio", "Jaccard criteria") else "right",
-                                           no_wrap=True)
+            rows = []
             for _, row in self.layers.iterrows():
                 get = lambda column: float(row.get(column, np.nan))  # noqa: E731 (a column may be absent)
                 jaccard = (f"{get('mean_jaccard'):.2f} [{get('min_jaccard'):.2f}, {get('max_jaccard'):.2f}]"
                            if np.isfinite(get("mean_jaccard")) else "-")
-                crit = (f"{get('crit_ppl_min'):.{digits}f}-{get('crit_ppl_max'):.{digits}f}"
+                crit = (f"[{get('crit_ppl_min'):.{digits}f}, {get('crit_ppl_max'):.{digits}f}]"
                         if np.isfinite(get("crit_ppl_min")) else "-")
-                rand = (f"{get('random_ppl_p05'):.{digits}f}-{get('random_ppl_p95'):.{digits}f}"
+                rand = (f"[{get('random_ppl_p05'):.{digits}f}, {get('random_ppl_p95'):.{digits}f}]"
                         if np.isfinite(get("random_ppl_p05")) else "-")
-                per_layer_table.add_row(f"{row['ratio']:g}", str(int(row["layer"])), jaccard,
-                                        number(get("mean_jaccard_vs_random"), ".2f"),
-                                        number(get("expected_random"), ".2f"), crit, rand)
-            out.append(per_layer_table)
+                rows.append([f"{row['ratio']:g}", str(int(row["layer"])), jaccard,
+                             number(get("mean_jaccard_vs_random"), ".2f"), number(get("expected_random"), ".2f"),
+                             crit, rand])
+            out.append(SummaryTable(
+                "per layer: Jaccard of the dropped sets between criteria (mean [min, max]) vs random expectation; "
+                "single-layer pruning: criteria's perplexity [min, max] vs random [5%, 95%]",
+                pd.DataFrame(rows, columns=["ratio", "layer", "Jaccard criteria", "vs random", "E[random]",
+                                            "criteria ppl", "random ppl"]),
+                None, key=2, left=("ratio", "Jaccard criteria")))
         return out
 
-    def to_text(self, digits: int = 2) -> str:
-        """A plain-text rendering of :meth:`tables` for terminals and notes."""
-        import io
 
-        from rich.console import Console
+class SummaryTable(NamedTuple):
+    """One table of :meth:`PruningSummary.frames`: text cells, and how to print them.
 
-        buffer = io.StringIO()
-        console = Console(file=buffer, width=200, color_system=None, markup=False, highlight=False)
-        for i, table in enumerate(self.tables(digits)):
-            if i:
-                console.print()
-            console.print(table)
-        return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()).strip("\n")
+    Attributes
+    ----------
+    title : str
+    frame : DataFrame
+        Text cells; the column names are the headers.
+    caption : str or None
+    key : int
+        Leading columns that label a row (repeated when a printer splits the columns).
+    left : tuple of str
+        Columns justified left.
+    """
+
+    title: str
+    frame: pd.DataFrame
+    caption: str | None
+    key: int = 1
+    left: tuple[str, ...] = ()
 
 
 def pruning_summary(table: pd.DataFrame, jaccard: pd.DataFrame | None = None) -> PruningSummary:
@@ -288,7 +296,7 @@ def pruning_summary(table: pd.DataFrame, jaccard: pd.DataFrame | None = None) ->
     Examples
     --------
     >>> summary = pruning_summary(run.read("pruning"), run.read("jaccard"))  # doctest: +SKIP
-    >>> print(summary.to_text())  # doctest: +SKIP
+    >>> [table.title for table in summary.frames()]  # doctest: +SKIP
     """
     rows = table[table["mode"] == ALL_LAYERS].drop_duplicates(["criterion", "ratio", "seed"])
     stats = summary(whole_model(rows))
