@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from moeaudit.cli.common import print_frame
+from moeaudit.cli.common import print_frame, print_note
 
 
 def interactions_command(
@@ -60,7 +59,7 @@ def interactions_command(
         return
     print_interactions(run, info)
     written = ["interactions", "shapley"] + [t for t in ("interaction_sets", "shapley_tests") if run.has(t)]
-    typer.echo(f"{', '.join(t + '.parquet' for t in written)} written to {run_dir} ({info['seconds']:.1f}s)")
+    print_note(f"{', '.join(t + '.parquet' for t in written)} written to {run_dir} ({info['seconds']:.1f}s)")
 
 
 def print_interactions(run, info: dict[str, Any], title_prefix: str = "") -> None:
@@ -111,7 +110,7 @@ def print_interactions(run, info: dict[str, Any], title_prefix: str = "") -> Non
         notes.append("significant metric cells (each outcome its own family): " + "; ".join(parts)
                      + " (shapley_tests.parquet)")
     for note in notes:
-        typer.echo(textwrap.fill(f"note: {note}", width=80, subsequent_indent="  "))
+        print_note(f"note: {note}")
 
 
 def _share(value: float) -> str:
