@@ -70,8 +70,8 @@ def test_absent_inputs_say_so(page, tmp_path):
 
 def test_figures_written_beside_the_report(report, page):
     files = sorted(p.name for p in (report.parent / "figures").iterdir())
-    stems = {"routing-load", "domains", "metric-vs-effect", "routing-weight-control", "progressive", "gap-norm",
-             "pruning", "jaccard"}
+    stems = {"routing-load", "domains", "audit-forest", "metric-vs-effect", "routing-weight-control", "progressive",
+             "gap-norm", "pruning", "jaccard"}
     for stem in stems:
         assert f"synthetic-moe-{stem}.png" in files and f"synthetic-moe-{stem}.svg" in files, stem
     assert "no-pruning-pruning.png" not in files

@@ -127,14 +127,14 @@ def metric_answer(tests: pd.DataFrame | None, *, correction: str | None = None,
              for r in order.head(MAX_CELLS_NAMED).itertuples()]
     more = f" and {len(order) - MAX_CELLS_NAMED} more" if len(order) > MAX_CELLS_NAMED else ""
     positive, negative = int((sig["effect"] > 0).sum()), int((sig["effect"] < 0).sum())
-    direction = ("in every one the metric's favourite mattered more" if not negative else
-                 "in every one the metric's favourite mattered less (the ranking is reversed)" if not positive else
+    direction = ("in each the metric's favourite mattered more" if not negative else
+                 "in each the metric's favourite mattered less (the ranking is reversed)" if not positive else
                  f"{positive} with the metric's favourite mattering more, {negative} reversed")
     return Answer(question, "yes",
                   f"Yes, in {len(sig)} of {len(tested)} tested metric × layer cells ({rule}){extra}: "
                   f"{_plural(len(metrics), 'metric')} ({_join(metrics)}) at "
                   f"{'layer' if len(layers) == 1 else 'layers'} {compress_layers(layers)}; "
-                  f"{direction}. Largest: {'; '.join(cells)}{more}.")
+                  f"{direction}. Largest significant: {'; '.join(cells)}{more}.")
 
 
 # ---------------------------------------------------------------------------------------------- 2. redundancy
@@ -226,8 +226,8 @@ def pruning_answer(pruning: pd.DataFrame | None) -> Answer:
         return Answer(question, "unknown", "Not known: `pruning.parquet` has no whole-model held-out loss.")
     label, unit = ("perplexity", "") if column == "heldout_ppl" else ("NLL", " nats")
     stats = stats[stats["ratio"] > 0]
-    oracles = _oracles(pruning)
-    criteria = stats[~stats["criterion"].isin([_pruning.RANDOM, *oracles])]
+    oracle_names = oracles(pruning)
+    criteria = stats[~stats["criterion"].isin([_pruning.RANDOM, *oracle_names])]
     random = stats[stats["criterion"] == _pruning.RANDOM]
     if criteria.empty or random.empty:
         return Answer(question, "unknown", "Not known: `pruning.parquet` has no "
@@ -257,7 +257,7 @@ def pruning_answer(pruning: pd.DataFrame | None) -> Answer:
                 + (f"none of the {len(at)} metric criteria falls below {band}"
                    if below.empty else f"{len(below)} of {len(at)} metric criteria ({shown}) fall below {band}")
                 + f". The best, {best['criterion']}, reaches held-out {label} {versus(best)}")
-        ref = stats[(stats["ratio"] == ratio) & stats["criterion"].isin(oracles)].sort_values("value")
+        ref = stats[(stats["ratio"] == ratio) & stats["criterion"].isin(oracle_names)].sort_values("value")
         if len(ref):
             oracle = ref.iloc[0]
             text += (f"; the best oracle (ranking by measured removal effects), {oracle['criterion']}, reaches "
@@ -266,8 +266,8 @@ def pruning_answer(pruning: pd.DataFrame | None) -> Answer:
     return Answer(question, "yes" if beats else "no", ("Yes. " if beats else "No. ") + " ".join(sentences))
 
 
-def _oracles(pruning: pd.DataFrame) -> list[str]:
-    """Criteria that rank experts by their measured removal effects (``criterion_kind == "oracle"``)."""
+def oracles(pruning: pd.DataFrame) -> list[str]:
+    """The criteria of ``pruning.parquet`` that rank experts by their measured removal effects (``criterion_kind == "oracle"``)."""
     if "criterion_kind" in pruning:
         return sorted(set(pruning.loc[pruning["criterion_kind"] == "oracle", "criterion"]))
     from moeaudit.prune.criteria import ORACLES
