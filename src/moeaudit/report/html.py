@@ -130,6 +130,7 @@ def write_report(run_dirs: Sequence[str | Path | RunDir] | str | Path | RunDir, 
     labels = _run_labels(runs, slugs)
     differences = answers.setting_differences({label: data.settings for label, data in zip(labels, runs)})
     for view, label in zip(views, labels):
+        view["label"] = label
         view["differs"] = [name for name, values in differences.items() if _odd_one(values, label)]
     page = render_page(title, views, differences)
     from moeaudit.rundir import atomic_write_text
@@ -171,7 +172,8 @@ def render_page(title: str, runs: list[dict[str, Any]], differences: dict[str, d
     title : str
     runs : list of dict
         One view per run (:func:`_run_view`): ``name``, ``slug``, ``path``, ``answers``, ``headline``,
-        ``summary`` cells, ``differs`` (the settings it differs in) and ``sections``.
+        ``summary`` cells, ``label`` (its name in the settings comparison), ``differs`` (the settings in which it
+        departs from the other runs) and ``sections``.
     differences : dict
         ``{setting: {run name: value}}`` (:func:`setting_differences`).
 
@@ -309,7 +311,8 @@ def _run_view(data: RunData, ctx: _Context) -> dict[str, Any]:
                 part["body"] = body
         sections.append(part)
     return {"name": data.name, "slug": ctx.slug, "path": str(data.path), "answers": run_answers(data),
-            "headline": _headline(data), "summary": _summary_rows(data), "differs": [], "sections": sections}
+            "headline": _headline(data), "summary": _summary_rows(data), "label": data.name, "differs": [],
+            "sections": sections}
 
 
 def run_answers(data: RunData) -> list[answers.Answer]:
