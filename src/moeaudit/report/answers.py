@@ -31,6 +31,9 @@ QUESTIONS: tuple[str, ...] = (
     "Which layers are redundant?",
     "Does any pruning criterion beat random pruning?",
 )
+#: What a run without progressive ablation lacks, and how to add it (the answer and the section say it).
+NO_PROGRESSIVE = ("this run has no progressive ablation (rows of `effects.parquet` with selection = progressive); "
+                  "`moeaudit intervene RUN_DIR` with progressive = true adds them.")
 #: Significant cells named one by one before "and N more".
 MAX_CELLS_NAMED = 4
 
@@ -161,9 +164,7 @@ def redundancy_answer(progressive: pd.DataFrame | None, top_k: Callable[[int], i
     """
     question = QUESTIONS[1]
     if progressive is None or progressive.empty:
-        return Answer(question, "unknown",
-                      "Not known: this run has no progressive ablation (rows of `effects.parquet` with selection = "
-                      "progressive); `moeaudit intervene RUN_DIR` with progressive = true adds them.")
+        return Answer(question, "unknown", f"Not known: {NO_PROGRESSIVE}")
     k_of = top_k if callable(top_k) else (lambda layer: top_k.get(layer))
     worst: dict[tuple[int, str], dict[int, float]] = {}  # (largest j, k) -> {layer: largest mean ΔNLL}
     cliffs: list[tuple[int, int]] = []

@@ -589,9 +589,7 @@ def _control(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
 def _progressive(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     redundancy = data.progressive
     if redundancy is None:
-        return Absent("Not available for this run: it has no progressive ablation (rows of `effects.parquet` with "
-                      "selection = progressive, or `redundancy.parquet`); `moeaudit intervene RUN_DIR` with "
-                      "progressive = true and `moeaudit audit RUN_DIR` add it.")
+        return Absent(f"Not available: {answers.NO_PROGRESSIVE}")
     fig = figures.progressive(redundancy)
     rows = []
     for layer, part in redundancy.groupby("layer"):
