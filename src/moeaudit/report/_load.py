@@ -54,6 +54,18 @@ class RunData:
         except ValueError:  # a manifest of another version: show what it holds
             return dict(stored)
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings that decide the run's numbers, by flat name (:meth:`AuditConfig.fingerprint_fields`);
+        for a manifest of another version, whatever its configuration holds."""
+        from moeaudit.config import AuditConfig
+
+        stored = self.manifest.get("config", {})
+        try:
+            return AuditConfig.model_validate(stored).fingerprint_fields()
+        except ValueError:
+            return dict(stored)
+
     def stage(self, name: str) -> dict[str, Any]:
         return self.manifest.get("stages", {}).get(name, {}) or {}
 
@@ -115,6 +127,25 @@ class RunData:
                  f"median(delta_nll) AS median_delta_nll, {kl} AS mean_kl, {gap}, {cos} "
                  f"FROM effects WHERE {where} GROUP BY layer ORDER BY layer")
         return self._sql_params(query, params)
+
+    @functools.cached_property
+    def progressive(self) -> pd.DataFrame | None:
+        """Progressive ablation per layer and j (n, mean, median, p95 ΔNLL and the cliff), or None.
+
+        Computed by :func:`moeaudit.audit.stage.redundancy_table` from the progressive rows of ``effects``
+        (``selection = 'progressive'``, read through DuckDB, never the whole table); a run without them falls
+        back to ``redundancy.parquet`` (the same table, as the audit wrote it).
+        """
+        from moeaudit.audit.stage import redundancy_table
+
+        if self.has("effects") and {"selection", "j", "layer", "delta_nll"} <= self._effects_columns():
+            estimate = "coalesce(estimate, FALSE)" if "estimate" in self._effects_columns() else "FALSE"
+            rows = self._sql_params(f"SELECT layer, j, delta_nll, {estimate} AS estimate, selection FROM effects "
+                                    "WHERE selection = 'progressive'", [])
+            if len(rows):
+                return redundancy_table(rows)
+        redundancy = self.table("redundancy")
+        return None if redundancy is None or redundancy.empty else redundancy
 
     def _sql_params(self, query: str, params: list[Any]) -> pd.DataFrame:
         con = connect(self.run, ["effects"])

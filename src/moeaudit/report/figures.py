@@ -28,7 +28,7 @@ STYLE: dict[str, Any] = {
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22",
            "#7f7f7f"]
 DEAD, DOMINANT, NORMAL = "#d62728", "#ff7f0e", "#4c72b0"
-WIDTH = 10.0  # inches; ~1100 px at savefig.dpi, the report's column width
+WIDTH = 7.2  # inches; ~790 px at savefig.dpi: readable without scaling down in an 800 px wide window
 
 
 def style():
@@ -81,8 +81,8 @@ def load_bars(metrics: pd.DataFrame, load: pd.DataFrame, dominant_factor: float)
         if len(dead):
             ax.plot(dead, np.zeros(len(dead)), "x", color=DEAD, markersize=5, clip_on=False)
         ax.axhline(uniform, color="black", linestyle="--", linewidth=0.8)
-        ax.set_title(f"layer {layer}: {int(row['dead'])} dead, {int(row['dominant'])} dominant, "
-                     f"H={row['load_entropy']:.2f}", loc="left")
+        ax.set_title(f"layer {layer}\n{int(row['dead'])} dead, {int(row['dominant'])} dominant, "
+                     f"H={row['load_entropy']:.2f}", loc="left", fontsize=7.5)
         ax.set_xlim(-0.8, len(freq) - 0.2)
         ax.grid(axis="x", visible=False)
     for ax in axes[len(layers):]:
@@ -118,7 +118,7 @@ def domain_heatmap(by_domain: pd.DataFrame, metrics: pd.DataFrame, *, max_layers
         lift = np.clip(np.where(np.isneginf(lift), -2, lift), -2, 2)
         image = ax.imshow(lift, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
         ax.set_yticks(range(len(domains)), domains)
-        step = max(1, len(grid.columns) // 16)
+        step = max(1, math.ceil(len(grid.columns) / 8))
         ax.set_xticks(range(0, len(grid.columns), step), [str(int(c)) for c in grid.columns[::step]])
         ax.set_title(f"layer {layer}", loc="left")
         ax.set_xlabel("expert")
@@ -157,10 +157,83 @@ def metric_scatter(metrics: pd.DataFrame, expert_effects: pd.DataFrame, tests: p
             if i == 0:
                 ax.set_title(f"layer {layer}")
             if j == 0:
-                ax.set_ylabel(f"mean ΔNLL\n{metric}" if n_cols > 1 else "mean ΔNLL")
-            ax.set_xlabel(metric if i == n_rows - 1 or n_cols == 1 else "")
+                ax.set_ylabel("mean ΔNLL (nats)")
+            ax.set_xlabel(metric, fontsize=7, labelpad=1)
             ax.tick_params(labelsize=6.5)
             ax.xaxis.get_offset_text().set_fontsize(6)
+    return fig
+
+
+#: Marker colours of the audit forest plot: significant with d_z > 0, significant with d_z < 0, not significant.
+FOREST_POS, FOREST_NEG, FOREST_NS = "#2e7d32", "#c05a12", "#6b7280"
+
+
+def audit_forest(paired: pd.DataFrame, max_cols: int = 4):
+    """d_z with its 95 % CI per metric × layer (one row each), one panel per layer, metrics on the y axis.
+
+    Parameters
+    ----------
+    paired : DataFrame
+        The ``paired`` rows of ``tests.parquet``: ``metric``, ``layer``, ``effect`` (d_z), ``ci_low``,
+        ``ci_high``, ``verdict``.
+    max_cols : int
+        Panels per figure row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
+        None when there is no row. Every panel lists every metric of the table, in table order, so that a
+        row is one metric × layer cell; a filled marker passed the corrected test (green: the metric's
+        favourite mattered more, orange: reversed), a hollow grey one did not, and an untestable cell is
+        written out at zero.
+    """
+    if paired.empty:
+        return None
+    metrics = [str(m) for m in paired["metric"].drop_duplicates()]
+    layers = sorted(int(x) for x in paired["layer"].unique())
+    n_rows, n_cols = _grid(len(layers), max_cols)
+    fig = _figure(WIDTH, n_rows * (0.17 * len(metrics) + 0.75) + 0.35)
+    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False, sharex=True)).ravel()
+    finite = paired[np.isfinite(paired["effect"].to_numpy(dtype=float))]
+    bound = float(np.nanmax(np.abs(finite[["ci_low", "ci_high", "effect"]].to_numpy(dtype=float)))) \
+        if len(finite) else 1.0
+    bound = 1.08 * bound if np.isfinite(bound) and bound > 0 else 1.0
+    y_of = {metric: i for i, metric in enumerate(metrics)}
+    for index, (ax, layer) in enumerate(zip(axes, layers)):
+        cells = paired[paired["layer"] == layer]
+        for row in cells.itertuples():
+            y = y_of[str(row.metric)]
+            if not np.isfinite(row.effect):
+                ax.text(0, y, "untestable", ha="center", va="center", fontsize=6.5, color=FOREST_NS,
+                        style="italic")
+                continue
+            significant = row.verdict == "significant"
+            color = (FOREST_POS if row.effect > 0 else FOREST_NEG) if significant else FOREST_NS
+            if np.isfinite(row.ci_low) and np.isfinite(row.ci_high):
+                ax.plot([row.ci_low, row.ci_high], [y, y], color=color, linewidth=1.3 if significant else 1.0)
+            ax.plot([row.effect], [y], "o", markersize=4.5 if significant else 4, color=color,
+                    markerfacecolor=color if significant else "white", zorder=3)
+        ax.axvline(0, color="black", linewidth=0.7)
+        ax.set_yticks(range(len(metrics)), metrics)
+        ax.tick_params(axis="y", labelleft=index % n_cols == 0, length=0)
+        if index % n_cols == 0:
+            ax.set_ylabel("metric")
+        ax.set_ylim(len(metrics) - 0.5, -0.5)
+        ax.set_xlim(-bound, bound)
+        ax.grid(axis="y", visible=False)
+        ax.set_title(f"layer {layer}", loc="left")
+        if index >= len(layers) - n_cols:
+            ax.set_xlabel("d_z (unitless)")
+    for ax in axes[len(layers):]:
+        ax.set_visible(False)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", color=FOREST_POS, label="significant, d_z > 0 (favourite matters more)"),
+               Line2D([], [], marker="o", color=FOREST_NEG, label="significant, d_z < 0 (reversed)"),
+               Line2D([], [], marker="o", color=FOREST_NS, markerfacecolor="white", label="not significant"),
+               ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False, fontsize=7,
+               title="line: 95% CI of d_z of ΔNLL(metric's highest) − ΔNLL(its lowest)", title_fontsize=7)
     return fig
 
 
@@ -248,7 +321,7 @@ def gap_depth(layer_effects: pd.DataFrame):
             twin.set_ylabel("cos(gap, remaining output)", color=PALETTE[4])
             twin.grid(False)
             twin.spines["right"].set_visible(True)
-    ax_gap.set_ylabel("gap norm ‖y − y^(−e)‖")
+    ax_gap.set_ylabel("gap norm ‖y − y^(−e)‖ (hidden-state units)")
     ax_gap.set_xlabel("layer")
     ax_gap.set_title("the hole one removed expert leaves in the MoE output", loc="left")
     ax_gap.legend(frameon=False, loc="upper left")
@@ -268,55 +341,122 @@ def gap_depth(layer_effects: pd.DataFrame):
 
 
 # ---------------------------------------------------------------------------------------------- pruning
-def pruning_lines(whole: pd.DataFrame, layer_rows: pd.DataFrame, value_label: str, baseline: float | None = None):
-    """Held-out loss vs pruning ratio per criterion, against the random band (5–95 %) and median."""
-    has_layers = not layer_rows.empty
-    fig = _figure(WIDTH, 3.4)
-    axes = fig.subplots(1, 2) if has_layers else [fig.subplots()]
-    for ax in axes[:2 if has_layers else 1]:
+#: Pruning plot: a criterion below the random band (better than 95 % of random prunings), inside it, above it.
+BELOW_BAND, IN_BAND, ABOVE_BAND = "#2e7d32", "#6b7280", "#c62828"
+
+
+def pruning_plot(whole: pd.DataFrame, layer_rows: pd.DataFrame, value_label: str, baseline: float | None = None,
+                 *, oracles: Sequence[str] = (), max_cols: int = 3):
+    """Held-out loss per criterion against the random band, each criterion labelled directly.
+
+    Parameters
+    ----------
+    whole : DataFrame
+        Whole-model prunings (:func:`moeaudit.prune.summary.whole_model`: ``criterion``, ``ratio``, ``seed``,
+        ``value``).
+    layer_rows : DataFrame
+        Single-layer prunings (:func:`moeaudit.prune.summary.per_layer`); may be empty.
+    value_label : str
+        The x axis label of the held-out value, with its unit.
+    baseline : float, optional
+        The unpruned model's value (a dotted line).
+    oracles : sequence of str
+        Criteria drawn as diamonds (they rank experts by measured removal effects).
+    max_cols : int
+        Ratio panels per figure row.
+
+    Returns
+    -------
+    matplotlib.figure.Figure or None
+        One panel per pruning ratio: criteria on the y axis (best at the top, named by their tick labels), their
+        held-out value as a dot, green below the random draws' 5–95 % band (grey), grey inside, red above it, the
+        random median dashed. With single-layer rows a heat map follows: per criterion and layer pruned alone at
+        the largest ratio, the criterion's percentile among that layer's random prunings (0: better than all).
+        None when there is nothing to draw.
+    """
+    stats = _pruning.summary(whole) if not whole.empty else pd.DataFrame()
+    if stats.empty:
+        return None
+    stats = stats[stats["ratio"] > 0]
+    ratios = sorted(stats["ratio"].unique())
+    criteria = [c for c in _pruning.criteria_order(whole[whole["ratio"] > 0]) if c != _pruning.RANDOM]
+    layer_stats = pd.DataFrame()
+    if not layer_rows.empty:
+        largest = max(layer_rows["ratio"])
+        at = layer_rows[layer_rows["ratio"] == largest]
+        layer_stats = pd.concat([_pruning.summary(group).assign(layer=int(layer))
+                                 for layer, group in at.groupby("layer")], ignore_index=True)
+        layer_stats = layer_stats[layer_stats["criterion"] != _pruning.RANDOM]
+    n_rows, n_cols = _grid(len(ratios), max_cols)
+    panel_height = 0.19 * len(criteria) + 0.9
+    layers = sorted(int(x) for x in layer_stats["layer"].unique()) if len(layer_stats) else []
+    heat_height = 0.19 * len(criteria) + 1.0 if layers else 0.0
+    fig = _figure(WIDTH, panel_height * n_rows + heat_height + 0.5)
+    grid = fig.add_gridspec(n_rows + (1 if layers else 0), n_cols,
+                            height_ratios=[panel_height] * n_rows + ([heat_height] if layers else []))
+    for index, ratio in enumerate(ratios):
+        ax = fig.add_subplot(grid[index // n_cols, index % n_cols])
+        at = stats[stats["ratio"] == ratio].set_index("criterion")
+        shown = [c for c in criteria if c in at.index]
+        order = sorted(shown, key=lambda c: at.loc[c, "value"])
+        y = np.arange(len(order))
+        random = at.loc[_pruning.RANDOM] if _pruning.RANDOM in at.index else None
+        if random is not None:
+            ax.axvspan(random["random_q05"], random["random_q95"], color="#bbbbbb", alpha=0.55, linewidth=0)
+            ax.axvline(random["random_median"], color="#444444", linestyle="--", linewidth=1)
         if baseline is not None:
-            ax.axhline(baseline, color="black", linestyle=":", linewidth=1, label="unpruned")
-    _criterion_lines(axes[0], whole, value_label)
-    axes[0].set_title("whole model pruned", loc="left")
-    if has_layers:
-        ax = axes[1]
-        ratio = sorted(layer_rows["ratio"].unique())[-1]
-        at = layer_rows[layer_rows["ratio"] == ratio]
-        layers = sorted(int(x) for x in at["layer"].unique())
-        random = at[at["criterion"] == _pruning.RANDOM]
-        if not random.empty:
-            band = random.groupby("layer")["value"].quantile(list(_pruning.BAND)).unstack().reindex(layers)
-            ax.fill_between(layers, band.iloc[:, 0], band.iloc[:, 1], color="#bbbbbb", alpha=0.5, linewidth=0,
-                            label="random 5–95%")
-        colors = _criterion_colors(_pruning.criteria_order(at))
-        for criterion, color in colors.items():
-            if criterion == _pruning.RANDOM:
-                continue
-            line = at[at["criterion"] == criterion].groupby("layer")["value"].mean().reindex(layers)
-            ax.plot(layers, line, "-o", color=color, markersize=3, label=criterion)
-        ax.set_xlabel("layer pruned alone")
-        ax.set_ylabel(value_label)
-        ax.set_title(f"one layer pruned at ratio {ratio:g}", loc="left")
-        ax.set_xticks(layers)
+            ax.axvline(baseline, color="black", linestyle=":", linewidth=1)
+        for i, criterion in enumerate(order):
+            row = at.loc[criterion]
+            color = IN_BAND
+            if np.isfinite(row["random_q05"]) and row["value"] < row["random_q05"]:
+                color = BELOW_BAND
+            elif np.isfinite(row["random_q95"]) and row["value"] > row["random_q95"]:
+                color = ABOVE_BAND
+            ax.plot([row["value"]], [i], "D" if criterion in oracles else "o", color=color, markersize=5, zorder=3)
+        ax.set_yticks(y, order)
+        ax.set_ylim(len(order) - 0.5, -0.5)
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel(value_label)
+        if index % n_cols == 0:
+            ax.set_ylabel("criterion (best first)")
+        ax.set_title(f"{ratio:.0%} of routed experts pruned in every layer", loc="left")
+        if random is not None:
+            ax.text(0.99, 0.01, f"{int(random['seeds'])} random draws", transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=6.5, color="#444444")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="#bbbbbb", alpha=0.55, label="random 5–95%"),
+               Line2D([], [], color="#444444", linestyle="--", label="random median"),
+               Line2D([], [], color="black", linestyle=":", label="unpruned"),
+               Line2D([], [], marker="o", linestyle="", color=BELOW_BAND, label="below the band (beats random)"),
+               Line2D([], [], marker="o", linestyle="", color=IN_BAND, label="inside the band"),
+               Line2D([], [], marker="o", linestyle="", color=ABOVE_BAND, label="above the band (worse)")]
+    if any(c in oracles for c in criteria):
+        handles.append(Line2D([], [], marker="D", linestyle="", color=IN_BAND, label="oracle (uses measured effects)"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=4, frameon=False, fontsize=6.5)
+    if layers:
+        ax = fig.add_subplot(grid[n_rows, :])
+        grid_values = layer_stats.pivot_table(index="criterion", columns="layer", values="random_percentile")
+        grid_values = grid_values.reindex(index=[c for c in criteria if c in grid_values.index], columns=layers)
+        image = ax.imshow(grid_values.to_numpy(dtype=float), aspect="auto", cmap="RdYlGn_r", vmin=0, vmax=100,
+                          interpolation="nearest")
+        ax.set_yticks(range(len(grid_values.index)), list(grid_values.index))
+        ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel(f"layer pruned alone ({largest:.0%} of its routed experts)")
+        ax.set_title("one layer pruned alone: the criterion's percentile among random prunings of that layer "
+                     "(0 = better than all)", loc="left")
+        ax.set_ylabel("criterion")
+        ax.grid(False)
+        if len(layers) <= 16:
+            for (a, b), value in np.ndenumerate(grid_values.to_numpy(dtype=float)):
+                if np.isfinite(value):
+                    ax.text(b, a, f"{value:.0f}", ha="center", va="center", fontsize=6.5,
+                            color="white" if value < 15 or value > 85 else "black")
+        bar = fig.colorbar(image, ax=ax, shrink=0.9, aspect=25, pad=0.01)
+        bar.set_label("percentile among\nrandom prunings (%)", fontsize=7)
     return fig
-
-
-def _criterion_lines(ax, whole: pd.DataFrame, value_label: str) -> None:
-    random = whole[whole["criterion"] == _pruning.RANDOM]
-    if not random.empty:
-        band = random.groupby("ratio")["value"].quantile([*_pruning.BAND, 0.5]).unstack()
-        ax.fill_between(band.index, band.iloc[:, 0], band.iloc[:, 1], color="#bbbbbb", alpha=0.5, linewidth=0,
-                        label=f"random 5–95% ({random['seed'].nunique()} seeds)")
-        ax.plot(band.index, band.iloc[:, 2], "--", color="#555555", linewidth=1, label="random median")
-    colors = _criterion_colors(_pruning.criteria_order(whole[whole["ratio"] > 0]))
-    for criterion, color in colors.items():
-        if criterion == _pruning.RANDOM:
-            continue
-        line = whole[whole["criterion"] == criterion].groupby("ratio")["value"].mean()
-        ax.plot(line.index, line.to_numpy(), "-o", color=color, markersize=3.5, label=criterion)
-    ax.set_xlabel("share of routed experts pruned per layer")
-    ax.set_ylabel(value_label)
-    ax.legend(frameon=False, fontsize=7, ncols=2 if len(colors) > 8 else 1, loc="upper left")
 
 
 def jaccard(matrices: dict[float, pd.DataFrame]):
@@ -362,7 +502,7 @@ def calibration(table: pd.DataFrame):
     left.axvline(target, color="black", linestyle=":", linewidth=1)
     left.set_yticks(y, metrics)
     left.invert_yaxis()
-    left.set_xlabel("Kendall τ to the full-calibration ranking (bootstrap)")
+    left.set_xlabel("Kendall τ to the full ranking\n(bootstrap resamples)")
     left.legend(frameon=False, fontsize=7, loc="lower left")
     drawn = False
     for i, (metric, group) in enumerate(zip(metrics, groups)):
@@ -377,7 +517,7 @@ def calibration(table: pd.DataFrame):
         right.plot(tokens, tau, "-o", color=PALETTE[i % len(PALETTE)], markersize=3, label=metric)
         drawn = True
     right.axhline(target, color="black", linestyle=":", linewidth=1, label=f"τ = {target:g}")
-    right.set_xlabel("calibration tokens (nested subsets, up to half the split)")
+    right.set_xlabel("calibration tokens\n(nested subsets, up to half the split)")
     right.set_ylabel("mean τ to the full ranking")
     if drawn:
         right.set_xscale("log")

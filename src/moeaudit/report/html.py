@@ -2,15 +2,19 @@
 
 The page makes no network request: no scripts, no web fonts (a system font stack), no external images.
 Every figure is also written beside the report as ``figures/<run>-<name>.png`` and ``.svg`` for papers.
+
+The HTML comes from the Jinja2 templates in ``templates/`` (autoescaped): ``report.html.j2`` is the page,
+``answers.html.j2`` its top (:mod:`moeaudit.report.answers`), ``run.html.j2`` one run, and ``sections/*.html.j2``
+one template per section. Each section is a :class:`SectionSpec`: a builder here turns a run's tables into the
+values its template shows (numbers formatted, figures saved), or an :class:`Absent` sentence. Adding a section is
+one entry in :data:`SECTION_SPECS` and one template.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import html
+import functools
 import logging
-
-from moeaudit.errors import MoeAuditError
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +25,13 @@ import pandas as pd
 
 from moeaudit import __version__
 from moeaudit.audit.designs import clustering_summary
-from moeaudit.report import _pruning, figures, tables
+from moeaudit.errors import MoeAuditError
+from moeaudit.report import _pruning, answers, figures, tables
 from moeaudit.report._load import DOMINANT_FACTOR, RunData, compress_layers
 from moeaudit.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
-#: Section headings, in page order; each run gets every one (with a sentence when its input is missing).
-SECTIONS: tuple[str, ...] = (
-    "Provenance", "Routing load", "Domain specialisation", "Metric-vs-effect audit",
-    "Metric value vs removal effect", "Routing-weight control", "Progressive ablation", "Gap norm over depth",
-    "Pruning", "Calibration sensitivity",
-)
 #: One sentence per section: what it shows and how to read it.
 LEDES: dict[str, str] = {
     "Provenance": "Where these numbers come from — model, corpus, configuration, software and the intervention "
@@ -47,8 +46,9 @@ LEDES: dict[str, str] = {
     "Metric-vs-effect audit": "Whether an observational metric predicts what removing an expert does: each cell "
                               "ablates, at the same token, the active expert the metric ranks highest and the one "
                               "it ranks lowest and reports d_z of ΔNLL(high) − ΔNLL(low) with its 95% CI and the "
-                              "t / Wilcoxon p-values; a coloured cell passed the corrected dual test, green when "
-                              "the metric's favourite mattered more.",
+                              "t / Wilcoxon p-values (the forest plot draws each d_z with its CI, filled where "
+                              "significant); a coloured cell passed the corrected dual test, green when the "
+                              "metric's favourite mattered more.",
     "Metric value vs removal effect": "The question pruning asks, per expert: each dot is one expert, placed by "
                                       "its metric value (x) and the mean ΔNLL of removing it where it is active "
                                       "(y); ρ is the expert-level Spearman correlation, * where significant "
@@ -65,8 +65,9 @@ LEDES: dict[str, str] = {
                            "(left, with the cosine between that hole and what the remaining experts still "
                            "produce) and how much of it survives to the next-token loss (right).",
     "Pruning": "What happens when experts are actually pruned: held-out loss by criterion and pruning ratio "
-               "against the band of random prunings (a criterion inside the grey band is no better than chance), "
-               "and how much the criteria agree on which experts to drop (Jaccard overlap).",
+               "against the band of random prunings (a criterion inside the grey band is no better than chance; "
+               "green dots beat 95% of the random draws), per layer pruned alone the criterion's percentile among "
+               "random prunings, and how much the criteria agree on which experts to drop (Jaccard overlap).",
     "Calibration sensitivity": "How much each metric's expert ranking depends on the calibration data: Kendall τ "
                                "between the ranking on bootstrap resamples of the calibration documents and on "
                                "all of them (1 = the same order), the share of prune/keep decisions at the "
@@ -80,6 +81,7 @@ PRODUCER = {"tokens": "observe", "routing": "observe", "expert_metrics": "metric
 SCATTER_METRICS = ("frequency", "ean_mean", "mean_gate_active", "act_std", "reap", "ean_sum", "gate_mass", "msan")
 MAX_SCATTER_METRICS = 6
 MAX_SCATTER_LAYERS = 6
+
 
 
 def write_report(run_dirs: Sequence[str | Path | RunDir] | str | Path | RunDir, out_html: str | Path, *,
@@ -105,7 +107,9 @@ def write_report(run_dirs: Sequence[str | Path | RunDir] | str | Path | RunDir, 
     Notes
     -----
     The page is one file: inline CSS, figures embedded as base64 PNG, no script, no web font, no URL that a
-    browser would fetch. It opens offline and can be mailed or attached to a paper's supplement.
+    browser would fetch. It opens offline and can be mailed or attached to a paper's supplement. It opens with
+    three answers per run in words (:mod:`moeaudit.report.answers`) and, when it covers several runs, names
+    the settings other than the model in which they differ.
 
     Examples
     --------
@@ -121,16 +125,81 @@ def write_report(run_dirs: Sequence[str | Path | RunDir] | str | Path | RunDir, 
     figure_dir = out_html.parent / "figures"
     slugs = _unique_slugs([r.path.name or r.name for r in runs])
     title = title or "moeaudit report: " + ", ".join(r.name for r in runs)
-    bodies = []
     with figures.style():
-        for data, slug in zip(runs, slugs):
-            bodies.append(_run_html(data, _Context(slug, figure_dir, out_html.parent)))
-    page = _page(title, runs, slugs, bodies)
+        views = [_run_view(data, _Context(slug, figure_dir, out_html.parent)) for data, slug in zip(runs, slugs)]
+    labels = _run_labels(runs, slugs)
+    differences = answers.setting_differences({label: data.settings for label, data in zip(labels, runs)})
+    for view, label in zip(views, labels):
+        view["label"] = label
+        view["differs"] = [name for name, values in differences.items() if _odd_one(values, label)]
+    page = render_page(title, views, differences)
     from moeaudit.rundir import atomic_write_text
 
     atomic_write_text(out_html, page)
     logger.info("wrote %s (%d bytes, %d runs)", out_html, out_html.stat().st_size, len(runs))
     return out_html
+
+
+# ---------------------------------------------------------------------------------------------- templates
+_CODE = re.compile(r"`([^`]+)`")
+
+
+def _codes(text: Any):
+    """Jinja filter: escape ``text`` and set its `backticked` spans (table and command names) as <code>."""
+    from markupsafe import Markup, escape
+
+    return Markup(_CODE.sub(r"<code>\1</code>", str(escape(text))))
+
+
+@functools.lru_cache(maxsize=1)
+def environment():
+    """The Jinja2 environment of the report: templates from ``moeaudit/report/templates``, autoescape on, an
+    undefined name an error (:class:`jinja2.StrictUndefined`), and the ``codes`` filter."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
+                             autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=False,
+                             keep_trailing_newline=True)
+    env.filters["codes"] = _codes
+    return env
+
+
+def render_page(title: str, runs: list[dict[str, Any]], differences: dict[str, dict[str, Any]]) -> str:
+    """Render ``report.html.j2``.
+
+    Parameters
+    ----------
+    title : str
+    runs : list of dict
+        One view per run (:func:`_run_view`): ``name``, ``slug``, ``path``, ``answers``, ``headline``,
+        ``summary`` cells, ``label`` (its name in the settings comparison), ``differs`` (the settings in which it
+        departs from the other runs) and ``sections``.
+    differences : dict
+        ``{setting: {run name: value}}`` (:func:`setting_differences`).
+
+    Returns
+    -------
+    str
+        The page; every value is HTML-escaped by the templates.
+    """
+    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return environment().get_template("report.html.j2").render(
+        title=title, runs=runs, differences=differences, generated=generated, version=__version__,
+        summary={"header": SUMMARY_HEADER + (["settings"] if len(runs) > 1 else [])})
+
+
+def _run_labels(runs: list[RunData], slugs: list[str]) -> list[str]:
+    """How the page names each run when comparing settings: its model, or its directory where two share one."""
+    names = [r.name for r in runs]
+    return names if len(set(names)) == len(names) else list(slugs)
+
+
+def _odd_one(values: dict[str, Any], label: str) -> bool:
+    """Whether run ``label``'s value of a setting is not the one most runs share (every run, on a tie)."""
+    counts: dict[str, int] = {}
+    for value in values.values():
+        counts[repr(value)] = counts.get(repr(value), 0) + 1
+    return counts[repr(values[label])] < max(counts.values()) or len(set(counts.values())) == 1
 
 
 # ---------------------------------------------------------------------------------------------- plumbing
@@ -141,20 +210,30 @@ class _Context:
     report_dir: Path
     figures: list[Path] = field(default_factory=list)
 
-    def figure(self, fig, name: str, alt: str) -> str:
-        """Save ``fig`` as PNG + SVG and return the <figure> element embedding the PNG."""
+    def figure(self, fig, name: str, alt: str) -> dict[str, str] | None:
+        """Save ``fig`` as PNG + SVG; return what the ``figure`` macro shows (None: nothing drawn)."""
         if fig is None:
-            return ""
+            return None
         png, svg, data = figures.save(fig, self.figure_dir / f"{self.slug}-{name}")
         self.figures += [png, svg]
         rel = lambda p: p.relative_to(self.report_dir).as_posix() if p.is_relative_to(self.report_dir) else str(p)
-        return (f'<figure><img src="data:image/png;base64,{data}" alt="{_e(alt)}">'
-                f'<figcaption>{_e(alt)} Files: <code>{_e(rel(png))}</code>, <code>{_e(rel(svg))}</code>.'
-                f"</figcaption></figure>")
+        return {"data": data, "alt": alt, "png": rel(png), "svg": rel(svg)}
 
 
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+@dataclass(frozen=True)
+class Absent:
+    """A section's one sentence instead of its content; `backticked` names are set as code."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """One section of a run: heading, lede, the builder of its template's values, and its template."""
+
+    heading: str
+    build: Callable[[RunData, "_Context"], "dict[str, Any] | Absent"]
+    template: str
 
 
 def _unique_slugs(names: list[str]) -> list[str]:
@@ -170,25 +249,19 @@ def _section_id(slug: str, heading: str) -> str:
     return f"{slug}-{re.sub(r'[^a-z0-9]+', '-', heading.lower()).strip('-')}"
 
 
-def _absent(data: RunData, *names: str) -> str:
+def _absent(data: RunData, *names: str) -> Absent:
     missing = [n for n in names if not data.has(n)]
     commands = sorted({PRODUCER.get(n, "run") for n in missing})
-    return (f'<p class="absent">Not available for this run: it has no '
-            f"{' or '.join(f'<code>{_e(n)}.parquet</code>' for n in missing)}; "
-            f"{' and '.join(f'<code>moeaudit {c} RUN_DIR</code>' for c in commands)} "
-            f"{'adds' if len(commands) == 1 else 'add'} it.</p>")
+    return Absent(f"Not available for this run: it has no {' or '.join(f'`{n}.parquet`' for n in missing)}; "
+                  f"{' and '.join(f'`moeaudit {c} RUN_DIR`' for c in commands)} "
+                  f"{'adds' if len(commands) == 1 else 'add'} it.")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, classes: str = "",
-           row_header: bool = True) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = []
-    for row in rows:
-        cells = [f"<th>{_e(row[0])}</th>" if row_header else f"<td>{_e(row[0])}</td>"]
-        cells += [f"<td>{_e(c)}</td>" for c in row[1:]]
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<div class="scroll"><table class="{classes}"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div>')
+           row_header: bool = True) -> dict[str, Any]:
+    """What the ``table`` macro shows: the header, the rows as strings (first cell a row header)."""
+    return {"header": [str(h) for h in header], "rows": [[str(c) for c in row] for row in rows],
+            "classes": classes, "row_header": row_header}
 
 
 def _count(value: Any) -> str:
@@ -217,29 +290,38 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def _run_html(data: RunData, ctx: _Context) -> str:
-    builders: dict[str, Callable[[RunData, _Context], str]] = {
-        "Provenance": _provenance, "Routing load": _routing_load, "Domain specialisation": _domains,
-        "Metric-vs-effect audit": _audit, "Metric value vs removal effect": _scatter,
-        "Routing-weight control": _control, "Progressive ablation": _progressive,
-        "Gap norm over depth": _gap, "Pruning": _pruning_section, "Calibration sensitivity": _calibration_section,
-    }
-    links = " · ".join(f'<a href="#{_section_id(ctx.slug, h)}">{_e(h)}</a>' for h in SECTIONS)
-    parts = [f'<section class="run" id="{ctx.slug}"><h2>{_e(data.name)} '
-             f'<span class="path">{_e(data.path)}</span></h2><p class="toc">{links}</p>']
-    for heading in SECTIONS:
+def _run_view(data: RunData, ctx: _Context) -> dict[str, Any]:
+    """Everything the templates show of one run: its answers, summary row and every section."""
+    sections = []
+    for spec in SECTION_SPECS:
+        part = {"heading": spec.heading, "id": _section_id(ctx.slug, spec.heading), "lede": LEDES[spec.heading],
+                "template": spec.template, "body": None, "absent": None, "error": None}
         try:
-            body = builders[heading](data, ctx)
+            body = spec.build(data, ctx)
         except MoeAuditError as err:  # a damaged or missing table: its one line, no traceback
-            logger.warning("report section %r of %s not drawn: %s", heading, data.path, err)
-            body = f'<p class="absent">This section could not be drawn: {_e(err)}</p>'
+            logger.warning("report section %r of %s not drawn: %s", spec.heading, data.path, err)
+            part["error"] = str(err)
         except Exception as err:  # one broken section must not cost the reader the whole report
-            logger.exception("report section %r failed for %s", heading, data.path)
-            body = f'<p class="absent">This section could not be drawn: {_e(type(err).__name__)}: {_e(err)}</p>'
-        parts.append(f'<section class="part" id="{_section_id(ctx.slug, heading)}"><h3>{_e(heading)}</h3>'
-                     f'<p class="lede">{_e(LEDES[heading])}</p>{body}</section>')
-    parts.append("</section>")
-    return "\n".join(parts)
+            logger.exception("report section %r failed for %s", spec.heading, data.path)
+            part["error"] = f"{type(err).__name__}: {err}"
+        else:
+            if isinstance(body, Absent):
+                part["absent"] = body.text
+            else:
+                part["body"] = body
+        sections.append(part)
+    return {"name": data.name, "slug": ctx.slug, "path": str(data.path), "answers": run_answers(data),
+            "headline": _headline(data), "summary": _summary_rows(data), "label": data.name, "differs": [],
+            "sections": sections}
+
+
+def run_answers(data: RunData) -> list[answers.Answer]:
+    """The three answers at the top of the report for one run (:mod:`moeaudit.report.answers`)."""
+    info = data.stage("audit")
+    return [answers.metric_answer(data.table("tests"), correction=info.get("correction", data.config.get("correction")),
+                                  alpha=info.get("alpha", data.config.get("alpha"))),
+            answers.redundancy_answer(data.progressive, data.top_k),
+            answers.pruning_answer(data.table("pruning"))]
 
 
 def _protocol_text(config: dict[str, Any]) -> str:
@@ -255,7 +337,7 @@ def _protocol_text(config: dict[str, Any]) -> str:
     return f"preset {preset}, departing from it in {len(overrides)} setting(s): {changes}"
 
 
-def _provenance(data: RunData, ctx: _Context) -> str:
+def _provenance(data: RunData, ctx: _Context) -> dict[str, Any]:
     m = data.manifest
     model, corpus, config = m.get("model", {}), m.get("corpus", {}), data.config
     observe, intervene, audit = data.stage("observe"), data.stage("intervene"), data.stage("audit")
@@ -292,38 +374,34 @@ def _provenance(data: RunData, ctx: _Context) -> str:
         ("created", f"{m.get('created', '?')}; config fingerprint {m.get('config_fingerprint', '?')}"),
         ("software", ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())),
     ]
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
     stages = [(name, info.get("finished", "?"), _fmt(info.get("seconds"), ".1f"))
               for name, info in m.get("stages", {}).items()]
     config_rows = [(k, v if not isinstance(v, (list, dict)) else str(v)) for k, v in config.items()]
     tables_present = ", ".join(sorted(p.stem for p in data.path.glob("*.parquet") if not p.name.startswith("."))) or "none"
-    return (f'<table class="facts">{rows}</table>'
-            f"<p class=\"note\">Tables in the run directory: {_e(tables_present)}.</p>"
-            f"<details><summary>Stages ({len(stages)})</summary>"
-            f"{_table(['stage', 'finished', 'seconds'], stages)}</details>"
-            f"<details><summary>Full configuration ({len(config_rows)} settings)</summary>"
-            f"{_table(['setting', 'value'], config_rows)}</details>")
+    return {"facts": [(k, str(v)) for k, v in facts], "tables_present": tables_present,
+            "stages": _table(["stage", "finished", "seconds"], stages),
+            "config": _table(["setting", "value"], config_rows)}
 
 
-def _routing_load(data: RunData, ctx: _Context) -> str:
+def _routing_load(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     metrics = data.table("expert_metrics")
     if metrics is None or data.load is None:
         return _absent(data, "expert_metrics")
     table = tables.metrics_table(data)
     split = data.stage("metrics").get("split", "calibration")
     fig = figures.load_bars(metrics, data.load, DOMINANT_FACTOR)
-    return (ctx.figure(fig, "routing-load", f"Expert frequency per MoE layer ({split} split).")
-            + _table(table.header, table.rows, classes="num"))
+    return {"figure": ctx.figure(fig, "routing-load", f"Expert frequency per MoE layer ({split} split)."),
+            "table": _table(table.header, table.rows, classes="num")}
 
 
-def _domains(data: RunData, ctx: _Context) -> str:
+def _domains(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     by_domain, metrics = data.table("expert_metrics_by_domain"), data.table("expert_metrics")
     if by_domain is None or metrics is None:
         return _absent(data, "expert_metrics_by_domain", "expert_metrics")
     domains = by_domain["domain"].dropna().unique()
     if len(domains) < 2:
-        return (f'<p class="absent">Not available for this run: its corpus has '
-                f"{'one domain' if len(domains) else 'no domain labels'}, so there is nothing to compare.</p>")
+        return Absent(f"Not available for this run: its corpus has "
+                      f"{'one domain' if len(domains) else 'no domain labels'}, so there is nothing to compare.")
     n_layers = by_domain["layer"].nunique()
     fig = figures.domain_heatmap(by_domain, metrics)
     note = f" ({min(n_layers, 12)} of {n_layers} layers, evenly spaced)" if n_layers > 12 else ""
@@ -337,9 +415,10 @@ def _domains(data: RunData, ctx: _Context) -> str:
     rows = [(f"layer {int(r.layer)}, expert {int(r.expert)}", r.domain, f"{r.ratio:.2f}×",
              f"{r.frequency:.3f}", f"{r.overall:.3f}", str(int(r.count)) if "count" in lift else "–")
             for r in lift.itertuples()]
-    return (ctx.figure(fig, "domains", f"Domain × expert routing lift per layer{note}.")
-            + f"<p class=\"note\">Most specialised experts (at least {min_count} routed tokens on the domain):</p>"
-            + _table(["expert", "domain", "lift", "domain freq", "overall freq", "tokens"], rows, classes="num"))
+    return {"figure": ctx.figure(fig, "domains", f"Domain × expert routing lift per layer{note}."),
+            "min_count": min_count,
+            "table": _table(["expert", "domain", "lift", "domain freq", "overall freq", "tokens"], rows,
+                            classes="num")}
 
 
 def _verdict_class(row) -> str:
@@ -353,9 +432,10 @@ def _verdict_class(row) -> str:
     return "v-ns"
 
 
-def _cell(row, *, kind: str = "d_z") -> str:
+def _cell(row, *, kind: str = "d_z") -> dict[str, Any]:
+    """What the ``cell`` macro shows of one tests.parquet row: class, hover text, d_z, CI, p-values, clusters."""
     if not np.isfinite(row.effect):
-        return '<td class="v-untestable" title="too few usable tokens">untestable</td>'
+        return {"untestable": True}
     extra = []
     for name, label in (("p_adjusted", "corrected p"), ("mde_dz", "minimum detectable |d_z| at 80% power"),
                         ("p_tost", "TOST p (|d_z| < bound)")):
@@ -364,15 +444,15 @@ def _cell(row, *, kind: str = "d_z") -> str:
             extra.append(f"{label} {value:.3g}")
     extra.extend(_cluster_notes(row))
     title = f"{kind} = {row.effect:+.4f}, n = {int(row.n)}; " + "; ".join(extra) + f"; verdict: {row.verdict}"
-    ci = (f"<small>[{row.ci_low:+.2f}, {row.ci_high:+.2f}]</small>"
-          if np.isfinite(row.ci_low) and np.isfinite(row.ci_high) else "")
+    ci = (f"[{row.ci_low:+.2f}, {row.ci_high:+.2f}]" if np.isfinite(row.ci_low) and np.isfinite(row.ci_high)
+          else "")
     p_w = f" / {row.p_wilcoxon:.2g}" if np.isfinite(row.p_wilcoxon) and row.p_wilcoxon != row.p_t else ""
     mark = "*" if row.verdict == "significant" else ""
     clusters = _finite(row, "n_clusters")
-    design = (f'<small class="clusters">{int(clusters)} {_e(row.cluster)}s · deff {row.design_effect:.2g}</small>'
+    design = (f"{int(clusters)} {row.cluster}s · deff {row.design_effect:.2g}"
               if clusters is not None and _finite(row, "design_effect") is not None else "")
-    return (f'<td class="{_verdict_class(row)}" title="{_e(title)}"><b>{row.effect:+.3f}{mark}</b>{ci}'
-            f"<small>p {row.p_t:.2g}{p_w}</small>{design}</td>")
+    return {"untestable": False, "cls": _verdict_class(row), "title": title, "effect": f"{row.effect:+.3f}{mark}",
+            "ci": ci, "p": f"{row.p_t:.2g}{p_w}", "clusters": design}
 
 
 def _finite(row, name: str) -> float | None:
@@ -417,67 +497,60 @@ def _degeneracy_text(cells: pd.DataFrame) -> str:
 
 def _clustering_text(cells: pd.DataFrame) -> str:
     text = clustering_summary(cells)
-    return " " + _e(text) if text else ""
+    return " " + text if text else ""
 
 
-def _design_table(cells: pd.DataFrame, layers: list[int], *, kind: str = "d_z", label: str = "metric") -> str:
-    head = f"<th>{_e(label)}</th>" + "".join(f"<th>layer {layer}</th>" for layer in layers)
-    body = []
+def _design_table(cells: pd.DataFrame, layers: list[int], *, kind: str = "d_z", label: str = "metric") -> dict[str, Any]:
+    """What the ``design_table`` macro shows: one row per metric (or contrast), one cell per layer."""
+    rows = []
     for metric in cells["metric"].drop_duplicates():
         by_layer = {int(r.layer): r for r in cells[cells["metric"] == metric].itertuples()}
-        tds = "".join(_cell(by_layer[layer], kind=kind) if layer in by_layer else "<td></td>" for layer in layers)
-        body.append(f"<tr><th>{_e(metric)}</th>{tds}</tr>")
-    return (f'<div class="scroll"><table class="audit"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></div>')
+        rows.append({"name": str(metric),
+                     "cells": [_cell(by_layer[layer], kind=kind) if layer in by_layer else None for layer in layers]})
+    return {"label": label, "layers": layers, "rows": rows}
 
 
-LEGEND = ('<p class="legend"><span class="v-pos">significant, d_z &gt; 0 (the metric\'s high expert matters more)'
-          '</span> <span class="v-neg">significant, d_z &lt; 0 (reversed)</span> <span class="v-equiv">equivalent to '
-          'zero (TOST)</span> <span class="v-ns">not significant</span> <span class="v-untestable">untestable'
-          '</span> — hover a cell for n, corrected p and the minimum detectable effect.</p>')
-
-
-def _audit(data: RunData, ctx: _Context) -> str:
+def _audit(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     tests = data.table("tests")
     if tests is None:
         return _absent(data, "tests")
     layers = sorted(int(x) for x in tests["layer"].unique())
     paired = tests[tests["design"] == "paired"]
     info = data.stage("audit")
-    if paired.empty:
-        main = '<p class="absent">This run\'s audit has no paired-contrast cells.</p>'
-    else:
-        significant = int((paired["verdict"] == "significant").sum())
+    out: dict[str, Any] = {"summary": None, "forest": None, "table": None, "extra": []}
+    if not paired.empty:
         ns = paired["n"]
         mde = paired["mde_dz"].dropna() if "mde_dz" in paired else pd.Series(dtype=float)
-        summary = (f"<p class=\"note\"><b>{significant} of {len(paired)}</b> metric × layer cells significant "
-                   f"({info.get('correction', data.config.get('correction', '?'))}-corrected dual test at "
-                   f"α = {info.get('alpha', data.config.get('alpha', '?'))}); n = "
-                   f"{int(ns.min()) if ns.min() == ns.max() else f'{int(ns.min())}–{int(ns.max())}'} token positions "
-                   f"per cell" + (f"; smallest detectable |d_z| ≈ {mde.median():.2f}" if len(mde) else "")
-                   + f"; intervention {data.config.get('kind', '?')} / {data.config.get('scope', '?')}."
-                   + _clustering_text(paired) + _degeneracy_text(paired) + "</p>")
-        main = summary + LEGEND + _design_table(paired, layers)
-    extra = []
+        text = (f"metric × layer cells significant ({info.get('correction', data.config.get('correction', '?'))}"
+                f"-corrected dual test at α = {info.get('alpha', data.config.get('alpha', '?'))}); n = "
+                f"{int(ns.min()) if ns.min() == ns.max() else f'{int(ns.min())}–{int(ns.max())}'} token positions "
+                f"per cell" + (f"; smallest detectable |d_z| ≈ {mde.median():.2f}" if len(mde) else "")
+                + f"; intervention {data.config.get('kind', '?')} / {data.config.get('scope', '?')}."
+                + _clustering_text(paired) + _degeneracy_text(paired))
+        out["summary"] = {"significant": int((paired["verdict"] == "significant").sum()), "cells": len(paired),
+                          "text": text}
+        out["forest"] = ctx.figure(figures.audit_forest(paired), "audit-forest",
+                                   "d_z with its 95% CI per metric × layer (paired design); filled: significant "
+                                   "after correction.")
+        out["table"] = _design_table(paired, layers)
     names = {"within_token": ("Within-token Spearman ρ (all active experts of a token, averaged)", "mean ρ"),
              "expert_level": ("Expert-level Spearman ρ (mean ΔNLL per expert vs metric, permutation p)", "ρ"),
              "random_pair": ("Random pair (null reference)", "d_z")}
     for design, (caption, kind) in names.items():
         cells = tests[tests["design"] == design]
         if not cells.empty:
-            sig = int((cells["verdict"] == "significant").sum())
-            extra.append(f"<details><summary>{_e(caption)}: {sig} of {len(cells)} significant</summary>"
-                         f"{_design_table(cells, layers, kind=kind)}</details>")
-    return main + "".join(extra)
+            out["extra"].append({"caption": caption, "significant": int((cells["verdict"] == "significant").sum()),
+                                 "cells": len(cells), "table": _design_table(cells, layers, kind=kind)})
+    return out
 
 
-def _scatter(data: RunData, ctx: _Context) -> str:
+def _scatter(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     metrics = data.table("expert_metrics")
     if metrics is None or not data.has("effects"):
         return _absent(data, "expert_metrics", "effects")
     effects = data.expert_effects
     if effects is None or effects.empty:
-        return '<p class="absent">Not available for this run: it has no exact single-expert removals.</p>'
+        return Absent("Not available for this run: it has no exact single-expert removals.")
     tests = data.table("tests")
     tested = list(tests.loc[tests["design"].isin(["paired", "expert_level"]), "metric"].drop_duplicates()) \
         if tests is not None else []
@@ -490,92 +563,89 @@ def _scatter(data: RunData, ctx: _Context) -> str:
                                                    .round().astype(int))]
     fig = figures.metric_scatter(metrics, effects, tests, chosen, layers)
     note = "" if layers == all_layers else f" ({len(layers)} of {len(all_layers)} layers, evenly spaced)"
-    return ctx.figure(fig, "metric-vs-effect",
-                      f"Metric value vs mean ΔNLL per expert for {', '.join(chosen)}{note}.")
+    return {"figure": ctx.figure(fig, "metric-vs-effect",
+                                 f"Metric value vs mean ΔNLL per expert for {', '.join(chosen)}{note}.")}
 
 
-def _control(data: RunData, ctx: _Context) -> str:
+def _control(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     tests = data.table("tests")
     if tests is None:
         return _absent(data, "tests")
     control = tests[tests["design"] == "routing_weight"]
     if control.empty:
-        return '<p class="absent">Not available for this run: its audit did not include the routing-weight design.</p>'
+        return Absent("Not available for this run: its audit did not include the routing-weight design.")
     layers = sorted(int(x) for x in tests["layer"].unique())
     fig = figures.control_forest(tests)
     sig = control[control["verdict"] == "significant"]
-    headline = (f"<p class=\"note\"><b>{len(sig)} of {len(control)}</b> layers significant"
-                + (": " + ", ".join(f"layer {int(r.layer)} (d_z = {r.effect:+.3f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}])"
-                                    for r in sig.itertuples()) if len(sig) else "") + ".</p>")
     rows = pd.concat([control, tests[tests["design"] == "random_pair"]])
     rows = rows.assign(metric=rows["design"].map(tables.CONTROL_ROWS))
-    return (headline + ctx.figure(fig, "routing-weight-control", "d_z with 95% CI per layer.")
-            + LEGEND + _design_table(rows, layers, label="contrast"))
+    return {"significant": len(sig), "cells": len(control),
+            "named": [f"layer {int(r.layer)} (d_z = {r.effect:+.3f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}])"
+                      for r in sig.itertuples()],
+            "figure": ctx.figure(fig, "routing-weight-control", "d_z with 95% CI per layer."),
+            "table": _design_table(rows, layers, label="contrast")}
 
 
-def _progressive(data: RunData, ctx: _Context) -> str:
-    redundancy = data.table("redundancy")
-    if redundancy is None or redundancy.empty:
-        return _absent(data, "redundancy") if redundancy is None else \
-            '<p class="absent">Not available for this run: its redundancy table is empty.</p>'
+def _progressive(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
+    redundancy = data.progressive
+    if redundancy is None:
+        return Absent(f"Not available: {answers.NO_PROGRESSIVE}")
     fig = figures.progressive(redundancy)
     rows = []
     for layer, part in redundancy.groupby("layer"):
         part = part.sort_values("j")
-        cliff = part["cliff"].dropna()
+        cliff = pd.to_numeric(part["cliff"], errors="coerce").dropna()
         last = part.iloc[-1]
         rows.append((f"layer {int(layer)}", "none" if cliff.empty else f"j = {int(cliff.iloc[0])}",
                      f"{int(last['j'])}", f"{last['mean']:.3f}", f"{last['median']:.3f}",
                      f"{last['p95']:.3f}" if "p95" in part else "–", f"{int(last['n'])}" if "n" in part else "–"))
-    return (ctx.figure(fig, "progressive", "ΔNLL after removing the top-j experts by gate.")
-            + _table(["layer", "cliff", "largest j", "mean ΔNLL", "median", "95th pct", "n"], rows, classes="num"))
+    return {"figure": ctx.figure(fig, "progressive", "ΔNLL after removing the top-j experts by gate."),
+            "table": _table(["layer", "cliff", "largest j", "mean ΔNLL", "median", "95th pct", "n"], rows,
+                            classes="num")}
 
 
-def _gap(data: RunData, ctx: _Context) -> str:
+def _gap(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     if not data.has("effects"):
         return _absent(data, "effects")
     frame = data.layer_effects
     if frame is None or frame.empty:
-        return '<p class="absent">Not available for this run: it has no exact single-expert removals.</p>'
+        return Absent("Not available for this run: it has no exact single-expert removals.")
     fig = figures.gap_depth(frame)
     rows = [(f"layer {int(r.layer)}", f"{int(r.n):,}", _fmt(r.gap_median, ".3g"), _fmt(r.compensation_cos, ".3f"),
              _fmt(r.mean_delta_nll, ".4f"), _fmt(r.median_delta_nll, ".4f"), _fmt(r.mean_kl, ".4f"))
             for r in frame.itertuples()]
-    return (ctx.figure(fig, "gap-norm", "Gap norm and loss of one-expert removals per layer.")
-            + _table(["layer", "removals", "median gap norm", "mean compensation cos", "mean ΔNLL", "median ΔNLL",
-                      "mean KL"], rows, classes="num"))
+    return {"figure": ctx.figure(fig, "gap-norm", "Gap norm and loss of one-expert removals per layer."),
+            "table": _table(["layer", "removals", "median gap norm", "mean compensation cos", "mean ΔNLL",
+                             "median ΔNLL", "mean KL"], rows, classes="num")}
 
 
-def _pruning_section(data: RunData, ctx: _Context) -> str:
+def _pruning_section(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     if not data.has("pruning"):
-        return ('<p class="absent">Pruning was not run for this run (no <code>pruning.parquet</code>); '
-                "<code>moeaudit prune RUN_DIR</code> adds it.</p>")
+        return Absent("Pruning was not run for this run (no `pruning.parquet`); `moeaudit prune RUN_DIR` adds it.")
     pruning = data.table("pruning")
     column = _pruning.value_column(pruning)
     if column is None:
-        return '<p class="absent">pruning.parquet has no held-out loss column (heldout_ppl or heldout_nll).</p>'
-    label = "held-out perplexity" if column == "heldout_ppl" else "held-out NLL (nats)"
-    parts = [ctx.figure(figures.pruning_lines(_pruning.whole_model(pruning), _pruning.per_layer(pruning), label,
-                                              _pruning.baseline(pruning)),
-                        "pruning", f"{label[0].upper() + label[1:]} by criterion and ratio against random pruning.")]
+        return Absent("pruning.parquet has no held-out loss column (heldout_ppl or heldout_nll).")
+    label = ("held-out perplexity (exp of mean nats per token)" if column == "heldout_ppl"
+             else "held-out NLL (nats per token)")
+    fig = figures.pruning_plot(_pruning.whole_model(pruning), _pruning.per_layer(pruning), label,
+                               _pruning.baseline(pruning), oracles=answers.oracles(pruning))
     table = tables.pruning_table(data)
-    parts.append(_table(table.header, table.rows, classes="num") + f'<p class="note">{_e(table.caption)}</p>')
     matrices = _pruning.jaccard_matrices(pruning, data.table("jaccard"), data.num_experts)
-    if matrices:
-        parts.append(ctx.figure(figures.jaccard(matrices), "jaccard",
-                                "Mean Jaccard overlap of the dropped expert sets between criteria, over layers."))
-    else:
-        parts.append('<p class="absent">No Jaccard matrix: the run has neither <code>jaccard.parquet</code> nor '
-                     "per-layer kept sets in <code>pruning.parquet</code>.</p>")
-    return "".join(parts)
+    return {"figure": ctx.figure(fig, "pruning", f"{label[0].upper() + label[1:]} by criterion and ratio against "
+                                                 "random pruning."),
+            "table": _table(table.header, table.rows, classes="num"), "caption": table.caption,
+            "jaccard": ctx.figure(figures.jaccard(matrices), "jaccard",
+                                  "Mean Jaccard overlap of the dropped expert sets between criteria, over layers.")
+            if matrices else None}
 
 
-def _calibration_section(data: RunData, ctx: _Context) -> str:
+def _calibration_section(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
     table = data.table("calibration")
     if table is None:
         return _absent(data, "calibration")
     if table.empty:
-        return '<p class="absent">calibration.parquet has no rows.</p>'
+        return Absent("calibration.parquet has no rows.")
     from moeaudit.calibration.stage import calibration_summary
 
     first = table.iloc[0]
@@ -594,20 +664,41 @@ def _calibration_section(data: RunData, ctx: _Context) -> str:
     header = ["metric", "τ mean", "τ p05 (worst layer)", f"flips at {ratio:.0%} pruned", f"tokens to τ ≥ {target:g}",
               "domain τ mean", "domain τ min", "least concordant domains"]
     layers = table["layer"].nunique()
-    note = (f"{int(first['n_units'])} calibration {_e(first['unit'])}s, {int(first['n_tokens']):,} tokens, "
+    note = (f"{int(first['n_units'])} calibration {first['unit']}s, {int(first['n_tokens']):,} tokens, "
             f"{int(table['n_resamples'].max())} bootstrap resamples (seed {int(first['seed'])}); values are means "
-            f"over {layers} layer{'s' if layers != 1 else ''} (per layer: <code>calibration.parquet</code>). Tokens to "
+            f"over {layers} layer{'s' if layers != 1 else ''} (per layer: `calibration.parquet`). Tokens to "
             f"τ ≥ {target:g}: the smallest nested subset (at most half the split) whose mean τ reaches it in every "
             "layer; not reached means more calibration data than half of this split would be needed to show it. "
             "Weight-only metrics do not depend on calibration data and are not listed.")
-    return (ctx.figure(figures.calibration(table), "calibration",
-                       "Bootstrap τ per metric and learning curves over calibration size.")
-            + _table(header, rows, classes="num") + f'<p class="note">{note}</p>')
+    return {"figure": ctx.figure(figures.calibration(table), "calibration",
+                                 "Bootstrap τ per metric and learning curves over calibration size."),
+            "table": _table(header, rows, classes="num"), "note": note}
+
+
+#: The sections of a run, in page order: heading, builder, template (under ``templates/``).
+SECTION_SPECS: tuple[SectionSpec, ...] = (
+    SectionSpec("Provenance", _provenance, "sections/provenance.html.j2"),
+    SectionSpec("Routing load", _routing_load, "sections/routing_load.html.j2"),
+    SectionSpec("Domain specialisation", _domains, "sections/domains.html.j2"),
+    SectionSpec("Metric-vs-effect audit", _audit, "sections/audit.html.j2"),
+    SectionSpec("Metric value vs removal effect", _scatter, "sections/scatter.html.j2"),
+    SectionSpec("Routing-weight control", _control, "sections/control.html.j2"),
+    SectionSpec("Progressive ablation", _progressive, "sections/progressive.html.j2"),
+    SectionSpec("Gap norm over depth", _gap, "sections/gap.html.j2"),
+    SectionSpec("Pruning", _pruning_section, "sections/pruning.html.j2"),
+    SectionSpec("Calibration sensitivity", _calibration_section, "sections/calibration.html.j2"),
+)
+#: Section headings, in page order; each run gets every one (with a sentence when its input is missing).
+SECTIONS: tuple[str, ...] = tuple(spec.heading for spec in SECTION_SPECS)
 
 
 # ---------------------------------------------------------------------------------------------- the page
+SUMMARY_HEADER = ["run", "family", "MoE layers", "experts", "dead", "interventions", "paired cells sig.",
+                  "routing-weight sig.", "cliff (layer, j)", "pruning"]
+
+
 def _summary_rows(data: RunData) -> list[str]:
-    tests, load, redundancy = data.table("tests"), data.load, data.table("redundancy")
+    tests, load, redundancy = data.table("tests"), data.load, data.progressive
     model = data.manifest.get("model", {})
     experts = "/".join(str(v) for v in sorted({int(v) for v in model.get("num_experts", {}).values()})) or "?"
     top_k = "/".join(str(v) for v in sorted({int(v) for v in model.get("top_k", {}).values()})) or "?"
@@ -620,7 +711,8 @@ def _summary_rows(data: RunData) -> list[str]:
 
     cliffs = "–"
     if redundancy is not None and not redundancy.empty:
-        found = redundancy.dropna(subset=["cliff"]).groupby("layer")["cliff"].first()
+        cliff = pd.to_numeric(redundancy["cliff"], errors="coerce")
+        found = redundancy.assign(cliff=cliff).dropna(subset=["cliff"]).groupby("layer")["cliff"].first()
         cliffs = ", ".join(f"{int(l)} (j={int(c)})" for l, c in found.items()) or "none"
     intervene = data.stage("intervene")
     return [data.name, model.get("family", "?"), compress_layers(model.get("moe_layers", [])) or "?",
@@ -644,86 +736,3 @@ def _headline(data: RunData) -> str:
         text += (f"; the routing-weight control is significant in {int((control['verdict'] == 'significant').sum())} "
                  f"of {len(control)} layers")
     return text + "."
-
-
-def _page(title: str, runs: list[RunData], slugs: list[str], bodies: list[str]) -> str:
-    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    header = ["run", "family", "MoE layers", "experts", "dead", "interventions", "paired cells sig.",
-              "routing-weight sig.", "cliff (layer, j)", "pruning"]
-    rows = []
-    for data, slug in zip(runs, slugs):
-        cells = _summary_rows(data)
-        rows.append(f'<tr><th><a href="#{slug}">{_e(cells[0])}</a></th>'
-                    + "".join(f"<td>{_e(c)}</td>" for c in cells[1:]) + "</tr>")
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    headlines = "".join(f"<li>{_e(_headline(d))}</li>" for d in runs)
-    nav = " ".join(f'<a href="#{slug}">{_e(d.name)}</a>' for d, slug in zip(runs, slugs))
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="moeaudit {_e(__version__)}">
-<title>{_e(title)}</title>
-<style>{CSS}</style></head>
-<body>
-<nav class="top"><b>moeaudit</b> {nav} <a href="#summary">summary</a></nav>
-<main>
-<header><h1>{_e(title)}</h1>
-<p class="sub">Observational expert metrics against token-level interventions · generated {generated} by moeaudit
-{_e(__version__)} · {len(runs)} run{'s' if len(runs) != 1 else ''}</p></header>
-<section id="summary"><h2>At a glance</h2>
-<p class="lede">One line per run: does any observational metric predict what removing an expert does, does the
-router's own per-token weight, and where does removing several active experts start to hurt?</p>
-<ul class="headlines">{headlines}</ul>
-<div class="scroll"><table class="summary"><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>
-</section>
-{chr(10).join(bodies)}
-<footer>Definitions: the docstrings of moeaudit (<code>moeaudit.metrics</code>, <code>moeaudit.stats</code>); protocol of the audit: Engmann, Medeiros Adriano, Giese, arXiv 2606.10703.
-Cells and figures are computed from the Parquet tables in each run directory; <code>moeaudit query RUN_DIR "SQL"</code>
-reads them directly.</footer>
-</main></body></html>
-"""
-
-
-CSS = """
-:root { --fg:#1d2330; --muted:#5b6472; --line:#dde1e7; --bg:#ffffff; --panel:#f6f7f9;
-  --pos:#b7e4b0; --neg:#f9c59a; --equiv:#d6e6f5; --ns:#f1f2f4; --accent:#2c5d9e; }
-* { box-sizing: border-box; }
-html { font-size: 15px; }
-body { margin:0; color:var(--fg); background:var(--bg); line-height:1.45;
-  font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
-main { max-width: 1180px; margin: 0 auto; padding: 0 22px 40px; }
-nav.top { position: sticky; top: 0; z-index: 5; background: #1d2330; color: #fff; padding: 7px 22px;
-  font-size: 0.9rem; }
-nav.top a { color: #cfe0ff; margin-left: 14px; text-decoration: none; }
-h1 { font-size: 1.6rem; margin: 22px 0 4px; }
-h2 { font-size: 1.3rem; margin: 34px 0 6px; padding-top: 10px; border-top: 3px solid var(--fg); }
-h2 .path { font-size: 0.8rem; font-weight: normal; color: var(--muted); margin-left: 8px; }
-h3 { font-size: 1.08rem; margin: 26px 0 4px; color: var(--accent); }
-p.sub, p.toc, .note { color: var(--muted); font-size: 0.88rem; }
-p.toc a { color: var(--accent); text-decoration: none; }
-p.lede { margin: 2px 0 10px; max-width: 70em; }
-p.absent { background: var(--panel); border-left: 4px solid #b0b6bf; padding: 8px 12px; color: var(--muted); }
-ul.headlines { padding-left: 20px; } ul.headlines li { margin: 3px 0; }
-.scroll { overflow-x: auto; max-width: 100%; }
-table { border-collapse: collapse; font-size: 0.84rem; margin: 6px 0 12px; }
-th, td { border: 1px solid var(--line); padding: 4px 7px; vertical-align: top; text-align: left; }
-thead th { background: var(--panel); position: sticky; top: 0; }
-table.num td { text-align: right; font-variant-numeric: tabular-nums; }
-table.facts th { width: 11em; background: var(--panel); font-weight: 600; }
-table.facts td { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 0.8rem; }
-table.audit td { text-align: center; min-width: 8.5em; font-variant-numeric: tabular-nums; }
-table.audit td b { display: block; font-size: 0.95rem; }
-table.audit td small { display: block; color: #39404b; font-size: 0.74rem; }
-.v-pos { background: var(--pos); } .v-neg { background: var(--neg); } .v-equiv { background: var(--equiv); }
-.v-ns { background: var(--ns); } .v-untestable { background: #fff; color: #8a919c; font-style: italic; }
-p.legend span { display: inline-block; padding: 1px 7px; margin: 2px 4px 2px 0; border: 1px solid var(--line);
-  font-size: 0.78rem; }
-figure { margin: 8px 0 14px; }
-figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
-figcaption { font-size: 0.78rem; color: var(--muted); }
-details { margin: 6px 0; } summary { cursor: pointer; color: var(--accent); font-size: 0.9rem; }
-code { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 0.85em; }
-footer { margin-top: 40px; padding-top: 10px; border-top: 1px solid var(--line); color: var(--muted);
-  font-size: 0.8rem; }
-@media print { nav.top { display: none; } h2 { page-break-before: always; } }
-"""
