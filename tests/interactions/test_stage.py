@@ -68,3 +68,30 @@ def test_stage_writes_the_tables_on_held_out_tokens(run_dir):
     (run_dir / "pruning.parquet").unlink()
     run_interactions(RunDir(run_dir))
     assert not (run_dir / "interaction_sets.parquet").exists()
+
+
+def test_the_report_section_shows_the_tables(run_dir, tmp_path):
+    import html
+    import re
+
+    from moeaudit.interactions import interaction_summary, run_interactions
+    from moeaudit.report import write_report
+
+    write_pruning(run_dir)
+    run = RunDir(run_dir)
+    run_interactions(RunDir(run_dir, run.config.replace(interactions_n=10, interactions_layers=[0, 3])))
+    page = write_report(run_dir, tmp_path / "report.html").read_text()
+    start = page.index("<h3>Experts removed together</h3>")
+    body = page[start:page.find("</section>", start)]
+    assert "could not be drawn" not in body and "Not available" not in body and body.count("<img ") == 1
+    tables = body.split("<tbody>")[1:]
+    assert len(tables) == 2  # the per-layer summary and the pruned sets
+    rows = re.findall(r"<tr><th>(\d+)</th>(.*?)</tr>", tables[0])
+    summary = interaction_summary(run.read("interactions"), run.read("shapley"))
+    assert [int(layer) for layer, _ in rows] == [0, 3]
+    first = re.findall(r"<td>(.*?)</td>", rows[0][1])
+    assert first[2] == format(summary.loc[0, "mean_interaction"], "+.3g")
+    assert html.unescape(first[4]) == f"{100 * summary.loc[0, 'share_positive']:.0f} %"
+    assert len(re.findall(r"<tr>", tables[1])) == 2  # ratio 0.25 at layers 0 and 3
+    assert "on single effects" in body and "on Shapley values" in body
+    assert list((tmp_path / "figures").glob("*interactions.png"))

@@ -44,7 +44,7 @@ def test_the_section_is_drawn_from_calibration_parquet(tmp_path):
     _calibration_table(run)
     page = write_report(run, tmp_path / "report.html").read_text()
     headings = [html.unescape(h) for h in re.findall(r"<h3>(.*?)</h3>", page)]
-    assert headings == list(SECTIONS) and SECTIONS[-1] == "Calibration sensitivity"
+    assert headings == list(SECTIONS) and "Calibration sensitivity" in SECTIONS
     body = _section(page)
     assert "could not be drawn" not in body and body.count("<img ") == 1
     rows = re.findall(r"<tr><th>(\w+)</th>(.*?)</tr>", body.split("<tbody>")[1])

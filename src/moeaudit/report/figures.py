@@ -561,8 +561,7 @@ def interaction_heatmaps(pairs: pd.DataFrame, num_experts: dict[int, int], *, ma
     rows, cols = _grid(len(layers), 3)
     fig = _figure(WIDTH, 3.0 * rows + 0.3)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    cmap = colormaps["RdBu_r"].copy()
-    cmap.set_bad("#c8c8c8")
+    cmap = colormaps["RdBu_r"].with_extremes(bad="#c8c8c8")
     for ax, layer in zip(axes, layers):
         size = num_experts.get(layer) or int(pairs[["expert_a", "expert_b"]].to_numpy().max()) + 1
         matrix = interaction_matrix(pairs, layer, size)[0]

@@ -68,6 +68,13 @@ LEDES: dict[str, str] = {
                "against the band of random prunings (a criterion inside the grey band is no better than chance; "
                "green dots beat 95% of the random draws), per layer pruned alone the criterion's percentile among "
                "random prunings, and how much the criteria agree on which experts to drop (Jaccard overlap).",
+    "Experts removed together": "How the experts of a token's active set combine when removed together, beyond "
+                                "the paper's one-at-a-time removal: each heat-map cell is the mean interaction of "
+                                "an expert pair at the tokens where both are active (red: removing both costs more "
+                                "than the two removals apart; blue: less; grey: never active together), the table "
+                                "gives each layer's distribution and how the Shapley values of the active set split "
+                                "its cost, and the pruned sets removed together are set against random sets of the "
+                                "same size.",
     "Calibration sensitivity": "How much each metric's expert ranking depends on the calibration data: Kendall τ "
                                "between the ranking on bootstrap resamples of the calibration documents and on "
                                "all of them (1 = the same order), the share of prune/keep decisions at the "
@@ -77,7 +84,8 @@ LEDES: dict[str, str] = {
 #: The command that writes each table, for the "not available" sentences.
 PRODUCER = {"tokens": "observe", "routing": "observe", "expert_metrics": "metrics",
             "expert_metrics_by_domain": "metrics", "effects": "intervene", "tests": "audit",
-            "redundancy": "audit", "pruning": "prune", "jaccard": "prune", "calibration": "calibration"}
+            "redundancy": "audit", "pruning": "prune", "jaccard": "prune", "calibration": "calibration",
+            "interactions": "interactions", "shapley": "interactions"}
 SCATTER_METRICS = ("frequency", "ean_mean", "mean_gate_active", "act_std", "reap", "ean_sum", "gate_mass", "msan")
 MAX_SCATTER_METRICS = 6
 MAX_SCATTER_LAYERS = 6
@@ -675,6 +683,61 @@ def _calibration_section(data: RunData, ctx: _Context) -> dict[str, Any] | Absen
             "table": _table(header, rows, classes="num"), "note": note}
 
 
+def _interactions_section(data: RunData, ctx: _Context) -> dict[str, Any] | Absent:
+    pairs, shapley = data.table("interactions"), data.table("shapley")
+    if pairs is None or shapley is None:
+        return _absent(data, "interactions", "shapley")
+    if shapley.empty:
+        return Absent("shapley.parquet has no rows.")
+    from moeaudit.interactions import interaction_summary, set_summary
+    from moeaudit.interactions.summary import set_layer_table
+
+    summary = interaction_summary(pairs, shapley)
+    rows = [(int(r.layer), f"{r.tokens:,}", int(r.k), _fmt(r.mean_interaction, "+.3g"),
+             f"{_fmt(r.p05_interaction, '+.2g')} … {_fmt(r.p95_interaction, '+.2g')}",
+             _fmt(100 * r.share_positive, ".0f") + " %", _fmt(100 * r.share_negative, ".0f") + " %",
+             _fmt(r.mean_delta_all, ".3g"), _fmt(r.mean_sum_single, ".3g"), _fmt(100 * r.top_gate_share, ".0f") + " %",
+             _fmt(r.spearman_single_shapley, ".2f")) for r in summary.itertuples(index=False)]
+    header = ["layer", "tokens", "k", "mean interaction (nats)", "5–95 %", "> 0", "< 0", "ΔNLL all removed",
+              "Σ single ΔNLL", "top-gate Shapley share", "ρ(single, Shapley)"]
+    stage = data.stage("interactions")
+    sizes = {layer: data.num_experts(layer) for layer in summary["layer"]}
+    body: dict[str, Any] = {
+        "figure": ctx.figure(figures.interaction_heatmaps(pairs, sizes), "interactions",
+                             "Mean pairwise interaction of each expert pair per layer (nats)."),
+        "table": _table(header, rows, classes="num"),
+        "note": (f"{stage.get('kind', '?')} removals at token scope, {stage.get('removals', 0):,} of them through the "
+                 f"{stage.get('engine', '?')} engine (noise floor {_fmt(stage.get('noise_floor'), '.1e')} nats), at "
+                 f"sampled `{stage.get('split', 'heldout')}` tokens. Interaction = ΔNLL(both) − ΔNLL(a) − ΔNLL(b) for "
+                 "each pair of a token's active experts: > 0 when removing both costs more than the two apart (each "
+                 "expert covers for the other), < 0 when one removal already costs most of what both do. The "
+                 "Shapley values of a token's active experts add up to the cost of removing all of them; the "
+                 "top-gate share is the share of their absolute values held by the expert with the largest gate "
+                 "(1/k without information)" + ("; some are permutation estimates (`shapley_se`)."
+                                                 if summary["estimated"].any() else ".")),
+        "sets": None, "tests": None,
+    }
+    sets = data.table("interaction_sets")
+    if sets is not None and not sets.empty:
+        table = set_layer_table(set_summary(sets))
+        set_rows = [(f"{r.ratio:g}", int(r.layer), f"{_fmt(r.joint_min, '+.3g')} … {_fmt(r.joint_max, '+.3g')}",
+                     f"{_fmt(r.random_p05, '+.3g')} … {_fmt(r.random_p95, '+.3g')}", f"{r.inside_random}/{r.criteria}",
+                     _fmt(r.excess, "+.3g"), _fmt(r.random_excess, "+.3g")) for r in table.itertuples(index=False)]
+        body["sets"] = _table(["ratio", "layer", "criteria: mean joint ΔNLL", "random 5–95 %", "criteria in band",
+                               "joint − Σ single (criteria)", "joint − Σ single (random)"], set_rows, classes="num")
+    tests = data.table("shapley_tests")
+    if tests is not None and not tests.empty:
+        counts = tests.groupby(["design", "outcome"])["verdict"].agg(
+            lambda v: f"{int((v == 'significant').sum())} of {len(v)}")
+        body["tests"] = (
+            "Does a metric predict Shapley values better than single-expert effects? Significant metric × layer "
+            "cells (each outcome corrected as its own family): "
+            + "; ".join(f"{design}: {counts.get((design, 'single'), '–')} on single effects, "
+                        f"{counts.get((design, 'shapley'), '–')} on Shapley values"
+                        for design in ("paired", "expert_level")) + " (`shapley_tests.parquet`).")
+    return body
+
+
 #: The sections of a run, in page order: heading, builder, template (under ``templates/``).
 SECTION_SPECS: tuple[SectionSpec, ...] = (
     SectionSpec("Provenance", _provenance, "sections/provenance.html.j2"),
@@ -687,6 +750,7 @@ SECTION_SPECS: tuple[SectionSpec, ...] = (
     SectionSpec("Gap norm over depth", _gap, "sections/gap.html.j2"),
     SectionSpec("Pruning", _pruning_section, "sections/pruning.html.j2"),
     SectionSpec("Calibration sensitivity", _calibration_section, "sections/calibration.html.j2"),
+    SectionSpec("Experts removed together", _interactions_section, "sections/interactions.html.j2"),
 )
 #: Section headings, in page order; each run gets every one (with a sentence when its input is missing).
 SECTIONS: tuple[str, ...] = tuple(spec.heading for spec in SECTION_SPECS)
