@@ -9,9 +9,9 @@ import typer
 
 from moeaudit.cli.common import QUIET_OPTION, StagePrinter, print_frame, print_note
 
-# Window counts sized for the budget on 2 CPU cores: about 5.5 minutes for all three models (5 min 18 s
-# measured, with the calibration analysis and the clustered tests' mixed models), <= 60 s quick. Each
-# document gives its first window only (`truncate`), so a split's windows come from as many documents: the
+# Window counts sized for the budget on 2 CPU cores: about 6 minutes for all three models (5 min 41 s
+# measured, with the calibration and interactions analyses and the clustered tests' mixed models), 34 s
+# quick. Each document gives its first window only (`truncate`), so a split's windows come from as many documents: the
 # audit's tests treat documents as the independent units, and consecutive windows of 3 documents would
 # leave them 3 units. The calibration analysis of the full demo draws 100 resamples and 5 curve orders (the
 # defaults, 200 and 10, take about twice as long); --quick keeps the defaults. The interactions stage removes
