@@ -9,13 +9,13 @@ import typer
 
 from moeaudit.cli.common import QUIET_OPTION, StagePrinter, print_frame, print_note
 
-# Window counts sized for the budget on 2 CPU cores: about 6 minutes for all three models (5 min 41 s
-# measured, with the calibration and interactions analyses and the clustered tests' mixed models), 34 s
-# quick. Each document gives its first window only (`truncate`), so a split's windows come from as many documents: the
-# audit's tests treat documents as the independent units, and consecutive windows of 3 documents would
-# leave them 3 units. The calibration analysis of the full demo draws 100 resamples and 5 curve orders (the
-# defaults, 200 and 10, take about twice as long); --quick keeps the defaults. The interactions stage removes
-# every subset of the active set at 300 (quick: 200) held-out tokens per layer (default 500).
+# Window counts sized for the budget on 2 CPU cores: about 6 minutes for all three models (5 min 41 s measured, with
+# the calibration and interactions analyses and the clustered tests' mixed models), 34 s quick. Each document gives
+# its first window only (`truncate`), so a split's windows come from as many documents: the audit's tests treat
+# documents as the independent units, and consecutive windows of 3 documents would leave them 3 units. The calibration
+# analysis of the full demo draws 100 resamples and 5 curve orders (the defaults, 200 and 10, take about twice as
+# long); --quick keeps the defaults. The interactions stage removes every subset of the active set at 300 (quick: 200)
+# held-out tokens per layer (default 500).
 FULL = dict(max_len=128, max_windows=64, batch_size=16, truncate=True, resamples=100, curve_repeats=5,
             interactions_n=300)
 QUICK = dict(max_len=64, max_windows=12, batch_size=12, truncate=True, interactions_n=200)
