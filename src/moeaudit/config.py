@@ -637,7 +637,7 @@ def config_error(error: dict[str, Any], flat_given: set[str] = frozenset()) -> I
 
         names = list(PARTS[loc[0]].model_fields) if loc and loc[0] in PARTS and len(loc) > 1 else \
             [*ROOT_FIELDS[:2], *FLAT_PATHS, *ROOT_FIELDS[2:]]
-        close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.75)
+        close = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
         if close:
             return InvalidParameterError(f"unknown setting `{name}`; did you mean `{close[0]}`?")
         if loc and loc[0] in PARTS and len(loc) > 1:

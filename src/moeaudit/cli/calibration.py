@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import typer
 
+from moeaudit.cli.common import SET_OPTION, with_settings
+
 
 def calibration_command(
     run_dir: Path = typer.Argument(..., help="A run directory after `moeaudit metrics`."),
@@ -17,6 +19,7 @@ def calibration_command(
                                                "flipped prune/keep decisions (default 0.25)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file whose [calibration] table gives "
                                                "the settings (flags win)."),
+    settings: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Resample the calibration documents: ranking stability, learning curve and per-domain agreement of every
     metric; writes calibration.parquet (the model is not run)."""
@@ -28,7 +31,7 @@ def calibration_command(
     if unit is not None and unit not in UNITS:
         raise invalid("--unit", " or ".join(UNITS), unit)
     run = RunDir(run_dir)
-    overrides = dict(resamples=resamples, resample_unit=unit, flip_ratio=flip_ratio)
+    overrides = with_settings(settings, dict(resamples=resamples, resample_unit=unit, flip_ratio=flip_ratio))
     if config_file is not None or any(v is not None for v in overrides.values()):
         run = RunDir(run_dir, resolve_config(run_dir, overrides, config_file))
     info = run_calibration(run)

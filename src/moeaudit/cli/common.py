@@ -29,6 +29,39 @@ WORKERS_OPTION = typer.Option(None, "--workers", help="With --executor ray: mode
 UNIT_WINDOWS_OPTION = typer.Option(None, "--unit-windows", help="Windows per resumable work unit (default 16).")
 
 
+# Any setting by its configuration name, for the settings without a flag of their own.
+SET_OPTION = typer.Option(None, "--set", help="NAME=VALUE: any setting by its name in the configuration (TOML) "
+                          "file, repeatable, value in TOML syntax; e.g. --set alpha=0.01 --set "
+                          "designs='[\"paired\"]'. Flags named after a setting win.")
+
+
+def parse_settings(items: list[str] | None) -> dict[str, Any]:
+    """``--set NAME=VALUE`` items as settings: each value read as a TOML value (``0.01``, ``true``,
+    ``[1, 2]``, ``"text"``), or as the bare text when it is not one (``--set correction=holm``). Names are
+    checked with the whole configuration (an unknown one suggests the closest)."""
+    import tomllib
+
+    from moeaudit.errors import invalid
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not text.strip():
+            raise invalid("--set", "NAME=VALUE, e.g. --set alpha=0.01", item)
+        try:
+            value = tomllib.loads(f"value = {text.strip()}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        out[name] = value
+    return out
+
+
+def with_settings(items: list[str] | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """``--set`` items (:func:`parse_settings`) updated by the command's own flags that were given."""
+    return {**parse_settings(items), **{name: value for name, value in flags.items() if value is not None}}
+
+
 def execution_flags(executor, address, workers, unit_windows) -> dict[str, Any]:
     return dict(executor=executor, ray_address=address, workers=workers, unit_windows=unit_windows)
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from moeaudit.cli.common import print_frame, print_note
+from moeaudit.cli.common import SET_OPTION, print_frame, print_note, with_settings
 
 
 def interactions_command(
@@ -29,6 +29,7 @@ def interactions_command(
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file whose [interactions] table gives "
                                                "the settings (flags win)."),
     as_json: bool = typer.Option(False, "--json", help="Print the stage record as JSON instead of the tables."),
+    settings: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Remove every pair and every subset of each sampled token's active experts (exactly): pairwise
     interactions, Shapley values and the joint cost of the pruned sets; writes interactions.parquet,
@@ -43,9 +44,9 @@ def interactions_command(
         raise invalid("--kind", one_of(ABLATION_KINDS), kind)
     if every_token and n is not None:
         raise invalid("--every-token", "not given together with --n", "both")
-    overrides = dict(interactions_n=n, interactions_layers=parse_int_list(layers, "--layers"),
+    overrides = with_settings(settings, dict(interactions_n=n, interactions_layers=parse_int_list(layers, "--layers"),
                      interactions_kind=kind, shapley_exact_players=exact_players,
-                     shapley_permutations=permutations)
+                     shapley_permutations=permutations))
     run = RunDir(run_dir)
     if every_token or config_file is not None or any(v is not None for v in overrides.values()):
         values = {k: v for k, v in overrides.items() if v is not None}

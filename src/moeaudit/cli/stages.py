@@ -9,8 +9,9 @@ import typer
 
 from moeaudit.cli.common import (ADDRESS_OPTION, CORPUS_OPTION, DEVICE_OPTION, DTYPE_OPTION, EXECUTOR_OPTION,
                                  MAX_LEN_OPTION, MAX_WINDOWS_OPTION, MODEL_OPTION, OVERWRITE_OPTION, QUIET_OPTION,
-                                 UNIT_WINDOWS_OPTION, WORKERS_OPTION, StagePrinter, execution_flags, parse_float_list,
-                                 parse_int_list, print_frame, print_note, progress_bar, resolve_config, resumable)
+                                 SET_OPTION, UNIT_WINDOWS_OPTION, WORKERS_OPTION, StagePrinter, execution_flags,
+                                 parse_float_list, parse_int_list, print_frame, print_note, progress_bar,
+                                 resolve_config, resumable, with_settings)
 
 
 def observe_command(
@@ -30,15 +31,17 @@ def observe_command(
     unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
     overwrite: bool = OVERWRITE_OPTION,
     quiet: bool = QUIET_OPTION,
+    settings: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Run the clean model over the corpus and write tokens.parquet and routing.parquet."""
     from moeaudit.observe.stage import run_observe
     from moeaudit.rundir import RunDir
 
-    config = resolve_config(run_dir, dict(model=model, corpus=corpus, max_len=max_len, max_windows=max_windows,
+    config = resolve_config(run_dir, with_settings(settings, dict(model=model, corpus=corpus, max_len=max_len,
+                                          max_windows=max_windows,
                                           layers=parse_int_list(layers, "--layers"), batch_size=batch_size,
                                           dtype=dtype, device=device,
-                                          **execution_flags(executor, address, workers, unit_windows)), config_file,
+                                          **execution_flags(executor, address, workers, unit_windows))), config_file,
                             overwrite=overwrite)
     run = RunDir(run_dir, config, overwrite=overwrite)
     with progress_bar("observe", quiet) as update:
@@ -82,13 +85,15 @@ def intervene_command(
     workers: Optional[int] = WORKERS_OPTION,
     unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
     quiet: bool = QUIET_OPTION,
+    settings: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Remove every active expert at every held-out position (exactly) and write effects.parquet."""
     from moeaudit.intervene.stage import effects_summary, run_intervene
     from moeaudit.rundir import RunDir
 
     run = RunDir(run_dir)
-    overrides = dict(engine=engine, **execution_flags(executor, address, workers, unit_windows))
+    overrides = with_settings(settings, dict(engine=engine, **execution_flags(executor, address, workers,
+                                                                                unit_windows)))
     if any(v is not None for v in overrides.values()):
         run = RunDir(run_dir, resolve_config(run_dir, overrides, None))
     with progress_bar("intervene", quiet) as update:
@@ -103,6 +108,7 @@ def audit_command(
     run_dir: Path = typer.Argument(..., help="A run directory with effects.parquet and expert_metrics.parquet."),
     as_json: bool = typer.Option(False, "--json", help="Print the stage record and every tests.parquet row as "
                                  "JSON instead of the tables."),
+    settings: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Test whether each metric predicts the causal effect: writes tests.parquet and redundancy.parquet."""
     import json
@@ -111,6 +117,8 @@ def audit_command(
     from moeaudit.rundir import RunDir
 
     run = RunDir(run_dir)
+    if settings:
+        run = RunDir(run_dir, resolve_config(run_dir(settings), None))
     info = run_audit(run)
     tests = run.read("tests")
     if as_json:
@@ -192,6 +200,7 @@ def run_command(
     unit_windows: Optional[int] = UNIT_WINDOWS_OPTION,
     overwrite: bool = OVERWRITE_OPTION,
     quiet: bool = QUIET_OPTION,
+    settings: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Run the whole pipeline: observe -> metrics -> intervene -> audit (a re-run resumes where it stopped)."""
     from moeaudit.intervene.stage import effects_summary
@@ -199,9 +208,10 @@ def run_command(
     from moeaudit.pipeline import run_pipeline
     from moeaudit.rundir import RunDir
 
-    flags = dict(model=model, corpus=corpus, layers=parse_int_list(layers, "--layers"), max_len=max_len,
+    flags = with_settings(settings, dict(model=model, corpus=corpus, layers=parse_int_list(layers, "--layers"),
+                 max_len=max_len,
                  max_windows=max_windows, kind=kind, scope=scope, dtype=dtype, device=device, reap_gate=reap_gate,
-                 **execution_flags(executor, address, workers, unit_windows))
+                 **execution_flags(executor, address, workers, unit_windows)))
     if config_file is not None and config_file.name == "manifest.json":
         from moeaudit.config import AuditConfig
 
@@ -266,6 +276,7 @@ def prune_command(
     address: Optional[str] = ADDRESS_OPTION,
     workers: Optional[int] = WORKERS_OPTION,
     quiet: bool = QUIET_OPTION,
+    settings: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Prune by every criterion vs random vs causal oracles on held-out windows; optionally export.
 
@@ -276,9 +287,9 @@ def prune_command(
     from moeaudit.prune import export_pruned, pruning_summary, run_prune, select_kept
     from moeaudit.rundir import RunDir
 
-    overrides = dict(ratios=parse_float_list(ratios, "--ratios"),
+    overrides = with_settings(settings, dict(ratios=parse_float_list(ratios, "--ratios"),
                      criteria=criteria.split(",") if criteria else None, random_seeds=seeds,
-                     single_layer=single_layer, guard=guard, **execution_flags(executor, address, workers, None))
+                     single_layer=single_layer, guard=guard, **execution_flags(executor, address, workers, None)))
     if export is not None and (criterion is None or ratio is None):  # before the model loads
         raise invalid("--export", "given with --criterion and --ratio", str(export))
     run = RunDir(run_dir)
