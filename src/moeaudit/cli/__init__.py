@@ -77,9 +77,26 @@ class TextLogFormatter(logging.Formatter):
         return f"{text}: {json.dumps(counters, default=str)}" if counters is not None else text
 
 
+class CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler that writes to ``sys.stderr`` as it is at each record, not as it was when the handler was
+    made: while a rich progress bar is live, rich redirects ``sys.stderr`` so that a warning prints above the
+    bar instead of breaking it."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(log_json: bool, verbose: bool) -> None:
     """Library code logs through `logging`; the CLI decides how those records reach the terminal."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CurrentStderrHandler()
     handler.setFormatter(JsonLogFormatter() if log_json else TextLogFormatter())
     root = logging.getLogger("moeaudit")
     root.handlers[:] = [handler]

@@ -174,15 +174,24 @@ def checked_config(config, given: dict[str, Any]):
 
 
 @contextmanager
-def progress_bar(description: str, quiet: bool = False) -> Iterator[Any]:
-    """Yield a callback(done, total) that drives a rich progress bar with ETA (a no-op when quiet)."""
+def progress_bar(description: str, quiet: bool = False, unit: str = "windows") -> Iterator[Any]:
+    """Yield a callback(done, total) that drives a rich progress bar (a no-op when quiet): done/total, the
+    rate in ``unit`` per second, elapsed and remaining time. The stages report every finished window
+    (:func:`moeaudit.scale.units.window_done`), so the bar moves within a work unit too."""
     if quiet:
         yield lambda done, total: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=False) as progress:
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("" if speed is None else f"{speed:.3g} {unit}/s", style="progress.data.speed")
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=False) as progress:
         task = progress.add_task(description, total=None)
 
         def update(done: int, total: int) -> None:

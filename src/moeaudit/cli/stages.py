@@ -304,6 +304,6 @@ def prune_command(
             "run_fingerprint": run.manifest.get("config_fingerprint")})
         print_note(f"exported {criterion} at ratio {ratio} to {result.path}")
         return
-    with progress_bar("prune", quiet) as update:
+    with progress_bar("prune", quiet, unit="steps") as update:
         run_prune(run, moe=moe, on_batch=update)
     print_pruning(pruning_summary(run.read("pruning"), run.read("jaccard") if run.has("jaccard") else None))

@@ -30,6 +30,7 @@ from moeaudit.intervene.spotcheck import fast_disagreement, near_ties
 from moeaudit.models.edits import mean_refusal
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.options import ABLATION_KINDS, ENGINES, SCOPES, Engine, Scope, one_of  # noqa: F401 (Scope re-exported)
+from moeaudit.scale.units import window_done, windows_not_counted
 from moeaudit.tables import EFFECT_COLUMNS, single_expert_rows  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
@@ -302,6 +303,7 @@ def compute_effects(
     for b in range(input_ids.shape[0]):
         mask_b = None if attention_mask is None else attention_mask[b:b + 1]
         run.window(b, input_ids[b:b + 1], mask_b, valid[b], targets)
+        window_done()
     effects = run.table()
     stats = run.stats(effects, time.perf_counter() - started, input_ids.shape[0])
     if stats.noise_floor > NOISE_WARNING:
@@ -319,7 +321,8 @@ def fallback_reason(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torc
         return None
     reason = fast_unsupported_reason(moe)
     if reason is None:
-        reason = fast_disagreement(moe, input_ids, attention_mask, compute_effects, config)
+        with windows_not_counted():  # the check's windows are not the run's
+            reason = fast_disagreement(moe, input_ids, attention_mask, compute_effects, config)
     if reason:
         logger.warning("fast engine unavailable, using the reference engine: %s", reason)
     return reason

@@ -268,6 +268,7 @@ def observe_batches(
     :class:`~moeaudit.errors.NonFiniteError` with the layer and position.
     """
     from moeaudit.scale.memory import with_halving
+    from moeaudit.scale.units import window_done
 
     if batch_size < 1:
         raise invalid("batch_size", "a positive integer", batch_size)
@@ -303,6 +304,7 @@ def observe_batches(
                 lambda size: _observe_batch(moe, [part[i] for i in group[:size]], layers, probs_layers,
                                             probs_schema, logits_layers, logits_schema), batch_size, "batch_size")
             pieces.update(zip(group, done))
+            window_done(len(done))
             if len(done) < len(group):
                 queue.insert(0, group[len(done):])
             if stats is not None:

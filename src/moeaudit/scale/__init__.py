@@ -2,7 +2,7 @@
 
 from moeaudit.scale.executors import LocalExecutor, RayExecutor, describe_model, make_executor
 from moeaudit.scale.memory import is_out_of_memory, with_halving
-from moeaudit.scale.units import UnitResult, UnitStore, WorkUnit, run_units
+from moeaudit.scale.units import UnitResult, UnitStore, WorkUnit, run_units, window_done
 
 __all__ = ["LocalExecutor", "RayExecutor", "UnitResult", "UnitStore", "WorkUnit", "describe_model",
-           "is_out_of_memory", "make_executor", "run_units", "with_halving"]
+           "is_out_of_memory", "make_executor", "run_units", "window_done", "with_halving"]

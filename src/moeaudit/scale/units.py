@@ -18,6 +18,7 @@ import hashlib
 import logging
 import shutil
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -32,6 +33,29 @@ logger = logging.getLogger(__name__)
 
 UNITS_DIR = "units"
 LOCK_FILE = ".lock"
+
+#: Called with a count of windows a unit in flight has just finished (set by :func:`run_units` around each
+#: unit run in this process; unset elsewhere, e.g. in a Ray worker or a plain library call).
+_WINDOW_HOOK: ContextVar[Callable[[int], None] | None] = ContextVar("moeaudit_window_hook", default=None)
+
+
+@contextmanager
+def windows_not_counted() -> Iterator[None]:
+    """Within the block, :func:`window_done` counts nothing (work that is not the unit's windows, e.g. a check
+    that runs a window through both engines)."""
+    token = _WINDOW_HOOK.set(None)
+    try:
+        yield
+    finally:
+        _WINDOW_HOOK.reset(token)
+
+
+def window_done(count: int = 1) -> None:
+    """Report that ``count`` windows of the unit being computed are finished, so that a progress bar advances
+    per window rather than per unit. A no-op outside :func:`run_units` (library calls, remote workers)."""
+    hook = _WINDOW_HOOK.get()
+    if hook is not None:
+        hook(count)
 
 
 @dataclass(frozen=True)
@@ -304,16 +328,30 @@ def _run_units(run, stage, units, tables, compute, executor, on_unit):
         logger.warning("%s: resuming %s — %d of %d units already done", stage, run.path, len(done), len(units))
     if on_unit is not None:
         on_unit(windows_done, total_windows)
+    # windows reported by the unit in flight (units run in plan order in this process), never more than it holds
+    in_flight, finished = [0], [0]
+
+    def advance(count: int) -> None:
+        current = pending[min(finished[0], len(pending) - 1)].windows
+        in_flight[0] = min(current, in_flight[0] + count)
+        if on_unit is not None:
+            on_unit(windows_done + in_flight[0], total_windows)
+
+    token = _WINDOW_HOOK.set(advance)
     try:
         for unit, result in executor.map(compute, pending):
             store.commit(unit.id, result)
             windows_done += unit.windows
+            in_flight[0] = 0
+            finished[0] += 1
             if on_unit is not None:
                 on_unit(windows_done, total_windows)
     except KeyboardInterrupt:
         finished = len(store.entry["done"])
         raise RunInterrupted(f"interrupted during {stage}: {finished} of {len(units)} work units are finished "
                              f"and kept in {run.path}; re-run the same command to resume") from None
+    finally:
+        _WINDOW_HOOK.reset(token)
     store.merge()
     return store, {"units": len(units), "computed": len(pending), "resumed": len(units) - len(pending)}
 
