@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from moeaudit.errors import InvalidParameterError, RunDirectoryError, invalid
+from moeaudit.errors import HubUploadError, InvalidParameterError, RunDirectoryError, first_line, invalid
 from moeaudit.models.moe_model import MoEModel
 
 logger = logging.getLogger(__name__)
@@ -491,3 +491,98 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     logger.info("exported %s with %d of %d experts per layer to %s", moe.name, new_count, original, out)
     return ExportResult(out, new_count, original, full, parameters, original_parameters, fields)
 
+
+def check_repo_id(repo_id: str, name: str = "repo_id") -> str:
+    """Validate a hub repository id (``user/name``) without asking the hub; returns it (``name``: the
+    argument or flag named in the one-line error)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise invalid(name, "a hub repository id such as user/name", repo_id) from None
+    return repo_id
+
+
+def push_to_hub(out_dir: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
+                commit_message: str | None = None) -> Any:
+    """Upload an exported checkpoint (written by :func:`export_pruned`) to a Hugging Face hub repository.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The export directory (with ``config.json`` and ``moeaudit_pruning.json``).
+    repo_id : str
+        Hub repository, ``user/name`` or ``org/name``; created (a model repository) when missing.
+    private : bool
+        Create the repository private (an existing repository keeps its visibility).
+    token : str, optional
+        Hub token with write access; default: the stored login (``hf auth login``) or ``HF_TOKEN``.
+    commit_message : str, optional
+        Default: "Upload pruned checkpoint (moeaudit)" with the source model and expert counts.
+
+    Returns
+    -------
+    CommitInfo
+        ``huggingface_hub``'s answer to ``HfApi.upload_folder``.
+
+    Raises
+    ------
+    HubUploadError
+        One line naming the fix (log in, write access, network); the export on disk is never touched.
+
+    Notes
+    -----
+    ``HfApi.create_repo(repo_id, exist_ok=True)`` then ``HfApi.upload_folder``: the folder as written (weights,
+    ``config.json``, ``README.md`` model card, ``moeaudit_pruning.json``, tokenizer files).
+    """
+    out = Path(out_dir).expanduser()
+    check_repo_id(repo_id)
+    if not (out / "config.json").is_file() or not (out / "moeaudit_pruning.json").is_file():
+        raise RunDirectoryError(f"{out} is not an exported checkpoint (no config.json and moeaudit_pruning.json); "
+                                "write one with `moeaudit prune RUN --export DIR` or export_pruned first")
+    if commit_message is None:
+        record = json.loads((out / "moeaudit_pruning.json").read_text())
+        commit_message = (f"Upload {record.get('source', 'model')} pruned to {record.get('num_experts', '?')} of "
+                          f"{record.get('original_num_experts', '?')} experts (moeaudit)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(out), repo_type="model",
+                                 commit_message=commit_message)
+    except Exception as err:  # noqa: BLE001 — the hub client raises HTTP, transport and token errors
+        raise HubUploadError(f"could not upload {out} to the hub as {repo_id} ({_hub_reason(err)}); "
+                             f"{_hub_fix(err)}, then upload the kept export with `hf upload {repo_id} {out}`") from None
+    logger.info("uploaded %s to the hub as %s", out, repo_id)
+    return info
+
+
+def _hub_status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _hub_reason(err: BaseException) -> str:
+    status = _hub_status(err)
+    reason = first_line(err)
+    return f"HTTP {status}: {reason}" if status is not None and str(status) not in reason else reason
+
+
+def _hub_fix(err: BaseException) -> str:
+    """What to do about a failed upload, by the kind of failure."""
+    from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    status = _hub_status(err)
+    if isinstance(err, LocalTokenNotFoundError) or status == 401:
+        return "log in with `hf auth login` or set HF_TOKEN to a token with write access"
+    if status == 403:
+        return "use a token with write access to that namespace, or a repository id under your own user"
+    if isinstance(err, OfflineModeIsEnabled):
+        return "unset HF_HUB_OFFLINE"
+    if status is None:
+        return "check the network connection to huggingface.co"
+    return "check the repository id and your access to it"
