@@ -48,6 +48,11 @@ class NonFiniteError(MoeAuditError):
     """The model produced NaN or inf activations (reported with the layer and position)."""
 
 
+class HubUploadError(MoeAuditError):
+    """An upload to the Hugging Face hub failed (no token, no write access, no network); what was to be
+    uploaded stays on disk."""
+
+
 class RunInterrupted(MoeAuditError):
     """A stage was interrupted (SIGINT / SIGTERM); its finished work units are kept for a resume."""
 

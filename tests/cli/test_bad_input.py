@@ -139,3 +139,28 @@ def test_an_unknown_setting_suggests_the_closest_name(tmp_path, cli):
     code, _, err = cli("run", "--out", str(tmp_path / "run"), "--model", "tiny-olmoe", "--config", str(config))
     assert code == 2 and "unknown setting `zzz`; allowed settings are: model, corpus" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_push_to_hub_without_export_or_with_a_bad_repo_id_is_one_line_before_anything_loads(tmp_path, cli,
+                                                                                            monkeypatch):
+    import huggingface_hub
+
+    import moeaudit.models.loading as loading
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was contacted")
+
+    monkeypatch.setattr(loading, "model_from_config", no_model)
+    monkeypatch.setattr(huggingface_hub, "HfApi", no_hub)
+    code, out, err = cli("prune", str(tmp_path / "run"), "--push-to-hub", "someone/pruned")
+    assert code == 2 and "`--push-to-hub` must be given with --export DIR" in err and "someone/pruned" in err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = cli("prune", str(tmp_path / "run"), "--export", str(tmp_path / "out"), "--criterion", "reap",
+                         "--ratio", "0.25", "--push-to-hub", "not a//repo")
+    assert code == 2 and "`--push-to-hub` must be a hub repository id such as user/name" in err
+    code, out, err = cli("prune", str(tmp_path / "run"), "--private")
+    assert code == 2 and "`--private` must be given with --push-to-hub" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ from moeaudit.models.generic import TOP_K_FIELDS
 from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import FAMILIES
 from moeaudit.prune import export_pruned, pruning_ablations
+from moeaudit.prune.export import EXPERT_COUNT_FIELDS, LEGACY_EXPERT_COUNT_KEYS
 
 from tests.prune.conftest import make_moe, windows
 
@@ -49,10 +50,66 @@ def test_export_equals_masked_pruning(family, tmp_path):
     assert getattr(text_config, top_k_field) == moe.layers[0].top_k
     record = json.loads((tmp_path / "pruned" / "moeaudit_pruning.json").read_text())
     assert record["kept"][str(moe.layers[0].layer)] == KEPT[family]
+    _assert_legacy_keys(tmp_path / "pruned" / "config.json", text_config, n_kept)
     # the exported experts are the kept ones, in order
     layer = moe.layers[0]
     exported_layer = getattr(moe.adapter.decoder_layers(loaded)[layer.layer], moe.adapter.block_attr)
     assert torch.equal(exported_layer.experts.down_proj, layer.experts.down_proj[KEPT[family]])
+
+
+def _text_json(data: dict) -> dict:
+    """The text config's part of a config.json (itself but for vision-language models)."""
+    return data.get("text_config", data)
+
+
+def _assert_legacy_keys(path, text_config, n_kept):
+    """config.json has the transformers 4.x spellings (expert count, RoPE, torch_dtype) with the pruned values."""
+    data = json.loads(path.read_text())
+    text = _text_json(data)
+    legacy = LEGACY_EXPERT_COUNT_KEYS.get(text_config.model_type)
+    if legacy is not None:
+        assert text[legacy] == n_kept, legacy
+    assert all(text[name] == n_kept for name in EXPERT_COUNT_FIELDS if name in text)
+    rope = getattr(text_config, "rope_parameters", None)
+    if isinstance(rope, dict) and "rope_theta" in rope:  # flat; nested per layer type has no 4.x spelling
+        assert text["rope_theta"] == rope["rope_theta"]
+        assert text.get("partial_rotary_factor") == rope.get("partial_rotary_factor")
+        assert "rope_scaling" in text
+    for part in (data, *(v for v in data.values() if isinstance(v, dict) and "dtype" in v)):
+        assert part["torch_dtype"] == part["dtype"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "glm4_moe", "qwen3_vl_moe", "mistral4"])
+def test_export_writes_the_keys_transformers_4_reads(family, tmp_path):
+    """The issue's examples (Qwen3-MoE's num_experts, Mixtral's rope_theta) and partial rotary, M-RoPE and YaRN:
+    a config.json stripped of every 5.x-only spelling (what a 4.x reader sees) gives the exported config."""
+    moe = make_moe(family)
+    export_pruned(moe, {l.layer: [0, 2, 3, 5, 6, 7] for l in moe.layers}, tmp_path / "p")
+    data = json.loads((tmp_path / "p" / "config.json").read_text())
+    text = _text_json(data)
+    if family == "qwen3_moe":  # transformers 5.x writes num_local_experts; 4.x read num_experts (default 128)
+        assert text["num_experts"] == text["num_local_experts"] == 6
+        assert text["rope_theta"] == 10000.0 and text["rope_scaling"] is None
+    if family == "mixtral":  # 5.x keeps rope_theta in rope_parameters; 4.x read it at the top level
+        assert text["num_local_experts"] == 6 and text["rope_theta"] == 1e6 and text["rope_scaling"] is None
+    if family == "glm4_moe":
+        assert text["partial_rotary_factor"] == 0.5 and text["n_routed_experts"] == 6
+    if family == "qwen3_vl_moe":  # 4.x Qwen3-VL read mrope_section from rope_scaling
+        assert text["num_experts"] == 6 and text["rope_scaling"]["mrope_section"] == [1, 1, 2]
+    if family == "mistral4":
+        assert text["rope_scaling"]["rope_type"] == "yarn" and text["rope_scaling"]["factor"] == 128.0
+    assert data["torch_dtype"] == data["dtype"] == "float32"
+    exported = type(moe.model.config).from_pretrained(tmp_path / "p")
+    legacy_only = json.loads(json.dumps(data))
+    for part in (legacy_only, _text_json(legacy_only)):
+        part.pop("dtype", None)
+        part.pop("rope_parameters", None)
+    if family == "qwen3_moe":
+        legacy_only.pop("num_local_experts")
+    old_style = type(moe.model.config).from_dict(legacy_only)
+    assert old_style.get_text_config().rope_parameters == exported.get_text_config().rope_parameters
+    assert old_style.to_dict() == exported.to_dict()
+    assert str(old_style.dtype) == "torch.float32"
 
 
 def test_export_refuses_non_uniform_and_bad_kept(tmp_path):

@@ -272,6 +272,9 @@ def prune_command(
     export: Optional[Path] = typer.Option(None, "--export", help="Write a physically smaller checkpoint here."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="With --export: the criterion, e.g. reap."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="With --export: the ratio, e.g. 0.25."),
+    push: Optional[str] = typer.Option(None, "--push-to-hub", help="With --export: then upload the checkpoint to "
+                                       "this hub repository (user/name; created if missing)."),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repository private."),
     executor: Optional[str] = EXECUTOR_OPTION,
     address: Optional[str] = ADDRESS_OPTION,
     workers: Optional[int] = WORKERS_OPTION,
@@ -284,7 +287,8 @@ def prune_command(
     """
     from moeaudit.errors import invalid
     from moeaudit.models.loading import model_from_config
-    from moeaudit.prune import export_pruned, pruning_summary, run_prune, select_kept
+    from moeaudit.prune import export_pruned, pruning_summary, push_to_hub, run_prune, select_kept
+    from moeaudit.prune.export import check_repo_id
     from moeaudit.rundir import RunDir
 
     overrides = with_settings(settings, dict(ratios=parse_float_list(ratios, "--ratios"),
@@ -292,6 +296,12 @@ def prune_command(
                      single_layer=single_layer, guard=guard, **execution_flags(executor, address, workers, None)))
     if export is not None and (criterion is None or ratio is None):  # before the model loads
         raise invalid("--export", "given with --criterion and --ratio", str(export))
+    if push is not None:  # also before the model loads
+        if export is None:
+            raise invalid("--push-to-hub", "given with --export DIR (the checkpoint to upload)", push)
+        check_repo_id(push, "--push-to-hub")
+    elif private:
+        raise invalid("--private", "given with --push-to-hub", private)
     run = RunDir(run_dir)
     if config_file is not None or any(v is not None for v in overrides.values()):
         run = RunDir(run_dir, resolve_config(run_dir, overrides, config_file))
@@ -303,6 +313,9 @@ def prune_command(
             "criterion": criterion, "ratio": ratio, "guard": run.config.prune.guard, "run": str(run.path),
             "run_fingerprint": run.manifest.get("config_fingerprint")})
         print_note(f"exported {criterion} at ratio {ratio} to {result.path}")
+        if push is not None:
+            push_to_hub(result.path, push, private=private)
+            print_note(f"uploaded {result.path} to the hub: https://huggingface.co/{push}")
         return
     with progress_bar("prune", quiet, unit="steps") as update:
         run_prune(run, moe=moe, on_batch=update)

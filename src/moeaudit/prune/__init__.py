@@ -9,12 +9,12 @@ masking the dropped experts out of routing (exactly what a smaller checkpoint co
 sets and each criterion's percentile in the random distribution, for all layers at once and per layer.
 
 Public: :func:`run_prune` (the stage), :func:`pruning_summary`, :func:`kept_from_table`, :func:`select_kept`,
-:func:`export_pruned`, :func:`evaluate_pruned`, :func:`pruning_ablations`, :func:`evaluate_downstream`
-(lm-evaluation-harness tasks on an exported checkpoint; ``pip install "moeaudit[eval]"``), criteria helpers
-(:func:`criterion_scores`, :func:`dropped_experts`, :func:`layer_budgets`, :func:`check_ratio`,
-:func:`oracle_delta_nll`, :func:`reconstruction_errors`, :func:`super_experts`) and Jaccard helpers
-(:func:`jaccard`, :func:`expected_random_jaccard`, :func:`jaccard_table`). torch (and lm_eval) are imported
-only by the functions that run the model.
+:func:`export_pruned`, :func:`push_to_hub` (upload an export), :func:`evaluate_pruned`,
+:func:`pruning_ablations`, :func:`evaluate_downstream` (lm-evaluation-harness tasks on an exported checkpoint;
+``pip install "moeaudit[eval]"``), criteria helpers (:func:`criterion_scores`, :func:`dropped_experts`,
+:func:`layer_budgets`, :func:`check_ratio`, :func:`oracle_delta_nll`, :func:`reconstruction_errors`,
+:func:`super_experts`) and Jaccard helpers (:func:`jaccard`, :func:`expected_random_jaccard`,
+:func:`jaccard_table`). torch (and lm_eval) are imported only by the functions that run the model.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ _LAZY = {
     "PRUNING_COLUMNS": "moeaudit.tables",
     "export_pruned": "moeaudit.prune.export",
     "ExportResult": "moeaudit.prune.export",
+    "push_to_hub": "moeaudit.prune.export",
     "evaluate_pruned": "moeaudit.prune.evaluate",
     "pruning_ablations": "moeaudit.prune.evaluate",
     "PrunedEval": "moeaudit.prune.evaluate",

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from moeaudit.errors import InvalidParameterError, RunDirectoryError, invalid
+from moeaudit.errors import HubUploadError, InvalidParameterError, RunDirectoryError, first_line, invalid
 from moeaudit.models.moe_model import MoEModel
 
 logger = logging.getLogger(__name__)
@@ -251,6 +251,110 @@ def _expert_count_fields(config, num_experts: int) -> tuple[str, ...]:
     return fields
 
 
+#: The routed-expert count's key as transformers 4.x config classes read it, by ``model_type`` (of the text
+#: config for a vision-language model), for the exported families 4.x shipped. transformers 5.x renamed
+#: some: ``Qwen3MoeConfig`` and ``Qwen3VLMoeTextConfig`` write ``num_local_experts`` (``num_experts`` is an
+#: ``attribute_map`` alias) where 4.x read ``num_experts`` and would fall back to its default of 128.
+LEGACY_EXPERT_COUNT_KEYS: dict[str, str] = {
+    "olmoe": "num_experts", "flex_olmo": "num_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
+    "qwen3_next": "num_experts", "qwen3_vl_moe_text": "num_experts", "hunyuan_v1_moe": "num_experts",
+    "jamba": "num_experts", "lfm2_moe": "num_experts",
+    "mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "phimoe": "num_local_experts",
+    "llama4_text": "num_local_experts", "granitemoe": "num_local_experts", "granitemoeshared": "num_local_experts",
+    "granitemoehybrid": "num_local_experts",
+    "deepseek_v2": "n_routed_experts", "deepseek_v3": "n_routed_experts", "glm4_moe": "n_routed_experts",
+    "glm4v_moe_text": "n_routed_experts", "dots1": "n_routed_experts",
+    "ernie4_5_moe": "moe_num_experts", "aria_text": "moe_num_experts",
+}
+
+#: RoPE keys that transformers 4.x kept at the top level of a config and 5.x folds into ``rope_parameters``.
+_TOP_LEVEL_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
+
+
+def legacy_config_keys(config, fields: Sequence[str], num_experts: int) -> dict[str, dict[str, Any]]:
+    """The keys transformers 4.x read that 5.x writes under other names, for the exported ``config.json``.
+
+    Parameters
+    ----------
+    config : PretrainedConfig
+        The pruned model's config (5.x), with its expert count already rewritten.
+    fields : sequence of str
+        The expert-count fields rewritten (:data:`EXPERT_COUNT_FIELDS` members).
+    num_experts : int
+        The pruned expert count.
+
+    Returns
+    -------
+    dict
+        ``{"": keys for the top level, "text_config": keys for that sub-config, ...}``: what to add beside
+        the keys 5.x writes. 5.x reads a checkpoint with them unchanged (see Notes).
+
+    Notes
+    -----
+    Written, where the 5.x config has the value:
+
+    * **The expert count under every spelling**: the 4.x key of :data:`LEGACY_EXPERT_COUNT_KEYS` (Qwen3-MoE
+      and Qwen3-VL-MoE: ``num_experts``, which 5.x writes as ``num_local_experts``) and every alias the 5.x
+      class declares for the rewritten field in its ``attribute_map`` (so families 4.x did not ship get the
+      other spellings too), all equal to the pruned count. 5.x maps the aliases onto the same attribute.
+    * **RoPE, in the text config**: 5.x keeps ``rope_theta`` (and ``partial_rotary_factor``) inside
+      ``rope_parameters``; 4.x read them at the top level and the scaling (``rope_type``, ``factor``, …,
+      ``mrope_section`` of the vision-language models) from ``rope_scaling``, ``None`` for plain RoPE.
+      Written: ``rope_theta``, ``partial_rotary_factor`` where present, and ``rope_scaling`` =
+      ``rope_parameters`` without those two (``None`` when only ``rope_type: default`` is left). 5.x
+      rebuilds the same ``rope_parameters`` from them (``convert_rope_params_to_dict``: ``rope_scaling``
+      replaces ``rope_parameters`` and the top-level values fill the rest). RoPE that differs per layer type
+      (``rope_parameters`` nested by layer type: MiMo-V2-Flash, Mellum) has no 4.x spelling: nothing written.
+    * **``torch_dtype``** beside every ``dtype`` (the top level and each sub-config): 4.x's name; 5.x keeps
+      ``dtype`` when both are given.
+    """
+    text_config = config.get_text_config()
+    out: dict[str, dict[str, Any]] = {}
+    for key in ("", *(getattr(config, "sub_configs", None) or {})):
+        sub = config if key == "" else getattr(config, key, None)
+        if sub is None or not hasattr(sub, "to_dict"):
+            continue
+        raw = sub.to_dict()
+        keys: dict[str, Any] = {}
+        if sub is text_config:
+            aliases = getattr(type(sub), "attribute_map", {}) or {}
+            names = set(fields) | {alias for alias, target in aliases.items()
+                                   if target in fields and alias in EXPERT_COUNT_FIELDS}
+            names |= {target for alias, target in aliases.items() if alias in fields and target in EXPERT_COUNT_FIELDS}
+            legacy = LEGACY_EXPERT_COUNT_KEYS.get(getattr(sub, "model_type", ""))
+            if legacy is not None:
+                names.add(legacy)
+            keys.update({name: num_experts for name in sorted(names)})
+            keys.update(_legacy_rope(sub, raw.get("rope_parameters")))
+        if raw.get("dtype") is not None:
+            keys["torch_dtype"] = raw["dtype"]
+        if keys:
+            out[key] = keys
+    return out
+
+
+def _legacy_rope(config, rope: Any) -> dict[str, Any]:
+    """``rope_theta`` / ``partial_rotary_factor`` / ``rope_scaling`` from a flat ``rope_parameters``."""
+    if not isinstance(rope, Mapping) or "rope_theta" not in rope:
+        return {}  # no RoPE (Jamba), or nested by layer type
+    keys = {name: rope[name] for name in _TOP_LEVEL_ROPE_KEYS if name in rope}
+    scaling = {name: value for name, value in rope.items() if name not in _TOP_LEVEL_ROPE_KEYS}
+    plain = set(scaling) <= {"rope_type", "type"} and scaling.get("rope_type", "default") == "default"
+    keys["rope_scaling"] = None if plain else scaling
+    return keys
+
+
+def _write_legacy_keys(path: Path, legacy: Mapping[str, Mapping[str, Any]]) -> None:
+    """Add :func:`legacy_config_keys`' keys to a written ``config.json`` (the keys 5.x wrote win)."""
+    data = json.loads(path.read_text())
+    for key, keys in legacy.items():
+        target = data if key == "" else data.get(key)
+        if isinstance(target, dict):
+            for name, value in keys.items():
+                target.setdefault(name, value)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _tied_names(model: torch.nn.Module) -> set[str]:
     """State-dict names the model ties to another tensor on load (absent from a checkpoint by design)."""
     return set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ())
@@ -365,6 +469,7 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     try:
         write_shards(entries, out, max_shard_bytes)
         pruned.config.save_pretrained(out)
+        _write_legacy_keys(out / "config.json", legacy_config_keys(pruned.config, fields, new_count))
         generation = getattr(moe.model, "generation_config", None)
         if generation is not None and pruned.can_generate():
             generation.save_pretrained(out)
@@ -385,3 +490,99 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
                                 "choose another directory") from None
     logger.info("exported %s with %d of %d experts per layer to %s", moe.name, new_count, original, out)
     return ExportResult(out, new_count, original, full, parameters, original_parameters, fields)
+
+
+def check_repo_id(repo_id: str, name: str = "repo_id") -> str:
+    """Validate a hub repository id (``user/name``) without asking the hub; returns it (``name``: the
+    argument or flag named in the one-line error)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise invalid(name, "a hub repository id such as user/name", repo_id) from None
+    return repo_id
+
+
+def push_to_hub(out_dir: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
+                commit_message: str | None = None) -> Any:
+    """Upload an exported checkpoint (written by :func:`export_pruned`) to a Hugging Face hub repository.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The export directory (with ``config.json`` and ``moeaudit_pruning.json``).
+    repo_id : str
+        Hub repository, ``user/name`` or ``org/name``; created (a model repository) when missing.
+    private : bool
+        Create the repository private (an existing repository keeps its visibility).
+    token : str, optional
+        Hub token with write access; default: the stored login (``hf auth login``) or ``HF_TOKEN``.
+    commit_message : str, optional
+        Default: "Upload pruned checkpoint (moeaudit)" with the source model and expert counts.
+
+    Returns
+    -------
+    CommitInfo
+        ``huggingface_hub``'s answer to ``HfApi.upload_folder``.
+
+    Raises
+    ------
+    HubUploadError
+        One line naming the fix (log in, write access, network); the export on disk is never touched.
+
+    Notes
+    -----
+    ``HfApi.create_repo(repo_id, exist_ok=True)`` then ``HfApi.upload_folder``: the folder as written (weights,
+    ``config.json``, ``README.md`` model card, ``moeaudit_pruning.json``, tokenizer files).
+    """
+    out = Path(out_dir).expanduser()
+    check_repo_id(repo_id)
+    if not (out / "config.json").is_file() or not (out / "moeaudit_pruning.json").is_file():
+        raise RunDirectoryError(f"{out} is not an exported checkpoint (no config.json and moeaudit_pruning.json); "
+                                "write one with `moeaudit prune RUN --export DIR` or export_pruned first")
+    if commit_message is None:
+        record = json.loads((out / "moeaudit_pruning.json").read_text())
+        commit_message = (f"Upload {record.get('source', 'model')} pruned to {record.get('num_experts', '?')} of "
+                          f"{record.get('original_num_experts', '?')} experts (moeaudit)")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(out), repo_type="model",
+                                 commit_message=commit_message)
+    except Exception as err:  # noqa: BLE001 — the hub client raises HTTP, transport and token errors
+        raise HubUploadError(f"could not upload {out} to the hub as {repo_id} ({_hub_reason(err)}); "
+                             f"{_hub_fix(err)}, then upload the kept export with `hf upload {repo_id} {out}`") from None
+    logger.info("uploaded %s to the hub as %s", out, repo_id)
+    return info
+
+
+def _hub_status(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _hub_reason(err: BaseException) -> str:
+    status = _hub_status(err)
+    reason = first_line(err)
+    return f"HTTP {status}: {reason}" if status is not None and str(status) not in reason else reason
+
+
+def _hub_fix(err: BaseException) -> str:
+    """What to do about a failed upload, by the kind of failure."""
+    from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    status = _hub_status(err)
+    if isinstance(err, LocalTokenNotFoundError) or status == 401:
+        return "log in with `hf auth login` or set HF_TOKEN to a token with write access"
+    if status == 403:
+        return "use a token with write access to that namespace, or a repository id under your own user"
+    if isinstance(err, OfflineModeIsEnabled):
+        return "unset HF_HUB_OFFLINE"
+    if status is None:
+        return "check the network connection to huggingface.co"
+    return "check the repository id and your access to it"
