@@ -62,17 +62,25 @@ def test_demo_output_fits_80_columns_and_hides_nothing(demo_run):
             mark = "*" if row.verdict == "significant" else ""
             assert {f"{row.effect:+.3f}", f"{row.p_t:.2g}", f"{row.p_wilcoxon:.2g}{mark}"} <= words, row
     assert "interventions" in words and "tiny-olmoe" in words and "oracle_reconstruction" in words
+    flat = " ".join(out.split())
+    assert "tiny-olmoe: pairs of active experts removed together (zero, token scope, 12,800 exact removals" in flat
+    assert "pruned sets removed together at a token, ratio 0.25" in flat
 
 
 def test_demo_writes_every_table(demo_dir):
     for table in ("tokens", "routing", "router_probs", "expert_metrics", "effects", "tests", "redundancy",
-                  "pruning", "jaccard", "calibration"):
+                  "pruning", "jaccard", "calibration", "interactions", "shapley", "interaction_sets", "shapley_tests"):
         assert (demo_dir / f"{table}.parquet").exists(), table
     manifest = json.loads((demo_dir / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"observe", "metrics", "intervene", "audit", "prune", "calibration"}
+    assert set(manifest["stages"]) == {"observe", "metrics", "intervene", "audit", "prune", "calibration",
+                                       "interactions"}
     calibration = pd.read_parquet(demo_dir / "calibration.parquet")
     assert set(calibration["unit"]) == {"document"} and calibration["n_units"].min() >= 2
-    assert manifest["stages"]["calibration"]["seconds"] < 10
+    interactions = manifest["stages"]["interactions"]
+    assert interactions["tokens"] == {str(layer): 200 for layer in range(4)} and interactions["engine"] == "fast"
+    shapley = pd.read_parquet(demo_dir / "shapley.parquet")
+    efficiency = shapley.groupby(["layer", "seq", "pos"]).agg(total=("shapley", "sum"), all=("delta_nll_all", "first"))
+    assert (efficiency["total"] - efficiency["all"]).abs().max() < 1e-5
     pruning = pd.read_parquet(demo_dir / "pruning.parquet")
     assert {"reap", "frequency", "random", "oracle_delta_nll"} <= set(pruning.criterion)
     assert pruning[pruning.criterion == "random"].seed.nunique() == 5
