@@ -469,7 +469,8 @@ class _Plan:
 def _plan(checkpoint: str | Path, tasks: Sequence[str], *, include_path: str | Path | None, limit: int | None,
           batch_size: int, device: str, dtype: str, num_fewshot: int | None, seed: int,
           model_args: str | Mapping[str, Any] | None, apply_chat_template: bool | str,
-          output_path: str | Path | None, log_samples: bool, what: str = "checkpoint") -> _Plan:
+          output_path: str | Path | None, log_samples: bool, what: str = "checkpoint",
+          manager: Any = None) -> _Plan:
     """Check every argument (and that lm-eval knows the tasks) without loading a model."""
     _, names, include = _check_arguments(checkpoint, tasks, include_path, limit, batch_size, dtype, num_fewshot,
                                          what)
@@ -488,7 +489,8 @@ def _plan(checkpoint: str | Path, tasks: Sequence[str], *, include_path: str | P
     if extra.get("trust_remote_code"):
         raise invalid("model_args", "free of trust_remote_code=True", "trust_remote_code=True")
     device = _check_device(device)
-    manager = _task_manager(TaskManager, names, include)
+    if manager is None:  # indexing lm-eval's built-in tasks takes seconds; a comparison does it once
+        manager = _task_manager(TaskManager, names, include)
     return _Plan(path=path, tokenizer=tokenizer, names=names, manager=manager, device=device, dtype=dtype,
                  batch_size=batch_size, limit=limit, num_fewshot=num_fewshot, seed=seed, model_args=extra,
                  apply_chat_template=apply_chat_template, output=output, log_samples=log_samples,
@@ -631,7 +633,7 @@ def compare_downstream(checkpoint: str | Path, baseline: str | Path, tasks: Sequ
     Both are checked before either model loads, so a typo in the baseline costs no evaluation.
     """
     pruned_plan = _plan(checkpoint, tasks, **_defaults(kwargs))
-    baseline_plan = _plan(baseline, tasks, **_defaults(kwargs), what="baseline")
+    baseline_plan = _plan(baseline, tasks, **_defaults(kwargs), what="baseline", manager=pruned_plan.manager)
     if baseline_plan.path == pruned_plan.path:
         raise invalid("baseline", "a different model than the checkpoint (e.g. the unpruned original)",
                       str(baseline))
