@@ -13,6 +13,11 @@ lm-eval and datasets make even for local files are prevented: lm-eval's Hub look
 revision (the checkpoint is passed as an absolute path, which is no valid repo id) and datasets'
 download-count ping (switched off while the evaluation runs).
 
+With ``output_path`` lm-eval's own results JSON (and, with ``log_samples``, its per-document samples) is
+written by lm-eval's ``EvaluationTracker``, as ``lm-eval run --output_path`` writes it, so lm-eval's tools
+read it. :func:`compare_downstream` evaluates a pruned checkpoint and a baseline (e.g. the unpruned model)
+with the same settings and lines them up: ``difference`` = pruned - baseline.
+
 lm_eval, accelerate and datasets are imported only when the function runs, so ``import moeaudit.prune``
 and ``moeaudit --help`` stay fast and work without the extra.
 """
