@@ -22,7 +22,8 @@ Tables (one Parquet file each in a run directory):
 ``prune_evals``
     The prune stage's per-unit evaluations: :data:`EVALS_SCHEMA`.
 ``jaccard``, ``downstream``
-    :data:`JACCARD_COLUMNS`, :data:`DOWNSTREAM_COLUMNS`.
+    :data:`JACCARD_COLUMNS`, :data:`DOWNSTREAM_COLUMNS` (and :data:`DOWNSTREAM_COMPARISON_COLUMNS` for a
+    pruned checkpoint against its baseline).
 ``calibration``
     One row per (metric, layer): how stable the metric's expert ranking is under resampled calibration
     data: :data:`CALIBRATION_SCHEMA`.
@@ -43,6 +44,7 @@ import pyarrow as pa
 __all__ = [
     "CALIBRATION_SCHEMA",
     "DOWNSTREAM_COLUMNS",
+    "DOWNSTREAM_COMPARISON_COLUMNS",
     "EFFECT_COLUMNS",
     "EVALS_SCHEMA",
     "EVALS_SCHEMA_FIELDS",
@@ -214,6 +216,12 @@ INTERACTION_SET_COLUMNS: tuple[str, ...] = (
 
 #: Columns of :attr:`moeaudit.prune.DownstreamResult.table`, in order.
 DOWNSTREAM_COLUMNS: tuple[str, ...] = ("task", "metric", "filter", "value", "stderr", "n")
+
+#: Columns of :func:`moeaudit.prune.downstream.compare_downstream`: one row per (task, metric, filter) with
+#: the baseline's and the pruned checkpoint's value and stderr, and ``difference`` = pruned - baseline.
+DOWNSTREAM_COMPARISON_COLUMNS: tuple[str, ...] = (
+    "task", "metric", "filter", "baseline", "baseline_stderr", "pruned", "pruned_stderr", "difference", "n",
+)
 
 
 def single_expert_rows(effects: pd.DataFrame) -> pd.DataFrame:

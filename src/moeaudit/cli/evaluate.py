@@ -24,23 +24,54 @@ def evaluate_command(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples (default: the task's)."),
     seed: int = typer.Option(42, "--seed", help="Seed for Python, NumPy, torch and the few-shot sampler."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the table to a .json or .parquet file."),
+    output_path: Optional[Path] = typer.Option(
+        None, "--output-path",
+        help="Also write lm-eval's own results JSON here (a directory, or a .json name), as lm-eval does."),
+    model_args: Optional[str] = typer.Option(
+        None, "--model-args",
+        help="Extra key=value,... for lm-eval's HF model, e.g. max_length=2048 (not pretrained, device, dtype, "
+             "batch_size, tokenizer or trust_remote_code)."),
+    apply_chat_template: bool = typer.Option(
+        False, "--apply-chat-template", help="Format prompts with the tokenizer's chat template."),
+    log_samples: bool = typer.Option(
+        False, "--log-samples", help="Write lm-eval's per-document samples beside the results (needs --output-path)."),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline",
+        help="Also evaluate this model (e.g. the unpruned original: a directory or a built-in name) with the same "
+             "settings and print one table: baseline, pruned, difference."),
 ) -> None:
     """Run lm-evaluation-harness tasks on a checkpoint and print one row per task and metric."""
     from moeaudit.errors import invalid
-    from moeaudit.prune.downstream import evaluate_downstream
+    from moeaudit.prune.downstream import compare_downstream, evaluate_downstream
 
     # Checked before the model loads, so a typo in --out does not cost an evaluation.
     if out is not None and out.suffix not in OUT_SUFFIXES:
         raise invalid("--out", f"a file ending in {' or '.join(OUT_SUFFIXES)}", str(out))
-    result = evaluate_downstream(checkpoint, tasks.split(","), include_path=include_path, limit=limit,
-                                 batch_size=batch_size, device=device, dtype=dtype, num_fewshot=num_fewshot,
-                                 seed=seed)
+    if log_samples and output_path is None:
+        raise invalid("--log-samples", "used together with --output-path (the samples are written beside "
+                      "lm-eval's results file)", True)
+    settings = dict(include_path=include_path, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+                    num_fewshot=num_fewshot, seed=seed, model_args=model_args,
+                    apply_chat_template=apply_chat_template, output_path=output_path, log_samples=log_samples)
     limited = f", first {limit} documents per task" if limit is not None else ""
-    print_frame(result.table, f"lm-eval on {result.checkpoint.name} ({dtype} on {device}{limited})",
-                float_format="{:.4f}")
+    if baseline is None:
+        result = evaluate_downstream(checkpoint, tasks.split(","), **settings)
+        table, title = result.table, f"lm-eval on {result.checkpoint.name} ({dtype} on {device}{limited})"
+        results, seconds = [result], result.seconds
+    else:
+        comparison = compare_downstream(checkpoint, baseline, tasks.split(","), **settings)
+        result = comparison.pruned
+        table = comparison.table
+        title = (f"lm-eval on {result.checkpoint.name} against {comparison.baseline.checkpoint.name} "
+                 f"(difference = pruned - baseline; {dtype} on {device}{limited})")
+        results, seconds = [comparison.baseline, result], comparison.baseline.seconds + result.seconds
+    print_frame(table, title, float_format="{:.4f}")
     if out is not None:
-        write_table(result.table, out)
-    print_note(f"{len(result.tasks)} task(s) in {result.seconds:.1f}s" + (f" -> {out}" if out is not None else ""))
+        write_table(table, out)
+    written = [str(out)] if out is not None else []
+    for each in results:
+        written += [str(path) for path in (each.results_file, *each.sample_files) if path is not None]
+    print_note(f"{len(result.tasks)} task(s) in {seconds:.1f}s" + (f" -> {', '.join(written)}" if written else ""))
 
 
 def write_table(table, out: Path) -> None:

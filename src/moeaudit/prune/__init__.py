@@ -61,6 +61,8 @@ _LAZY = {
     # lm-evaluation-harness (the optional `eval` extra) is imported only when an evaluation runs.
     "evaluate_downstream": "moeaudit.prune.downstream",
     "DownstreamResult": "moeaudit.prune.downstream",
+    "compare_downstream": "moeaudit.prune.downstream",
+    "DownstreamComparison": "moeaudit.prune.downstream",
 }
 
 
