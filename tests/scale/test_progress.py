@@ -29,7 +29,7 @@ def test_run_units_reports_windows_inside_each_unit(tmp_path):
     run_units(run, "demo", units, ("t",), compute, LocalExecutor(None), on_unit=lambda d, t: calls.append((d, t)))
     done = [d for d, _ in calls]
     assert calls[0] == (0, 12) and calls[-1] == (12, 12) and {t for _, t in calls} == {12}
-    assert [1, 2, 3, 4] == done[1:5]  # per window inside the first unit, not only at its end
+    assert [1, 2, 3, 3, 3, 4] == done[1:7]  # per window inside the first unit; whole only once committed
     assert done == sorted(done) and max(done) == 12
     assert _WINDOW_HOOK.get() is None  # the hook does not outlive the stage
 

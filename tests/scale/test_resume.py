@@ -114,12 +114,18 @@ def _config(**overrides) -> AuditConfig:
     return AuditConfig(**dict(values, **overrides))
 
 
-def _interrupt_after(units: int):
+def _interrupt_after(units: int, windows_per_unit: int | None = None):
+    """Interrupt once ``units`` work units are committed. Stages that report windows inside a unit call
+    back per window too; their windows reach a unit's full count only at its commit, so with
+    ``windows_per_unit`` the interrupt fires at the first report of ``units`` whole units."""
     calls = []
 
     def on_unit(done, total):
         calls.append(done)
-        if len(calls) > units:  # the first call reports the starting point
+        if windows_per_unit is None:
+            if len(calls) > units:  # the first call reports the starting point
+                raise KeyboardInterrupt
+        elif done - calls[0] >= units * windows_per_unit:
             raise KeyboardInterrupt
 
     return on_unit
@@ -138,7 +144,7 @@ def test_damaged_unit_is_recomputed_not_merged(tmp_path, moe, reference_run, dam
     run = RunDir(tmp_path, _config())
     run_observe(run, moe=moe)
     with pytest.raises(RunInterrupted, match="2 of 3 work units are finished"):
-        run_intervene(run, moe=moe, on_batch=_interrupt_after(2))
+        run_intervene(run, moe=moe, on_batch=_interrupt_after(2, 2))
     unit = next((tmp_path / "units" / "intervene").glob("census-fast-w000000-000001.effects.parquet"))
     data = unit.read_bytes()
     if damage == "truncate":
@@ -169,7 +175,7 @@ def test_changed_plan_starts_the_stage_afresh(tmp_path, moe, reference_run):
     run = RunDir(tmp_path, _config())
     run_observe(run, moe=moe)
     with pytest.raises(RunInterrupted):
-        run_intervene(run, moe=moe, on_batch=_interrupt_after(1))
+        run_intervene(run, moe=moe, on_batch=_interrupt_after(1, 2))
     info = run_intervene(RunDir(tmp_path, _config(unit_windows=3)), moe=moe)
     assert (info["units"], info["resumed"], info["computed"]) == (2, 0, 2)
     assert_same_tables(reference_run, tmp_path, tables=("effects",))
@@ -232,7 +238,7 @@ def test_changed_corpus_is_refused(tmp_path, moe):
     corpus.write_text("\n\n".join(f"Document {i}: routers send tokens to experts, " * 4 for i in range(30)))
     config = _config(corpus=str(corpus), max_windows=None)
     with pytest.raises(RunInterrupted):
-        run_observe(RunDir(tmp_path / "run", config), moe=moe, on_batch=_interrupt_after(1))
+        run_observe(RunDir(tmp_path / "run", config), moe=moe, on_batch=_interrupt_after(1, config.unit_windows))
     corpus.write_text(corpus.read_text().replace("Document 7:", "Document seven:"))
     with pytest.raises(RunDirectoryError, match="the corpus .* changed since .* pass --overwrite"):
         run_observe(RunDir(tmp_path / "run", config), moe=moe)
@@ -274,7 +280,7 @@ def test_status_shows_what_is_done_interrupted_and_running(cli, tmp_path, moe): 
     run = RunDir(tmp_path, _config())
     run_observe(run, moe=moe)
     with pytest.raises(RunInterrupted):
-        run_intervene(run, moe=moe, on_batch=_interrupt_after(2))
+        run_intervene(run, moe=moe, on_batch=_interrupt_after(2, 2))
     status = run_status(RunDir(tmp_path)).set_index("stage")
     assert status.loc["observe", ["state", "units_done", "units_planned"]].tolist() == ["done", 6, 6]
     assert status.loc["intervene", ["state", "units_done", "units_planned"]].tolist() == ["interrupted", 2, 3]

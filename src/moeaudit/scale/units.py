@@ -333,7 +333,7 @@ def _run_units(run, stage, units, tables, compute, executor, on_unit):
 
     def advance(count: int) -> None:
         current = pending[min(finished[0], len(pending) - 1)].windows
-        in_flight[0] = min(current, in_flight[0] + count)
+        in_flight[0] = min(current - 1, in_flight[0] + count)  # a unit counts whole only once it is committed
         if on_unit is not None:
             on_unit(windows_done + in_flight[0], total_windows)
 
