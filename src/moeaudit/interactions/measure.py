@@ -320,7 +320,7 @@ class _LayerGames:
         self.masks = needed
         self.offsets = np.concatenate([[0], np.cumsum([len(m) for m in needed])])
         self.rows = int(self.offsets[-1])
-        self.values = self.kl = self.flip = None
+        self.values = self.kl = self.flip = self.single = None
 
     def _set_masks(self, set_table) -> tuple[pd.DataFrame | None, np.ndarray]:
         n = len(self.positions)
@@ -350,6 +350,8 @@ class _LayerGames:
         self.values = outcomes["delta_nll"].numpy().astype(np.float64)
         self.kl = outcomes["kl"].numpy().astype(np.float64)
         self.flip = outcomes["top1_flip"].numpy().astype(bool)
+        singles = np.int64(1) << np.arange(self.k, dtype=np.int64)
+        self.single = np.stack([self.lookup(i, singles) for i in range(len(self.positions))])  # [n, k]: v({e})
 
     def lookup(self, i: int, masks, what=None) -> np.ndarray:
         """v (or ``what``: kl, flip) of token i at ``masks``; v(∅) is 0 by definition (the clean pass)."""
@@ -366,9 +368,9 @@ class _LayerGames:
 
     # ------------------------------------------------------------------ tables
     def pair_table(self, **key) -> pd.DataFrame:
-        n, k = len(self.positions), self.k
+        n = len(self.positions)
         pairs = len(self.pair_a)
-        single = np.stack([self.lookup(i, np.int64(1) << np.arange(k, dtype=np.int64)) for i in range(n)])
+        single = self.single
         mask = (np.int64(1) << self.pair_a) | (np.int64(1) << self.pair_b)
         joint = np.stack([self.lookup(i, mask) for i in range(n)]) if pairs else np.zeros((n, 0))
         kl = np.stack([self.lookup(i, mask, self.kl) for i in range(n)]) if pairs else np.zeros((n, 0))
@@ -386,7 +388,7 @@ class _LayerGames:
 
     def shapley_table(self, **key) -> pd.DataFrame:
         n, k = len(self.positions), self.k
-        single = np.stack([self.lookup(i, np.int64(1) << np.arange(k, dtype=np.int64)) for i in range(n)])
+        single = self.single
         everything = np.array([self.lookup(i, [self.full])[0] for i in range(n)])
         if self.exact:
             dense = np.stack([self.lookup(i, np.arange(1 << k, dtype=np.int64)) for i in range(n)])
@@ -411,7 +413,7 @@ class _LayerGames:
         if not count:
             return pd.DataFrame()
         k = self.k
-        single = np.stack([self.lookup(i, np.int64(1) << np.arange(k, dtype=np.int64)) for i in range(n)])
+        single = self.single
         joint = np.stack([self.lookup(i, self.set_masks[i]) for i in range(n)])  # [n, S]
         bits = ((self.set_masks[:, :, None] >> np.arange(k, dtype=np.int64)) & 1).astype(bool)  # [n, S, k]
         summed = (bits * single[:, None, :]).sum(axis=2)
