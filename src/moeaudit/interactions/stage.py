@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moeaudit.errors import RunDirectoryError, invalid
+from moeaudit.errors import RunDirectoryError
 from moeaudit.rundir import RunDir
 
 __all__ = ["interaction_layers", "run_interactions"]
@@ -24,17 +24,10 @@ __all__ = ["interaction_layers", "run_interactions"]
 def interaction_layers(run: RunDir) -> list[int] | None:
     """The MoE layers the stage measures: ``interactions_layers`` (each one observed), else the intervened
     layers (None: every MoE layer)."""
-    from moeaudit.intervene.stage import intervened_layers
+    from moeaudit.intervene.stage import intervened_layers, observed_subset
 
     wanted = run.config.interactions_layers
-    if wanted is None:
-        return intervened_layers(run)
-    observed = run.manifest.get("stages", {}).get("observe", {}).get("layers")
-    missing = [layer for layer in wanted if observed is not None and layer not in observed]
-    if missing or not wanted:
-        raise invalid("interactions_layers", f"observed MoE layers, a non-empty subset of {observed}",
-                      missing[0] if missing else wanted)
-    return sorted(set(wanted))
+    return intervened_layers(run) if wanted is None else observed_subset(run, "interactions_layers", wanted)
 
 
 def _pruning_sets(run: RunDir) -> pd.DataFrame | None:

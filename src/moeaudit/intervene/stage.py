@@ -116,12 +116,17 @@ def intervened_layers(run: RunDir) -> list[int] | None:
     config = run.config
     if config.intervene_layers is None:
         return config.layers
+    return observed_subset(run, "intervene_layers", config.intervene_layers)
+
+
+def observed_subset(run: RunDir, name: str, wanted: list[int]) -> list[int]:
+    """``wanted`` sorted, when each layer is one the observe stage recorded; else the one-line error naming
+    the setting ``name`` (checked before any model loads)."""
     observed = run.manifest.get("stages", {}).get("observe", {}).get("layers")
-    missing = [layer for layer in config.intervene_layers if observed is not None and layer not in observed]
-    if missing or not config.intervene_layers:
-        raise invalid("intervene_layers", f"observed MoE layers, a non-empty subset of {observed}",
-                      missing[0] if missing else config.intervene_layers)
-    return sorted(set(config.intervene_layers))
+    missing = [layer for layer in wanted if observed is not None and layer not in observed]
+    if missing or not wanted:
+        raise invalid(name, f"observed MoE layers, a non-empty subset of {observed}", missing[0] if missing else wanted)
+    return sorted(set(wanted))
 
 
 def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
