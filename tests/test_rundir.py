@@ -73,7 +73,7 @@ BAD_VALUES = {
     "max_len": 1, "max_docs": 0, "split_seed": "x", "observe_splits": ["test"], "max_windows": 0, "layers": "0,4",
     "router_probs_layers": "some", "router_logits_layers": "some", "dtype": "float64",
     "experts_implementation": "fast", "min_chars": -1,
-    "first_docs": 0, "truncate": "maybe", "in_sample": "maybe",
+    "first_docs": 0, "truncate": "maybe", "in_sample": "maybe", "text_field": "", "domain_field": 3,
     # intervene
     "kind": "drop", "scope": "global", "intervene_n": 0, "intervene_layers": "7", "intervene_windows": 0, "progressive": "maybe", "noise_positions": -1,
     # audit

@@ -101,6 +101,11 @@ class ObserveConfig(_Part):
     in_sample : bool
         Compute metrics and effects on the same windows, as the paper did (default: metrics on the
         calibration split, effects on held-out).
+    text_field, domain_field : str or None
+        The field (``.jsonl``) or column (``.parquet``, hub dataset) holding each document's text and its
+        domain label (:class:`~moeaudit.data.local.LocalFileSource`, :class:`~moeaudit.data.hub.HubDataset`).
+        None, the default, reads ``text`` and ``domain``; the built-in corpus and ``.txt`` files have no
+        fields, so setting one for them is refused.
     """
 
     max_len: int = Field(256, ge=2, le=131072)
@@ -123,6 +128,8 @@ class ObserveConfig(_Part):
     truncate: bool = False
     paper_code_padding: bool = False
     in_sample: bool = False
+    text_field: str | None = Field(None, min_length=1)
+    domain_field: str | None = Field(None, min_length=1)
 
     @field_validator("observe_splits")
     @classmethod

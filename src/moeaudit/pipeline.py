@@ -259,7 +259,8 @@ def run_pipeline(
         the weights (metrics, prune).
     corpus : optional
         Windows already built for this config (:func:`moeaudit.observe.stage.build_corpus`); default:
-        built from the config.
+        built from the config and checked (:func:`moeaudit.observe.stage.prepare_corpus`) before the model
+        loads.
     executor : optional
         Runs the work units of observe, intervene and prune. A given executor stays open (the caller
         closes it); by default one is made from the config and closed after the last stage that uses it,
@@ -300,6 +301,10 @@ def run_pipeline(
     from moeaudit.metrics.registry import check_audit_metrics
 
     check_audit_metrics(run.config.audit.audit_metrics)  # before any model loads or stage runs
+    if corpus is None:  # a bad corpus, field or max_len: refused before the model loads
+        from moeaudit.observe.stage import prepare_corpus
+
+        corpus = prepare_corpus(run.config, moe or getattr(executor, "moe", None))
     if moe is None and executor is None and run.config.executor == "local":
         from moeaudit.models.loading import model_from_config
 

@@ -164,3 +164,76 @@ def test_push_to_hub_without_export_or_with_a_bad_repo_id_is_one_line_before_any
     code, out, err = cli("prune", str(tmp_path / "run"), "--private")
     assert code == 2 and "`--private` must be given with --push-to-hub" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if any model's weights are loaded."""
+    import moeaudit.models.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the corpus was checked")
+
+    monkeypatch.setattr(loading, "model_from_config", refuse)
+
+
+def _write_jsonl(path, field="body", n=60):
+    import json
+
+    words = "the cat sat on a mat while dogs ran far away into green hills under a blue sky".split()
+    with open(path, "w") as out:
+        for i in range(n):
+            text = " ".join(words[(i + j) % len(words)] for j in range(60))
+            out.write(json.dumps({field: text, "topic": f"t{i % 3}"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("command", ["observe", "run"])
+@pytest.mark.parametrize("args, fragment", [
+    (["--corpus", "nosuch.jsonl"], "corpus file 'nosuch.jsonl' does not exist"),
+    (["--corpus", "{jsonl}"], "line 1 has no 'text' field (has ['body', 'topic']); add it or name the field with "
+                              "--text-field"),
+    (["--text-field", "body"], "`text_field` must be unset for the corpus 'builtin'"),
+    (["--max-len", "100000"], "`max_len` must be at most the model's context length, 256 tokens"),
+    (["--corpus", "{jsonl}", "--text-field", "body", "--max-windows", "1", "--set", "observe_splits=['train']"],
+     "observe_splits ['train'] leave out calibration and heldout"),
+])
+def test_a_bad_corpus_is_one_line_before_the_model_loads_and_writes_nothing(tmp_path, cli, no_model, command, args,
+                                                                            fragment):
+    args = [a.replace("{jsonl}", str(_write_jsonl(tmp_path / "c.jsonl"))) for a in args]
+    where = [str(tmp_path / "run")] if command == "observe" else ["--out", str(tmp_path / "run")]
+    code, _, err = cli(command, *where, "--model", "tiny-olmoe", *args)
+    one_line_error(code, err, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_text_and_domain_fields_are_read_from_the_flag_the_set_option_and_toml(tmp_path, cli):
+    import pandas as pd
+
+    from moeaudit.rundir import RunDir
+
+    corpus = _write_jsonl(tmp_path / "c.jsonl")
+    code, _, err = cli("observe", str(tmp_path / "a"), "--model", "tiny-olmoe", "--corpus", str(corpus),
+                       "--text-field", "body", "--set", "domain_field=topic", "--quiet")
+    assert code == 0, err
+    windows = pd.read_parquet(tmp_path / "a" / "windows.parquet")
+    assert set(windows["domain"]) <= {"t0", "t1", "t2"} and len(windows) > 0
+    assert RunDir(tmp_path / "a").config.text_field == "body"
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'model = "tiny-olmoe"\ncorpus = "{corpus}"\n[observe]\ntext_field = "body"\n'
+                    'domain_field = "topic"\n')
+    code, _, err = cli("observe", str(tmp_path / "b"), "--config", str(toml), "--quiet")
+    assert code == 0, err
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b" / "windows.parquet"), windows)
+    # a run made with a field is resumed with it, not re-read with the default field
+    code, _, err = cli("observe", str(tmp_path / "a"), "--quiet")
+    assert code == 0, err
+
+
+def test_run_pipeline_checks_the_corpus_before_loading_the_model(tmp_path, no_model):
+    from moeaudit import AuditConfig, RunDir, run_pipeline
+    from moeaudit.errors import CorpusError
+
+    run = RunDir(tmp_path / "run", AuditConfig(model="tiny-olmoe", corpus=str(tmp_path / "nosuch.jsonl")))
+    with pytest.raises(CorpusError, match="does not exist"):
+        run_pipeline(run)

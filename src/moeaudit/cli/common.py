@@ -13,6 +13,8 @@ import typer
 # Settings of the run that several stage commands accept, declared once.
 MODEL_OPTION = typer.Option(None, "--model", help="Built-in name, checkpoint directory or hub id.")
 CORPUS_OPTION = typer.Option(None, "--corpus", help="builtin, a .txt/.jsonl/.parquet file, or a hub dataset.")
+TEXT_FIELD_OPTION = typer.Option(None, "--text-field", help="The .jsonl field / .parquet or hub column holding "
+                                 "the text (default text).")
 MAX_LEN_OPTION = typer.Option(None, "--max-len", help="Window length in tokens.")
 MAX_WINDOWS_OPTION = typer.Option(None, "--max-windows", help="Cap on windows per observed split.")
 DTYPE_OPTION = typer.Option(None, "--dtype", help="float32 (default), bfloat16, float16 or auto (the checkpoint's "

@@ -9,7 +9,7 @@ import typer
 
 from moeaudit.cli.common import (ADDRESS_OPTION, CORPUS_OPTION, DEVICE_OPTION, DTYPE_OPTION, EXECUTOR_OPTION,
                                  MAX_LEN_OPTION, MAX_WINDOWS_OPTION, MODEL_OPTION, OVERWRITE_OPTION, QUIET_OPTION,
-                                 SET_OPTION, UNIT_WINDOWS_OPTION, WORKERS_OPTION, StagePrinter, execution_flags,
+                                 SET_OPTION, TEXT_FIELD_OPTION, UNIT_WINDOWS_OPTION, WORKERS_OPTION, StagePrinter, execution_flags,
                                  parse_float_list, parse_int_list, print_frame, print_note, progress_bar,
                                  resolve_config, resumable, with_settings)
 
@@ -18,6 +18,7 @@ def observe_command(
     run_dir: Path = typer.Argument(..., help="Run directory (created if missing)."),
     model: Optional[str] = MODEL_OPTION,
     corpus: Optional[str] = CORPUS_OPTION,
+    text_field: Optional[str] = TEXT_FIELD_OPTION,
     max_len: Optional[int] = MAX_LEN_OPTION,
     max_windows: Optional[int] = MAX_WINDOWS_OPTION,
     layers: Optional[str] = typer.Option(None, "--layers", help="MoE layers to observe, e.g. 0,4,7 (default all)."),
@@ -34,18 +35,20 @@ def observe_command(
     settings: Optional[list[str]] = SET_OPTION,
 ) -> None:
     """Run the clean model over the corpus and write tokens.parquet and routing.parquet."""
-    from moeaudit.observe.stage import run_observe
+    from moeaudit.observe.stage import prepare_corpus, run_observe
     from moeaudit.rundir import RunDir
 
-    config = resolve_config(run_dir, with_settings(settings, dict(model=model, corpus=corpus, max_len=max_len,
+    config = resolve_config(run_dir, with_settings(settings, dict(model=model, corpus=corpus, text_field=text_field,
+                                          max_len=max_len,
                                           max_windows=max_windows,
                                           layers=parse_int_list(layers, "--layers"), batch_size=batch_size,
                                           dtype=dtype, device=device,
                                           **execution_flags(executor, address, workers, unit_windows))), config_file,
                             overwrite=overwrite)
+    corpus = prepare_corpus(config)  # before the model loads or the run directory is made
     run = RunDir(run_dir, config, overwrite=overwrite)
     with progress_bar("observe", quiet) as update:
-        info = run_observe(run, on_batch=update)
+        info = run_observe(run, corpus=corpus, on_batch=update)
     print_note(f"observed {info['windows']} windows, {info['tokens']:,} tokens, {info['routing_rows']:,} routing rows "
                f"in {info['seconds']:.1f}s (mean NLL {info['mean_nll']:.3f} nats; {resumed_text(info)}) -> {run_dir}")
 
@@ -183,6 +186,7 @@ def run_command(
     out: Path = typer.Option(..., "--out", help="Run directory to create (or resume with the same settings)."),
     model: Optional[str] = MODEL_OPTION,
     corpus: Optional[str] = CORPUS_OPTION,
+    text_field: Optional[str] = TEXT_FIELD_OPTION,
     preset: Optional[str] = typer.Option(None, "--preset", help="A published protocol: engmann2026, or "
                                          "engmann2026-code (the authors' scripts' metric definitions)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="MoE layers, e.g. 0,4,7 (default all)."),
@@ -205,10 +209,12 @@ def run_command(
     """Run the whole pipeline: observe -> metrics -> intervene -> audit (a re-run resumes where it stopped)."""
     from moeaudit.intervene.stage import effects_summary
     from moeaudit.metrics.stage import layer_summary
+    from moeaudit.observe.stage import prepare_corpus
     from moeaudit.pipeline import run_pipeline
     from moeaudit.rundir import RunDir
 
-    flags = with_settings(settings, dict(model=model, corpus=corpus, layers=parse_int_list(layers, "--layers"),
+    flags = with_settings(settings, dict(model=model, corpus=corpus, text_field=text_field,
+                 layers=parse_int_list(layers, "--layers"),
                  max_len=max_len,
                  max_windows=max_windows, kind=kind, scope=scope, dtype=dtype, device=device, reap_gate=reap_gate,
                  **execution_flags(executor, address, workers, unit_windows)))
@@ -224,6 +230,7 @@ def run_command(
         print_note(f"note: {name} = {change['used']!r} departs from the preset {config.preset} "
                    f"({change['preset']!r}); recorded in the manifest under preset_overrides", err=True,
                    fg="yellow")
+    corpus = prepare_corpus(config)  # before the model loads or the run directory is made
     run = RunDir(out, config, overwrite=overwrite)
     printed = {
         "metrics": lambda record: print_frame(layer_summary(run.read("expert_metrics")), "experts per layer"),
@@ -232,7 +239,7 @@ def run_command(
         "audit": lambda record: print_audit(run.read("tests"), record),
     }
     with StagePrinter(quiet, on_finished=printed) as printer:
-        result = run_pipeline(run, prune=False, on_progress=printer)
+        result = run_pipeline(run, corpus=corpus, prune=False, on_progress=printer)
     print_note(f"{result['intervene']['interventions']:,} exact interventions; results in {out}; "
                f"report: {result['report'].path}")
 

@@ -100,7 +100,8 @@ class HubDataset:
         columns = list(getattr(table, "column_names", []) or [])
         if self.text_field not in columns:
             raise CorpusError(
-                f"dataset {self.name!r} has no {self.text_field!r} column (has {columns}); set `text_field`."
+                f"dataset {self.name!r} has no {self.text_field!r} column (has {columns}); "
+                "name the column with --text-field."
             )
         texts = table[self.text_field]
         domains = table[self.domain_field] if self.domain_field in columns else [None] * len(texts)

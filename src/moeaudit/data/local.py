@@ -140,7 +140,7 @@ class LocalFileSource:
                 fields = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise CorpusError(
                     f"{path.name} line {line_no} has no {self.text_field!r} field (has {fields}); "
-                    "add it or set `text_field`."
+                    "add it or name the field with --text-field."
                 )
             text = row[self.text_field]
             if not isinstance(text, str):
@@ -173,7 +173,8 @@ class LocalFileSource:
             raise CorpusError(f"{path.name} is not a readable Parquet file ({type(err).__name__}); check the file.") from None
         names = table.column_names
         if self.text_field not in names:
-            raise CorpusError(f"{path.name} has no {self.text_field!r} column (has {names}); add it or set `text_field`.")
+            raise CorpusError(f"{path.name} has no {self.text_field!r} column (has {names}); add it or name the "
+                              "column with --text-field.")
         texts = table.column(self.text_field).to_pylist()
         if any(t is not None and not isinstance(t, str) for t in texts):
             raise CorpusError(f"{path.name}: column {self.text_field!r} must hold strings; convert it to text.")

@@ -17,7 +17,7 @@ def build_corpus(config: AuditConfig, tokenizer):
     """Documents -> windows split by document, as the config says (deterministic)."""
     from moeaudit.data import build_windows, load_documents, seeded_sample
 
-    documents = load_documents(config.corpus)
+    documents = load_documents(config.corpus, **corpus_options(config))
     if config.min_chars is not None:
         documents = [d for d in documents if len(d.text) > config.min_chars]
     if config.first_docs is not None:
@@ -25,6 +25,57 @@ def build_corpus(config: AuditConfig, tokenizer):
     if config.max_docs is not None:
         documents = seeded_sample(documents, config.max_docs, config.split_seed)
     return build_windows(documents, tokenizer, max_len=config.max_len, seed=config.split_seed, truncate=config.truncate)
+
+
+def corpus_options(config: AuditConfig) -> dict[str, str]:
+    """The source options the config sets (``text_field``, ``domain_field``), refused for a source without fields."""
+    from moeaudit.data import resolve_source
+    from moeaudit.errors import invalid
+
+    options = {name: getattr(config, name) for name in ("text_field", "domain_field") if getattr(config, name)}
+    if options:
+        source = resolve_source(config.corpus)
+        accepted = getattr(source, "__dataclass_fields__", {})
+        is_text = getattr(getattr(source, "path", None), "suffix", "").lower() == ".txt"
+        for name, value in options.items():
+            if name not in accepted or is_text:
+                raise invalid(name, f"unset for the corpus {config.corpus!r} (it has no fields; {name} names a "
+                              ".jsonl field or a .parquet / hub dataset column)", value)
+    return options
+
+
+def prepare_corpus(config: AuditConfig, moe: MoEModel | None = None):
+    """The corpus windows of ``config``, built and checked before any weights load or anything is written.
+
+    Reads the documents, tokenizes them with the checkpoint's tokenizer (no weights needed) and applies
+    every check of the windows: the corpus gives windows in the observed splits, none is longer than the
+    model's context (read from its config), and metrics and effects get separate windows
+    (:func:`check_held_out_support`). A bad corpus, field or ``max_len`` is thus one line before the model
+    loads, and no run directory is made for it.
+    """
+    corpus = build_corpus(config, tokenizer_for(config.model, moe))
+    context = moe.describe().get("max_position_embeddings") if moe is not None else model_context(config.model)
+    check_windows(observed_windows(corpus, config), corpus, config, context)
+    return corpus
+
+
+def model_context(model: str) -> int | None:
+    """The context length in a checkpoint's config (its language model's), read without the weights."""
+    from moeaudit.models.loading import load_config, resolve_source
+
+    hf_config = load_config(*resolve_source(model), model)
+    return getattr(hf_config.get_text_config(), "max_position_embeddings", None)
+
+
+def check_windows(windows: Sequence[Any], corpus, config: AuditConfig, context: int | None) -> None:
+    """Refuse observed windows that are none, longer than ``context`` tokens, or without held-out support."""
+    from moeaudit.errors import CorpusError
+
+    if not windows:
+        raise CorpusError(f"the corpus {config.corpus!r} gave no windows in splits {config.observe_splits}; "
+                          "use a larger corpus or other splits")
+    check_context(windows, {"max_position_embeddings": context}, config)
+    check_held_out_support(windows, corpus, config)
 
 
 def observed_windows(corpus, config: AuditConfig) -> list[Any]:
@@ -109,21 +160,15 @@ def run_observe(run: RunDir, *, moe: MoEModel | None = None, corpus=None,
 
     config = run.config
     started = time.perf_counter()
+    if corpus is None:  # a bad corpus is refused before the model loads
+        corpus = prepare_corpus(config, moe or getattr(executor, "moe", None))
     own_executor = executor is None
     executor = executor or make_executor(config, moe)
     try:
         model = executor.describe_model()
         run.check_model(model)
-        if corpus is None:
-            corpus = build_corpus(config, tokenizer_for(config.model, moe or getattr(executor, "moe", None)))
         windows = observed_windows(corpus, config)
-        if not windows:
-            from moeaudit.errors import CorpusError
-
-            raise CorpusError(f"the corpus {config.corpus!r} gave no windows in splits {config.observe_splits}; "
-                              "use a larger corpus or other splits")
-        check_context(windows, model, config)
-        check_held_out_support(windows, corpus, config)
+        check_windows(windows, corpus, config, model.get("max_position_embeddings"))
         run.check_corpus(windows_fingerprint(windows), corpus.manifest() if hasattr(corpus, "manifest") else {})
         write_windows_table(run, windows)
         store, progress = run_units(run, "observe", observe_work_units(windows, config), OBSERVE_TABLES,
