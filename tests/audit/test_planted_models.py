@@ -84,8 +84,7 @@ def answer_windows(moe, n: int, seed: int) -> torch.Tensor:
     for _ in range(T - 1):
         with moe.capture([LAYER], keep_outputs=True) as trace:
             moe.model(ids)
-        record = trace[LAYER]
-        f_last = record.ungated[:, 0].reshape(n, ids.shape[1], -1)[:, -1]
+        f_last = trace[LAYER].ungated[:, -1, 0]  # [batch, pos, slot, H]: the top slot at the last position
         ids = torch.cat([ids, (f_last.float() @ unembed.T).argmax(-1, keepdim=True)], dim=1)
     return ids
 

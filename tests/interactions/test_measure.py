@@ -199,7 +199,7 @@ def redundant_pair_model(scale: float):
     for _ in range(15):
         with torch.no_grad(), moe.capture([layer.layer], keep_outputs=True) as trace:
             moe.model(ids)
-        f_last = trace[layer.layer].ungated[:, 0].reshape(ids.shape[0], ids.shape[1], -1)[:, -1]
+        f_last = trace[layer.layer].ungated[:, -1, 0]  # [batch, pos, slot, H]
         ids = torch.cat([ids, (f_last.float() @ unembed.T).argmax(-1, keepdim=True)], dim=1)
     return moe, ids, layer.layer
 

@@ -112,7 +112,7 @@ def test_zero_of_inactive_expert_has_no_effect(input_ids):
     items = []
     for layer in moe.layers:
         for pos in (0, 5, 11):
-            active = set(trace[layer.layer].topk_idx[pos].tolist())
+            active = set(trace[layer.layer].topk_idx[0, pos].tolist())
             items.append((layer.layer, 0, pos, min(set(range(layer.num_experts)) - active)))
     fast, ref = both_engines(moe, input_ids, Selection.explicit(items))
     assert (ref.delta_nll == 0).all() and (ref.kl.abs() <= 1e-7).all()  # bit-identical in the reference
@@ -208,7 +208,7 @@ def test_inactive_experts_every_kind_and_scope(family, input_ids):
     moe = make_moe(family)
     with torch.no_grad(), moe.capture("all") as trace:
         moe.model(input_ids[1:])
-    items = [(layer.layer, 1, pos, min(set(range(layer.num_experts)) - set(trace[layer.layer].topk_idx[pos].tolist())))
+    items = [(layer.layer, 1, pos, min(set(range(layer.num_experts)) - set(trace[layer.layer].topk_idx[0, pos].tolist())))
              for layer in moe.layers for pos in (2, 9)]
     fast, ref = both_engines(moe, input_ids, Selection.explicit(items), kinds=ABLATION_KINDS,
                              scopes=("token", "sequence"))

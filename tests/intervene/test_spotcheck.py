@@ -84,7 +84,7 @@ def _planted_tie(moe, layer, margin: float):
     weakest selected one by ``margin`` (relative to the row's largest |logit|) in the rule's selection score."""
     with torch.no_grad(), moe.capture([layer.layer]) as trace:
         moe.model(windows())
-    logits = trace[layer.layer].router_logits.clone()
+    logits = trace[layer.layer].rows.router_logits.clone()
     z = logits[0]
     chosen = layer.route(logits[:1]).topk_idx[0].tolist()
     weakest = min(chosen, key=lambda e: z[e])

@@ -60,13 +60,37 @@ def test_router_logits_match_transformers_recorder(moe, input_ids):
     recorded = [r for r in out.router_logits if r is not None]
     assert len(recorded) == len(moe.layers)
     for layer, theirs in zip(moe.layers, recorded):
-        assert torch.equal(trace[layer.layer].router_logits, theirs.reshape(-1, layer.num_experts))
+        assert torch.equal(trace[layer.layer].rows.router_logits, theirs.reshape(-1, layer.num_experts))
+
+
+def test_trace_tensors_are_batch_by_position(moe, input_ids):
+    """``trace[layer]`` tensors are ``[batch, pos, ...]`` (TransformerLens's layout): sequence b of the batch
+    holds what running sequence b alone records, and ``.rows`` is the same record as ``[batch * pos]`` rows."""
+    _, trace = clean_run(moe, input_ids)
+    for layer in moe.layers:
+        record = trace[layer.layer]
+        assert record.topk_idx.shape == record.combine_weight.shape == record.act_norm.shape == (BATCH, SEQ,
+                                                                                               layer.top_k)
+        assert record.router_logits.shape == record.router_probs.shape == (BATCH, SEQ, layer.num_experts)
+        assert record.ungated.shape[:3] == (BATCH, SEQ, layer.top_k)
+        for name in ("moe_input", "routed_output", "moe_output", "shared_output"):
+            assert getattr(record, name) is None or getattr(record, name).shape[:2] == (BATCH, SEQ), name
+        rows = record.rows
+        assert rows.flat and rows.rows is rows and rows.topk_idx.shape == (BATCH * SEQ, layer.top_k)
+        assert torch.equal(rows.ungated[SEQ + 7], record.ungated[1, 7])  # row b * SEQ + t
+        assert torch.equal(rows.shaped().router_logits, record.router_logits) and record.shaped() is record
+    for b in range(BATCH):
+        _, alone = clean_run(moe, input_ids[b:b + 1])
+        for layer in moe.layers:
+            torch.testing.assert_close(alone[layer.layer].router_logits[0], trace[layer.layer].router_logits[b],
+                                       rtol=1e-5, atol=1e-5)
+            assert torch.equal(alone[layer.layer].topk_idx[0], trace[layer.layer].topk_idx[b])
 
 
 def test_reimplemented_routing_equals_module(moe, input_ids):
     _, trace = clean_run(moe, input_ids)
     for layer in moe.layers:
-        record = trace[layer.layer]
+        record = trace[layer.layer].rows
         with torch.no_grad():
             router_logits, weights, idx = layer.call_router(record.moe_input)
         routing = layer.route(router_logits)
@@ -111,7 +135,7 @@ def slot_terms(layer, record, weights=None):
 def test_recomposition_equals_block_output(moe, input_ids):
     _, trace = clean_run(moe, input_ids)
     for layer in moe.layers:
-        r = trace[layer.layer]
+        r = trace[layer.layer].rows
         with torch.no_grad():
             shared = independent_shared_part(layer, r.moe_input)
             recomposed = slot_terms(layer, r).sum(dim=1) + shared
@@ -125,12 +149,12 @@ def test_recomposition_equals_block_output(moe, input_ids):
 def test_zero_removes_exactly_one_term(moe, input_ids):
     clean_logits, clean = clean_run(moe, input_ids)
     for layer in moe.layers:
-        c = clean[layer.layer]
+        c = clean[layer.layer].rows
         flat, pos, expert, slot = pick_active(c)
         with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos))],
                                             capture=[layer.layer], keep_outputs=True) as trace:
             logits = moe.model(input_ids).logits
-        a = trace[layer.layer]
+        a = trace[layer.layer].rows
         delta = c.moe_output - a.moe_output
         with torch.no_grad():
             expected = slot_terms(layer, c)[flat, slot]
@@ -147,8 +171,8 @@ def test_zero_removes_exactly_one_term(moe, input_ids):
 def test_zero_of_inactive_expert_has_no_effect(moe, input_ids):
     clean_logits, clean = clean_run(moe, input_ids)
     layer = moe.layers[-1]
-    flat, pos, _, _ = pick_active(clean[layer.layer])
-    inactive = sorted(set(range(layer.num_experts)) - set(clean[layer.layer].topk_idx[flat].tolist()))[0]
+    flat, pos, _, _ = pick_active(clean[layer.layer].rows)
+    inactive = sorted(set(range(layer.num_experts)) - set(clean[layer.layer].rows.topk_idx[flat].tolist()))[0]
     with pytest.warns(UnchangedWarning, match="removed no slot"):  # and moe.intervene says so
         with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=inactive, positions=row1(pos))]) as trace:
             logits = moe.model(input_ids).logits
@@ -252,12 +276,12 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
 def test_reroute_selects_next_best(moe, input_ids):
     _, clean = clean_run(moe, input_ids)
     for layer in moe.layers:
-        c = clean[layer.layer]
+        c = clean[layer.layer].rows
         flat, pos, expert, _ = pick_active(c)
         with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos), kind="reroute")],
                                             capture=[layer.layer], keep_outputs=True) as trace:
             moe.model(input_ids)
-        a = trace[layer.layer]
+        a = trace[layer.layer].rows
         chosen, weights = brute_force_route(layer, c.router_logits[flat].double().numpy(), expert)
         new = a.topk_idx[flat].tolist()
         assert expert not in new and set(new) == chosen
@@ -279,12 +303,12 @@ def test_reroute_selects_next_best(moe, input_ids):
 def test_renorm_keeps_surviving_sum(moe, input_ids):
     _, clean = clean_run(moe, input_ids)
     for layer in moe.layers:
-        c = clean[layer.layer]
+        c = clean[layer.layer].rows
         flat, pos, expert, slot = pick_active(c, slot=1)
         with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos), kind="renorm")],
                                             capture=[layer.layer], keep_outputs=True) as trace:
             moe.model(input_ids)
-        a = trace[layer.layer]
+        a = trace[layer.layer].rows
         before, after = c.combine_weight[flat].float(), a.combine_weight[flat].float()
         assert after[slot] == 0
         assert after.sum().item() == pytest.approx(before.sum().item(), rel=1e-6)
@@ -301,7 +325,7 @@ def test_renorm_keeps_surviving_sum(moe, input_ids):
 def test_mean_replaces_output(moe, input_ids):
     _, clean = clean_run(moe, input_ids)
     for layer in moe.layers:
-        c = clean[layer.layer]
+        c = clean[layer.layer].rows
         flat, pos, expert, slot = pick_active(c)
         means = torch.randn(layer.num_experts, c.moe_output.shape[-1], generator=torch.Generator().manual_seed(1))
         if layer.weights_scale_input:  # Llama 4: no output term w * f_e(x) to replace
@@ -313,7 +337,7 @@ def test_mean_replaces_output(moe, input_ids):
                                                       mean_output=means)],
                                             capture=[layer.layer], keep_outputs=True) as trace:
             moe.model(input_ids)
-        a = trace[layer.layer]
+        a = trace[layer.layer].rows
         w = c.combine_weight[flat, slot].float()
         expected = c.moe_output[flat] - w * c.ungated[flat, slot] + w * means[expert]
         assert torch.allclose(a.moe_output[flat], expected, rtol=1e-5, atol=1e-6)
@@ -322,12 +346,12 @@ def test_mean_replaces_output(moe, input_ids):
 def test_sequence_scope_removes_expert_wherever_active(moe, input_ids):
     _, clean = clean_run(moe, input_ids)
     layer = moe.layers[0]
-    c = clean[layer.layer]
+    c = clean[layer.layer].rows
     expert = int(c.topk_idx[0, 0])
     with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert)], capture=[layer.layer],
                                         keep_outputs=True) as trace:
         moe.model(input_ids)
-    a = trace[layer.layer]
+    a = trace[layer.layer].rows
     active = (c.topk_idx == expert)
     assert torch.all(a.combine_weight[active] == 0)
     assert torch.equal(a.combine_weight[~active], c.combine_weight[~active])
@@ -344,13 +368,13 @@ def test_shared_ablation(moe, input_ids):
         return
     _, clean = clean_run(moe, input_ids)
     layer = layers[0]
-    c = clean[layer.layer]
+    c = clean[layer.layer].rows
     flat, pos, _, _ = pick_active(c)
     for index in [None] + list(range(layer.num_shared if layer.num_shared > 1 else 0)):
         with torch.no_grad(), moe.intervene([SharedAblation(layer.layer, positions=row1(pos), index=index)],
                                             capture=[layer.layer], keep_outputs=True) as trace:
             moe.model(input_ids)
-        a = trace[layer.layer]
+        a = trace[layer.layer].rows
         if index is None:
             expected = c.moe_output[flat] - c.shared_output[flat]
         else:  # recompute shared expert `index` alone from its slice of the fused MLP
@@ -384,7 +408,7 @@ def test_zero_noise_floor_grouped_mm(family, input_ids):
     layer = moe.layers[0]
     with torch.no_grad(), moe.capture([layer.layer], keep_outputs=True) as clean:
         clean_logits = moe.model(input_ids).logits
-    _, pos, expert, _ = pick_active(clean[layer.layer])
+    _, pos, expert, _ = pick_active(clean[layer.layer].rows)
     with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=expert, positions=row1(pos))]):
         logits = moe.model(input_ids).logits
     floor = (logits[1, :pos] - clean_logits[1, :pos]).abs().max().item()
@@ -417,9 +441,9 @@ def test_reroute_on_a_biased_sigmoid_router_never_keeps_the_removed_expert(famil
     with torch.no_grad():
         layer.router.e_score_correction_bias[5] = 10.0
     _, clean = clean_run(moe, input_ids, layers=[layer.layer])
-    assert (clean[layer.layer].topk_idx == 5).any(dim=-1).all()  # the bias selects it at every token
+    assert (clean[layer.layer].rows.topk_idx == 5).any(dim=-1).all()  # the bias selects it at every token
     # What masking the logit alone would select: expert 5 again, at a zero score.
-    masked = clean[layer.layer].router_logits.clone()
+    masked = clean[layer.layer].rows.router_logits.clone()
     masked[:, 5] = float("-inf")
     naive_choice = torch.sigmoid(masked) + layer.router.e_score_correction_bias
     assert (naive_choice.topk(layer.top_k, dim=-1).indices == 5).any(dim=-1).all()
@@ -428,10 +452,10 @@ def test_reroute_on_a_biased_sigmoid_router_never_keeps_the_removed_expert(famil
     with torch.no_grad(), moe.intervene([Ablation(layer.layer, experts=5, positions=everywhere, kind="reroute")],
                                         capture=[layer.layer], keep_outputs=True) as trace:
         moe.model(input_ids)
-    rerouted = trace[layer.layer]
+    rerouted = trace[layer.layer].rows
     assert not (rerouted.topk_idx == 5).any()
     for flat in range(BATCH * SEQ):
-        chosen, weights = brute_force_route(layer, clean[layer.layer].router_logits[flat].double().numpy(), 5)
+        chosen, weights = brute_force_route(layer, clean[layer.layer].rows.router_logits[flat].double().numpy(), 5)
         assert set(rerouted.topk_idx[flat].tolist()) == chosen
         for slot, e in enumerate(rerouted.topk_idx[flat].tolist()):
             assert rerouted.combine_weight[flat, slot].item() == pytest.approx(weights[e], rel=1e-5)

@@ -34,7 +34,7 @@ def test_generic_adapter_finds_the_same_modules_and_routes_bit_for_bit(family):
         model(IDS)
     generator = torch.Generator().manual_seed(1)
     for ours, theirs in zip(generic.layers, known.layers):
-        logits = trace[theirs.layer].router_logits
+        logits = trace[theirs.layer].rows.router_logits
         removed = torch.rand(logits.shape, generator=generator) < 0.25  # a quarter of the experts, per token
         removed[:, : theirs.top_k] = False  # at least top_k survive
         for mask in (None, removed):

@@ -83,7 +83,7 @@ def test_act_norm_matches_hand_computed_expert(windows, tmp_path):
     _, _, routing, _ = run(moe, windows[:1], tmp_path, batch_size=1)
     with torch.no_grad(), moe.capture([0], keep_outputs=True) as trace:
         moe.model(torch.as_tensor(windows[0].token_ids)[None])
-    x = trace[0].moe_input
+    x = trace[0].moe_input[0]  # [pos, H] of the one window
     experts = moe.layer(0).experts
     row = routing[(routing.layer == 0) & (routing.pos == 3) & (routing.slot == 0)].iloc[0]
     e = int(row.expert)

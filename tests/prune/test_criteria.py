@@ -151,7 +151,7 @@ def test_reconstruction_errors_match_direct_computation():
         with moe.intervene([Ablation(layer.layer, experts=[3], kind="reroute")], capture=[layer.layer],
                            keep_outputs=True) as pruned:
             moe.model(input_ids=ids, attention_mask=mask)
-    diff = (clean[layer.layer].moe_output - pruned[layer.layer].moe_output)[mask.reshape(-1).bool()]
+    diff = (clean[layer.layer].moe_output - pruned[layer.layer].moe_output)[mask.bool()]  # [B, T, H] at real tokens
     expected = float(torch.sqrt((diff.double() ** 2).sum(-1).mean()))
     got = table[(table.layer == layer.layer) & (table.expert == 3)].oracle_reconstruction.item()
     assert got == pytest.approx(expected, rel=1e-4)

@@ -35,7 +35,7 @@ class CleanWindow:
     nll : Tensor [T] (NaN where ``valid_next`` is False)
     top1 : LongTensor [T]
     records : dict[int, LayerRecord]
-        Per MoE layer, the adapter's capture with ``keep_outputs=True`` (N = T rows).
+        Per MoE layer, the adapter's capture with ``keep_outputs=True``, as rows (:attr:`LayerRecord.rows`, N = T).
     layer_input, layer_output : list of Tensor [T, H]
         The residual stream entering and leaving every decoder layer.
     caches : dict[int, LayerCache] or None
@@ -138,7 +138,7 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
         logprobs=logprobs,
         nll=nll,
         top1=logits.argmax(dim=-1),
-        records={index: trace[index] for index in moe.moe_layer_indices},
+        records={index: trace[index].rows for index in moe.moe_layer_indices},
         layer_input=layer_input,
         layer_output=layer_output,
         caches=state.caches if record_attention else None,

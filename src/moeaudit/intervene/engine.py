@@ -468,7 +468,7 @@ def expert_mean_outputs(moe: MoEModel, input_ids: torch.Tensor, *, attention_mas
         real = (torch.ones(input_ids.shape[1], dtype=torch.bool) if attention_mask is None
                 else attention_mask[b].bool().cpu())
         for layer in layers:
-            record = trace[layer]
+            record = trace[layer].rows
             idx = record.topk_idx.cpu()[real].reshape(-1)
             out = record.ungated.cpu()[real].reshape(idx.shape[0], -1).double()
             sums[layer].index_add_(0, idx, out)

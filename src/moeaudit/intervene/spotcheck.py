@@ -106,7 +106,7 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
                 f"({', '.join(unknown)}), so every effect is measured with full forward passes")
     items = []
     for layer in layers:
-        record = trace[layer]
+        record = trace[layer].rows
         slot = int(torch.argmax(record.combine_weight[pos].float()))
         items.append((layer, 0, pos, int(record.topk_idx[pos, slot])))
     base = dataclasses.replace(config, kinds=("zero",), scopes=("token", "sequence"), estimate=False,

@@ -128,22 +128,49 @@ class SharedAblation:
 
 @dataclass
 class LayerRecord:
-    """What one forward call through one MoE layer looked like (tensors flattened to N = B * T rows)."""
+    """What one forward call through one MoE layer looked like.
+
+    Tensors are shaped ``[batch, pos, ...]`` like TransformerLens's activation caches: ``topk_idx[b, t]``
+    are the experts chosen at position ``t`` of sequence ``b``. A block called on flattened rows ``[N, H]``
+    gives batch 1. :attr:`rows` is the same record flattened to ``N = batch * pos`` rows (views, no copy;
+    row ``b * pos + t``), the layout the intervention engines work in.
+    """
 
     layer: int
     batch_shape: tuple[int, int]
-    router_logits: torch.Tensor  # [N, E], as the router returned them
-    topk_idx: torch.Tensor  # [N, k], after any re-routing
-    raw_gate: torch.Tensor  # [N, k] float32, router_probs gathered at topk_idx
-    combine_weight: torch.Tensor  # [N, k], what the experts module actually received
-    router_probs: torch.Tensor | None = None  # [N, E] float32, MoELayer.router_probs of the router logits
-    act_norm: torch.Tensor | None = None  # [N, k] L2 norm of each selected expert's ungated output
-    act_max_abs: torch.Tensor | None = None  # [N, k] max |f_e(x)_i|
-    ungated: torch.Tensor | None = None  # [N, k, H] (keep_outputs=True)
-    moe_input: torch.Tensor | None = None  # [N, H] (keep_outputs=True)
-    routed_output: torch.Tensor | None = None  # [N, H] output of the experts module (keep_outputs=True)
-    moe_output: torch.Tensor | None = None  # [N, H] output of the whole MoE block (keep_outputs=True)
-    shared_output: torch.Tensor | None = None  # [N, H] gated shared part (keep_outputs=True)
+    router_logits: torch.Tensor  # [B, T, E], as the router returned them
+    topk_idx: torch.Tensor  # [B, T, k], after any re-routing
+    raw_gate: torch.Tensor  # [B, T, k] float32, router_probs gathered at topk_idx
+    combine_weight: torch.Tensor  # [B, T, k], what the experts module actually received
+    router_probs: torch.Tensor | None = None  # [B, T, E] float32, MoELayer.router_probs of the router logits
+    act_norm: torch.Tensor | None = None  # [B, T, k] L2 norm of each selected expert's ungated output
+    act_max_abs: torch.Tensor | None = None  # [B, T, k] max |f_e(x)_i|
+    ungated: torch.Tensor | None = None  # [B, T, k, H] (keep_outputs=True)
+    moe_input: torch.Tensor | None = None  # [B, T, H] (keep_outputs=True)
+    routed_output: torch.Tensor | None = None  # [B, T, H] output of the experts module (keep_outputs=True)
+    moe_output: torch.Tensor | None = None  # [B, T, H] output of the whole MoE block (keep_outputs=True)
+    shared_output: torch.Tensor | None = None  # [B, T, H] gated shared part (keep_outputs=True)
+    flat: bool = False  # True for the row view (:attr:`rows`): tensors [N, ...]
+
+    @property
+    def rows(self) -> "LayerRecord":
+        """This record with every tensor flattened to ``N = batch * pos`` rows (row ``b * pos + t``)."""
+        if self.flat:
+            return self
+        return self._relaid(lambda t: t.reshape(-1, *t.shape[2:]), flat=True)
+
+    def shaped(self) -> "LayerRecord":
+        """This record with every tensor ``[batch, pos, ...]`` (the inverse of :attr:`rows`)."""
+        if not self.flat:
+            return self
+        return self._relaid(lambda t: t.reshape(*self.batch_shape, *t.shape[1:]), flat=False)
+
+    def _relaid(self, reshape, *, flat: bool) -> "LayerRecord":
+        from dataclasses import fields, replace
+
+        tensors = {f.name: reshape(getattr(self, f.name)) for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, flat=flat, **tensors)
 
 
 @dataclass
@@ -153,7 +180,7 @@ class Trace:
     Attributes
     ----------
     records : dict[int, list[LayerRecord]]
-        Per captured MoE layer (``capture=``), one record per forward call.
+        Per captured MoE layer (``capture=``), one record per forward call, its tensors ``[batch, pos, ...]``.
     block_inputs, block_outputs : dict[int, list[Tensor]]
         Per MoE layer of ``blocks=``, the block's input and output hidden states per call, as the block
         saw and returned them (no copy; [B, T, H] or [N, H]).
@@ -260,7 +287,8 @@ class _LayerHooks:
                 topk_idx[rows] = rerouted.topk_idx
         if self.capture:
             probs = self.layer.router_probs(router_logits.detach())
-            self.record = LayerRecord(
+            self.record = LayerRecord(  # built on the rows the kernels see; stored shaped
+                flat=True,
                 layer=self.layer.layer,
                 batch_shape=self.batch_shape,
                 router_logits=router_logits.detach(),
@@ -326,7 +354,7 @@ class _LayerHooks:
         hidden = block_hidden(output)
         if self.record is not None:
             self.record.moe_output = hidden.detach().reshape(-1, hidden.shape[-1])
-            self.trace.records[self.layer.layer].append(self.record)
+            self.trace.records[self.layer.layer].append(self.record.shaped())
             self.record = None
 
     def shared_capture(self, module, args, output):
@@ -340,7 +368,7 @@ class _LayerHooks:
     def finish_call(self):
         """Store the record of a call when no block_post hook did (keep_outputs=False)."""
         if self.record is not None and self.record.act_norm is not None:
-            self.trace.records[self.layer.layer].append(self.record)
+            self.trace.records[self.layer.layer].append(self.record.shaped())
             self.record = None
 
     def _shared_zero_hook(self, ablation: SharedAblation):

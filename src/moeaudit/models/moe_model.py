@@ -166,14 +166,15 @@ class MoEModel:
         Yields
         ------
         Trace
-            Filled as forwards run; ``trace[layer]`` is the layer's record when it ran once, and
-            ``trace.slots_changed[layer]`` counts the (token, slot) pairs the ablations removed.
+            Filled as forwards run; ``trace[layer]`` is the layer's record when it ran once, its tensors
+            ``[batch, pos, ...]`` (``.rows`` flattens them), and ``trace.slots_changed[layer]`` counts the
+            (token, slot) pairs the ablations removed.
 
         Examples
         --------
         >>> with moe.intervene([Ablation(layer=1, experts=3, kind="reroute")], capture="all") as trace:
         ...     out = moe.model(input_ids)  # doctest: +SKIP
-        >>> trace[1].topk_idx  # doctest: +SKIP
+        >>> trace[1].topk_idx[0, 17]  # the experts at position 17 of sequence 0  # doctest: +SKIP
         """
         return intervene(self, ablations, capture=capture, keep_outputs=keep_outputs, blocks=blocks,
                          residual=residual, warn_unchanged=warn_unchanged)

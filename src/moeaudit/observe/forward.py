@@ -159,7 +159,7 @@ def _check_finite(trace, layers: Sequence[int], logits: torch.Tensor, batch: Seq
     b, t = logits.shape[:2]
     checks = []
     for index in sorted(layers):
-        record = trace[index]
+        record = trace[index].rows
         checks.append((f"MoE layer {index} input (router logits)", record.router_logits))
         checks.append((f"MoE layer {index} expert outputs", record.act_norm))
     checks.append(("output logits", logits))
@@ -208,7 +208,7 @@ def _observe_batch(moe: MoEModel, batch: Sequence[Any], layers: Sequence[int], p
     }, schema=TOKENS_SCHEMA)
     routing, router_probs, router_logits = [], [], []
     for index in layers:
-        record = trace[index]
+        record = trace[index].rows
         routing_table, probs_table, logits_table = _layer_tables(
             moe, record, index, seqs, positions, probs_schema if index in probs_layers else None,
             logits_schema if index in logits_layers else None)
@@ -394,7 +394,7 @@ def observe_padding(
         seqs = np.repeat(np.array([w.seq for w in batch], dtype=np.int64), pad_to)[pads]
         positions = np.tile(np.arange(pad_to, dtype=np.int64), b)[pads]
         for index in layers:
-            record = trace[index]
+            record = trace[index].rows
             sliced = _dc.replace(record, **{f.name: getattr(record, f.name)[keep] for f in _dc.fields(record)
                                             if isinstance(getattr(record, f.name), torch.Tensor)
                                             and getattr(record, f.name).shape[:1] == keep.shape})
