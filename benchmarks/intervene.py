@@ -11,6 +11,9 @@ next token (the census):
                  window (the hook active at every position where it is routed), NLL read at the target;
                  timed on the same subsample and scaled.
 
+A ``clean pass`` row gives the time and memory of the clean forward with its record alone
+(:func:`moeaudit.intervene.clean.capture_clean`), and the notes the census's memory as a multiple of it.
+
 Printed per row: interventions, how many were timed, seconds (measured / scaled to the census),
 interventions per second, speed-up of ``fast`` over the row, max |ΔNLL difference| on the subsample
 (reference row: fast token scope vs the reference engine; paper row: the fast engine's sequence scope vs
@@ -127,6 +130,16 @@ def run_length(moe, seq_len: int, args, rows: list) -> None:
     input_ids = torch.randint(3, vocab, (1, seq_len), generator=generator)
 
     compute_effects(moe, input_ids[:, :32])  # warm-up (allocations, first-call overheads)
+    from moeaudit.intervene.clean import capture_clean
+
+    with PeakRSS() as memory:  # the clean pass alone: what a census must stay within 2x of
+        tick = time.perf_counter()
+        with torch.no_grad():
+            clean = capture_clean(moe, input_ids)
+        clean_seconds = time.perf_counter() - tick
+    del clean
+    rows.append(dict(T=seq_len, method="clean pass", n=0, timed=0, seconds=clean_seconds, scaled=clean_seconds,
+                     max_err=float("nan"), peak=memory.peak_mib, noise=float("nan")))
     with PeakRSS() as memory:
         fast = compute_effects(moe, input_ids, Selection.census(),
                                config=InterveneConfig(rows_per_call=args.rows_per_call))
@@ -182,8 +195,9 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="auto",
                         help="auto, random, a built-in name (tiny-olmoe, tiny-qwen-moe, tiny-deepseek) or "
                              "random:FAMILY (one of moeaudit.models.testing.FAMILIES: olmoe, qwen2_moe, "
-                             "deepseek_v2, deepseek_v2_grouped, mixtral, qwen3_moe, gpt_oss, deepseek_v3, "
-                             "glm4_moe, glm4_moe_lite, dots1, exaone_moe)")
+                             "deepseek_v2, mixtral, qwen3_moe, gpt_oss, deepseek_v3, ...; the recurrent "
+                             "hybrids qwen3_next, qwen3_5_moe, granitemoehybrid, nemotron_h, jamba, lfm2_moe, "
+                             "kimi_linear, bailing_hybrid)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--reference-samples", type=int, default=48)
@@ -221,11 +235,15 @@ def main(argv=None) -> int:
         fast_scaled = next(r["scaled"] for r in block if r["method"] == "fast")
         for r in block:
             rate = r["timed"] / r["seconds"] if r["seconds"] > 0 else float("inf")
-            speedup = "" if r["method"] in ("fast", "gradient estimate") else f"{r['scaled'] / fast_scaled:7.0f}x"
+            speedup = "" if r["method"] in ("fast", "gradient estimate", "clean pass") else \
+                f"{r['scaled'] / fast_scaled:7.0f}x"
             err = "" if np.isnan(r["max_err"]) else f"{r['max_err']:.2e}"
             print(f"{seq_len:>4}  {r['method']:<18} {r['n']:>8} {r['timed']:>6} {r['seconds']:>9.2f} "
                   f"{r['scaled']:>9.1f} {rate:>9.0f} {speedup:>8} {err:>13} {r['peak']:>9.1f}")
-        notes = [f"noise floor fast {block[0]['noise']:.1e} nats"]
+        fast_row = next(r for r in block if r["method"] == "fast")
+        clean_row = next(r for r in block if r["method"] == "clean pass")
+        notes = [f"noise floor fast {fast_row['noise']:.1e} nats",
+                 f"census +RSS / clean pass +RSS {fast_row['peak'] / max(clean_row['peak'], 1e-9):.2f}"]
         context = getattr(moe.config, "max_position_embeddings", None)
         if context is not None and seq_len > context:
             notes.append(f"T > the model's {context}-token context: timing only")

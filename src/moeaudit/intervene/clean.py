@@ -7,7 +7,9 @@ logits are bit-identical to a plain forward) with three sets of observers attach
   ``topk_idx``, ``raw_gate``, ``combine_weight``, the ungated expert outputs f_e(x) [T, k, H], the block
   input, the routed output and the block output;
 * forward hooks on every decoder layer: its input and output hidden states (the residual stream);
-* the record mode of :mod:`moeaudit.intervene.attention`: each layer's keys, values and mask.
+* the record mode of :mod:`moeaudit.intervene.attention`: each attention layer's keys, values and mask;
+  a recurrent layer's states are swept from its recorded inputs when rows need them
+  (:mod:`moeaudit.intervene.recurrent`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moeaudit.intervene.attention import AttentionState, LayerCache, attention_mode
+from moeaudit.intervene.recurrent import CleanStates, MixerLayout, mixer_layout
 from moeaudit.models.hooks import LayerRecord
 from moeaudit.models.moe_model import MoEModel
 
@@ -39,7 +42,12 @@ class CleanWindow:
     layer_input, layer_output : list of Tensor [T, H]
         The residual stream entering and leaving every decoder layer.
     caches : dict[int, LayerCache] or None
-        Clean keys/values and masks per decoder layer (None when not recorded).
+        Clean keys/values and masks per attention layer (None when not recorded).
+    layout : MixerLayout or None
+        Which decoder layers attend and which carry recurrent states (None when not recorded).
+    states : CleanStates or None
+        The clean conv/recurrent states of the recurrent layers after any position (None without such
+        layers or when not recorded).
     """
 
     input_ids: torch.Tensor
@@ -52,6 +60,8 @@ class CleanWindow:
     layer_input: list[torch.Tensor]
     layer_output: list[torch.Tensor]
     caches: dict[int, LayerCache] | None
+    layout: MixerLayout | None = None
+    states: CleanStates | None = None
     _probs: torch.Tensor | None = None
     _neg_entropy: torch.Tensor | None = None
 
@@ -125,12 +135,23 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
     targets = torch.roll(input_ids[0], -1)
     nll = -logprobs.gather(-1, targets[:, None])[:, 0]
     nll = nll.masked_fill(~valid, float("nan"))
+    layout = None
     if record_attention:
-        missing = [i for i in range(num_layers) if i not in state.caches]
+        layout = mixer_layout(moe)
+        missing = [i for i in layout.attention if i not in state.caches]
         if missing:
             from moeaudit.intervene.attention import UnsupportedAttention
 
             raise UnsupportedAttention(f"no attention call was recorded for decoder layers {missing}")
+    states = None
+    if layout is not None and layout.recurrent:
+        recorded = [logits, logprobs, *layer_input, *layer_output, *(t for c in state.caches.values()
+                                                                  for t in (c.key, c.value, c.allowed))]
+        recorded += [t for record in trace.records.values() for call in record for t in vars(call).values()
+                     if isinstance(t, torch.Tensor)]
+        states = CleanStates(moe, layer_input, layout.recurrent,
+                             keep_bytes=sum(t.numel() * t.element_size() for t in recorded))
+        states.check()
     return CleanWindow(
         input_ids=input_ids[0],
         valid_next=valid,
@@ -142,4 +163,6 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
         layer_input=layer_input,
         layer_output=layer_output,
         caches=state.caches if record_attention else None,
+        layout=layout,
+        states=states,
     )

@@ -179,24 +179,25 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
     if native not in SUPPORTED_NATIVE:
         return (f"attention implementation {native!r} is not replayed by the fast engine; load the model with "
                 f"attn_implementation='sdpa' or 'eager'")
+    from moeaudit.intervene.replay import final_norm
+    from moeaudit.intervene.recurrent import mixer_layout
+
     try:
         inner = moe.adapter.backbone(model)
     except AttributeError:
         inner = None
-    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "norm"):
-        return f"{type(model).__name__} does not expose a rotary embedding and a final norm beside its decoder layers"
+    if inner is None or final_norm(moe) is None:
+        return f"{type(model).__name__} does not expose a final norm beside its decoder layers"
     if model.get_output_embeddings() is None:
         return f"{type(model).__name__} has no output embeddings (LM head)"
     if getattr(model.config, "final_logit_softcapping", None):
         return "final logit soft-capping is not replayed by the fast engine"
     if model.training:
         return "the model is in training mode (dropout); call model.eval()"
-    for index, layer in enumerate(moe.adapter.decoder_layers(model)):
-        if getattr(layer, "self_attn", None) is None:
-            return (f"decoder layer {index} mixes tokens without attention (a recurrent or convolutional layer), "
-                    "which the fast engine does not replay yet")
-        if getattr(getattr(layer, "self_attn", None), "layer_idx", None) != index:
-            return f"decoder layer {index} has no self_attn.layer_idx"
+    both = mixer_layout(moe).both
+    if both:
+        return (f"decoder layer {both[0]} holds keys/values and a recurrent state in one layer, which the fast "
+                "engine does not replay")
     return None
 
 

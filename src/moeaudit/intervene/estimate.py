@@ -10,8 +10,9 @@ would mix in). The row machinery of the fast engine makes every target independe
 position is one row that restarts at the first selected MoE layer and attends to the *constant* clean
 keys/values of earlier positions, so in Σ_rows NLL_row the row r term depends only on row r's own path,
 and one backward gives ∂NLL_t/∂y_{ℓ,t} for every target t and every selected layer ℓ at once
-(a zero tensor z_ℓ added after each selected layer is the differentiation point: ∂/∂z_ℓ = ∂/∂y_ℓ
-because the MoE output enters the residual stream additively).
+(a zero tensor z_ℓ added after each selected layer is the differentiation point: ∂/∂y_ℓ = c ∂/∂z_ℓ
+because the MoE output enters the residual stream additively, scaled by c, 1 but for Granite's residual
+multiplier: :func:`moeaudit.intervene.replay.residual_scale`).
 
 Cost: one row-forward of every target position from the first selected MoE layer upward plus its
 backward, i.e. about 3x one clean forward of the window (plus O(T²) attention against the clean cache),
@@ -25,6 +26,7 @@ import torch
 
 from moeaudit.intervene.clean import CleanWindow, upcast
 from moeaudit.intervene.fast import forward_rows, token_rows_per_call
+from moeaudit.intervene.replay import residual_scale
 from moeaudit.models.moe_model import MoEModel
 
 
@@ -47,6 +49,7 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
     dtype = upcast(clean.layer_output[first]).dtype
     grads = {layer: torch.empty(len(positions), clean.layer_output[layer].shape[-1], dtype=dtype) for layer in layers}
     base = clean.layer_input[first]
+    scale = residual_scale(moe)
     per_call = token_rows_per_call(clean, rows_per_call, max_logit_elements)
     for lo in range(0, len(positions), per_call):
         pos = positions[lo:lo + per_call]
@@ -58,7 +61,7 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
             nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).sum()
             values = torch.autograd.grad(nll, [leaves[layer] for layer in layers])
         for layer, value in zip(layers, values):
-            grads[layer][lo:lo + len(pos)] = upcast(value[:, 0]).cpu()
+            grads[layer][lo:lo + len(pos)] = upcast(value[:, 0] * scale).cpu()
     return grads
 
 

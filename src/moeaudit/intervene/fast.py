@@ -3,7 +3,8 @@
 Token scope (position t, MoE layer ℓ)
     Positions < t are untouched at every layer, and position t is untouched up to layer ℓ's MoE block.
     So the intervened hidden state leaving decoder layer ℓ at t is the clean one plus Δy_t
-    (:mod:`moeaudit.intervene.delta`), and only that single position is run through decoder layers
+    (:mod:`moeaudit.intervene.delta`; times Granite's residual multiplier,
+    :func:`moeaudit.intervene.replay.residual_scale`), and only that single position is run through decoder layers
     ℓ+1 .. L-1, the final norm and the LM head, attending to the clean keys/values of positions < t
     (shared, never copied) and to its own key/value at t. Each intervention is one row of a
     [R, 1, H] batch through the model's own decoder layers
@@ -20,7 +21,6 @@ LM head, instead of a full forward over the window.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable, Mapping
 
 import torch
@@ -28,21 +28,10 @@ import torch
 from moeaudit.intervene.attention import AttentionState, attention_mode
 from moeaudit.intervene.clean import CleanWindow, upcast
 from moeaudit.intervene.delta import gap_statistics
+from moeaudit.intervene.recurrent import row_cache
+from moeaudit.intervene.replay import (call_decoder_layer, final_norm, layer_position_embeddings, residual_scale,
+                                       rotary_module, scaled_logits)
 from moeaudit.models.moe_model import MoEModel
-
-
-def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids: torch.Tensor,
-                              n_layers: int) -> list:
-    """The rotary embeddings each decoder layer receives, as the model's own forward computes them: one per
-    layer type where ``rotary_emb`` takes a ``layer_type`` (Mellum, MiMo-V2-Flash: sliding and full layers
-    rotate with different bases), else one shared by every layer. The rotary module is the backbone's
-    (:meth:`moeaudit.models.FamilyAdapter.backbone`: a vision-language model's language model)."""
-    rotary = moe.adapter.backbone(moe.model).rotary_emb
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
-        types = list(moe.config.layer_types)
-        by_type = {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
-        return [by_type[kind] for kind in types]
-    return [rotary(hidden, position_ids)] * n_layers
 
 
 def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: torch.Tensor,
@@ -53,7 +42,8 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
     ----------
     moe : MoEModel
     clean : CleanWindow
-        Supplies the clean keys/values and masks of the window.
+        Supplies the clean keys/values and masks of the window, and the clean states of its recurrent
+        layers (:class:`moeaudit.intervene.recurrent.CleanStates`).
     first_layer : int
         First decoder layer to run (``len(layers)`` runs only the final norm and the LM head).
     hidden : Tensor [R, S, H]
@@ -68,24 +58,34 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
         Next-token logits at the rows' positions.
     """
     model = moe.model
-    inner = moe.adapter.backbone(model)
-    layers = moe.adapter.decoder_layers(model)
+    n_layers = moe.num_decoder_layers
     span = hidden.shape[1]
     position_ids = row_start[:, None] + torch.arange(span, device=hidden.device)[None, :]
     state = AttentionState(mode="rows", native=str(model.config._attn_implementation), caches=clean.caches)
     state.set_rows(row_start, span)
+    cache = None
+    later = [] if clean.states is None else [index for index in clean.states.layers if index >= first_layer]
+    stepped = set()  # recurrent layers whose multi-token pass ignores a cached state: one position at a time
+    if later:
+        cache = row_cache(moe, clean.states.after(row_start - 1, later), clean.layout)
+        if span > 1:
+            stepped = {index for index in later if not clean.states.continues_from_state(index)}
+    rotary = rotary_module(moe) is not None
     with attention_mode(model, state):
-        if first_layer < len(layers):
-            position_embeddings = layer_position_embeddings(moe, hidden, position_ids, len(layers))
-        for index in range(first_layer, len(layers)):
-            hidden = layers[index](hidden, attention_mask=None, position_ids=position_ids, past_key_values=None,
-                                   use_cache=False, position_embeddings=position_embeddings[index])
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
+        if first_layer < n_layers:
+            position_embeddings = layer_position_embeddings(moe, hidden, position_ids, n_layers)
+        for index in range(first_layer, n_layers):
+            if index in stepped:
+                hidden = torch.cat([call_decoder_layer(
+                    moe, index, hidden[:, i:i + 1], position_ids[:, i:i + 1],
+                    None, cache, rotary=rotary) for i in range(span)], dim=1)  # (a recurrent layer reads no rotary)
+            else:
+                hidden = call_decoder_layer(moe, index, hidden, position_ids, position_embeddings[index], cache,
+                                            rotary=rotary)
             if add_after is not None and index in add_after:
                 hidden = hidden + add_after[index]
-        hidden = inner.norm(hidden)
-        logits = model.get_output_embeddings()(hidden)
+        hidden = final_norm(moe)(hidden)
+        logits = scaled_logits(moe, model.get_output_embeddings()(hidden))
     return upcast(logits)
 
 
@@ -148,12 +148,13 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     record = clean.records[layer]
     order = torch.argsort(positions, stable=True)
     base = clean.layer_output[layer]
+    scale = residual_scale(moe)
     per_call = token_rows_per_call(clean, rows_per_call, max_logit_elements)
     for lo in range(0, n, per_call):
         rows = order[lo:lo + per_call]
         pos = positions[rows]
         delta = make_delta(rows)
-        logits = forward_rows(moe, clean, layer + 1, (base[pos] + delta).unsqueeze(1), pos)[:, 0]
+        logits = forward_rows(moe, clean, layer + 1, (base[pos] + scale * delta).unsqueeze(1), pos)[:, 0]
         dn, kl, flip = token_outcomes(logits, clean, pos)
         gap_norm, cosine = gap_statistics(record, pos, delta)
         for name, value in zip(out, (dn, kl, flip, gap_norm, cosine)):
@@ -184,6 +185,7 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
     seq_len = clean.seq_len
     vocab = clean.logits.shape[-1]
     base = clean.layer_output[layer]
+    scale = residual_scale(moe)
     starts = [int(pos.min()) if pos.numel() else seq_len for pos, _ in changes]
     order = sorted(range(len(changes)), key=lambda i: starts[i])
     results: list = [None] * len(changes)
@@ -201,7 +203,7 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
         hidden = base[start:].unsqueeze(0).repeat(len(batch), 1, 1)
         for row, index in enumerate(batch):
             pos, delta = changes[index]
-            hidden[row, pos - start] += delta
+            hidden[row, pos - start] += scale * delta
         row_start = torch.full((len(batch),), start, dtype=torch.long, device=hidden.device)
         logits = forward_rows(moe, clean, layer + 1, hidden, row_start)  # [R, S, V]
         positions = torch.arange(start, seq_len, device=hidden.device)

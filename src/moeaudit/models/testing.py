@@ -24,18 +24,14 @@ FAMILIES: tuple[str, ...] = (
 #: engine's self-check, :mod:`moeaudit.intervene.spotcheck`).
 REFERENCE_ONLY: dict[str, str] = {
     "flex_olmo": "disagrees with the reference engine",      # a norm after the MoE block
-    "granitemoe": "disagrees with the reference engine",     # residual_multiplier and logits_scaling
-    "qwen3_next": "mixes tokens without attention",           # Gated DeltaNet layers
-    "jamba": "does not expose a rotary embedding",              # Mamba layers, no rotary embeddings
-    "qwen3_5_moe": "mixes tokens without attention",          # Gated DeltaNet layers
-    "granitemoeshared": "disagrees with the reference engine",  # residual_multiplier and logits_scaling
-    "granitemoehybrid": "mixes tokens without attention",     # Mamba-2 layers
-    "nemotron_h": "does not expose a rotary embedding",         # Mamba-2 layers, no rotary embeddings
-    "cohere2_moe": "disagrees with the reference engine",     # logit_scale on the LM head
     "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
-    "lfm2_moe": "does not expose a rotary embedding",         # short convolutions; its rotary is pos_emb
-    "bailing_hybrid": "no attention call was recorded",       # KDA linear-attention layers
-    "kimi_linear": "does not expose a rotary embedding",      # KDA linear-attention layers, no rotary
+}
+#: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
+#: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
+RECURRENT_FAMILIES: dict[str, str] = {
+    "qwen3_next": "Gated DeltaNet", "qwen3_5_moe": "Gated DeltaNet", "jamba": "Mamba",
+    "granitemoehybrid": "Mamba-2", "nemotron_h": "Mamba-2", "lfm2_moe": "short convolution",
+    "bailing_hybrid": "KDA linear attention", "kimi_linear": "KDA linear attention",
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -257,6 +253,12 @@ def tiny_config(family: str, **overrides: Any):
                                  for i in range(n_layers)]
     if family in ("qwen3_next", "qwen3_5_moe") and "layer_types" not in overrides:  # linear, full, linear, ...
         fields["layer_types"] = [("linear_attention", "full_attention")[i % 2] for i in range(n_layers)]
+    if family == "granitemoehybrid" and "layer_types" not in overrides:  # mamba, attention, mamba, ...
+        fields["layer_types"] = [("mamba", "attention")[i % 2] for i in range(n_layers)]
+        if "mamba_d_head" not in overrides:  # heads x head dim = the Mamba width, 2 x hidden
+            fields["mamba_d_head"] = 2 * fields["hidden_size"] // fields["mamba_n_heads"]
+    if family == "lfm2_moe" and "layer_types" not in overrides:  # conv, attention, conv, ...
+        fields["layer_types"] = [("conv", "full_attention")[i % 2] for i in range(n_layers)]
     if family == "mimo_v2_flash" and "layer_types" not in overrides:  # sliding and full attention, 2 : 1
         fields["layer_types"] = [("sliding_attention", "sliding_attention", "full_attention")[i % 3]
                                  for i in range(n_layers)]

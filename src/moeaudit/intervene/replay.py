@@ -1,0 +1,83 @@
+"""How the fast engine calls the model's own parts: rotary embeddings, decoder layers, final norm, scales.
+
+The fast engine (:mod:`moeaudit.intervene.fast`) and the recurrent-state sweep
+(:mod:`moeaudit.intervene.recurrent`) run a model's decoder layers outside its own forward; this module
+holds where each family keeps the parts that forward uses around them, and the factors it applies, so
+both call them the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from moeaudit.models.moe_model import MoEModel
+
+#: Where transformers' backbones keep their rotary embedding: ``rotary_emb`` (most families), ``pos_emb``
+#: (LFM2, ``models/lfm2_moe/modeling_lfm2_moe.py``). Jamba, Nemotron-H and Kimi-Linear have none.
+ROTARY_NAMES = ("rotary_emb", "pos_emb")
+#: Where they keep the norm before the LM head: ``norm`` (most), ``norm_f`` (Nemotron-H),
+#: ``final_layernorm`` (Jamba), ``embedding_norm`` (LFM2).
+FINAL_NORM_NAMES = ("norm", "norm_f", "final_layernorm", "embedding_norm")
+
+
+def rotary_module(moe: MoEModel):
+    """The backbone's rotary embedding module, or None for a family without one."""
+    inner = moe.adapter.backbone(moe.model)
+    return next((getattr(inner, name) for name in ROTARY_NAMES if getattr(inner, name, None) is not None), None)
+
+
+def final_norm(moe: MoEModel):
+    """The backbone's norm before the LM head, or None when it has none under a known name."""
+    inner = moe.adapter.backbone(moe.model)
+    return next((getattr(inner, name) for name in FINAL_NORM_NAMES if getattr(inner, name, None) is not None), None)
+
+
+def residual_scale(moe: MoEModel) -> float:
+    """The factor a decoder layer applies to its MoE block's output before adding it to the residual
+    stream: Granite's ``residual_multiplier`` (``models/granitemoe/modeling_granitemoe.py``,
+    ``granitemoehybrid``, ``granitemoeshared``), 1 for every other family. A change Δy of the MoE output
+    changes the layer's output by ``residual_scale * Δy``."""
+    decoder = moe.adapter.decoder_layers(moe.model)[moe.moe_layer_indices[0]]
+    return float(getattr(decoder, "residual_multiplier", 1.0))
+
+
+def scaled_logits(moe: MoEModel, logits: torch.Tensor) -> torch.Tensor:
+    """The LM head's output scaled as the model's own forward scales it: divided by Granite's
+    ``logits_scaling``, multiplied by Cohere's ``logit_scale`` (``models/cohere2_moe/modeling_cohere2_moe.py``)."""
+    model = moe.model
+    if getattr(model, "logits_scaling", None) is not None:
+        return logits / model.config.logits_scaling
+    if getattr(model, "logit_scale", None) is not None:
+        return logits * model.logit_scale
+    return logits
+
+
+def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids: torch.Tensor,
+                              n_layers: int) -> list:
+    """The rotary embeddings each decoder layer receives, as the model's own forward computes them: one per
+    layer type where ``rotary_emb`` takes a ``layer_type`` (Mellum, MiMo-V2-Flash: sliding and full layers
+    rotate with different bases), else one shared by every layer; None per layer for a family without
+    rotary embeddings. The rotary module is the backbone's (:meth:`moeaudit.models.FamilyAdapter.backbone`:
+    a vision-language model's language model)."""
+    rotary = rotary_module(moe)
+    if rotary is None:
+        return [None] * n_layers
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        types = list(moe.config.layer_types)
+        by_type = {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
+        return [by_type[kind] for kind in types]
+    return [rotary(hidden, position_ids)] * n_layers
+
+
+def call_decoder_layer(moe: MoEModel, index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+                       position_embeddings, cache=None, *, rotary: bool = True) -> torch.Tensor:
+    """Decoder layer ``index`` on rows ``hidden`` [R, S, H], called as the model's own forward calls it
+    (no mask: the rows' attention and the recurrent states carry causality; ``cache`` holds the recurrent
+    layers' states, :func:`moeaudit.intervene.recurrent.row_cache`). ``rotary`` False (a family without
+    rotary embeddings, :func:`rotary_module`) passes no ``position_embeddings``, as its own forward."""
+    kwargs = {"position_embeddings": position_embeddings} if rotary else {}
+    out = moe.adapter.decoder_layers(moe.model)[index](hidden, attention_mask=None, position_ids=position_ids,
+                                                        past_key_values=cache, use_cache=False, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -1,0 +1,145 @@
+"""The fast engine through recurrent and convolutional layers: Gated DeltaNet, Mamba, Mamba-2, KDA, short convs.
+
+Rows start from the clean run's conv / recurrent state after the position before them
+(:mod:`moeaudit.intervene.recurrent`); the clean pass runs chunked kernels and the rows decode steps, so
+the engines agree to rounding. Windows here are longer than the Mamba-2 chunk (16 in the tiny configs) and
+than the Gated DeltaNet / KDA chunk (64), and a multiple of neither.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from moeaudit.intervene import InterveneConfig, Selection, compute_effects
+from moeaudit.intervene.clean import capture_clean
+from moeaudit.intervene.recurrent import mixer_layout
+from moeaudit.models import ABLATION_KINDS
+from moeaudit.models.testing import RECURRENT_FAMILIES
+
+from .conftest import VOCAB, make_moe
+
+KEYS = ["layer", "seq", "pos", "expert", "kind", "scope"]
+LONG = 70  # > 64 and > 16, a multiple of neither
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=sorted(RECURRENT_FAMILIES))
+def hybrid(request):
+    return make_moe(request.param)
+
+
+def test_every_hybrid_family_is_replayed_fast(hybrid):
+    layout = mixer_layout(hybrid)
+    assert layout.recurrent and not layout.both
+    assert set(layout.recurrent).isdisjoint(layout.attention)
+
+
+def test_census_equals_the_reference_engine_every_kind_and_scope(hybrid):
+    """Every active expert at every position of a 37-token window (past the Mamba-2 chunk of 16)."""
+    ids = _ids(1, 37)
+    kinds = tuple(k for k in ABLATION_KINDS if not (k == "mean" and hybrid.layers[0].weights_scale_input))
+    config = dict(kinds=kinds, scopes=("token", "sequence"))
+    fast = compute_effects(hybrid, ids, config=InterveneConfig(**config))
+    ref = compute_effects(hybrid, ids, config=InterveneConfig(engine="reference", reference_batch=8, **config))
+    assert fast.stats.engine == "fast" and fast.stats.fallback_reason is None
+    merged = fast.effects.merge(ref.effects, on=KEYS, suffixes=("", "_ref"), validate="one_to_one")
+    assert len(merged) == len(fast.effects) == len(ref.effects) > 0
+    assert merged.delta_nll.abs().max() > 1e-2  # the interventions do something
+    assert np.abs(merged.delta_nll - merged.delta_nll_ref).max() <= 1e-4
+    assert np.abs(merged.kl - merged.kl_ref).max() <= 1e-4
+    later = np.abs(merged.delta_nll_later_sum - merged.delta_nll_later_sum_ref)
+    assert np.nanmax(later) <= 1e-3
+
+
+def test_long_windows_past_every_chunk_size(hybrid):
+    """Sampled targets over two 70-token windows: chunk boundaries of 16 and 64 inside, neither a divisor."""
+    ids = _ids(2, LONG, seed=1)
+    selection = Selection.sample(6, seed=3)
+    config = dict(kinds=("zero", "reroute"), scopes=("token", "sequence"))
+    fast = compute_effects(hybrid, ids, selection, config=InterveneConfig(**config))
+    ref = compute_effects(hybrid, ids, selection, config=InterveneConfig(engine="reference", reference_batch=8,
+                                                                         **config))
+    assert fast.stats.engine == "fast"
+    merged = fast.effects.merge(ref.effects, on=KEYS, suffixes=("", "_ref"), validate="one_to_one")
+    assert len(merged) == len(ref.effects) > 0 and merged.pos.max() > 64
+    assert np.abs(merged.delta_nll - merged.delta_nll_ref).max() <= 1e-4
+
+
+@torch.no_grad()
+def test_swept_states_equal_transformers_own_cache(hybrid):
+    """The sweep's state after position p equals the state transformers' cache holds after a forward over
+    positions 0..p with ``use_cache=True`` (to rounding: chunked prefill vs decode steps)."""
+    ids = _ids(1, 40, seed=2)
+    clean = capture_clean(hybrid, ids)
+    states = clean.states
+    for p in (0, 5, 17, 39):
+        ours = states.after(torch.tensor([p]))
+        theirs = hybrid.model(input_ids=ids[:, :p + 1], use_cache=True).past_key_values
+        for index, state in ours.items():
+            layer = theirs.layers[index]
+            for i in range(layer.number_of_states):
+                for mine, own in ((state.conv[i], layer.conv_states[i]),
+                                  (state.recurrent[i], layer.recurrent_states[i])):
+                    if own is None or not torch.is_tensor(own):
+                        continue
+                    torch.testing.assert_close(mine.float(), own.float(), rtol=1e-4, atol=1e-5)
+    assert states.restarts == 0  # increasing requests never restart the sweep
+    again = states.after(torch.tensor([3]))  # behind the sweep: restarts from the window's start
+    assert states.restarts == len(states.layers)
+    fresh = capture_clean(hybrid, ids).states.after(torch.tensor([3]))
+    for index in again:
+        for i, t in again[index].recurrent.items():
+            if t is not None:
+                assert torch.equal(t, fresh[index].recurrent[i])
+
+
+@torch.no_grad()
+def test_rows_get_the_state_of_their_own_position():
+    """A batch of rows at different positions, in any order and with repeats, gets each row its own state."""
+    moe = make_moe("qwen3_next")
+    clean = capture_clean(moe, _ids(1, 30))
+    positions = torch.tensor([7, -1, 12, 7, 29])
+    batched = clean.states.after(positions)
+    for row, p in enumerate(positions.tolist()):
+        alone = capture_clean(moe, _ids(1, 30)).states.after(torch.tensor([p]))
+        for index in batched:
+            for i, t in batched[index].recurrent.items():
+                if t is not None:
+                    # equal to rounding (the sweep reached p in other stretches); other positions differ at O(0.1)
+                    torch.testing.assert_close(t[row:row + 1], alone[index].recurrent[i], rtol=1e-4, atol=1e-6)
+                    if p == -1:
+                        assert not t[row].any()  # before the first token: the zero state
+
+
+def test_a_layer_that_keeps_no_state_falls_back_with_the_reason_logged(caplog, monkeypatch):
+    """A recurrent layer that ignores transformers' cache cannot be replayed from its clean state: the run
+    uses the reference engine and logs why, naming the layer."""
+    moe = make_moe("qwen3_next")
+    layer = moe.adapter.decoder_layers(moe.model)[0].linear_attn
+    original = layer.forward
+    monkeypatch.setattr(layer, "forward", lambda hidden_states, cache_params=None, **kw: original(hidden_states, **kw))
+    with caplog.at_level(logging.WARNING):
+        result = compute_effects(moe, _ids(1, 20), Selection.sample(2, seed=0))
+    assert result.stats.engine == "reference"
+    assert "decoder layer 0 mixes tokens recurrently but keeps no conv or recurrent state" in result.stats.fallback_reason
+    assert "decoder layer 0 mixes tokens recurrently" in caplog.text
+
+
+def test_granite_residual_multiplier_and_logit_scaling_are_replayed():
+    """Granite scales the MoE output into the residual stream and divides the logits; the fast engine does
+    both (its self-check would fall back otherwise), with a multiplier far from 1 so a miss shows."""
+    moe = make_moe("granitemoehybrid", residual_multiplier=0.3, logits_scaling=4.0)
+    ids = _ids(1, 24, seed=4)
+    config = dict(kinds=("zero",), scopes=("token", "sequence"))
+    fast = compute_effects(moe, ids, Selection.sample(5, seed=1), config=InterveneConfig(**config))
+    ref = compute_effects(moe, ids, Selection.sample(5, seed=1), config=InterveneConfig(engine="reference", **config))
+    assert fast.stats.engine == "fast" and fast.stats.fallback_reason is None
+    merged = fast.effects.merge(ref.effects, on=KEYS, suffixes=("", "_ref"))
+    assert np.abs(merged.delta_nll - merged.delta_nll_ref).max() <= 1e-5
