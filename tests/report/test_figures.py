@@ -72,3 +72,23 @@ def test_pruning_plot_without_single_layer_rows_or_rows():
 def test_figures_fit_800_px():
     """The report's column: a figure saved at savefig.dpi is at most ~800 px wide, so it is not scaled down."""
     assert figures.WIDTH * figures.STYLE["savefig.dpi"] <= 800
+
+
+def test_pruning_plot_with_many_long_criteria_and_three_ratios_lays_out(tmp_path):
+    """The full demo's shape (3 ratios, 17 criteria with names like ``oracle_reconstruction``) once left
+    matplotlib's constrained layout without room ("axes sizes collapsed to zero") at three panels a row."""
+    import warnings
+
+    names = ["oracle_delta_nll", "oracle_reconstruction", "mean_gate_active", "router_row_norm", "routing_entropy",
+             "routing_gini", "frequency", "count", "gate_mass", "max_act", "act_std", "ean_sum", "ean_mean", "msan",
+             "aimer", "reap", "paper_code_utilisation"]
+    rows = [(c, r, 0, 10.0 + i + r) for i, c in enumerate(names) for r in (0.125, 0.25, 0.5)]
+    rows += [("random", r, s, 12.0 + s + r) for r in (0.125, 0.25, 0.5) for s in range(10)]
+    whole = pd.DataFrame(rows, columns=["criterion", "ratio", "seed", "value"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layout warning fails the test
+        with figures.style():
+            fig = figures.pruning_plot(whole, pd.DataFrame(), "held-out perplexity (exp of mean nats per token)")
+            figures.save(fig, tmp_path / "pruning")
+    assert len(_visible(fig)) == 3
+    assert all(ax.get_position().width > 0.2 for ax in _visible(fig))

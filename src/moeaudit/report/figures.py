@@ -346,7 +346,7 @@ BELOW_BAND, IN_BAND, ABOVE_BAND = "#2e7d32", "#6b7280", "#c62828"
 
 
 def pruning_plot(whole: pd.DataFrame, layer_rows: pd.DataFrame, value_label: str, baseline: float | None = None,
-                 *, oracles: Sequence[str] = (), max_cols: int = 3):
+                 *, oracles: Sequence[str] = (), max_cols: int = 2):
     """Held-out loss per criterion against the random band, each criterion labelled directly.
 
     Parameters
