@@ -128,3 +128,17 @@ def test_every_fast_call_keeps_its_logits_under_the_budget(moe, input_ids, monke
     assert len(shapes) > 1 and all(torch.Size(shape).numel() <= budget for shape in shapes)
     assert max(shape[0] for shape in shapes) == 3 or scope == "sequence"
     assert torch.equal(roomy, tight) or (roomy - tight).abs().max() <= 1e-5
+
+
+def test_null_rows_give_exactly_zero_outcomes_whatever_the_chunking(input_ids):
+    """The clean logits fed back as rows (any order, more rows than one KL chunk) give ΔNLL = 0 and KL = 0
+    exactly: the KL's two float64 sums are formed row by row the same way (``OUTCOME_ROWS`` at a time)."""
+    from moeaudit.intervene.fast import OUTCOME_ROWS, token_outcomes
+
+    from .conftest import make_moe
+
+    clean = capture_clean(make_moe("olmoe"), input_ids[:1])
+    positions = torch.arange(clean.seq_len - 1).flip(0).repeat(3)  # reversed, repeated
+    assert len(positions) > 2 * OUTCOME_ROWS
+    delta_nll, kl, flip = token_outcomes(clean.logits[positions], clean, positions)
+    assert torch.all(delta_nll == 0) and torch.all(kl == 0) and not flip.any()

@@ -89,6 +89,11 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
     return upcast(logits)
 
 
+#: Rows whose KL products are formed at once in :func:`token_outcomes` (each a row of V float32 and its
+#: float64 sum): bounds that step's temporaries to a few rows instead of a whole call's R x V.
+OUTCOME_ROWS = 16
+
+
 def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Tensor):
     """ΔNLL, KL(clean ‖ intervened) and top-1 flip at each row's target position.
 
@@ -107,7 +112,10 @@ def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Te
     nll = -logprobs.gather(-1, targets[:, None])[:, 0]
     # KL = Σ p log p - Σ p log q, both sums of float32 products accumulated in float64 (the first is
     # cached per position), so a null intervention gives exactly 0 and small KLs keep their digits.
-    cross = torch.sum(clean.probs[positions] * logprobs, dim=-1, dtype=torch.float64)
+    cross = torch.empty(len(positions), dtype=torch.float64, device=logprobs.device)
+    for lo in range(0, len(positions), OUTCOME_ROWS):  # a few rows' [rows, V] temporaries at a time
+        cross[lo:lo + OUTCOME_ROWS] = torch.sum(clean.probs[positions[lo:lo + OUTCOME_ROWS]]
+                                                * logprobs[lo:lo + OUTCOME_ROWS], dim=-1, dtype=torch.float64)
     kl = (clean.neg_entropy[positions] - cross).to(logprobs.dtype)
     flip = logprobs.argmax(dim=-1) != clean.top1[positions]
     return nll - clean.nll[positions], kl, flip
