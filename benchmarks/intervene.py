@@ -142,20 +142,28 @@ def _peak_child(choice: str, seq_len: int, what: str, threads: int, rows_per_cal
 
 
 def fresh_process_peaks(choice: str, seq_len: int, args) -> tuple[float, float]:
-    """Peak-RSS growth (MiB) of the clean pass and of a token-scope census, each in its own fresh process:
-    in one process a freed heap is reused and later readings come out low."""
+    """Peak-RSS growth (MiB) of the clean pass and of a token-scope census, each the median of
+    :data:`MEMORY_REPEATS` fresh processes: in one process a freed heap is reused and later readings come
+    out low."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     peaks = []
     for what in ("clean", "census"):
-        queue = context.Queue()
-        child = context.Process(target=_peak_child, args=(choice, seq_len, what, args.threads, args.rows_per_call,
-                                                           queue))
-        child.start()
-        peaks.append(queue.get())
-        child.join()
+        readings = []
+        for _ in range(MEMORY_REPEATS):  # a sampled RSS reading varies by ~15% between processes: the median
+            queue = context.Queue()
+            child = context.Process(target=_peak_child, args=(choice, seq_len, what, args.threads,
+                                                               args.rows_per_call, queue))
+            child.start()
+            readings.append(queue.get())
+            child.join()
+        peaks.append(float(np.median(readings)))
     return peaks[0], peaks[1]
+
+
+#: Fresh processes per memory reading (``--memory``).
+MEMORY_REPEATS = 3
 
 
 def run_length(moe, seq_len: int, args, rows: list) -> None:
@@ -273,7 +281,7 @@ def main(argv=None) -> int:
         notes = [f"noise floor fast {fast_row['noise']:.1e} nats"]
         if args.memory:
             clean_mib, census_mib = fresh_process_peaks(args.model, seq_len, args)
-            notes.append(f"peak RSS growth in fresh processes: clean pass {clean_mib:.1f} MiB, token census "
+            notes.append(f"peak RSS growth, median of {MEMORY_REPEATS} fresh processes: clean pass {clean_mib:.1f} MiB, token census "
                          f"{census_mib:.1f} MiB, ratio {census_mib / max(clean_mib, 1e-9):.2f}")
         context = getattr(moe.config, "max_position_embeddings", None)
         if context is not None and seq_len > context:

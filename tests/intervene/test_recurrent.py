@@ -143,3 +143,26 @@ def test_granite_residual_multiplier_and_logit_scaling_are_replayed():
     assert fast.stats.engine == "fast" and fast.stats.fallback_reason is None
     merged = fast.effects.merge(ref.effects, on=KEYS, suffixes=("", "_ref"))
     assert np.abs(merged.delta_nll - merged.delta_nll_ref).max() <= 1e-5
+
+
+def test_rows_per_call_are_capped_by_their_recurrent_states(monkeypatch):
+    """Each row carries its own states through every later recurrent layer: a call's rows hold at most half
+    the clean record in states (times the decode step's temporaries), however many rows_per_call allows."""
+    from moeaudit.intervene import fast
+    from moeaudit.intervene.recurrent import STEP_TEMPORARIES
+
+    moe = make_moe("granitemoehybrid")
+    clean = capture_clean(moe, _ids(1, 40))
+    states = clean.states
+    first = moe.moe_layer_indices[0]
+    per_row = sum(states._empty(i).nbytes() for i in states.layers if i > first)
+    cap = states.rows_per_call(first + 1)
+    assert cap == max(1, states.record_bytes // 2 // (STEP_TEMPORARIES * per_row)) and cap < 39
+    assert states.rows_per_call(moe.num_decoder_layers) is None  # no recurrent layer left: no cap
+    sizes = []
+    real = fast.forward_rows
+    monkeypatch.setattr(fast, "forward_rows", lambda *a, **k: sizes.append(a[3].shape[0]) or real(*a, **k))
+    positions = torch.arange(39)
+    with torch.no_grad():
+        fast.run_token_rows(moe, clean, first, positions, lambda rows: torch.zeros(len(rows), 32), rows_per_call=256)
+    assert max(sizes) == cap and sum(sizes) == 39

@@ -24,6 +24,11 @@ from moeaudit.models.hooks import LayerRecord
 from moeaudit.models.moe_model import MoEModel
 
 
+#: Rows whose full-vocabulary products (the KL's p · log q) are formed at once: bounds those temporaries to
+#: a few rows instead of a whole call's R x V (:func:`moeaudit.intervene.fast.token_outcomes`).
+OUTCOME_ROWS = 16
+
+
 @dataclass
 class CleanWindow:
     """The clean state of one window (batch of one), as the engines need it.
@@ -62,21 +67,23 @@ class CleanWindow:
     caches: dict[int, LayerCache] | None
     layout: MixerLayout | None = None
     states: CleanStates | None = None
-    _probs: torch.Tensor | None = None
     _neg_entropy: torch.Tensor | None = None
 
-    @property
-    def probs(self) -> torch.Tensor:
-        """Clean next-token probabilities [T, V] (``logprobs.exp()``, computed once)."""
-        if self._probs is None:
-            self._probs = self.logprobs.exp()
-        return self._probs
+    def probs_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Clean next-token probabilities [len(positions), V] at ``positions`` (``logprobs.exp()``, formed per
+        call: a [T, V] copy kept for the whole window would be a third full-vocabulary tensor)."""
+        return self.logprobs[positions].exp()
 
     @property
     def neg_entropy(self) -> torch.Tensor:
-        """Σ_v p log p of the clean next-token distribution per position, [T] float64 (computed once)."""
+        """Σ_v p log p of the clean next-token distribution per position, [T] float64 (computed once, a few
+        rows at a time: :data:`OUTCOME_ROWS`)."""
         if self._neg_entropy is None:
-            self._neg_entropy = torch.sum(self.probs * self.logprobs, dim=-1, dtype=torch.float64)
+            out = torch.empty(self.seq_len, dtype=torch.float64, device=self.logprobs.device)
+            for lo in range(0, self.seq_len, OUTCOME_ROWS):
+                rows = torch.arange(lo, min(lo + OUTCOME_ROWS, self.seq_len), device=self.logprobs.device)
+                out[rows] = torch.sum(self.probs_at(rows) * self.logprobs[rows], dim=-1, dtype=torch.float64)
+            self._neg_entropy = out
         return self._neg_entropy
 
     @property
@@ -150,7 +157,7 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
         recorded += [t for record in trace.records.values() for call in record for t in vars(call).values()
                      if isinstance(t, torch.Tensor)]
         states = CleanStates(moe, layer_input, layout.recurrent,
-                             keep_bytes=sum(t.numel() * t.element_size() for t in recorded))
+                             record_bytes=sum(t.numel() * t.element_size() for t in recorded))
         states.check()
     return CleanWindow(
         input_ids=input_ids[0],

@@ -26,7 +26,7 @@ from typing import Callable, Mapping
 import torch
 
 from moeaudit.intervene.attention import AttentionState, attention_mode
-from moeaudit.intervene.clean import CleanWindow, upcast
+from moeaudit.intervene.clean import OUTCOME_ROWS, CleanWindow, upcast
 from moeaudit.intervene.delta import gap_statistics
 from moeaudit.intervene.recurrent import row_cache
 from moeaudit.intervene.replay import (call_decoder_layer, final_norm, layer_position_embeddings, residual_scale,
@@ -89,11 +89,6 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
     return upcast(logits)
 
 
-#: Rows whose KL products are formed at once in :func:`token_outcomes` (each a row of V float32 and its
-#: float64 sum): bounds that step's temporaries to a few rows instead of a whole call's R x V.
-OUTCOME_ROWS = 16
-
-
 def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Tensor):
     """ΔNLL, KL(clean ‖ intervened) and top-1 flip at each row's target position.
 
@@ -114,7 +109,7 @@ def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Te
     # cached per position), so a null intervention gives exactly 0 and small KLs keep their digits.
     cross = torch.empty(len(positions), dtype=torch.float64, device=logprobs.device)
     for lo in range(0, len(positions), OUTCOME_ROWS):  # a few rows' [rows, V] temporaries at a time
-        cross[lo:lo + OUTCOME_ROWS] = torch.sum(clean.probs[positions[lo:lo + OUTCOME_ROWS]]
+        cross[lo:lo + OUTCOME_ROWS] = torch.sum(clean.probs_at(positions[lo:lo + OUTCOME_ROWS])
                                                 * logprobs[lo:lo + OUTCOME_ROWS], dim=-1, dtype=torch.float64)
     kl = (clean.neg_entropy[positions] - cross).to(logprobs.dtype)
     flip = logprobs.argmax(dim=-1) != clean.top1[positions]
@@ -158,6 +153,8 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     base = clean.layer_output[layer]
     scale = residual_scale(moe)
     per_call = token_rows_per_call(clean, rows_per_call, max_logit_elements)
+    if clean.states is not None:  # each row carries its own recurrent states: bounded too
+        per_call = min(per_call, clean.states.rows_per_call(layer + 1) or per_call)
     for lo in range(0, n, per_call):
         rows = order[lo:lo + per_call]
         pos = positions[rows]

@@ -42,6 +42,11 @@ from moeaudit.intervene.replay import call_decoder_layer, rotary_module
 from moeaudit.models.moe_model import MoEModel
 
 
+#: The decode step of a recurrent layer holds a few copies of its state per row at once (decayed state,
+#: outer-product update, new state): rows per call are budgeted at this many times the states.
+STEP_TEMPORARIES = 8
+
+
 @dataclass(frozen=True)
 class MixerLayout:
     """Which decoder layers mix tokens how, as transformers' cache for the model's config lays them out.
@@ -109,10 +114,12 @@ class CleanStates:
         The residual stream entering every decoder layer in the clean pass.
     layers : sequence of int
         The recurrent decoder layers (:attr:`MixerLayout.recurrent`).
-    keep_bytes : int
-        Snapshots up to this many bytes in all are kept and served again without sweeping (the engine runs
-        one MoE layer after another, and each sweeps the window's positions from the start). The engine
-        passes the size of the clean pass's own record, so the kept states at most double it; 0 keeps none.
+    record_bytes : int
+        The size of the clean pass's own record (logits, residual stream, captures, keys/values). Memory
+        beyond it is budgeted against it, so a token census stays within about twice the clean pass:
+        snapshots up to a quarter of it are kept and served again without sweeping (the engine runs one MoE
+        layer after another, and each sweeps the window's positions from the start), and a call's rows
+        carry states of at most half of it (:meth:`rows_per_call`). 0 keeps none.
 
     Notes
     -----
@@ -120,7 +127,7 @@ class CleanStates:
     kept) restarts the sweep of that layer from the window's start (counted in :attr:`restarts`).
     """
 
-    def __init__(self, moe: MoEModel, layer_input: list[torch.Tensor], layers, *, keep_bytes: int = 0):
+    def __init__(self, moe: MoEModel, layer_input: list[torch.Tensor], layers, *, record_bytes: int = 0):
         self.moe = moe
         self.layer_input = layer_input
         self.layers = tuple(layers)
@@ -129,7 +136,8 @@ class CleanStates:
         self._template: dict[int, LayerState] = {}
         self._continues: dict[int, bool] = {}
         self._rotary = rotary_module(moe) is not None
-        self.keep_bytes = int(keep_bytes)
+        self.record_bytes = int(record_bytes)
+        self.keep_bytes = self.record_bytes // 4
         self.kept_bytes = 0
         self._kept: dict[int, dict[int, LayerState]] = {}
         self._reset()
@@ -210,6 +218,16 @@ class CleanStates:
                 {i: None if t is None else torch.zeros_like(t) for i, t in state.conv.items()},
                 {i: None if t is None else torch.zeros_like(t) for i, t in state.recurrent.items()})
         return self._template[index]
+
+    def rows_per_call(self, first_layer: int) -> int | None:
+        """Rows of one call from decoder layer ``first_layer`` on whose states, with the decode step's
+        temporaries (:data:`STEP_TEMPORARIES` times the states), fit half the clean record; None when no
+        recurrent layer is at or after ``first_layer``. A Mamba-2 layer of the benchmark's Granite-4-H
+        shape holds 12 KiB per row; real Qwen3-Next about 2 MiB per linear layer and row."""
+        per_row = sum(self._empty(index).nbytes() for index in self.layers if index >= first_layer)
+        if not per_row:
+            return None
+        return max(1, (self.record_bytes // 2) // (STEP_TEMPORARIES * per_row))
 
     @torch.no_grad()
     def check(self) -> None:
