@@ -9,8 +9,8 @@ import typer
 
 from moeaudit.cli.common import QUIET_OPTION, StagePrinter, print_frame, print_note
 
-# Window counts sized for the budget on 2 CPU cores: about 5 minutes for all three models (5 min 1 s measured, with
-# the calibration and interactions analyses and the clustered tests' mixed models), 32 s quick. Each document gives
+# Window counts sized for the budget on 2 CPU cores: about 5.5 minutes for all three models (5 min 32 s measured,
+# with the calibration and interactions analyses and the clustered tests' mixed models), 36 s quick. Each document gives
 # its first window only (`truncate`), so a split's windows come from as many documents: the audit's tests treat
 # documents as the independent units, and consecutive windows of 3 documents would leave them 3 units. The calibration
 # analysis of the full demo draws 100 resamples and 5 curve orders (the defaults, 200 and 10, take about twice as
@@ -27,7 +27,7 @@ PRUNE_QUICK = dict(ratios=(0.25,), random_seeds=5, single_layer=False)
 
 def demo_command(
     out: Path = typer.Option(Path("moeaudit-demo"), "--out", help="Directory for the run directories."),
-    quick: bool = typer.Option(False, "--quick", help="One model and a few windows (about 30 s on 2 cores)."),
+    quick: bool = typer.Option(False, "--quick", help="One model and a few windows (about 35 s on 2 cores)."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma-separated built-in models (default: all three)."),
     quiet: bool = QUIET_OPTION,
 ) -> None:
