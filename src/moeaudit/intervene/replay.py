@@ -45,12 +45,16 @@ def residual_scale(moe: MoEModel) -> float:
 
 def scaled_logits(moe: MoEModel, logits: torch.Tensor) -> torch.Tensor:
     """The LM head's output scaled as the model's own forward scales it: divided by Granite's
-    ``logits_scaling``, multiplied by Cohere's ``logit_scale`` (``models/cohere2_moe/modeling_cohere2_moe.py``)."""
+    ``logits_scaling``, multiplied by Cohere's ``logit_scale`` (``models/cohere2_moe/modeling_cohere2_moe.py``).
+
+    In place: ``logits`` is the caller's fresh LM-head output, and a scaled copy would be a second
+    rows x vocabulary tensor at the call's peak (autograd allows it: a linear layer's backward does not read
+    its output)."""
     model = moe.model
     if getattr(model, "logits_scaling", None) is not None:
-        return logits / model.config.logits_scaling
+        return logits.div_(model.config.logits_scaling)
     if getattr(model, "logit_scale", None) is not None:
-        return logits * model.logit_scale
+        return logits.mul_(model.logit_scale)
     return logits
 
 
