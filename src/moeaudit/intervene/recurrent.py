@@ -119,7 +119,7 @@ class CleanStates:
         beyond it is budgeted against it, so a token census stays within about twice the clean pass:
         snapshots up to a quarter of it are kept and served again without sweeping (the engine runs one MoE
         layer after another, and each sweeps the window's positions from the start), and a call's rows
-        carry states of at most half of it (:meth:`rows_per_call`). 0 keeps none.
+        carry states of at most half of it (:meth:`rows_per_call`). 0 keeps none and allows one row a call.
 
     Notes
     -----
