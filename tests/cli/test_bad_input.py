@@ -11,6 +11,17 @@ from tests.conftest import one_line_error
 NO_MPS = not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if any model's weights are loaded."""
+    import moeaudit.models.loading as loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(loading, "model_from_config", refuse)
+
+
 @pytest.mark.parametrize("device, fragment", [
     ("tpu9", "must be cpu, cuda, cuda:N, mps or auto; got 'tpu9'"),
     pytest.param("mps", "MPS is not available here", marks=pytest.mark.skipif(not NO_MPS, reason="has MPS")),
@@ -112,13 +123,7 @@ def test_a_ray_setting_inherited_from_an_old_run_is_dropped_not_refused(tmp_path
         resolve_config(tmp_path / "other", {}, toml)
 
 
-def test_export_without_criterion_and_ratio_is_one_line_before_anything_loads(tmp_path, cli, monkeypatch):
-    import moeaudit.models.loading as loading
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the flags were checked")
-
-    monkeypatch.setattr(loading, "model_from_config", no_model)
+def test_export_without_criterion_and_ratio_is_one_line_before_anything_loads(tmp_path, cli, no_model):
     code, out, err = cli("prune", str(tmp_path / "run"), "--export", str(tmp_path / "out"), "--ratio", "0.25")
     assert code == 2 and "`--export` must be given with --criterion and --ratio" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
@@ -142,18 +147,12 @@ def test_an_unknown_setting_suggests_the_closest_name(tmp_path, cli):
 
 
 def test_push_to_hub_without_export_or_with_a_bad_repo_id_is_one_line_before_anything_loads(tmp_path, cli,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, no_model):
     import huggingface_hub
-
-    import moeaudit.models.loading as loading
-
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded before the flags were checked")
 
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was contacted")
 
-    monkeypatch.setattr(loading, "model_from_config", no_model)
     monkeypatch.setattr(huggingface_hub, "HfApi", no_hub)
     code, out, err = cli("prune", str(tmp_path / "run"), "--push-to-hub", "someone/pruned")
     assert code == 2 and "`--push-to-hub` must be given with --export DIR" in err and "someone/pruned" in err
@@ -164,17 +163,6 @@ def test_push_to_hub_without_export_or_with_a_bad_repo_id_is_one_line_before_any
     code, out, err = cli("prune", str(tmp_path / "run"), "--private")
     assert code == 2 and "`--private` must be given with --push-to-hub" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fail the test if any model's weights are loaded."""
-    import moeaudit.models.loading as loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the corpus was checked")
-
-    monkeypatch.setattr(loading, "model_from_config", refuse)
 
 
 def _write_jsonl(path, field="body", n=60):

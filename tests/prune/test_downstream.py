@@ -444,6 +444,17 @@ def test_model_args_dict_sets_the_model(checkpoints, task_dir, monkeypatch, offl
     assert created[0][0].max_length == 40
 
 
+@pytest.fixture
+def no_hflm(monkeypatch):
+    """Fail the test if lm-eval builds a model (every refusal below comes before one loads)."""
+    import lm_eval.models.huggingface as huggingface
+
+    def never(**kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(huggingface, "HFLM", never)
+
+
 @pytest.mark.parametrize("model_args, fragment", [
     ("pretrained=gpt2", "pretrained"),
     ("dtype=float16", "--dtype"),
@@ -454,14 +465,8 @@ def test_model_args_dict_sets_the_model(checkpoints, task_dir, monkeypatch, offl
     ("max_length", "key=value"),
     ("max_length=1,max_length=2", "each key once"),
 ])
-def test_cli_bad_model_args_refused_before_loading(checkpoints, task_dir, cli, monkeypatch,  # noqa: F811
+def test_cli_bad_model_args_refused_before_loading(checkpoints, task_dir, cli, no_hflm,  # noqa: F811
                                                    model_args, fragment):
-    import lm_eval.models.huggingface as huggingface
-
-    def never(**kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(huggingface, "HFLM", never)
     code, _, err = cli("evaluate", str(checkpoints[0]), "--tasks", TASK, "--include-path", str(task_dir),
                        "--model-args", model_args)
     one_line_error(code, err, "`model_args`", fragment)
@@ -554,14 +559,8 @@ def test_comparison_table_difference_is_pruned_minus_baseline():
     ("no-such-model", ("baseline directory", "does not exist", "built-in")),
     (None, ("`baseline`", "different")),  # the checkpoint itself
 ])
-def test_cli_bad_baseline_refused_before_loading(checkpoints, task_dir, cli, monkeypatch,  # noqa: F811
+def test_cli_bad_baseline_refused_before_loading(checkpoints, task_dir, cli, no_hflm,  # noqa: F811
                                                  baseline, fragments):
-    import lm_eval.models.huggingface as huggingface
-
-    def never(**kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(huggingface, "HFLM", never)
     code, _, err = cli("evaluate", str(checkpoints[0]), "--tasks", TASK, "--include-path", str(task_dir),
                        "--baseline", baseline or str(checkpoints[0]))
     one_line_error(code, err, *fragments)

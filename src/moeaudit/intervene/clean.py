@@ -69,7 +69,7 @@ class CleanWindow:
     states: CleanStates | None = None
     _neg_entropy: torch.Tensor | None = None
 
-    def probs_at(self, positions: torch.Tensor) -> torch.Tensor:
+    def probs_at(self, positions: torch.Tensor | slice) -> torch.Tensor:
         """Clean next-token probabilities [len(positions), V] at ``positions`` (``logprobs.exp()``, formed per
         call: a [T, V] copy kept for the whole window would be a third full-vocabulary tensor)."""
         return self.logprobs[positions].exp()
@@ -81,7 +81,7 @@ class CleanWindow:
         if self._neg_entropy is None:
             out = torch.empty(self.seq_len, dtype=torch.float64, device=self.logprobs.device)
             for lo in range(0, self.seq_len, OUTCOME_ROWS):
-                rows = torch.arange(lo, min(lo + OUTCOME_ROWS, self.seq_len), device=self.logprobs.device)
+                rows = slice(lo, lo + OUTCOME_ROWS)
                 out[rows] = torch.sum(self.probs_at(rows) * self.logprobs[rows], dim=-1, dtype=torch.float64)
             self._neg_entropy = out
         return self._neg_entropy

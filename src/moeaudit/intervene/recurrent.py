@@ -264,8 +264,10 @@ class CleanStates:
             Tensors with R rows (batch dimension first), fresh copies the caller may update in place.
         """
         wanted = sorted(set(int(p) for p in positions.tolist()))
+        asked = None if layers is None else set(layers)
+        chosen = self.layers if asked is None else [i for i in self.layers if i in asked]
         out = {}
-        for index in (self.layers if layers is None else [i for i in self.layers if i in set(layers)]):
+        for index in chosen:
             kept = self._kept.setdefault(index, {})
             real = [p for p in wanted if p >= 0 and p not in kept]
             if real and real[0] < self.position[index]:  # behind the sweep: start again from the window's start
