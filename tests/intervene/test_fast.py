@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,3 +145,71 @@ def test_null_rows_give_exactly_zero_outcomes_whatever_the_chunking(input_ids):
     assert len(positions) > 2 * OUTCOME_ROWS
     delta_nll, kl, flip = token_outcomes(clean.logits[positions], clean, positions)
     assert torch.all(delta_nll == 0) and torch.all(kl == 0) and not flip.any()
+
+
+def test_token_outcomes_equal_a_float64_brute_force_on_random_logits(input_ids):
+    """ΔNLL, KL(clean ‖ rows) and the top-1 flip of rows far from the clean ones (more rows than one
+    log-softmax chunk, so several chunks are formed) equal scipy's float64 log-softmax and relative entropy."""
+    from scipy.special import log_softmax, rel_entr
+
+    from moeaudit.intervene.fast import OUTCOME_ROWS, token_outcomes
+
+    from .conftest import make_moe
+
+    clean = capture_clean(make_moe("olmoe"), input_ids[:1])
+    positions = torch.arange(clean.seq_len - 1).repeat(3)
+    assert len(positions) > 2 * OUTCOME_ROWS
+    logits = clean.logits[positions] + 3 * torch.randn(len(positions), clean.logits.shape[-1],
+                                                       generator=torch.Generator().manual_seed(1))
+    delta_nll, kl, flip = token_outcomes(logits, clean, positions)
+    q = log_softmax(logits.double().numpy(), axis=-1)
+    p = log_softmax(clean.logits[positions].double().numpy(), axis=-1)
+    targets = clean.input_ids[positions + 1].numpy()
+    rows = range(len(positions))
+    expected_nll = -q[rows, targets] + p[rows, targets]
+    expected_kl = rel_entr(np.exp(p), np.exp(q)).sum(-1)
+    np.testing.assert_allclose(delta_nll.numpy(), expected_nll, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kl.numpy(), expected_kl, rtol=1e-5, atol=1e-6)
+    assert expected_kl.min() > 0.1  # far from the clean rows: a KL of 0 would fail
+    assert flip.numpy().tolist() == (q.argmax(-1) != p.argmax(-1)).tolist() and flip.any() and not flip.all()
+
+
+@pytest.mark.parametrize("scope", ["token", "sequence", "estimate"])
+def test_one_calls_logits_are_freed_before_the_next_call_forms_its_own(input_ids, monkeypatch, scope):
+    """At most one call's rows x vocabulary logits are alive at a time: a loop variable that still held the
+    previous call's logits while the next were formed doubled the census's peak over the clean pass."""
+    import weakref
+
+    import moeaudit.intervene.estimate as estimate
+    import moeaudit.intervene.fast as fast
+
+    from .conftest import make_moe
+
+    moe = make_moe("olmoe")
+    clean = capture_clean(moe, input_ids[:1])
+    layer = moe.layers[0]
+    record = clean.records[layer.layer]
+    alive, calls = [], []
+    real = fast.forward_rows
+
+    def tracked(*args, **kwargs):
+        calls.append([ref() is not None for ref in alive])
+        logits = real(*args, **kwargs)
+        alive.append(weakref.ref(logits))
+        return logits
+
+    monkeypatch.setattr(fast, "forward_rows", tracked)
+    monkeypatch.setattr(estimate, "forward_rows", tracked)
+    positions = torch.nonzero(clean.valid_next)[:, 0]
+    if scope == "token":
+        with torch.no_grad():
+            fast.run_token_rows(moe, clean, layer.layer, positions, lambda rows: record.moe_output[positions[rows]],
+                                rows_per_call=4)
+    elif scope == "sequence":
+        changes = [(positions[i:], record.moe_output[positions[i:]]) for i in range(6)]
+        with torch.no_grad():
+            fast.run_sequence_rows(moe, clean, layer.layer, changes, max_logit_elements=clean.logits.shape[-1] * 20,
+                                   max_rows=1)
+    else:
+        estimate.nll_gradients(moe, clean, [layer.layer], positions, rows_per_call=4)
+    assert len(calls) > 3 and not any(any(previous) for previous in calls)

@@ -166,3 +166,95 @@ def test_rows_per_call_are_capped_by_their_recurrent_states(monkeypatch):
     with torch.no_grad():
         fast.run_token_rows(moe, clean, first, positions, lambda rows: torch.zeros(len(rows), 32), rows_per_call=256)
     assert max(sizes) == cap and sum(sizes) == 39
+
+
+@torch.no_grad()
+def test_released_layers_free_their_snapshots_and_sweep_again_to_the_same_states():
+    """``release(below)`` drops the kept snapshots of the recurrent layers before ``below`` (their bytes go
+    back to the budget) and leaves the later layers' snapshots; a released layer asked again is swept from
+    the window's start and gives the states it gave before."""
+    moe = make_moe("granitemoehybrid")
+    clean = capture_clean(moe, _ids(1, 40, seed=5))
+    states = clean.states
+    first, *rest = states.layers
+    positions = torch.tensor([3, 11, 30])
+    before = states.after(positions)
+    assert set(states._kept) == set(states.layers) and all(len(kept) == 3 for kept in states._kept.values())
+    per_layer = {index: sum(s.nbytes() for s in states._kept[index].values()) for index in states.layers}
+    assert states.kept_bytes == sum(per_layer.values())
+    states.release(below=first + 1)
+    assert first not in states._kept and all(len(states._kept[index]) == 3 for index in rest)
+    assert states.kept_bytes == sum(per_layer[index] for index in rest)
+    steps = states.steps
+    again = states.after(positions, [first])
+    assert states.steps > steps  # swept again, not served from a snapshot
+    for i, t in before[first].recurrent.items():
+        if t is not None:
+            torch.testing.assert_close(again[first].recurrent[i], t, rtol=1e-5, atol=1e-7)
+
+
+def test_the_census_releases_each_layers_snapshots_once_no_remaining_row_reads_them(monkeypatch):
+    """Rows of MoE layer ℓ start at decoder layer ℓ + 1: while they run, no snapshot of a recurrent layer
+    before ℓ + 1 is kept (it would sit beside the rows' logits at the census's peak), and the results equal
+    the reference engine's."""
+    from moeaudit.intervene import fast
+
+    moe = make_moe("granitemoehybrid")
+    ids = _ids(1, 40, seed=6)
+    kept_before_first = []
+    real = fast.forward_rows
+
+    def checked(moe_, clean, first_layer, *args, **kwargs):
+        kept_before_first.append(sorted(i for i, kept in clean.states._kept.items() if kept and i < first_layer))
+        return real(moe_, clean, first_layer, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "forward_rows", checked)
+    config = dict(kinds=("zero",), scopes=("token", "sequence"), noise_positions=0)
+    result = compute_effects(moe, ids, config=InterveneConfig(**config))
+    assert len(kept_before_first) > len(moe.moe_layer_indices) and not any(kept_before_first)
+    monkeypatch.setattr(fast, "forward_rows", real)
+    ref = compute_effects(moe, ids, config=InterveneConfig(engine="reference", reference_batch=8, **config))
+    merged = result.effects.merge(ref.effects, on=KEYS, suffixes=("", "_ref"), validate="one_to_one")
+    assert np.abs(merged.delta_nll - merged.delta_nll_ref).max() <= 1e-4
+
+
+def test_gradient_estimate_rows_are_capped_by_their_recurrent_states(monkeypatch):
+    """The estimate's rows carry their states through every later recurrent layer, like the census's: its
+    calls are capped the same way (:func:`moeaudit.intervene.fast.token_rows_per_call`)."""
+    from moeaudit.intervene import estimate
+
+    moe = make_moe("granitemoehybrid")
+    clean = capture_clean(moe, _ids(1, 40))
+    first = moe.moe_layer_indices[0]
+    cap = clean.states.rows_per_call(first)
+    assert cap < 39
+    sizes = []
+    real = estimate.forward_rows
+    monkeypatch.setattr(estimate, "forward_rows", lambda *a, **k: sizes.append(a[3].shape[0]) or real(*a, **k))
+    estimate.nll_gradients(moe, clean, moe.moe_layer_indices, torch.arange(39), rows_per_call=256)
+    assert max(sizes) == cap and sum(sizes) == 39
+
+
+@pytest.mark.parametrize("planted", [0, 1, 2])
+def test_noise_floor_takes_the_null_rows_of_every_layer(monkeypatch, planted):
+    """The fast engine's noise floor is max |ΔNLL| over the null rows (Δy = 0) of every MoE layer (run
+    layer by layer with the census, while that layer's swept states are kept): a ΔNLL of 0.5 planted in the
+    null rows of any one layer is the floor."""
+    from moeaudit.intervene import engine
+
+    moe = make_moe("granitemoehybrid")
+    layer_index = moe.moe_layer_indices[planted]
+    real = engine.run_token_rows
+
+    def planting(moe_, clean, layer, positions, make_delta, **kwargs):
+        out = real(moe_, clean, layer, positions, make_delta, **kwargs)
+        if layer == layer_index and not make_delta(torch.arange(len(positions))).any():
+            out["delta_nll"] += 0.5
+        return out
+
+    monkeypatch.setattr(engine, "run_token_rows", planting)
+    result = compute_effects(moe, _ids(1, 30, seed=7), Selection.sample(3, seed=0),
+                             config=InterveneConfig(noise_positions=4))
+    assert result.stats.engine == "fast" and result.stats.noise_floor == pytest.approx(0.5, abs=1e-5)
+
+

@@ -24,8 +24,8 @@ from moeaudit.models.hooks import LayerRecord
 from moeaudit.models.moe_model import MoEModel
 
 
-#: Rows whose full-vocabulary products (the KL's p · log q) are formed at once: bounds those temporaries to
-#: a few rows instead of a whole call's R x V (:func:`moeaudit.intervene.fast.token_outcomes`).
+#: Rows whose log-softmax and full-vocabulary products (the KL's p · log q) are formed at once: bounds those
+#: temporaries to a few rows instead of a whole call's R x V (:func:`moeaudit.intervene.fast.token_outcomes`).
 OUTCOME_ROWS = 16
 
 

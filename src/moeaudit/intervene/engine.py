@@ -30,6 +30,7 @@ from moeaudit.intervene.spotcheck import fast_disagreement, near_ties
 from moeaudit.models.edits import mean_refusal
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.options import ABLATION_KINDS, ENGINES, SCOPES, Engine, Scope, one_of  # noqa: F401 (Scope re-exported)
+from moeaudit.scale.memory import trim_heap
 from moeaudit.scale.units import window_done, windows_not_counted
 from moeaudit.tables import EFFECT_COLUMNS, single_expert_rows  # noqa: F401 (re-exported)
 
@@ -514,18 +515,29 @@ class _Run:
             self.near_ties[layer.layer] += int(ties.sum())
 
         plans = {layer: self.plan(b, layer, clean, valid, targets) for layer in self.layers}
+        picks = self.noise_positions(valid)
         tick = time.perf_counter()
-        for layer, plan in plans.items():
+        remaining = list(plans)
+        for i, (layer, plan) in enumerate(plans.items()):
+            if clean.states is not None:  # snapshots no remaining layer's rows read: freed for the logits
+                clean.states.release(below=min(remaining[i:]) + 1)
+            trim_heap()  # the previous layer's freed blocks back to the system, not kept resident
             for kind in self.config.kinds:
                 if len(plan):
                     job = _Job(self.context(), clean, layer, plan, kind, attention_mask)
                     for scope in self.config.scopes:
                         out, later = job.token() if scope == "token" else job.sequence()
                         self.append_exact(b, clean, job, scope, out, later)
+            if picks is not None and self.engine == "fast":
+                # the layer's null rows while the states its census swept are still kept (not swept again)
+                noise_tick = time.perf_counter()
+                self.null_token_rows(clean, layer, picks)
+                self.seconds["noise"] += time.perf_counter() - noise_tick
+                tick += time.perf_counter() - noise_tick
         self.seconds["exact"] += time.perf_counter() - tick
 
         tick = time.perf_counter()
-        self.noise_floor(clean, valid, attention_mask)
+        self.noise_floor(clean, valid, attention_mask, picks)
         self.seconds["noise"] += time.perf_counter() - tick
 
         if self.config.estimate and self.selection.what != "shared":
@@ -596,13 +608,32 @@ class _Run:
             self.columns[name].append(value)
 
     # ------------------------------------------------------------------ noise floor
-    def noise_floor(self, clean: CleanWindow, valid: torch.Tensor, attention_mask) -> None:
-        """Null interventions (Δy = 0) through the engine used; the max |ΔNLL| is the noise floor."""
+    def noise_positions(self, valid: torch.Tensor) -> torch.Tensor | None:
+        """The window's positions for null token-scope rows (``noise_positions`` spread evenly over the
+        positions with a next token); None when there are none."""
         count = self.config.noise_positions
         candidates = torch.nonzero(valid)[:, 0]
         if count == 0 or candidates.numel() == 0:
+            return None
+        return candidates[torch.linspace(0, candidates.numel() - 1, min(count, candidates.numel())).long()]
+
+    def null_token_rows(self, clean: CleanWindow, layer: int, picks: torch.Tensor) -> None:
+        """Null token-scope rows (Δy = 0) of the fast engine at MoE layer ``layer``; their |ΔNLL| join the
+        noise floor."""
+        zero = clean.layer_output[layer].new_zeros(len(picks), clean.layer_output[layer].shape[-1])
+        with torch.no_grad():
+            out = run_token_rows(self.moe, clean, layer, picks, lambda rows: zero[:len(rows)],
+                                 rows_per_call=self.config.rows_per_call,
+                                 max_logit_elements=self.config.max_logit_elements)
+        self.noise.extend(out["delta_nll"].abs().tolist())
+
+    def noise_floor(self, clean: CleanWindow, valid: torch.Tensor, attention_mask, picks: torch.Tensor | None) -> None:
+        """Null interventions (Δy = 0) through the engine used; the max |ΔNLL| is the noise floor. The fast
+        engine's token-scope null rows run per layer in :meth:`window` (:meth:`null_token_rows`); here its
+        sequence-scope null row, or the reference engine's null forward."""
+        if picks is None:
             return
-        pick = candidates[torch.linspace(0, candidates.numel() - 1, min(count, candidates.numel())).long()]
+        candidates = torch.nonzero(valid)[:, 0]
         first = self.layers[0]
         with torch.no_grad():
             if self.engine == "reference":  # a full forward with an ablation that removes nothing
@@ -611,12 +642,6 @@ class _Run:
                                                      attention_mask=attention_mask):
                     self.noise.extend(token_outcomes(logits[candidates], clean, candidates)[0].abs().tolist())
                 return
-            for layer in self.layers:
-                zero = clean.layer_output[layer].new_zeros(len(pick), clean.layer_output[layer].shape[-1])
-                out = run_token_rows(self.moe, clean, layer, pick, lambda rows: zero[:len(rows)],
-                                     rows_per_call=self.config.rows_per_call,
-                                     max_logit_elements=self.config.max_logit_elements)
-                self.noise.extend(out["delta_nll"].abs().tolist())
             if "sequence" in self.config.scopes:
                 zero = clean.layer_output[first].new_zeros(len(candidates), clean.layer_output[first].shape[-1])
                 (dn, _, _), = run_sequence_rows(self.moe, clean, first, [(candidates, zero)],

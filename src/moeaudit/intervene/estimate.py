@@ -50,7 +50,7 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
     grads = {layer: torch.empty(len(positions), clean.layer_output[layer].shape[-1], dtype=dtype) for layer in layers}
     base = clean.layer_input[first]
     scale = residual_scale(moe)
-    per_call = token_rows_per_call(clean, rows_per_call, max_logit_elements)
+    per_call = token_rows_per_call(clean, first, rows_per_call, max_logit_elements)
     for lo in range(0, len(positions), per_call):
         pos = positions[lo:lo + per_call]
         hidden = base[pos].unsqueeze(1)
@@ -60,6 +60,7 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
             targets = clean.input_ids[pos + 1]
             nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).sum()
             values = torch.autograd.grad(nll, [leaves[layer] for layer in layers])
+        del logits, nll, leaves  # before the next call forms its own
         for layer, value in zip(layers, values):
             grads[layer][lo:lo + len(pos)] = upcast(value[:, 0] * scale).cpu()
     return grads

@@ -28,7 +28,7 @@ import torch
 from moeaudit.intervene.attention import AttentionState, attention_mode
 from moeaudit.intervene.clean import OUTCOME_ROWS, CleanWindow, upcast
 from moeaudit.intervene.delta import gap_statistics
-from moeaudit.intervene.recurrent import row_cache
+from moeaudit.intervene.recurrent import row_cache, saved_states_copied
 from moeaudit.intervene.replay import (call_decoder_layer, final_norm, layer_position_embeddings, residual_scale,
                                        rotary_module, scaled_logits)
 from moeaudit.models.moe_model import MoEModel
@@ -71,7 +71,7 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
         if span > 1:
             stepped = {index for index in later if not clean.states.continues_from_state(index)}
     rotary = rotary_module(moe) is not None
-    with attention_mode(model, state):
+    with attention_mode(model, state), saved_states_copied(cache):
         if first_layer < n_layers:
             position_embeddings = layer_position_embeddings(moe, hidden, position_ids, n_layers)
         for index in range(first_layer, n_layers):
@@ -101,28 +101,44 @@ def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Te
     Returns
     -------
     (delta_nll, kl, top1_flip) : float32 [R], float32 [R], bool [R]
+
+    Notes
+    -----
+    The log-softmax and the KL's products are formed :data:`OUTCOME_ROWS` rows at a time, so the only
+    rows x vocabulary tensor is the caller's ``logits`` (a whole call's log-probabilities would be a
+    second one). Each row's log-softmax is the same whatever the rows around it, so a null intervention
+    still gives exactly 0.
     """
-    logprobs = torch.log_softmax(logits, dim=-1)
+    n = len(positions)
     targets = clean.input_ids[positions + 1]
-    nll = -logprobs.gather(-1, targets[:, None])[:, 0]
-    # KL = Σ p log p - Σ p log q, both sums of float32 products accumulated in float64 (the first is
-    # cached per position), so a null intervention gives exactly 0 and small KLs keep their digits.
-    cross = torch.empty(len(positions), dtype=torch.float64, device=logprobs.device)
-    for lo in range(0, len(positions), OUTCOME_ROWS):  # a few rows' [rows, V] temporaries at a time
-        cross[lo:lo + OUTCOME_ROWS] = torch.sum(clean.probs_at(positions[lo:lo + OUTCOME_ROWS])
-                                                * logprobs[lo:lo + OUTCOME_ROWS], dim=-1, dtype=torch.float64)
-    kl = (clean.neg_entropy[positions] - cross).to(logprobs.dtype)
-    flip = logprobs.argmax(dim=-1) != clean.top1[positions]
+    nll = torch.empty(n, dtype=logits.dtype, device=logits.device)
+    cross = torch.empty(n, dtype=torch.float64, device=logits.device)
+    flip = torch.empty(n, dtype=torch.bool, device=logits.device)
+    for lo in range(0, n, OUTCOME_ROWS):
+        rows = slice(lo, lo + OUTCOME_ROWS)
+        logprobs = torch.log_softmax(logits[rows], dim=-1)
+        nll[rows] = -logprobs.gather(-1, targets[rows, None])[:, 0]
+        # KL = Σ p log p - Σ p log q, both sums of float32 products accumulated in float64 (the first is
+        # cached per position), so a null intervention gives exactly 0 and small KLs keep their digits.
+        cross[rows] = torch.sum(clean.probs_at(positions[rows]) * logprobs, dim=-1, dtype=torch.float64)
+        flip[rows] = logprobs.argmax(dim=-1) != clean.top1[positions[rows]]
+    kl = (clean.neg_entropy[positions] - cross).to(logits.dtype)
     return nll - clean.nll[positions], kl, flip
 
 
-def token_rows_per_call(clean: CleanWindow, rows_per_call: int, max_logit_elements: int | None) -> int:
-    """Rows of one token-scope call: ``rows_per_call``, fewer when rows x vocabulary logits would pass
-    ``max_logit_elements`` (a 256k vocabulary: 1 GiB of float32 logits at 1,024 rows, and log-softmax
-    holds a second copy)."""
-    if max_logit_elements is None:
-        return rows_per_call
-    return max(1, min(rows_per_call, max_logit_elements // max(1, int(clean.logits.shape[-1]))))
+def token_rows_per_call(clean: CleanWindow, first_layer: int, rows_per_call: int,
+                        max_logit_elements: int | None) -> int:
+    """Rows of one token-scope call from decoder layer ``first_layer``: ``rows_per_call``, fewer when rows x
+    vocabulary logits would pass ``max_logit_elements`` (a 256k vocabulary: 1 GiB of float32 logits at 1,024
+    rows, and log-softmax holds a second copy), or when the rows' own recurrent states would pass their budget
+    (:meth:`moeaudit.intervene.recurrent.CleanStates.rows_per_call`: each row carries its states through
+    every later recurrent layer)."""
+    per_call = rows_per_call
+    if max_logit_elements is not None:
+        per_call = max(1, min(per_call, max_logit_elements // max(1, int(clean.logits.shape[-1]))))
+    if clean.states is not None:
+        per_call = min(per_call, clean.states.rows_per_call(first_layer) or per_call)
+    return per_call
 
 
 def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: torch.Tensor,
@@ -139,7 +155,8 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     rows_per_call : int
         Interventions per batched call (rows are sorted by position, so a call reads a short clean prefix).
     max_logit_elements : int, optional
-        Cap on rows x vocabulary of one call's logits (:func:`token_rows_per_call`).
+        Cap on rows x vocabulary of one call's logits (:func:`token_rows_per_call`, which also caps the rows
+        by their recurrent states).
 
     Returns
     -------
@@ -152,15 +169,14 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     order = torch.argsort(positions, stable=True)
     base = clean.layer_output[layer]
     scale = residual_scale(moe)
-    per_call = token_rows_per_call(clean, rows_per_call, max_logit_elements)
-    if clean.states is not None:  # each row carries its own recurrent states: bounded too
-        per_call = min(per_call, clean.states.rows_per_call(layer + 1) or per_call)
+    per_call = token_rows_per_call(clean, layer + 1, rows_per_call, max_logit_elements)
     for lo in range(0, n, per_call):
         rows = order[lo:lo + per_call]
         pos = positions[rows]
         delta = make_delta(rows)
-        logits = forward_rows(moe, clean, layer + 1, (base[pos] + scale * delta).unsqueeze(1), pos)[:, 0]
-        dn, kl, flip = token_outcomes(logits, clean, pos)
+        # the logits are referenced by token_outcomes alone: freed before the next call's are formed
+        dn, kl, flip = token_outcomes(forward_rows(moe, clean, layer + 1, (base[pos] + scale * delta).unsqueeze(1),
+                                                   pos)[:, 0], clean, pos)
         gap_norm, cosine = gap_statistics(record, pos, delta)
         for name, value in zip(out, (dn, kl, flip, gap_norm, cosine)):
             out[name][rows] = value.to("cpu", out[name].dtype)
@@ -223,6 +239,7 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
             full[1][start:] = torch.where(keep, kl, torch.zeros_like(kl)).cpu()
             full[2][start:] = (flip & keep).cpu()
             results[index] = full
+        del logits, hidden  # before the next call forms its own
     return results
 
 

@@ -33,6 +33,7 @@ Exactness
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,20 @@ class CleanStates:
             return
         self.cache.layers[index] = _fresh_cache(self.moe).layers[index]
         self.position[index] = -1
+
+    def release(self, below: int) -> None:
+        """Forget the kept snapshots and the sweep state of the recurrent layers before decoder layer
+        ``below``, whose states no row of the engine's remaining MoE layers reads (rows of MoE layer ℓ start
+        at ℓ + 1). Their budget goes to the later layers' snapshots; a later request for a released layer
+        sweeps it again from the window's start (correct, only slower).
+        """
+        for index in self.layers:
+            if index >= below:
+                continue
+            kept = self._kept.pop(index, {})
+            self.kept_bytes -= sum(state.nbytes() for state in kept.values())
+            if self.position[index] >= 0:
+                self._reset(index)
 
     def _advance(self, index: int, to: int) -> None:
         """Feed layer ``index`` its clean inputs up to and including position ``to``: in one multi-token
@@ -303,6 +318,45 @@ class _PassThroughLayer:
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return 0
+
+
+@contextmanager
+def saved_states_copied(cache):
+    """Under autograd (the gradient estimate's rows), let the recurrent layers of ``cache`` (a
+    :func:`row_cache`; None: no recurrent layer) overwrite their states in place.
+
+    A decode step overwrites the state it started from: transformers' cache layers ``copy_`` the new state
+    into the stored tensor (``cache_utils.LinearAttentionLayer``), and the PyTorch versions of mamba_ssm's
+    ``selective_state_update`` (Granite-4-H, Jamba) write it inside the kernel, after ``state * dA`` has
+    saved it for the backward. A tensor saved for the backward that lives in a state's storage is copied
+    when it is saved; every other saved tensor keeps autograd's own check that it was not modified in place
+    (``torch.autograd.graph.saved_tensors_hooks`` replaces that check, so it is redone here).
+    """
+
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    def states() -> set[int]:
+        return {tensor.untyped_storage().data_ptr() for layer in cache.layers
+                if isinstance(layer, LinearAttentionCacheLayerMixin)
+                for tensor in (*layer.conv_states.values(), *layer.recurrent_states.values()) if tensor is not None}
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() in states():
+            return tensor.clone(), None
+        return tensor, tensor._version
+
+    def unpack(packed):
+        tensor, version = packed
+        if version is not None and tensor._version != version:
+            raise RuntimeError(f"a tensor of shape {tuple(tensor.shape)} saved for the gradient estimate's backward "
+                               "was modified in place")
+        return tensor
+
+    if cache is None or not torch.is_grad_enabled():
+        yield
+        return
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def row_cache(moe: MoEModel, states: dict[int, LayerState], layout: MixerLayout):
