@@ -90,7 +90,7 @@ BAD_VALUES = {
     "shapley_permutations": 1,
     # execution
     "batch_size": 0, "device": 3, "unit_windows": 0, "executor": "dask", "ray_address": 3, "workers": 0,
-    "engine": "slow", "rows_per_call": 0, "reference_batch": 0, "max_logit_elements": 0,
+    "engine": "slow", "rows_per_call": 0, "reference_batch": 0, "max_logit_elements": 0, "max_state_bytes": 0,
 }
 
 
@@ -167,8 +167,9 @@ def test_the_tree_defaults_are_the_library_defaults():
         audit["n_permutations"], tuple(audit["designs"]), audit["seed"])
     engine = InterveneConfig()
     assert (config.engine, config.rows_per_call, config.reference_batch, config.max_logit_elements,
-            config.noise_positions) == (engine.engine, engine.rows_per_call, engine.reference_batch,
-                                        engine.max_logit_elements, engine.noise_positions)
+            config.max_state_bytes, config.noise_positions) == (
+        engine.engine, engine.rows_per_call, engine.reference_batch, engine.max_logit_elements,
+        engine.max_state_bytes, engine.noise_positions)
 
 
 def test_config_from_toml_and_manifest(tmp_path):

@@ -357,6 +357,9 @@ class ExecutionConfig(_Part):
         Token-scope interventions per call of the fast engine, interventions per full forward of the
         reference engine, and the cap on one fast-engine call's logits (rows x vocabulary in token scope,
         rows x positions x vocabulary in sequence scope; 2**25 float32 elements are 128 MiB).
+    max_state_bytes : int or None
+        Cap on the recurrent states one fast-engine call's rows carry on a hybrid model (None: half the
+        clean pass's record, a census within about twice its memory; raise it where memory allows).
     """
 
     batch_size: int = Field(8, ge=1)
@@ -369,6 +372,7 @@ class ExecutionConfig(_Part):
     rows_per_call: int = Field(256, ge=1)
     reference_batch: int = Field(1, ge=1)
     max_logit_elements: int = Field(1 << 25, ge=1)
+    max_state_bytes: int | None = Field(None, ge=1)
 
     @field_validator("device")
     @classmethod

@@ -170,6 +170,8 @@ def test_grouped_mm_kernel_within_tolerance(input_ids):
     ("reference_batch", 1.5, "`reference_batch` must be a positive integer"),
     ("max_logit_elements", -1, "`max_logit_elements` must be a positive integer"),
     ("noise_positions", -1, "`noise_positions` must be a non-negative integer"),
+    ("max_state_bytes", 0, "`max_state_bytes` must be a positive integer or None"),
+    ("max_state_bytes", True, "`max_state_bytes` must be a positive integer or None"),
 ])
 def test_bad_config(field, value, message):
     with pytest.raises(InvalidParameterError, match=message.replace("(", r"\(").replace(")", r"\)")):

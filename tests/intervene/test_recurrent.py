@@ -258,3 +258,39 @@ def test_noise_floor_takes_the_null_rows_of_every_layer(monkeypatch, planted):
     assert result.stats.engine == "fast" and result.stats.noise_floor == pytest.approx(0.5, abs=1e-5)
 
 
+
+
+@pytest.mark.parametrize("scope", ["token", "sequence"])
+def test_max_state_bytes_sets_the_rows_a_call_carries_and_not_the_results(monkeypatch, scope):
+    """``max_state_bytes`` replaces the default state budget (half the clean record): a larger one lets more
+    rows share a call, a smaller one fewer, in both scopes and through ``compute_effects``; the effects do
+    not depend on it."""
+    from moeaudit.intervene import fast
+    from moeaudit.intervene.recurrent import STEP_TEMPORARIES
+
+    moe = make_moe("granitemoehybrid")
+    ids = _ids(1, 40, seed=8)
+    states = capture_clean(moe, ids).states
+    first = moe.moe_layer_indices[0]
+    per_row = sum(states._empty(i).nbytes() for i in states.layers if i > first)
+    default = states.rows_per_call(first + 1)
+    assert 1 < default < 39
+    sizes = []
+    real = fast.forward_rows
+
+    def recording(moe_, clean, first_layer, hidden, *args, **kwargs):
+        if first_layer == first + 1:
+            sizes.append(hidden.shape[0])
+        return real(moe_, clean, first_layer, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "forward_rows", recording)
+    results = {}
+    for rows in (1, 2 * default):
+        sizes.clear()
+        budget = rows * STEP_TEMPORARIES * per_row
+        config = InterveneConfig(scopes=(scope,), max_state_bytes=budget, noise_positions=0,
+                                 rows_per_call=256)
+        results[rows] = compute_effects(moe, ids, Selection.census(layers=[first]), config=config).effects
+        assert max(sizes) == rows if scope == "token" else (max(sizes) == 1) == (rows == 1)
+    merged = results[1].merge(results[2 * default], on=KEYS, suffixes=("", "_wide"), validate="one_to_one")
+    assert np.abs(merged.delta_nll - merged.delta_nll_wide).max() <= 1e-5

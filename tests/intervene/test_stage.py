@@ -91,3 +91,22 @@ def test_paper_code_position_sets_are_intervened_and_tested_one_per_metric(tmp_p
     with pytest.raises(InvalidParameterError, match="`intervene_n` must be a number of positions per set"):
         run_intervene(bad, moe=moe)
     assert not bad.has("effects")
+
+
+def test_the_engine_gets_every_engine_setting_of_the_run():
+    """``engine_config_for`` hands the run's execution and intervene settings to the engine, each with a
+    value unlike its default so a dropped one shows."""
+    import dataclasses
+
+    from moeaudit.intervene import InterveneConfig
+    from moeaudit.intervene.stage import engine_config_for
+
+    settings = dict(engine="reference", rows_per_call=7, reference_batch=3, max_logit_elements=1000,
+                    max_state_bytes=123456, noise_positions=5, kind="renorm", scope="sequence")
+    engine = engine_config_for(AuditConfig(**settings))
+    defaults = InterveneConfig()
+    got = dataclasses.asdict(engine)
+    for name, value in settings.items():
+        field = {"kind": "kinds", "scope": "scopes"}.get(name, name)
+        expected = (value,) if field in ("kinds", "scopes") else value
+        assert got[field] == expected != getattr(defaults, field), name

@@ -149,8 +149,8 @@ def measure_interactions(
     kind : {"zero", "renorm", "reroute", "mean"}
         How a removed expert is removed (:mod:`moeaudit.intervene.delta`).
     config : InterveneConfig, optional
-        Engine and batching (``engine``, ``rows_per_call``, ``max_logit_elements``, ``reference_batch``);
-        ``kinds`` and ``scopes`` are not used (always token scope).
+        Engine and batching (``engine``, ``rows_per_call``, ``max_logit_elements``, ``max_state_bytes``,
+        ``reference_batch``); ``kinds`` and ``scopes`` are not used (always token scope).
     attention_mask : Tensor [B, T], optional
     mean_output : mapping layer -> Tensor [E, H], optional
         For ``kind="mean"`` (estimated on ``input_ids`` when missing, as :func:`compute_effects` does).

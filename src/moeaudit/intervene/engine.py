@@ -68,6 +68,12 @@ class InterveneConfig:
         positions x vocabulary in sequence scope. 2**25 elements are 128 MiB of float32.
     noise_positions : int
         Positions per window and MoE layer for the null intervention that measures the noise floor.
+    max_state_bytes : int or None
+        Cap on the recurrent states one fast-engine call's rows carry through the later recurrent layers
+        (each row its own conv and recurrent states, counted with the decode step's temporaries) on a
+        hybrid model. None: half the clean pass's record, which keeps a token census within about twice
+        the clean pass's memory (:meth:`moeaudit.intervene.recurrent.CleanStates.rows_per_call`); raise it
+        where memory allows (real Qwen3-Next carries about 72 MiB of state per row).
     """
 
     kinds: tuple[str, ...] = ("zero",)
@@ -78,6 +84,7 @@ class InterveneConfig:
     reference_batch: int = 1
     max_logit_elements: int = 1 << 25
     noise_positions: int = 16
+    max_state_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in (("kinds", ABLATION_KINDS), ("scopes", SCOPES)):
@@ -95,6 +102,9 @@ class InterveneConfig:
                 raise invalid(name, "a positive integer", value)
         if not isinstance(self.noise_positions, int) or self.noise_positions < 0:
             raise invalid("noise_positions", "a non-negative integer", self.noise_positions)
+        if self.max_state_bytes is not None and (not isinstance(self.max_state_bytes, int)
+                                                 or isinstance(self.max_state_bytes, bool) or self.max_state_bytes < 1):
+            raise invalid("max_state_bytes", "a positive integer or None", self.max_state_bytes)
 
 
 @dataclass(frozen=True)
@@ -367,7 +377,7 @@ def removal_outcomes(moe: MoEModel, clean: CleanWindow, layer: int, positions, r
     kind : {"zero", "renorm", "reroute", "mean"}
     engine : {"fast", "reference"}
     config : InterveneConfig, optional
-        Batching (``rows_per_call``, ``max_logit_elements``, ``reference_batch``).
+        Batching (``rows_per_call``, ``max_logit_elements``, ``max_state_bytes``, ``reference_batch``).
     mean_output : mapping layer -> Tensor [E, H], optional
         Required for ``mean``.
     attention_mask : Tensor [1, T], optional
@@ -624,7 +634,8 @@ class _Run:
         with torch.no_grad():
             out = run_token_rows(self.moe, clean, layer, picks, lambda rows: zero[:len(rows)],
                                  rows_per_call=self.config.rows_per_call,
-                                 max_logit_elements=self.config.max_logit_elements)
+                                 max_logit_elements=self.config.max_logit_elements,
+                                 max_state_bytes=self.config.max_state_bytes)
         self.noise.extend(out["delta_nll"].abs().tolist())
 
     def noise_floor(self, clean: CleanWindow, valid: torch.Tensor, attention_mask, picks: torch.Tensor | None) -> None:
@@ -645,7 +656,8 @@ class _Run:
             if "sequence" in self.config.scopes:
                 zero = clean.layer_output[first].new_zeros(len(candidates), clean.layer_output[first].shape[-1])
                 (dn, _, _), = run_sequence_rows(self.moe, clean, first, [(candidates, zero)],
-                                                max_logit_elements=self.config.max_logit_elements)
+                                                max_logit_elements=self.config.max_logit_elements,
+                                                max_state_bytes=self.config.max_state_bytes)
                 self.noise.extend(dn.abs().tolist())
 
     # ------------------------------------------------------------------ gradient estimate
@@ -657,7 +669,8 @@ class _Run:
             return
         pos = torch.tensor(positions, dtype=torch.long, device=clean.input_ids.device)
         grads = nll_gradients(self.moe, clean, layers, pos, rows_per_call=self.config.rows_per_call,
-                              max_logit_elements=self.config.max_logit_elements)
+                              max_logit_elements=self.config.max_logit_elements,
+                              max_state_bytes=self.config.max_state_bytes)
         for layer in layers:
             record = clean.records[layer]
             k = record.topk_idx.shape[1]
@@ -758,7 +771,8 @@ class _Job:
                 out = run_token_rows(self.run.moe, self.clean, self.layer, self.positions,
                                      lambda rows: self.delta(self.positions[rows], self.removed[rows]),
                                      rows_per_call=self.run.config.rows_per_call,
-                                     max_logit_elements=self.run.config.max_logit_elements)
+                                     max_logit_elements=self.run.config.max_logit_elements,
+                                     max_state_bytes=self.run.config.max_state_bytes)
             return out, later
         seq_len = self.clean.seq_len
         removal = []
@@ -798,7 +812,8 @@ class _Job:
             deltas = [(where, self.delta(where, mask)) for where, mask in changes]
             with torch.no_grad():
                 per_group = run_sequence_rows(self.run.moe, clean, self.layer, deltas,
-                                              max_logit_elements=self.run.config.max_logit_elements)
+                                              max_logit_elements=self.run.config.max_logit_elements,
+                                              max_state_bytes=self.run.config.max_state_bytes)
         else:
             per_group = self._sequence_reference(changes)
         n = len(self.plan)

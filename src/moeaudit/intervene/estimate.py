@@ -31,7 +31,8 @@ from moeaudit.models.moe_model import MoEModel
 
 
 def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], positions: torch.Tensor, *,
-                  rows_per_call: int, max_logit_elements: int | None = None) -> dict[int, torch.Tensor]:
+                  rows_per_call: int, max_logit_elements: int | None = None,
+                  max_state_bytes: int | None = None) -> dict[int, torch.Tensor]:
     """∂NLL_t/∂y_{ℓ,t} for every target position t and MoE layer ℓ.
 
     Parameters
@@ -40,6 +41,8 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
         MoE layers (decoder-layer indices).
     positions : LongTensor [N]
         Target positions (each with a valid next token).
+    rows_per_call, max_logit_elements, max_state_bytes
+        Rows per backward pass and their caps (:func:`moeaudit.intervene.fast.token_rows_per_call`).
 
     Returns
     -------
@@ -50,7 +53,7 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
     grads = {layer: torch.empty(len(positions), clean.layer_output[layer].shape[-1], dtype=dtype) for layer in layers}
     base = clean.layer_input[first]
     scale = residual_scale(moe)
-    per_call = token_rows_per_call(clean, first, rows_per_call, max_logit_elements)
+    per_call = token_rows_per_call(clean, first, rows_per_call, max_logit_elements, max_state_bytes)
     for lo in range(0, len(positions), per_call):
         pos = positions[lo:lo + per_call]
         hidden = base[pos].unsqueeze(1)

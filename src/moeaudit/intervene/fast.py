@@ -127,23 +127,30 @@ def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Te
 
 
 def token_rows_per_call(clean: CleanWindow, first_layer: int, rows_per_call: int,
-                        max_logit_elements: int | None) -> int:
+                        max_logit_elements: int | None, max_state_bytes: int | None = None) -> int:
     """Rows of one token-scope call from decoder layer ``first_layer``: ``rows_per_call``, fewer when rows x
     vocabulary logits would pass ``max_logit_elements`` (a 256k vocabulary: 1 GiB of float32 logits at 1,024
-    rows, and log-softmax holds a second copy), or when the rows' own recurrent states would pass their budget
-    (:meth:`moeaudit.intervene.recurrent.CleanStates.rows_per_call`: each row carries its states through
-    every later recurrent layer)."""
+    rows), or when the rows' own recurrent states would pass ``max_state_bytes``
+    (:func:`state_rows_cap`)."""
     per_call = rows_per_call
     if max_logit_elements is not None:
         per_call = max(1, min(per_call, max_logit_elements // max(1, int(clean.logits.shape[-1]))))
-    if clean.states is not None:
-        per_call = min(per_call, clean.states.rows_per_call(first_layer) or per_call)
-    return per_call
+    return min(per_call, state_rows_cap(clean, first_layer, max_state_bytes) or per_call)
+
+
+def state_rows_cap(clean: CleanWindow, first_layer: int, max_state_bytes: int | None) -> int | None:
+    """Rows of one call from decoder layer ``first_layer`` whose recurrent states fit ``max_state_bytes``
+    (None: the default budget of :meth:`moeaudit.intervene.recurrent.CleanStates.rows_per_call`); None when
+    no recurrent layer is at or after ``first_layer``: each row carries its own states through every later
+    recurrent layer."""
+    if clean.states is None:
+        return None
+    return clean.states.rows_per_call(first_layer, budget=max_state_bytes)
 
 
 def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: torch.Tensor,
                    make_delta: Callable[[torch.Tensor], torch.Tensor], *, rows_per_call: int,
-                   max_logit_elements: int | None = None):
+                   max_logit_elements: int | None = None, max_state_bytes: int | None = None):
     """Token-scope effects of N interventions at MoE layer ``layer`` of one window.
 
     Parameters
@@ -155,8 +162,10 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     rows_per_call : int
         Interventions per batched call (rows are sorted by position, so a call reads a short clean prefix).
     max_logit_elements : int, optional
-        Cap on rows x vocabulary of one call's logits (:func:`token_rows_per_call`, which also caps the rows
-        by their recurrent states).
+        Cap on rows x vocabulary of one call's logits (:func:`token_rows_per_call`).
+    max_state_bytes : int, optional
+        Cap on the recurrent states of one call's rows (:func:`state_rows_cap`; default: half the clean
+        record).
 
     Returns
     -------
@@ -169,7 +178,7 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     order = torch.argsort(positions, stable=True)
     base = clean.layer_output[layer]
     scale = residual_scale(moe)
-    per_call = token_rows_per_call(clean, layer + 1, rows_per_call, max_logit_elements)
+    per_call = token_rows_per_call(clean, layer + 1, rows_per_call, max_logit_elements, max_state_bytes)
     for lo in range(0, n, per_call):
         rows = order[lo:lo + per_call]
         pos = positions[rows]
@@ -185,7 +194,7 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
 
 def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
                       changes: list[tuple[torch.Tensor, torch.Tensor]], *, max_logit_elements: int,
-                      max_rows: int = 16):
+                      max_rows: int = 16, max_state_bytes: int | None = None):
     """Sequence-scope passes: ΔNLL at every position for several interventions at MoE layer ``layer``.
 
     Parameters
@@ -196,6 +205,8 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
         Cap on rows x positions x vocabulary of one call (the logits' memory).
     max_rows : int
         Interventions per call at most; rows of one call share the earliest start among them.
+    max_state_bytes : int, optional
+        Cap on the recurrent states of one call's rows (:func:`state_rows_cap`).
 
     Returns
     -------
@@ -207,6 +218,7 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
     vocab = clean.logits.shape[-1]
     base = clean.layer_output[layer]
     scale = residual_scale(moe)
+    max_rows = min(max_rows, state_rows_cap(clean, layer + 1, max_state_bytes) or max_rows)
     starts = [int(pos.min()) if pos.numel() else seq_len for pos, _ in changes]
     order = sorted(range(len(changes)), key=lambda i: starts[i])
     results: list = [None] * len(changes)

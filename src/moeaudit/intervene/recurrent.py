@@ -119,8 +119,10 @@ class CleanStates:
         The size of the clean pass's own record (logits, residual stream, captures, keys/values). Memory
         beyond it is budgeted against it, so a token census stays within about twice the clean pass:
         snapshots up to a quarter of it are kept and served again without sweeping (the engine runs one MoE
-        layer after another, and each sweeps the window's positions from the start), and a call's rows
-        carry states of at most half of it (:meth:`rows_per_call`). 0 keeps none and allows one row a call.
+        layer after another, and each sweeps the window's positions from the start; :meth:`release` drops
+        those no remaining layer reads), and a call's rows carry states of at most half of it unless the
+        caller sets another budget (:meth:`rows_per_call`, ``InterveneConfig.max_state_bytes``). 0 keeps
+        none and allows one row a call.
 
     Notes
     -----
@@ -234,15 +236,17 @@ class CleanStates:
                 {i: None if t is None else torch.zeros_like(t) for i, t in state.recurrent.items()})
         return self._template[index]
 
-    def rows_per_call(self, first_layer: int) -> int | None:
+    def rows_per_call(self, first_layer: int, budget: int | None = None) -> int | None:
         """Rows of one call from decoder layer ``first_layer`` on whose states, with the decode step's
-        temporaries (:data:`STEP_TEMPORARIES` times the states), fit half the clean record; None when no
-        recurrent layer is at or after ``first_layer``. A Mamba-2 layer of the benchmark's Granite-4-H
-        shape holds 12 KiB per row; real Qwen3-Next about 2 MiB per linear layer and row."""
+        temporaries (:data:`STEP_TEMPORARIES` times the states), fit ``budget`` bytes (None: half the clean
+        record); None when no recurrent layer is at or after ``first_layer``. A Mamba-2 layer of the
+        benchmark's Granite-4-H shape holds 12 KiB per row; real Qwen3-Next about 2 MiB per linear layer and
+        row."""
         per_row = sum(self._empty(index).nbytes() for index in self.layers if index >= first_layer)
         if not per_row:
             return None
-        return max(1, (self.record_bytes // 2) // (STEP_TEMPORARIES * per_row))
+        budget = self.record_bytes // 2 if budget is None else budget
+        return max(1, budget // (STEP_TEMPORARIES * per_row))
 
     @torch.no_grad()
     def check(self) -> None:

@@ -107,6 +107,7 @@ def engine_config_for(config) -> InterveneConfig:
                            engine=config.execution.engine, rows_per_call=config.execution.rows_per_call,
                            reference_batch=config.execution.reference_batch,
                            max_logit_elements=config.execution.max_logit_elements,
+                           max_state_bytes=config.execution.max_state_bytes,
                            noise_positions=config.intervene.noise_positions)
 
 

@@ -37,9 +37,8 @@ def _release_cached_memory() -> None:
 def _malloc_trim():
     """glibc's ``malloc_trim``, or None (another C library, another system)."""
     try:
-        libc = ctypes.CDLL(None)
-        return getattr(libc, "malloc_trim", None)
-    except OSError:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # no C library to load (Windows: CDLL(None) is refused)
         return None
 
 
