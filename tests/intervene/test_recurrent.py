@@ -294,3 +294,32 @@ def test_max_state_bytes_sets_the_rows_a_call_carries_and_not_the_results(monkey
         assert max(sizes) == rows if scope == "token" else (max(sizes) == 1) == (rows == 1)
     merged = results[1].merge(results[2 * default], on=KEYS, suffixes=("", "_wide"), validate="one_to_one")
     assert np.abs(merged.delta_nll - merged.delta_nll_wide).max() <= 1e-5
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_padded_windows_are_exact_left_padding_by_the_reference_engine(caplog, padding):
+    """A recurrent layer's clean pass masks padded inputs, the fast engine's state sweep does not: right
+    padding is never swept (no row starts after it) and runs fast; left padding (where the sweep was off by
+    up to 0.5 nats) runs on the reference engine with the reason logged. Both equal the reference engine."""
+    moe = make_moe("qwen3_next")
+    ids = _ids(2, 24, seed=9)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :6] = 0
+    else:
+        mask[1, -6:] = 0
+    config = dict(scopes=("token", "sequence"))
+    with caplog.at_level(logging.WARNING):
+        fast = compute_effects(moe, ids, Selection.sample(6, seed=0), config=InterveneConfig(**config),
+                               attention_mask=mask)
+    ref = compute_effects(moe, ids, Selection.sample(6, seed=0), config=InterveneConfig(engine="reference", **config),
+                          attention_mask=mask)
+    if padding == "left":
+        assert fast.stats.engine == "reference"
+        assert "padded before a real token (left padding)" in fast.stats.fallback_reason
+        assert "left padding" in caplog.text
+    else:
+        assert fast.stats.engine == "fast" and fast.stats.fallback_reason is None
+    merged = fast.effects.merge(ref.effects, on=KEYS, suffixes=("", "_ref"), validate="one_to_one")
+    assert len(merged) == len(ref.effects) > 0 and (merged.seq == 1).any()
+    assert np.abs(merged.delta_nll - merged.delta_nll_ref).max() <= 1e-4

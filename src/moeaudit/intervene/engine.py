@@ -327,17 +327,43 @@ def compute_effects(
 def fallback_reason(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     config: InterveneConfig) -> str | None:
     """Why the run must use the reference engine (logged), or None when the requested engine runs: the fast
-    engine cannot replay the model (:func:`fast_unsupported_reason`) or disagrees with the reference on the
-    first window (:func:`moeaudit.intervene.spotcheck.fast_disagreement`)."""
+    engine cannot replay the model (:func:`fast_unsupported_reason`) or these windows' padding
+    (:func:`_padding_reason`), or disagrees with the reference on the first window
+    (:func:`moeaudit.intervene.spotcheck.fast_disagreement`)."""
     if config.engine != "fast":
         return None
-    reason = fast_unsupported_reason(moe)
+    reason = fast_unsupported_reason(moe) or _padding_reason(moe, attention_mask)
     if reason is None:
         with windows_not_counted():  # the check's windows are not the run's
             reason = fast_disagreement(moe, input_ids, attention_mask, compute_effects, config)
     if reason:
         logger.warning("fast engine unavailable, using the reference engine: %s", reason)
     return reason
+
+
+def _padding_reason(moe: MoEModel, attention_mask: torch.Tensor | None) -> str | None:
+    """Why windows padded before a real token (left padding, or a gap) cannot run fast on ``moe``, or None.
+
+    A recurrent layer's clean pass masks its padded inputs (transformers' ``apply_mask_to_padding_states``),
+    while the fast engine sweeps its states over the recorded inputs unmasked
+    (:class:`moeaudit.intervene.recurrent.CleanStates`): after a padded position the states differ (up to
+    0.5 nats on the tiny hybrids). Right padding is never swept (no row starts after it); moeaudit's own
+    windows are right-padded (:func:`moeaudit.data.windows.pad_token_rows`).
+    """
+    if attention_mask is None:
+        return None
+    real = attention_mask.bool()
+    padded_before = torch.cummax((~real).int(), dim=1).values.bool()
+    if not (padded_before & real).any():
+        return None
+    from moeaudit.intervene.recurrent import mixer_layout
+
+    layout = mixer_layout(moe)
+    if not layout.recurrent:
+        return None
+    return (f"a window is padded before a real token (left padding) and decoder layers {list(layout.recurrent)} "
+            "carry recurrent states, which the fast engine sweeps over unmasked inputs; pad on the right to "
+            "run it")
 
 
 def clean_window(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
