@@ -323,3 +323,27 @@ def test_padded_windows_are_exact_left_padding_by_the_reference_engine(caplog, p
     merged = fast.effects.merge(ref.effects, on=KEYS, suffixes=("", "_ref"), validate="one_to_one")
     assert len(merged) == len(ref.effects) > 0 and (merged.seq == 1).any()
     assert np.abs(merged.delta_nll - merged.delta_nll_ref).max() <= 1e-4
+
+
+def test_saved_states_are_copied_and_other_saved_tensors_still_checked():
+    """Under :func:`saved_states_copied` a row's state, saved by an op and then overwritten in place (as the
+    decode steps do), gives the gradient of the value it had when saved; any other saved tensor modified in
+    place still fails the backward, as autograd's own check would."""
+    from moeaudit.intervene.recurrent import row_cache, saved_states_copied
+
+    moe = make_moe("granitemoehybrid")
+    clean = capture_clean(moe, _ids(1, 12))
+    cache = row_cache(moe, clean.states.after(torch.tensor([3, 7])), clean.layout)
+    state = cache.layers[clean.states.layers[0]].recurrent_states[0]
+    before = state.clone()
+    other = torch.randn(state.shape)
+    x = torch.randn(state.shape, requires_grad=True)
+    with torch.enable_grad(), saved_states_copied(cache):
+        through_state = (state * x).sum()
+        through_other = (other * x).sum()
+    state.add_(1.0)
+    other.add_(1.0)
+    (grad,) = torch.autograd.grad(through_state, [x])
+    assert torch.equal(grad, before) and not torch.equal(grad, state)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        torch.autograd.grad(through_other, [x])

@@ -339,13 +339,8 @@ def saved_states_copied(cache):
 
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
-    def states() -> set[int]:
-        return {tensor.untyped_storage().data_ptr() for layer in cache.layers
-                if isinstance(layer, LinearAttentionCacheLayerMixin)
-                for tensor in (*layer.conv_states.values(), *layer.recurrent_states.values()) if tensor is not None}
-
     def pack(tensor):
-        if tensor.untyped_storage().data_ptr() in states():
+        if tensor.untyped_storage().data_ptr() in states:
             return tensor.clone(), None
         return tensor, tensor._version
 
@@ -359,6 +354,11 @@ def saved_states_copied(cache):
     if cache is None or not torch.is_grad_enabled():
         yield
         return
+    # the rows' states, written in place for the whole call (a layer that swapped in a new tensor would not be
+    # copied, and the version check in unpack would name it instead of a wrong gradient)
+    states = {tensor.untyped_storage().data_ptr() for layer in cache.layers
+              if isinstance(layer, LinearAttentionCacheLayerMixin)
+              for tensor in (*layer.conv_states.values(), *layer.recurrent_states.values()) if tensor is not None}
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
 
