@@ -38,7 +38,7 @@ def test_every_setting_can_be_given_by_name():
                 "audit_metrics": ["reap"], "min_chars": 5, "first_docs": 4, "ray_address": "auto", "workers": 2,
                 "router_logits_layers": [0], "budget_weights": {"0": 2.0}, "directions": {"reap": "high"},
                 "max_windows": 5, "experts_implementation": "eager", "criteria": ["reap", "random"],
-                "text_field": "body", "domain_field": "topic"}
+                "text_field": "body", "domain_field": "topic", "max_state_bytes": 1 << 30}
     skipped = {"preset_overrides"}  # derived, never set
     for name in [*ROOT_FIELDS, *FLAT_PATHS]:
         if name in skipped:

@@ -50,8 +50,8 @@ def trim_heap() -> None:
     size (a call's logits, a layer's states) are carved from the heap, and the heap's freed pages stay
     resident. Over the hundreds of calls of one window's census the resident set then creeps above what the
     live tensors need (on the benchmark's Jamba shape, from 1.5x to 2.2x the clean pass's). Trimming returns
-    those pages; the tensors and their contents are untouched. It costs about a millisecond on a heap of
-    this size, so the engine calls it between MoE layers, not between calls.
+    those pages; the tensors and their contents are untouched. It took 0.4-2.6 ms per call on the
+    benchmark's heap, so the engine calls it between MoE layers, not between calls.
     """
     trim = _malloc_trim()
     if trim is not None:
