@@ -336,8 +336,16 @@ def saved_states_copied(cache):
     when it is saved; every other saved tensor keeps autograd's own check that it was not modified in place
     (``torch.autograd.graph.saved_tensors_hooks`` replaces that check, so it is redone here).
     """
-
+    if cache is None or not torch.is_grad_enabled():  # every census call: nothing to hook
+        yield
+        return
     from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    # the rows' states, written in place for the whole call (a layer that swapped in a new tensor would not be
+    # copied, and the version check in unpack would name it instead of a wrong gradient)
+    states = {tensor.untyped_storage().data_ptr() for layer in cache.layers
+              if isinstance(layer, LinearAttentionCacheLayerMixin)
+              for tensor in (*layer.conv_states.values(), *layer.recurrent_states.values()) if tensor is not None}
 
     def pack(tensor):
         if tensor.untyped_storage().data_ptr() in states:
@@ -351,14 +359,6 @@ def saved_states_copied(cache):
                                "was modified in place")
         return tensor
 
-    if cache is None or not torch.is_grad_enabled():
-        yield
-        return
-    # the rows' states, written in place for the whole call (a layer that swapped in a new tensor would not be
-    # copied, and the version check in unpack would name it instead of a wrong gradient)
-    states = {tensor.untyped_storage().data_ptr() for layer in cache.layers
-              if isinstance(layer, LinearAttentionCacheLayerMixin)
-              for tensor in (*layer.conv_states.values(), *layer.recurrent_states.values()) if tensor is not None}
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
 
