@@ -205,10 +205,29 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
         return "final logit soft-capping is not replayed by the fast engine"
     if model.training:
         return "the model is in training mode (dropout); call model.eval()"
+    indexed = _indexed_attention_layer(inner)
+    if indexed is not None:
+        return (f"decoder layer {indexed}'s attention chooses its keys with an indexer (DeepSeek Sparse Attention), "
+                "whose per-row key selection the fast engine does not replay")
     both = mixer_layout(moe).both
     if both:
         return (f"decoder layer {both[0]} holds keys/values and a recurrent state in one layer, which the fast "
                 "engine does not replay")
+    return None
+
+
+def _indexed_attention_layer(backbone) -> int | None:
+    """The first decoder layer whose attention holds an ``indexer`` module, or None.
+
+    DeepSeek Sparse Attention (``DeepseekV32Attention``, ``GlmMoeDsaAttention`` in transformers 5.23) scores
+    every key with a small indexer and lets each query attend to its ``index_topk`` best keys only. A row whose
+    hidden state an intervention changed has new indexer queries and keys, so the clean pass's key selection
+    does not carry over to it (and the layer hands a non-native attention implementation the selected indices
+    instead of a sparsified mask); the reference engine runs the library's own sparse attention instead."""
+    for index, layer in enumerate(getattr(backbone, "layers", ())):
+        attention = getattr(layer, "self_attn", None)
+        if isinstance(getattr(attention, "indexer", None), torch.nn.Module):
+            return index
     return None
 
 

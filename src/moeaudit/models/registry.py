@@ -74,8 +74,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "gemma4_text": "the router returns probabilities; MoE inline in the layer with per-expert scales",
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "longcat_flash": "zero (identity) experts among the routed ones",
-    "deepseek_v32": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
-    "glm_moe_dsa": "lightning-indexer sparse attention (a recorded pass would silently turn dense)",
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
     "minimax": "lightning attention and alpha/beta residual scaling",
     "bailing_moe": "routing variant not adapted yet",

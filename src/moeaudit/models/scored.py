@@ -226,14 +226,19 @@ def _finish_weights(rule: ScoredRule, layer: MoELayer, weights: torch.Tensor) ->
 class DeepseekV3Adapter(ScoredTopKAdapter):
     """DeepSeek-V3 / R1 and the families that share its router code in transformers 5.23: GLM-4.5 / 4.6 /
     4.7 (``glm4_moe``), GLM-4.7-Flash (``glm4_moe_lite``), dots.llm1 (``dots1``), EXAONE-MoE (``exaone_moe``),
-    Solar Open (``solar_open``), MiMo-V2-Flash (``mimo_v2_flash``, no shared experts).
+    Solar Open (``solar_open``), MiMo-V2-Flash (``mimo_v2_flash``, no shared experts), and the two with
+    DeepSeek Sparse Attention beside that MoE block: DeepSeek-V3.2 (``deepseek_v32``) and GLM-5
+    (``glm_moe_dsa``), audited on the reference engine (the fast engine does not replay the indexer:
+    :func:`moeaudit.intervene.engine.fast_unsupported_reason`).
     Sigmoid scores of float32 logits, router-held bias, groups filled with -inf, renormalised when
     ``norm_topk_prob`` (+1e-20), scaled; fused shared experts."""
 
     family = "deepseek_v3"
-    model_types = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "solar_open", "mimo_v2_flash")
+    model_types = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "exaone_moe", "solar_open", "mimo_v2_flash",
+                   "deepseek_v32", "glm_moe_dsa")
     architectures = ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Glm4MoeLiteForCausalLM", "Dots1ForCausalLM",
-                     "ExaoneMoeForCausalLM", "SolarOpenForCausalLM", "MiMoV2FlashForCausalLM")
+                     "ExaoneMoeForCausalLM", "SolarOpenForCausalLM", "MiMoV2FlashForCausalLM",
+                     "DeepseekV32ForCausalLM", "GlmMoeDsaForCausalLM")
     rule = ScoredRule("sigmoid_bias_group_scaled", score="sigmoid", bias="router", grouped=True, scaled=True)
 
 

@@ -16,7 +16,7 @@ FAMILIES: tuple[str, ...] = (
     "flex_olmo", "granitemoe", "hunyuan_v1_moe", "solar_open", "mimo_v2_flash", "mellum", "qwen3_next", "jamba",
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
-    "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear",
+    "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -25,6 +25,8 @@ FAMILIES: tuple[str, ...] = (
 REFERENCE_ONLY: dict[str, str] = {
     "flex_olmo": "disagrees with the reference engine",      # a norm after the MoE block
     "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
+    "deepseek_v32": "DeepSeek Sparse Attention",  # the indexer's key selection changes with an intervened row
+    "glm_moe_dsa": "DeepSeek Sparse Attention",
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -50,7 +52,7 @@ def tiny_config(family: str, **overrides: Any):
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
     from transformers import AfmoeConfig, AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config, Lfm2MoeConfig
-    from transformers import BailingHybridConfig, KimiLinearConfig
+    from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
                               PhimoeConfig, Qwen3VLMoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
@@ -100,6 +102,15 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(scored, **_MLA, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1,
                       rope_interleave=True)
         cls = DeepseekV3Config
+    elif family in ("deepseek_v32", "glm_moe_dsa"):  # DeepSeek-V3's MoE beside MLA with DSA's indexer
+        # index_topk=4 < the tests' windows, so the indexer really drops keys (the real models keep 2048)
+        fields = dict(scored, **dict(_MLA, q_lora_rank=16), n_routed_experts=8, n_shared_experts=1,
+                      index_topk=4, index_n_heads=2, index_head_dim=16,
+                      mlp_layer_types=["dense", "sparse", "sparse"])
+        if family == "deepseek_v32":
+            cls = DeepseekV32Config
+        else:  # GLM-5: the indexer runs on a layer and the next reuses its top-k (``prev_topk_indices``)
+            cls = GlmMoeDsaConfig
     elif family == "glm4_moe":
         fields = dict(scored, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                       topk_group=1, routed_scaling_factor=1.0, head_dim=8, use_qk_norm=True)
