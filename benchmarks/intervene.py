@@ -94,6 +94,8 @@ def load_benchmark_model(choice: str = "auto"):
     if choice.startswith("random:"):
         family = choice.split(":", 1)[1]
         scale = dict(hidden_size=128, num_hidden_layers=6, vocab_size=8192, max_position_embeddings=1024)
+        if family in ("deepseek_v32", "glm_moe_dsa"):
+            scale["index_topk"] = 2048  # the released checkpoints' (the tiny configs keep 64)
         model = tiny_model(family, experts_implementation=None, weight_std=0.05, **scale)
         return wrap_model(model, name=choice), f"{family}-shaped random model (hidden 128, 6 layers)"
     # weight_std=0.05: tiny_model's default 0.2 gives a residual stream of norm ~150 and attention logits so
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
                              "random:FAMILY (one of moeaudit.models.testing.FAMILIES: olmoe, qwen2_moe, "
                              "deepseek_v2, mixtral, qwen3_moe, gpt_oss, deepseek_v3, ...; the recurrent "
                              "hybrids qwen3_next, qwen3_5_moe, granitemoehybrid, nemotron_h, jamba, lfm2_moe, "
-                             "kimi_linear, bailing_hybrid)")
+                             "kimi_linear, bailing_hybrid; DeepSeek Sparse Attention deepseek_v32, glm_moe_dsa)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--reference-samples", type=int, default=48)

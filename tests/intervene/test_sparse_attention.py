@@ -1,53 +1,70 @@
-"""DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): audited on the reference engine, exactly.
+"""DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): exact on either engine.
 
-The tiny configs keep 4 keys per query (``index_topk``) so that at 20 tokens the indexer really drops keys;
-the real checkpoints keep 2048.
+Windows no longer than ``index_topk`` (2048 in the released checkpoints) keep every key, and the fast engine
+runs them (the tiny configs keep 64 keys, more than any test window, so the every-family tests hold the fast
+engine to the reference one on them). The tests here keep 4 keys per query, so that at 20 tokens the indexer
+really drops keys and the reference engine must measure.
 """
 
 from __future__ import annotations
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects
-from moeaudit.intervene.engine import fast_unsupported_reason
+from moeaudit.intervene.attention import UnsupportedAttention
+from moeaudit.intervene.clean import capture_clean
 from moeaudit.models import wrap_model
 from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import tiny_model
 
 DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
+SPARSE = {"index_topk": 4}
+KEYS = ["layer", "seq", "pos", "expert", "kind", "scope"]
 
 
-def window() -> torch.Tensor:
-    return torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(1))
+def window(batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, 96, (batch, 20), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("family", DSA_FAMILIES)
-def test_the_tiny_models_indexer_drops_keys(family):
-    """Same weights, every key kept (index_topk = the window): the first 4 positions agree, later ones do not,
-    so the tests below run through a really sparse attention."""
+def test_the_sparse_configs_indexer_drops_keys(family):
+    """Same weights, every key kept: the first 4 positions agree, later ones do not, so the tests below
+    run through a really sparse attention."""
     ids = window()
     with torch.no_grad():
-        sparse = tiny_model(family, seed=3)(ids).logits
-        dense = tiny_model(family, seed=3, index_topk=ids.shape[1])(ids).logits
+        sparse = tiny_model(family, seed=3, **SPARSE)(ids).logits
+        dense = tiny_model(family, seed=3)(ids).logits
     torch.testing.assert_close(sparse[:, :4], dense[:, :4], rtol=0, atol=1e-6)
     assert (sparse[:, 4:] - dense[:, 4:]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("family", DSA_FAMILIES)
-def test_the_fast_engine_names_the_indexer_before_any_data(family):
-    moe = wrap_model(tiny_model(family, seed=3), name=family)
-    reason = fast_unsupported_reason(moe)
-    assert reason is not None and "DeepSeek Sparse Attention" in reason and "decoder layer 0" in reason
+def test_windows_past_index_topk_go_to_the_reference_engine_with_the_reason(family, caplog):
+    moe = wrap_model(tiny_model(family, seed=3, **SPARSE), name=family)
+    result = compute_effects(moe, window(), Selection.sample(3, seed=0))
+    reason = result.stats.fallback_reason
+    assert "windows of 20 tokens exceed the 4 keys" in reason and "DeepSeek Sparse Attention" in reason
+    assert reason in caplog.text and set(result.effects["engine"]) == {"reference"}
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_the_record_pass_refuses_a_selection_that_drops_keys(family):
+    """The second guard, inside the attention function: if a window past index_topk reached the fast engine,
+    its clean pass would stop instead of recording a dense attention."""
+    moe = wrap_model(tiny_model(family, seed=3, **SPARSE), name=family)
+    with pytest.raises(UnsupportedAttention, match="keeps 4 of 20 keys"):
+        capture_clean(moe, window())
 
 
 @pytest.mark.parametrize("family", DSA_FAMILIES)
 def test_sequence_removal_equals_the_model_without_the_expert(family):
     """Brute force: zero kind in sequence scope removes the expert's term wherever it is active, which is the
     model whose expert has a zero down projection; the library's sparse attention runs in both forwards."""
-    moe = wrap_model(tiny_model(family, seed=3), name=family)
+    moe = wrap_model(tiny_model(family, seed=3, **SPARSE), name=family)
     ids = window()
     result = compute_effects(moe, ids, Selection.sample(4, seed=0), config=InterveneConfig(scopes=("sequence",)))
     effects = result.effects
@@ -63,3 +80,21 @@ def test_sequence_removal_equals_the_model_without_the_expert(family):
         for row in rows.itertuples():
             assert row.nll_clean == pytest.approx(float(clean_nll[row.pos]), abs=1e-5)
             assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean_nll[row.pos]), abs=1e-5)
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_the_fast_engine_equals_the_reference_within_index_topk(family):
+    """Every MoE layer (GLM-5's layer 1 reuses layer 0's selection), every kind and scope, and the gradient
+    estimate runs through the indexer's layers."""
+    moe = wrap_model(tiny_model(family, seed=3), name=family)
+    ids = window(batch=2)
+    kinds = dict(kinds=("zero", "renorm", "reroute"), scopes=("token", "sequence"))
+    fast = compute_effects(moe, ids, config=InterveneConfig(estimate=True, **kinds))
+    reference = compute_effects(moe, ids, config=InterveneConfig(engine="reference", **kinds))
+    assert fast.stats.fallback_reason is None and fast.stats.estimates > 0
+    exact = fast.effects[~fast.effects["estimate"]]
+    assert set(exact["engine"]) == {"fast"} and set(exact["layer"]) == {1, 2}
+    merged = exact.merge(reference.effects, on=KEYS, suffixes=("_fast", "_ref"))
+    assert len(merged) == len(reference.effects) == len(exact)
+    pd.testing.assert_series_equal(merged["delta_nll_fast"], merged["delta_nll_ref"], check_names=False,
+                                   rtol=0, atol=1e-4)

@@ -19,6 +19,10 @@ Two modes, both selected by :func:`attention_mode`:
     Used during the clean forward: every attention call is delegated unchanged to the model's native
     implementation (``sdpa`` or ``eager``, with the mask the native mask builder made), so the clean
     logits are bit-identical to a plain forward; the keys, values and the boolean mask are kept per layer.
+    DeepSeek Sparse Attention hands a non-native implementation its indexer's top-k ``indices`` instead of a
+    sparsified mask (``modeling_deepseek_v32.py``, ``DeepseekV32Attention.forward``); a window no longer
+    than ``index_topk`` keeps every key, where the native branch's mask is the unsparsified one, so the
+    indices are dropped. A window whose indexer drops keys raises :class:`UnsupportedAttention`.
 ``rows``
     Used for the interventions: the row kernel below (eager arithmetic: ``softmax(q k^T * scaling)`` in
     float32, sinks appended as an extra logit and dropped after the softmax).
@@ -91,6 +95,10 @@ class AttentionState:
         if layer_idx in self.caches:
             raise UnsupportedAttention(f"attention of layer {layer_idx} ran twice in one forward")
         seq_len = key.shape[2]
+        indices = kwargs.pop("indices", None)  # DeepSeek Sparse Attention's key selection [B, S, topk]
+        if indices is not None and indices.shape[-1] < seq_len:
+            raise UnsupportedAttention(f"the indexer of layer {layer_idx} keeps {indices.shape[-1]} of {seq_len} keys "
+                                       "per query, a selection the rows would have to redo")
         self.caches[layer_idx] = LayerCache(key[0].detach(), value[0].detach(),
                                             _allowed_from_mask(attention_mask, seq_len, key.device))
         family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)

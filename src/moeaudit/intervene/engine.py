@@ -205,10 +205,6 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
         return "final logit soft-capping is not replayed by the fast engine"
     if model.training:
         return "the model is in training mode (dropout); call model.eval()"
-    indexed = _indexed_attention_layer(inner)
-    if indexed is not None:
-        return (f"decoder layer {indexed}'s attention chooses its keys with an indexer (DeepSeek Sparse Attention), "
-                "whose per-row key selection the fast engine does not replay")
     both = mixer_layout(moe).both
     if both:
         return (f"decoder layer {both[0]} holds keys/values and a recurrent state in one layer, which the fast "
@@ -216,18 +212,23 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
     return None
 
 
-def _indexed_attention_layer(backbone) -> int | None:
-    """The first decoder layer whose attention holds an ``indexer`` module, or None.
+def _sparse_attention_reason(moe: MoEModel, seq_len: int) -> str | None:
+    """Why windows of ``seq_len`` tokens cannot run fast through DeepSeek Sparse Attention, or None.
 
-    DeepSeek Sparse Attention (``DeepseekV32Attention``, ``GlmMoeDsaAttention`` in transformers 5.23) scores
-    every key with a small indexer and lets each query attend to its ``index_topk`` best keys only. A row whose
-    hidden state an intervention changed has new indexer queries and keys, so the clean pass's key selection
-    does not carry over to it (and the layer hands a non-native attention implementation the selected indices
-    instead of a sparsified mask); the reference engine runs the library's own sparse attention instead."""
-    for index, layer in enumerate(getattr(backbone, "layers", ())):
-        attention = getattr(layer, "self_attn", None)
-        if isinstance(getattr(attention, "indexer", None), torch.nn.Module):
-            return index
+    DeepSeek Sparse Attention (``DeepseekV32Attention``, ``GlmMoeDsaAttention`` in transformers 5.23; arXiv
+    2512.02556) scores every key with a small indexer and lets each query attend to its ``index_topk`` best
+    keys only (``topk = min(index_topk, T)``). A row whose hidden state an intervention changed has new indexer
+    queries and keys, so on a window longer than ``index_topk`` the clean pass's key selection does not carry
+    over to it, and the fast engine does not redo the selection. On a window no longer than ``index_topk``
+    (2048 in the released checkpoints) every query keeps every key: the attention is the dense causal one,
+    which the fast engine replays exactly."""
+    for index, layer in enumerate(moe.adapter.decoder_layers(moe.model)):
+        indexer = getattr(getattr(layer, "self_attn", None), "indexer", None)
+        if isinstance(indexer, torch.nn.Module) and seq_len > int(indexer.index_topk):
+            return (f"windows of {seq_len} tokens exceed the {int(indexer.index_topk)} keys per query that decoder "
+                    f"layer {index}'s indexer keeps (DeepSeek Sparse Attention), whose per-row key selection the "
+                    f"fast engine does not replay; windows of at most {int(indexer.index_topk)} tokens "
+                    "(--max-len) run fast")
     return None
 
 
@@ -346,12 +347,13 @@ def compute_effects(
 def fallback_reason(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                     config: InterveneConfig) -> str | None:
     """Why the run must use the reference engine (logged), or None when the requested engine runs: the fast
-    engine cannot replay the model (:func:`fast_unsupported_reason`) or these windows' padding
-    (:func:`_padding_reason`), or disagrees with the reference on the first window
+    engine cannot replay the model (:func:`fast_unsupported_reason`), these windows' sparse attention
+    (:func:`_sparse_attention_reason`) or their padding (:func:`_padding_reason`), or disagrees with the reference on the first window
     (:func:`moeaudit.intervene.spotcheck.fast_disagreement`)."""
     if config.engine != "fast":
         return None
-    reason = fast_unsupported_reason(moe) or _padding_reason(moe, attention_mask)
+    reason = (fast_unsupported_reason(moe) or _sparse_attention_reason(moe, input_ids.shape[1])
+              or _padding_reason(moe, attention_mask))
     if reason is None:
         with windows_not_counted():  # the check's windows are not the run's
             reason = fast_disagreement(moe, input_ids, attention_mask, compute_effects, config)

@@ -82,6 +82,31 @@ def call_decoder_layer(moe: MoEModel, index: int, hidden: torch.Tensor, position
     layers' states, :func:`moeaudit.intervene.recurrent.row_cache`). ``rotary`` False (a family without
     rotary embeddings, :func:`rotary_module`) passes no ``position_embeddings``, as its own forward."""
     kwargs = {"position_embeddings": position_embeddings} if rotary else {}
-    out = moe.adapter.decoder_layers(moe.model)[index](hidden, attention_mask=None, position_ids=position_ids,
-                                                        past_key_values=cache, use_cache=False, **kwargs)
+    layer = moe.adapter.decoder_layers(moe.model)[index]
+    kwargs = {"attention_mask": None, **kwargs, **indexer_arguments(layer, hidden)}
+    out = layer(hidden, position_ids=position_ids, past_key_values=cache, use_cache=False, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def indexer_arguments(layer, hidden: torch.Tensor) -> dict:
+    """What a decoder layer with DeepSeek Sparse Attention's indexer needs on rows ``hidden`` [R, S, H] beyond
+    the usual arguments; nothing for every other layer.
+
+    * ``attention_mask``: causal within each row's own S positions, [R, 1, S, S] bool (the indexer scores
+      keys through it);
+    * ``prev_topk_indices`` where the layer takes it (GLM-5 ``GlmMoeDsaDecoderLayer``: its "shared" layers
+      reuse an earlier layer's selection): every key, [R, S, S].
+
+    The rows' attention reads neither the mask nor a selection: the fast engine runs such a model only on
+    windows where every query keeps every key (:func:`moeaudit.intervene.engine.fallback_reason`; the clean
+    pass checks it again, :meth:`moeaudit.intervene.attention.AttentionState.record`), where the selection
+    is every key."""
+    if not hasattr(getattr(layer, "self_attn", None), "indexer"):  # None on GLM-5's "shared" layers
+        return {}
+    rows, span = hidden.shape[:2]
+    causal = torch.ones(span, span, dtype=torch.bool, device=hidden.device).tril()
+    arguments = {"attention_mask": causal.expand(rows, 1, span, span)}
+    if "prev_topk_indices" in inspect.signature(layer.forward).parameters:
+        every_key = torch.arange(span, dtype=torch.int32, device=hidden.device)
+        arguments["prev_topk_indices"] = every_key.expand(rows, span, span)
+    return arguments

@@ -37,9 +37,12 @@ ABSOLUTE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.bfloat16: 5e-2, torc
 RELATIVE = {torch.float64: 0.0, torch.float32: 0.0, torch.bfloat16: 0.05, torch.float16: 0.05}
 
 #: Keyword arguments of a decoder layer that the fast engine supplies itself (per row) or that do not change
-#: its output; a layer that receives any other is not replayed (the rows would run without it).
+#: its output; a layer that receives any other is not replayed (the rows would run without it). GLM-5's
+#: ``prev_topk_indices`` (an earlier layer's sparse-attention selection) is supplied by
+#: :func:`moeaudit.intervene.replay.indexer_arguments`.
 REPLAYED_LAYER_ARGUMENTS = frozenset({"attention_mask", "past_key_values", "position_embeddings", "position_ids",
-                                      "use_cache", "cache_position", "output_router_logits", "output_attentions"})
+                                      "use_cache", "cache_position", "output_router_logits", "output_attentions",
+                                      "prev_topk_indices"})
 
 _VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 

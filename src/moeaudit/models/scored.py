@@ -228,8 +228,8 @@ class DeepseekV3Adapter(ScoredTopKAdapter):
     4.7 (``glm4_moe``), GLM-4.7-Flash (``glm4_moe_lite``), dots.llm1 (``dots1``), EXAONE-MoE (``exaone_moe``),
     Solar Open (``solar_open``), MiMo-V2-Flash (``mimo_v2_flash``, no shared experts), and the two with
     DeepSeek Sparse Attention beside that MoE block: DeepSeek-V3.2 (``deepseek_v32``) and GLM-5
-    (``glm_moe_dsa``), audited on the reference engine (the fast engine does not replay the indexer:
-    :func:`moeaudit.intervene.engine.fast_unsupported_reason`).
+    (``glm_moe_dsa``; the fast engine runs them on windows up to ``index_topk``, where every key is kept:
+    :func:`moeaudit.intervene.engine.fallback_reason`).
     Sigmoid scores of float32 logits, router-held bias, groups filled with -inf, renormalised when
     ``norm_topk_prob`` (+1e-20), scaled; fused shared experts."""
 

@@ -17,6 +17,7 @@ FAMILIES: tuple[str, ...] = (
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
+    "deepseek_v32_sparse",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -25,8 +26,7 @@ FAMILIES: tuple[str, ...] = (
 REFERENCE_ONLY: dict[str, str] = {
     "flex_olmo": "disagrees with the reference engine",      # a norm after the MoE block
     "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
-    "deepseek_v32": "DeepSeek Sparse Attention",  # the indexer's key selection changes with an intervened row
-    "glm_moe_dsa": "DeepSeek Sparse Attention",
+    "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -102,15 +102,13 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(scored, **_MLA, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1,
                       rope_interleave=True)
         cls = DeepseekV3Config
-    elif family in ("deepseek_v32", "glm_moe_dsa"):  # DeepSeek-V3's MoE beside MLA with DSA's indexer
-        # index_topk=4 < the tests' windows, so the indexer really drops keys (the real models keep 2048)
+    elif family in ("deepseek_v32", "deepseek_v32_sparse", "glm_moe_dsa"):  # DeepSeek-V3's MoE, MLA + DSA
+        # Windows up to index_topk keep every key (the released models keep 2048; the fast engine runs them);
+        # the sparse variant's 4 < the tests' windows, so its indexer really drops keys (reference engine).
         fields = dict(scored, **dict(_MLA, q_lora_rank=16), n_routed_experts=8, n_shared_experts=1,
-                      index_topk=4, index_n_heads=2, index_head_dim=16,
-                      mlp_layer_types=["dense", "sparse", "sparse"])
-        if family == "deepseek_v32":
-            cls = DeepseekV32Config
-        else:  # GLM-5: the indexer runs on a layer and the next reuses its top-k (``prev_topk_indices``)
-            cls = GlmMoeDsaConfig
+                      index_topk=4 if family.endswith("_sparse") else 64, index_n_heads=2, index_head_dim=16)
+        # GLM-5: odd layers reuse the top-k of the layer before (``prev_topk_indices``; set below)
+        cls = DeepseekV32Config if family.startswith("deepseek_v32") else GlmMoeDsaConfig
     elif family == "glm4_moe":
         fields = dict(scored, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                       topk_group=1, routed_scaling_factor=1.0, head_dim=8, use_qk_norm=True)
@@ -257,8 +255,11 @@ def tiny_config(family: str, **overrides: Any):
             vision["deepstack_visual_indexes"] = [0]
         return cls(text_config=fields, vision_config=vision)
     n_layers = fields.get("num_hidden_layers", len(fields.get("layers_block_type", ())))
-    if family in ("glm4_moe_lite", "exaone_moe", "mimo_v2_flash") and "mlp_layer_types" not in overrides:
+    if family in ("glm4_moe_lite", "exaone_moe", "mimo_v2_flash", "deepseek_v32", "deepseek_v32_sparse",
+                  "glm_moe_dsa") and "mlp_layer_types" not in overrides:
         fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)
+    if family == "glm_moe_dsa" and "indexer_types" not in overrides:  # full, shared, full, ...
+        fields["indexer_types"] = [("full", "shared")[i % 2] for i in range(n_layers)]
     if family == "exaone_moe" and "layer_types" not in overrides:  # every third layer full attention
         fields["layer_types"] = [("sliding_attention", "sliding_attention", "full_attention")[i % 3]
                                  for i in range(n_layers)]
