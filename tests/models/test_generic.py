@@ -107,3 +107,34 @@ def test_a_family_moeaudit_has_never_heard_of_is_audited_end_to_end(tmp_path):
         ours = compute_effects(moe, IDS, Selection.sample(3, seed=0), config=config).effects
         theirs = compute_effects(reference, IDS, Selection.sample(3, seed=0), config=config).effects
         assert ours.delta_nll.tolist() == theirs.delta_nll.tolist()
+
+
+def test_a_bias_on_the_logits_is_inferred_and_steers_the_selection_only():
+    """Kolibri-1 ranks logits + the router's correction bias and weights each chosen expert by the sigmoid of its
+    raw logit. Planted: expert 5's bias is +100, so it takes a slot at every token while its weight stays its
+    own sigmoid (renormalised); removed, it gives its slot to the next best by logit + bias."""
+    model = tiny_model("kolibri1", seed=3)
+    with torch.no_grad():
+        for decoder_layer in model.model.layers:
+            decoder_layer.mlp.gate.e_score_correction_bias[5] = 100.0
+    moe = wrap_model(model)  # the contract check: the inferred rule routes as the module, bit for bit
+    layer = moe.layer(0)
+    rule = moe.adapter.rule_for(layer)
+    assert (rule.select, rule.bias, rule.score) == ("logits", "router", "sigmoid")
+    hidden = torch.randn(16, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, weights, idx = layer.router(hidden)
+    assert bool((idx == 5).any(dim=-1).all())
+    chosen = logits.gather(1, idx).sigmoid()
+    assert torch.equal(weights, chosen / chosen.sum(dim=-1, keepdim=True))
+    removed = torch.zeros(logits.shape, dtype=torch.bool)
+    removed[:, 5] = True
+    rerouted = layer.route(logits, removed)
+    choice = (logits + layer.router.e_score_correction_bias).masked_fill(removed, float("-inf"))
+    expected = torch.topk(choice, layer.top_k, dim=-1).indices
+    assert not bool((rerouted.topk_idx == 5).any())
+    assert torch.equal(rerouted.topk_idx.sort(dim=-1).values, expected.sort(dim=-1).values)
+    survivors = logits.gather(1, expected).sigmoid()
+    weights_by_expert = torch.zeros_like(logits).scatter(1, rerouted.topk_idx, rerouted.combine_weight)
+    expected_by_expert = torch.zeros_like(logits).scatter(1, expected, survivors / survivors.sum(-1, keepdim=True))
+    assert torch.equal(weights_by_expert, expected_by_expert)

@@ -13,7 +13,7 @@ give up: it
    :class:`~moeaudit.models.scored.ScoredRule` the router's attributes allow (score function and its dtype,
    the correction bias where one is found, group limits where the router has ``num_group``,
    renormalisation and its guard, scaling where it has ``routed_scaling_factor``, sorted or not, selection
-   on scores or on logits) is run on probe hidden states — standard normal, the same times 30 (large
+   on scores or on logits, the latter plus the router's correction bias where it has one: Kolibri-1) is run on probe hidden states — standard normal, the same times 30 (large
    norms), and the model's own token embeddings — and the first whose indices (in the module's order) and
    weights equal the router module's **bit for bit** on every probe is accepted. No candidate: refused in
    one line naming the closest candidate and how far it is.
@@ -179,9 +179,12 @@ def candidate_rules(layer: MoELayer, call: RouterCall | None = None) -> list[Sco
                                     renorm_eps=1e-6 if guard == "eps6" else 1e-20,
                                     scaled=scale, weights_in_expert_dtype=cast,
                                     scale_attr=scale_attr or "routed_scaling_factor", bias_attr=bias_attr))
-    for score, sort, f32, cast, renorm in itertools.product(("softmax", "sigmoid"), (True, False), (True, False),
-                                                            (False, True), ("never", "always")):  # on the logits
-        rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, sorted_topk=sort,
+    logit_biases = [None] + (["router"] if hasattr(router, "e_score_correction_bias") else [])
+    logit_renorms = ["never", "always"] + (["config"] if hasattr(router, "norm_topk_prob") else [])
+    for score, bias, sort, f32, cast, renorm in itertools.product(
+            ("softmax", "sigmoid"), logit_biases, (True, False), (True, False), (False, True),
+            logit_renorms):  # on the logits (+ the router's bias: Kolibri-1)
+        rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, bias=bias, sorted_topk=sort,
                                 renorm=renorm, renorm_guard="none", weights_in_expert_dtype=cast, select="logits"))
     return rules
 

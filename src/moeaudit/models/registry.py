@@ -64,6 +64,8 @@ GENERIC_FAMILIES: dict[str, str] = {
     "lfm2_moe": "sigmoid + the block's expert_bias, renormalised (+1e-6), scaled; short convolutions (reference engine)",
     "bailing_hybrid": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers (reference engine)",
     "kimi_linear": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers (reference engine)",
+    "kolibri1": "top-k of logits + the router's correction bias, sigmoid of the chosen logits, renormalised when "
+                "norm_topk_prob; a norm after the MoE block (reference engine)",
 }
 
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
@@ -94,7 +96,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "beam": "block-level output scaling and per-layer attention arguments",
     "laguna": "soft-capped router logits and per-layer attention shapes",
     "step3p7": "block-level output scaling and per-layer attention shapes",
-    "kolibri1": "top-k of biased logits then sigmoid, and a norm after the MoE block",
     "axk1": "scored top-k variant not mapped yet",
     "axk2": "scored top-k variant with indexer sparse attention",
     "granitemoe_swa": "per-layer rotary bases and attention sinks",

@@ -69,8 +69,10 @@ class ScoredRule:
     renorm_eps : float
         The eps of the ``eps`` guard (1e-20; LFM2-MoE: 1e-6).
     select : {"score", "logits"}
-        What the top-k ranks: the (biased) scores, or the raw logits (GPT-OSS, Granite: the weights are
-        then f of the chosen logits only — a softmax over the k, or each one's sigmoid).
+        What the top-k ranks: the (biased) scores, or the logits (GPT-OSS, Granite: the weights are then f
+        of the chosen logits only — a softmax over the k, or each one's sigmoid). With a correction bias,
+        the top-k ranks logits + bias and the weights are f of the chosen raw logits (Kolibri-1,
+        ``models/kolibri1/modeling_kolibri1.py``).
     """
 
     name: str
@@ -179,7 +181,11 @@ def scored_route(rule: ScoredRule, layer: MoELayer, router_logits: torch.Tensor,
     router = layer.router
     if rule.select == "logits":  # GPT-OSS, Granite: the top-k of the logits, f of the chosen ones
         z = logits.float() if rule.score_float32 else logits
-        top_value, topk_idx = torch.topk(z, layer.top_k, dim=-1, sorted=rule.sorted_topk)
+        if bias is None:
+            top_value, topk_idx = torch.topk(z, layer.top_k, dim=-1, sorted=rule.sorted_topk)
+        else:  # Kolibri-1: the top-k of logits + bias (a removed expert's -inf stays -inf), f of its logits
+            topk_idx = torch.topk(z + bias, layer.top_k, dim=-1, sorted=rule.sorted_topk)[1]
+            top_value = z.gather(1, topk_idx)
         if rule.score == "softmax":
             weights = F.softmax(top_value, dim=-1, dtype=top_value.dtype)
             router_probs = F.softmax(logits, dim=-1, dtype=torch.float32)

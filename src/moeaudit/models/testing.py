@@ -17,7 +17,7 @@ FAMILIES: tuple[str, ...] = (
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
-    "deepseek_v32_sparse",
+    "deepseek_v32_sparse", "kolibri1",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -27,6 +27,7 @@ REFERENCE_ONLY: dict[str, str] = {
     "flex_olmo": "disagrees with the reference engine",      # a norm after the MoE block
     "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
     "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
+    "kolibri1": "disagrees with the reference engine",  # a norm after the MoE block
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -52,7 +53,7 @@ def tiny_config(family: str, **overrides: Any):
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
     from transformers import AfmoeConfig, AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config, Lfm2MoeConfig
-    from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig
+    from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
                               PhimoeConfig, Qwen3VLMoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
@@ -225,6 +226,11 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, moe_num_experts=8, moe_topk=2,
                       moe_num_shared_experts=1, head_dim=8)
         cls = AriaTextConfig
+    elif family == "kolibri1":  # top-k of logits + the router's bias, sigmoid of the chosen logits (generic)
+        fields = dict(_COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_hidden_layers=3,
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, sliding_window=6,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+        cls = Kolibri1Config
     elif family == "afmoe":  # the router under mlp.router (a gate Linear), the block's expert_bias, route_scale
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_dense_layers=1,
                       num_experts=8, num_experts_per_tok=2, num_shared_experts=1, route_scale=2.0, head_dim=8,
