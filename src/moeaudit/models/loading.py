@@ -383,8 +383,6 @@ def load_model(
     if layers is not None:
         validate_layers(layers, moe_layers, display)
 
-    from transformers import AutoTokenizer
-
     kwargs: dict[str, Any] = {**from_pretrained_kwargs, "dtype": torch_dtype, "trust_remote_code": False}
     for name, value in (("experts_implementation", experts_implementation),
                         ("attn_implementation", attn_implementation), ("revision", revision),
