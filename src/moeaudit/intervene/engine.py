@@ -348,8 +348,8 @@ def fallback_reason(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torc
                     config: InterveneConfig) -> str | None:
     """Why the run must use the reference engine (logged), or None when the requested engine runs: the fast
     engine cannot replay the model (:func:`fast_unsupported_reason`), these windows' sparse attention
-    (:func:`_sparse_attention_reason`) or their padding (:func:`_padding_reason`), or disagrees with the reference on the first window
-    (:func:`moeaudit.intervene.spotcheck.fast_disagreement`)."""
+    (:func:`_sparse_attention_reason`) or their padding (:func:`_padding_reason`), or disagrees with the
+    reference on the first window (:func:`moeaudit.intervene.spotcheck.fast_disagreement`)."""
     if config.engine != "fast":
         return None
     reason = (fast_unsupported_reason(moe) or _sparse_attention_reason(moe, input_ids.shape[1])

@@ -8,6 +8,7 @@ both call them the same way.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -106,7 +107,13 @@ def indexer_arguments(layer, hidden: torch.Tensor) -> dict:
     rows, span = hidden.shape[:2]
     causal = torch.ones(span, span, dtype=torch.bool, device=hidden.device).tril()
     arguments = {"attention_mask": causal.expand(rows, 1, span, span)}
-    if "prev_topk_indices" in inspect.signature(layer.forward).parameters:
+    if _takes_prev_topk(type(layer)):
         every_key = torch.arange(span, dtype=torch.int32, device=hidden.device)
         arguments["prev_topk_indices"] = every_key.expand(rows, span, span)
     return arguments
+
+
+@functools.cache
+def _takes_prev_topk(layer_type: type) -> bool:
+    """Whether a decoder layer class takes ``prev_topk_indices`` (read once per class, not per rows call)."""
+    return "prev_topk_indices" in inspect.signature(layer_type.forward).parameters

@@ -13,8 +13,9 @@ give up: it
    :class:`~moeaudit.models.scored.ScoredRule` the router's attributes allow (score function and its dtype,
    the correction bias where one is found, group limits where the router has ``num_group``,
    renormalisation and its guard, scaling where it has ``routed_scaling_factor``, sorted or not, selection
-   on scores or on logits, the latter plus the router's correction bias where it has one: Kolibri-1) is run on probe hidden states — standard normal, the same times 30 (large
-   norms), and the model's own token embeddings — and the first whose indices (in the module's order) and
+   on scores or on logits, the latter plus the router's correction bias where it has one: Kolibri-1) is
+   run on probe hidden states — standard normal, the same times 30 (large norms), and the model's own
+   token embeddings — and the first whose indices (in the module's order) and
    weights equal the router module's **bit for bit** on every probe is accepted. No candidate: refused in
    one line naming the closest candidate and how far it is.
 
