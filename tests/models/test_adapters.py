@@ -60,7 +60,10 @@ def test_router_logits_match_transformers_recorder(moe, input_ids):
     recorded = [r for r in out.router_logits if r is not None]
     assert len(recorded) == len(moe.layers)
     for layer, theirs in zip(moe.layers, recorded):
-        assert torch.equal(trace[layer.layer].rows.router_logits, theirs.reshape(-1, layer.num_experts))
+        ours = trace[layer.layer].rows.router_logits
+        if moe.family == "gemma4":  # Gemma4TextRouter's first output, what transformers records, is its softmax
+            ours = layer.router_probs(ours)
+        assert torch.equal(ours, theirs.reshape(-1, layer.num_experts))
 
 
 def test_trace_tensors_are_batch_by_position(moe, input_ids):
@@ -88,11 +91,15 @@ def test_trace_tensors_are_batch_by_position(moe, input_ids):
 
 
 def test_reimplemented_routing_equals_module(moe, input_ids):
-    _, trace = clean_run(moe, input_ids)
+    with torch.no_grad(), moe.intervene((), capture="all", keep_outputs=True, blocks="all") as trace:
+        moe.model(input_ids)
     for layer in moe.layers:
         record = trace[layer.layer].rows
+        block_input = trace.block_inputs[layer.layer][0]
+        router_input = block_input.reshape(-1, block_input.shape[-1])  # the router reads the block's input
         with torch.no_grad():
-            router_logits, weights, idx = layer.call_router(record.moe_input)
+            assert torch.equal(layer.adapter.experts_input(layer, router_input), record.moe_input)
+            router_logits, weights, idx = layer.call_router(router_input)
         routing = layer.route(router_logits)
         assert torch.equal(routing.topk_idx, idx)
         assert torch.equal(routing.combine_weight, weights)
@@ -254,6 +261,10 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
     if rule == "sigmoid_topk_logits_input":  # Llama 4: top-k of the logits, weights their sigmoid
         chosen = list(np.argsort(-z)[:k])
         return set(chosen), dict(zip(chosen, 1.0 / (1.0 + np.exp(-z[chosen]))))
+    if rule == "softmax_topk_renorm_expert_scaled":  # Gemma 4: renormalised, then x a per-expert scale
+        chosen = list(np.argsort(-probs)[:k])
+        scale = layer.router.per_expert_scale.detach().double().numpy()
+        return set(chosen), dict(zip(chosen, probs[chosen] / probs[chosen].sum() * scale[chosen]))
     if rule == "topk_logits_softmax":
         chosen = list(np.argsort(-z)[:k])
         w = np.exp(z[chosen] - z[chosen].max())

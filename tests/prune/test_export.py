@@ -53,7 +53,7 @@ def test_export_equals_masked_pruning(family, tmp_path):
     _assert_legacy_keys(tmp_path / "pruned" / "config.json", text_config, n_kept)
     # the exported experts are the kept ones, in order
     layer = moe.layers[0]
-    exported_layer = getattr(moe.adapter.decoder_layers(loaded)[layer.layer], moe.adapter.block_attr)
+    exported_layer = {found.layer: found for found in moe.adapter.find_layers(loaded)}[layer.layer]
     assert torch.equal(exported_layer.experts.down_proj, layer.experts.down_proj[KEPT[family]])
 
 

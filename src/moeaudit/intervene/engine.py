@@ -187,6 +187,8 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
     """Why the fast engine cannot replay ``moe`` exactly, or None when it can (checked before loading data)."""
     model = moe.model
     native = str(model.config._attn_implementation)
+    if moe.adapter.fast_refusal:
+        return moe.adapter.fast_refusal
     if native not in SUPPORTED_NATIVE:
         return (f"attention implementation {native!r} is not replayed by the fast engine; load the model with "
                 f"attn_implementation='sdpa' or 'eager'")

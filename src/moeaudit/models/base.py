@@ -37,6 +37,7 @@ RoutingRule = Literal[
     "softmax_bias_renorm",
     "sparsemixer",
     "sigmoid_topk_logits_input",
+    "softmax_topk_renorm_expert_scaled",
 ]
 
 ROUTING_RULE_DOC: dict[str, str] = {
@@ -63,6 +64,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
     "sigmoid_topk_logits_input": (
         "top-k of the raw logits; each chosen expert's weight is the sigmoid of its logit and scales the "
         "expert's input, not its output"
+    ),
+    "softmax_topk_renorm_expert_scaled": (
+        "softmax over all experts of logits read from the router's own RMS-normed, scaled input; top-k, weights "
+        "renormalised to sum to 1, then x a learned per-expert scale"
     ),
     "inferred_scored_topk": (
         "a scored top-k rule inferred at load (score function, correction bias, groups, renormalisation, "
@@ -219,6 +224,8 @@ class FamilyAdapter(abc.ABC):
     shared_gate_attr: ClassVar[str | None] = None
     #: The combine weight scales the expert's input, not its output (Llama 4): see MoELayer.weighted_terms.
     weights_scale_input: ClassVar[bool] = False
+    #: Why the fast engine cannot replay the family at all (checked before any data is measured), or None.
+    fast_refusal: ClassVar[str | None] = None
 
     # ----------------------------------------------------------------- discovery
     def backbone(self, model: nn.Module) -> nn.Module:
@@ -276,6 +283,16 @@ class FamilyAdapter(abc.ABC):
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
         """Call ``layer.router`` on hidden states [N, H] as the family's block does."""
         return layer.router(hidden)
+
+    def router_linear_input(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        """What the router's linear map reads from the router's input ``hidden`` [N, H]: ``hidden`` itself but
+        for a router that normalises its input first (Gemma 4)."""
+        return hidden
+
+    def experts_input(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
+        """What the experts module reads when the block's input (the router's) is ``hidden`` [N, H]: ``hidden``
+        itself but for a block that normalises the experts' input separately (Gemma 4)."""
+        return hidden
 
     def router_probs(self, layer: MoELayer, router_logits: torch.Tensor) -> torch.Tensor:
         """Router probabilities of all routed experts from raw logits, float32 [N, E].

@@ -6,13 +6,16 @@ would be wrong without an error. So each MoE layer is probed on a few random hid
 
 1. the experts module holds fused 3-D weights with one slice per routed expert;
 2. the router returns the 3-tuple ``(router_logits, topk_weights, topk_idx)`` and the logits are the raw
-   linear map of the input (plus bias where the family has one);
+   linear map of the input (plus bias where the family has one; of the normed input where the router
+   normalises it first, :meth:`~moeaudit.models.FamilyAdapter.router_linear_input`);
 3. the adapter's re-implemented routing reproduces the module's indices exactly and its weights to
    rounding;
 4. ``experts(hidden, topk_idx, topk_weights)`` equals the sum of the slots' terms that moeaudit computes
    by calling the experts with weight 1 (:meth:`MoELayer.weighted_terms`; for Llama 4, whose weights scale
    the experts' input, on the scaled input);
-5. the block's output is that routed output plus its (gated) shared experts, nothing else;
+5. the block's output is that routed output plus its (gated) shared experts, nothing else (the experts
+   reading the block's input, or what the family's block makes of it for them,
+   :meth:`~moeaudit.models.FamilyAdapter.experts_input`: Gemma 4 normalises it);
 6. whatever the family's adapter checks of its block (:meth:`FamilyAdapter.check_block`: Llama 4's
    re-expressed block forward equals the library's bit for bit).
 """
@@ -60,7 +63,8 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
         if tuple(router_logits.shape) != (tokens, layer.num_experts) or tuple(topk_idx.shape) != (tokens, layer.top_k):
             raise ContractError(f"{where}: unexpected router output shapes; {fix}")
         bias = getattr(layer.router, "bias", None)
-        expected = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+        linear_input = layer.adapter.router_linear_input(layer, hidden)
+        expected = F.linear(linear_input.float(), weight.float(), None if bias is None else bias.float())
         _require_finite(expected, f"{where}: the router gives")
         rtol = _RTOL.get(weight.dtype, 1e-3)
         if not torch.allclose(router_logits.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item()):
@@ -80,6 +84,9 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
         if not torch.allclose(combined.float(), recomposed, rtol=rtol, atol=rtol * scale):
             raise ContractError(f"{where}: experts(hidden, topk_idx, topk_weights) is not the weighted sum of "
                                 f"the experts' outputs; {fix}")
+        experts_input = layer.adapter.experts_input(layer, hidden)
+        if experts_input is not hidden:
+            combined = experts(experts_input, topk_idx, topk_weights)
         _check_block_sum(layer, hidden, combined, rtol, where)
         layer.adapter.check_block(layer, hidden)
 

@@ -41,7 +41,8 @@ ROUTER_NAMES: tuple[str, ...] = ("gate", "router")
 SHARED_NAMES: tuple[str, ...] = ("shared_experts", "shared_expert", "shared_mlp")
 SHARED_GATE_NAMES: tuple[str, ...] = ("shared_expert_gate",)
 #: Config fields holding experts per token, first match wins (when the router does not say).
-TOP_K_FIELDS: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "num_experts_per_token")
+TOP_K_FIELDS: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "moe_topk", "top_k", "num_experts_per_token",
+                                 "top_k_experts")
 #: Router attributes that may hold the weights' scaling factor.
 SCALE_ATTRS: tuple[str, ...] = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
 PROBE_TOKENS = 64

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from moeaudit.models.axk1 import AXK1Adapter
 from moeaudit.models.base import FamilyAdapter
 from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
 from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
+from moeaudit.models.gemma4 import Gemma4Adapter
 from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
@@ -40,6 +42,8 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Llama4Adapter,
     NemotronHAdapter,
     Glm4vMoeAdapter,
+    Gemma4Adapter,
+    AXK1Adapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -72,8 +76,6 @@ GENERIC_FAMILIES: dict[str, str] = {
 #: Used to word the refusal and by ``moeaudit inspect --supported``.
 UNSUPPORTED_MOE: dict[str, str] = {
     "dbrx": "the router returns logits only; routing and the p-norm live in the FFN",
-    "gemma4": "the router returns probabilities; MoE inline in the layer with per-expert scales",
-    "gemma4_text": "the router returns probabilities; MoE inline in the layer with per-expert scales",
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "longcat_flash": "zero (identity) experts among the routed ones",
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
@@ -96,7 +98,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "beam": "block-level output scaling and per-layer attention arguments",
     "laguna": "soft-capped router logits and per-layer attention shapes",
     "step3p7": "block-level output scaling and per-layer attention shapes",
-    "axk1": "scored top-k variant not mapped yet",
     "axk2": "scored top-k variant with indexer sparse attention",
     "granitemoe_swa": "per-layer rotary bases and attention sinks",
     "deepseek_ocr2": _WRAPPER,

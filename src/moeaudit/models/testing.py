@@ -17,7 +17,7 @@ FAMILIES: tuple[str, ...] = (
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
-    "deepseek_v32_sparse", "kolibri1",
+    "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -28,6 +28,8 @@ REFERENCE_ONLY: dict[str, str] = {
     "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
     "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
     "kolibri1": "disagrees with the reference engine",  # a norm after the MoE block
+    "gemma4_text": "normalises its MoE output",  # MoE inline in the layer, beside a dense MLP, with post-norms
+    "axk1": "normalises its MoE block's output",  # post_mlp_layernorm inside the block
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -53,6 +55,7 @@ def tiny_config(family: str, **overrides: Any):
                               Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
                               MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
     from transformers import AfmoeConfig, AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config, Lfm2MoeConfig
+    from transformers import AXK1Config, Gemma4TextConfig
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
                               PhimoeConfig, Qwen3VLMoeConfig)
@@ -110,6 +113,10 @@ def tiny_config(family: str, **overrides: Any):
                       index_topk=4 if family.endswith("_sparse") else 64, index_n_heads=2, index_head_dim=16)
         # GLM-5: odd layers reuse the top-k of the layer before (``prev_topk_indices``; set below)
         cls = DeepseekV32Config if family.startswith("deepseek_v32") else GlmMoeDsaConfig
+    elif family == "axk1":  # DeepSeek-V3's MoE and MLA; the block normalises its output (post_mlp_layernorm)
+        fields = dict(scored, **dict(_MLA, q_lora_rank=16), n_routed_experts=8, n_shared_experts=1,
+                      rope_interleave=True)
+        cls = AXK1Config
     elif family == "glm4_moe":
         fields = dict(scored, n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
                       topk_group=1, routed_scaling_factor=1.0, head_dim=8, use_qk_norm=True)
@@ -252,6 +259,13 @@ def tiny_config(family: str, **overrides: Any):
         else:
             fields["layer_types"] = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
             cls = KimiLinearConfig
+    elif family == "gemma4_text":  # MoE beside a dense MLP in every layer; per-layer inputs, shared KV, softcap
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4, head_dim=8,
+                      enable_moe_block=True, num_experts=8, top_k_experts=2, sliding_window=6,
+                      layer_types=["sliding_attention", "full_attention"] * 2, global_head_dim=16,
+                      num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
+                      hidden_size_per_layer_input=8, vocab_size_per_layer_input=96, final_logit_softcapping=30.0)
+        cls = Gemma4TextConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
@@ -262,7 +276,7 @@ def tiny_config(family: str, **overrides: Any):
         return cls(text_config=fields, vision_config=vision)
     n_layers = fields.get("num_hidden_layers", len(fields.get("layers_block_type", ())))
     if family in ("glm4_moe_lite", "exaone_moe", "mimo_v2_flash", "deepseek_v32", "deepseek_v32_sparse",
-                  "glm_moe_dsa") and "mlp_layer_types" not in overrides:
+                  "glm_moe_dsa", "axk1") and "mlp_layer_types" not in overrides:
         fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)
     if family == "glm_moe_dsa" and "indexer_types" not in overrides:  # full, shared, full, ...
         fields["indexer_types"] = [("full", "shared")[i % 2] for i in range(n_layers)]
@@ -304,11 +318,13 @@ def tiny_model(family: str, *, seed: int = 0, experts_implementation: str | None
         for name, param in model.named_parameters():
             if "norm" in name or "layernorm" in name:
                 continue
-            is_router = (name.endswith(("gate.weight", "router.weight", "gate.wg.weight"))
+            is_router = (name.endswith(("gate.weight", "router.weight", "gate.wg.weight", "router.proj.weight"))
                          and "shared_expert_gate" not in name)
             std = router_std if is_router else weight_std
             if param.dim() >= 2 or "bias" in name or "sinks" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+            elif name.endswith(("router.per_expert_scale", "router.scale")):  # Gemma 4's router scales, ones at init
+                param.copy_(1 + torch.randn(param.shape, generator=generator) * 0.3)
         for name, buffer in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):  # a load-balancing bias: changes selection
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.3)
