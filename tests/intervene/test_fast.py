@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moeaudit.intervene.clean import capture_clean
-from moeaudit.intervene.delta import routed_delta
+from moeaudit.intervene.delta import routed_delta, routed_output_after
 from moeaudit.intervene.fast import forward_rows, run_sequence_rows
 from moeaudit.models import Ablation
 from moeaudit.models.testing import RECURRENT_FAMILIES
@@ -43,6 +43,13 @@ def test_null_rows_reproduce_clean_logits(moe, input_ids):
         assert torch.allclose(logits, clean.logits, atol=atol, rtol=1e-5), first
 
 
+def intervened_output(layer, record, positions, removed, kind="zero"):
+    """The block's output after the intervention, from its parts, as the engine forms it for rows that restart
+    at the block (a norm after it: FlexOlmo, Kolibri-1, A.X-K1)."""
+    routed = routed_output_after(layer, record, positions, removed, kind)
+    return routed if record.shared_output is None else routed + record.shared_output[positions]
+
+
 def test_sequence_scope_exact_and_untouched_before_first_use(moe, input_ids):
     clean = capture_clean(moe, input_ids[:1])
     layer = moe.layers[-1]
@@ -54,7 +61,9 @@ def test_sequence_scope_exact_and_untouched_before_first_use(moe, input_ids):
     removed[:, expert] = True
     with torch.no_grad():
         delta = routed_delta(layer, record, where, removed, "zero")
-        (fast_dn, _, _), = run_sequence_rows(moe, clean, layer.layer, [(where, delta)], max_logit_elements=1 << 20)
+        output = intervened_output(layer, record, where, removed)
+        (fast_dn, _, _), = run_sequence_rows(moe, clean, layer.layer, [(where, delta)], max_logit_elements=1 << 20,
+                                             outputs=[output])
         with moe.intervene([Ablation(layer.layer, experts=expert, positions=where.tolist())]):
             logits = moe.model(input_ids[:1]).logits[0].float()
     logprobs = torch.log_softmax(logits, -1)
@@ -103,6 +112,7 @@ def test_every_fast_call_keeps_its_logits_under_the_budget(moe, input_ids, monke
     removed[torch.arange(len(positions)), record.topk_idx[positions, 0]] = True
     with torch.no_grad():
         delta = routed_delta(layer, record, positions, removed, "zero")
+        output = intervened_output(layer, record, positions, removed)
     shapes = []
     real = fast.forward_rows
 
@@ -116,11 +126,13 @@ def test_every_fast_call_keeps_its_logits_under_the_budget(moe, input_ids, monke
         with torch.no_grad():
             if scope == "token":
                 out = fast.run_token_rows(moe, clean, layer.layer, positions, lambda rows: delta[rows],
-                                          rows_per_call=256, max_logit_elements=budget)
+                                          rows_per_call=256, max_logit_elements=budget,
+                                          make_output=lambda rows: output[rows])
                 return out["delta_nll"]
             changes = [(positions[i:i + 1], delta[i:i + 1]) for i in range(len(positions))]
-            return torch.stack([dn for dn, _, _ in
-                                fast.run_sequence_rows(moe, clean, layer.layer, changes, max_logit_elements=budget)])
+            outputs = [output[i:i + 1] for i in range(len(positions))]
+            return torch.stack([dn for dn, _, _ in fast.run_sequence_rows(moe, clean, layer.layer, changes,
+                                                                          max_logit_elements=budget, outputs=outputs)])
 
     monkeypatch.setattr(fast, "forward_rows", recording)
     roomy = run(1 << 30)
@@ -130,7 +142,9 @@ def test_every_fast_call_keeps_its_logits_under_the_budget(moe, input_ids, monke
     # three rows per call, or fewer where the rows' recurrent states cap them (tests/intervene/test_recurrent.py)
     state_cap = clean.states.rows_per_call(layer.layer + 1) if clean.states is not None else None
     assert max(shape[0] for shape in shapes) == min(3, state_cap or 3) or scope == "sequence"
-    assert torch.equal(roomy, tight) or (roomy - tight).abs().max() <= 1e-5
+    # batch shapes round differently; rows restarting at a block with a norm after it (FlexOlmo) carry one more
+    # layer's rounding through that norm
+    assert torch.equal(roomy, tight) or (roomy - tight).abs().max() <= (2e-5 if fast.restarts_at_block(moe) else 1e-5)
 
 
 def test_null_rows_give_exactly_zero_outcomes_whatever_the_chunking(input_ids):

@@ -1,5 +1,6 @@
 """The fast engine's self-check: a decoder layer that does not add the MoE output to the residual stream
-unchanged is caught before any effect is measured, and the run falls back to the reference engine."""
+unchanged is caught before any effect is measured, and the rows restart at the block; what even that does
+not replay sends the run to the reference engine."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects
+from moeaudit.intervene.fast import restarts_at_block
 from moeaudit.intervene.spotcheck import checked_layers, fast_disagreement
 from moeaudit.models import wrap_model
 from moeaudit.models.testing import REFERENCE_ONLY, tiny_model
@@ -29,17 +31,47 @@ def windows():
     return torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(1))
 
 
-def test_a_wrong_residual_coefficient_is_caught_and_the_reference_engine_used(caplog):
+def test_a_coefficient_after_the_block_is_caught_and_the_rows_restart_at_the_block(caplog):
+    """A block output scaled before the residual add: the additive rows disagree with the reference engine, so
+    the rows restart at the intervened layer with the block's output replaced, which replays the scale."""
     moe = wrap_model(tiny_model("olmoe", seed=3, num_hidden_layers=4), name="olmoe")
     decoder = moe.adapter.decoder_layers(moe.model)[checked_layers(moe)[-1]]
     decoder.mlp = ScaledBlock(decoder.mlp, 0.5)
+    ids = windows()
+    selection = Selection.sample(3, seed=0)
+    config = InterveneConfig(kinds=("zero", "reroute"), scopes=("token", "sequence"))
+
+    result = compute_effects(moe, ids, selection, config=config)
+
+    assert result.stats.fallback_reason is None and set(result.effects["engine"]) == {"fast"}
+    assert restarts_at_block(moe)
+    reference = compute_effects(moe, ids, selection, config=InterveneConfig(**{**vars(config), "engine": "reference"}))
+    keys = ["layer", "seq", "pos", "expert", "kind", "scope"]
+    fast = result.effects.sort_values(keys).reset_index(drop=True)
+    ref = reference.effects.sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(fast[keys], ref[keys])
+    assert (fast["delta_nll"] - ref["delta_nll"]).abs().max() < 1e-5
+
+
+def test_what_the_rows_do_not_replay_is_caught_and_the_reference_engine_used(caplog):
+    """Logits the model's own forward transforms where the rows cannot see it (an instance-level wrapper):
+    neither row mode agrees with the reference engine, which then measures every effect."""
+    moe = wrap_model(tiny_model("olmoe", seed=3, num_hidden_layers=4), name="olmoe")
+    forward = moe.model.forward
+
+    def halved_logits(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    moe.model.forward = halved_logits
     ids = windows()
     selection = Selection.sample(3, seed=0)
 
     result = compute_effects(moe, ids, selection, config=InterveneConfig(engine="fast"))
 
     assert "disagrees with the reference engine" in result.stats.fallback_reason
-    assert "disagrees with the reference engine" in caplog.text
+    assert "disagrees with the reference engine" in caplog.text and not restarts_at_block(moe)
     reference = compute_effects(moe, ids, selection, config=InterveneConfig(engine="reference"))
     keys = ["layer", "seq", "pos", "expert"]
     pd.testing.assert_frame_equal(result.effects.sort_values(keys).reset_index(drop=True)[keys + ["delta_nll"]],
@@ -53,16 +85,20 @@ def test_an_exact_model_passes_and_keeps_the_fast_engine():
     assert fast_disagreement(moe, ids, None, compute_effects, InterveneConfig()) is None
     result = compute_effects(moe, ids, Selection.sample(2, seed=0))
     assert result.stats.fallback_reason is None and set(result.effects["engine"]) == {"fast"}
+    assert not restarts_at_block(moe)  # the block's output enters the residual stream as it is
 
 
 def test_every_moe_layer_is_checked():
-    """Planted: a 0.5 residual coefficient on the second of seven MoE layers only (not first, last or middle)."""
+    """Planted: a 0.5 residual coefficient on the second of seven MoE layers only (not first, last or middle).
+    The coupling probe reads the first MoE layer (additive), so only the check of layer 1 can switch the rows
+    to restarting at the block."""
     moe = wrap_model(tiny_model("olmoe", seed=3, num_hidden_layers=7), name="olmoe")
     assert checked_layers(moe) == list(range(7))
     decoder = moe.adapter.decoder_layers(moe.model)[1]
     decoder.mlp = ScaledBlock(decoder.mlp, 0.5)
-    reason = fast_disagreement(moe, windows(), None, compute_effects, InterveneConfig())
-    assert reason is not None and "layer 1," in reason
+    assert not restarts_at_block(moe)
+    assert fast_disagreement(moe, windows(), None, compute_effects, InterveneConfig()) is None
+    assert restarts_at_block(moe)
 
 
 @pytest.mark.parametrize("family", sorted(REFERENCE_ONLY))
@@ -143,5 +179,6 @@ def test_a_one_percent_residual_coefficient_is_caught_in_float32():
     moe = wrap_model(tiny_model("olmoe", seed=3, num_hidden_layers=4), name="olmoe")
     decoder = moe.adapter.decoder_layers(moe.model)[2]
     decoder.mlp = ScaledBlock(decoder.mlp, 0.99)
-    reason = fast_disagreement(moe, windows(), None, compute_effects, InterveneConfig())
-    assert reason is not None and "layer 2," in reason
+    assert not restarts_at_block(moe)
+    assert fast_disagreement(moe, windows(), None, compute_effects, InterveneConfig()) is None
+    assert restarts_at_block(moe)  # caught: the rows now restart at the block, which replays the coefficient

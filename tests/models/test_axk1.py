@@ -1,5 +1,6 @@
 """A.X-K1: the block re-expressed through moeaudit's view is the library's block, bit for bit; a view that
-differs is refused at load; interventions (reference engine) equal a model without the expert."""
+differs is refused at load; interventions (fast engine, its rows restarting at the block past its norm) equal a
+model without the expert."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from moeaudit.errors import ContractError
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects
+from moeaudit.intervene.fast import restarts_at_block
 from moeaudit.models import wrap_model
 from moeaudit.models.axk1 import AXK1MoEView
 from moeaudit.models.moe_model import nll_from_logits
@@ -46,12 +48,12 @@ def test_a_view_that_differs_from_the_library_is_refused_at_load(monkeypatch):
 
 def test_sequence_removal_equals_the_model_without_the_expert():
     """Brute force: the zero kind in sequence scope is the model whose expert has a zero down projection (its
-    absence then passes the block's norm)."""
+    absence then passes the block's norm), measured by the fast engine restarting its rows at the block."""
     moe = wrap_model(tiny_model("axk1", seed=3), name="axk1")
     ids = IDS[:1]
     result = compute_effects(moe, ids, Selection.sample(4, seed=0), config=InterveneConfig(scopes=("sequence",)))
     effects = result.effects
-    assert set(effects["engine"]) == {"reference"} and "post_mlp_layernorm" in result.stats.fallback_reason
+    assert set(effects["engine"]) == {"fast"} and result.stats.fallback_reason is None and restarts_at_block(moe)
     assert effects["layer"].nunique() == len(moe.layers) and len(effects) >= 8
     with torch.no_grad():
         clean_nll = nll_from_logits(moe.model(ids).logits, ids)[0]

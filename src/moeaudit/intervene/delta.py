@@ -52,31 +52,64 @@ def routed_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, 
     Returns
     -------
     Tensor [N, H]
-        In the model's dtype.
+        In the model's dtype. An intervention that removes no slot gives exactly 0.
     """
-    topk_idx = record.topk_idx[positions]
-    weights = record.combine_weight[positions]
-    if kind == "reroute":
-        rerouted = layer.route(record.router_logits[positions], removed)
-        hidden = record.moe_input[positions]
-        new_out = type(layer.experts).forward(layer.experts, hidden, rerouted.topk_idx,
-                                              rerouted.combine_weight.to(weights.dtype))
-        return new_out - record.routed_output[positions]
-    slot_removed = removed.gather(-1, topk_idx)
-    if layer.weights_scale_input:  # Llama 4: the block is not linear in its weights; call the experts
-        if kind == "mean":
-            raise mean_refusal(layer)
-        new_weights = edited_combine_weight(kind, weights, slot_removed)
-        new_out = type(layer.experts).forward(layer.experts, record.moe_input[positions], topk_idx, new_weights)
-        return new_out - record.routed_output[positions]
-    ungated = record.ungated[positions]  # [N, k, H]
+    edit = _RoutedEdit(layer, record, positions, removed, kind, mean_output)
+    if edit.new_output is not None:
+        return edit.new_output - record.routed_output[positions]
     if kind == "mean":
-        assert mean_output is not None
-        w = (weights.float() * slot_removed).unsqueeze(-1)
-        replaced = mean_replacement(weights, slot_removed, topk_idx, mean_output)
-        return (replaced - (w * ungated.float()).sum(dim=1)).to(ungated.dtype)
-    new_weights = edited_combine_weight(kind, weights, slot_removed)
-    return ((new_weights - weights).unsqueeze(-1) * ungated).sum(dim=1)
+        w = (edit.weights.float() * edit.slot_removed).unsqueeze(-1)
+        return (edit.replaced - (w * edit.ungated.float()).sum(dim=1)).to(edit.ungated.dtype)
+    return ((edit.new_weights - edit.weights).unsqueeze(-1) * edit.ungated).sum(dim=1)
+
+
+def routed_output_after(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, removed: torch.Tensor,
+                        kind: str, mean_output: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed output y' at ``positions`` after removing ``removed`` experts with ``kind``, formed from its
+    remaining terms (arguments as :func:`routed_delta`).
+
+    Not ``y + Δy``: where the block's output passes a norm before the residual stream (the fast engine's
+    restart mode, :func:`moeaudit.intervene.fast.restarts_at_block`), a remainder much smaller than y (the
+    removed expert held most of the weight) would keep only the digits that y and Δy do not cancel.
+    """
+    edit = _RoutedEdit(layer, record, positions, removed, kind, mean_output)
+    if edit.new_output is not None:
+        return edit.new_output
+    if kind == "mean":
+        kept = edit.weights.float().masked_fill(edit.slot_removed, 0.0).unsqueeze(-1)
+        return (edit.replaced + (kept * edit.ungated.float()).sum(dim=1)).to(edit.ungated.dtype)
+    return (edit.new_weights.unsqueeze(-1) * edit.ungated).sum(dim=1)
+
+
+class _RoutedEdit:
+    """What an intervention does to the routed terms at ``positions``: new weights (``zero``, ``renorm``),
+    replacement terms (``mean``), or the experts module's new output where the edit is not a reweighting of
+    the clean terms (``reroute``; any edit where the weights scale the experts' input)."""
+
+    def __init__(self, layer: MoELayer, record: LayerRecord, positions: torch.Tensor, removed: torch.Tensor,
+                 kind: str, mean_output: torch.Tensor | None):
+        self.topk_idx = topk_idx = record.topk_idx[positions]
+        self.weights = weights = record.combine_weight[positions]
+        self.new_output = self.new_weights = self.replaced = self.ungated = None
+        if kind == "reroute":
+            rerouted = layer.route(record.router_logits[positions], removed)
+            self.new_output = type(layer.experts).forward(layer.experts, record.moe_input[positions],
+                                                          rerouted.topk_idx, rerouted.combine_weight.to(weights.dtype))
+            return
+        self.slot_removed = slot_removed = removed.gather(-1, topk_idx)
+        if layer.weights_scale_input:  # Llama 4: the block is not linear in its weights; call the experts
+            if kind == "mean":
+                raise mean_refusal(layer)
+            new_weights = edited_combine_weight(kind, weights, slot_removed)
+            self.new_output = type(layer.experts).forward(layer.experts, record.moe_input[positions], topk_idx,
+                                                          new_weights)
+            return
+        self.ungated = record.ungated[positions]  # [N, k, H]
+        if kind == "mean":
+            assert mean_output is not None
+            self.replaced = mean_replacement(weights, slot_removed, topk_idx, mean_output)
+            return
+        self.new_weights = edited_combine_weight(kind, weights, slot_removed)
 
 
 def shared_delta(layer: MoELayer, record: LayerRecord, positions: torch.Tensor, index: int | None) -> torch.Tensor:

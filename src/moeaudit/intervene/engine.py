@@ -21,9 +21,10 @@ import torch
 from moeaudit.errors import invalid
 from moeaudit.intervene.attention import SUPPORTED_NATIVE, UnsupportedAttention
 from moeaudit.intervene.clean import CleanWindow, capture_clean, valid_next_mask
-from moeaudit.intervene.delta import gap_statistics, routed_delta, shared_delta
+from moeaudit.intervene.delta import gap_statistics, routed_delta, routed_output_after, shared_delta
 from moeaudit.intervene.estimate import nll_gradients, zero_estimates
-from moeaudit.intervene.fast import outcome_buffers, run_sequence_rows, run_token_rows, token_outcomes
+from moeaudit.intervene.fast import (outcome_buffers, restarts_at_block, run_sequence_rows, run_token_rows,
+                                    token_outcomes)
 from moeaudit.intervene.reference import reference_logits
 from moeaudit.intervene.selection import Plan, Selection, gate_ranks, plan_layer, sample_targets
 from moeaudit.intervene.spotcheck import fast_disagreement, near_ties
@@ -805,6 +806,20 @@ class _Job:
                 return shared_delta(self.described, self.record, positions, self.shared_index)
             return routed_delta(self.described, self.record, positions, removed, self.kind, self.mean)
 
+    def output(self, positions: torch.Tensor, removed: torch.Tensor | None) -> torch.Tensor:
+        """Layer ℓ's intervened MoE output at ``positions``, formed from its remaining parts (what the fast
+        engine's rows put in place of the block's output where they restart at the block:
+        :func:`moeaudit.intervene.fast.restarts_at_block`)."""
+        record = self.record
+        with torch.no_grad():
+            if self.shared:
+                remaining = record.routed_output[positions]
+                if self.shared_index is None:
+                    return remaining
+                return remaining + (record.shared_output[positions] + self.delta(positions, removed))
+            routed = routed_output_after(self.described, record, positions, removed, self.kind, self.mean)
+            return routed if record.shared_output is None else routed + record.shared_output[positions]
+
     def reference(self, removal: list[torch.Tensor]):
         return reference_logits(self.run.moe, self.clean, self.layer, self.kind, removal, shared=self.shared,
                                 shared_index=self.shared_index, mean_output=self.mean,
@@ -821,7 +836,8 @@ class _Job:
                                      lambda rows: self.delta(self.positions[rows], self.removed[rows]),
                                      rows_per_call=self.run.config.rows_per_call,
                                      max_logit_elements=self.run.config.max_logit_elements,
-                                     max_state_bytes=self.run.config.max_state_bytes)
+                                     max_state_bytes=self.run.config.max_state_bytes,
+                                     make_output=lambda rows: self.output(self.positions[rows], self.removed[rows]))
             return out, later
         seq_len = self.clean.seq_len
         removal = []
@@ -859,10 +875,12 @@ class _Job:
             changes.append((where, mask_row.expand(len(where), -1)))
         if self.fast:
             deltas = [(where, self.delta(where, mask)) for where, mask in changes]
+            outputs = [self.output(where, mask) for where, mask in changes] if restarts_at_block(self.run.moe) \
+                else None
             with torch.no_grad():
                 per_group = run_sequence_rows(self.run.moe, clean, self.layer, deltas,
                                               max_logit_elements=self.run.config.max_logit_elements,
-                                              max_state_bytes=self.run.config.max_state_bytes)
+                                              max_state_bytes=self.run.config.max_state_bytes, outputs=outputs)
         else:
             per_group = self._sequence_reference(changes)
         n = len(self.plan)

@@ -12,7 +12,9 @@ keys/values of earlier positions, so in Σ_rows NLL_row the row r term depends o
 and one backward gives ∂NLL_t/∂y_{ℓ,t} for every target t and every selected layer ℓ at once
 (a zero tensor z_ℓ added after each selected layer is the differentiation point: ∂/∂y_ℓ = c ∂/∂z_ℓ
 because the MoE output enters the residual stream additively, scaled by c, 1 but for Granite's residual
-multiplier: :func:`moeaudit.intervene.replay.residual_scale`).
+multiplier: :func:`moeaudit.intervene.replay.residual_scale`; where it does not, a norm after the block,
+the zero tensor is added to the block's output itself and the rows restart at that layer,
+:func:`moeaudit.intervene.fast.restarts_at_block`).
 
 Cost: one row-forward of every target position from the first selected MoE layer upward plus its
 backward, i.e. about 3x one clean forward of the window (plus O(T²) attention against the clean cache),
@@ -25,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from moeaudit.intervene.clean import CleanWindow, upcast
-from moeaudit.intervene.fast import forward_rows, token_rows_per_call
+from moeaudit.intervene.fast import forward_rows, restarts_at_block, token_rows_per_call
 from moeaudit.intervene.replay import residual_scale
 from moeaudit.models.moe_model import MoEModel
 
@@ -52,14 +54,19 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
     dtype = upcast(clean.layer_output[first]).dtype
     grads = {layer: torch.empty(len(positions), clean.layer_output[layer].shape[-1], dtype=dtype) for layer in layers}
     base = clean.layer_input[first]
-    scale = residual_scale(moe)
+    restart = restarts_at_block(moe)
+    scale = 1.0 if restart else residual_scale(moe)
     per_call = token_rows_per_call(clean, first, rows_per_call, max_logit_elements, max_state_bytes)
     for lo in range(0, len(positions), per_call):
         pos = positions[lo:lo + per_call]
         hidden = base[pos].unsqueeze(1)
         with torch.enable_grad():
             leaves = {layer: torch.zeros_like(hidden, requires_grad=True) for layer in layers}
-            logits = forward_rows(moe, clean, first, hidden, pos, add_after=leaves)[:, 0]
+            if restart:  # the differentiation point at the block's output, not the layer's
+                logits = forward_rows(moe, clean, first, hidden, pos,
+                                      patch={layer: (leaf, None) for layer, leaf in leaves.items()})[:, 0]
+            else:
+                logits = forward_rows(moe, clean, first, hidden, pos, add_after=leaves)[:, 0]
             targets = clean.input_ids[pos + 1]
             nll = -torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).sum()
             values = torch.autograd.grad(nll, [leaves[layer] for layer in layers])

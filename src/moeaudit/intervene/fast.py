@@ -17,11 +17,21 @@ Sequence scope (expert e removed wherever it is active at layer ℓ)
 
 Cost per token-scope intervention ≈ one single-token decode step through the remaining layers plus the
 LM head, instead of a full forward over the window.
+
+Where the MoE block's output does not enter the residual stream additively (a norm after the block:
+FlexOlmo, Kolibri-1, A.X-K1), the rows restart at decoder layer ℓ itself, from its clean input, with the
+block's output there replaced by the intervened one (:func:`restarts_at_block`; formed from its remaining
+terms, :func:`moeaudit.intervene.delta.routed_output_after`): the layer then computes whatever it does after
+its block, at the cost of one more layer per row. A probe of the first MoE layer chooses the mode; the fast
+engine's self-check switches it where the chosen one disagrees with the reference engine
+(:mod:`moeaudit.intervene.spotcheck`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import weakref
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -31,11 +41,121 @@ from moeaudit.intervene.delta import gap_statistics
 from moeaudit.intervene.recurrent import row_cache, saved_states_copied
 from moeaudit.intervene.replay import (call_decoder_layer, final_norm, layer_position_embeddings, residual_scale,
                                        rotary_module, scaled_logits)
+from moeaudit.models.base import block_hidden
 from moeaudit.models.moe_model import MoEModel
+
+_RESTART: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+#: Tokens of the coupling probe (:func:`restarts_at_block`).
+PROBE_TOKENS = 4
+
+
+def restarts_at_block(moe: MoEModel) -> bool:
+    """Whether the rows of ``moe`` restart at the intervened MoE layer with its block's output replaced, rather
+    than at the next layer with Δy added to the residual stream.
+
+    Decided once per model by a probe (:func:`couples_additively`), unless the fast engine's self-check has
+    set it (:func:`set_restart_at_block`)."""
+    restart = _RESTART.get(moe.model)
+    if restart is None:
+        restart = _RESTART[moe.model] = not couples_additively(moe)
+    return restart
+
+
+def set_restart_at_block(moe: MoEModel, restart: bool) -> None:
+    """Choose how the rows of ``moe`` start (:func:`restarts_at_block`), for the model's lifetime; the fast
+    engine's self-check sets it (:func:`moeaudit.intervene.spotcheck.fast_disagreement`)."""
+    _RESTART[moe.model] = bool(restart)
+
+
+class _Stop(Exception):
+    """Ends the probe's forward after the layer it looks at."""
+
+
+@torch.no_grad()
+def couples_additively(moe: MoEModel, *, rtol: float = 1e-3) -> bool:
+    """Whether a change δ of the first MoE layer's block output changes that decoder layer's output by
+    exactly ``residual_scale * δ`` (:func:`moeaudit.intervene.replay.residual_scale`).
+
+    The probe runs the model's own forward on :data:`PROBE_TOKENS` tokens twice up to that layer (the rest is
+    skipped), the second time with a random δ added to the block's output at the last position, as large as
+    the larger of that output and the layer's (so the residual stream's rounding stays small beside it), and
+    compares the layer's output change with the scaled δ to ``rtol`` plus 8 units in the last place of the
+    model's dtype, of its norm. A norm after the block (FlexOlmo, Kolibri-1, A.X-K1) or any other transform
+    between the block and the residual stream misses by far; every additive family passes to rounding."""
+    layer = moe.layers[0]
+    decoder = moe.adapter.decoder_layers(moe.model)[layer.layer]
+    vocab = int(moe.config.vocab_size)
+    ids = (torch.arange(PROBE_TOKENS, device=moe.device) % max(vocab - 1, 1) + 1)[None]
+    outputs, deltas = [], []
+
+    def perturb(module, args, output):
+        if not deltas:
+            return None
+        hidden = block_hidden(output)
+        new = hidden.clone()
+        new.reshape(-1, new.shape[-1])[-1] += deltas[0].to(new.dtype)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    def stop(module, args, output):
+        outputs.append(block_hidden(output).reshape(-1, block_hidden(output).shape[-1])[-1].float())
+        raise _Stop
+
+    def run() -> None:
+        handles = [layer.block.register_forward_hook(perturb), decoder.register_forward_hook(stop)]
+        try:
+            moe.model(input_ids=ids)
+        except _Stop:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    with moe.intervene((), blocks=[layer.layer]) as trace:
+        run()
+    block_out = trace.block_outputs[layer.layer][-1]
+    block_out = block_out.reshape(-1, block_out.shape[-1])[-1].float()
+    size = max(float(block_out.norm()), float(outputs[0].norm()), 1e-3)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    delta = torch.randn(block_out.shape, generator=generator).to(block_out.device)
+    deltas.append(delta * (size / float(delta.norm())))
+    run()
+    change = outputs[1] - outputs[0]
+    expected = residual_scale(moe) * deltas[0]
+    bound = (rtol + 8 * torch.finfo(moe.dtype).eps) * float(expected.norm())
+    return bool((change - expected).norm() <= bound)
+
+
+@contextmanager
+def _patched_blocks(moe: MoEModel, patch: Mapping[int, tuple] | None) -> Iterator[None]:
+    """Patch the output of MoE layers' blocks while the rows run: ``patch[layer] = (values, where)``, values
+    [R, S, H]; ``where`` [R, S] bool replaces the block's output there by ``values``, ``where`` None adds
+    ``values`` everywhere."""
+    handles = []
+
+    def hook(values, where):
+        def patched(module, args, output):
+            hidden = block_hidden(output)
+            new = values.reshape(hidden.shape).to(hidden.dtype)
+            if where is None:
+                new = hidden + new
+            else:
+                new = torch.where(where.reshape(*hidden.shape[:-1], 1), new, hidden)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return patched
+
+    try:
+        for layer, (values, where) in (patch or {}).items():
+            handles.append(moe.layer(layer).block.register_forward_hook(hook(values, where)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: torch.Tensor,
-                 row_start: torch.Tensor, *, add_after: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+                 row_start: torch.Tensor, *, add_after: Mapping[int, torch.Tensor] | None = None,
+                 patch: Mapping[int, tuple] | None = None) -> torch.Tensor:
     """Run rows of one window from decoder layer ``first_layer`` to the logits.
 
     Parameters
@@ -51,6 +171,9 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
     row_start : LongTensor [R]
     add_after : mapping int -> Tensor [R, S, H], optional
         Added to the output of the given decoder layers (used by the gradient estimate).
+    patch : mapping int -> (values [R, S, H], where [R, S] bool or None), optional
+        The given MoE layers' blocks' output replaced by ``values`` where ``where`` (added everywhere when
+        None: the gradient estimate's differentiation point) (:func:`restarts_at_block`).
 
     Returns
     -------
@@ -71,7 +194,7 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
         if span > 1:
             stepped = {index for index in later if not clean.states.continues_from_state(index)}
     rotary = rotary_module(moe) is not None
-    with attention_mode(model, state), saved_states_copied(cache):
+    with attention_mode(model, state), saved_states_copied(cache), _patched_blocks(moe, patch):
         if first_layer < n_layers:
             position_embeddings = layer_position_embeddings(moe, hidden, position_ids, n_layers)
         for index in range(first_layer, n_layers):
@@ -150,7 +273,8 @@ def state_rows_cap(clean: CleanWindow, first_layer: int, max_state_bytes: int | 
 
 def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: torch.Tensor,
                    make_delta: Callable[[torch.Tensor], torch.Tensor], *, rows_per_call: int,
-                   max_logit_elements: int | None = None, max_state_bytes: int | None = None):
+                   max_logit_elements: int | None = None, max_state_bytes: int | None = None,
+                   make_output: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Token-scope effects of N interventions at MoE layer ``layer`` of one window.
 
     Parameters
@@ -166,6 +290,9 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     max_state_bytes : int, optional
         Cap on the recurrent states of one call's rows (:func:`state_rows_cap`; default: half the clean
         record).
+    make_output : callable, optional
+        ``make_output(rows)``: the intervened MoE output [len(rows), H], used where the rows restart at the
+        block (:func:`restarts_at_block`); default the clean output plus Δy.
 
     Returns
     -------
@@ -176,16 +303,23 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
     out = outcome_buffers(n)
     record = clean.records[layer]
     order = torch.argsort(positions, stable=True)
-    base = clean.layer_output[layer]
+    restart = restarts_at_block(moe)
+    first = layer if restart else layer + 1
+    base = clean.layer_input[layer] if restart else clean.layer_output[layer]
     scale = residual_scale(moe)
-    per_call = token_rows_per_call(clean, layer + 1, rows_per_call, max_logit_elements, max_state_bytes)
+    per_call = token_rows_per_call(clean, first, rows_per_call, max_logit_elements, max_state_bytes)
     for lo in range(0, n, per_call):
         rows = order[lo:lo + per_call]
         pos = positions[rows]
         delta = make_delta(rows)
+        if restart:  # layer ℓ again, from its clean input, its block's output replaced by the intervened one
+            output = make_output(rows) if make_output is not None else record.moe_output[pos] + delta
+            hidden = base[pos].unsqueeze(1)
+            patch = {layer: (output.unsqueeze(1), torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device))}
+        else:
+            hidden, patch = (base[pos] + scale * delta).unsqueeze(1), None
         # the logits are referenced by token_outcomes alone: freed before the next call's are formed
-        dn, kl, flip = token_outcomes(forward_rows(moe, clean, layer + 1, (base[pos] + scale * delta).unsqueeze(1),
-                                                   pos)[:, 0], clean, pos)
+        dn, kl, flip = token_outcomes(forward_rows(moe, clean, first, hidden, pos, patch=patch)[:, 0], clean, pos)
         gap_norm, cosine = gap_statistics(record, pos, delta)
         for name, value in zip(out, (dn, kl, flip, gap_norm, cosine)):
             out[name][rows] = value.to("cpu", out[name].dtype)
@@ -194,7 +328,8 @@ def run_token_rows(moe: MoEModel, clean: CleanWindow, layer: int, positions: tor
 
 def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
                       changes: list[tuple[torch.Tensor, torch.Tensor]], *, max_logit_elements: int,
-                      max_rows: int = 16, max_state_bytes: int | None = None):
+                      max_rows: int = 16, max_state_bytes: int | None = None,
+                      outputs: list[torch.Tensor] | None = None):
     """Sequence-scope passes: ΔNLL at every position for several interventions at MoE layer ``layer``.
 
     Parameters
@@ -207,6 +342,9 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
         Interventions per call at most; rows of one call share the earliest start among them.
     max_state_bytes : int, optional
         Cap on the recurrent states of one call's rows (:func:`state_rows_cap`).
+    outputs : list of Tensor [n_i, H], optional
+        For each intervention, the intervened MoE output at its positions, used where the rows restart at
+        the block (:func:`restarts_at_block`); default the clean output plus Δy.
 
     Returns
     -------
@@ -216,9 +354,11 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
     """
     seq_len = clean.seq_len
     vocab = clean.logits.shape[-1]
-    base = clean.layer_output[layer]
+    restart = restarts_at_block(moe)  # (see run_token_rows)
+    first = layer if restart else layer + 1
+    base = clean.layer_input[layer] if restart else clean.layer_output[layer]
     scale = residual_scale(moe)
-    max_rows = min(max_rows, state_rows_cap(clean, layer + 1, max_state_bytes) or max_rows)
+    max_rows = min(max_rows, state_rows_cap(clean, first, max_state_bytes) or max_rows)
     starts = [int(pos.min()) if pos.numel() else seq_len for pos, _ in changes]
     order = sorted(range(len(changes)), key=lambda i: starts[i])
     results: list = [None] * len(changes)
@@ -234,11 +374,22 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
         batch = order[i:i + per_call]
         i += len(batch)
         hidden = base[start:].unsqueeze(0).repeat(len(batch), 1, 1)
-        for row, index in enumerate(batch):
-            pos, delta = changes[index]
-            hidden[row, pos - start] += scale * delta
+        patch = None
+        if restart:  # layer ℓ again, its block's output replaced at the changed positions
+            values = torch.zeros_like(hidden)
+            where = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            for row, index in enumerate(batch):
+                pos, delta = changes[index]
+                values[row, pos - start] = (outputs[index] if outputs is not None
+                                            else clean.records[layer].moe_output[pos] + delta).to(values.dtype)
+                where[row, pos - start] = True
+            patch = {layer: (values, where)}
+        else:
+            for row, index in enumerate(batch):
+                pos, delta = changes[index]
+                hidden[row, pos - start] += scale * delta
         row_start = torch.full((len(batch),), start, dtype=torch.long, device=hidden.device)
-        logits = forward_rows(moe, clean, layer + 1, hidden, row_start)  # [R, S, V]
+        logits = forward_rows(moe, clean, first, hidden, row_start, patch=patch)  # [R, S, V]
         positions = torch.arange(start, seq_len, device=hidden.device)
         valid = clean.valid_next[start:]
         safe = positions.clamp(max=seq_len - 2)
@@ -251,7 +402,7 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
             full[1][start:] = torch.where(keep, kl, torch.zeros_like(kl)).cpu()
             full[2][start:] = (flip & keep).cpu()
             results[index] = full
-        del logits, hidden  # before the next call forms its own
+        del logits, hidden, patch  # before the next call forms its own
     return results
 
 

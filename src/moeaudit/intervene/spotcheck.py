@@ -1,12 +1,16 @@
 """The fast engine checks itself against the reference engine before it measures anything.
 
 The fast engine assumes what every supported decoder layer does: the MoE block's output enters the
-residual stream unchanged (coefficient 1, no norm after it), and the final norm and LM head make the
-logits. A family that breaks an assumption (a residual multiplier, a norm after the MoE block, a logit
-scale) would give silently wrong effects, and the null-intervention noise floor cannot see it (a null
-intervention changes nothing to scale). So, once per model, real interventions — the top expert at one
-position of every MoE layer, in token and sequence scope — run through both engines on a short stretch of
-the first window; if they disagree beyond rounding, the run uses the reference engine and says why.
+residual stream additively (or, where a probe finds it does not, the rows restart at the block), and
+the final norm and LM head make the logits. A family that breaks an assumption (a coupling the probe
+misreads, a logit transform the rows do not see) would give silently wrong effects, and the
+null-intervention noise floor cannot see it (a null intervention changes nothing to scale). So, once
+per model, real interventions — the top expert at one position of every MoE layer, in token and sequence
+scope — run through both engines on a short stretch of the first window; if they disagree beyond
+rounding, the check tries the fast engine's other way of starting its rows (after the intervened layer with
+Δy added to the residual stream, or at it with the block's output replaced:
+:func:`moeaudit.intervene.fast.restarts_at_block`, which a probe chooses first) and keeps it if it agrees;
+otherwise the run uses the reference engine and says why.
 
 Near ties (:func:`near_ties`) are the other numerical hazard: a routing decision that rounding alone can
 flip. An intervention upstream of one may change that later layer's routing through rounding, which is not
@@ -122,17 +126,32 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
         return (f"the fast engine cannot run this model's decoder layers on single rows ({type(err).__name__}: "
                 f"{first[:160]}), so every effect is measured with full forward passes")
     reference = compute(moe, ids, selection, config=dataclasses.replace(base, engine="reference")).effects
+    bad = _disagreeing(moe, fast, reference)
+    if bad.empty:
+        return None
+    from moeaudit.intervene.fast import restarts_at_block, set_restart_at_block
+
+    restart = restarts_at_block(moe)  # the other way of starting the rows may replay what this one does not
+    set_restart_at_block(moe, not restart)
+    other = compute(moe, ids, selection, config=dataclasses.replace(base, engine="fast")).effects
+    if _disagreeing(moe, other, reference).empty:
+        logger.info("the fast engine's rows %s", "restart at the intervened MoE layer with the block's output "
+                    "replaced" if not restart else "start after the intervened MoE layer")
+        return None
+    set_restart_at_block(moe, restart)
+    row = bad.iloc[0]
+    return (f"the fast engine disagrees with the reference engine on this model (layer {int(row.layer)}, "
+            f"{row.scope} scope: ΔNLL {row.delta_nll_fast:.3g} vs {row.delta_nll_ref:.3g} nats), its rows starting "
+            "after the intervened layer or at its block alike: something between its MoE blocks and the logits is "
+            "not replayed (e.g. a logit transform), so every effect is measured with full forward passes")
+
+
+def _disagreeing(moe, fast, reference):
+    """The (layer, pos, expert, scope) rows whose ΔNLL differs between the engines beyond rounding."""
     keys = ["layer", "pos", "expert", "scope"]
     merged = fast[keys + ["delta_nll"]].merge(reference[keys + ["delta_nll"]], on=keys, suffixes=("_fast", "_ref"))
     tolerance = ABSOLUTE.get(moe.dtype, 1e-4) + RELATIVE.get(moe.dtype, 0.05) * merged["delta_nll_ref"].abs()
-    bad = merged[(merged["delta_nll_fast"] - merged["delta_nll_ref"]).abs() > tolerance]
-    if bad.empty:
-        return None
-    row = bad.iloc[0]
-    return (f"the fast engine disagrees with the reference engine on this model (layer {int(row.layer)}, "
-            f"{row.scope} scope: ΔNLL {row.delta_nll_fast:.3g} vs {row.delta_nll_ref:.3g} nats): something between "
-            "its MoE blocks and the logits is not replayed (a residual multiplier, a norm after the block, a "
-            "logit scale), so every effect is measured with full forward passes")
+    return merged[(merged["delta_nll_fast"] - merged["delta_nll_ref"]).abs() > tolerance]
 
 
 #: A routing decision is a near tie when moving the router logits by this many units in the last place of

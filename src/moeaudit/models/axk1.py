@@ -10,8 +10,8 @@ view is moeaudit's MoE block; it holds the library's own router, experts and sha
 registered (the state dict is unchanged), and the load-time check (:meth:`AXK1Adapter.check_block`) requires
 the re-expressed forward to equal the library's bit for bit. The routing rule is DeepSeek-V3's
 (:class:`moeaudit.models.scored.DeepseekV3Adapter`). A change of the view's output passes the norm before it
-reaches the residual stream, which the fast engine does not replay: interventions run on the reference
-engine.
+reaches the residual stream, so the fast engine's rows restart at the intervened layer with the view's output
+replaced (:func:`moeaudit.intervene.fast.restarts_at_block`, chosen by its self-check).
 """
 
 from __future__ import annotations
@@ -57,9 +57,6 @@ class AXK1Adapter(DeepseekV3Adapter):
     family = "axk1"
     model_types = ("axk1",)
     architectures = ("AXK1ForCausalLM",)
-    fast_refusal = ("A.X-K1 normalises its MoE block's output (post_mlp_layernorm) before the residual add, so an "
-                    "MoE output change does not enter the residual stream additively; the fast engine does not "
-                    "replay it")
 
     def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:
         view = block.__dict__.get("_moeaudit_view")

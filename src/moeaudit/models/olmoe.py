@@ -14,7 +14,8 @@ class OlmoeAdapter(SoftmaxTopKAdapter):
 class FlexOlmoAdapter(SoftmaxTopKAdapter):
     """FlexOlmo (``FlexOlmoForCausalLM``): OLMoE's router and experts, with a norm after the MoE block
     (``post_feedforward_layernorm``) before the residual add. The fast engine's self-check sees that the
-    block output does not enter the residual unchanged and measures with the reference engine."""
+    block output does not enter the residual unchanged, and its rows restart at the intervened layer with the
+    block's output replaced (:func:`moeaudit.intervene.fast.restarts_at_block`)."""
 
     family = "flex_olmo"
     model_types = ("flex_olmo",)

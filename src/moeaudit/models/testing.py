@@ -22,14 +22,12 @@ FAMILIES: tuple[str, ...] = (
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
 #: the reference engine (found by :func:`moeaudit.intervene.engine.fast_unsupported_reason` or by the fast
-#: engine's self-check, :mod:`moeaudit.intervene.spotcheck`).
+#: engine's self-check, :mod:`moeaudit.intervene.spotcheck`). A norm after the MoE block (FlexOlmo, Kolibri-1,
+#: A.X-K1) is replayed: the rows restart at the block (:func:`moeaudit.intervene.fast.restarts_at_block`).
 REFERENCE_ONLY: dict[str, str] = {
-    "flex_olmo": "disagrees with the reference engine",      # a norm after the MoE block
     "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
     "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
-    "kolibri1": "disagrees with the reference engine",  # a norm after the MoE block
     "gemma4_text": "normalises its MoE output",  # MoE inline in the layer, beside a dense MLP, with post-norms
-    "axk1": "normalises its MoE block's output",  # post_mlp_layernorm inside the block
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -235,8 +233,7 @@ def tiny_config(family: str, **overrides: Any):
         cls = AriaTextConfig
     elif family == "kolibri1":  # top-k of logits + the router's bias, sigmoid of the chosen logits (generic)
         fields = dict(_COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_hidden_layers=3,
-                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, sliding_window=6,
-                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+                      num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, sliding_window=6)
         cls = Kolibri1Config
     elif family == "afmoe":  # the router under mlp.router (a gate Linear), the block's expert_bias, route_scale
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_dense_layers=1,
@@ -261,8 +258,7 @@ def tiny_config(family: str, **overrides: Any):
             cls = KimiLinearConfig
     elif family == "gemma4_text":  # MoE beside a dense MLP in every layer; per-layer inputs, shared KV, softcap
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4, head_dim=8,
-                      enable_moe_block=True, num_experts=8, top_k_experts=2, sliding_window=6,
-                      layer_types=["sliding_attention", "full_attention"] * 2, global_head_dim=16,
+                      enable_moe_block=True, num_experts=8, top_k_experts=2, sliding_window=6, global_head_dim=16,
                       num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
                       hidden_size_per_layer_input=8, vocab_size_per_layer_input=96, final_logit_softcapping=30.0)
         cls = Gemma4TextConfig
@@ -291,6 +287,8 @@ def tiny_config(family: str, **overrides: Any):
             fields["mamba_d_head"] = 2 * fields["hidden_size"] // fields["mamba_n_heads"]
     if family == "lfm2_moe" and "layer_types" not in overrides:  # conv, attention, conv, ...
         fields["layer_types"] = [("conv", "full_attention")[i % 2] for i in range(n_layers)]
+    if family in ("kolibri1", "gemma4_text") and "layer_types" not in overrides:  # sliding, full, sliding, ...
+        fields["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)]
     if family == "mimo_v2_flash" and "layer_types" not in overrides:  # sliding and full attention, 2 : 1
         fields["layer_types"] = [("sliding_attention", "sliding_attention", "full_attention")[i % 3]
                                  for i in range(n_layers)]
