@@ -14,7 +14,7 @@ logits are bit-identical to a plain forward) with three sets of observers attach
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -53,6 +53,10 @@ class CleanWindow:
     states : CleanStates or None
         The clean conv/recurrent states of the recurrent layers after any position (None without such
         layers or when not recorded).
+    layer_extras : dict[int, Tensor [T, ...]]
+        Per decoder layer, the per-position input its family's backbone hands it beside the residual stream
+        (Gemma 4's per-layer input; :meth:`moeaudit.models.FamilyAdapter.recording_layer_extras`), which the
+        fast engine's rows pass on; empty for every other family.
     """
 
     input_ids: torch.Tensor
@@ -67,6 +71,7 @@ class CleanWindow:
     caches: dict[int, LayerCache] | None
     layout: MixerLayout | None = None
     states: CleanStates | None = None
+    layer_extras: dict[int, torch.Tensor] = field(default_factory=dict)
     _neg_entropy: torch.Tensor | None = None
 
     def probs_at(self, positions: torch.Tensor | slice) -> torch.Tensor:
@@ -127,7 +132,8 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
     model = moe.model
     num_layers = moe.num_decoder_layers
     state = AttentionState(mode="record", native=str(model.config._attn_implementation))
-    with moe.intervene((), capture="all", keep_outputs=True, residual=True) as trace:
+    with moe.intervene((), capture="all", keep_outputs=True, residual=True) as trace, \
+            moe.adapter.recording_layer_extras(moe) as layer_extras:
         if record_attention:
             with attention_mode(model, state):
                 logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -172,4 +178,5 @@ def capture_clean(moe: MoEModel, input_ids: torch.Tensor, attention_mask: torch.
         caches=state.caches if record_attention else None,
         layout=layout,
         states=states,
+        layer_extras={index: extra[0] for index, extra in layer_extras.items()},
     )

@@ -188,8 +188,6 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
     """Why the fast engine cannot replay ``moe`` exactly, or None when it can (checked before loading data)."""
     model = moe.model
     native = str(model.config._attn_implementation)
-    if moe.adapter.fast_refusal:
-        return moe.adapter.fast_refusal
     if native not in SUPPORTED_NATIVE:
         return (f"attention implementation {native!r} is not replayed by the fast engine; load the model with "
                 f"attn_implementation='sdpa' or 'eager'")
@@ -204,8 +202,6 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
         return f"{type(model).__name__} does not expose a final norm beside its decoder layers"
     if model.get_output_embeddings() is None:
         return f"{type(model).__name__} has no output embeddings (LM head)"
-    if getattr(model.config, "final_logit_softcapping", None):
-        return "final logit soft-capping is not replayed by the fast engine"
     if model.training:
         return "the model is in training mode (dropout); call model.eval()"
     both = mixer_layout(moe).both

@@ -194,6 +194,7 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
         if span > 1:
             stepped = {index for index in later if not clean.states.continues_from_state(index)}
     rotary = rotary_module(moe) is not None
+    arguments = moe.adapter.row_layer_arguments(moe, clean, position_ids, first_layer)
     with attention_mode(model, state), saved_states_copied(cache), _patched_blocks(moe, patch):
         if first_layer < n_layers:
             position_embeddings = layer_position_embeddings(moe, hidden, position_ids, n_layers)
@@ -204,7 +205,7 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
                     None, cache, rotary=rotary) for i in range(span)], dim=1)  # (a recurrent layer reads no rotary)
             else:
                 hidden = call_decoder_layer(moe, index, hidden, position_ids, position_embeddings[index], cache,
-                                            rotary=rotary)
+                                            rotary=rotary, extra=None if arguments is None else arguments(index))
             if add_after is not None and index in add_after:
                 hidden = hidden + add_after[index]
         hidden = final_norm(moe)(hidden)

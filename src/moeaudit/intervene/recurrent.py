@@ -71,15 +71,19 @@ def mixer_layout(moe: MoEModel) -> MixerLayout:
     """Classify ``moe``'s decoder layers by their cache layer in ``DynamicCache(config=moe.config)``.
 
     A layer whose cache layer is transformers' ``DummyLayer`` mixes no tokens (Nemotron-H's MoE-only
-    blocks) and is in no group.
+    blocks) and is in no group, unless it has an attention module: Gemma 4's layers that reuse an earlier
+    layer's keys and values (``num_kv_shared_layers``) keep no cache of their own but attend.
     """
     from transformers.cache_utils import CacheLayerMixin, DummyLayer, LinearAttentionCacheLayerMixin
 
     cache_layers = _fresh_cache(moe).layers
+    decoder_layers = moe.adapter.decoder_layers(moe.model)
     attention, recurrent, both = [], [], []
     for index in range(moe.num_decoder_layers):
         layer = cache_layers[index] if index < len(cache_layers) else None
         if isinstance(layer, DummyLayer):
+            if hasattr(decoder_layers[index], "self_attn"):
+                attention.append(index)
             continue
         linear = isinstance(layer, LinearAttentionCacheLayerMixin)
         keyed = layer is None or isinstance(layer, CacheLayerMixin)

@@ -46,7 +46,8 @@ def residual_scale(moe: MoEModel) -> float:
 
 def scaled_logits(moe: MoEModel, logits: torch.Tensor) -> torch.Tensor:
     """The LM head's output scaled as the model's own forward scales it: divided by Granite's
-    ``logits_scaling``, multiplied by Cohere's ``logit_scale`` (``models/cohere2_moe/modeling_cohere2_moe.py``).
+    ``logits_scaling``, multiplied by Cohere's ``logit_scale`` (``models/cohere2_moe/modeling_cohere2_moe.py``),
+    soft-capped by Gemma 4's ``final_logit_softcapping`` (``models/gemma4/modeling_gemma4.py``).
 
     In place: ``logits`` is the caller's fresh LM-head output, and a scaled copy would be a second
     rows x vocabulary tensor at the call's peak (autograd allows it: a linear layer's backward does not read
@@ -56,6 +57,11 @@ def scaled_logits(moe: MoEModel, logits: torch.Tensor) -> torch.Tensor:
         return logits.div_(model.config.logits_scaling)
     if getattr(model, "logit_scale", None) is not None:
         return logits.mul_(model.logit_scale)
+    cap = getattr(moe.config, "final_logit_softcapping", None)
+    if cap is not None:  # Gemma 4: cap * tanh(logits / cap), ``Gemma4ForCausalLM.forward``'s three steps
+        if logits.requires_grad:  # the gradient estimate: tanh's backward reads its output
+            return torch.tanh(logits / cap) * cap
+        return logits.div_(cap).tanh_().mul_(cap)
     return logits
 
 
@@ -77,14 +83,15 @@ def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids:
 
 
 def call_decoder_layer(moe: MoEModel, index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
-                       position_embeddings, cache=None, *, rotary: bool = True) -> torch.Tensor:
+                       position_embeddings, cache=None, *, rotary: bool = True, extra: dict | None = None) -> torch.Tensor:
     """Decoder layer ``index`` on rows ``hidden`` [R, S, H], called as the model's own forward calls it
     (no mask: the rows' attention and the recurrent states carry causality; ``cache`` holds the recurrent
     layers' states, :func:`moeaudit.intervene.recurrent.row_cache`). ``rotary`` False (a family without
-    rotary embeddings, :func:`rotary_module`) passes no ``position_embeddings``, as its own forward."""
+    rotary embeddings, :func:`rotary_module`) passes no ``position_embeddings``, as its own forward; ``extra``
+    are the family's own arguments (:meth:`moeaudit.models.FamilyAdapter.row_layer_arguments`)."""
     kwargs = {"position_embeddings": position_embeddings} if rotary else {}
     layer = moe.adapter.decoder_layers(moe.model)[index]
-    kwargs = {"attention_mask": None, **kwargs, **indexer_arguments(layer, hidden)}
+    kwargs = {"attention_mask": None, **kwargs, **indexer_arguments(layer, hidden), **(extra or {})}
     out = layer(hidden, position_ids=position_ids, past_key_values=cache, use_cache=False, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 

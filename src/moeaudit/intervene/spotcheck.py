@@ -107,7 +107,7 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
     finally:
         for handle in handles:
             handle.remove()
-    unknown = sorted(received - REPLAYED_LAYER_ARGUMENTS)
+    unknown = sorted(received - REPLAYED_LAYER_ARGUMENTS - moe.adapter.replayed_layer_arguments)
     if unknown:
         return (f"this model's decoder layers receive arguments the fast engine does not replay per row "
                 f"({', '.join(unknown)}), so every effect is measured with full forward passes")

@@ -18,8 +18,9 @@ Facts relied on (transformers 5.13 – 5.23; checked at load time by :mod:`moeau
 from __future__ import annotations
 
 import abc
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Callable, ClassVar, Iterator, Literal
 
 import torch
 from torch import nn
@@ -224,8 +225,9 @@ class FamilyAdapter(abc.ABC):
     shared_gate_attr: ClassVar[str | None] = None
     #: The combine weight scales the expert's input, not its output (Llama 4): see MoELayer.weighted_terms.
     weights_scale_input: ClassVar[bool] = False
-    #: Why the fast engine cannot replay the family at all (checked before any data is measured), or None.
-    fast_refusal: ClassVar[str | None] = None
+    #: Keyword arguments the family's backbone hands its decoder layers that :meth:`row_layer_arguments`
+    #: supplies to the fast engine's rows (beyond those every family's rows get).
+    replayed_layer_arguments: ClassVar[frozenset[str]] = frozenset()
 
     # ----------------------------------------------------------------- discovery
     def backbone(self, model: nn.Module) -> nn.Module:
@@ -275,6 +277,21 @@ class FamilyAdapter(abc.ABC):
 
     def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
         """Family-specific load-time check of the block on probe hidden states [N, H] (none by default)."""
+
+    # ----------------------------------------------------------------- fast engine rows
+    @contextmanager
+    def recording_layer_extras(self, model_view) -> Iterator[dict]:
+        """Record, during the clean forward inside the block, the per-position inputs the backbone hands each
+        decoder layer beside the residual stream (``{layer: Tensor [1, T, ...]}``, filled as the forward
+        runs); nothing for a family without any."""
+        yield {}
+
+    def row_layer_arguments(self, moe, clean, position_ids: torch.Tensor,
+                            first_layer: int) -> Callable[[int], dict] | None:
+        """The extra keyword arguments of each decoder layer the fast engine's rows run from ``first_layer``
+        (at positions ``position_ids`` [R, S] of the window ``clean``), as ``arguments(index)``; None for a
+        family whose layers need none."""
+        return None
 
     # ----------------------------------------------------------------- routing
     def router_weight(self, layer: MoELayer) -> torch.Tensor:

@@ -26,10 +26,11 @@ Three things differ from moeaudit's contract; the adapter bridges them without t
   the weights and indices being the library router's own output and z recomputed with the router's own
   modules (checked: ``softmax(z)`` equals the router's probabilities bit for bit).
 * **The block's output reaches the residual stream through two norms and beside the dense MLP**, so a
-  change of y does not add to the layer's output: the fast engine, which adds it, is refused
-  (:attr:`~moeaudit.models.FamilyAdapter.fast_refusal`; it would also need the per-layer inputs and the
-  shared keys/values). Interventions run on the reference engine: the library's full forward with the
-  router's or the experts' inputs edited, exact for every kind.
+  change of y does not add to the layer's output: the fast engine's rows restart at the intervened layer with
+  the view's output replaced (:func:`moeaudit.intervene.fast.restarts_at_block`), and they get what the
+  backbone hands every layer (:meth:`Gemma4Adapter.row_layer_arguments`: the per-layer inputs recorded in the
+  clean pass, the shared keys/values of ``num_kv_shared_layers``); the final logit soft-capping is replayed
+  (:func:`moeaudit.intervene.replay.scaled_logits`).
 
 The dense MLP is not a shared expert: it is summed with the MoE output after norms of its own, so it is left
 out of the audit (no ``SharedAblation``). Removing an expert masks its logit to -inf: the softmax then runs
@@ -39,6 +40,8 @@ over the survivors and the top-k never chooses it, what a router without that ro
 from __future__ import annotations
 
 import types
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -151,9 +154,7 @@ class Gemma4Adapter(FamilyAdapter):
     model_types = ("gemma4_text", "gemma4")
     architectures = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
     router_attr = "router"
-    fast_refusal = ("Gemma 4 normalises its MoE output and sums it with a dense MLP inside the decoder layer, "
-                    "so an MoE output change does not enter the residual stream additively; the fast engine "
-                    "does not replay it")
+    replayed_layer_arguments = frozenset({"shared_kv_states"})
 
     def backbone(self, model: nn.Module) -> nn.Module:
         inner = model.model
@@ -179,6 +180,53 @@ class Gemma4Adapter(FamilyAdapter):
 
     def routing_rule(self, config) -> str:
         return "softmax_topk_renorm_expert_scaled"
+
+    # ----------------------------------------------------------------- fast engine rows
+    @contextmanager
+    def recording_layer_extras(self, moe) -> Iterator[dict]:
+        """Each decoder layer's per-layer input (``per_layer_input`` [1, T, P], Gemma 4's per-layer embeddings,
+        which its backbone computes from the token ids and hands every layer beside the residual stream)."""
+        recorded: dict = {}
+        if not moe.config.hidden_size_per_layer_input:
+            yield recorded
+            return
+
+        def hook(index):
+            def record(module, args, kwargs):
+                value = args[1] if len(args) > 1 else kwargs.get("per_layer_input")
+                recorded[index] = value.detach()
+
+            return record
+
+        handles = [layer.register_forward_pre_hook(hook(index), with_kwargs=True)
+                   for index, layer in enumerate(self.decoder_layers(moe.model))]
+        try:
+            yield recorded
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def row_layer_arguments(self, moe, clean, position_ids: torch.Tensor,
+                            first_layer: int) -> Callable[[int], dict]:
+        """Each layer's per-layer input at the rows' positions (from the clean pass: it depends on the token ids
+        alone), and one ``shared_kv_states`` for the whole call. A layer that reuses an earlier layer's keys
+        and values (``num_kv_shared_layers``) reads them there: its producer, when the rows run it, writes the
+        rows' own; when the rows start after the producer, they are the clean ones at the rows' positions
+        (an intervention does not change a position before its layer)."""
+        config = moe.config
+        shared: dict = {}
+        modes = config.kv_sharing_modes
+        for index, mode in enumerate(modes[:first_layer]):
+            if mode == "store" and any(m == "reuse" for m in modes[first_layer:]):
+                cache = clean.caches[index]  # [Hkv, T, D]
+                shared[config.layer_types[index]] = (cache.key[:, position_ids].transpose(0, 1),
+                                                     cache.value[:, position_ids].transpose(0, 1))
+
+        def arguments(index: int) -> dict:
+            extra = clean.layer_extras.get(index)
+            return {"per_layer_input": None if extra is None else extra[position_ids], "shared_kv_states": shared}
+
+        return arguments
 
     def routing_parameters(self, layer: MoELayer) -> dict:
         return {"score": "softmax", "renormalise": True, "per_expert_scale": True,

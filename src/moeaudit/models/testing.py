@@ -23,11 +23,10 @@ FAMILIES: tuple[str, ...] = (
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
 #: the reference engine (found by :func:`moeaudit.intervene.engine.fast_unsupported_reason` or by the fast
 #: engine's self-check, :mod:`moeaudit.intervene.spotcheck`). A norm after the MoE block (FlexOlmo, Kolibri-1,
-#: A.X-K1) is replayed: the rows restart at the block (:func:`moeaudit.intervene.fast.restarts_at_block`).
+#: A.X-K1, Gemma 4) is replayed: the rows restart at the block (:func:`moeaudit.intervene.fast.restarts_at_block`).
 REFERENCE_ONLY: dict[str, str] = {
     "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
     "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
-    "gemma4_text": "normalises its MoE output",  # MoE inline in the layer, beside a dense MLP, with post-norms
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -260,7 +259,7 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4, head_dim=8,
                       enable_moe_block=True, num_experts=8, top_k_experts=2, sliding_window=6, global_head_dim=16,
                       num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
-                      hidden_size_per_layer_input=8, vocab_size_per_layer_input=96, final_logit_softcapping=30.0)
+                      hidden_size_per_layer_input=8, final_logit_softcapping=30.0)
         cls = Gemma4TextConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
@@ -287,6 +286,8 @@ def tiny_config(family: str, **overrides: Any):
             fields["mamba_d_head"] = 2 * fields["hidden_size"] // fields["mamba_n_heads"]
     if family == "lfm2_moe" and "layer_types" not in overrides:  # conv, attention, conv, ...
         fields["layer_types"] = [("conv", "full_attention")[i % 2] for i in range(n_layers)]
+    if family == "gemma4_text" and "vocab_size_per_layer_input" not in overrides:  # per-layer embeddings per token
+        fields["vocab_size_per_layer_input"] = fields["vocab_size"]
     if family in ("kolibri1", "gemma4_text") and "layer_types" not in overrides:  # sliding, full, sliding, ...
         fields["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)]
     if family == "mimo_v2_flash" and "layer_types" not in overrides:  # sliding and full attention, 2 : 1
