@@ -227,3 +227,16 @@ def test_one_calls_logits_are_freed_before_the_next_call_forms_its_own(input_ids
     else:
         estimate.nll_gradients(moe, clean, [layer.layer], positions, rows_per_call=4)
     assert len(calls) > 3 and not any(any(previous) for previous in calls)
+
+
+def test_a_recurrent_layer_stepped_one_position_at_a_time_gets_that_positions_extra_arguments():
+    """Rows through a recurrent layer run one position at a time; a family's per-position layer arguments
+    (Gemma 4's per-layer inputs) follow them, while shared objects (its shared keys/values) are passed as they
+    are."""
+    from moeaudit.intervene.fast import _position
+
+    per_position = torch.arange(2 * 3 * 4).reshape(2, 3, 4)
+    shared: dict = {}
+    step = _position({"per_layer_input": per_position, "shared_kv_states": shared}, 1)
+    assert torch.equal(step["per_layer_input"], per_position[:, 1:2]) and step["shared_kv_states"] is shared
+    assert _position(None, 0) is None

@@ -199,18 +199,27 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
         if first_layer < n_layers:
             position_embeddings = layer_position_embeddings(moe, hidden, position_ids, n_layers)
         for index in range(first_layer, n_layers):
+            extra = None if arguments is None else arguments(index)
             if index in stepped:
                 hidden = torch.cat([call_decoder_layer(
-                    moe, index, hidden[:, i:i + 1], position_ids[:, i:i + 1],
-                    None, cache, rotary=rotary) for i in range(span)], dim=1)  # (a recurrent layer reads no rotary)
+                    moe, index, hidden[:, i:i + 1], position_ids[:, i:i + 1], None, cache, rotary=rotary,
+                    extra=_position(extra, i)) for i in range(span)], dim=1)  # (a recurrent layer reads no rotary)
             else:
                 hidden = call_decoder_layer(moe, index, hidden, position_ids, position_embeddings[index], cache,
-                                            rotary=rotary, extra=None if arguments is None else arguments(index))
+                                            rotary=rotary, extra=extra)
             if add_after is not None and index in add_after:
                 hidden = hidden + add_after[index]
         hidden = final_norm(moe)(hidden)
         logits = scaled_logits(moe, model.get_output_embeddings()(hidden))
     return upcast(logits)
+
+
+def _position(extra: dict | None, i: int) -> dict | None:
+    """A layer's extra row arguments (:meth:`moeaudit.models.FamilyAdapter.row_layer_arguments`) at the rows'
+    position ``i`` alone: per-position tensors [R, S, ...] sliced, anything else as it is."""
+    if extra is None:
+        return None
+    return {name: value[:, i:i + 1] if isinstance(value, torch.Tensor) else value for name, value in extra.items()}
 
 
 def token_outcomes(logits: torch.Tensor, clean: CleanWindow, positions: torch.Tensor):
