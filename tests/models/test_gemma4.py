@@ -112,3 +112,10 @@ def test_multimodal_checkpoint_is_audited_pruned_and_exported(tmp_path):
     torch.testing.assert_close(exported, masked, rtol=0, atol=1e-5)
     layer = moe.adapter.find_layers(loaded)[2]
     assert torch.equal(layer.router.per_expert_scale, moe.layers[2].router.per_expert_scale[kept[2]])
+    # the fast engine runs the multimodal model's language model as the text model's
+    config = InterveneConfig(kinds=("zero", "reroute"), scopes=("token", "sequence"))
+    fast = compute_effects(moe, IDS[:1], Selection.sample(3, seed=0), config=config)
+    reference = compute_effects(moe, IDS[:1], Selection.sample(3, seed=0),
+                                config=InterveneConfig(**{**vars(config), "engine": "reference"}))
+    assert fast.stats.fallback_reason is None and set(fast.effects["engine"]) == {"fast"}
+    assert (fast.effects["delta_nll"] - reference.effects["delta_nll"]).abs().max() < 1e-5

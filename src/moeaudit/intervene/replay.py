@@ -83,7 +83,8 @@ def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids:
 
 
 def call_decoder_layer(moe: MoEModel, index: int, hidden: torch.Tensor, position_ids: torch.Tensor,
-                       position_embeddings, cache=None, *, rotary: bool = True, extra: dict | None = None) -> torch.Tensor:
+                       position_embeddings, cache=None, *, rotary: bool = True,
+                       extra: dict | None = None) -> torch.Tensor:
     """Decoder layer ``index`` on rows ``hidden`` [R, S, H], called as the model's own forward calls it
     (no mask: the rows' attention and the recurrent states carry causality; ``cache`` holds the recurrent
     layers' states, :func:`moeaudit.intervene.recurrent.row_cache`). ``rotary`` False (a family without

@@ -280,7 +280,7 @@ class FamilyAdapter(abc.ABC):
 
     # ----------------------------------------------------------------- fast engine rows
     @contextmanager
-    def recording_layer_extras(self, model_view) -> Iterator[dict]:
+    def recording_layer_extras(self, moe) -> Iterator[dict]:
         """Record, during the clean forward inside the block, the per-position inputs the backbone hands each
         decoder layer beside the residual stream (``{layer: Tensor [1, T, ...]}``, filled as the forward
         runs); nothing for a family without any."""

@@ -154,7 +154,10 @@ class Gemma4Adapter(FamilyAdapter):
     model_types = ("gemma4_text", "gemma4")
     architectures = ("Gemma4ForCausalLM", "Gemma4ForConditionalGeneration")
     router_attr = "router"
-    replayed_layer_arguments = frozenset({"shared_kv_states"})
+    #: ``shared_kv_states`` is supplied by :meth:`row_layer_arguments`; ``labels`` is what
+    #: ``Gemma4ForConditionalGeneration.forward`` hands down through its text model's keyword arguments (None on a
+    #: forward without labels), which no layer reads.
+    replayed_layer_arguments = frozenset({"shared_kv_states", "labels"})
 
     def backbone(self, model: nn.Module) -> nn.Module:
         inner = model.model
