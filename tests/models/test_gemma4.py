@@ -1,21 +1,16 @@
-"""Gemma 4: the decoder layer re-expressed through moeaudit's MoE view is the library's layer, bit for bit; a
-view that differs is refused at load; interventions (fast engine: rows restarting at the block, with per-layer
-inputs, shared keys/values and soft-capped logits) equal a model without the expert and the reference engine;
-the multimodal checkpoint people download is audited, pruned and exported as it is."""
+"""Gemma 4: router logits from another input are refused at load; the multimodal checkpoint people download is
+audited (fast engine), pruned and exported as it is (its views: tests/models/test_views.py; interventions
+against a model without the expert: tests/intervene/test_restart.py)."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 
 from moeaudit.errors import ContractError
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects
-from moeaudit.intervene.fast import restarts_at_block
 from moeaudit.models import load_model, wrap_model
-from moeaudit.models.gemma4 import Gemma4MoEView, Gemma4RouterView
-from moeaudit.models.moe_model import nll_from_logits
+from moeaudit.models.gemma4 import Gemma4RouterView
 from moeaudit.models.testing import tiny_config, tiny_model
 from moeaudit.prune import export_pruned, pruning_ablations
 
@@ -31,54 +26,10 @@ def test_the_tiny_config_exercises_every_part_of_the_layer():
     assert set(config.layer_types) == {"sliding_attention", "full_attention"}
 
 
-def test_views_leave_the_library_forward_and_state_dict_unchanged():
-    model = tiny_model("gemma4_text", seed=3)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        before = model(IDS).logits
-    moe = wrap_model(model, name="gemma4")
-    with torch.no_grad():
-        after = model(IDS).logits
-    assert torch.equal(before, after)
-    assert list(model.state_dict()) == keys  # the views are not submodules
-    assert moe.layers[0].router is wrap_model(model).layers[0].router  # wrapping twice keeps one set of views
-    assert moe.describe()["moe_layers"][0]["routing_rule"] == "softmax_topk_renorm_expert_scaled"
-
-
-def test_a_view_that_differs_from_the_library_is_refused_at_load(monkeypatch):
-    forward = Gemma4MoEView.forward
-    monkeypatch.setattr(Gemma4MoEView, "forward", lambda self, residual: forward(self, residual) * (1 + 1e-6))
-    with pytest.raises(ContractError, match="differs from the library's forward"):
-        wrap_model(tiny_model("gemma4_text", seed=3), name="gemma4")
-
-
 def test_router_logits_from_another_input_are_refused_at_load(monkeypatch):
     monkeypatch.setattr(Gemma4RouterView, "linear_input", lambda self, hidden: self.inner.norm(hidden))
     with pytest.raises(ContractError, match="router"):
         wrap_model(tiny_model("gemma4_text", seed=3), name="gemma4")
-
-
-def test_sequence_removal_equals_the_model_without_the_expert():
-    """Brute force: the zero kind in sequence scope removes the expert's term wherever it is active, which is
-    the model whose expert has a zero down projection (its output then still passes the layer's norms);
-    measured by the fast engine, its rows restarting at the block of every layer, KV-sharing ones included."""
-    moe = wrap_model(tiny_model("gemma4_text", seed=3), name="gemma4")
-    ids = IDS[:1]
-    result = compute_effects(moe, ids, Selection.sample(4, seed=0), config=InterveneConfig(scopes=("sequence",)))
-    effects = result.effects
-    assert set(effects["engine"]) == {"fast"} and result.stats.fallback_reason is None and restarts_at_block(moe)
-    assert effects["layer"].nunique() == len(moe.layers) and len(effects) >= 8
-    with torch.no_grad():
-        clean_nll = nll_from_logits(moe.model(ids).logits, ids)[0]
-    for (layer, expert), rows in effects.groupby(["layer", "expert"]):
-        pruned = copy.deepcopy(moe.model)
-        with torch.no_grad():
-            moe.adapter.decoder_layers(pruned)[layer].experts.down_proj[expert].zero_()
-            nll = nll_from_logits(pruned(ids).logits, ids)[0]
-        assert bool((nll != clean_nll).any())
-        for row in rows.itertuples():
-            assert row.nll_clean == pytest.approx(float(clean_nll[row.pos]), abs=1e-5)
-            assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean_nll[row.pos]), abs=1e-5)
 
 
 def test_multimodal_checkpoint_is_audited_pruned_and_exported(tmp_path):

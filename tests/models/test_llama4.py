@@ -1,39 +1,17 @@
-"""Llama 4: the block seen through moeaudit's router/experts views is the library's block, bit for bit; the
-multimodal checkpoint people download is audited as its text model; ``mean`` is refused."""
+"""Llama 4: the multimodal checkpoint people download is audited as its text model; ``mean`` is refused (its
+views of the library's router and experts: tests/models/test_views.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moeaudit.errors import ContractError, InvalidParameterError
+from moeaudit.errors import InvalidParameterError
 from moeaudit.intervene import InterveneConfig, compute_effects
 from moeaudit.models import load_model, wrap_model
-from moeaudit.models.llama4 import Llama4ExpertsView
 from moeaudit.models.testing import tiny_config, tiny_model
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def test_views_leave_the_library_forward_and_state_dict_unchanged():
-    model = tiny_model("llama4_text", seed=3)
-    keys = list(model.state_dict())
-    with torch.no_grad():
-        before = model(IDS).logits
-    moe = wrap_model(model, name="llama4")
-    with torch.no_grad():
-        after = model(IDS).logits
-    assert torch.equal(before, after)
-    assert list(model.state_dict()) == keys  # the views are not submodules
-    wrap_model(model, name="llama4")  # wrapping twice keeps one set of views
-    assert moe.layers[0].router is wrap_model(model).layers[0].router
-
-
-def test_a_view_that_differs_from_the_library_is_refused_at_load(monkeypatch):
-    forward = Llama4ExpertsView.forward
-    monkeypatch.setattr(Llama4ExpertsView, "forward", lambda self, *args: forward(self, *args) * (1 + 1e-6))
-    with pytest.raises(ContractError, match="differs from the library's forward"):
-        wrap_model(tiny_model("llama4_text", seed=3), name="llama4")
 
 
 def test_multimodal_checkpoint_is_audited_as_its_text_model(tmp_path):

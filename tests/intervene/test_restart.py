@@ -1,0 +1,44 @@
+"""Families whose MoE block output passes a norm before the residual stream: the fast engine's rows restart at
+the intervened layer (:func:`moeaudit.intervene.fast.restarts_at_block`), and what they measure is the model
+without the expert."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moeaudit.intervene import InterveneConfig, Selection, compute_effects
+from moeaudit.intervene.fast import restarts_at_block
+from moeaudit.models import wrap_model
+from moeaudit.models.moe_model import nll_from_logits
+from moeaudit.models.testing import tiny_model
+
+#: A norm after the block (FlexOlmo, Kolibri-1), inside it (A.X-K1), or two beside a dense MLP, with per-layer
+#: inputs and shared keys/values (Gemma 4).
+NORM_AFTER_BLOCK = ("flex_olmo", "kolibri1", "axk1", "gemma4_text")
+IDS = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", NORM_AFTER_BLOCK)
+def test_sequence_removal_equals_the_model_without_the_expert(family):
+    """Brute force: the zero kind in sequence scope removes the expert's term wherever it is active, which is
+    the model whose expert has a zero down projection (its absence then passes the norm), at every MoE layer."""
+    moe = wrap_model(tiny_model(family, seed=3), name=family)
+    result = compute_effects(moe, IDS, Selection.sample(4, seed=0), config=InterveneConfig(scopes=("sequence",)))
+    effects = result.effects
+    assert set(effects["engine"]) == {"fast"} and result.stats.fallback_reason is None and restarts_at_block(moe)
+    assert effects["layer"].nunique() == len(moe.layers) and len(effects) >= 8
+    with torch.no_grad():
+        clean_nll = nll_from_logits(moe.model(IDS).logits, IDS)[0]
+    for (layer, expert), rows in effects.groupby(["layer", "expert"]):
+        pruned = copy.deepcopy(moe.model)
+        experts = {found.layer: found.experts for found in moe.adapter.find_layers(pruned)}[layer]
+        with torch.no_grad():
+            experts.down_proj[expert].zero_()
+            nll = nll_from_logits(pruned(IDS).logits, IDS)[0]
+        assert bool((nll != clean_nll).any())
+        for row in rows.itertuples():
+            assert row.nll_clean == pytest.approx(float(clean_nll[row.pos]), abs=1e-5)
+            assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean_nll[row.pos]), abs=1e-5)
