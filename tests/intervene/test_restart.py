@@ -15,9 +15,9 @@ from moeaudit.models import wrap_model
 from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import tiny_model
 
-#: A norm after the block (FlexOlmo, Kolibri-1), inside it (A.X-K1), or two beside a dense MLP, with per-layer
-#: inputs and shared keys/values (Gemma 4).
-NORM_AFTER_BLOCK = ("flex_olmo", "kolibri1", "axk1", "gemma4_text")
+#: A norm after the block (FlexOlmo, Kolibri-1, AFMoE: its attention also gates and `.view`s the rows' output),
+#: inside it (A.X-K1), or two beside a dense MLP, with per-layer inputs and shared keys/values (Gemma 4).
+NORM_AFTER_BLOCK = ("flex_olmo", "kolibri1", "afmoe", "axk1", "gemma4_text")
 IDS = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
 
 

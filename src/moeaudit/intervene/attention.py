@@ -209,7 +209,8 @@ def rows_attention(query, key, value, clean_key, clean_value, allow_clean, allow
     if prefix > 0:
         clean_probs = probs[..., :prefix].reshape(kv_heads, rows * groups * span, prefix)
         out = out + torch.matmul(clean_probs, clean_value[:, :prefix]).view(kv_heads, rows, groups, span, -1)
-    out = out.permute(1, 3, 0, 2, 4).reshape(rows, span, heads, -1)
+    # contiguous, as transformers' eager attention returns it: AFMoE's attention `.view`s the output
+    out = out.permute(1, 3, 0, 2, 4).reshape(rows, span, heads, -1).contiguous()
     return out, None
 
 

@@ -63,8 +63,7 @@ GENERIC_FAMILIES: dict[str, str] = {
     "cohere2_moe": "top-k of the logits, softmax over the k; shared experts summed (averaging them is refused)",
     "hy_v3": "sigmoid + the block's correction bias, renormalised, times router_scaling_factor",
     "aria_text": "top-k of the logits, softmax over the k; Aria's text model",
-    "afmoe": "sigmoid + the block's expert_bias, renormalised, times route_scale; a norm after the MoE block, "
-             "attention not run on single rows (reference engine)",
+    "afmoe": "sigmoid + the block's expert_bias, renormalised, times route_scale; a norm after the MoE block",
     "lfm2_moe": "sigmoid + the block's expert_bias, renormalised (+1e-6), scaled; short convolutions (reference engine)",
     "bailing_hybrid": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers (reference engine)",
     "kimi_linear": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers (reference engine)",

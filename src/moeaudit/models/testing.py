@@ -23,9 +23,9 @@ FAMILIES: tuple[str, ...] = (
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
 #: the reference engine (found by :func:`moeaudit.intervene.engine.fast_unsupported_reason` or by the fast
 #: engine's self-check, :mod:`moeaudit.intervene.spotcheck`). A norm after the MoE block (FlexOlmo, Kolibri-1,
-#: A.X-K1, Gemma 4) is replayed: the rows restart at the block (:func:`moeaudit.intervene.fast.restarts_at_block`).
+#: A.X-K1, Gemma 4, AFMoE) is replayed: the rows restart at the block
+#: (:func:`moeaudit.intervene.fast.restarts_at_block`).
 REFERENCE_ONLY: dict[str, str] = {
-    "afmoe": "cannot run this model's decoder layers on single rows",  # a .view in its attention; post-norms
     "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
