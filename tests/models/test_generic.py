@@ -11,7 +11,7 @@ from moeaudit.errors import ContractError, UnsupportedModelError
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects
 from moeaudit.models import wrap_model
 from moeaudit.models.generic import GenericAdapter, discover_layout
-from moeaudit.models.testing import FAMILIES, tiny_model
+from moeaudit.models.testing import FAMILIES, tiny_config, tiny_model
 
 HAND_WRITTEN_ONLY = {"phimoe": "no routing rule moeaudit knows reproduces",          # sparsemixer
                      "llama4_text": r"a 2-tuple, not \(router_logits",                  # (scores, logits)
@@ -140,3 +140,40 @@ def test_a_bias_on_the_logits_is_inferred_and_steers_the_selection_only():
     weights_by_expert = torch.zeros_like(logits).scatter(1, rerouted.topk_idx, rerouted.combine_weight)
     expected_by_expert = torch.zeros_like(logits).scatter(1, expected, survivors / survivors.sum(-1, keepdim=True))
     assert torch.equal(weights_by_expert, expected_by_expert)
+
+
+def test_arias_multimodal_checkpoint_is_audited_pruned_and_exported(tmp_path):
+    """Aria ships ``AriaForConditionalGeneration`` (model_type "aria"), which ``AutoModelForCausalLM`` does not
+    map: it loads through the class its config names, the generic adapter finds the language model's MoE
+    layers under ``model.language_model``, the fast engine agrees with the reference engine on text, and the
+    pruned export loads with plain transformers, computing what the masked pruning computes."""
+    from transformers import AriaConfig, AriaForConditionalGeneration
+
+    from moeaudit.models import load_model
+    from moeaudit.models.moe_model import nll_from_logits
+    from moeaudit.prune import export_pruned, pruning_ablations
+
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    wrapper = AriaForConditionalGeneration(AriaConfig(text_config=tiny_config("aria_text").to_dict(),
+                                                      vision_config=vision, projector_patch_to_query_dict={4: 2}))
+    wrapper.eval().save_pretrained(tmp_path / "source")
+    moe = load_model(str(tmp_path / "source"))
+    assert isinstance(moe.adapter, GenericAdapter) and type(moe.model).__name__ == "AriaForConditionalGeneration"
+    assert moe.moe_layer_indices == [0, 1, 2]
+    config = InterveneConfig(kinds=("zero", "reroute"), scopes=("token", "sequence"))
+    fast = compute_effects(moe, IDS[:1], Selection.sample(3, seed=0), config=config)
+    reference = compute_effects(moe, IDS[:1], Selection.sample(3, seed=0),
+                                config=InterveneConfig(**{**vars(config), "engine": "reference"}))
+    assert fast.stats.fallback_reason is None and set(fast.effects["engine"]) == {"fast"}
+    assert (fast.effects["delta_nll"] - reference.effects["delta_nll"]).abs().max() < 1e-5
+    kept = {layer: [0, 1, 3, 4, 6, 7] for layer in moe.moe_layer_indices}
+    assert export_pruned(moe, kept, tmp_path / "pruned").num_experts == 6
+    loaded = AriaForConditionalGeneration.from_pretrained(tmp_path / "pruned").eval()
+    assert loaded.config.text_config.moe_num_experts == 6
+    with torch.no_grad():
+        with moe.intervene(pruning_ablations(moe, kept)):
+            masked = nll_from_logits(moe.model(input_ids=IDS).logits, IDS)
+        exported = nll_from_logits(loaded(input_ids=IDS).logits, IDS)
+    assert torch.allclose(masked[:, :-1], exported[:, :-1], atol=1e-5, rtol=0)

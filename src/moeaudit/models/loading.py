@@ -225,7 +225,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def causal_lm_class(config):
     """The transformers causal-LM class of ``config``: ``AutoModelForCausalLM``'s choice, else the class the
     family's adapter names (Mistral 4's text model has a ``Mistral4ForCausalLM`` that transformers 5.23 does
-    not map for ``AutoModelForCausalLM``)."""
+    not map for ``AutoModelForCausalLM``), else the transformers class the checkpoint's config names for itself
+    (Aria's ``AriaForConditionalGeneration``)."""
     import transformers
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -233,7 +234,9 @@ def causal_lm_class(config):
     if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return AutoModelForCausalLM
     adapter = resolve_adapter(getattr(config, "model_type", ""))
-    for name in adapter.architectures if adapter is not None else ():
+    named = tuple(adapter.architectures if adapter is not None else ()) + tuple(getattr(config, "architectures",
+                                                                                       None) or ())
+    for name in named:
         cls = getattr(transformers, name, None)
         if cls is not None and getattr(cls, "config_class", None) is type(config):
             return cls

@@ -63,10 +63,11 @@ GENERIC_FAMILIES: dict[str, str] = {
     "cohere2_moe": "top-k of the logits, softmax over the k; shared experts summed (averaging them is refused)",
     "hy_v3": "sigmoid + the block's correction bias, renormalised, times router_scaling_factor",
     "aria_text": "top-k of the logits, softmax over the k; Aria's text model",
+    "aria": "Aria's rule in its language model (AriaForConditionalGeneration, audited on text)",
     "afmoe": "sigmoid + the block's expert_bias, renormalised, times route_scale; a norm after the MoE block",
-    "lfm2_moe": "sigmoid + the block's expert_bias, renormalised (+1e-6), scaled; short convolutions (reference engine)",
-    "bailing_hybrid": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers (reference engine)",
-    "kimi_linear": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers (reference engine)",
+    "lfm2_moe": "sigmoid + the block's expert_bias, renormalised (+1e-6), scaled; short convolutions",
+    "bailing_hybrid": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers",
+    "kimi_linear": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers",
     "kolibri1": "top-k of logits + the router's correction bias, sigmoid of the chosen logits, renormalised when "
                 "norm_topk_prob; a norm after the MoE block",
 }
@@ -80,7 +81,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
     "minimax": "lightning attention and alpha/beta residual scaling",
     "bailing_moe": "routing variant not adapted yet",
-    "aria": _WRAPPER,
     "qwen3_omni_moe": _WRAPPER,
     "ernie4_5_vl_moe": _WRAPPER,
     "mistral_large4": "indexer sparse attention and a vision-language wrapper",
