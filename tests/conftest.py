@@ -53,3 +53,16 @@ def _hub_offline(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def assert_fast_equals_reference(moe, input_ids, *, tolerance: float = 1e-5):
+    """The fast engine runs ``moe`` itself (no fallback) and its zero and reroute effects in both scopes equal the
+    reference engine's to ``tolerance`` nats."""
+    from moeaudit.intervene import InterveneConfig, Selection, compute_effects
+
+    config = InterveneConfig(kinds=("zero", "reroute"), scopes=("token", "sequence"))
+    fast = compute_effects(moe, input_ids, Selection.sample(3, seed=0), config=config)
+    reference = compute_effects(moe, input_ids, Selection.sample(3, seed=0),
+                                config=InterveneConfig(**{**vars(config), "engine": "reference"}))
+    assert fast.stats.fallback_reason is None and set(fast.effects["engine"]) == {"fast"}
+    assert (fast.effects["delta_nll"] - reference.effects["delta_nll"]).abs().max() < tolerance

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from moeaudit.errors import ContractError
-from moeaudit.intervene import InterveneConfig, Selection, compute_effects
 from moeaudit.models import load_model, wrap_model
 from moeaudit.models.gemma4 import Gemma4RouterView
 from moeaudit.models.testing import tiny_config, tiny_model
 from moeaudit.prune import export_pruned, pruning_ablations
+
+from tests.conftest import assert_fast_equals_reference
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -64,9 +65,4 @@ def test_multimodal_checkpoint_is_audited_pruned_and_exported(tmp_path):
     layer = moe.adapter.find_layers(loaded)[2]
     assert torch.equal(layer.router.per_expert_scale, moe.layers[2].router.per_expert_scale[kept[2]])
     # the fast engine runs the multimodal model's language model as the text model's
-    config = InterveneConfig(kinds=("zero", "reroute"), scopes=("token", "sequence"))
-    fast = compute_effects(moe, IDS[:1], Selection.sample(3, seed=0), config=config)
-    reference = compute_effects(moe, IDS[:1], Selection.sample(3, seed=0),
-                                config=InterveneConfig(**{**vars(config), "engine": "reference"}))
-    assert fast.stats.fallback_reason is None and set(fast.effects["engine"]) == {"fast"}
-    assert (fast.effects["delta_nll"] - reference.effects["delta_nll"]).abs().max() < 1e-5
+    assert_fast_equals_reference(moe, IDS[:1])

@@ -18,6 +18,9 @@ HAND_WRITTEN_ONLY = {"phimoe": "no routing rule moeaudit knows reproduces",     
                      "gemma4_text": "no MoE layers found",                             # MoE inline in the layer
                      "axk1": "is not its experts' weighted sum plus its shared experts"}  # a norm in the block
 RULE_BASED = [f for f in FAMILIES if f not in HAND_WRITTEN_ONLY]
+
+from tests.conftest import assert_fast_equals_reference
+
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -162,12 +165,7 @@ def test_arias_multimodal_checkpoint_is_audited_pruned_and_exported(tmp_path):
     moe = load_model(str(tmp_path / "source"))
     assert isinstance(moe.adapter, GenericAdapter) and type(moe.model).__name__ == "AriaForConditionalGeneration"
     assert moe.moe_layer_indices == [0, 1, 2]
-    config = InterveneConfig(kinds=("zero", "reroute"), scopes=("token", "sequence"))
-    fast = compute_effects(moe, IDS[:1], Selection.sample(3, seed=0), config=config)
-    reference = compute_effects(moe, IDS[:1], Selection.sample(3, seed=0),
-                                config=InterveneConfig(**{**vars(config), "engine": "reference"}))
-    assert fast.stats.fallback_reason is None and set(fast.effects["engine"]) == {"fast"}
-    assert (fast.effects["delta_nll"] - reference.effects["delta_nll"]).abs().max() < 1e-5
+    assert_fast_equals_reference(moe, IDS[:1])
     kept = {layer: [0, 1, 3, 4, 6, 7] for layer in moe.moe_layer_indices}
     assert export_pruned(moe, kept, tmp_path / "pruned").num_experts == 6
     loaded = AriaForConditionalGeneration.from_pretrained(tmp_path / "pruned").eval()
