@@ -233,7 +233,8 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         if fill is not None:
             groups = int(router.num_group)
             per = len(choice) // groups
-            group_score = np.sort(choice.reshape(groups, per), axis=1)[:, -2:].sum(axis=1)
+            best = 1 if layer.adapter.routing_parameters(layer).get("group_score") == "its best" else 2
+            group_score = np.sort(choice.reshape(groups, per), axis=1)[:, -best:].sum(axis=1)
             dropped = np.argsort(-group_score)[router.topk_group:]
             for g in dropped:
                 choice[g * per:(g + 1) * per] = fill

@@ -145,31 +145,72 @@ def test_a_bias_on_the_logits_is_inferred_and_steers_the_selection_only():
     assert torch.equal(weights_by_expert, expected_by_expert)
 
 
-def test_arias_multimodal_checkpoint_is_audited_pruned_and_exported(tmp_path):
-    """Aria ships ``AriaForConditionalGeneration`` (model_type "aria"), which ``AutoModelForCausalLM`` does not
-    map: it loads through the class its config names, the generic adapter finds the language model's MoE
-    layers under ``model.language_model``, the fast engine agrees with the reference engine on text, and the
-    pruned export loads with plain transformers, computing what the masked pruning computes."""
-    from transformers import AriaConfig, AriaForConditionalGeneration
+#: DeepSeek-V2's language model in the OCR wrappers: group-limited by a group's best expert, with more experts
+#: per token than groups kept (so the grouping changes the selection); Unlimited-OCR's default greedy rule.
+_OCR_TEXT = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                 num_key_value_heads=2, n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1,
+                 moe_intermediate_size=16, mlp_layer_types=["dense", "sparse", "sparse"], routed_scaling_factor=2.0,
+                 max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_OCR_VISION = dict(sam_config=dict(hidden_size=16, output_channels=8, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=32, patch_size=16, global_attn_indexes=[0], mlp_dim=16,
+                                   downsample_channels=[8, 16]),
+                   encoder_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=2, vocab_size=16))
 
+
+def tiny_wrapper(family: str, **text_overrides):
+    """A random-weight multimodal checkpoint of ``family`` whose language model is tiny, with the config field
+    of its expert count; routers drawn with unit spread (decisive routing)."""
+    import transformers
+
+    if family == "aria":
+        vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=28, patch_size=14)
+        config = transformers.AriaConfig(text_config=tiny_config("aria_text", **text_overrides).to_dict(),
+                                         vision_config=vision, projector_patch_to_query_dict={4: 2})
+        cls, field = transformers.AriaForConditionalGeneration, "moe_num_experts"
+    else:
+        prefix = {"deepseek_ocr2": "DeepseekOcr2", "unlimited_ocr": "UnlimitedOcr"}[family]
+        text = dict(_OCR_TEXT, **({"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}
+                                  if family == "deepseek_ocr2" else {"sliding_window": 6}), **text_overrides)
+        config = getattr(transformers, prefix + "Config")(text_config=text, vision_config=_OCR_VISION)
+        cls, field = getattr(transformers, prefix + "ForConditionalGeneration"), "n_routed_experts"
+    torch.manual_seed(0)
+    wrapper = cls(config).eval()
+    with torch.no_grad():
+        for name, param in wrapper.named_parameters():
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                param.normal_()
+    return wrapper, field
+
+
+#: Experts kept by the export test: with DeepSeek-OCR-2's 4 groups of 2, one per group.
+_WRAPPER_KEPT = {"aria": [0, 1, 3, 4, 6, 7], "deepseek_ocr2": [0, 3, 4, 7], "unlimited_ocr": [0, 1, 3, 4, 6, 7]}
+
+
+@pytest.mark.parametrize("family", ["aria", "deepseek_ocr2", "unlimited_ocr"])
+def test_multimodal_wrappers_are_audited_pruned_and_exported(family, tmp_path):
+    """Aria, DeepSeek-OCR-2 and Unlimited-OCR ship ``…ForConditionalGeneration`` checkpoints, which
+    ``AutoModelForCausalLM`` does not map: each loads through the class its config names, the generic adapter
+    finds the language model's MoE layers under ``model.language_model`` (DeepSeek-OCR-2: a group scored by its
+    best expert, DeepSeek-V2's ``group_limited_greedy``), the fast engine agrees with the reference engine on
+    text, and the pruned export loads with plain transformers, computing what the masked pruning computes."""
     from moeaudit.models import load_model
     from moeaudit.models.moe_model import nll_from_logits
     from moeaudit.prune import export_pruned, pruning_ablations
 
-    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-                  patch_size=14)
-    torch.manual_seed(0)
-    wrapper = AriaForConditionalGeneration(AriaConfig(text_config=tiny_config("aria_text").to_dict(),
-                                                      vision_config=vision, projector_patch_to_query_dict={4: 2}))
-    wrapper.eval().save_pretrained(tmp_path / "source")
+    wrapper, field = tiny_wrapper(family)
+    wrapper.save_pretrained(tmp_path / "source")
     moe = load_model(str(tmp_path / "source"))
-    assert isinstance(moe.adapter, GenericAdapter) and type(moe.model).__name__ == "AriaForConditionalGeneration"
-    assert moe.moe_layer_indices == [0, 1, 2]
+    assert isinstance(moe.adapter, GenericAdapter) and type(moe.model) is type(wrapper)
+    assert moe.moe_layer_indices == ([0, 1, 2] if family == "aria" else [1, 2])
+    if family == "deepseek_ocr2":
+        assert moe.adapter.routing_parameters(moe.layers[0])["group_score"] == "its best"
     assert_fast_equals_reference(moe, IDS[:1])
-    kept = {layer: [0, 1, 3, 4, 6, 7] for layer in moe.moe_layer_indices}
-    assert export_pruned(moe, kept, tmp_path / "pruned").num_experts == 6
-    loaded = AriaForConditionalGeneration.from_pretrained(tmp_path / "pruned").eval()
-    assert loaded.config.text_config.moe_num_experts == 6
+    kept = {layer: _WRAPPER_KEPT[family] for layer in moe.moe_layer_indices}
+    assert export_pruned(moe, kept, tmp_path / "pruned").num_experts == len(_WRAPPER_KEPT[family])
+    loaded = type(wrapper).from_pretrained(tmp_path / "pruned").eval()
+    assert getattr(loaded.config.text_config, field) == len(_WRAPPER_KEPT[family])
     with torch.no_grad():
         with moe.intervene(pruning_ablations(moe, kept)):
             masked = nll_from_logits(moe.model(input_ids=IDS).logits, IDS)

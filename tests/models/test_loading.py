@@ -49,7 +49,7 @@ def test_describe_shows_each_rules_parameters_from_the_config():
     moe = wrap_model(tiny_model("deepseek_v3", seed=3, **config), name="deepseek_v3")
     params = moe.describe()["moe_layers"][0]["routing_parameters"]
     assert params == dict(score="sigmoid", correction_bias="router", n_group=2, topk_group=1,
-                          dropped_groups_filled_with="-inf", renormalise=True,
+                          group_score="sum of its 2 best", dropped_groups_filled_with="-inf", renormalise=True,
                           renormalise_denominator="sum + 1e-20", routed_scaling_factor=2.5)
     ernie = wrap_model(tiny_model("ernie4_5_moe", seed=3), name="ernie4_5_moe")
     assert ernie.describe()["moe_layers"][0]["routing_parameters"] == dict(

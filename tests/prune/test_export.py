@@ -131,12 +131,43 @@ def test_export_refuses_non_uniform_and_bad_kept(tmp_path):
         export_pruned(moe, {l.layer: [0, 1, 2, 3] for l in moe.layers}, tmp_path / "full")
 
 
-def test_export_refuses_unbalanced_deepseek_groups(tmp_path):
-    moe = make_moe("deepseek_v2_grouped")
+#: Group-limited families (hand-written and generic), with a kept set whose groups are unequal.
+UNBALANCED = {"deepseek_v2_grouped": ([0, 1, 2, 4, 6, 7], "[2, 1, 1, 2]"),
+              **{family: ([0, 1, 4, 5, 6, 7], "[2, 4]")
+                 for family in ("deepseek_v3", "mistral4", "kimi_linear", "bailing_hybrid")}}
+
+
+@pytest.mark.parametrize("family", sorted(UNBALANCED))
+def test_export_refuses_unbalanced_groups(family, tmp_path):
+    """Group-limited routing regroups consecutive experts after slicing, so unequal groups would route otherwise
+    than the masked pruning: refused in one line for every grouped rule, the generic adapter's inferred ones
+    (Kimi-Linear, Bailing-hybrid) included, before anything is written."""
+    moe = make_moe(family)
+    kept, counts = UNBALANCED[family]
     with pytest.raises(InvalidParameterError) as err:
-        export_pruned(moe, {l.layer: [0, 1, 2, 4, 6, 7] for l in moe.layers}, tmp_path / "g")
+        export_pruned(moe, {l.layer: kept for l in moe.layers}, tmp_path / "g")
     message = str(err.value)
-    assert "each of the 4 expert groups" in message and "[2, 1, 1, 2]" in message and "\n" not in message
+    assert "expert groups" in message and counts in message and "\n" not in message
+    assert not (tmp_path / "g").exists()
+
+
+def test_unbalanced_groups_would_export_another_routing(tmp_path, monkeypatch):
+    """Why the refusal above exists: exported without it, Mistral 4's sliced router groups experts 0, 1, 4 and
+    5, 6, 7 where the masked model grouped 0-3 and 4-7, and the exported model computes something else."""
+    from moeaudit.prune import export as export_module
+    from transformers import Mistral4ForCausalLM
+
+    moe = make_moe("mistral4")
+    kept = {l.layer: UNBALANCED["mistral4"][0] for l in moe.layers}
+    monkeypatch.setattr(export_module, "_check_groups", lambda moe, kept: None)
+    export_pruned(moe, kept, tmp_path / "g")
+    ids = windows(3, 14, seed=2)
+    with torch.no_grad():
+        with moe.intervene(pruning_ablations(moe, kept)):
+            masked = nll_from_logits(moe.model(input_ids=ids).logits, ids)
+        exported = nll_from_logits(Mistral4ForCausalLM.from_pretrained(tmp_path / "g").eval()(input_ids=ids).logits,
+                                   ids)
+    assert (masked[:, :-1] - exported[:, :-1]).abs().max() > 1e-3
 
 
 def test_export_saves_tokenizer(tmp_path):

@@ -11,7 +11,8 @@ give up: it
    a tensor of their block — a correction bias — or 3-D hidden states), and
 3. **infers** each layer's routing rule (:meth:`GenericAdapter.infer`): every
    :class:`~moeaudit.models.scored.ScoredRule` the router's attributes allow (score function and its dtype,
-   the correction bias where one is found, group limits where the router has ``num_group``,
+   the correction bias where one is found, group limits where the router has ``num_group`` (a group scored
+   by its two best experts or by its best),
    renormalisation and its guard, scaling where it has ``routed_scaling_factor``, sorted or not, selection
    on scores or on logits, the latter plus the router's correction bias where it has one: Kolibri-1) is
    run on probe hidden states — standard normal, the same times 30 (large norms), and the model's own
@@ -174,9 +175,15 @@ def candidate_rules(layer: MoELayer, call: RouterCall | None = None) -> list[Sco
         if renorm == "never" and guard != "none":
             continue  # the guard only matters when renormalising
         fills = [float("-inf"), 0.0] if score == "sigmoid" else [0.0, float("-inf")]
-        for fill in fills if group else [float("-inf")]:
+        group_choices = [(float("-inf"), "top2_sum", False)]
+        if group:  # DeepSeek-V2 weighs the chosen experts by the group-filled selection scores
+            group_choices = [(fill, group_score, from_selection)
+                             for fill in fills for group_score in ("top2_sum", "max")
+                             for from_selection in ((False, True) if bias is None and fill == 0.0 else (False,))]
+        for fill, group_score, from_selection in group_choices:
             rules.append(ScoredRule("inferred_scored_topk", score=score, score_float32=f32, bias=bias, grouped=group,
-                                    group_fill=fill, sorted_topk=sort, renorm=renorm,
+                                    group_fill=fill, group_score=group_score, weights_from_selection=from_selection,
+                                    sorted_topk=sort, renorm=renorm,
                                     renorm_guard="eps" if guard == "eps6" else guard,
                                     renorm_eps=1e-6 if guard == "eps6" else 1e-20,
                                     scaled=scale, weights_in_expert_dtype=cast,
@@ -362,7 +369,8 @@ def _describe(rule: ScoredRule) -> str:
     if rule.bias:
         parts.append(f"{rule.bias} bias")
     if rule.grouped:
-        parts.append("group-limited")
+        parts.append("group-limited (" + {"top2_sum": "sum of a group's 2 best", "max": "a group's best"}[
+            rule.group_score] + ")")
     parts.append({"config": "renormalised per config", "always": "renormalised", "never": "not renormalised"}[rule.renorm])
     if rule.scaled:
         parts.append("scaled")

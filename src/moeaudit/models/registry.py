@@ -70,6 +70,10 @@ GENERIC_FAMILIES: dict[str, str] = {
     "kimi_linear": "DeepSeek-V3's group-limited sigmoid rule; KDA linear-attention layers",
     "kolibri1": "top-k of logits + the router's correction bias, sigmoid of the chosen logits, renormalised when "
                 "norm_topk_prob; a norm after the MoE block",
+    "deepseek_ocr2": "DeepSeek-V2's rule (softmax, greedy or group-limited by a group's best, scaled) in its "
+                     "language model (DeepseekOcr2ForConditionalGeneration, audited on text)",
+    "unlimited_ocr": "DeepSeek-V2's rule in its language model (UnlimitedOcrForConditionalGeneration, audited on "
+                     "text)",
 }
 
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
@@ -99,8 +103,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "step3p7": "block-level output scaling and per-layer attention shapes",
     "axk2": "scored top-k variant with indexer sparse attention",
     "granitemoe_swa": "per-layer rotary bases and attention sinks",
-    "deepseek_ocr2": _WRAPPER,
-    "unlimited_ocr": _WRAPPER,
     "switch_transformers": "an encoder-decoder model",
     "nllb_moe": "an encoder-decoder model",
 }

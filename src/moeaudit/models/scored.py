@@ -6,8 +6,9 @@ Each router in transformers 5.23 that follows it computes, from the router logit
 2. a selection score c = s + b, with a load-balancing correction bias b where the family has one
    (arXiv 2412.19437, Sec. 2.1.2: the bias steers selection only, never the weights);
 3. optionally group-limited selection: experts split into ``n_group`` consecutive groups, a group's score
-   is the sum of its two best c, the ``topk_group`` best groups stay and the others' c are filled
-   (with -inf or 0);
+   is the sum of its two best c (DeepSeek-V3, arXiv 2412.19437 Sec. 2.1.2) or its best c (DeepSeek-V2's
+   ``group_limited_greedy``, arXiv 2405.04434 Sec. 2.2.2), the ``topk_group`` best groups stay and the
+   others' c are filled (with -inf or 0);
 4. the top-k of c (sorted or not);
 5. weights w = s at the chosen experts, optionally renormalised to sum to 1 (with an eps, a clamp, or
    plain), times a scaling factor.
@@ -52,6 +53,13 @@ class ScoredRule:
         Group-limited selection (``router.num_group`` groups, ``router.topk_group`` kept).
     group_fill : float
         The selection score of experts in dropped groups (DeepSeek-V3: -inf, Mistral 4: 0).
+    group_score : {"top2_sum", "max"}
+        A group's score: the sum of its two best selection scores (DeepSeek-V3, Mistral 4) or its best one
+        (DeepSeek-V2's ``group_limited_greedy``, as in DeepSeek-OCR-2's language model).
+    weights_from_selection : bool
+        The weights are the top-k values of the group-filled selection scores (DeepSeek-V2's router: an
+        expert of a dropped group chosen on a tie at 0 weighs 0), not the scores gathered at the chosen
+        experts (DeepSeek-V3, Mistral 4).
     sorted_topk : bool
         ``torch.topk(..., sorted=...)`` of the selection.
     renorm : {"never", "config", "always"}
@@ -81,6 +89,8 @@ class ScoredRule:
     bias: Literal["router", "block", "statics"] | None = None
     grouped: bool = False
     group_fill: float = float("-inf")
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    weights_from_selection: bool = False
     sorted_topk: bool = False
     renorm: Literal["never", "config", "always"] = "config"
     renorm_guard: Literal["eps", "clamp", "none"] = "eps"
@@ -135,7 +145,10 @@ class ScoredTopKAdapter(FamilyAdapter):
             params["selects_on"] = "logits"
         if rule.grouped:
             params.update(n_group=int(router.num_group), topk_group=int(router.topk_group),
+                          group_score={"top2_sum": "sum of its 2 best", "max": "its best"}[rule.group_score],
                           dropped_groups_filled_with=str(rule.group_fill))
+            if rule.weights_from_selection:
+                params["weights_from"] = "the group-filled selection scores"
         renormalised = rule.renorm == "always" or (rule.renorm == "config" and bool(router.norm_topk_prob))
         params["renormalise"] = renormalised
         if renormalised:
@@ -201,15 +214,18 @@ def scored_route(rule: ScoredRule, layer: MoELayer, router_logits: torch.Tensor,
     if rule.grouped:
         n_group = int(router.num_group)
         per_group = layer.num_experts // n_group
-        group_scores = choice.view(-1, n_group, per_group).topk(2, dim=-1)[0].sum(dim=-1)
+        grouped_choice = choice.view(-1, n_group, per_group)
+        group_scores = (grouped_choice.max(dim=-1).values if rule.group_score == "max"
+                        else grouped_choice.topk(2, dim=-1)[0].sum(dim=-1))
         group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores)
         group_mask.scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(-1, layer.num_experts)
         choice = choice.masked_fill(~score_mask.bool(), rule.group_fill)
-    topk_idx = torch.topk(choice, k=layer.top_k, dim=-1, sorted=rule.sorted_topk)[1]
+    top_value, topk_idx = torch.topk(choice, k=layer.top_k, dim=-1, sorted=rule.sorted_topk)
     raw_gate = scores.gather(1, topk_idx)
-    return Routing(router_logits, scores.float(), topk_idx, raw_gate.float(), _finish_weights(rule, layer, raw_gate))
+    weights = top_value if rule.weights_from_selection else raw_gate
+    return Routing(router_logits, scores.float(), topk_idx, raw_gate.float(), _finish_weights(rule, layer, weights))
 
 
 def _finish_weights(rule: ScoredRule, layer: MoELayer, weights: torch.Tensor) -> torch.Tensor:

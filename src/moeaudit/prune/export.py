@@ -15,11 +15,12 @@ Limits
 ------
 * One expert count per model: a fused-weights config has a single ``num_experts``, so every MoE layer
   must keep the same number of experts (uniform ratios); non-uniform budgets are refused.
-* DeepSeek-V2 group-limited routing (``topk_method="group_limited_greedy"``) splits the experts into
+* Group-limited routing (DeepSeek-V2's ``topk_method="group_limited_greedy"``, DeepSeek-V3 and its kin,
+  Mistral 4, and the generic adapter's grouped rules: Kimi-Linear, Bailing-hybrid) splits the experts into
   ``n_group`` equal consecutive groups; the export keeps that routing exact only when every group of every
   layer keeps the same number of experts, and refuses otherwise (greedy DeepSeek-V2 / V2-Lite always works).
-  DeepSeek-V3-style routing (a group's score is the sum of its two best) also needs two experts kept per
-  group when there is more than one group.
+  Where a group's score is the sum of its two best (DeepSeek-V3, Mistral 4) each group must also keep two
+  experts when there is more than one group.
 """
 
 from __future__ import annotations
@@ -106,22 +107,35 @@ def check_kept(moe: MoEModel, kept: Mapping[int, Sequence[int]]) -> dict[int, li
     return full
 
 
+def _group_limits(moe: MoEModel, described) -> tuple[int, int] | None:
+    """(n_group, experts each group must keep at least) of ``described``'s group-limited routing (the
+    adapter's routing parameters), or None where it does not group (one group, or greedy routing)."""
+    params = moe.adapter.routing_parameters(described)
+    n_group = params.get("n_group")
+    if not n_group or int(n_group) <= 1:
+        return None
+    return int(n_group), 2 if params.get("group_score", "its best") == "sum of its 2 best" else 1
+
+
 def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
     """Group-limited routing needs equal-sized groups after slicing (see the module notes)."""
     for described in moe.layers:
-        if described.routing_rule not in ("softmax_group_limited_scaled", "sigmoid_bias_group_scaled"):
+        limits = _group_limits(moe, described)
+        if limits is None:
             continue
-        n_group = int(described.router.num_group)
+        n_group, least = limits
         per_group = described.num_experts // n_group
         counts = [sum(1 for e in kept[described.layer] if e // per_group == g) for g in range(n_group)]
         if len(set(counts)) > 1:
+            greedy = (", or export a model with topk_method='greedy'"
+                      if hasattr(described.router, "topk_method") else "")
             raise InvalidParameterError(
                 f"`kept` must keep the same number of experts in each of the {n_group} expert groups of layer "
-                f"{described.layer} (DeepSeek group-limited routing, n_group = {n_group}); got {counts}; drop "
-                "experts evenly across groups, or export a model with topk_method='greedy'")
-        if described.routing_rule == "sigmoid_bias_group_scaled" and n_group > 1 and counts[0] < 2:
+                f"{described.layer} (group-limited routing, n_group = {n_group}); got {counts}; drop "
+                f"experts evenly across groups{greedy}")
+        if counts[0] < least:
             raise InvalidParameterError(
-                f"`kept` must keep at least 2 experts in each of the {n_group} expert groups of layer "
+                f"`kept` must keep at least {least} experts in each of the {n_group} expert groups of layer "
                 f"{described.layer} (a group's score is the sum of its two best experts); got {counts}; keep more "
                 "experts")
 
