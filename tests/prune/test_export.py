@@ -50,6 +50,7 @@ def test_export_equals_masked_pruning(family, tmp_path):
     assert getattr(text_config, top_k_field) == moe.layers[0].top_k
     record = json.loads((tmp_path / "pruned" / "moeaudit_pruning.json").read_text())
     assert record["kept"][str(moe.layers[0].layer)] == KEPT[family]
+    assert loaded.config.architectures == [type(moe.model).__name__]  # the class that loads it, as save_pretrained
     _assert_legacy_keys(tmp_path / "pruned" / "config.json", text_config, n_kept)
     # the exported experts are the kept ones, in order
     layer = moe.layers[0]
@@ -79,7 +80,7 @@ def _assert_legacy_keys(path, text_config, n_kept):
         assert part["torch_dtype"] == part["dtype"]
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "glm4_moe", "qwen3_vl_moe", "mistral4"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "glm4_moe", "qwen3_vl_moe", "mistral4", "qwen3_omni_moe"])
 def test_export_writes_the_keys_transformers_4_reads(family, tmp_path):
     """The issue's examples (Qwen3-MoE's num_experts, Mixtral's rope_theta) and partial rotary, M-RoPE and YaRN:
     a config.json stripped of every 5.x-only spelling (what a 4.x reader sees) gives the exported config."""
@@ -96,6 +97,9 @@ def test_export_writes_the_keys_transformers_4_reads(family, tmp_path):
         assert text["partial_rotary_factor"] == 0.5 and text["n_routed_experts"] == 6
     if family == "qwen3_vl_moe":  # 4.x Qwen3-VL read mrope_section from rope_scaling
         assert text["num_experts"] == 6 and text["rope_scaling"]["mrope_section"] == [1, 1, 2]
+    if family == "qwen3_omni_moe":  # the thinker alone; 4.x read the interleaved mrope_section from rope_scaling
+        assert data["model_type"] == "qwen3_omni_moe_thinker" and text["num_experts"] == 6
+        assert text["rope_scaling"]["mrope_section"] == [2, 1, 1] and text["rope_scaling"]["interleaved"] is True
     if family == "mistral4":
         assert text["rope_scaling"]["rope_type"] == "yarn" and text["rope_scaling"]["factor"] == 128.0
     assert data["torch_dtype"] == data["dtype"] == "float32"

@@ -230,6 +230,15 @@ class FamilyAdapter(abc.ABC):
     replayed_layer_arguments: ClassVar[frozenset[str]] = frozenset()
 
     # ----------------------------------------------------------------- discovery
+    def audited_config(self, config):
+        """The config of the part of a composite checkpoint that is audited (the checkpoint's own by default;
+        Qwen3-Omni-MoE: its thinker's, whose class loads from the whole checkpoint)."""
+        return config
+
+    def audited_model(self, model: nn.Module) -> nn.Module:
+        """The part of an already-built composite model that is audited (:meth:`audited_config`'s model)."""
+        return model
+
     def backbone(self, model: nn.Module) -> nn.Module:
         """The module that holds the decoder layers, the rotary embedding and the final norm (``model.model``;
         a vision-language model's ``model.model.language_model``)."""

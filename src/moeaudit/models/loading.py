@@ -147,15 +147,16 @@ def _native_alias_config(source: str, display: str):
 
 
 def load_config(source: str, is_local: bool, display: str, *, revision: str | None = None):
-    """AutoConfig without remote code, with one-line errors for the usual failures."""
+    """AutoConfig without remote code, with one-line errors for the usual failures; of a composite checkpoint,
+    the config of the part that is audited (:meth:`~moeaudit.models.base.FamilyAdapter.audited_config`)."""
     from transformers import AutoConfig
 
     alias = _native_alias_config(source, display)
     if alias is not None:
         return alias
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=False,
-                                          **({"revision": revision} if revision and not is_local else {}))
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False,
+                                            **({"revision": revision} if revision and not is_local else {}))
     except ValueError as err:
         raw = _read_local_config(source) if is_local else {}
         text = str(err)
@@ -176,6 +177,8 @@ def load_config(source: str, is_local: bool, display: str, *, revision: str | No
         if "not a valid model identifier" in text or "Repository Not Found" in text or "404" in text:
             raise ModelLoadError(f"no model {display} on the model hub; check the id or pass a local directory") from None
         raise _unreachable_hub(display) from None
+    adapter = resolve_adapter(getattr(config, "model_type", ""))
+    return adapter.audited_config(config) if adapter is not None else config
 
 
 def _refuse_unsupported(config, display: str) -> None:
@@ -288,6 +291,8 @@ def wrap_model(model: nn.Module, *, name: str | None = None, tokenizer: Any = No
     adapter = adapter or resolve_adapter(getattr(config, "model_type", ""))
     if adapter is None:
         _refuse_unsupported(config, display)
+    model = adapter.audited_model(model)
+    config = model.config
     layers = adapter.find_layers(model)
     if not layers:
         _refuse_unsupported(config, display)

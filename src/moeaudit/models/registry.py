@@ -14,7 +14,7 @@ from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, 
 from moeaudit.models.llama4 import Llama4Adapter
 from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
-from moeaudit.models.qwen3_moe import Qwen3MoeAdapter
+from moeaudit.models.qwen3_moe import Qwen3MoeAdapter, Qwen3OmniMoeAdapter
 from moeaudit.models.scored import (DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter,
                                     Glm4vMoeAdapter, NemotronHAdapter)
 
@@ -44,6 +44,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Glm4vMoeAdapter,
     Gemma4Adapter,
     AXK1Adapter,
+    Qwen3OmniMoeAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -85,7 +86,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
     "minimax": "lightning attention and alpha/beta residual scaling",
     "bailing_moe": "routing variant not adapted yet",
-    "qwen3_omni_moe": _WRAPPER,
     "ernie4_5_vl_moe": _WRAPPER,
     "mistral_large4": "indexer sparse attention and a vision-language wrapper",
     "dots3_note": "indexer sparse attention and a vision-language wrapper",

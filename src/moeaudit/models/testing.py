@@ -17,7 +17,7 @@ FAMILIES: tuple[str, ...] = (
     "qwen3_5_moe", "granitemoeshared", "granitemoehybrid", "qwen3_vl_moe",
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
-    "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1",
+    "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -55,7 +55,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import AXK1Config, Gemma4TextConfig
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
-                              PhimoeConfig, Qwen3VLMoeConfig)
+                              PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -186,6 +186,12 @@ def tiny_config(family: str, **overrides: Any):
                       num_experts_per_tok=2, head_dim=8, rope_parameters={"rope_type": "default", "rope_theta":
                                                                           10000.0, "mrope_section": [1, 1, 2]})
         cls = Qwen3VLMoeConfig
+    elif family == "qwen3_omni_moe":  # the thinker's text model (interleaved mRoPE, a dense layer); encoders below
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True, head_dim=8, mlp_only_layers=[0],
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                       "interleaved": True})
+        cls = Qwen3OmniMoeThinkerConfig
     elif family == "jamba":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
                       expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
@@ -264,6 +270,13 @@ def tiny_config(family: str, **overrides: Any):
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     fields.update(overrides)
+    if family == "qwen3_omni_moe":
+        return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                                                          out_hidden_size=fields["hidden_size"],
+                                                          deepstack_visual_indexes=[0], num_position_embeddings=16),
+                   audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
+                                     d_model=16, output_dim=fields["hidden_size"], downsample_hidden_size=8,
+                                     n_window=4))
     if family in ("qwen3_vl_moe", "glm4v_moe"):
         vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=fields["hidden_size"])
         if family == "qwen3_vl_moe":

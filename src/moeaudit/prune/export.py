@@ -5,8 +5,10 @@ for GPT-OSS, their biases: every parameter of the experts module whose leading a
 out of the router (its weight rows and, where present, its bias and its load-balancing correction bias
 ``e_score_correction_bias``, a buffer); the config's routed-expert count is
 updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts`` / ``moe_num_experts``), top-k is
-kept. The result loads with ``AutoModelForCausalLM.from_pretrained(DIR)`` (Mistral 4, Qwen3-VL-MoE:
-their own class, ``Mistral4ForCausalLM``, ``Qwen3VLMoeForConditionalGeneration``) and no moeaudit, and computes exactly what the masked evaluation
+kept. The result loads with ``AutoModelForCausalLM.from_pretrained(DIR)`` (Mistral 4, Qwen3-VL-MoE,
+Qwen3-Omni-MoE's thinker: their own class, ``Mistral4ForCausalLM``, ``Qwen3VLMoeForConditionalGeneration``,
+``Qwen3OmniMoeThinkerForConditionalGeneration``, which ``config.json``'s ``architectures`` names) and no
+moeaudit, and computes exactly what the masked evaluation
 (:mod:`moeaudit.prune.evaluate`) computes: a router without rows for the dropped experts gives the same
 softmax over the survivors as one whose dropped logits are −inf (a sigmoid router, DeepSeek-V3 and its
 kin: the same scores, and a selection score of −inf for the dropped ones).
@@ -271,7 +273,8 @@ def _expert_count_fields(config, num_experts: int) -> tuple[str, ...]:
 #: ``attribute_map`` alias) where 4.x read ``num_experts`` and would fall back to its default of 128.
 LEGACY_EXPERT_COUNT_KEYS: dict[str, str] = {
     "olmoe": "num_experts", "flex_olmo": "num_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
-    "qwen3_next": "num_experts", "qwen3_vl_moe_text": "num_experts", "hunyuan_v1_moe": "num_experts",
+    "qwen3_next": "num_experts", "qwen3_vl_moe_text": "num_experts", "qwen3_omni_moe_text": "num_experts",
+    "hunyuan_v1_moe": "num_experts",
     "jamba": "num_experts", "lfm2_moe": "num_experts",
     "mixtral": "num_local_experts", "gpt_oss": "num_local_experts", "phimoe": "num_local_experts",
     "llama4_text": "num_local_experts", "granitemoe": "num_local_experts", "granitemoeshared": "num_local_experts",
@@ -463,6 +466,7 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     original = moe.layers[0].num_experts
     new_count = len(next(iter(full.values())))
     config = copy.deepcopy(moe.model.config)
+    config.architectures = [type(moe.model).__name__]  # as save_pretrained writes it (a sub-config has none)
     text_config = config.get_text_config()  # a vision-language model keeps the counts in its text config
     fields = _expert_count_fields(text_config, original)
     for name in fields:
