@@ -1,5 +1,6 @@
 """Families moeaudit reaches through views of the library's own modules (Llama 4's router and experts, A.X-K1's
-block up to its norm, Gemma 4's MoE branch inside the decoder layer): the views change neither the library's
+block up to its norm, Gemma 4's MoE branch inside the decoder layer, ERNIE-4.5-VL's text MoE and shared
+experts): the views change neither the library's
 forward nor its state dict, wrapping twice keeps one set, and a view that differs from the library by a
 rounding step is refused at load."""
 
@@ -11,12 +12,14 @@ import torch
 from moeaudit.errors import ContractError
 from moeaudit.models import wrap_model
 from moeaudit.models.axk1 import AXK1MoEView
+from moeaudit.models.ernie45_vl import Ernie45VLTextMoEView
 from moeaudit.models.gemma4 import Gemma4MoEView
 from moeaudit.models.llama4 import Llama4ExpertsView
 from moeaudit.models.testing import tiny_model
 
 IDS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
-VIEWS = {"llama4_text": Llama4ExpertsView, "axk1": AXK1MoEView, "gemma4_text": Gemma4MoEView}
+VIEWS = {"llama4_text": Llama4ExpertsView, "axk1": AXK1MoEView, "gemma4_text": Gemma4MoEView,
+         "ernie4_5_vl_moe": Ernie45VLTextMoEView}
 
 
 @pytest.mark.parametrize("family", sorted(VIEWS))

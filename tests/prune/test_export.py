@@ -16,12 +16,15 @@ from moeaudit.prune.export import EXPERT_COUNT_FIELDS, LEGACY_EXPERT_COUNT_KEYS
 
 from tests.prune.conftest import make_moe, windows
 
+#: Families whose pruned checkpoint cannot be described by their config (refused, tested below).
+NOT_EXPORTABLE = ("ernie4_5_vl_moe",)
+EXPORTABLE = [family for family in FAMILIES if family not in NOT_EXPORTABLE]
 #: Kept experts per family (8 experts, top-2); group-limited DeepSeek keeps one expert of each group of 2.
 KEPT = {family: [0, 2, 3, 5, 6, 7] for family in FAMILIES}
 KEPT["deepseek_v2_grouped"] = [0, 3, 4, 7]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", EXPORTABLE)
 def test_export_equals_masked_pruning(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -114,6 +117,18 @@ def test_export_writes_the_keys_transformers_4_reads(family, tmp_path):
     assert old_style.get_text_config().rope_parameters == exported.get_text_config().rope_parameters
     assert old_style.to_dict() == exported.to_dict()
     assert str(old_style.dtype) == "torch.float32"
+
+
+@pytest.mark.parametrize("family", NOT_EXPORTABLE)
+def test_export_refuses_a_family_its_config_cannot_describe_pruned(family, tmp_path):
+    """ERNIE-4.5-VL's text and vision experts share one expert count: refused in one line naming what to do,
+    before anything is written."""
+    moe = make_moe(family)
+    with pytest.raises(InvalidParameterError) as err:
+        export_pruned(moe, {l.layer: KEPT[family] for l in moe.layers}, tmp_path / "x")
+    message = str(err.value)
+    assert "cannot be exported pruned" in message and "moeaudit prune" in message and "\n" not in message
+    assert not (tmp_path / "x").exists()
 
 
 def test_export_refuses_non_uniform_and_bad_kept(tmp_path):

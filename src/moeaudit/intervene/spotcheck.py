@@ -19,6 +19,8 @@ an effect of the removed expert; the run counts them per MoE layer so a reader k
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import weakref
 from typing import Callable
@@ -49,6 +51,14 @@ REPLAYED_LAYER_ARGUMENTS = frozenset({"attention_mask", "past_key_values", "posi
                                       "prev_topk_indices"})
 
 _VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _none_defaults(layer_type: type) -> frozenset[str]:
+    """The keyword arguments of a decoder layer class whose default is None (ERNIE-4.5-VL's
+    ``moe_mm_token_type_ids`` on text): handed None, they are what the rows' call, which omits them, passes."""
+    parameters = inspect.signature(layer_type.forward).parameters.values()
+    return frozenset(p.name for p in parameters if p.default is None)
 
 
 def checked_layers(moe: MoEModel) -> list[int]:
@@ -99,7 +109,12 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
     layers = checked_layers(moe)
     pos = length // 2
     received: set[str] = set()
-    handles = [layer.register_forward_pre_hook(lambda module, args, kwargs: received.update(kwargs), with_kwargs=True)
+
+    def record(module, args, kwargs):  # an argument handed as None where the layer's default is None: the rows'
+        defaults = _none_defaults(type(module))
+        received.update(name for name, value in kwargs.items() if value is not None or name not in defaults)
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True)
                for layer in moe.adapter.decoder_layers(moe.model)]
     try:
         with torch.no_grad(), moe.capture(layers) as trace:

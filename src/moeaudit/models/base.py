@@ -225,6 +225,8 @@ class FamilyAdapter(abc.ABC):
     shared_gate_attr: ClassVar[str | None] = None
     #: The combine weight scales the expert's input, not its output (Llama 4): see MoELayer.weighted_terms.
     weights_scale_input: ClassVar[bool] = False
+    #: Why a pruned checkpoint of this family cannot be exported (None: it can), ending in what to do instead.
+    export_refusal: ClassVar[str | None] = None
     #: Keyword arguments the family's backbone hands its decoder layers that :meth:`row_layer_arguments`
     #: supplies to the fast engine's rows (beyond those every family's rows get).
     replayed_layer_arguments: ClassVar[frozenset[str]] = frozenset()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from moeaudit.models.axk1 import AXK1Adapter
 from moeaudit.models.base import FamilyAdapter
 from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
+from moeaudit.models.ernie45_vl import Ernie45VLMoeAdapter
 from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.gemma4 import Gemma4Adapter
@@ -45,6 +46,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Gemma4Adapter,
     AXK1Adapter,
     Qwen3OmniMoeAdapter,
+    Ernie45VLMoeAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -55,10 +57,10 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(a for cls in ADAPTERS for a in 
 #: architecture: Kimi-K2 / K2-Thinking ship DeepSeek-V3's (``architectures: DeepseekV3ForCausalLM``).
 NATIVE_ALIASES: dict[str, str] = {"kimi_k2": "deepseek_v3"}
 
-_WRAPPER = "a vision-language wrapper (decoder layers under model.language_model), not discovered yet"
 #: MoE families of transformers 5.23 without a hand-written adapter that the generic adapter
 #: (:mod:`moeaudit.models.generic`) serves: layout discovered, routing rule inferred and verified at load; each
-#: passes the adapter contract tests on a tiny model (``moeaudit.models.testing.FAMILIES``).
+#: passes the adapter contract tests on a tiny model (``moeaudit.models.testing.FAMILIES``; the multimodal
+#: wrappers: ``tests/models/test_generic.py``).
 GENERIC_FAMILIES: dict[str, str] = {
     "flint": "sigmoid top-k without a bias, plain renormalisation; an ungated shared expert",
     "cohere2_moe": "top-k of the logits, softmax over the k; shared experts summed (averaging them is refused)",
@@ -86,7 +88,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
     "minimax": "lightning attention and alpha/beta residual scaling",
     "bailing_moe": "routing variant not adapted yet",
-    "ernie4_5_vl_moe": _WRAPPER,
     "mistral_large4": "indexer sparse attention and a vision-language wrapper",
     "dots3_note": "indexer sparse attention and a vision-language wrapper",
     "minimax_m3_vl": "indexer sparse attention, block-level output scales and a wrapper",

@@ -18,6 +18,7 @@ FAMILIES: tuple[str, ...] = (
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
+    "ernie4_5_vl_moe",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -54,8 +55,9 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import AfmoeConfig, AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config, Lfm2MoeConfig
     from transformers import AXK1Config, Gemma4TextConfig
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
-    from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig, NemotronHConfig,
-                              PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
+    from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig,
+                              NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
+    from transformers import Ernie4_5_VLMoeConfig
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -192,6 +194,11 @@ def tiny_config(family: str, **overrides: Any):
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                                        "interleaved": True})
         cls = Qwen3OmniMoeThinkerConfig
+    elif family == "ernie4_5_vl_moe":  # text and vision experts in each block; the vision tower is built below
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=[16, 8], num_hidden_layers=3,
+                      moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, tie_word_embeddings=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+        cls = Ernie4_5_VLMoeConfig
     elif family == "jamba":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
                       expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
@@ -277,6 +284,8 @@ def tiny_config(family: str, **overrides: Any):
                    audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
                                      d_model=16, output_dim=fields["hidden_size"], downsample_hidden_size=8,
                                      n_window=4))
+    if family == "ernie4_5_vl_moe":
+        return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2))
     if family in ("qwen3_vl_moe", "glm4v_moe"):
         vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=fields["hidden_size"])
         if family == "qwen3_vl_moe":

@@ -78,6 +78,8 @@ def check_kept(moe: MoEModel, kept: Mapping[int, Sequence[int]]) -> dict[int, li
 
     Layers missing from ``kept`` keep all their experts.
     """
+    if moe.adapter.export_refusal is not None:
+        raise InvalidParameterError(f"{moe.name} cannot be exported pruned: {moe.adapter.export_refusal}")
     if not isinstance(kept, Mapping):
         raise invalid("kept", "a mapping {layer: [kept expert ids]}", type(kept).__name__)
     for layer in kept:
