@@ -13,6 +13,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+#: The timeout of every subprocess a test starts: a guard against a hang, never a measure of speed, so generous
+#: enough that a loaded 2-core CI machine (a run 20x slower than on a quiet one) never trips it.
+HANG_GUARD_S = 1800
+
+
 def load_script(name: str) -> ModuleType:
     """The developer script ``<repo>/scripts/<name>.py`` as a module (loaded once, then cached).
 

@@ -13,6 +13,7 @@ import pytest
 from moeaudit.cli import main
 from tests.cli.conftest import restored_logging
 from moeaudit.models import builtin
+from tests.conftest import HANG_GUARD_S
 
 pytestmark = [
     pytest.mark.slow,  # end-to-end: deselected by -m "not slow"
@@ -157,7 +158,7 @@ def test_log_json_emits_one_json_object_per_line(demo_dir, cli):
     import subprocess
 
     proc = subprocess.run([sys.executable, "-m", "moeaudit", "--log-json", "metrics", str(demo_dir)],
-                          capture_output=True, text=True, timeout=120)  # a real process, as a user runs it
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)  # a real process, as a user runs it
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in proc.stderr.strip().splitlines()]
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)

@@ -13,7 +13,7 @@ import torch
 
 from moeaudit.models import wrap_model
 from moeaudit.models.testing import FAMILIES, tiny_config, tiny_model
-from tests.conftest import one_line_error
+from tests.conftest import HANG_GUARD_S, one_line_error
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -140,14 +140,15 @@ def test_hub_without_network_is_one_line(tmp_path):
     """A real process: the hub id cannot be reached (offline mode), one line on stderr, exit 2."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), TRANSFORMERS_VERBOSITY="error")
     proc = subprocess.run([sys.executable, "-m", "moeaudit", "inspect", "allenai/OLMoE-1B-7B-0924"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     one_line_error(proc.returncode, proc.stderr, "could not reach the model hub for allenai/OLMoE-1B-7B-0924",
                    "pass a local directory")
 
 
 @pytest.mark.slow
 def test_version_and_help():
-    proc = subprocess.run([sys.executable, "-m", "moeaudit", "--version"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "moeaudit", "--version"], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0 and proc.stdout.strip() == "moeaudit 0.1.0"
 
 

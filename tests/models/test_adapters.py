@@ -199,6 +199,7 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         "softmax_group_sum_scaled": ("softmax", None, 0.0, "config", True),             # Mistral 4
         "sigmoid_bias_renorm": ("sigmoid", "block", None, "always", False),             # MiniMax-M2
         "softmax_bias_renorm": ("softmax", "statics", None, "clamp", False),            # ERNIE-4.5
+        "softmax_bias_scaled": ("softmax", "router", None, "never", True),               # LongCat-Flash
     }
     if rule == "inferred_scored_topk":  # the generic adapter: the rule its parameters describe
         params = layer.adapter.routing_parameters(layer)
@@ -438,8 +439,9 @@ def test_bad_ablation_arguments(moe):
     with pytest.raises(InvalidParameterError, match="`layer` must be an MoE layer index"):
         with moe.intervene([Ablation(99, experts=0)]):
             pass
-    with pytest.raises(InvalidParameterError, match=r"`experts` must be in \[0, 7\]"):
-        with torch.no_grad(), moe.intervene([Ablation(moe.layers[0].layer, experts=8)]):
+    last = moe.layers[0].num_experts - 1
+    with pytest.raises(InvalidParameterError, match=rf"`experts` must be in \[0, {last}\]"):
+        with torch.no_grad(), moe.intervene([Ablation(moe.layers[0].layer, experts=last + 1)]):
             moe.model(torch.ones(1, 4, dtype=torch.long))
 
 

@@ -17,6 +17,7 @@ HAND_WRITTEN_ONLY = {"phimoe": "no routing rule moeaudit knows reproduces",     
                      "llama4_text": r"a 2-tuple, not \(router_logits",                  # (scores, logits)
                      "gemma4_text": "no MoE layers found",                             # MoE inline in the layer
                      "ernie4_5_vl_moe": "no MoE layers found",                         # text and vision MoEs
+                     "longcat_flash": "no linear map with a row per expert",           # identity experts too
                      "axk1": "is not its experts' weighted sum plus its shared experts"}  # a norm in the block
 RULE_BASED = [f for f in FAMILIES if f not in HAND_WRITTEN_ONLY]
 

@@ -10,6 +10,7 @@ import torch
 from moeaudit.models import load_model
 from moeaudit.models.loading import NATIVE_ALIASES
 from moeaudit.models.testing import tiny_model
+from tests.conftest import HANG_GUARD_S
 
 
 def test_kimi_k2_checkpoint_loads_as_native_deepseek_v3(tmp_path):
@@ -162,7 +163,7 @@ def test_an_unreachable_hub_is_one_line_without_retries(tmp_path):
     from tests.conftest import one_line_error
 
     proc = subprocess.run([sys.executable, "-m", "moeaudit", "inspect", "some-org/some-moe"], capture_output=True,
-                          text=True, env=_hub_env(tmp_path), timeout=300)
+                          text=True, env=_hub_env(tmp_path), timeout=HANG_GUARD_S)
     one_line_error(proc.returncode, proc.stderr, "could not reach the model hub for some-org/some-moe",
                    "hf download some-org/some-moe --local-dir DIR")
     assert "Retry" not in proc.stderr
@@ -179,7 +180,7 @@ def test_an_unreachable_hub_falls_back_to_the_cached_snapshot(tmp_path):
     (repo / "refs" / "main").write_text(revision)
     tiny_model("olmoe", seed=1).save_pretrained(repo / "snapshots" / revision)
     proc = subprocess.run([sys.executable, "-m", "moeaudit", "inspect", "some-org/cached-moe"], capture_output=True,
-                          text=True, env=_hub_env(tmp_path), timeout=300)
+                          text=True, env=_hub_env(tmp_path), timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert "olmoe" in proc.stdout.lower() and "Retry" not in proc.stderr
 
@@ -228,7 +229,7 @@ def test_revision_picks_the_snapshot(tmp_path):
             "print(f(moeaudit.load_model('some-org/tagged-moe')), f(moeaudit.load_model('some-org/tagged-moe', "
             "revision='v2')))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_hub_env(tmp_path),
-                          timeout=300)
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     main, v2 = proc.stdout.split()
     from moeaudit.models.loading import model_fingerprint

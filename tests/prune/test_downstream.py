@@ -24,7 +24,7 @@ from moeaudit.prune import evaluate_downstream, export_pruned
 from moeaudit.prune.downstream import DOWNSTREAM_COLUMNS
 
 from tests.cli.conftest import cli  # noqa: F401  (the shared in-process CLI fixture)
-from tests.conftest import one_line_error
+from tests.conftest import HANG_GUARD_S, one_line_error
 
 pytestmark = [
     pytest.mark.slow,  # end-to-end: deselected by -m "not slow"
@@ -290,7 +290,7 @@ def test_missing_extra_names_the_install(checkpoints, task_dir, monkeypatch):
 def test_package_import_does_not_load_lm_eval():
     code = "import sys, moeaudit.prune, moeaudit.cli; assert 'lm_eval' not in sys.modules, 'lm_eval imported'"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=HANG_GUARD_S)
 
 
 # --- lm-eval's own files, model arguments, chat template, and the comparison with a baseline (issue 18) ---

@@ -22,6 +22,7 @@ EXPORTABLE = [family for family in FAMILIES if family not in NOT_EXPORTABLE]
 #: Kept experts per family (8 experts, top-2); group-limited DeepSeek keeps one expert of each group of 2.
 KEPT = {family: [0, 2, 3, 5, 6, 7] for family in FAMILIES}
 KEPT["deepseek_v2_grouped"] = [0, 3, 4, 7]
+KEPT["longcat_flash"] = [0, 2, 3, 5, 6, 7, 8, 10]  # 6 of 8 real experts, 2 of 4 identity experts
 
 
 @pytest.mark.parametrize("family", EXPORTABLE)
@@ -43,22 +44,25 @@ def test_export_equals_masked_pruning(family, tmp_path):
         exported = nll_from_logits(loaded(input_ids=ids).logits, ids)
     assert torch.allclose(masked[:, :-1], exported[:, :-1], atol=1e-5, rtol=0)
     n_kept = len(KEPT[family])
-    assert result.num_experts == n_kept and result.original_num_experts == 8
+    assert result.num_experts == n_kept and result.original_num_experts == moe.layers[0].num_experts
     assert result.parameters < result.original_parameters
     assert sum(p.numel() for p in loaded.parameters()) == result.parameters
     text_config = loaded.config.get_text_config()  # the config itself but for vision-language models
+    counts = {"n_routed_experts": 6, "zero_expert_num": 2} if family == "longcat_flash" else {}
     for name in result.config_fields:
-        assert getattr(text_config, name) == n_kept
+        assert getattr(text_config, name) == counts.get(name, n_kept)
     top_k_field = next(f for f in TOP_K_FIELDS if getattr(text_config, f, None) is not None)
     assert getattr(text_config, top_k_field) == moe.layers[0].top_k
     record = json.loads((tmp_path / "pruned" / "moeaudit_pruning.json").read_text())
     assert record["kept"][str(moe.layers[0].layer)] == KEPT[family]
     assert loaded.config.architectures == [type(moe.model).__name__]  # the class that loads it, as save_pretrained
-    _assert_legacy_keys(tmp_path / "pruned" / "config.json", text_config, n_kept)
-    # the exported experts are the kept ones, in order
+    _assert_legacy_keys(tmp_path / "pruned" / "config.json", text_config, counts.get("n_routed_experts", n_kept))
+    # the exported experts are the kept ones, in order (LongCat-Flash's identity experts have no down_proj)
     layer = moe.layers[0]
     exported_layer = {found.layer: found for found in moe.adapter.find_layers(loaded)}[layer.layer]
-    assert torch.equal(exported_layer.experts.down_proj, layer.experts.down_proj[KEPT[family]])
+    weighted = [e for e in KEPT[family] if e < layer.experts.down_proj.shape[0]]
+    assert torch.equal(exported_layer.experts.down_proj, layer.experts.down_proj[weighted])
+    assert exported_layer.num_experts == n_kept
 
 
 def _text_json(data: dict) -> dict:

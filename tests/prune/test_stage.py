@@ -219,3 +219,21 @@ def test_prune_settings_come_from_the_config_tree_and_are_recorded(tmp_path):
     assert recorded["ratios"] == [0.25] and recorded["criteria"] == ["frequency", "random"]
     assert recorded["random_seeds"] == [7, 9] and set(run.read("pruning").seed.dropna()) == {7, 9}
     assert RunDir(run.path).manifest["config_fingerprint"] == config_fingerprint(config)
+
+
+def test_identity_experts_are_never_pruned_and_not_counted_in_the_ratio(tmp_path):
+    """LongCat-Flash's zero-computation experts (8 real + 4 identity per tiny layer) hold no weights: pruning
+    one saves nothing. Even when a criterion ranks them lowest, every pruning keeps them, and the ratio counts
+    the real experts only (0.25 of 8: 2 dropped); the export then counts each kind into its config field."""
+    from moeaudit.prune import export_pruned, select_kept
+
+    moe = make_moe("longcat_flash")
+    frequency = np.tile(np.r_[np.arange(1.0, 9.0), np.zeros(4)], (len(moe.layers), 1))  # identity ranked lowest
+    metrics = metrics_table(moe, {"frequency": frequency})
+    run = make_run(tmp_path, moe, metrics)
+    kept = select_kept(run, "frequency", 0.25, moe=moe)
+    assert all(ids == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11] for ids in kept.values())
+    run_prune(run, moe=moe, ratios=(0.25,), criteria=["frequency", "random"], random_seeds=3, guard=1)
+    table = run.read("pruning")
+    assert all(len(d) == 2 and max(d) < 8 for d in table.dropped)
+    assert export_pruned(moe, kept, tmp_path / "export").num_experts == 10

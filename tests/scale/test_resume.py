@@ -22,6 +22,7 @@ from moeaudit.models import load_model
 from moeaudit.observe.stage import run_observe
 from moeaudit.rundir import RunDir
 from tests.cli.conftest import cli  # noqa: F401  (fixture)
+from tests.conftest import HANG_GUARD_S
 from tests.scale.conftest import SMALL_RUN, assert_same_tables
 
 pytestmark = pytest.mark.slow  # end-to-end: deselected by -m "not slow"
@@ -68,7 +69,7 @@ def _interrupted_run(out: Path, args: tuple[str, ...], stage: str, units: int, s
         assert proc.poll() is None, f"the run ended before {units} {stage} units were done: {proc.stderr.read()}"
         time.sleep(0.05)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
     return proc.returncode, err
 
 
@@ -76,7 +77,7 @@ def test_killed_run_resumes_to_identical_tables(tmp_path):
     reference, out = tmp_path / "reference", tmp_path / "interrupted"
     args = (*SMALL_RUN, "--unit-windows", "2")
     done = _moeaudit("run", "--out", str(reference), *args)
-    _, err = done.communicate(timeout=300)
+    _, err = done.communicate(timeout=HANG_GUARD_S)
     assert done.returncode == 0, err
 
     # SIGTERM in the middle of observe: the message says where to resume.
@@ -94,7 +95,7 @@ def test_killed_run_resumes_to_identical_tables(tmp_path):
     assert code == -signal.SIGKILL
 
     final = _moeaudit("run", "--out", str(out), *args)
-    _, err = final.communicate(timeout=300)
+    _, err = final.communicate(timeout=HANG_GUARD_S)
     assert final.returncode == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["stages"]["intervene"]["resumed"] >= 3

@@ -69,7 +69,8 @@ def _aimer(d: LayerData) -> NDArray[np.float64]:
     assert d.weights is not None
     if not d.weights.experts:
         raise MissingInputError(f"metric `aimer` needs expert tensors in `weights[{d.layer}]`; got only a router.")
-    return weights.aimer(*d.weights.experts)
+    # NaN for identity experts (LongCat-Flash's zero-computation experts): they hold no weights
+    return np.concatenate([weights.aimer(*d.weights.experts), np.full(d.weights.identity, np.nan)])
 
 
 def _router_row_norm(d: LayerData) -> NDArray[np.float64]:

@@ -14,23 +14,28 @@ import numpy as np
 from moeaudit.metrics.compute import compute_expert_metrics, compute_expert_metrics_by_domain
 from moeaudit.metrics.distribution import routing_gini
 from moeaudit.metrics.reap import resolve_reap_gate
+from moeaudit.metrics.weights import LayerWeights
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.rundir import RunDir
 
 
-def layer_weights(moe: MoEModel) -> dict[int, dict[str, Any]]:
+def layer_weights(moe: MoEModel) -> dict[int, LayerWeights]:
     """Fused expert weights and router rows per MoE layer, for the weight-only metrics.
 
     The model's own tensors, not copies: the metrics convert one expert at a time
     (:func:`moeaudit.metrics.weights.aimer`), so a bfloat16 model is never held again in float32 (that copy
-    was twice the model's size: 27 GB for OLMoE-1B-7B).
+    was twice the model's size: 27 GB for OLMoE-1B-7B). Identity experts (LongCat-Flash's zero-computation
+    experts, :meth:`~moeaudit.models.FamilyAdapter.identity_experts`) hold no weights: the expert tensors stop
+    before them (LongCat-Flash's ``gate_up_proj`` keeps unused rows for them).
     """
     out = {}
     for layer in moe.layers:
-        tensors = {name: getattr(layer.experts, name).detach()
-                   for name in ("gate_up_proj", "up_proj", "down_proj") if getattr(layer.experts, name, None) is not None}
-        tensors["router"] = layer.router_weight().detach()
-        out[layer.layer] = tensors
+        identity = moe.adapter.identity_experts(layer)
+        real = layer.num_experts - identity
+        experts = tuple(getattr(layer.experts, name).detach()[:real]
+                        for name in ("gate_up_proj", "up_proj", "down_proj")
+                        if getattr(layer.experts, name, None) is not None)
+        out[layer.layer] = LayerWeights(experts=experts, router=layer.router_weight().detach(), identity=identity)
     return out
 
 

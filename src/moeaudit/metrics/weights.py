@@ -39,10 +39,15 @@ class LayerWeights:
         [E, 2I, H] and ``down_proj`` [E, H, I]). Empty when only the router is known.
     router : array-like of shape (E, H), optional
         The router (gate) weight matrix, one row per routed expert.
+    identity : int
+        Trailing experts that return their input unchanged and hold no weights (LongCat-Flash's
+        zero-computation experts): the expert tensors cover the first E − ``identity`` experts, and the
+        weight-only metrics of the others are NaN.
     """
 
     experts: tuple[Any, ...] = ()
     router: Any | None = None
+    identity: int = 0
 
     @classmethod
     def from_mapping(cls, tensors: Mapping[str, Any]) -> LayerWeights:
@@ -57,7 +62,7 @@ class LayerWeights:
 
     def num_experts(self) -> set[int]:
         """Leading sizes of all tensors given (one element when consistent)."""
-        sizes = {int(t.shape[0]) for t in self.experts}
+        sizes = {int(t.shape[0]) + self.identity for t in self.experts}
         if self.router is not None:
             sizes.add(int(self.router.shape[0]))
         return sizes

@@ -62,6 +62,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
         "softmax over all experts; top-k of probability + correction bias; weights = probabilities "
         "renormalised (sum clamped below)"
     ),
+    "softmax_bias_scaled": (
+        "softmax over all experts (identity experts included); top-k of probability + correction bias; weights "
+        "= probabilities x routed_scaling_factor, not renormalised"
+    ),
     "sigmoid_topk_logits_input": (
         "top-k of the raw logits; each chosen expert's weight is the sigmoid of its logit and scales the "
         "expert's input, not its output"
@@ -180,9 +184,13 @@ class MoELayer:
         """
         n, k = topk_idx.shape
         rows = hidden.repeat_interleave(k, dim=0)
-        ones = torch.ones((n * k, 1), dtype=hidden.dtype, device=hidden.device)
-        out = type(self.experts).forward(self.experts, rows, topk_idx.reshape(-1, 1), ones)
-        return out.reshape(n, k, -1)
+        return self._single_expert_rows(rows, topk_idx.reshape(-1)).reshape(n, k, -1)
+
+    def _single_expert_rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.adapter is not None:
+            return self.adapter.single_expert_rows(self, rows, index)
+        ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
+        return type(self.experts).forward(self.experts, rows, index.reshape(-1, 1), ones)
 
     @property
     def weights_scale_input(self) -> bool:
@@ -199,9 +207,7 @@ class MoELayer:
             return weights.unsqueeze(-1) * self.ungated_outputs(hidden, topk_idx)
         n, k = topk_idx.shape
         rows = hidden.repeat_interleave(k, dim=0) * weights.reshape(-1, 1).to(hidden.dtype)
-        ones = torch.ones((n * k, 1), dtype=hidden.dtype, device=hidden.device)
-        out = type(self.experts).forward(self.experts, rows, topk_idx.reshape(-1, 1), ones)
-        return out.reshape(n, k, -1)
+        return self._single_expert_rows(rows, topk_idx.reshape(-1)).reshape(n, k, -1)
 
     def expert_parameter_count(self) -> int:
         return sum(p.numel() for p in self.experts.parameters())
@@ -307,6 +313,23 @@ class FamilyAdapter(abc.ABC):
     # ----------------------------------------------------------------- routing
     def router_weight(self, layer: MoELayer) -> torch.Tensor:
         return layer.router.weight
+
+    def single_expert_rows(self, layer: MoELayer, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """f_e(row) for one expert per row, ``rows`` [M, H], ``index`` [M] -> [M, H]: the experts module's own
+        ``forward`` (not ``__call__``, so no hooks fire) with top-k 1 and weight 1."""
+        ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
+        return type(layer.experts).forward(layer.experts, rows, index.reshape(-1, 1), ones)
+
+    def identity_experts(self, layer: MoELayer) -> int:
+        """How many of ``layer``'s experts, the last ones, return their input unchanged and hold no weights
+        (LongCat-Flash's zero-computation experts); 0 for every other family."""
+        return 0
+
+    def exported_expert_counts(self, config, kept: list[int], layer: MoELayer) -> dict[str, int] | None:
+        """The config fields a pruned export of ``layer`` keeping ``kept`` rewrites, with their values, where
+        the family counts its experts in more than one field (LongCat-Flash: real and identity experts); None:
+        every field equal to the expert count takes the kept count (:mod:`moeaudit.prune.export`)."""
+        return None
 
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
         """Call ``layer.router`` on hidden states [N, H] as the family's block does."""

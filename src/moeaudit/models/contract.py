@@ -45,9 +45,10 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
     where = f"layer {layer.layer} ({type(layer.block).__name__})"
     fix = "install the versions in moeaudit's constraints.txt (transformers==5.23.0)"
     experts = layer.experts
+    weighted = layer.num_experts - layer.adapter.identity_experts(layer)  # identity experts hold no weights
     for name in ("down_proj",):
         weight = getattr(experts, name, None)
-        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 3 or weight.shape[0] != layer.num_experts:
+        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 3 or weight.shape[0] != weighted:
             raise ContractError(f"{where}: expected fused 3-D expert weights `{name}` [E, ., .]; {fix}")
     if getattr(experts, "gate_up_proj", None) is None and getattr(experts, "up_proj", None) is None:
         raise ContractError(f"{where}: expected fused expert weights `gate_up_proj`; {fix}")

@@ -543,10 +543,15 @@ def model_fingerprint(moe: MoEModel) -> str:
 
 
 def model_record(moe: MoEModel) -> dict[str, Any]:
-    """What a run's manifest records about its model (with a fingerprint of the weights)."""
-    return {"name": moe.name, "family": moe.family, "fingerprint": model_fingerprint(moe), "dtype": str(moe.dtype),
-            "moe_layers": moe.moe_layer_indices,
-            "num_experts": {str(l.layer): l.num_experts for l in moe.layers},
-            "top_k": {str(l.layer): l.top_k for l in moe.layers},
-            "max_position_embeddings": getattr(moe.config, "max_position_embeddings", None),
-            "pad_token_id": getattr(moe.config, "pad_token_id", None)}
+    """What a run's manifest records about its model (with a fingerprint of the weights); ``identity_experts``
+    only for a family that has them (LongCat-Flash: pruning never drops them)."""
+    record = {"name": moe.name, "family": moe.family, "fingerprint": model_fingerprint(moe), "dtype": str(moe.dtype),
+              "moe_layers": moe.moe_layer_indices,
+              "num_experts": {str(l.layer): l.num_experts for l in moe.layers},
+              "top_k": {str(l.layer): l.top_k for l in moe.layers},
+              "max_position_embeddings": getattr(moe.config, "max_position_embeddings", None),
+              "pad_token_id": getattr(moe.config, "pad_token_id", None)}
+    identity = {str(l.layer): moe.adapter.identity_experts(l) for l in moe.layers}
+    if any(identity.values()):
+        record["identity_experts"] = identity
+    return record

@@ -13,6 +13,7 @@ from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapte
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
 from moeaudit.models.llama4 import Llama4Adapter
+from moeaudit.models.longcat import LongcatFlashAdapter
 from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter, Qwen3OmniMoeAdapter
@@ -47,6 +48,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     AXK1Adapter,
     Qwen3OmniMoeAdapter,
     Ernie45VLMoeAdapter,
+    LongcatFlashAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -84,7 +86,6 @@ GENERIC_FAMILIES: dict[str, str] = {
 UNSUPPORTED_MOE: dict[str, str] = {
     "dbrx": "the router returns logits only; routing and the p-norm live in the FFN",
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
-    "longcat_flash": "zero (identity) experts among the routed ones",
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
     "minimax": "lightning attention and alpha/beta residual scaling",
     "bailing_moe": "routing variant not adapted yet",

@@ -18,7 +18,7 @@ FAMILIES: tuple[str, ...] = (
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
-    "ernie4_5_vl_moe",
+    "ernie4_5_vl_moe", "longcat_flash",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -57,7 +57,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig,
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
-    from transformers import Ernie4_5_VLMoeConfig
+    from transformers import Ernie4_5_VLMoeConfig, LongcatFlashConfig
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -199,6 +199,11 @@ def tiny_config(family: str, **overrides: Any):
                       moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, tie_word_embeddings=False,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
         cls = Ernie4_5_VLMoeConfig
+    elif family == "longcat_flash":  # 8 real + 4 identity experts; two attention sublayers, the MoE a shortcut
+        fields = dict(_COMMON, **{**_MLA, "q_lora_rank": 16}, num_layers=3, ffn_hidden_size=48,
+                      expert_ffn_hidden_size=16, n_routed_experts=8, zero_expert_num=4, moe_topk=3,
+                      routed_scaling_factor=2.0)
+        cls = LongcatFlashConfig
     elif family == "jamba":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
                       expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,

@@ -37,7 +37,9 @@ A NaN score (an expert never routed on the calibration windows, an all-zero expe
 whatever the direction: the metric saw nothing of the expert. Ties are broken by expert index.
 
 Ratios: a layer with E routed experts drops ``round(ratio * E)`` experts (halves rounded up) and keeps the
-rest; every kept set must hold at least top-k experts.
+rest; every kept set must hold at least top-k experts. Identity experts (LongCat-Flash's zero-computation
+experts, :meth:`moeaudit.models.FamilyAdapter.identity_experts`) hold no weights, so pruning one saves
+nothing: they are neither counted in E nor dropped (:func:`prunable_experts`).
 """
 
 from __future__ import annotations
@@ -231,6 +233,28 @@ def random_order(num_experts: int, seed: int, layer: int, protected: Iterable[in
     guard = set(int(e) for e in protected)
     free = np.array([e for e in range(num_experts) if e not in guard], dtype=np.int64)
     return np.concatenate([rng.permutation(free), np.array(sorted(guard), dtype=np.int64)])
+
+
+def prunable_experts(expert_metrics: pd.DataFrame, num_experts: Mapping[int, int], identity: Mapping[int, int],
+                     guard: int) -> tuple[dict[int, int], dict[int, list[int]], dict[int, list[int]]]:
+    """What pruning may drop, per layer, when the last ``identity[layer]`` experts are identity experts.
+
+    Returns
+    -------
+    real : dict of layer -> int
+        Experts with weights (``num_experts - identity``): the E of the ratios and budgets.
+    guarded : dict of layer -> list of int
+        The super-expert guard among them (:func:`super_experts` of the experts with weights).
+    protected : dict of layer -> list of int
+        Never dropped: the guarded experts and the identity experts.
+    """
+    real = {int(l): int(n) - int(identity.get(l, 0)) for l, n in num_experts.items()}
+    if any(identity.get(l, 0) for l in num_experts):
+        with_weights = expert_metrics["expert"] < expert_metrics["layer"].map(real).fillna(np.inf)
+        expert_metrics = expert_metrics[with_weights]
+    guarded = super_experts(expert_metrics, guard)
+    protected = {l: sorted(set(guarded.get(l, ())) | set(range(real[l], int(num_experts[l])))) for l in real}
+    return real, guarded, {l: ids for l, ids in protected.items() if ids}
 
 
 def super_experts(expert_metrics: pd.DataFrame, n: int) -> dict[int, list[int]]:

@@ -184,10 +184,13 @@ def _pruned_entries(moe: MoEModel, kept: dict[int, list[int]]) -> list[_Entry]:
     for described in moe.layers:
         index = torch.as_tensor(kept[described.layer], dtype=torch.long)
         count = described.num_experts
+        real = count - moe.adapter.identity_experts(described)  # LongCat-Flash's down_proj: real experts only
         block_own = (*described.block.parameters(recurse=False), *described.block.buffers(recurse=False))
         for tensor in (*described.experts.parameters(), *block_own):
             if tensor.dim() >= 1 and tensor.shape[0] == count:
                 slices[id(tensor)] = (0, index)
+            elif tensor.dim() >= 1 and real != count and tensor.shape[0] == real:
+                slices[id(tensor)] = (0, index[index < real])
         for tensor in (*described.router.parameters(), *described.router.buffers()):
             if tensor.dim() >= 1 and tensor.shape[0] == count:
                 slices[id(tensor)] = (0, index)
@@ -257,6 +260,23 @@ def _untied(entries: Sequence[_Entry]) -> list[_Entry]:
 
 #: Default largest shard, as ``save_pretrained``'s ``max_shard_size`` (bytes).
 MAX_SHARD_BYTES = 2 * 2**30
+
+
+def _exported_counts(moe: MoEModel, text_config, kept: dict[int, list[int]], original: int,
+                     new_count: int) -> dict[str, int]:
+    """The config fields the export rewrites, with their values: every expert-count field takes the kept count,
+    or the family's own fields (:meth:`~moeaudit.models.FamilyAdapter.exported_expert_counts`: LongCat-Flash's
+    real and identity experts), which must agree across layers (one config)."""
+    per_layer = {l.layer: moe.adapter.exported_expert_counts(text_config, kept[l.layer], l) for l in moe.layers}
+    if all(counts is None for counts in per_layer.values()):
+        return {name: new_count for name in _expert_count_fields(text_config, original)}
+    distinct = {tuple(sorted(counts.items())) for counts in per_layer.values()}
+    if len(distinct) > 1:
+        shown = ", ".join(f"{counts} in layer {layer}" for layer, counts in list(per_layer.items())[:3])
+        raise InvalidParameterError(f"`kept` must keep the same number of experts of each kind in every MoE layer "
+                                    f"(its config has one count of each); got {shown}; keep as many of each kind "
+                                    "in every layer")
+    return next(iter(per_layer.values()))
 
 
 def _expert_count_fields(config, num_experts: int) -> tuple[str, ...]:
@@ -457,6 +477,9 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     >>> AutoModelForCausalLM.from_pretrained("pruned/")  # doctest: +SKIP
     """
     full = check_kept(moe, kept)
+    original = moe.layers[0].num_experts
+    new_count = len(next(iter(full.values())))
+    counts = _exported_counts(moe, moe.model.config.get_text_config(), full, original, new_count)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
         raise RunDirectoryError(f"{out} exists and is not an empty directory; choose a new export directory "
@@ -465,14 +488,12 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunDirectoryError(f"cannot create {out}: {err.strerror}; choose a writable directory") from None
-    original = moe.layers[0].num_experts
-    new_count = len(next(iter(full.values())))
     config = copy.deepcopy(moe.model.config)
     config.architectures = [type(moe.model).__name__]  # as save_pretrained writes it (a sub-config has none)
     text_config = config.get_text_config()  # a vision-language model keeps the counts in its text config
-    fields = _expert_count_fields(text_config, original)
-    for name in fields:
-        setattr(text_config, name, new_count)
+    fields = tuple(counts)
+    for name, value in counts.items():
+        setattr(text_config, name, value)
     entries = _untied(_pruned_entries(moe, full))
     with torch.device("meta"):
         pruned = type(moe.model)._from_config(config, dtype=moe.dtype)  # the loaded model's own class
@@ -489,7 +510,9 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     try:
         write_shards(entries, out, max_shard_bytes)
         pruned.config.save_pretrained(out)
-        _write_legacy_keys(out / "config.json", legacy_config_keys(pruned.config, fields, new_count))
+        primary = counts[fields[0]]  # the routed-expert count (LongCat-Flash: its real experts)
+        _write_legacy_keys(out / "config.json", legacy_config_keys(
+            pruned.config, [f for f in fields if counts[f] == primary], primary))
         generation = getattr(moe.model, "generation_config", None)
         if generation is not None and pruned.can_generate():
             generation.save_pretrained(out)

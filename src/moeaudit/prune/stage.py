@@ -51,9 +51,9 @@ from moeaudit.prune.criteria import (
     layer_budgets,
     metric_criteria,
     oracle_delta_nll,
+    prunable_experts,
     reconstruction_errors,
     resolve_criteria,
-    super_experts,
 )
 from moeaudit.prune.jaccard import jaccard_table
 from moeaudit.prune.summary import (  # noqa: F401 (importable from here, as before the split)
@@ -132,16 +132,27 @@ def _read_inputs(run: RunDir, settings: dict[str, Any]) -> tuple[pd.DataFrame, p
     return metrics, tokens, layers, seeds
 
 
-def _plan_budgets(ratios, num_experts, top_k, metrics, guard, budget_weights, name):
-    """Protected experts, and per ratio the (all-layers, single-layer) drop counts; validates everything."""
-    protected = super_experts(metrics, guard)
+def _plan_budgets(ratios, num_experts, top_k, metrics, guard, budget_weights, name, identity):
+    """Protected experts (the guard and the identity experts), and per ratio the (all-layers, single-layer)
+    drop counts of the experts with weights; validates everything."""
+    real, guarded, protected = prunable_experts(metrics, num_experts, identity, guard)
+    ratios = check_ratios(ratios, real, top_k, name)
     plan = {}
     for ratio in ratios:
-        budgets = layer_budgets(ratio, num_experts, top_k, weights=budget_weights, protected=protected, context=name)
-        uniform = budgets if budget_weights is None else layer_budgets(ratio, num_experts, top_k,
-                                                                         protected=protected, context=name)
+        budgets = layer_budgets(ratio, real, top_k, weights=budget_weights, protected=guarded, context=name)
+        uniform = budgets if budget_weights is None else layer_budgets(ratio, real, top_k,
+                                                                         protected=guarded, context=name)
         plan[ratio] = (budgets, uniform)
     return protected, plan
+
+
+def _identity_experts(run: RunDir, moe, layers: list[int]) -> dict[int, int]:
+    """Identity experts per layer: the model's (:meth:`~moeaudit.models.FamilyAdapter.identity_experts`), else
+    the manifest's record of them."""
+    if moe is not None:
+        return {l: moe.adapter.identity_experts(moe.layer(l)) for l in layers}
+    recorded = (run.manifest.get("model") or {}).get("identity_experts") or {}
+    return {l: int(recorded.get(str(l), 0)) for l in layers}
 
 
 def _load_and_plan(run: RunDir, moe, layers: list[int], metrics: pd.DataFrame, settings: dict[str, Any]):
@@ -153,16 +164,17 @@ def _load_and_plan(run: RunDir, moe, layers: list[int], metrics: pd.DataFrame, s
     num_experts, top_k = run.model_sizes()
     if moe is None and all(l in num_experts and l in top_k for l in layers):
         # validate against the manifest before loading a large model
-        _plan_budgets(check_ratios(settings["ratios"], num_experts, top_k, config.model), num_experts, top_k, metrics,
-                      settings["guard"], settings["budget_weights"], config.model)
+        _plan_budgets(settings["ratios"], num_experts, top_k, metrics, settings["guard"], settings["budget_weights"],
+                      config.model, _identity_experts(run, None, layers))
     moe = moe or model_from_config(config)
     for layer in layers:
         moe.layer(layer)
     num_experts = {l: moe.layer(l).num_experts for l in layers}
     top_k = {l: moe.layer(l).top_k for l in layers}
-    ratios = check_ratios(settings["ratios"], num_experts, top_k, moe.name)
+    identity = _identity_experts(run, moe, layers)
+    ratios = check_ratios(settings["ratios"], {l: num_experts[l] - identity[l] for l in layers}, top_k, moe.name)
     protected, budget_plan = _plan_budgets(ratios, num_experts, top_k, metrics, settings["guard"],
-                                           settings["budget_weights"], moe.name)
+                                           settings["budget_weights"], moe.name, identity)
     return moe, num_experts, top_k, ratios, protected, budget_plan
 
 
@@ -433,13 +445,13 @@ def select_kept(run: RunDir, criterion: str, ratio: float, *, moe=None, seed: in
         num_experts = {l: num_experts[l] for l in layers}
         top_k = {l: top_k[l] for l in layers}
         name = run.manifest.get("model", {}).get("name", "")
-    check_ratios([ratio], num_experts, top_k, name)
+    real, guarded, protected = prunable_experts(metrics, num_experts, _identity_experts(run, moe, layers), guard)
+    check_ratios([ratio], real, top_k, name)
     scores = run.read("pruning_scores") if run.has("pruning_scores") else criterion_scores(metrics)
     if criterion in ORACLES and criterion not in scores:
         raise RunDirectoryError(f"{criterion} scores are computed by the prune stage; run `moeaudit prune` on "
                                 f"{run.path} first")
-    protected = super_experts(metrics, guard)
-    budgets = layer_budgets(float(ratio), num_experts, top_k, protected=protected, context=name)
+    budgets = layer_budgets(float(ratio), real, top_k, protected=guarded, context=name)
     if criterion == RANDOM and seed is None:
         raise invalid("seed", "an integer for the random criterion", seed)
     dropped = dropped_experts(scores, criterion, budgets, directions=directions, protected=protected, seed=seed,
