@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 #: The timeout of every subprocess a test starts: a guard against a hang, never a measure of speed, so generous
-#: enough that a loaded 2-core CI machine (a run 20x slower than on a quiet one) never trips it.
-HANG_GUARD_S = 1800
+#: that a loaded 2-core CI machine never trips it (the slowest such call takes about 20 s on a quiet one).
+HANG_GUARD_S = 600
 
 
 def load_script(name: str) -> ModuleType:

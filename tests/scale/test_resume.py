@@ -32,7 +32,10 @@ pytestmark = pytest.mark.slow  # end-to-end: deselected by -m "not slow"
 #: ``marker`` and waits there. The test signals it then, so the signal always lands at that point, however
 #: busy the machine (the run cannot finish first).
 _PAUSED_CLI = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a terminal, whatever this process inherited: a shell starts background jobs with SIGINT
+# ignored, and Python then keeps it ignored, so the SIGINT below would never arrive.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from moeaudit.scale.units import UnitStore
 stage, units, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 commit = UnitStore.commit
@@ -65,11 +68,16 @@ def _interrupted_run(out: Path, args: tuple[str, ...], stage: str, units: int, s
     marker = out.parent / f".paused-{stage}-{units}-{int(sig)}"
     marker.unlink(missing_ok=True)
     proc = _moeaudit("run", "--out", str(out), *args, pause=(stage, units, marker))
-    while not marker.exists():  # the paused process waits for the signal; one that ends early fails here
-        assert proc.poll() is None, f"the run ended before {units} {stage} units were done: {proc.stderr.read()}"
-        time.sleep(0.05)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=HANG_GUARD_S)
+    try:
+        while not marker.exists():  # the paused process waits for the signal; one that ends early fails here
+            assert proc.poll() is None, f"the run ended before {units} {stage} units were done: {proc.stderr.read()}"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=HANG_GUARD_S)
+    finally:  # a failed test leaves no paused process behind
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     return proc.returncode, err
 
 
