@@ -16,13 +16,11 @@ replaced (:func:`moeaudit.intervene.fast.restarts_at_block`, chosen by its self-
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 from moeaudit.errors import ContractError
-from moeaudit.models.base import MoELayer
+from moeaudit.models.base import MoELayer, attached_view
 from moeaudit.models.scored import DeepseekV3Adapter
 
 
@@ -59,11 +57,7 @@ class AXK1Adapter(DeepseekV3Adapter):
     architectures = ("AXK1ForCausalLM",)
 
     def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:
-        view = block.__dict__.get("_moeaudit_view")
-        if view is None:  # once per block; not registered, so the state dict is the library's
-            view = AXK1MoEView(block)
-            block.__dict__["_moeaudit_view"] = view
-            block.forward = types.MethodType(axk1_block_forward, block)
+        view = attached_view(block, lambda: AXK1MoEView(block), axk1_block_forward)
         return super().describe_layer(config, index, view)
 
     def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:

@@ -18,6 +18,7 @@ Facts relied on (transformers 5.13 – 5.23; checked at load time by :mod:`moeau
 from __future__ import annotations
 
 import abc
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterator, Literal
@@ -216,6 +217,19 @@ class MoELayer:
         """The router's linear map [E, H] (where the family keeps it)."""
         assert self.adapter is not None
         return self.adapter.router_weight(self)
+
+
+def attached_view(module: nn.Module, make_view: Callable[[], object], forward: Callable) -> object:
+    """The view moeaudit reads ``module`` through (Llama 4's, A.X-K1's and ERNIE-4.5-VL's MoE blocks, Gemma 4's
+    decoder layers), made once per module and kept in its ``__dict__`` (not registered, so the state dict
+    stays the library's), with ``module``'s forward re-expressed through it: ``forward`` bound to the
+    instance. Each family's load-time check requires that forward to equal the library's bit for bit."""
+    view = module.__dict__.get("_moeaudit_view")
+    if view is None:
+        view = make_view()
+        module.__dict__["_moeaudit_view"] = view
+        module.forward = types.MethodType(forward, module)
+    return view
 
 
 class FamilyAdapter(abc.ABC):

@@ -23,13 +23,11 @@ be described and the export is refused; ``moeaudit prune`` evaluates pruning (ma
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 from moeaudit.errors import ContractError, UnsupportedModelError
-from moeaudit.models.base import MoELayer
+from moeaudit.models.base import MoELayer, attached_view
 from moeaudit.models.scored import Ernie45MoeAdapter
 
 
@@ -97,11 +95,7 @@ class Ernie45VLMoeAdapter(Ernie45MoeAdapter):
         return hasattr(mlp, "text_moe") and hasattr(mlp, "vision_moe")
 
     def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:
-        view = block.__dict__.get("_moeaudit_view")
-        if view is None:  # once per block; not registered, so the state dict is the library's
-            view = Ernie45VLTextMoEView(block)
-            block.__dict__["_moeaudit_view"] = view
-            block.forward = types.MethodType(ernie45_vl_block_forward, block)
+        view = attached_view(block, lambda: Ernie45VLTextMoEView(block), ernie45_vl_block_forward)
         return super().describe_layer(config, index, view)
 
     def shared_layout(self, config, shared):

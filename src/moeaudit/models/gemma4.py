@@ -39,7 +39,6 @@ over the survivors and the top-k never chooses it, what a router without that ro
 
 from __future__ import annotations
 
-import types
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from moeaudit.errors import ContractError
-from moeaudit.models.base import FamilyAdapter, MoELayer, Routing
+from moeaudit.models.base import FamilyAdapter, MoELayer, Routing, attached_view
 
 _FIX = "install the versions in moeaudit's constraints.txt (transformers==5.23.0)"
 
@@ -131,7 +130,7 @@ def gemma4_decoder_forward(self, hidden_states: torch.Tensor, per_layer_input: t
     residual = hidden_states
     hidden_states = self.pre_feedforward_layernorm(hidden_states)
     hidden_states = self.mlp(hidden_states)
-    routed = self.post_feedforward_layernorm_2(self.__dict__["_moeaudit_moe"](residual))
+    routed = self.post_feedforward_layernorm_2(self.__dict__["_moeaudit_view"](residual))
     hidden_states = self.post_feedforward_layernorm_1(hidden_states) + routed
     hidden_states = self.post_feedforward_layernorm(hidden_states)
     hidden_states = residual + hidden_states
@@ -170,11 +169,8 @@ class Gemma4Adapter(FamilyAdapter):
         for index, decoder_layer in enumerate(self.decoder_layers(model)):
             if not getattr(decoder_layer, "enable_moe_block", False):
                 continue
-            view = decoder_layer.__dict__.get("_moeaudit_moe")
-            if view is None:  # once per layer; not registered, so the state dict is the library's
-                view = Gemma4MoEView(decoder_layer, Gemma4RouterView(decoder_layer.router, config.top_k_experts))
-                decoder_layer.__dict__["_moeaudit_moe"] = view
-                decoder_layer.forward = types.MethodType(gemma4_decoder_forward, decoder_layer)
+            view = attached_view(decoder_layer, lambda: Gemma4MoEView(
+                decoder_layer, Gemma4RouterView(decoder_layer.router, config.top_k_experts)), gemma4_decoder_forward)
             view.__dict__["probe"] = (rotary, config, index)
             found.append(MoELayer(layer=index, block=view, router=view.router, experts=view.experts,
                                   num_experts=view.router.num_experts, top_k=view.router.top_k,

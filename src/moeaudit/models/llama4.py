@@ -26,13 +26,12 @@ Removing an expert masks its logit to -inf: the top-k then never chooses it, as 
 
 from __future__ import annotations
 
-import types
 
 import torch
 from torch import nn
 
 from moeaudit.errors import ContractError
-from moeaudit.models.base import FamilyAdapter, MoELayer, Routing
+from moeaudit.models.base import FamilyAdapter, MoELayer, Routing, attached_view
 
 
 class Llama4RouterView(nn.Module):
@@ -91,7 +90,7 @@ class Llama4ExpertsView(nn.Module):
 
 def llama4_block_forward(block: nn.Module, hidden_states: torch.Tensor):
     """``Llama4TextMoe.forward`` through the views (bound to the block as its ``forward``)."""
-    router, experts = block.__dict__["_moeaudit_views"]
+    router, experts = block.__dict__["_moeaudit_view"]
     hidden_states = hidden_states.reshape(-1, block.hidden_dim)
     router_logits, topk_weights, topk_idx = router(hidden_states)
     routed_out = experts(hidden_states, topk_idx, topk_weights)
@@ -113,12 +112,8 @@ class Llama4Adapter(FamilyAdapter):
         return hasattr(mlp, "experts") and hasattr(mlp, "router")
 
     def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:
-        views = block.__dict__.get("_moeaudit_views")
-        if views is None:  # once per block; not registered, so the state dict is the library's
-            views = (Llama4RouterView(block.router), Llama4ExpertsView(block.experts))
-            block.__dict__["_moeaudit_views"] = views
-            block.forward = types.MethodType(llama4_block_forward, block)
-        router, experts = views
+        router, experts = attached_view(
+            block, lambda: (Llama4RouterView(block.router), Llama4ExpertsView(block.experts)), llama4_block_forward)
         return MoELayer(
             layer=index, block=block, router=router, experts=experts, num_experts=router.num_experts,
             top_k=router.top_k, routing_rule=self.routing_rule(config), shared=block.shared_expert,
