@@ -243,7 +243,11 @@ def causal_lm_class(config):
         cls = getattr(transformers, name, None)
         if cls is not None and getattr(cls, "config_class", None) is type(config):
             return cls
-    return AutoModelForCausalLM  # its own error names the problem
+    model_type = getattr(config, "model_type", "unknown")
+    raise UnsupportedModelError(
+        f"transformers {transformers.__version__} has no causal-LM class for model_type '{model_type}' "
+        f"({type(config).__name__}): no model of it computes next-token logits to audit; load a checkpoint of a "
+        f"class with a language-model head; supported families: {supported_families_text()}")
 
 
 def probe_moe_layers(config, adapter, display: str) -> list[int]:

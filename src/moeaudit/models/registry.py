@@ -103,6 +103,7 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "beam": "block-level output scaling and per-layer attention arguments",
     "laguna": "soft-capped router logits and per-layer attention shapes",
     "step3p7": "block-level output scaling and per-layer attention shapes",
+    "step3p5": "no causal-LM class (Step3p7TextConfig has a base model only), so no logits to audit",
     "axk2": "scored top-k variant with indexer sparse attention",
     "granitemoe_swa": "per-layer rotary bases and attention sinks",
     "switch_transformers": "an encoder-decoder model",
