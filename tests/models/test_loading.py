@@ -90,18 +90,24 @@ def test_nemotron_h_with_latent_experts_is_refused_in_one_line():
 
 def test_a_config_without_a_causal_lm_class_is_refused_in_one_line(tmp_path):
     """Step-3.5-Flash's ``step3p5`` is a text config whose only model is a base model (no language-model head in
-    transformers 5.23): refused in one line from the config alone, not with transformers' list of classes."""
+    transformers 5.23): refused in one line from the config alone, not with transformers' list of classes; so
+    is any family the generic adapter would try that has no causal-LM class."""
     from transformers import Step3p7TextConfig
 
     from moeaudit.errors import UnsupportedModelError
     from moeaudit.models import load_model
+    from moeaudit.models.loading import causal_lm_class
 
-    Step3p7TextConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=48, moe_intermediate_size=16).save_pretrained(tmp_path / "step")
+    config = Step3p7TextConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=48, moe_intermediate_size=16)
+    config.save_pretrained(tmp_path / "step")
     with pytest.raises(UnsupportedModelError) as err:
         load_model(str(tmp_path / "step"))
     message = str(err.value)
-    assert "no causal-LM class for model_type 'step3p5'" in message and "\n" not in message
+    assert "'step3p5'" in message and "no causal-LM class" in message and "\n" not in message
+    with pytest.raises(UnsupportedModelError) as err:  # the generic path: no class to build
+        causal_lm_class(config)
+    assert "no causal-LM class for model_type 'step3p5'" in str(err.value) and "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random", "empty", "pickle"])
