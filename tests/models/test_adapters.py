@@ -197,7 +197,7 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
     scored = {  # rule: (score, bias held by, groups filled with, renormalise, scaled); arXiv 2412.19437 Sec. 2.1.2
         "sigmoid_bias_group_scaled": ("sigmoid", "router", -np.inf, "config", True),   # DeepSeek-V3 and kin
         "softmax_group_sum_scaled": ("softmax", None, 0.0, "config", True),             # Mistral 4
-        "sigmoid_bias_renorm": ("sigmoid", "block", None, "always", False),             # MiniMax-M2
+        "sigmoid_bias_renorm": ("sigmoid", "block", None, "always", False),             # MiniMax-M2, Step-3.7
         "softmax_bias_renorm": ("softmax", "statics", None, "clamp", False),            # ERNIE-4.5
         "softmax_bias_scaled": ("softmax", "router", None, "never", True),               # LongCat-Flash
     }
@@ -224,6 +224,8 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         block_bias = layer.adapter.routing_parameters(layer).get("correction_bias_attribute", block_bias)
     if rule in scored:
         score, bias_at, fill, renorm, scaled = scored[rule]
+        if rule == "sigmoid_bias_renorm":  # MiniMax-M2's block holds the bias, Step-3.7's router
+            bias_at = layer.adapter.routing_parameters(layer)["correction_bias"]
         router = layer.router
         scores = 1.0 / (1.0 + np.exp(-z)) if score == "sigmoid" else probs
         bias = {None: 0.0, "router": lambda: router.e_score_correction_bias,

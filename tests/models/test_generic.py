@@ -18,6 +18,7 @@ HAND_WRITTEN_ONLY = {"phimoe": "no routing rule moeaudit knows reproduces",     
                      "gemma4_text": "no MoE layers found",                             # MoE inline in the layer
                      "ernie4_5_vl_moe": "no MoE layers found",                         # text and vision MoEs
                      "longcat_flash": "no linear map with a row per expert",           # identity experts too
+                     "step3p7": "is not its experts' weighted sum plus its shared experts",  # scaled in the block
                      "axk1": "is not its experts' weighted sum plus its shared experts"}  # a norm in the block
 RULE_BASED = [f for f in FAMILIES if f not in HAND_WRITTEN_ONLY]
 

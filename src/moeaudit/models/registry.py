@@ -17,6 +17,7 @@ from moeaudit.models.longcat import LongcatFlashAdapter
 from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter, Qwen3OmniMoeAdapter
+from moeaudit.models.step3p7 import Step3p7Adapter
 from moeaudit.models.scored import (DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter,
                                     Glm4vMoeAdapter, NemotronHAdapter)
 
@@ -49,6 +50,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Qwen3OmniMoeAdapter,
     Ernie45VLMoeAdapter,
     LongcatFlashAdapter,
+    Step3p7Adapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -102,7 +104,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "muse_spark": "residual gates and per-layer attention kinds",
     "beam": "block-level output scaling and per-layer attention arguments",
     "laguna": "soft-capped router logits and per-layer attention shapes",
-    "step3p7": "block-level output scaling and per-layer attention shapes",
     "step3p5": "no causal-LM class (Step3p7TextConfig has a base model only), so no logits to audit",
     "axk2": "scored top-k variant with indexer sparse attention",
     "granitemoe_swa": "per-layer rotary bases and attention sinks",

@@ -18,7 +18,7 @@ FAMILIES: tuple[str, ...] = (
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
-    "ernie4_5_vl_moe", "longcat_flash",
+    "ernie4_5_vl_moe", "longcat_flash", "step3p7",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -57,7 +57,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig,
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
-    from transformers import Ernie4_5_VLMoeConfig, LongcatFlashConfig
+    from transformers import Ernie4_5_VLMoeConfig, LongcatFlashConfig, Step3p7Config
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -204,6 +204,13 @@ def tiny_config(family: str, **overrides: Any):
                       expert_ffn_hidden_size=16, n_routed_experts=8, zero_expert_num=4, moe_topk=3,
                       routed_scaling_factor=2.0)
         cls = LongcatFlashConfig
+    elif family == "step3p7":  # sliding (2 heads) and full (4 heads) layers, a dense first layer; block scale
+        fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, share_expert_dim=24,
+                      num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, head_dim=8,
+                      moe_router_scaling_factor=2.5, sliding_window=6, num_sliding_attention_heads=2,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                      mlp_layer_types=["dense", "sparse", "sparse"], rope_theta=[10000.0, 50000.0, 10000.0])
+        cls = Step3p7Config
     elif family == "jamba":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
                       expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
@@ -289,6 +296,9 @@ def tiny_config(family: str, **overrides: Any):
                    audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
                                      d_model=16, output_dim=fields["hidden_size"], downsample_hidden_size=8,
                                      n_window=4))
+    if family == "step3p7":
+        return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, image_size=28, patch_size=14))
     if family == "ernie4_5_vl_moe":
         return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2))
     if family in ("qwen3_vl_moe", "glm4v_moe"):
