@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeaudit.errors import ContractError
-from moeaudit.models.base import MoELayer, attached_view
+from moeaudit.models.base import MoELayer, attached_view, check_same_as_library
 from moeaudit.models.scored import DeepseekV3Adapter
 
 
@@ -62,11 +61,4 @@ class AXK1Adapter(DeepseekV3Adapter):
 
     def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
         """The re-expressed block forward equals the library's ``AXK1MoE.forward`` bit for bit."""
-        block = layer.block.library_block
-        with torch.no_grad():
-            ours = block(hidden.unsqueeze(0))
-            theirs = type(block).forward(block, hidden.unsqueeze(0))
-        if not torch.equal(ours, theirs):
-            raise ContractError(f"layer {layer.layer} ({type(block).__name__}): moeaudit's view of the A.X-K1 MoE "
-                                "block differs from the library's forward; install the versions in moeaudit's "
-                                "constraints.txt (transformers==5.23.0)")
+        check_same_as_library(layer.block.library_block, (hidden.unsqueeze(0),), layer.layer, "A.X-K1 MoE block")

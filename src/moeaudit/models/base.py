@@ -232,6 +232,41 @@ def attached_view(module: nn.Module, make_view: Callable[[], object], forward: C
     return view
 
 
+def check_same_as_library(module: nn.Module, inputs: tuple, layer: int, what: str) -> None:
+    """The forward :func:`attached_view` re-expressed for ``module`` equals its class's own ``forward`` bit for bit
+    on ``inputs`` (every output tensor); a ContractError naming ``what`` otherwise."""
+    from moeaudit.errors import ContractError
+
+    with torch.no_grad():
+        ours, theirs = module(*inputs), type(module).forward(module, *inputs)
+    ours, theirs = (ours, theirs) if isinstance(ours, tuple) else ((ours,), (theirs,))
+    if len(ours) != len(theirs) or not all(
+            a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b))
+            for a, b in zip(ours, theirs)):
+        raise ContractError(f"layer {layer} ({type(module).__name__}): moeaudit's view of the {what} differs from "
+                            "the library's forward; install the versions in moeaudit's constraints.txt "
+                            "(transformers==5.23.0)")
+
+
+class ExpertsView(nn.Module):
+    """A library experts module seen through another call (Llama 4's dense batched experts, Step-3.7's scaled
+    ones): ``inner`` is the library's module, a child of the view (which is not itself registered in the
+    model), so the view's parameters are the library's and the fused weights are its."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.inner = experts
+        self.num_experts = int(experts.num_experts)
+
+    @property
+    def gate_up_proj(self) -> nn.Parameter:
+        return self.inner.gate_up_proj
+
+    @property
+    def down_proj(self) -> nn.Parameter:
+        return self.inner.down_proj
+
+
 class FamilyAdapter(abc.ABC):
     """Base adapter; a family subclasses it and sets the class attributes (and overrides what differs)."""
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeaudit.errors import ContractError, UnsupportedModelError
-from moeaudit.models.base import MoELayer, attached_view
+from moeaudit.errors import UnsupportedModelError
+from moeaudit.models.base import MoELayer, attached_view, check_same_as_library
 from moeaudit.models.scored import Ernie45MoeAdapter
 
 
@@ -106,11 +106,5 @@ class Ernie45VLMoeAdapter(Ernie45MoeAdapter):
     def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
         """The re-expressed block forward equals the library's ``Ernie4_5_VLMoeMoeBlock.forward`` bit for bit on
         text, output and router logits."""
-        block = layer.block.library_block
-        with torch.no_grad():
-            ours = block(hidden.unsqueeze(0))
-            theirs = type(block).forward(block, hidden.unsqueeze(0))
-        if not (torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])):
-            raise ContractError(f"layer {layer.layer} ({type(block).__name__}): moeaudit's view of the ERNIE-4.5-VL "
-                                "MoE block differs from the library's forward on text; install the versions in "
-                                "moeaudit's constraints.txt (transformers==5.23.0)")
+        check_same_as_library(layer.block.library_block, (hidden.unsqueeze(0),), layer.layer,
+                              "ERNIE-4.5-VL MoE block on text")

@@ -30,8 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeaudit.errors import ContractError
-from moeaudit.models.base import FamilyAdapter, MoELayer, Routing, attached_view
+from moeaudit.models.base import ExpertsView, FamilyAdapter, MoELayer, Routing, attached_view, check_same_as_library
 
 
 class Llama4RouterView(nn.Module):
@@ -58,26 +57,13 @@ class Llama4RouterView(nn.Module):
         return router_logits, router_scores.gather(1, topk_idx), topk_idx
 
 
-class Llama4ExpertsView(nn.Module):
+class Llama4ExpertsView(ExpertsView):
     """``Llama4TextExperts`` called as ``experts(hidden[N, H], topk_idx[N, k], topk_weights[N, k])``.
 
     Rebuilds the router's dense score matrix (exactly 0 off the chosen experts, as ``sigmoid(-inf)``), scales
     each expert's copy of the input by it and sums the library's batched expert outputs over experts —
     ``Llama4TextMoe.forward``'s own operations.
     """
-
-    def __init__(self, experts: nn.Module):
-        super().__init__()
-        self.inner = experts
-        self.num_experts = int(experts.num_experts)
-
-    @property
-    def gate_up_proj(self) -> nn.Parameter:
-        return self.inner.gate_up_proj
-
-    @property
-    def down_proj(self) -> nn.Parameter:
-        return self.inner.down_proj
 
     def forward(self, hidden_states: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
         scores = torch.zeros((hidden_states.shape[0], self.num_experts), dtype=topk_weights.dtype,
@@ -140,9 +126,4 @@ class Llama4Adapter(FamilyAdapter):
 
     def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
         """The re-expressed block forward equals the library's ``Llama4TextMoe.forward`` bit for bit."""
-        ours = layer.block(hidden.unsqueeze(0))
-        theirs = type(layer.block).forward(layer.block, hidden.unsqueeze(0))
-        if not (torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])):
-            raise ContractError(f"layer {layer.layer} ({type(layer.block).__name__}): moeaudit's view of the Llama 4 "
-                                "MoE block differs from the library's forward; install the versions in moeaudit's "
-                                "constraints.txt (transformers==5.23.0)")
+        check_same_as_library(layer.block, (hidden.unsqueeze(0),), layer.layer, "Llama 4 MoE block")

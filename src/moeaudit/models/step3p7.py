@@ -23,30 +23,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeaudit.errors import ContractError
-from moeaudit.models.base import MoELayer, attached_view
+from moeaudit.models.base import ExpertsView, MoELayer, attached_view, check_same_as_library
 from moeaudit.models.scored import ScoredRule, ScoredTopKAdapter
 
 
-class Step3p7ScaledExpertsView(nn.Module):
+class Step3p7ScaledExpertsView(ExpertsView):
     """``experts(x, idx, w) * routed_scaling_factor``: Step-3.7's experts module and its block's scale."""
 
     def __init__(self, block: nn.Module):
-        super().__init__()
-        self.inner = block.experts  # a child of the view (not of the model): the view's parameters are its
+        super().__init__(block.experts)
         self.scale = float(block.routed_scaling_factor)
-
-    @property
-    def gate_up_proj(self) -> nn.Parameter:
-        return self.inner.gate_up_proj
-
-    @property
-    def down_proj(self) -> nn.Parameter:
-        return self.inner.down_proj
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.inner.num_experts)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -91,11 +77,4 @@ class Step3p7Adapter(ScoredTopKAdapter):
 
     def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
         """The re-expressed block forward equals the library's ``Step3p7SparseMoeBlock.forward`` bit for bit."""
-        block = layer.block
-        with torch.no_grad():
-            ours = block(hidden.unsqueeze(0))
-            theirs = type(block).forward(block, hidden.unsqueeze(0))
-        if not torch.equal(ours, theirs):
-            raise ContractError(f"layer {layer.layer} ({type(block).__name__}): moeaudit's view of the Step-3.7 MoE "
-                                "block differs from the library's forward; install the versions in moeaudit's "
-                                "constraints.txt (transformers==5.23.0)")
+        check_same_as_library(layer.block, (hidden.unsqueeze(0),), layer.layer, "Step-3.7 MoE block")
