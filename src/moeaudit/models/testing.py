@@ -196,8 +196,7 @@ def tiny_config(family: str, **overrides: Any):
         cls = Qwen3OmniMoeThinkerConfig
     elif family == "ernie4_5_vl_moe":  # text and vision experts in each block; the vision tower is built below
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=[16, 8], num_hidden_layers=3,
-                      moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+                      moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, tie_word_embeddings=False)
         cls = Ernie4_5_VLMoeConfig
     elif family == "longcat_flash":  # 8 real + 4 identity experts; two attention sublayers, the MoE a shortcut
         fields = dict(_COMMON, **{**_MLA, "q_lora_rank": 16}, num_layers=3, ffn_hidden_size=48,
@@ -207,9 +206,7 @@ def tiny_config(family: str, **overrides: Any):
     elif family == "step3p7":  # sliding (2 heads) and full (4 heads) layers, a dense first layer; block scale
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, share_expert_dim=24,
                       num_hidden_layers=3, n_routed_experts=8, num_experts_per_tok=2, head_dim=8,
-                      moe_router_scaling_factor=2.5, sliding_window=6, num_sliding_attention_heads=2,
-                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                      mlp_layer_types=["dense", "sparse", "sparse"], rope_theta=[10000.0, 50000.0, 10000.0])
+                      moe_router_scaling_factor=2.5, sliding_window=6, num_sliding_attention_heads=2)
         cls = Step3p7Config
     elif family == "jamba":
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=4, num_experts=8, num_experts_per_tok=2,
@@ -296,10 +293,18 @@ def tiny_config(family: str, **overrides: Any):
                    audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=16,
                                      d_model=16, output_dim=fields["hidden_size"], downsample_hidden_size=8,
                                      n_window=4))
-    if family == "step3p7":
+    if family == "step3p7":  # sliding, full, sliding, ...; a dense first layer; a rotary base per layer type
+        n = fields["num_hidden_layers"]
+        kinds = [("sliding_attention", "full_attention")[i % 2] for i in range(n)]
+        fields.setdefault("layer_types", kinds)
+        fields.setdefault("mlp_layer_types", ["dense"] + ["sparse"] * (n - 1))
+        fields.setdefault("rope_theta", [10000.0 if kind == "sliding_attention" else 50000.0 for kind in kinds])
         return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, image_size=28, patch_size=14))
-    if family == "ernie4_5_vl_moe":
+    if family == "ernie4_5_vl_moe":  # 3-D rotary sections (height, width, time) covering the head's rotary half
+        half = fields["hidden_size"] // fields["num_attention_heads"] // 2
+        fields.setdefault("rope_parameters", {"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]})
         return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2))
     if family in ("qwen3_vl_moe", "glm4v_moe"):
         vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=fields["hidden_size"])
