@@ -190,8 +190,7 @@ class MoELayer:
     def _single_expert_rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.adapter is not None:
             return self.adapter.single_expert_rows(self, rows, index)
-        ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
-        return type(self.experts).forward(self.experts, rows, index.reshape(-1, 1), ones)
+        return experts_forward_rows(self.experts, rows, index)
 
     @property
     def weights_scale_input(self) -> bool:
@@ -217,6 +216,13 @@ class MoELayer:
         """The router's linear map [E, H] (where the family keeps it)."""
         assert self.adapter is not None
         return self.adapter.router_weight(self)
+
+
+def experts_forward_rows(experts: nn.Module, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """f_e(row) for one expert per row, ``rows`` [M, H], ``index`` [M] -> [M, H]: the experts module's own
+    ``forward`` (not ``__call__``, so no hooks fire) with top-k 1 and weight 1."""
+    ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
+    return type(experts).forward(experts, rows, index.reshape(-1, 1), ones)
 
 
 def attached_view(module: nn.Module, make_view: Callable[[], object], forward: Callable) -> object:
@@ -364,10 +370,8 @@ class FamilyAdapter(abc.ABC):
         return layer.router.weight
 
     def single_expert_rows(self, layer: MoELayer, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """f_e(row) for one expert per row, ``rows`` [M, H], ``index`` [M] -> [M, H]: the experts module's own
-        ``forward`` (not ``__call__``, so no hooks fire) with top-k 1 and weight 1."""
-        ones = torch.ones((rows.shape[0], 1), dtype=rows.dtype, device=rows.device)
-        return type(layer.experts).forward(layer.experts, rows, index.reshape(-1, 1), ones)
+        """f_e(row) for one expert per row (:func:`experts_forward_rows`; LongCat-Flash overrides it)."""
+        return experts_forward_rows(layer.experts, rows, index)
 
     def identity_experts(self, layer: MoELayer) -> int:
         """How many of ``layer``'s experts, the last ones, return their input unchanged and hold no weights

@@ -36,7 +36,7 @@ from torch import nn
 
 from moeaudit.errors import UnsupportedModelError
 from moeaudit.models.base import MoELayer
-from moeaudit.models.scored import ScoredRule, ScoredTopKAdapter, rule_bias, scored_route
+from moeaudit.models.scored import GROUP_SCORE_LABELS, ScoredRule, ScoredTopKAdapter, rule_bias, scored_route
 
 ROUTER_NAMES: tuple[str, ...] = ("gate", "router")
 SHARED_NAMES: tuple[str, ...] = ("shared_experts", "shared_expert", "shared_mlp")
@@ -369,8 +369,7 @@ def _describe(rule: ScoredRule) -> str:
     if rule.bias:
         parts.append(f"{rule.bias} bias")
     if rule.grouped:
-        parts.append("group-limited (" + {"top2_sum": "sum of a group's 2 best", "max": "a group's best"}[
-            rule.group_score] + ")")
+        parts.append(f"group-limited (a group scored by {GROUP_SCORE_LABELS[rule.group_score]})")
     parts.append({"config": "renormalised per config", "always": "renormalised", "never": "not renormalised"}[rule.renorm])
     if rule.scaled:
         parts.append("scaled")

@@ -26,7 +26,6 @@ Removing an expert masks its logit to -inf: the top-k then never chooses it, as 
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

@@ -33,6 +33,10 @@ import torch.nn.functional as F
 from moeaudit.models.base import FamilyAdapter, MoELayer, Routing
 
 
+#: How :meth:`ScoredTopKAdapter.routing_parameters` names a group's score (``ScoredRule.group_score``).
+GROUP_SCORE_LABELS: dict[str, str] = {"top2_sum": "sum of its 2 best", "max": "its best"}
+
+
 @dataclass(frozen=True)
 class ScoredRule:
     """The parameters of a scored top-k router (see the module docstring for the steps).
@@ -145,7 +149,7 @@ class ScoredTopKAdapter(FamilyAdapter):
             params["selects_on"] = "logits"
         if rule.grouped:
             params.update(n_group=int(router.num_group), topk_group=int(router.topk_group),
-                          group_score={"top2_sum": "sum of its 2 best", "max": "its best"}[rule.group_score],
+                          group_score=GROUP_SCORE_LABELS[rule.group_score],
                           dropped_groups_filled_with=str(rule.group_fill))
             if rule.weights_from_selection:
                 params["weights_from"] = "the group-filled selection scores"

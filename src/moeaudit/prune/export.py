@@ -38,6 +38,7 @@ import torch
 
 from moeaudit.errors import HubUploadError, InvalidParameterError, RunDirectoryError, first_line, invalid
 from moeaudit.models.moe_model import MoEModel
+from moeaudit.models.scored import GROUP_SCORE_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def _group_limits(moe: MoEModel, described) -> tuple[int, int] | None:
     n_group = params.get("n_group")
     if not n_group or int(n_group) <= 1:
         return None
-    return int(n_group), 2 if params.get("group_score", "its best") == "sum of its 2 best" else 1
+    return int(n_group), 2 if params.get("group_score") == GROUP_SCORE_LABELS["top2_sum"] else 1
 
 
 def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:

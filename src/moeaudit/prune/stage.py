@@ -133,8 +133,8 @@ def _read_inputs(run: RunDir, settings: dict[str, Any]) -> tuple[pd.DataFrame, p
 
 
 def _plan_budgets(ratios, num_experts, top_k, metrics, guard, budget_weights, name, identity):
-    """Protected experts (the guard and the identity experts), and per ratio the (all-layers, single-layer)
-    drop counts of the experts with weights; validates everything."""
+    """The checked ratios, the protected experts (the guard and the identity experts), and per ratio the
+    (all-layers, single-layer) drop counts of the experts with weights; validates everything."""
     real, guarded, protected = prunable_experts(metrics, num_experts, identity, guard)
     ratios = check_ratios(ratios, real, top_k, name)
     plan = {}
@@ -143,7 +143,7 @@ def _plan_budgets(ratios, num_experts, top_k, metrics, guard, budget_weights, na
         uniform = budgets if budget_weights is None else layer_budgets(ratio, real, top_k,
                                                                          protected=guarded, context=name)
         plan[ratio] = (budgets, uniform)
-    return protected, plan
+    return ratios, protected, plan
 
 
 def _identity_experts(run: RunDir, moe, layers: list[int]) -> dict[int, int]:
@@ -171,10 +171,9 @@ def _load_and_plan(run: RunDir, moe, layers: list[int], metrics: pd.DataFrame, s
         moe.layer(layer)
     num_experts = {l: moe.layer(l).num_experts for l in layers}
     top_k = {l: moe.layer(l).top_k for l in layers}
-    identity = _identity_experts(run, moe, layers)
-    ratios = check_ratios(settings["ratios"], {l: num_experts[l] - identity[l] for l in layers}, top_k, moe.name)
-    protected, budget_plan = _plan_budgets(ratios, num_experts, top_k, metrics, settings["guard"],
-                                           settings["budget_weights"], moe.name, identity)
+    ratios, protected, budget_plan = _plan_budgets(settings["ratios"], num_experts, top_k, metrics, settings["guard"],
+                                                   settings["budget_weights"], moe.name,
+                                                   _identity_experts(run, moe, layers))
     return moe, num_experts, top_k, ratios, protected, budget_plan
 
 
