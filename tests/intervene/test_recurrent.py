@@ -72,6 +72,16 @@ def test_long_windows_past_every_chunk_size(hybrid):
     assert np.abs(merged.delta_nll - merged.delta_nll_ref).max() <= 1e-4
 
 
+def _own_states(cache, index: int) -> dict:
+    """Per state index, (conv, recurrent) of decoder layer ``index`` in the cache the model's own forward built:
+    the uniform linear-attention cache layer, or MiniMax's ``MiniMaxCache.linear_cache`` (its Lightning
+    attention's key-value state, ``models/minimax/modeling_minimax.py``)."""
+    if hasattr(cache, "linear_cache"):
+        return {0: (None, cache.linear_cache[index])}
+    layer = cache.layers[index]
+    return {i: (layer.conv_states[i], layer.recurrent_states[i]) for i in range(layer.number_of_states)}
+
+
 @torch.no_grad()
 def test_swept_states_equal_transformers_own_cache(hybrid):
     """The sweep's state after position p equals the state transformers' cache holds after a forward over
@@ -83,13 +93,14 @@ def test_swept_states_equal_transformers_own_cache(hybrid):
         ours = states.after(torch.tensor([p]))
         theirs = hybrid.model(input_ids=ids[:, :p + 1], use_cache=True).past_key_values
         for index, state in ours.items():
-            layer = theirs.layers[index]
-            for i in range(layer.number_of_states):
-                for mine, own in ((state.conv[i], layer.conv_states[i]),
-                                  (state.recurrent[i], layer.recurrent_states[i])):
+            compared = 0
+            for i, (conv, recurrent) in _own_states(theirs, index).items():
+                for mine, own in ((state.conv[i], conv), (state.recurrent[i], recurrent)):
                     if own is None or not torch.is_tensor(own):
                         continue
                     torch.testing.assert_close(mine.float(), own.float(), rtol=1e-4, atol=1e-5)
+                    compared += 1
+            assert compared, f"no state of layer {index} was compared"
     assert states.restarts == 0  # increasing requests never restart the sweep
     again = states.after(torch.tensor([3]))  # behind the sweep: restarts from the window's start
     assert states.restarts == len(states.layers)

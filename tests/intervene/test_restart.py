@@ -42,3 +42,16 @@ def test_sequence_removal_equals_the_model_without_the_expert(family):
         for row in rows.itertuples():
             assert row.nll_clean == pytest.approx(float(clean_nll[row.pos]), abs=1e-5)
             assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean_nll[row.pos]), abs=1e-5)
+
+
+@pytest.mark.parametrize("family, factor", [("granitemoe", 0.5), ("minimax", 0.7)])
+def test_a_scaled_block_output_is_added_not_restarted(family, factor):
+    """Granite's ``residual_multiplier`` and MiniMax's ``mlp_beta_factor`` scale the block's output on its way
+    into the residual stream (``residual * mlp_alpha_factor + block * mlp_beta_factor``): the coupling probe
+    finds the layer's output moving by exactly that factor times a change of the block's output, so the rows
+    start at the next layer with the scaled Δy, as for every additive family; a factor read as 1 would make
+    the probe fail and the rows restart (slower, never wrong)."""
+    from moeaudit.intervene.replay import residual_scale
+
+    moe = wrap_model(tiny_model(family, seed=3), name=family)
+    assert residual_scale(moe) == factor and not restarts_at_block(moe)

@@ -1,8 +1,8 @@
 """Recurrent and convolutional token mixers in the fast engine: the clean state entering a position.
 
 A recurrent layer (Gated DeltaNet in Qwen3-Next / Qwen3.5, Mamba in Jamba, Mamba-2 in Granite-4-H and
-Nemotron-H, KDA in Kimi-Linear and Ling/Bailing, the short convolutions of LFM2) keeps no per-position
-keys and values. What position t reads from the past is a **state**: the conv state (the last inputs of
+Nemotron-H, KDA in Kimi-Linear and Ling/Bailing, MiniMax-Text-01's Lightning attention, the short
+convolutions of LFM2) keeps no per-position keys and values. What position t reads from the past is a **state**: the conv state (the last inputs of
 the layer's causal convolution) and the recurrent state S(t-1). In token scope every position before t is
 clean at every layer (:mod:`moeaudit.intervene.fast`), and in sequence scope every position before the
 first changed one, so the state a row needs is the *clean* run's state after the position before its
@@ -33,6 +33,7 @@ Exactness
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -92,9 +93,31 @@ def mixer_layout(moe: MoEModel) -> MixerLayout:
 
 
 def _fresh_cache(moe: MoEModel):
+    return _bridge_class()(config=moe.config)
+
+
+@functools.cache
+def _bridge_class():
     from transformers import DynamicCache
 
-    return DynamicCache(config=moe.config)
+    class LinearCacheBridge(DynamicCache):
+        """transformers' ``DynamicCache`` for the model's config, that also answers MiniMax's Lightning attention
+        (``MiniMaxLightningAttention`` reads and writes its key-value state through ``get_linear_cache`` /
+        ``set_linear_cache`` of its own ``MiniMaxCache``, ``models/minimax/modeling_minimax.py``): the state is the
+        layer's recurrent state in the uniform linear-attention cache layer, so the sweep, the snapshots and
+        :func:`row_cache` handle it as every other recurrent state. Every other family never calls the two."""
+
+        def get_linear_cache(self, layer_idx: int):
+            layer = self.layers[layer_idx]
+            if not getattr(layer, "is_recurrent_states_initialized", {}).get(0, False):
+                return None  # the state before any token: the layer's chunked prefill from zeros
+            return layer.recurrent_states[0]
+
+        def set_linear_cache(self, layer_idx: int, linear_cache: torch.Tensor) -> None:
+            self.layers[layer_idx].update_recurrent_state(linear_cache)
+            self.layers[layer_idx].has_previous_state[0] = True
+
+    return LinearCacheBridge
 
 
 @dataclass

@@ -38,10 +38,14 @@ def final_norm(moe: MoEModel):
 def residual_scale(moe: MoEModel) -> float:
     """The factor a decoder layer applies to its MoE block's output before adding it to the residual
     stream: Granite's ``residual_multiplier`` (``models/granitemoe/modeling_granitemoe.py``,
-    ``granitemoehybrid``, ``granitemoeshared``), 1 for every other family. A change Δy of the MoE output
-    changes the layer's output by ``residual_scale * Δy``."""
+    ``granitemoehybrid``, ``granitemoeshared``), MiniMax's ``mlp_beta_factor`` (``residual * mlp_alpha_factor +
+    block * mlp_beta_factor``, ``models/minimax/modeling_minimax.py``), 1 for every other family. A change Δy
+    of the MoE output changes the layer's output by ``residual_scale * Δy``."""
     decoder = moe.adapter.decoder_layers(moe.model)[moe.moe_layer_indices[0]]
-    return float(getattr(decoder, "residual_multiplier", 1.0))
+    for name in ("residual_multiplier", "mlp_beta_factor"):
+        if getattr(decoder, name, None) is not None:
+            return float(getattr(decoder, name))
+    return 1.0
 
 
 def scaled_logits(moe: MoEModel, logits: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,8 @@ GENERIC_FAMILIES: dict[str, str] = {
                      "language model (DeepseekOcr2ForConditionalGeneration, audited on text)",
     "unlimited_ocr": "DeepSeek-V2's rule in its language model (UnlimitedOcrForConditionalGeneration, audited on "
                      "text)",
+    "minimax": "Mixtral's rule (softmax, top-k, renormalised); Lightning linear-attention layers; the block enters "
+               "the residual stream times mlp_beta_factor",
 }
 
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
@@ -89,7 +91,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "dbrx": "the router returns logits only; routing and the p-norm live in the FFN",
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
-    "minimax": "lightning attention and alpha/beta residual scaling",
     "bailing_moe": "routing variant not adapted yet",
     "mistral_large4": "indexer sparse attention and a vision-language wrapper",
     "dots3_note": "indexer sparse attention and a vision-language wrapper",

@@ -18,7 +18,7 @@ FAMILIES: tuple[str, ...] = (
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
-    "ernie4_5_vl_moe", "longcat_flash", "step3p7",
+    "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -35,6 +35,7 @@ RECURRENT_FAMILIES: dict[str, str] = {
     "qwen3_next": "Gated DeltaNet", "qwen3_5_moe": "Gated DeltaNet", "jamba": "Mamba",
     "granitemoehybrid": "Mamba-2", "nemotron_h": "Mamba-2", "lfm2_moe": "short convolution",
     "bailing_hybrid": "KDA linear attention", "kimi_linear": "KDA linear attention",
+    "minimax": "Lightning attention",
 }
 #: Families the fast engine replays exactly.
 FAST_FAMILIES: tuple[str, ...] = tuple(f for f in FAMILIES if f not in REFERENCE_ONLY)
@@ -50,8 +51,8 @@ _COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_val
 def tiny_config(family: str, **overrides: Any):
     """A small config of ``family`` (one of :data:`FAMILIES`); ``overrides`` replace any field."""
     from transformers import (DeepseekV2Config, DeepseekV3Config, Dots1Config, Ernie4_5_MoeConfig, ExaoneMoeConfig,
-                              Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxM2Config, Mistral4Config,
-                              MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
+                              Glm4MoeConfig, Glm4MoeLiteConfig, GptOssConfig, MiniMaxConfig, MiniMaxM2Config,
+                              Mistral4Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig)
     from transformers import AfmoeConfig, AriaTextConfig, Cohere2MoeConfig, FlintConfig, HYV3Config, Lfm2MoeConfig
     from transformers import AXK1Config, Gemma4TextConfig
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
@@ -142,6 +143,14 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
                       num_experts_per_tok=2, head_dim=8)
         cls = MiniMaxM2Config
+    elif family == "minimax":  # Lightning (linear) and softmax attention layers, alpha/beta residual scales
+        # blocks of 8 tokens: the tests' windows cross blocks of the chunked prefill; every residual scale apart from
+        # 1, so replaying the block's output with the wrong coupling (beta) cannot pass
+        fields = dict(_COMMON, intermediate_size=16, num_hidden_layers=3, num_local_experts=8,
+                      num_experts_per_tok=2, head_dim=8, block_size=8, full_attn_alpha_factor=1.5,
+                      full_attn_beta_factor=0.5, linear_attn_alpha_factor=0.8, linear_attn_beta_factor=1.2,
+                      mlp_alpha_factor=1.3, mlp_beta_factor=0.7)
+        cls = MiniMaxConfig
     elif family == "ernie4_5_moe":
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
                       moe_num_experts=8, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
@@ -320,7 +329,7 @@ def tiny_config(family: str, **overrides: Any):
     if family == "exaone_moe" and "layer_types" not in overrides:  # every third layer full attention
         fields["layer_types"] = [("sliding_attention", "sliding_attention", "full_attention")[i % 3]
                                  for i in range(n_layers)]
-    if family in ("qwen3_next", "qwen3_5_moe") and "layer_types" not in overrides:  # linear, full, linear, ...
+    if family in ("qwen3_next", "qwen3_5_moe", "minimax") and "layer_types" not in overrides:  # linear, full, ...
         fields["layer_types"] = [("linear_attention", "full_attention")[i % 2] for i in range(n_layers)]
     if family == "granitemoehybrid" and "layer_types" not in overrides:  # mamba, attention, mamba, ...
         fields["layer_types"] = [("mamba", "attention")[i % 2] for i in range(n_layers)]
