@@ -273,6 +273,11 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         chosen = list(np.argsort(-z)[:k])
         w = np.exp(z[chosen] - z[chosen].max())
         return set(chosen), dict(zip(chosen, w / w.sum()))
+    if rule == "softmax_topk_pnorm":  # DBRX: the k probabilities over their p-norm (DbrxFFN.route_tokens_to_experts)
+        chosen = list(np.argsort(-probs)[:k])
+        p = layer.adapter.routing_parameters(layer)["p"]
+        w = probs[chosen] if p is None else probs[chosen] / (np.abs(probs[chosen]) ** p).sum() ** (1.0 / p)
+        return set(chosen), dict(zip(chosen, w))
     allowed = np.arange(len(z))
     if rule == "softmax_group_limited_scaled":
         groups = layer.router.num_group

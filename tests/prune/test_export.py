@@ -48,15 +48,17 @@ def test_export_equals_masked_pruning(family, tmp_path):
     assert result.parameters < result.original_parameters
     assert sum(p.numel() for p in loaded.parameters()) == result.parameters
     text_config = loaded.config.get_text_config()  # the config itself but for vision-language models
+    counts_in = moe.adapter.expert_count_config(text_config)  # the text config; DBRX: its ffn_config
     counts = {"n_routed_experts": 6, "zero_expert_num": 2} if family == "longcat_flash" else {}
     for name in result.config_fields:
-        assert getattr(text_config, name) == counts.get(name, n_kept)
-    top_k_field = next(f for f in TOP_K_FIELDS if getattr(text_config, f, None) is not None)
-    assert getattr(text_config, top_k_field) == moe.layers[0].top_k
+        assert getattr(counts_in, name) == counts.get(name, n_kept)
+    top_k_field = next(f for f in (*TOP_K_FIELDS, "moe_top_k") if getattr(counts_in, f, None) is not None)
+    assert getattr(counts_in, top_k_field) == moe.layers[0].top_k
     record = json.loads((tmp_path / "pruned" / "moeaudit_pruning.json").read_text())
     assert record["kept"][str(moe.layers[0].layer)] == KEPT[family]
     assert loaded.config.architectures == [type(moe.model).__name__]  # the class that loads it, as save_pretrained
-    _assert_legacy_keys(tmp_path / "pruned" / "config.json", text_config, counts.get("n_routed_experts", n_kept))
+    _assert_legacy_keys(tmp_path / "pruned" / "config.json", text_config, counts.get("n_routed_experts", n_kept),
+                        counts_key="ffn_config" if family == "dbrx" else None)
     # the exported experts are the kept ones, in order (LongCat-Flash's identity experts have no down_proj)
     layer = moe.layers[0]
     exported_layer = {found.layer: found for found in moe.adapter.find_layers(loaded)}[layer.layer]
@@ -70,14 +72,21 @@ def _text_json(data: dict) -> dict:
     return data.get("text_config", data)
 
 
-def _assert_legacy_keys(path, text_config, n_kept):
-    """config.json has the transformers 4.x spellings (expert count, RoPE, torch_dtype) with the pruned values."""
+def _assert_legacy_keys(path, text_config, n_kept, counts_key=None):
+    """config.json has the transformers 4.x spellings (expert count, RoPE, torch_dtype) with the pruned values;
+    the expert count in the sub-config ``counts_key`` where the family keeps it there (DBRX: ``ffn_config``),
+    and nowhere else."""
     data = json.loads(path.read_text())
     text = _text_json(data)
     legacy = LEGACY_EXPERT_COUNT_KEYS.get(text_config.model_type)
     if legacy is not None:
         assert text[legacy] == n_kept, legacy
-    assert all(text[name] == n_kept for name in EXPERT_COUNT_FIELDS if name in text)
+    counts_part = text
+    if counts_key is not None:
+        assert not any(name in text for name in EXPERT_COUNT_FIELDS)
+        counts_part = text[counts_key]
+    assert any(name in counts_part for name in EXPERT_COUNT_FIELDS)
+    assert all(counts_part[name] == n_kept for name in EXPERT_COUNT_FIELDS if name in counts_part)
     rope = getattr(text_config, "rope_parameters", None)
     if isinstance(rope, dict) and "rope_theta" in rope:  # flat; nested per layer type has no 4.x spelling
         assert text["rope_theta"] == rope["rope_theta"]

@@ -33,7 +33,7 @@ def layer_weights(moe: MoEModel) -> dict[int, LayerWeights]:
         identity = moe.adapter.identity_experts(layer)
         real = layer.num_experts - identity
         experts = tuple(getattr(layer.experts, name).detach()[:real]
-                        for name in ("gate_up_proj", "up_proj", "down_proj")
+                        for name in ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
                         if getattr(layer.experts, name, None) is not None)
         out[layer.layer] = LayerWeights(experts=experts, router=layer.router_weight().detach(), identity=identity)
     return out

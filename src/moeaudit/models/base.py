@@ -40,6 +40,7 @@ RoutingRule = Literal[
     "sparsemixer",
     "sigmoid_topk_logits_input",
     "softmax_topk_renorm_expert_scaled",
+    "softmax_topk_pnorm",
 ]
 
 ROUTING_RULE_DOC: dict[str, str] = {
@@ -70,6 +71,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
     "sigmoid_topk_logits_input": (
         "top-k of the raw logits; each chosen expert's weight is the sigmoid of its logit and scales the "
         "expert's input, not its output"
+    ),
+    "softmax_topk_pnorm": (
+        "softmax over all experts in the logits' dtype, top-k, weights divided by their p-norm "
+        "(moe_normalize_expert_weights; p = 1 renormalises)"
     ),
     "softmax_topk_renorm_expert_scaled": (
         "softmax over all experts of logits read from the router's own RMS-normed, scaled input; top-k, weights "
@@ -383,6 +388,17 @@ class FamilyAdapter(abc.ABC):
         the family counts its experts in more than one field (LongCat-Flash: real and identity experts); None:
         every field equal to the expert count takes the kept count (:mod:`moeaudit.prune.export`)."""
         return None
+
+    def expert_rows(self, layer: MoELayer) -> int:
+        """How many consecutive leading-axis rows each expert owns in the experts module's parameters: 1 for
+        fused 3-D weights [E, ., .]; DBRX's 2-D ``w1`` / ``v1`` / ``w2`` [E·F, H]: F. The pruned export slices
+        whole experts' rows (:mod:`moeaudit.prune.export`)."""
+        return 1
+
+    def expert_count_config(self, text_config):
+        """The (sub-)config that holds the routed-expert count fields: the text config itself; DBRX: its
+        ``ffn_config``."""
+        return text_config
 
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
         """Call ``layer.router`` on hidden states [N, H] as the family's block does."""

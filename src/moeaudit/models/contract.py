@@ -48,7 +48,7 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
     weighted = layer.num_experts - layer.adapter.identity_experts(layer)  # identity experts hold no weights
     for name in ("down_proj",):
         weight = getattr(experts, name, None)
-        if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 3 or weight.shape[0] != weighted:
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.shape[0] != weighted:
             raise ContractError(f"{where}: expected fused 3-D expert weights `{name}` [E, ., .]; {fix}")
     if getattr(experts, "gate_up_proj", None) is None and getattr(experts, "up_proj", None) is None:
         raise ContractError(f"{where}: expected fused expert weights `gate_up_proj`; {fix}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from moeaudit.models.axk1 import AXK1Adapter
 from moeaudit.models.base import FamilyAdapter
+from moeaudit.models.dbrx import DbrxAdapter
 from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
 from moeaudit.models.ernie45_vl import Ernie45VLMoeAdapter
 from moeaudit.models.gpt_oss import GptOssAdapter
@@ -51,6 +52,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Ernie45VLMoeAdapter,
     LongcatFlashAdapter,
     Step3p7Adapter,
+    DbrxAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -88,7 +90,6 @@ GENERIC_FAMILIES: dict[str, str] = {
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
 #: Used to word the refusal and by ``moeaudit inspect --supported``.
 UNSUPPORTED_MOE: dict[str, str] = {
-    "dbrx": "the router returns logits only; routing and the p-norm live in the FFN",
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "deepseek_v4": "hash routers in the first layers and hyper-connections",
     "bailing_moe": "routing variant not adapted yet",

@@ -18,7 +18,7 @@ FAMILIES: tuple[str, ...] = (
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
-    "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax",
+    "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -58,7 +58,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig,
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
-    from transformers import Ernie4_5_VLMoeConfig, LongcatFlashConfig, Step3p7Config
+    from transformers import DbrxConfig, Ernie4_5_VLMoeConfig, LongcatFlashConfig, Step3p7Config
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -151,6 +151,13 @@ def tiny_config(family: str, **overrides: Any):
                       full_attn_beta_factor=0.5, linear_attn_alpha_factor=0.8, linear_attn_beta_factor=1.2,
                       mlp_alpha_factor=1.3, mlp_beta_factor=0.7)
         cls = MiniMaxConfig
+    elif family == "dbrx":  # routing in the block (p-norm 1), 2-D expert weights, clipped qkv, LayerNorms
+        fields = dict(vocab_size=96, d_model=32, n_heads=4, n_layers=3, max_seq_len=256, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2,
+                      attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+                      ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2,
+                                      moe_normalize_expert_weights=1.0))
+        cls = DbrxConfig
     elif family == "ernie4_5_moe":
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
                       moe_num_experts=8, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
@@ -294,6 +301,10 @@ def tiny_config(family: str, **overrides: Any):
         cls = Gemma4TextConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
+    if family == "dbrx":  # DBRX's own names for the common fields (its attribute_map would leave ffn_config behind)
+        aliases = dict(hidden_size="d_model", num_hidden_layers="n_layers", num_attention_heads="n_heads",
+                       max_position_embeddings="max_seq_len")
+        overrides = {aliases.get(name, name): value for name, value in overrides.items()}
     fields.update(overrides)
     if family == "qwen3_omni_moe":
         return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
@@ -368,7 +379,8 @@ def tiny_model(family: str, *, seed: int = 0, experts_implementation: str | None
         for name, param in model.named_parameters():
             if "norm" in name or "layernorm" in name:
                 continue
-            is_router = (name.endswith(("gate.weight", "router.weight", "gate.wg.weight", "router.proj.weight"))
+            is_router = (name.endswith(("gate.weight", "router.weight", "gate.wg.weight", "router.proj.weight",
+                                        "router.layer.weight"))
                          and "shared_expert_gate" not in name)
             std = router_std if is_router else weight_std
             if param.dim() >= 2 or "bias" in name or "sinks" in name:

@@ -1,10 +1,12 @@
 """Export a pruned model as a physically smaller, standard Hugging Face checkpoint.
 
 The dropped experts are sliced out of every fused expert tensor (``gate_up_proj``, ``down_proj`` and,
-for GPT-OSS, their biases: every parameter of the experts module whose leading axis indexes experts) and
+for GPT-OSS, their biases: every parameter of the experts module whose leading axis indexes experts; DBRX's
+2-D ``w1`` / ``v1`` / ``w2``: each expert's block of rows) and
 out of the router (its weight rows and, where present, its bias and its load-balancing correction bias
 ``e_score_correction_bias``, a buffer); the config's routed-expert count is
-updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts`` / ``moe_num_experts``), top-k is
+updated (``num_experts`` / ``num_local_experts`` / ``n_routed_experts`` / ``moe_num_experts``, DBRX's in its
+``ffn_config``), top-k is
 kept. The result loads with ``AutoModelForCausalLM.from_pretrained(DIR)`` (Mistral 4, Qwen3-VL-MoE,
 Qwen3-Omni-MoE's thinker: their own class, ``Mistral4ForCausalLM``, ``Qwen3VLMoeForConditionalGeneration``,
 ``Qwen3OmniMoeThinkerForConditionalGeneration``, which ``config.json``'s ``architectures`` names) and no
@@ -186,9 +188,12 @@ def _pruned_entries(moe: MoEModel, kept: dict[int, list[int]]) -> list[_Entry]:
         index = torch.as_tensor(kept[described.layer], dtype=torch.long)
         count = described.num_experts
         real = count - moe.adapter.identity_experts(described)  # LongCat-Flash's down_proj: real experts only
+        rows = moe.adapter.expert_rows(described)  # DBRX: each expert's F rows of its 2-D matrices
         block_own = (*described.block.parameters(recurse=False), *described.block.buffers(recurse=False))
         for tensor in (*described.experts.parameters(), *block_own):
-            if tensor.dim() >= 1 and tensor.shape[0] == count:
+            if rows > 1 and tensor.dim() >= 1 and tensor.shape[0] == count * rows:
+                slices[id(tensor)] = (0, (index[:, None] * rows + torch.arange(rows)).reshape(-1))
+            elif tensor.dim() >= 1 and tensor.shape[0] == count:
                 slices[id(tensor)] = (0, index)
             elif tensor.dim() >= 1 and real != count and tensor.shape[0] == real:
                 slices[id(tensor)] = (0, index[index < real])
@@ -270,7 +275,8 @@ def _exported_counts(moe: MoEModel, text_config, kept: dict[int, list[int]], ori
     real and identity experts), which must agree across layers (one config)."""
     per_layer = {l.layer: moe.adapter.exported_expert_counts(text_config, kept[l.layer], l) for l in moe.layers}
     if all(counts is None for counts in per_layer.values()):
-        return {name: new_count for name in _expert_count_fields(text_config, original)}
+        owner = moe.adapter.expert_count_config(text_config)
+        return {name: new_count for name in _expert_count_fields(owner, original)}
     distinct = {tuple(sorted(counts.items())) for counts in per_layer.values()}
     if len(distinct) > 1:
         shown = ", ".join(f"{counts} in layer {layer}" for layer, counts in list(per_layer.items())[:3])
@@ -311,7 +317,8 @@ LEGACY_EXPERT_COUNT_KEYS: dict[str, str] = {
 _TOP_LEVEL_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
 
 
-def legacy_config_keys(config, fields: Sequence[str], num_experts: int) -> dict[str, dict[str, Any]]:
+def legacy_config_keys(config, fields: Sequence[str], num_experts: int, *,
+                       counts_in=None) -> dict[str, dict[str, Any]]:
     """The keys transformers 4.x read that 5.x writes under other names, for the exported ``config.json``.
 
     Parameters
@@ -322,6 +329,9 @@ def legacy_config_keys(config, fields: Sequence[str], num_experts: int) -> dict[
         The expert-count fields rewritten (:data:`EXPERT_COUNT_FIELDS` members).
     num_experts : int
         The pruned expert count.
+    counts_in : PretrainedConfig, optional
+        The (sub-)config that holds ``fields`` (default: the text config; DBRX: its ``ffn_config``,
+        :meth:`~moeaudit.models.FamilyAdapter.expert_count_config`).
 
     Returns
     -------
@@ -349,6 +359,7 @@ def legacy_config_keys(config, fields: Sequence[str], num_experts: int) -> dict[
       ``dtype`` when both are given.
     """
     text_config = config.get_text_config()
+    counts_in = text_config if counts_in is None else counts_in
     out: dict[str, dict[str, Any]] = {}
     for key in ("", *(getattr(config, "sub_configs", None) or {})):
         sub = config if key == "" else getattr(config, key, None)
@@ -356,7 +367,7 @@ def legacy_config_keys(config, fields: Sequence[str], num_experts: int) -> dict[
             continue
         raw = sub.to_dict()
         keys: dict[str, Any] = {}
-        if sub is text_config:
+        if sub is counts_in:
             aliases = getattr(type(sub), "attribute_map", {}) or {}
             names = set(fields) | {alias for alias, target in aliases.items()
                                    if target in fields and alias in EXPERT_COUNT_FIELDS}
@@ -365,6 +376,7 @@ def legacy_config_keys(config, fields: Sequence[str], num_experts: int) -> dict[
             if legacy is not None:
                 names.add(legacy)
             keys.update({name: num_experts for name in sorted(names)})
+        if sub is text_config:
             keys.update(_legacy_rope(sub, raw.get("rope_parameters")))
         if raw.get("dtype") is not None:
             keys["torch_dtype"] = raw["dtype"]
@@ -492,9 +504,10 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
     config = copy.deepcopy(moe.model.config)
     config.architectures = [type(moe.model).__name__]  # as save_pretrained writes it (a sub-config has none)
     text_config = config.get_text_config()  # a vision-language model keeps the counts in its text config
+    owner = moe.adapter.expert_count_config(text_config)  # DBRX: its ffn_config
     fields = tuple(counts)
     for name, value in counts.items():
-        setattr(text_config, name, value)
+        setattr(owner, name, value)
     entries = _untied(_pruned_entries(moe, full))
     with torch.device("meta"):
         pruned = type(moe.model)._from_config(config, dtype=moe.dtype)  # the loaded model's own class
@@ -513,7 +526,8 @@ def export_pruned(moe: MoEModel, kept: Mapping[int, Sequence[int]], out_dir: str
         pruned.config.save_pretrained(out)
         primary = counts[fields[0]]  # the routed-expert count (LongCat-Flash: its real experts)
         _write_legacy_keys(out / "config.json", legacy_config_keys(
-            pruned.config, [f for f in fields if counts[f] == primary], primary))
+            pruned.config, [f for f in fields if counts[f] == primary], primary,
+            counts_in=moe.adapter.expert_count_config(pruned.config.get_text_config())))
         generation = getattr(moe.model, "generation_config", None)
         if generation is not None and pruned.can_generate():
             generation.save_pretrained(out)
