@@ -129,6 +129,12 @@ def test_export_without_criterion_and_ratio_is_one_line_before_anything_loads(tm
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
 
 
+def test_group_balanced_without_export_is_one_line_before_anything_loads(tmp_path, cli, no_model):
+    code, out, err = cli("prune", str(tmp_path / "run"), "--group-balanced")
+    assert code == 2 and "`--group-balanced` must be given with --export DIR" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_a_new_run_without_model_is_one_line_and_writes_nothing(tmp_path, cli):
     code, _, err = cli("observe", str(tmp_path / "run"), "--max-windows", "1")
     assert code == 2 and "`--model` is required for a new run directory" in err

@@ -237,3 +237,47 @@ def test_identity_experts_are_never_pruned_and_not_counted_in_the_ratio(tmp_path
     table = run.read("pruning")
     assert all(len(d) == 2 and max(d) < 8 for d in table.dropped)
     assert export_pruned(moe, kept, tmp_path / "export").num_experts == 10
+
+
+def test_group_balanced_selection_exports_deepseek_v3_exactly(tmp_path):
+    """DeepSeek-V3's group-limited routing (the tiny model: 2 groups of 4, a group scored by its two best): a
+    criterion ranking group 0's experts lowest drops them all at ratio 0.5, and that checkpoint is refused (its
+    groups would differ in size). The group-balanced selection drops each group's two lowest instead; its
+    export loads with plain transformers and equals the masked model."""
+    from transformers import AutoModelForCausalLM
+
+    from moeaudit.prune import pruning_ablations
+
+    moe = make_moe("deepseek_v3")
+    score = np.tile([0.1, 0.4, 0.2, 0.3, 5.0, 8.0, 7.0, 6.0], (len(moe.layers), 1))
+    run = make_run(tmp_path, moe, metrics_table(moe, {"frequency": score}))
+    plain = select_kept(run, "frequency", 0.5, moe=moe)
+    assert all(ids == [4, 5, 6, 7] for ids in plain.values())
+    with pytest.raises(InvalidParameterError, match="--group-balanced") as err:
+        export_pruned(moe, plain, tmp_path / "refused")
+    assert "\n" not in str(err.value) and not (tmp_path / "refused").exists()
+    kept = select_kept(run, "frequency", 0.5, moe=moe, group_balanced=True)
+    assert all(ids == [1, 3, 5, 6] for ids in kept.values())  # each group keeps its two best by frequency
+    draws = select_kept(run, "random", 0.5, moe=moe, seed=4, group_balanced=True)
+    assert all(sum(e < 4 for e in ids) == 2 for ids in draws.values())
+    export_pruned(moe, kept, tmp_path / "balanced")
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with moe.intervene(pruning_ablations(moe, kept)):
+            masked = nll_from_logits(moe.model(input_ids=ids).logits, ids)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "balanced").eval()
+        exported = nll_from_logits(loaded(input_ids=ids).logits, ids)
+    assert torch.allclose(masked[:, :-1], exported[:, :-1], atol=1e-5, rtol=0)
+
+
+def test_group_balanced_selection_refusals_are_one_line(tmp_path):
+    moe = make_moe("deepseek_v3")
+    run = make_run(tmp_path, moe, metrics_table(moe))
+    with pytest.raises(InvalidParameterError, match="drops 3 of the 8 experts.*multiple of 2, e.g. 0.25 or 0.5"):
+        select_kept(run, "frequency", 0.375, moe=moe, group_balanced=True)
+    with pytest.raises(InvalidParameterError, match="`moe` must be the loaded model"):
+        select_kept(run, "frequency", 0.25, group_balanced=True)
+    olmoe = make_moe("olmoe")
+    other = make_run(tmp_path, olmoe, metrics_table(olmoe), name="olmoe")
+    with pytest.raises(InvalidParameterError, match="routes without expert groups"):
+        select_kept(other, "frequency", 0.25, moe=olmoe, group_balanced=True)

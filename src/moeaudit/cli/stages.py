@@ -279,6 +279,9 @@ def prune_command(
     export: Optional[Path] = typer.Option(None, "--export", help="Write a physically smaller checkpoint here."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="With --export: the criterion, e.g. reap."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="With --export: the ratio, e.g. 0.25."),
+    group_balanced: bool = typer.Option(False, "--group-balanced", help="With --export: drop as many experts from "
+                                        "each expert group of group-limited routing (DeepSeek-V3/R1, Mistral 4), "
+                                        "each group's worst by the criterion, so the checkpoint routes exactly."),
     push: Optional[str] = typer.Option(None, "--push-to-hub", help="With --export: then upload the checkpoint to "
                                        "this hub repository (user/name; created if missing)."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repository private."),
@@ -303,6 +306,8 @@ def prune_command(
                      single_layer=single_layer, guard=guard, **execution_flags(executor, address, workers, None)))
     if export is not None and (criterion is None or ratio is None):  # before the model loads
         raise invalid("--export", "given with --criterion and --ratio", str(export))
+    if group_balanced and export is None:
+        raise invalid("--group-balanced", "given with --export DIR (it chooses the exported experts)", group_balanced)
     if push is not None:  # also before the model loads
         if export is None:
             raise invalid("--push-to-hub", "given with --export DIR (the checkpoint to upload)", push)
@@ -315,10 +320,10 @@ def prune_command(
     moe = model_from_config(run.config)
     if export is not None:
         kept = select_kept(run, criterion, ratio, moe=moe, guard=run.config.prune.guard,
-                           directions=run.config.prune.directions)
+                           directions=run.config.prune.directions, group_balanced=group_balanced)
         result = export_pruned(moe, kept, export, provenance={
-            "criterion": criterion, "ratio": ratio, "guard": run.config.prune.guard, "run": str(run.path),
-            "run_fingerprint": run.manifest.get("config_fingerprint")})
+            "criterion": criterion, "ratio": ratio, "guard": run.config.prune.guard, "group_balanced": group_balanced,
+            "run": str(run.path), "run_fingerprint": run.manifest.get("config_fingerprint")})
         print_note(f"exported {criterion} at ratio {ratio} to {result.path}")
         if push is not None:
             push_to_hub(result.path, push, private=private)

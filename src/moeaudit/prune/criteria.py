@@ -439,7 +439,8 @@ def criterion_scores(expert_metrics: pd.DataFrame, *, extra: Iterable[pd.DataFra
 def dropped_experts(scores: pd.DataFrame, criterion: str, budgets: Mapping[int, int], *,
                     directions: Mapping[str, str] | None = None,
                     protected: Mapping[int, Iterable[int]] | None = None, seed: int | None = None,
-                    num_experts: Mapping[int, int] | None = None) -> dict[int, list[int]]:
+                    num_experts: Mapping[int, int] | None = None,
+                    groups: Mapping[int, int] | None = None) -> dict[int, list[int]]:
     """The experts ``criterion`` drops in each layer, ``budgets[layer]`` of them.
 
     Parameters
@@ -454,10 +455,23 @@ def dropped_experts(scores: pd.DataFrame, criterion: str, budgets: Mapping[int, 
         Required for ``random``.
     num_experts : mapping layer -> int, optional
         Experts per layer for ``random`` (default: from ``scores``).
+    groups : mapping layer -> int, optional
+        Group-balanced selection: layer ``l``'s experts form ``groups[l]`` equal consecutive groups (the
+        ``n_group`` of group-limited routing: DeepSeek-V3 / R1, Mistral 4), and each group loses
+        ``budgets[l] / groups[l]`` experts, the first of that group in the criterion's order (its worst by the
+        criterion, or its first random ones). A pruned checkpoint of such a model routes exactly as the
+        masked model only when every group keeps as many experts (:mod:`moeaudit.prune.export`); the global
+        selection (the default, as the prune stage evaluates) rarely does.
 
     Returns
     -------
     dict layer -> sorted list of dropped experts
+
+    Raises
+    ------
+    InvalidParameterError
+        With ``groups``: a layer's budget that is not a multiple of its groups, or a group whose share would
+        drop a protected expert.
     """
     protected = protected or {}
     out = {}
@@ -467,7 +481,8 @@ def dropped_experts(scores: pd.DataFrame, criterion: str, budgets: Mapping[int, 
         sizes = num_experts or {int(l): int(g["expert"].max()) + 1 for l, g in scores.groupby("layer")}
         for layer, count in budgets.items():
             order = random_order(sizes[layer], seed, layer, protected.get(layer, ()))
-            out[int(layer)] = sorted(int(e) for e in order[:count])
+            out[int(layer)] = _first_dropped(order, count, (groups or {}).get(layer), protected.get(layer, ()),
+                                             layer)
         return out
     if criterion not in scores:
         allowed = ", ".join([RANDOM] + [c for c in scores.columns if c not in _KEY_COLUMNS])
@@ -479,8 +494,32 @@ def dropped_experts(scores: pd.DataFrame, criterion: str, budgets: Mapping[int, 
             raise RunDirectoryError(f"expert_metrics.parquet must hold experts 0..E-1 of layer {layer} once each; "
                                     "recompute the metrics")
         order = prune_order(at[criterion].to_numpy(dtype=np.float64), direction, protected.get(layer, ()))
-        out[int(layer)] = sorted(int(e) for e in order[:count])
+        out[int(layer)] = _first_dropped(order, count, (groups or {}).get(layer), protected.get(layer, ()), layer)
     return out
+
+
+def _first_dropped(order: np.ndarray, count: int, n_group: int | None, protected: Iterable[int],
+                   layer: int) -> list[int]:
+    """The first ``count`` experts of a prune ``order``; with ``n_group`` > 1, the first ``count / n_group`` of
+    each of the ``n_group`` equal consecutive groups (:func:`dropped_experts`' ``groups``). Sorted."""
+    if not n_group or n_group <= 1:
+        return sorted(int(e) for e in order[:count])
+    total = len(order)
+    if count % n_group:
+        examples = " or ".join(f"{m * n_group / total:g}" for m in (1, 2) if m * n_group < total)
+        raise InvalidParameterError(
+            f"the ratio drops {count} of the {total} experts of layer {layer}, not a multiple of its {n_group} expert "
+            f"groups (group-balanced selection); choose a ratio that drops a multiple of {n_group}, e.g. {examples}")
+    size, share, guard = total // n_group, count // n_group, {int(e) for e in protected}
+    dropped = []
+    for group in range(n_group):
+        chosen = [int(e) for e in order if int(e) // size == group][:share]
+        if guard & set(chosen):
+            raise InvalidParameterError(
+                f"the guard protects experts {sorted(guard & set(chosen))} of layer {layer} that group {group}'s share "
+                f"of {share} would drop (group-balanced selection); lower the guard or the ratio")
+        dropped += chosen
+    return sorted(dropped)
 
 
 def kept_from_dropped(dropped: Mapping[int, Iterable[int]], num_experts: Mapping[int, int]) -> dict[int, list[int]]:

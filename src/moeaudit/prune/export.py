@@ -124,6 +124,13 @@ def _group_limits(moe: MoEModel, described) -> tuple[int, int] | None:
     return int(n_group), 2 if params.get("group_score") == GROUP_SCORE_LABELS["top2_sum"] else 1
 
 
+def expert_groups(moe: MoEModel, described) -> int:
+    """The number of equal consecutive expert groups ``described``'s routing limits tokens to (``n_group``), 1
+    where it does not group (:func:`moeaudit.prune.criteria.dropped_experts`' group-balanced selection)."""
+    limits = _group_limits(moe, described)
+    return 1 if limits is None else limits[0]
+
+
 def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
     """Group-limited routing needs equal-sized groups after slicing (see the module notes)."""
     for described in moe.layers:
@@ -139,7 +146,8 @@ def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
             raise InvalidParameterError(
                 f"`kept` must keep the same number of experts in each of the {n_group} expert groups of layer "
                 f"{described.layer} (group-limited routing, n_group = {n_group}); got {counts}; drop "
-                f"experts evenly across groups{greedy}")
+                f"experts evenly across groups (`moeaudit prune RUN --export DIR --group-balanced`, "
+                f"`select_kept(..., group_balanced=True)`){greedy}")
         if counts[0] < least:
             raise InvalidParameterError(
                 f"`kept` must keep at least {least} experts in each of the {n_group} expert groups of layer "

@@ -411,7 +411,7 @@ def run_prune(
 
 # ============================================================================ one pruning, for export
 def select_kept(run: RunDir, criterion: str, ratio: float, *, moe=None, seed: int | None = None, guard: int = 0,
-                directions: Mapping[str, str] | None = None) -> dict[int, list[int]]:
+                directions: Mapping[str, str] | None = None, group_balanced: bool = False) -> dict[int, list[int]]:
     """The experts ``criterion`` keeps at ``ratio`` in every layer of ``run`` (uniform), without evaluating.
 
     For ``moeaudit prune RUN --export DIR --criterion reap --ratio 0.25``: validates the ratio (one line
@@ -430,7 +430,14 @@ def select_kept(run: RunDir, criterion: str, ratio: float, *, moe=None, seed: in
     guard : int
         Super-expert guard (:func:`moeaudit.prune.criteria.super_experts`).
     directions : mapping, optional
+    group_balanced : bool
+        Drop as many experts from each expert group of group-limited routing (DeepSeek-V3 / R1 / V3.2,
+        Mistral 4: ``n_group`` > 1), each group's first by the criterion (:func:`dropped_experts`' ``groups``),
+        so that the pruned checkpoint routes exactly as the masked model; needs ``moe``. The prune stage's
+        evaluation selects globally: evaluate the exported checkpoint itself (``moeaudit evaluate``).
     """
+    if group_balanced and moe is None:
+        raise invalid("moe", "the loaded model, for a group-balanced selection (its routing's expert groups)", moe)
     metrics = run.read("expert_metrics")
     layers = sorted(int(l) for l in metrics["layer"].unique())
     if moe is not None:
@@ -453,6 +460,14 @@ def select_kept(run: RunDir, criterion: str, ratio: float, *, moe=None, seed: in
     budgets = layer_budgets(float(ratio), real, top_k, protected=guarded, context=name)
     if criterion == RANDOM and seed is None:
         raise invalid("seed", "an integer for the random criterion", seed)
+    groups = None
+    if group_balanced:
+        from moeaudit.prune.export import expert_groups
+
+        groups = {l: expert_groups(moe, moe.layer(l)) for l in layers}
+        if all(n <= 1 for n in groups.values()):
+            raise invalid("group_balanced", f"used with group-limited routing (n_group > 1); {name} routes without "
+                          "expert groups, so the plain selection already exports exactly", group_balanced)
     dropped = dropped_experts(scores, criterion, budgets, directions=directions, protected=protected, seed=seed,
-                              num_experts=num_experts)
+                              num_experts=num_experts, groups=groups)
     return kept_from_dropped(dropped, num_experts)
