@@ -106,6 +106,8 @@ def test_reimplemented_routing_equals_module(moe, input_ids):
         assert torch.equal(record.topk_idx, idx) and torch.equal(record.combine_weight, weights)
         if score_function(layer) == "sigmoid":  # the family's score: sigmoid, bias not included
             probs = torch.sigmoid(router_logits.float())
+        elif score_function(layer) == "sqrtsoftplus":  # DeepSeek-V4: sqrt(softplus) in the logits' dtype
+            probs = torch.nn.functional.softplus(router_logits).sqrt().float()
         else:
             probs = torch.softmax(router_logits.float(), dim=-1)
         assert torch.equal(record.raw_gate, probs.gather(-1, idx))
@@ -115,7 +117,7 @@ def score_function(layer) -> str:
     """The family's score: named by the rule, or by the inferred parameters of the generic adapter."""
     if layer.routing_rule == "inferred_scored_topk":
         return layer.adapter.routing_parameters(layer)["score"]
-    return "sigmoid" if layer.routing_rule.startswith("sigmoid") else "softmax"
+    return next((name for name in ("sigmoid", "sqrtsoftplus") if layer.routing_rule.startswith(name)), "softmax")
 
 
 def independent_shared_part(layer, hidden):
@@ -200,6 +202,7 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         "sigmoid_bias_renorm": ("sigmoid", "block", None, "always", False),             # MiniMax-M2, Step-3.7
         "softmax_bias_renorm": ("softmax", "statics", None, "clamp", False),            # ERNIE-4.5
         "softmax_bias_scaled": ("softmax", "router", None, "never", True),               # LongCat-Flash
+        "sqrtsoftplus_bias_renorm_scaled": ("sqrtsoftplus", "router", None, "always", True),  # DeepSeek-V4
     }
     if rule == "inferred_scored_topk":  # the generic adapter: the rule its parameters describe
         params = layer.adapter.routing_parameters(layer)
@@ -227,7 +230,8 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         if rule == "sigmoid_bias_renorm":  # MiniMax-M2's block holds the bias, Step-3.7's router
             bias_at = layer.adapter.routing_parameters(layer)["correction_bias"]
         router = layer.router
-        scores = 1.0 / (1.0 + np.exp(-z)) if score == "sigmoid" else probs
+        scores = {"sigmoid": lambda: 1.0 / (1.0 + np.exp(-z)), "sqrtsoftplus": lambda: np.sqrt(np.logaddexp(0.0, z)),
+                  "softmax": lambda: probs}[score]()
         bias = {None: 0.0, "router": lambda: router.e_score_correction_bias,
                 "block": lambda: getattr(layer.block, block_bias),
                 "statics": lambda: router.moe_statics.e_score_correction_bias[0]}[bias_at]

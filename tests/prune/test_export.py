@@ -17,7 +17,7 @@ from moeaudit.prune.export import EXPERT_COUNT_FIELDS, LEGACY_EXPERT_COUNT_KEYS
 from tests.prune.conftest import make_moe, windows
 
 #: Families whose pruned checkpoint cannot be described by their config (refused, tested below).
-NOT_EXPORTABLE = ("ernie4_5_vl_moe",)
+NOT_EXPORTABLE = ("ernie4_5_vl_moe", "deepseek_v4")
 EXPORTABLE = [family for family in FAMILIES if family not in NOT_EXPORTABLE]
 #: Kept experts per family (8 experts, top-2); group-limited DeepSeek keeps one expert of each group of 2.
 KEPT = {family: [0, 2, 3, 5, 6, 7] for family in FAMILIES}
@@ -134,8 +134,8 @@ def test_export_writes_the_keys_transformers_4_reads(family, tmp_path):
 
 @pytest.mark.parametrize("family", NOT_EXPORTABLE)
 def test_export_refuses_a_family_its_config_cannot_describe_pruned(family, tmp_path):
-    """ERNIE-4.5-VL's text and vision experts share one expert count: refused in one line naming what to do,
-    before anything is written."""
+    """ERNIE-4.5-VL's text and vision experts share one expert count, DeepSeek-V4's hash-routed layers keep every
+    expert beside the pruned ones: refused in one line naming what to do, before anything is written."""
     moe = make_moe(family)
     with pytest.raises(InvalidParameterError) as err:
         export_pruned(moe, {l.layer: KEPT[family] for l in moe.layers}, tmp_path / "x")

@@ -55,6 +55,9 @@ def _print_table(d: dict) -> None:
                f"device={d['device']}", bold=True)
     print_note(f"decoder layers={d['num_decoder_layers']}  hidden={d['hidden_size']}  vocab={d['vocab_size']}  "
                f"dense layers={d['dense_layers'] or 'none'}  experts kernel={d['experts_implementation']}")
+    if d["unaudited_moe_layers"]:
+        print_note("MoE layers not audited: " + "; ".join(f"{layer}: {why}" for layer, why in
+                                                            d["unaudited_moe_layers"].items()))
     print_note(f"parameters: total={params['total']:,}  routed experts={params['routed_experts']:,}  "
                f"shared experts={params['shared_experts']:,}  active per token={params['active_per_token']:,}")
     rows = [[str(row["layer"]), str(row["num_experts"]), str(row["top_k"]), str(row["num_shared"]),

@@ -187,6 +187,8 @@ class EffectsResult:
 def fast_unsupported_reason(moe: MoEModel) -> str | None:
     """Why the fast engine cannot replay ``moe`` exactly, or None when it can (checked before loading data)."""
     model = moe.model
+    if moe.adapter.fast_refusal is not None:
+        return moe.adapter.fast_refusal
     native = str(model.config._attn_implementation)
     if native not in SUPPORTED_NATIVE:
         return (f"attention implementation {native!r} is not replayed by the fast engine; load the model with "

@@ -41,6 +41,7 @@ RoutingRule = Literal[
     "sigmoid_topk_logits_input",
     "softmax_topk_renorm_expert_scaled",
     "softmax_topk_pnorm",
+    "sqrtsoftplus_bias_renorm_scaled",
 ]
 
 ROUTING_RULE_DOC: dict[str, str] = {
@@ -71,6 +72,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
     "sigmoid_topk_logits_input": (
         "top-k of the raw logits; each chosen expert's weight is the sigmoid of its logit and scales the "
         "expert's input, not its output"
+    ),
+    "sqrtsoftplus_bias_renorm_scaled": (
+        "sqrt(softplus) scores; top-k of score + correction bias; weights = scores renormalised (sum + 1e-20), "
+        "x routed_scaling_factor"
     ),
     "softmax_topk_pnorm": (
         "softmax over all experts in the logits' dtype, top-k, weights divided by their p-norm "
@@ -293,6 +298,9 @@ class FamilyAdapter(abc.ABC):
     weights_scale_input: ClassVar[bool] = False
     #: Why a pruned checkpoint of this family cannot be exported (None: it can), ending in what to do instead.
     export_refusal: ClassVar[str | None] = None
+    #: Why the fast engine cannot replay this family's decoder layers (None: it can, or finds out itself); its
+    #: interventions then run on the reference engine, with this reason logged.
+    fast_refusal: ClassVar[str | None] = None
     #: Keyword arguments the family's backbone hands its decoder layers that :meth:`row_layer_arguments`
     #: supplies to the fast engine's rows (beyond those every family's rows get).
     replayed_layer_arguments: ClassVar[frozenset[str]] = frozenset()
@@ -326,6 +334,12 @@ class FamilyAdapter(abc.ABC):
                 continue
             found.append(self.describe_layer(model.config.get_text_config(), index, mlp))
         return found
+
+    def unaudited_layers(self, model: nn.Module) -> dict[int, tuple[MoELayer, str]]:
+        """Decoder layers with routed experts that moeaudit does not audit, each described and with why
+        (DeepSeek-V4's hash-routed layers); empty for every other family. ``describe`` lists them apart from
+        the dense layers, and the parameter counts include their experts."""
+        return {}
 
     def describe_layer(self, config, index: int, block: nn.Module) -> MoELayer:
         router = getattr(block, self.router_attr)

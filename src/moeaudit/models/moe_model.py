@@ -89,17 +89,18 @@ class MoEModel:
     def parameter_counts(self) -> dict[str, int]:
         """Total, routed-expert, shared-expert and per-token active parameters."""
         total = sum(p.numel() for p in self.model.parameters())
-        routed = sum(layer.expert_parameter_count() for layer in self.layers)
-        shared = sum(sum(p.numel() for p in layer.shared.parameters()) for layer in self.layers
+        layers = [*self.layers, *(layer for layer, _ in self.adapter.unaudited_layers(self.model).values())]
+        routed = sum(layer.expert_parameter_count() for layer in layers)
+        shared = sum(sum(p.numel() for p in layer.shared.parameters()) for layer in layers
                      if layer.shared is not None)
-        active_routed = sum(layer.expert_parameter_count() * layer.top_k // layer.num_experts
-                            for layer in self.layers)
+        active_routed = sum(layer.expert_parameter_count() * layer.top_k // layer.num_experts for layer in layers)
         return {"total": total, "routed_experts": routed, "shared_experts": shared,
                 "active_per_token": total - routed + active_routed}
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready description (what ``moeaudit inspect`` prints)."""
         config = self.model.config
+        unaudited = self.adapter.unaudited_layers(self.model)
         return {
             "name": self.name,
             "family": self.family,
@@ -126,7 +127,9 @@ class MoEModel:
                 }
                 for layer in self.layers
             ],
-            "dense_layers": [i for i in range(self.num_decoder_layers) if i not in self._by_index],
+            "dense_layers": [i for i in range(self.num_decoder_layers)
+                             if i not in self._by_index and i not in unaudited],
+            "unaudited_moe_layers": {str(i): why for i, (_, why) in unaudited.items()},
             "routing_rules": {layer.routing_rule: ROUTING_RULE_DOC[layer.routing_rule] for layer in self.layers},
         }
 

@@ -6,6 +6,7 @@ from moeaudit.models.axk1 import AXK1Adapter
 from moeaudit.models.base import FamilyAdapter
 from moeaudit.models.dbrx import DbrxAdapter
 from moeaudit.models.deepseek_v2 import DeepseekV2Adapter
+from moeaudit.models.deepseek_v4 import DeepseekV4Adapter
 from moeaudit.models.ernie45_vl import Ernie45VLMoeAdapter
 from moeaudit.models.gpt_oss import GptOssAdapter
 from moeaudit.models.mixtral import MixtralAdapter
@@ -53,6 +54,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     LongcatFlashAdapter,
     Step3p7Adapter,
     DbrxAdapter,
+    DeepseekV4Adapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -91,7 +93,6 @@ GENERIC_FAMILIES: dict[str, str] = {
 #: Used to word the refusal and by ``moeaudit inspect --supported``.
 UNSUPPORTED_MOE: dict[str, str] = {
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
-    "deepseek_v4": "hash routers in the first layers and hyper-connections",
     "bailing_moe": "routing variant not adapted yet",
     "mistral_large4": "indexer sparse attention and a vision-language wrapper",
     "dots3_note": "indexer sparse attention and a vision-language wrapper",

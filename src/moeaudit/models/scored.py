@@ -2,7 +2,7 @@
 
 Each router in transformers 5.23 that follows it computes, from the router logits z [N, E]:
 
-1. scores s = f(z), f = sigmoid or softmax (:attr:`ScoredRule.score`);
+1. scores s = f(z), f = sigmoid, softmax or sqrt(softplus) (:attr:`ScoredRule.score`; the last DeepSeek-V4's);
 2. a selection score c = s + b, with a load-balancing correction bias b where the family has one
    (arXiv 2412.19437, Sec. 2.1.2: the bias steers selection only, never the weights);
 3. optionally group-limited selection: experts split into ``n_group`` consecutive groups, a group's score
@@ -45,8 +45,9 @@ class ScoredRule:
     ----------
     name : str
         The rule's name, a key of :data:`moeaudit.models.base.ROUTING_RULE_DOC`.
-    score : {"sigmoid", "softmax"}
-        f: the scoring function, applied in the logits' dtype (the routers compute it there).
+    score : {"sigmoid", "softmax", "sqrtsoftplus"}
+        f: the scoring function, applied in the logits' dtype (the routers compute it there);
+        ``sqrtsoftplus`` is sqrt(log(1 + exp(z))) (DeepSeek-V4, transformers' ``SqrtSoftplusActivation``).
     score_float32 : bool
         Cast the logits to float32 before f (sigmoid routers of MiniMax-M2; DeepSeek-V3's logits already
         are float32).
@@ -88,7 +89,7 @@ class ScoredRule:
     """
 
     name: str
-    score: Literal["sigmoid", "softmax"]
+    score: Literal["sigmoid", "softmax", "sqrtsoftplus"]
     score_float32: bool = False
     bias: Literal["router", "block", "statics"] | None = None
     grouped: bool = False
@@ -186,6 +187,8 @@ def rule_bias(rule: ScoredRule, layer: MoELayer) -> torch.Tensor | None:
 
 def _scores(rule: ScoredRule, logits: torch.Tensor) -> torch.Tensor:
     z = logits.float() if rule.score_float32 else logits
+    if rule.score == "sqrtsoftplus":
+        return F.softplus(z).sqrt()
     return z.sigmoid() if rule.score == "sigmoid" else F.softmax(z, dim=-1, dtype=z.dtype)
 
 

@@ -18,7 +18,7 @@ FAMILIES: tuple[str, ...] = (
     "phimoe", "llama4_text", "nemotron_h", "glm4v_moe", "flint", "cohere2_moe", "hy_v3", "aria_text",
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
-    "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx",
+    "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx", "deepseek_v4",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -28,6 +28,7 @@ FAMILIES: tuple[str, ...] = (
 #: (:func:`moeaudit.intervene.fast.restarts_at_block`).
 REFERENCE_ONLY: dict[str, str] = {
     "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
+    "deepseek_v4": "hyper-connections",  # several residual streams mixed by learned weights
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -58,7 +59,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig,
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
-    from transformers import DbrxConfig, Ernie4_5_VLMoeConfig, LongcatFlashConfig, Step3p7Config
+    from transformers import DbrxConfig, DeepseekV4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig, Step3p7Config
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -158,6 +159,14 @@ def tiny_config(family: str, **overrides: Any):
                       ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2,
                                       moe_normalize_expert_weights=1.0))
         cls = DbrxConfig
+    elif family == "deepseek_v4":  # a hash-routed first layer, then sqrt-softplus top-k layers; 2 residual streams
+        # sliding window 8 < the tests' windows, compressed attention in every layer (the released default)
+        fields = dict(_COMMON, moe_intermediate_size=16, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
+                      q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=8, n_shared_experts=1, hc_mult=2,
+                      hc_sinkhorn_iters=3, sliding_window=8, o_groups=2, o_lora_rank=16, index_n_heads=2,
+                      index_head_dim=8, index_topk=64, num_nextn_predict_layers=0,
+                      mlp_layer_types=["hash_moe", "moe", "moe"])
+        cls = DeepseekV4Config
     elif family == "ernie4_5_moe":
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
                       moe_num_experts=8, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
@@ -390,4 +399,8 @@ def tiny_model(family: str, *, seed: int = 0, experts_implementation: str | None
         for name, buffer in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):  # a load-balancing bias: changes selection
                 buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.3)
+            if name.endswith("tid2eid"):  # DeepSeek-V4's hash layers: k distinct experts per token id
+                experts = int(config.get_text_config().n_routed_experts)
+                buffer.copy_(torch.stack([torch.randperm(experts, generator=generator)[:buffer.shape[1]]
+                                          for _ in range(buffer.shape[0])]))
     return model.eval()

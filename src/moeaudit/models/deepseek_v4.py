@@ -1,0 +1,56 @@
+"""DeepSeek-V4 (``DeepseekV4ForCausalLM``; DeepSeek-V4-Flash, V4-Pro): the learned-router MoE layers, audited on
+the reference engine.
+
+What transformers 5.23 implements (``transformers/models/deepseek_v4/modeling_deepseek_v4.py``):
+
+* **Two kinds of MoE layer** (``config.mlp_layer_types``). The first layers (``hash_moe``) route by token id:
+  ``DeepseekV4HashRouter`` looks the experts up in a frozen table ``tid2eid[input_ids]`` and weights them by
+  their scores. The others (``moe``) use ``DeepseekV4TopKRouter``: scores :math:`s = \\sqrt{\\mathrm{softplus}(z)}`,
+  the top-k of :math:`s + b` (a correction bias, unsorted), weights :math:`s` renormalised (+1e-20) times
+  ``routed_scaling_factor`` — :class:`~moeaudit.models.scored.ScoredRule` with the ``sqrtsoftplus`` score.
+  Both add one shared expert; the experts are fused and clamp their SwiGLU (``swiglu_limit``).
+* **Manifold-constrained hyper-connections** (``hc_mult`` residual streams mixed in and out of every block)
+  and compressed sparse attention with its own caches.
+
+What moeaudit audits, and why not more:
+
+* The top-k layers, exactly as every scored family: observation, metrics, every intervention kind, pruning
+  by masking (a router without the dropped experts' rows).
+* Not the hash-routed layers (``moeaudit inspect`` lists them): their selection is a table lookup, so a
+  removed expert has no next-best replacement (``reroute``) and a pruned layer no defined routing; moeaudit's
+  routing contract (re-routing from the logits) does not hold there.
+* Interventions run on the reference engine (whole forward passes of the model with the block edited): the
+  fast engine's rows add a change of the MoE block to one residual stream, and V4's layers carry several
+  mixed by learned weights (:attr:`DeepseekV4Adapter.fast_refusal`).
+* The pruned checkpoint is not exported: the hash layers keep every expert, and the config has one expert
+  count for all layers (:attr:`DeepseekV4Adapter.export_refusal`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moeaudit.models.base import MoELayer
+from moeaudit.models.scored import ScoredRule, ScoredTopKAdapter
+
+
+class DeepseekV4Adapter(ScoredTopKAdapter):
+    family = "deepseek_v4"
+    model_types = ("deepseek_v4",)
+    architectures = ("DeepseekV4ForCausalLM",)
+    rule = ScoredRule("sqrtsoftplus_bias_renorm_scaled", score="sqrtsoftplus", bias="router", renorm="always",
+                      scaled=True)
+    fast_refusal = ("DeepSeek-V4's decoder layers carry several residual streams mixed by learned weights "
+                    "(hyper-connections), which the fast engine's rows do not replay")
+    export_refusal = ("DeepSeek-V4's hash-routed layers keep every expert (moeaudit does not prune them) and its "
+                      "config holds one expert count for all layers, so the pruned model has no checkpoint form; "
+                      "use the masked evaluation of `moeaudit prune` (pruning.parquet)")
+
+    def is_moe_block(self, mlp: nn.Module) -> bool:
+        return super().is_moe_block(mlp) and not getattr(mlp, "is_hash", False)
+
+    def unaudited_layers(self, model: nn.Module) -> dict[int, tuple[MoELayer, str]]:
+        config = model.config.get_text_config()
+        blocks = {index: getattr(layer, self.block_attr) for index, layer in enumerate(self.decoder_layers(model))}
+        return {index: (self.describe_layer(config, index, block), "hash-routed (experts fixed per token id)")
+                for index, block in blocks.items() if getattr(block, "is_hash", False)}
