@@ -203,6 +203,7 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         "softmax_bias_renorm": ("softmax", "statics", None, "clamp", False),            # ERNIE-4.5
         "softmax_bias_scaled": ("softmax", "router", None, "never", True),               # LongCat-Flash
         "sqrtsoftplus_bias_renorm_scaled": ("sqrtsoftplus", "router", None, "always", True),  # DeepSeek-V4
+        "softmax_group_sum_renorm_scaled": ("softmax", None, 0.0, "always", True),              # Mistral-Large-4
     }
     if rule == "inferred_scored_topk":  # the generic adapter: the rule its parameters describe
         params = layer.adapter.routing_parameters(layer)

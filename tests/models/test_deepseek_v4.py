@@ -1,20 +1,14 @@
-"""DeepSeek-V4: its learned-router layers audited on the reference engine through hyper-connections; its
-hash-routed layers listed and left alone; pruning evaluated by masking, the export refused."""
+"""DeepSeek-V4: its learned-router layers audited (on the reference engine through hyper-connections:
+tests/intervene/test_reference_families.py); its hash-routed layers listed and left alone; pruning evaluated by
+masking, the export refused."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import torch
 
 from moeaudit.errors import InvalidParameterError
-from moeaudit.intervene import InterveneConfig, Selection, compute_effects
 from moeaudit.models import wrap_model
-from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import tiny_model
-
-IDS = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture(scope="module")
@@ -34,25 +28,6 @@ def test_hash_routed_layers_are_listed_not_audited(moe):
     assert described["parameters"]["routed_experts"] == routed
     total = sum(p.numel() for p in moe.model.parameters())
     assert described["parameters"]["active_per_token"] == total - routed + routed * 2 // 8  # top-2 of 8
-
-
-def test_sequence_removal_through_hyper_connections_equals_the_model_without_the_expert(moe):
-    """Brute force, through the multi-stream residual: the zero kind in sequence scope (reference engine, the
-    fast engine's refusal logged) equals the model whose expert has a zero down projection."""
-    result = compute_effects(moe, IDS, Selection.sample(3, seed=0), config=InterveneConfig(scopes=("sequence",)))
-    assert result.stats.engine == "reference" and "hyper-connections" in result.stats.fallback_reason
-    effects = result.effects
-    assert effects["layer"].nunique() == 2 and len(effects) >= 4
-    with torch.no_grad():
-        clean = nll_from_logits(moe.model(IDS).logits, IDS)[0]
-    for (layer, expert), rows in effects.groupby(["layer", "expert"]):
-        pruned = copy.deepcopy(moe.model)
-        with torch.no_grad():
-            pruned.model.layers[layer].mlp.experts.down_proj[expert].zero_()
-            nll = nll_from_logits(pruned(IDS).logits, IDS)[0]
-        assert bool((nll != clean).any())
-        for row in rows.itertuples():
-            assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean[row.pos]), abs=1e-5)
 
 
 def test_pruning_is_evaluated_by_masking_and_the_export_refused(tmp_path, moe):

@@ -42,6 +42,7 @@ RoutingRule = Literal[
     "softmax_topk_renorm_expert_scaled",
     "softmax_topk_pnorm",
     "sqrtsoftplus_bias_renorm_scaled",
+    "softmax_group_sum_renorm_scaled",
 ]
 
 ROUTING_RULE_DOC: dict[str, str] = {
@@ -59,6 +60,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
     "softmax_group_sum_scaled": (
         "softmax scores; top groups by the sum of their two best, top-k inside them; weights renormalised if "
         "norm_topk_prob, x routed_scaling_factor"
+    ),
+    "softmax_group_sum_renorm_scaled": (
+        "softmax scores of float32 logits; top groups by the sum of their two best, top-k inside them; weights "
+        "renormalised (sum + 1e-20), x routed_scaling_factor"
     ),
     "sigmoid_bias_renorm": "sigmoid scores; top-k of score + correction bias; weights = scores renormalised",
     "softmax_bias_renorm": (

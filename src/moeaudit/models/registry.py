@@ -21,7 +21,7 @@ from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35M
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter, Qwen3OmniMoeAdapter
 from moeaudit.models.step3p7 import Step3p7Adapter
 from moeaudit.models.scored import (DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter,
-                                    Glm4vMoeAdapter, NemotronHAdapter)
+                                    Glm4vMoeAdapter, MistralLarge4Adapter, NemotronHAdapter)
 
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     OlmoeAdapter,
@@ -55,6 +55,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Step3p7Adapter,
     DbrxAdapter,
     DeepseekV4Adapter,
+    MistralLarge4Adapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -94,7 +95,6 @@ GENERIC_FAMILIES: dict[str, str] = {
 UNSUPPORTED_MOE: dict[str, str] = {
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "bailing_moe": "routing variant not adapted yet",
-    "mistral_large4": "indexer sparse attention and a vision-language wrapper",
     "dots3_note": "indexer sparse attention and a vision-language wrapper",
     "minimax_m3_vl": "indexer sparse attention, block-level output scales and a wrapper",
     "glm5_next": "hyper-connections and recurrent layers",

@@ -281,6 +281,26 @@ class Mistral4Adapter(ScoredTopKAdapter):
     rule = ScoredRule("softmax_group_sum_scaled", score="softmax", grouped=True, group_fill=0.0, scaled=True)
 
 
+class MistralLarge4Adapter(ScoredTopKAdapter):
+    """Mistral-Large-4 (``MistralLarge4ForConditionalGeneration``), audited as a language model on text: Mistral 4's
+    group-limited softmax routing on float32 logits, always renormalised (+1e-20), scaled
+    (``MistralLarge4TextTopkRouter``, ``models/mistral_large4/modeling_mistral_large4.py``); its decoder layers
+    under ``model.language_model``. Its attention passes keys and values from one layer to later ones
+    (``shared_kv_states``) and the indexer's selection to the next layer, which the fast engine's rows do not
+    carry: interventions run on the reference engine (:attr:`fast_refusal`)."""
+
+    family = "mistral_large4"
+    model_types = ("mistral_large4",)
+    architectures = ("MistralLarge4ForConditionalGeneration",)
+    rule = ScoredRule("softmax_group_sum_renorm_scaled", score="softmax", grouped=True, group_fill=0.0,
+                      renorm="always", scaled=True)
+    fast_refusal = ("Mistral-Large-4's layers hand keys/values and the indexer's key selection to later layers "
+                    "(shared_kv_states, prev_topk_indices), which the fast engine's rows do not carry")
+
+    def backbone(self, model):
+        return model.model.language_model
+
+
 class MiniMaxM2Adapter(ScoredTopKAdapter):
     """MiniMax-M2 (``minimax_m2``): sigmoid scores of float32 logits, the block's correction bias (passed to
     the router), plain top-k, always renormalised (bare sum), no scaling, no shared experts."""

@@ -19,6 +19,7 @@ FAMILIES: tuple[str, ...] = (
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
     "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx", "deepseek_v4",
+    "mistral_large4",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -29,6 +30,7 @@ FAMILIES: tuple[str, ...] = (
 REFERENCE_ONLY: dict[str, str] = {
     "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
     "deepseek_v4": "hyper-connections",  # several residual streams mixed by learned weights
+    "mistral_large4": "shared_kv_states",  # keys/values and the indexer's selection handed to later layers
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -59,7 +61,7 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig,
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
-    from transformers import DbrxConfig, DeepseekV4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig, Step3p7Config
+    from transformers import DbrxConfig, DeepseekV4Config, MistralLarge4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig, Step3p7Config
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -167,6 +169,14 @@ def tiny_config(family: str, **overrides: Any):
                       index_head_dim=8, index_topk=64, num_nextn_predict_layers=0,
                       mlp_layer_types=["hash_moe", "moe", "moe"])
         cls = DeepseekV4Config
+    elif family == "mistral_large4":  # MLA + indexer; layer 2 reuses layer 1's keys/values and key selection;
+        # layer 3 without RoPE (every 4th); a dense first layer; 2 groups of 4 experts, the best group kept
+        fields = dict(_COMMON, **dict(_MLA, num_key_value_heads=4), intermediate_size=48, moe_intermediate_size=16,
+                      num_hidden_layers=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                      n_group=2, topk_group=1, routed_scaling_factor=1.5, index_topk=64, index_n_heads=2,
+                      index_head_dim=16, first_k_dense_replace=1, kv_source_layers=[0, 1, 1, 3],
+                      indexer_types=["full", "full", "shared", "full"])
+        cls = MistralLarge4Config
     elif family == "ernie4_5_moe":
         fields = dict(_COMMON, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
                       moe_num_experts=8, moe_k=2, moe_num_shared_experts=2, moe_layer_start_index=1,
@@ -328,6 +338,9 @@ def tiny_config(family: str, **overrides: Any):
         fields.setdefault("layer_types", kinds)
         fields.setdefault("mlp_layer_types", ["dense"] + ["sparse"] * (n - 1))
         fields.setdefault("rope_theta", [10000.0 if kind == "sliding_attention" else 50000.0 for kind in kinds])
+        return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, image_size=28, patch_size=14))
+    if family == "mistral_large4":  # a small Pixtral vision tower (audited on text)
         return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, image_size=28, patch_size=14))
     if family == "ernie4_5_vl_moe":  # 3-D rotary sections (height, width, time) covering the head's rotary half

@@ -1,0 +1,39 @@
+"""Families whose adapter sends interventions to the reference engine (``FamilyAdapter.fast_refusal``):
+DeepSeek-V4 (hyper-connections) and Mistral-Large-4 (keys/values and key selections handed between layers).
+What they measure is the model without the expert, checked by brute force through those layers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moeaudit.intervene import InterveneConfig, Selection, compute_effects
+from moeaudit.models import wrap_model
+from moeaudit.models.moe_model import nll_from_logits
+from moeaudit.models.testing import REFERENCE_ONLY, tiny_model
+
+IDS = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", ["deepseek_v4", "mistral_large4"])
+def test_sequence_removal_equals_the_model_without_the_expert(family):
+    """The zero kind in sequence scope (reference engine, the fast engine's refusal logged) equals the model
+    whose expert has a zero down projection, at every position."""
+    moe = wrap_model(tiny_model(family, seed=3), name=family)
+    result = compute_effects(moe, IDS, Selection.sample(3, seed=0), config=InterveneConfig(scopes=("sequence",)))
+    assert result.stats.engine == "reference" and REFERENCE_ONLY[family] in result.stats.fallback_reason
+    effects = result.effects
+    assert effects["layer"].nunique() == len(moe.layers) and len(effects) >= 4
+    with torch.no_grad():
+        clean = nll_from_logits(moe.model(IDS).logits, IDS)[0]
+    for (layer, expert), rows in effects.groupby(["layer", "expert"]):
+        pruned = copy.deepcopy(moe.model)
+        experts = {found.layer: found.experts for found in moe.adapter.find_layers(pruned)}[layer]
+        with torch.no_grad():
+            experts.down_proj[expert].zero_()
+            nll = nll_from_logits(pruned(IDS).logits, IDS)[0]
+        assert bool((nll != clean).any())
+        for row in rows.itertuples():
+            assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean[row.pos]), abs=1e-5)
