@@ -71,3 +71,27 @@ def assert_fast_equals_reference(moe, input_ids, *, tolerance: float = 1e-5):
                                 config=InterveneConfig(**{**vars(config), "engine": "reference"}))
     assert fast.stats.fallback_reason is None and set(fast.effects["engine"]) == {"fast"}
     assert (fast.effects["delta_nll"] - reference.effects["delta_nll"]).abs().max() < tolerance
+
+
+def assert_sequence_removal_is_brute_force(moe, input_ids, effects):
+    """Every (layer, expert) removed in sequence scope in ``effects`` (zero kind, one window ``input_ids``
+    [1, T]) equals, position by position, the model whose expert has a zero down projection: the expert's term
+    gone wherever it is active, whatever the layers after the block do with it."""
+    import copy
+
+    import torch
+
+    from moeaudit.models.moe_model import nll_from_logits
+
+    with torch.no_grad():
+        clean = nll_from_logits(moe.model(input_ids).logits, input_ids)[0]
+    for (layer, expert), rows in effects.groupby(["layer", "expert"]):
+        pruned = copy.deepcopy(moe.model)
+        experts = {found.layer: found.experts for found in moe.adapter.find_layers(pruned)}[layer]
+        with torch.no_grad():
+            experts.down_proj[expert].zero_()
+            nll = nll_from_logits(pruned(input_ids).logits, input_ids)[0]
+        assert bool((nll != clean).any())
+        for row in rows.itertuples():
+            assert row.nll_clean == pytest.approx(float(clean[row.pos]), abs=1e-5)
+            assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean[row.pos]), abs=1e-5)

@@ -4,15 +4,14 @@ What they measure is the model without the expert, checked by brute force throug
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects
 from moeaudit.models import wrap_model
-from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import REFERENCE_ONLY, tiny_model
+
+from tests.conftest import assert_sequence_removal_is_brute_force
 
 IDS = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
 
@@ -26,14 +25,4 @@ def test_sequence_removal_equals_the_model_without_the_expert(family):
     assert result.stats.engine == "reference" and REFERENCE_ONLY[family] in result.stats.fallback_reason
     effects = result.effects
     assert effects["layer"].nunique() == len(moe.layers) and len(effects) >= 4
-    with torch.no_grad():
-        clean = nll_from_logits(moe.model(IDS).logits, IDS)[0]
-    for (layer, expert), rows in effects.groupby(["layer", "expert"]):
-        pruned = copy.deepcopy(moe.model)
-        experts = {found.layer: found.experts for found in moe.adapter.find_layers(pruned)}[layer]
-        with torch.no_grad():
-            experts.down_proj[expert].zero_()
-            nll = nll_from_logits(pruned(IDS).logits, IDS)[0]
-        assert bool((nll != clean).any())
-        for row in rows.itertuples():
-            assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean[row.pos]), abs=1e-5)
+    assert_sequence_removal_is_brute_force(moe, IDS, effects)

@@ -4,16 +4,15 @@ without the expert."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
 from moeaudit.intervene import InterveneConfig, Selection, compute_effects
 from moeaudit.intervene.fast import restarts_at_block
 from moeaudit.models import wrap_model
-from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import tiny_model
+
+from tests.conftest import assert_sequence_removal_is_brute_force
 
 #: A norm after the block (FlexOlmo, Kolibri-1, AFMoE: its attention also gates and `.view`s the rows' output),
 #: inside it (A.X-K1), or two beside a dense MLP, with per-layer inputs and shared keys/values (Gemma 4).
@@ -30,18 +29,7 @@ def test_sequence_removal_equals_the_model_without_the_expert(family):
     effects = result.effects
     assert set(effects["engine"]) == {"fast"} and result.stats.fallback_reason is None and restarts_at_block(moe)
     assert effects["layer"].nunique() == len(moe.layers) and len(effects) >= 8
-    with torch.no_grad():
-        clean_nll = nll_from_logits(moe.model(IDS).logits, IDS)[0]
-    for (layer, expert), rows in effects.groupby(["layer", "expert"]):
-        pruned = copy.deepcopy(moe.model)
-        experts = {found.layer: found.experts for found in moe.adapter.find_layers(pruned)}[layer]
-        with torch.no_grad():
-            experts.down_proj[expert].zero_()
-            nll = nll_from_logits(pruned(IDS).logits, IDS)[0]
-        assert bool((nll != clean_nll).any())
-        for row in rows.itertuples():
-            assert row.nll_clean == pytest.approx(float(clean_nll[row.pos]), abs=1e-5)
-            assert row.delta_nll == pytest.approx(float(nll[row.pos] - clean_nll[row.pos]), abs=1e-5)
+    assert_sequence_removal_is_brute_force(moe, IDS, effects)
 
 
 @pytest.mark.parametrize("family, factor", [("granitemoe", 0.5), ("minimax", 0.7)])
