@@ -2,11 +2,11 @@
 
 A recurrent layer (Gated DeltaNet in Qwen3-Next / Qwen3.5, Mamba in Jamba, Mamba-2 in Granite-4-H and
 Nemotron-H, KDA in Kimi-Linear and Ling/Bailing, MiniMax-Text-01's Lightning attention, the short
-convolutions of LFM2) keeps no per-position keys and values. What position t reads from the past is a **state**: the conv state (the last inputs of
-the layer's causal convolution) and the recurrent state S(t-1). In token scope every position before t is
-clean at every layer (:mod:`moeaudit.intervene.fast`), and in sequence scope every position before the
-first changed one, so the state a row needs is the *clean* run's state after the position before its
-start: it plays the role the clean key/value prefix plays for attention.
+convolutions of LFM2) keeps no per-position keys and values. What position t reads from the past is a
+**state**: the conv state (the last inputs of the layer's causal convolution) and the recurrent state
+S(t-1). In token scope every position before t is clean at every layer (:mod:`moeaudit.intervene.fast`), and
+in sequence scope every position before the first changed one, so the state a row needs is the *clean* run's
+state after the position before its start: it plays the role the clean key/value prefix plays for attention.
 
 How the states are obtained
     The clean pass records the residual stream entering every decoder layer. :class:`CleanStates` feeds

@@ -61,7 +61,8 @@ def tiny_config(family: str, **overrides: Any):
     from transformers import BailingHybridConfig, DeepseekV32Config, GlmMoeDsaConfig, KimiLinearConfig, Kolibri1Config
     from transformers import (Glm4vMoeConfig, GraniteMoeHybridConfig, GraniteMoeSharedConfig, Llama4TextConfig,
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
-    from transformers import DbrxConfig, DeepseekV4Config, MistralLarge4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig, Step3p7Config
+    from transformers import (DbrxConfig, DeepseekV4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig,
+                              MistralLarge4Config, Step3p7Config)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
