@@ -248,6 +248,10 @@ class PruneConfig(_Part):
         Non-uniform budgets for the all-layers mode.
     directions : dict of criterion -> {"low", "high"}, or None
         Which end of a criterion is pruned first, where it differs from the default.
+    group_balanced : bool
+        For group-limited routing (``n_group`` > 1: DeepSeek-V3 / R1 / V3.2, Kimi-K2, Mistral 4): every
+        selection drops as many experts from each expert group, so each evaluated configuration can be
+        exported and scores as evaluated (off: each criterion's worst experts of the whole layer).
     """
 
     ratios: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5])
@@ -257,6 +261,7 @@ class PruneConfig(_Part):
     guard: int = Field(0, ge=0)
     budget_weights: dict[int, float] | None = None
     directions: dict[str, Literal["low", "high"]] | None = None
+    group_balanced: bool = False
 
     @field_validator("ratios")
     @classmethod

@@ -135,7 +135,7 @@ EFFECT_COLUMNS: tuple[str, ...] = (
 PRUNING_COLUMNS: tuple[str, ...] = (
     "criterion", "ratio", "seed", "mode", "layer", "kept", "dropped", "n_dropped", "num_experts",
     "heldout_nll", "heldout_ppl", "mean_kl", "delta_nll", "unpruned_nll", "unpruned_ppl", "n_tokens",
-    "random_percentile", "random_median_nll", "criterion_kind", "direction", "guard", "budget",
+    "random_percentile", "random_median_nll", "criterion_kind", "direction", "guard", "budget", "selection",
 )
 
 #: The prune stage's evaluation rows (one per pruned configuration and domain), as (name, pyarrow type).

@@ -129,10 +129,18 @@ def test_export_without_criterion_and_ratio_is_one_line_before_anything_loads(tm
     assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
 
 
-def test_group_balanced_without_export_is_one_line_before_anything_loads(tmp_path, cli, no_model):
-    code, out, err = cli("prune", str(tmp_path / "run"), "--group-balanced")
-    assert code == 2 and "`--group-balanced` must be given with --export DIR" in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+def test_group_balanced_without_groups_is_one_line_before_anything_loads(tmp_path, cli, no_model):
+    """`moeaudit prune RUN --group-balanced` on a model whose routing has no expert groups: refused from the
+    manifest's record of the model, before it loads, and nothing is written."""
+    from moeaudit.models.loading import model_record
+    from tests.prune.conftest import make_moe, make_run, metrics_table
+
+    moe = make_moe("olmoe")
+    run = make_run(tmp_path, moe, metrics_table(moe))
+    run.set("model", model_record(moe))
+    code, out, err = cli("prune", str(run.path), "--group-balanced", "--ratios", "0.25")
+    one_line_error(code, err, "`group_balanced` must be used with group-limited routing (n_group > 1)")
+    assert not run.has("pruning")
 
 
 def test_a_new_run_without_model_is_one_line_and_writes_nothing(tmp_path, cli):

@@ -270,6 +270,67 @@ def test_group_balanced_selection_exports_deepseek_v3_exactly(tmp_path):
     assert torch.allclose(masked[:, :-1], exported[:, :-1], atol=1e-5, rtol=0)
 
 
+def test_group_balanced_prune_stage_evaluates_what_exports(tmp_path):
+    """With ``group_balanced`` the prune stage evaluates the selections an export can write: every criterion,
+    random included, drops two of each group's four experts at ratio 0.5 (the global selection of the same
+    criterion drops all of group 0), each row says so, and the held-out NLL of the exported checkpoint, loaded
+    with plain transformers, equals the stage's number for that criterion."""
+    from transformers import AutoModelForCausalLM
+
+    from moeaudit.models.loading import model_record
+    from moeaudit.prune import pruning_summary
+    from moeaudit.prune.units import split_windows
+
+    moe = make_moe("deepseek_v3")
+    score = np.tile([0.1, 0.4, 0.2, 0.3, 5.0, 8.0, 7.0, 6.0], (len(moe.layers), 1))
+    run = make_run(tmp_path, moe, metrics_table(moe, {"frequency": score}))
+    run.set("model", model_record(moe))
+    assert run.manifest["model"]["expert_groups"] == {str(l.layer): 2 for l in moe.layers}
+    info = run_prune(run, moe=moe, ratios=(0.5,), criteria=["frequency", "random"], random_seeds=3,
+                     single_layer=True, group_balanced=True)
+    table = run.read("pruning")
+    assert list(table.columns) == list(PRUNING_COLUMNS) and set(table.selection) == {"group_balanced"}
+    assert all(sorted(e // 4 for e in d) == [0, 0, 1, 1] for d in table.dropped)
+    assert all(list(d) == [0, 2, 4, 7] for d in table[table.criterion == "frequency"].dropped)
+    assert info["selection"] == "group_balanced" and info["config"]["group_balanced"] is True
+    assert "from each expert group" in pruning_summary(table).frames()[0].title
+    whole = table[(table.criterion == "frequency") & (table["mode"] == "all_layers")].iloc[0]
+    export_pruned(moe, select_kept(run, "frequency", 0.5, group_balanced=True), tmp_path / "balanced")
+    ids, mask, _ = split_windows(run.read("tokens"), "heldout", 0)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "balanced").eval()
+    with torch.no_grad():
+        nll = nll_from_logits(loaded(input_ids=ids, attention_mask=mask).logits, ids, mask)
+    assert float(torch.nanmean(nll.double())) == pytest.approx(whole.heldout_nll, abs=1e-5)
+    run_prune(run, moe=moe, ratios=(0.5,), criteria=["frequency"], random_seeds=0)  # the default: global
+    table = run.read("pruning")
+    assert set(table.selection) == {"global"} and all(list(d) == [0, 1, 2, 3] for d in table.dropped)
+
+
+def test_group_balanced_prune_stage_refusals_come_before_the_model_loads(tmp_path, monkeypatch):
+    import moeaudit.models.loading as loading
+    from moeaudit.models.loading import model_record
+
+    def no_loading(config):
+        raise AssertionError("the model was loaded before the settings were validated")
+
+    moe, olmoe = make_moe("deepseek_v3"), make_moe("olmoe")
+    max_act = np.tile([9.0, 8.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0], (len(moe.layers), 1))
+    run = make_run(tmp_path, moe, metrics_table(moe, {"max_act": max_act}))
+    run.set("model", model_record(moe))
+    other = make_run(tmp_path, olmoe, metrics_table(olmoe), name="olmoe")
+    other.set("model", model_record(olmoe))
+    monkeypatch.setattr(loading, "model_from_config", no_loading)
+    for target, settings, fragment in [
+            (run, dict(ratios=(0.375,)), "drops 3 of the 8 experts of layer 1, not a multiple of its 2 expert groups"),
+            (run, dict(ratios=(0.5,), guard=3), "the guard protects experts [0, 1, 2] of layer 1 that group 0's "
+                                                "share of 2 would drop"),
+            (other, dict(ratios=(0.25,)), "routes without expert groups")]:
+        with pytest.raises(InvalidParameterError) as err:
+            run_prune(target, group_balanced=True, **settings)
+        assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert not run.has("pruning") and not other.has("pruning")
+
+
 def test_group_balanced_selection_refusals_are_one_line(tmp_path):
     moe = make_moe("deepseek_v3")
     run = make_run(tmp_path, moe, metrics_table(moe))

@@ -279,9 +279,11 @@ def prune_command(
     export: Optional[Path] = typer.Option(None, "--export", help="Write a physically smaller checkpoint here."),
     criterion: Optional[str] = typer.Option(None, "--criterion", help="With --export: the criterion, e.g. reap."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="With --export: the ratio, e.g. 0.25."),
-    group_balanced: bool = typer.Option(False, "--group-balanced", help="With --export: drop as many experts from "
-                                        "each expert group of group-limited routing (DeepSeek-V3/R1, Mistral 4), "
-                                        "each group's worst by the criterion, so the checkpoint routes exactly."),
+    group_balanced: Optional[bool] = typer.Option(None, "--group-balanced", help="Group-limited routing "
+                                                  "(DeepSeek-V3/R1, Kimi-K2, Mistral 4): every selection drops as "
+                                                  "many experts from each expert group, each group's worst by the "
+                                                  "criterion, so every configuration exports and scores as "
+                                                  "evaluated (default: the run's prune.group_balanced, off)."),
     push: Optional[str] = typer.Option(None, "--push-to-hub", help="With --export: then upload the checkpoint to "
                                        "this hub repository (user/name; created if missing)."),
     private: bool = typer.Option(False, "--private", help="With --push-to-hub: create the repository private."),
@@ -303,11 +305,10 @@ def prune_command(
 
     overrides = with_settings(settings, dict(ratios=parse_float_list(ratios, "--ratios"),
                      criteria=criteria.split(",") if criteria else None, random_seeds=seeds,
-                     single_layer=single_layer, guard=guard, **execution_flags(executor, address, workers, None)))
+                     single_layer=single_layer, guard=guard, group_balanced=group_balanced,
+                     **execution_flags(executor, address, workers, None)))
     if export is not None and (criterion is None or ratio is None):  # before the model loads
         raise invalid("--export", "given with --criterion and --ratio", str(export))
-    if group_balanced and export is None:
-        raise invalid("--group-balanced", "given with --export DIR (it chooses the exported experts)", group_balanced)
     if push is not None:  # also before the model loads
         if export is None:
             raise invalid("--push-to-hub", "given with --export DIR (the checkpoint to upload)", push)
@@ -317,12 +318,13 @@ def prune_command(
     run = RunDir(run_dir)
     if config_file is not None or any(v is not None for v in overrides.values()):
         run = RunDir(run_dir, resolve_config(run_dir, overrides, config_file))
-    moe = model_from_config(run.config)
     if export is not None:
+        moe = model_from_config(run.config)
+        balanced = run.config.prune.group_balanced
         kept = select_kept(run, criterion, ratio, moe=moe, guard=run.config.prune.guard,
-                           directions=run.config.prune.directions, group_balanced=group_balanced)
+                           directions=run.config.prune.directions, group_balanced=balanced)
         result = export_pruned(moe, kept, export, provenance={
-            "criterion": criterion, "ratio": ratio, "guard": run.config.prune.guard, "group_balanced": group_balanced,
+            "criterion": criterion, "ratio": ratio, "guard": run.config.prune.guard, "group_balanced": balanced,
             "run": str(run.path), "run_fingerprint": run.manifest.get("config_fingerprint")})
         print_note(f"exported {criterion} at ratio {ratio} to {result.path}")
         if push is not None:
@@ -330,5 +332,5 @@ def prune_command(
             print_note(f"uploaded {result.path} to the hub: https://huggingface.co/{push}")
         return
     with progress_bar("prune", quiet, unit="steps") as update:
-        run_prune(run, moe=moe, on_batch=update)
+        run_prune(run, on_batch=update)  # loads the model once the settings passed the manifest's checks
     print_pruning(pruning_summary(run.read("pruning"), run.read("jaccard") if run.has("jaccard") else None))

@@ -547,14 +547,19 @@ def model_fingerprint(moe: MoEModel) -> str:
 
 
 def model_record(moe: MoEModel) -> dict[str, Any]:
-    """What a run's manifest records about its model (with a fingerprint of the weights); ``identity_experts``
-    only for a family that has them (LongCat-Flash: pruning never drops them)."""
+    """What a run's manifest records about its model (with a fingerprint of the weights); ``expert_groups`` (the
+    ``n_group`` of group-limited routing per layer, 1 elsewhere: the prune stage's group-balanced selection checks
+    its ratios against it before the model loads); ``identity_experts`` only for a family that has them
+    (LongCat-Flash: pruning never drops them)."""
     record = {"name": moe.name, "family": moe.family, "fingerprint": model_fingerprint(moe), "dtype": str(moe.dtype),
               "moe_layers": moe.moe_layer_indices,
               "num_experts": {str(l.layer): l.num_experts for l in moe.layers},
               "top_k": {str(l.layer): l.top_k for l in moe.layers},
               "max_position_embeddings": getattr(moe.config, "max_position_embeddings", None),
               "pad_token_id": getattr(moe.config, "pad_token_id", None)}
+    from moeaudit.prune.export import expert_groups
+
+    record["expert_groups"] = {str(l.layer): expert_groups(moe, l) for l in moe.layers}
     identity = {str(l.layer): moe.adapter.identity_experts(l) for l in moe.layers}
     if any(identity.values()):
         record["identity_experts"] = identity

@@ -498,27 +498,38 @@ def dropped_experts(scores: pd.DataFrame, criterion: str, budgets: Mapping[int, 
     return out
 
 
-def _first_dropped(order: np.ndarray, count: int, n_group: int | None, protected: Iterable[int],
-                   layer: int) -> list[int]:
-    """The first ``count`` experts of a prune ``order``; with ``n_group`` > 1, the first ``count / n_group`` of
-    each of the ``n_group`` equal consecutive groups (:func:`dropped_experts`' ``groups``). Sorted."""
-    if not n_group or n_group <= 1:
-        return sorted(int(e) for e in order[:count])
-    total = len(order)
+def check_group_budget(count: int, n_group: int, total: int, protected: Iterable[int], layer: int) -> None:
+    """Refuse, in one line, a group-balanced drop of ``count`` of ``total`` experts in ``n_group`` equal
+    consecutive groups that cannot be made: ``count`` not a multiple of ``n_group``, or a group with fewer
+    unprotected experts than its share (``protected`` go last in every prune order, so the guard would be
+    reached whatever the criterion)."""
     if count % n_group:
         examples = " or ".join(f"{m * n_group / total:g}" for m in (1, 2) if m * n_group < total)
         raise InvalidParameterError(
             f"the ratio drops {count} of the {total} experts of layer {layer}, not a multiple of its {n_group} expert "
             f"groups (group-balanced selection); choose a ratio that drops a multiple of {n_group}, e.g. {examples}")
     size, share, guard = total // n_group, count // n_group, {int(e) for e in protected}
+    for group in range(n_group):
+        members = set(range(group * size, (group + 1) * size))
+        if size - len(members & guard) < share:
+            raise InvalidParameterError(
+                f"the guard protects experts {sorted(members & guard)} of layer {layer} that group {group}'s share "
+                f"of {share} would drop (group-balanced selection); lower the guard or the ratio")
+
+
+def _first_dropped(order: np.ndarray, count: int, n_group: int | None, protected: Iterable[int],
+                   layer: int) -> list[int]:
+    """The first ``count`` experts of a prune ``order``; with ``n_group`` > 1, the first ``count / n_group`` of
+    each of the ``n_group`` equal consecutive groups (:func:`dropped_experts`' ``groups``;
+    :func:`check_group_budget` first). Sorted."""
+    if not n_group or n_group <= 1:
+        return sorted(int(e) for e in order[:count])
+    total = len(order)
+    check_group_budget(count, n_group, total, protected, layer)
+    size, share = total // n_group, count // n_group
     dropped = []
     for group in range(n_group):
-        chosen = [int(e) for e in order if int(e) // size == group][:share]
-        if guard & set(chosen):
-            raise InvalidParameterError(
-                f"the guard protects experts {sorted(guard & set(chosen))} of layer {layer} that group {group}'s share "
-                f"of {share} would drop (group-balanced selection); lower the guard or the ratio")
-        dropped += chosen
+        dropped += [int(e) for e in order if int(e) // size == group][:share]
     return sorted(dropped)
 
 

@@ -12,7 +12,9 @@ the reconstruction oracle, held-out windows for evaluation); writes
     per token), ``delta_nll`` (vs unpruned), ``unpruned_nll``, ``unpruned_ppl``, ``n_tokens``,
     ``random_percentile`` (share in % of the random draws of the same mode, ratio and layer with a lower
     held-out NLL, ties half; low = better than random; null for ``random`` rows), ``random_median_nll``,
-    ``criterion_kind`` (``metric``, ``oracle``, ``random``), ``direction``, ``guard``, ``budget``.
+    ``criterion_kind`` (``metric``, ``oracle``, ``random``), ``direction``, ``guard``, ``budget``,
+    ``selection`` (``global``: each criterion's worst experts of the layer; ``group_balanced``: as many from each
+    expert group of group-limited routing, the setting ``group_balanced``).
 ``jaccard.parquet``
     :func:`moeaudit.prune.jaccard.jaccard_table` for the all-layers dropped sets.
 ``pruning_domains.parquet``
@@ -43,6 +45,7 @@ from moeaudit.prune.criteria import (
     ORACLE_DELTA_NLL,
     ORACLE_RECONSTRUCTION,
     ORACLES,
+    check_group_budget,
     check_ratios,
     criterion_scores,
     direction_of,
@@ -155,17 +158,60 @@ def _identity_experts(run: RunDir, moe, layers: list[int]) -> dict[int, int]:
     return {l: int(recorded.get(str(l), 0)) for l in layers}
 
 
+def _expert_groups(run: RunDir, moe, layers: list[int]) -> dict[int, int] | None:
+    """Expert groups of group-limited routing per layer (``n_group``, 1 where a layer does not group): the
+    model's (:func:`moeaudit.prune.export.expert_groups`), else the manifest's record of them (None when the
+    run predates that record)."""
+    if moe is not None:
+        from moeaudit.prune.export import expert_groups
+
+        return {l: expert_groups(moe, moe.layer(l)) for l in layers}
+    recorded = (run.manifest.get("model") or {}).get("expert_groups")
+    if not recorded or not all(str(l) in recorded for l in layers):
+        return None
+    return {l: int(recorded[str(l)]) for l in layers}
+
+
+def _balanced_groups(groups: Mapping[int, int], budget_sets: Sequence[Mapping[int, int]],
+                     num_experts: Mapping[int, int], protected: Mapping[int, list[int]], name: str) -> dict[int, int]:
+    """``groups`` for the group-balanced selection, once every budget in ``budget_sets`` splits evenly over its
+    layer's groups with the guard respected (:func:`moeaudit.prune.criteria.check_group_budget`); refused in
+    one line for a model whose routing has no groups."""
+    if all(n <= 1 for n in groups.values()):
+        raise invalid("group_balanced", f"used with group-limited routing (n_group > 1); {name} routes without "
+                      "expert groups, so the plain selection already exports exactly", True)
+    for budgets in budget_sets:
+        for layer, count in budgets.items():
+            if groups[layer] > 1:
+                check_group_budget(count, groups[layer], num_experts[layer], protected.get(layer, ()), layer)
+    return dict(groups)
+
+
+def _plan_sets(budget_plan, settings: dict[str, Any]) -> list[Mapping[int, int]]:
+    """The budgets the stage draws selections for: all-layers, and single-layer ones when that mode is on."""
+    return [b for budgets, uniform in budget_plan.values()
+            for b in ((budgets, uniform) if settings["single_layer"] else (budgets,))]
+
+
 def _load_and_plan(run: RunDir, moe, layers: list[int], metrics: pd.DataFrame, settings: dict[str, Any]):
-    """The model (loaded only after the ratios, guard and budgets passed a check against the manifest's expert
-    counts, when it records them), its sizes per layer, the checked ratios, protected experts and budgets."""
+    """The model (loaded only after the ratios, guard, budgets and a group-balanced selection's groups passed a
+    check against the manifest's record of the model, when it has one), its sizes per layer, the checked
+    ratios, protected experts, budgets, and the expert groups of a group-balanced selection (else None)."""
     from moeaudit.models.loading import model_from_config
 
     config = run.config
     num_experts, top_k = run.model_sizes()
+    balanced = settings["group_balanced"]
+    if not isinstance(balanced, bool):
+        raise invalid("group_balanced", "True or False", balanced)
     if moe is None and all(l in num_experts and l in top_k for l in layers):
         # validate against the manifest before loading a large model
-        _plan_budgets(settings["ratios"], num_experts, top_k, metrics, settings["guard"], settings["budget_weights"],
-                      config.model, _identity_experts(run, None, layers))
+        _, protected, plan = _plan_budgets(settings["ratios"], num_experts, top_k, metrics, settings["guard"],
+                                           settings["budget_weights"], config.model,
+                                           _identity_experts(run, None, layers))
+        recorded = _expert_groups(run, None, layers)
+        if balanced and recorded is not None:
+            _balanced_groups(recorded, _plan_sets(plan, settings), num_experts, protected, config.model)
     moe = moe or model_from_config(config)
     for layer in layers:
         moe.layer(layer)
@@ -174,7 +220,9 @@ def _load_and_plan(run: RunDir, moe, layers: list[int], metrics: pd.DataFrame, s
     ratios, protected, budget_plan = _plan_budgets(settings["ratios"], num_experts, top_k, metrics, settings["guard"],
                                                    settings["budget_weights"], moe.name,
                                                    _identity_experts(run, moe, layers))
-    return moe, num_experts, top_k, ratios, protected, budget_plan
+    groups = (_balanced_groups(_expert_groups(run, moe, layers), _plan_sets(budget_plan, settings), num_experts,
+                               protected, moe.name) if balanced else None)
+    return moe, num_experts, top_k, ratios, protected, budget_plan, groups
 
 
 def _choose_criteria(run: RunDir, metrics: pd.DataFrame, tokens: pd.DataFrame, seeds: list[int],
@@ -261,6 +309,7 @@ def _settings_record(settings: dict[str, Any], ratios: list[float], seeds: list[
         guard=int(settings["guard"]),
         budget_weights=None if weights is None else {str(k): float(v) for k, v in weights.items()},
         directions=None if directions is None else dict(directions),
+        group_balanced=bool(settings["group_balanced"]),
     )
 
 
@@ -275,6 +324,7 @@ def run_prune(
     guard: int | None = None,
     budget_weights: Mapping[int, float] | None = None,
     directions: Mapping[str, str] | None = None,
+    group_balanced: bool | None = None,
     on_batch: Callable[[int, int], None] | None = None,
     executor=None,
 ) -> dict[str, Any]:
@@ -314,6 +364,14 @@ def run_prune(
         single-layer mode always drops ``round(ratio * E)`` experts.
     directions : mapping criterion -> {"low", "high"}, optional
         Override which end of a criterion is pruned first (:data:`moeaudit.prune.criteria.DIRECTIONS`).
+    group_balanced : bool, optional
+        For group-limited routing (DeepSeek-V3 / R1 / V3.2, Mistral 4, Kimi-K2: ``n_group`` > 1): every
+        criterion, random included, drops as many experts from each expert group, each group's first by the
+        criterion (:func:`moeaudit.prune.criteria.dropped_experts`' ``groups``), so each evaluated
+        configuration is one that :func:`moeaudit.prune.export_pruned` can write and the exported checkpoint
+        scores exactly as evaluated here. Every ratio must drop a multiple of ``n_group`` per layer (checked
+        before the model loads when the manifest records the groups). Default: the run's
+        ``prune.group_balanced``, off (each criterion's worst experts of the whole layer).
     on_batch : callable(done, total), optional
         Progress over all forward passes of the stage.
     executor : optional
@@ -335,9 +393,10 @@ def run_prune(
     started = time.perf_counter()
     settings = prune_settings(run.config, ratios=ratios, criteria=criteria, random_seeds=random_seeds,
                               single_layer=single_layer, guard=guard, budget_weights=budget_weights,
-                              directions=directions)
+                              directions=directions, group_balanced=group_balanced)
     metrics, tokens, layers, seeds = _read_inputs(run, settings)
-    moe, num_experts, top_k, ratios, protected, budget_plan = _load_and_plan(run, moe, layers, metrics, settings)
+    moe, num_experts, top_k, ratios, protected, budget_plan, groups = _load_and_plan(run, moe, layers, metrics,
+                                                                                     settings)
     chosen, skipped = _choose_criteria(run, metrics, tokens, seeds, settings)
     directions, weighted = settings["directions"], settings["budget_weights"] is not None
 
@@ -361,7 +420,8 @@ def run_prune(
     draws = seeds if RANDOM in chosen else []
 
     dropped, single = dropped_sets(scores, deterministic, draws, budget_plan, num_experts=num_experts,
-                                   protected=protected, directions=directions, weighted=weighted)
+                                   protected=protected, directions=directions, weighted=weighted, groups=groups,
+                                   single_layer=settings["single_layer"])
     configurations = configurations_of(dropped, single, num_experts, layers, settings["single_layer"])
     distinct = len({_canonical(moe, kept) for kept in configurations.values()})
 
@@ -375,8 +435,9 @@ def run_prune(
     seconds_eval = time.perf_counter() - t_eval
 
     budget = "weighted" if weighted else "uniform"
+    selection = "group_balanced" if groups is not None else "global"
     run.write_frame("pruning", pruning_rows(configurations, results, clean, dropped, single, num_experts,
-                                            directions, settings["guard"], budget))
+                                            directions, settings["guard"], budget, selection))
     run.write_frame("jaccard", jaccard_table(dropped, num_experts))
     run.write_frame("pruning_scores", scores)
     if domains is not None:
@@ -388,6 +449,8 @@ def run_prune(
         random_seeds=len(draws),
         single_layer=settings["single_layer"],
         guard=int(settings["guard"]),
+        selection=selection,
+        expert_groups=None if groups is None else {str(l): n for l, n in groups.items()},
         protected={str(l): v for l, v in protected.items()},
         budget="uniform" if not weighted else {str(k): float(v) for k, v in settings["budget_weights"].items()},
         config=_settings_record(settings, ratios, seeds),
@@ -433,13 +496,16 @@ def select_kept(run: RunDir, criterion: str, ratio: float, *, moe=None, seed: in
     group_balanced : bool
         Drop as many experts from each expert group of group-limited routing (DeepSeek-V3 / R1 / V3.2,
         Mistral 4: ``n_group`` > 1), each group's first by the criterion (:func:`dropped_experts`' ``groups``),
-        so that the pruned checkpoint routes exactly as the masked model; needs ``moe``. The prune stage's
-        evaluation selects globally: evaluate the exported checkpoint itself (``moeaudit evaluate``).
+        so that the pruned checkpoint routes exactly as the masked model; the groups come from ``moe``, else
+        from the manifest's record of the model. The prune stage evaluates the same selection when run with
+        ``group_balanced=True``.
     """
-    if group_balanced and moe is None:
-        raise invalid("moe", "the loaded model, for a group-balanced selection (its routing's expert groups)", moe)
     metrics = run.read("expert_metrics")
     layers = sorted(int(l) for l in metrics["layer"].unique())
+    groups = _expert_groups(run, moe, layers) if group_balanced else None
+    if group_balanced and groups is None:
+        raise invalid("moe", "the loaded model, for a group-balanced selection (its routing's expert groups; the "
+                      "run's manifest does not record them)", moe)
     if moe is not None:
         num_experts = {l: moe.layer(l).num_experts for l in layers}
         top_k = {l: moe.layer(l).top_k for l in layers}
@@ -460,14 +526,8 @@ def select_kept(run: RunDir, criterion: str, ratio: float, *, moe=None, seed: in
     budgets = layer_budgets(float(ratio), real, top_k, protected=guarded, context=name)
     if criterion == RANDOM and seed is None:
         raise invalid("seed", "an integer for the random criterion", seed)
-    groups = None
-    if group_balanced:
-        from moeaudit.prune.export import expert_groups
-
-        groups = {l: expert_groups(moe, moe.layer(l)) for l in layers}
-        if all(n <= 1 for n in groups.values()):
-            raise invalid("group_balanced", f"used with group-limited routing (n_group > 1); {name} routes without "
-                          "expert groups, so the plain selection already exports exactly", group_balanced)
+    if groups is not None:
+        groups = _balanced_groups(groups, [budgets], num_experts, protected, name)
     dropped = dropped_experts(scores, criterion, budgets, directions=directions, protected=protected, seed=seed,
                               num_experts=num_experts, groups=groups)
     return kept_from_dropped(dropped, num_experts)

@@ -198,6 +198,8 @@ class PruningSummary:
     layers : DataFrame
         Per (ratio, layer): Jaccard agreement of the criteria (:func:`layer_jaccard_summary`) and, from
         single-layer pruning, the range of the criteria's perplexity and the random 5–95 % band.
+    selection : str
+        ``global`` or ``group_balanced`` (``pruning.parquet``'s ``selection``: how every criterion chose).
     """
 
     perplexity: pd.DataFrame
@@ -205,6 +207,7 @@ class PruningSummary:
     random: pd.DataFrame
     unpruned_ppl: float
     layers: pd.DataFrame
+    selection: str = "global"
 
     def frames(self, digits: int = 2) -> list[SummaryTable]:
         """The summary as tables of text: criteria × ratios, then (when there are any) the per-layer rows.
@@ -231,7 +234,9 @@ class PruningSummary:
                  f"{self.random.loc[r, 'p95']:.{digits}f}]") if r in self.random.index else "" for r in ratios]])
         draws = f"{int(self.random['n_seeds'].max())} random draws per ratio" if len(self.random) else None
         out = [SummaryTable(
-            f"held-out perplexity, all MoE layers pruned (unpruned {self.unpruned_ppl:.{digits}f}); "
+            f"held-out perplexity, all MoE layers pruned (unpruned {self.unpruned_ppl:.{digits}f})"
+            + ("; the same number of experts dropped from each expert group" if self.selection == "group_balanced"
+               else "") + "; "
             "(percentile of the random draws: low = better than random)",
             pd.DataFrame(rows, columns=["criterion", *[f"ratio {ratio:g}" for ratio in ratios]]),
             f"({draws})" if draws else None, key=1, left=("criterion",))]
@@ -277,6 +282,13 @@ class SummaryTable(NamedTuple):
     caption: str | None
     key: int = 1
     left: tuple[str, ...] = ()
+
+
+def selection_of(table: pd.DataFrame) -> str:
+    """``pruning.parquet``'s ``selection`` (``global`` for a table written before that column existed)."""
+    if "selection" not in table or not len(table):
+        return "global"
+    return str(table["selection"].iloc[0])
 
 
 def pruning_summary(table: pd.DataFrame, jaccard: pd.DataFrame | None = None) -> PruningSummary:
@@ -331,7 +343,8 @@ def pruning_summary(table: pd.DataFrame, jaccard: pd.DataFrame | None = None) ->
         bands = pd.DataFrame(bands)
         layers = bands if layers.empty else layers.merge(bands, on=["ratio", "layer"], how="outer")
     layers = layers.sort_values(["ratio", "layer"]).reset_index(drop=True) if len(layers) else layers
-    return PruningSummary(perplexity, percentile, random, float("nan") if unpruned is None else unpruned, layers)
+    return PruningSummary(perplexity, percentile, random, float("nan") if unpruned is None else unpruned, layers,
+                          selection_of(table))
 
 
 # ---------------------------------------------------------------------------------------------- reading back

@@ -42,24 +42,23 @@ def percentile(value: float, draws: np.ndarray) -> float:
 
 def dropped_sets(scores: pd.DataFrame, deterministic: list[str], draws: list[int], budget_plan: Mapping, *,
                  num_experts: Mapping[int, int], protected: Mapping[int, list[int]],
-                 directions: Mapping[str, str] | None, weighted: bool):
+                 directions: Mapping[str, str] | None, weighted: bool, groups: Mapping[int, int] | None = None,
+                 single_layer: bool = True):
     """The dropped experts per layer of every (criterion, ratio, seed): for all layers at once (the planned
-    budgets) and for single-layer pruning (uniform budgets; the same sets unless ``weighted``)."""
+    budgets) and for single-layer pruning (uniform budgets; the same sets unless ``weighted``; not drawn when
+    ``single_layer`` is off). ``groups``: the group-balanced selection (:func:`dropped_experts`)."""
     dropped: dict[tuple[str, float, int | None], dict[int, list[int]]] = {}
     single: dict[tuple[str, float, int | None], dict[int, list[int]]] = {}
+    own = weighted and single_layer
     for ratio, (budgets, uniform) in budget_plan.items():
-        for criterion in deterministic:
-            dropped[(criterion, ratio, None)] = dropped_experts(scores, criterion, budgets, directions=directions,
-                                                                protected=protected)
-            single[(criterion, ratio, None)] = (dropped_experts(scores, criterion, uniform, directions=directions,
-                                                                protected=protected) if weighted
-                                                else dropped[(criterion, ratio, None)])
-        for seed in draws:
-            dropped[(RANDOM, ratio, seed)] = dropped_experts(scores, RANDOM, budgets, seed=seed, protected=protected,
-                                                             num_experts=num_experts)
-            single[(RANDOM, ratio, seed)] = (dropped_experts(scores, RANDOM, uniform, seed=seed, protected=protected,
-                                                             num_experts=num_experts) if weighted
-                                             else dropped[(RANDOM, ratio, seed)])
+        keys = [(criterion, ratio, None) for criterion in deterministic] + [(RANDOM, ratio, seed) for seed in draws]
+        for key in keys:
+            criterion, _, seed = key
+            extra = dict(num_experts=num_experts, seed=seed) if criterion == RANDOM else {}
+            dropped[key] = dropped_experts(scores, criterion, budgets, directions=directions, protected=protected,
+                                           groups=groups, **extra)
+            single[key] = (dropped_experts(scores, criterion, uniform, directions=directions, protected=protected,
+                                           groups=groups, **extra) if own else dropped[key])
     return dropped, single
 
 
@@ -153,8 +152,10 @@ def evaluate_in_units(run, moe, configurations, input_ids, attention_mask, domai
     return {key: by_index[index] for key, index in index_of_key.items()}, value(-1)
 
 
-def pruning_rows(configurations, results, clean, dropped, single, num_experts, directions, guard, budget):
-    """``pruning.parquet``: one row per (configuration, layer), with the random reference of its group."""
+def pruning_rows(configurations, results, clean, dropped, single, num_experts, directions, guard, budget,
+                 selection: str = "global"):
+    """``pruning.parquet``: one row per (configuration, layer), with the random reference of its group;
+    ``selection`` is ``global`` or ``group_balanced`` (:func:`moeaudit.prune.criteria.dropped_experts`)."""
     rows = []
     for key, kept in configurations.items():
         mode, criterion, ratio, seed, pruned_layer = key
@@ -170,7 +171,7 @@ def pruning_rows(configurations, results, clean, dropped, single, num_experts, d
                 unpruned_ppl=clean.heldout_ppl, n_tokens=result.n_tokens,
                 criterion_kind=("random" if criterion == RANDOM else "oracle" if criterion in ORACLES else "metric"),
                 direction=None if criterion == RANDOM else direction_of(criterion, directions),
-                guard=int(guard), budget=budget if mode == ALL_LAYERS else "uniform",
+                guard=int(guard), budget=budget if mode == ALL_LAYERS else "uniform", selection=selection,
             ))
     table = pd.DataFrame(rows)
     table["seed"] = pd.array(table["seed"], dtype="Int64")

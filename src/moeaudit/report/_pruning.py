@@ -12,10 +12,11 @@ from moeaudit.prune.summary import (
     criteria_order,
     jaccard_matrices,
     per_layer,
+    selection_of,
     summary,
     value_column,
     whole_model,
 )
 
 __all__ = ["ALL_LAYERS", "BAND", "RANDOM", "SINGLE_LAYER", "baseline", "criteria_order", "jaccard_matrices",
-           "per_layer", "summary", "value_column", "whole_model"]
+           "per_layer", "selection_of", "summary", "value_column", "whole_model"]

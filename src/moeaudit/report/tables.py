@@ -274,5 +274,8 @@ def pruning_table(data: RunData) -> Table:
     n_random = int(whole.loc[whole["criterion"] == _pruning.RANDOM, "seed"].nunique()) if not whole.empty else 0
     caption = (f"Held-out {label} of {data.name} with the given share of routed experts pruned per layer (masked "
                f"out of routing); (pNN) = share of the {n_random} random prunings with a lower held-out loss, ties "
-               f"half (p0: better than every random draw); random = median [5%, 95%] of those draws.{base}")
+               f"half (p0: better than every random draw); random = median [5%, 95%] of those draws.{base}"
+               + (" Every selection dropped as many experts from each expert group of the group-limited routing "
+                  "(group-balanced), so each configuration exports as evaluated."
+                  if _pruning.selection_of(pruning) == "group_balanced" else ""))
     return Table(header, rows, latex_rows, caption, stats, align="l" + "r" * len(pruned), midrules=midrules)
