@@ -98,3 +98,16 @@ def test_the_fast_engine_equals_the_reference_within_index_topk(family):
     assert len(merged) == len(reference.effects) == len(exact)
     pd.testing.assert_series_equal(merged["delta_nll_fast"], merged["delta_nll_ref"], check_names=False,
                                    rtol=0, atol=1e-4)
+
+
+def test_an_indexer_of_another_selection_rule_goes_to_the_reference_engine():
+    """An attention indexer without DeepSeek's ``index_topk`` (Qwen4-Exp's QSA indexer keeps compressed key
+    blocks instead): the fast engine cannot tell which windows keep every key, so it refuses, naming it."""
+    from moeaudit.intervene.engine import _sparse_attention_reason
+
+    moe = wrap_model(tiny_model("deepseek_v32", seed=3), name="deepseek_v32")
+    assert _sparse_attention_reason(moe, 20) is None  # 64 keys kept per query: dense on these windows
+    indexer = moe.adapter.decoder_layers(moe.model)[1].self_attn.indexer
+    del indexer.index_topk
+    reason = _sparse_attention_reason(moe, 20)
+    assert reason.startswith("decoder layer 1's attention selects keys with an indexer (DeepseekV32Indexer)")

@@ -182,3 +182,20 @@ def test_a_one_percent_residual_coefficient_is_caught_in_float32():
     assert not restarts_at_block(moe)
     assert fast_disagreement(moe, windows(), None, compute_effects, InterveneConfig()) is None
     assert restarts_at_block(moe)  # caught: the rows now restart at the block, which replays the coefficient
+
+
+def test_rows_a_layer_cannot_run_send_the_run_to_the_reference_engine(monkeypatch):
+    """Planted: decoder layers that raise an AttributeError when the fast engine calls them on rows (as a
+    per-layer input the rows lack does: Qwen4-Exp's n-gram embeddings read ``input_ids.long()``): the
+    self-check logs it and the reference engine, which runs the model's own forward, measures every effect."""
+    import moeaudit.intervene.fast as fast
+
+    def no_rows(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'long'")
+
+    monkeypatch.setattr(fast, "call_decoder_layer", no_rows)
+    moe = wrap_model(tiny_model("olmoe", seed=3), name="olmoe")
+    result = compute_effects(moe, windows(), Selection.sample(2, seed=0), config=InterveneConfig(scopes=("token",)))
+    assert result.stats.engine == "reference" and set(result.effects["engine"]) == {"reference"}
+    assert "cannot run this model's decoder layers on single rows (AttributeError" in result.stats.fallback_reason
+    assert len(result.effects) > 0

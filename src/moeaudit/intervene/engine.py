@@ -225,7 +225,12 @@ def _sparse_attention_reason(moe: MoEModel, seq_len: int) -> str | None:
     which the fast engine replays exactly."""
     for index, layer in enumerate(moe.adapter.decoder_layers(moe.model)):
         indexer = getattr(getattr(layer, "self_attn", None), "indexer", None)
-        if isinstance(indexer, torch.nn.Module) and seq_len > int(indexer.index_topk):
+        if not isinstance(indexer, torch.nn.Module):
+            continue
+        if getattr(indexer, "index_topk", None) is None:  # another selection rule (Qwen4-Exp's QSA indexer)
+            return (f"decoder layer {index}'s attention selects keys with an indexer ({type(indexer).__name__}) "
+                    "whose per-row key selection the fast engine does not replay")
+        if seq_len > int(indexer.index_topk):
             return (f"windows of {seq_len} tokens exceed the {int(indexer.index_topk)} keys per query that decoder "
                     f"layer {index}'s indexer keeps (DeepSeek Sparse Attention), whose per-row key selection the "
                     f"fast engine does not replay; windows of at most {int(indexer.index_topk)} tokens "
