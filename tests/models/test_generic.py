@@ -221,3 +221,49 @@ def test_multimodal_wrappers_are_audited_pruned_and_exported(family, tmp_path):
             masked = nll_from_logits(moe.model(input_ids=IDS).logits, IDS)
         exported = nll_from_logits(loaded(input_ids=IDS).logits, IDS)
     assert torch.allclose(masked[:, :-1], exported[:, :-1], atol=1e-5, rtol=0)
+
+
+def _wrapper_of_text_model(family: str):
+    """A vision-language checkpoint of ``family`` (``…ForConditionalGeneration``) around the tiny text config."""
+    import transformers
+
+    text = tiny_config(family).to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        text.pop(key, None)
+    if family == "dots3_note":
+        vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      moe_intermediate_size=8, num_local_experts=4, pyramid_num_routed=[-1, 4], adapter_in_dim=16,
+                      adapter_out_dim=32, patch_size=14)
+        audio = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     adapter_input_size=16, adapter_out_dim=32, downsample_hidden_size=8, feature_size=16)
+        config = transformers.Dots3NoteConfig(text_config=text, vision_config=vision, audio_config=audio)
+        cls = transformers.Dots3NoteForConditionalGeneration
+    else:
+        config = transformers.Qwen4ExpConfig(text_config=text, vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32))
+        cls = transformers.Qwen4ExpForConditionalGeneration
+    torch.manual_seed(0)
+    wrapper = cls(config).eval()
+    with torch.no_grad():
+        for name, param in wrapper.named_parameters():
+            if name.endswith("mlp.gate.weight"):
+                param.normal_()
+    return wrapper
+
+
+@pytest.mark.parametrize("family, text_class", [("dots3_note", "Dots3NoteForCausalLM"),
+                                                ("qwen4_exp", "Qwen4ExpForCausalLM")])
+def test_vision_language_checkpoints_load_as_their_text_model(family, text_class, tmp_path):
+    """dots3-note and Qwen4-Exp ship vision-language checkpoints whose config ``AutoModelForCausalLM`` maps to
+    the text model: moeaudit loads that one (the vision weights are left out), with the language model's
+    logits, and audits it with the generic adapter (Qwen4-Exp on the reference engine, as its refusal says)."""
+    from moeaudit.models import load_model
+
+    wrapper = _wrapper_of_text_model(family)
+    wrapper.save_pretrained(tmp_path / "source")
+    moe = load_model(str(tmp_path / "source"))
+    assert type(moe.model).__name__ == text_class and isinstance(moe.adapter, GenericAdapter)
+    assert moe.moe_layer_indices == ([1, 2] if family == "dots3_note" else [0, 1, 2, 3])
+    assert (moe.adapter.fast_refusal is not None) == (family == "qwen4_exp")
+    with torch.no_grad():
+        assert torch.equal(wrapper(input_ids=IDS).logits, moe.model(input_ids=IDS).logits)

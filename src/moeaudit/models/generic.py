@@ -221,7 +221,11 @@ class GenericAdapter(ScoredTopKAdapter):
     architectures = ()
 
     def __init__(self, model_type: str):
+        from moeaudit.models.registry import GENERIC_FAST_REFUSALS
+
         self.family = model_type
+        #: Why the fast engine must not run this family (:data:`moeaudit.models.registry.GENERIC_FAST_REFUSALS`).
+        self.fast_refusal = GENERIC_FAST_REFUSALS.get(model_type)
         self.layout: Layout | None = None
         self.rules: dict[int, ScoredRule] = {}
         self.calls: dict[int, RouterCall] = {}

@@ -88,6 +88,27 @@ GENERIC_FAMILIES: dict[str, str] = {
                      "text)",
     "minimax": "Mixtral's rule (softmax, top-k, renormalised); Lightning linear-attention layers; the block enters "
                "the residual stream times mlp_beta_factor",
+    "dots3_note": "DeepSeek-V3's group-limited sigmoid rule; indexer sparse attention (Dots3NoteForCausalLM, the "
+                  "language model of the vision-language checkpoints)",
+    "dots3_note_text": "DeepSeek-V3's group-limited sigmoid rule; indexer sparse attention",
+    "qwen4_exp": "Qwen3-MoE's rule and a gated shared expert (Qwen4ExpForCausalLM); reference engine",
+    "qwen4_exp_text": "Qwen3-MoE's rule and a gated shared expert; reference engine",
+    "inkling2_text": "sigmoid + the router's bias, renormalised, times route_scale; reference engine",
+    "granitemoe_swa": "top-k of the logits, softmax over the k; Granite's multipliers, attention sinks, a shared "
+                      "MLP beside the block",
+}
+
+#: Generic families the fast engine must not run, with the reason it logs (their interventions run on the
+#: reference engine, which runs the model's own forward). Set on :class:`moeaudit.models.generic.GenericAdapter`
+#: as ``fast_refusal``, checked first by :func:`moeaudit.intervene.engine.fast_unsupported_reason`.
+GENERIC_FAST_REFUSALS: dict[str, str] = {
+    **dict.fromkeys(("qwen4_exp", "qwen4_exp_text"), (
+        "Qwen4-Exp's decoder layers carry several residual streams that gated-residual hyper-connections mix "
+        "(Qwen4ExpTextGatedResidual), with n-gram embeddings and a QSA indexer, which the fast engine's rows do "
+        "not replay")),
+    "inkling2_text": ("Inkling-2 passes each MoE block's output through a causal short convolution before the "
+                      "residual stream and feeds blocks from block attention residuals, which the fast engine's "
+                      "rows do not replay"),
 }
 
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
@@ -95,13 +116,12 @@ GENERIC_FAMILIES: dict[str, str] = {
 UNSUPPORTED_MOE: dict[str, str] = {
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "bailing_moe": "routing variant not adapted yet",
-    "dots3_note": "indexer sparse attention and a vision-language wrapper",
     "minimax_m3_vl": "indexer sparse attention, block-level output scales and a wrapper",
     "glm5_next": "hyper-connections and recurrent layers",
     "hy_v4": "hyper-connections and indexer sparse attention",
-    "qwen4_exp": "gated-residual hyper-connections and recurrent layers",
     "inkling": "a 4-tuple router over routed and shared experts with joint normalisation; short convolutions",
-    "inkling2": "convolutions and block attention residuals",
+    "inkling2": "a vision-language wrapper whose text model (inkling2_text, Inkling2ForCausalLM) is supported; "
+                "save or load the text model",
     "zaya": "a router with cross-layer state; convolutions inside attention",
     "doge": "product-key expert selection",
     "muse_spark": "residual gates and per-layer attention kinds",
@@ -109,7 +129,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "laguna": "soft-capped router logits and per-layer attention shapes",
     "step3p5": "no causal-LM class (Step3p7TextConfig has a base model only), so no logits to audit",
     "axk2": "scored top-k variant with indexer sparse attention",
-    "granitemoe_swa": "per-layer rotary bases and attention sinks",
     "switch_transformers": "an encoder-decoder model",
     "nllb_moe": "an encoder-decoder model",
 }

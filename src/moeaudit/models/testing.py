@@ -19,7 +19,7 @@ FAMILIES: tuple[str, ...] = (
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
     "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx", "deepseek_v4",
-    "mistral_large4",
+    "mistral_large4", "dots3_note", "qwen4_exp", "inkling2", "granitemoe_swa",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -31,6 +31,8 @@ REFERENCE_ONLY: dict[str, str] = {
     "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
     "deepseek_v4": "hyper-connections",  # several residual streams mixed by learned weights
     "mistral_large4": "shared_kv_states",  # keys/values and the indexer's selection handed to later layers
+    "qwen4_exp": "gated-residual hyper-connections",  # several residual streams, n-gram embeddings, QSA indexer
+    "inkling2": "short convolution before the residual stream",  # and block attention residuals
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -63,6 +65,7 @@ def tiny_config(family: str, **overrides: Any):
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
     from transformers import (DbrxConfig, DeepseekV4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig,
                               MistralLarge4Config, Step3p7Config)
+    from transformers import (Dots3NoteTextConfig, GraniteMoeSWAConfig, Inkling2TextConfig, Qwen4ExpTextConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -319,6 +322,33 @@ def tiny_config(family: str, **overrides: Any):
                       num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
                       hidden_size_per_layer_input=8, final_logit_softcapping=30.0)
         cls = Gemma4TextConfig
+    elif family == "dots3_note":  # DeepSeek-V3's MoE; MLA with a DSA indexer, sliding layers with their own heads
+        fields = dict(scored, **dict(_MLA, q_lora_rank=16, head_dim=16), shared_experts_intermediate_size=24,
+                      n_routed_experts=8, n_shared_experts=1, index_topk=64, index_n_heads=2, index_head_dim=16,
+                      sliding_window=6, swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16,
+                      swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8,
+                      mlp_layer_types=["dense", "sparse", "sparse"])
+        cls = Dots3NoteTextConfig
+    elif family == "qwen4_exp":  # Gated DeltaNet + indexed attention, 4 hyper-connection streams, n-gram embeddings
+        fields = dict(_COMMON, head_dim=8, num_hidden_layers=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                      linear_num_key_heads=2, linear_num_value_heads=4, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, num_experts=8, num_experts_per_tok=2, hc_count=4,
+                      hc_lowrank=8, indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=4,
+                      indexer_compress_ratio=2, ple_layer_ids=[2], ple_embed_dim=32, ngram_vocab_size_base=64,
+                      make_ngram_vocab_size_divisible_by=8,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+        cls = Qwen4ExpTextConfig
+    elif family == "inkling2":  # sliding and full hybrid layers, a short convolution after each MoE block
+        fields = dict(_COMMON, unpadded_vocab_size=96, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
+                      swa_head_dim=8, sliding_window_size=8, d_rel=4, rel_extent=16, num_hidden_layers=4,
+                      layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
+                      n_layers_per_attn_res_block=2, n_routed_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=16, route_scale=2.5)
+        cls = Inkling2TextConfig
+    elif family == "granitemoe_swa":  # Granite's multipliers; sliding layers with attention sinks; a shared MLP
+        fields = dict(granite, sliding_window=4, shared_intermediate_size=24,
+                      layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+        cls = GraniteMoeSWAConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     if family == "dbrx":  # DBRX's own names for the common fields (its attribute_map would leave ffn_config behind)
