@@ -204,6 +204,8 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         "softmax_bias_scaled": ("softmax", "router", None, "never", True),               # LongCat-Flash
         "sqrtsoftplus_bias_renorm_scaled": ("sqrtsoftplus", "router", None, "always", True),  # DeepSeek-V4
         "softmax_group_sum_renorm_scaled": ("softmax", None, 0.0, "always", True),              # Mistral-Large-4
+        "sigmoid_bias_group0_scaled": ("sigmoid", "router", 0.0, "config", True),                # A.X-K2
+        "sigmoid_bias_scaled": ("sigmoid", "router", None, "config", True),                      # A.X-K2 Light
     }
     if rule == "inferred_scored_topk":  # the generic adapter: the rule its parameters describe
         params = layer.adapter.routing_parameters(layer)
@@ -246,6 +248,7 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
             dropped = np.argsort(-group_score)[router.topk_group:]
             for g in dropped:
                 choice[g * per:(g + 1) * per] = fill
+            choice[removed] = -np.inf  # a fill of 0 must not offer the removed expert a slot again
         chosen = list(np.argsort(-choice, kind="stable")[:k])
         w = scores[chosen]
         if renorm == "always" or (renorm == "config" and router.norm_topk_prob):

@@ -57,6 +57,14 @@ ROUTING_RULE_DOC: dict[str, str] = {
         "sigmoid scores; top groups by the sum of their two best (score + correction bias), top-k of "
         "score + bias inside them; weights = scores, renormalised if norm_topk_prob, x routed_scaling_factor"
     ),
+    "sigmoid_bias_group0_scaled": (
+        "sigmoid scores; top groups by the sum of their two best (score + correction bias), the other groups' "
+        "selection scores set to 0; top-k; weights = scores, renormalised if norm_topk_prob, x routed_scaling_factor"
+    ),
+    "sigmoid_bias_scaled": (
+        "sigmoid scores; top-k of score + correction bias; weights = scores, renormalised if norm_topk_prob, "
+        "x routed_scaling_factor"
+    ),
     "softmax_group_sum_scaled": (
         "softmax scores; top groups by the sum of their two best, top-k inside them; weights renormalised if "
         "norm_topk_prob, x routed_scaling_factor"

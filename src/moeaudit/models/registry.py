@@ -20,8 +20,9 @@ from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter, Qwen3OmniMoeAdapter
 from moeaudit.models.step3p7 import Step3p7Adapter
-from moeaudit.models.scored import (DeepseekV3Adapter, Ernie45MoeAdapter, MiniMaxM2Adapter, Mistral4Adapter,
-                                    Glm4vMoeAdapter, MistralLarge4Adapter, NemotronHAdapter)
+from moeaudit.models.scored import (AXK2Adapter, DeepseekV3Adapter, Ernie45MoeAdapter, Glm4vMoeAdapter,
+                                    Glm5NextAdapter, HYV4Adapter, MiniMaxM2Adapter, Mistral4Adapter,
+                                    MistralLarge4Adapter, NemotronHAdapter)
 
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     OlmoeAdapter,
@@ -56,6 +57,9 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     DbrxAdapter,
     DeepseekV4Adapter,
     MistralLarge4Adapter,
+    Glm5NextAdapter,
+    HYV4Adapter,
+    AXK2Adapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -117,8 +121,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "bailing_moe": "routing variant not adapted yet",
     "minimax_m3_vl": "indexer sparse attention, block-level output scales and a wrapper",
-    "glm5_next": "hyper-connections and recurrent layers",
-    "hy_v4": "hyper-connections and indexer sparse attention",
     "inkling": "a 4-tuple router over routed and shared experts with joint normalisation; short convolutions",
     "inkling2": "a vision-language wrapper whose text model (inkling2_text, Inkling2ForCausalLM) is supported; "
                 "save or load the text model",
@@ -128,7 +130,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "beam": "block-level output scaling and per-layer attention arguments",
     "laguna": "soft-capped router logits and per-layer attention shapes",
     "step3p5": "no causal-LM class (Step3p7TextConfig has a base model only), so no logits to audit",
-    "axk2": "scored top-k variant with indexer sparse attention",
     "switch_transformers": "an encoder-decoder model",
     "nllb_moe": "an encoder-decoder model",
 }

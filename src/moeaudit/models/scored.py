@@ -20,6 +20,8 @@ weights are bit-identical (checked at load time by :mod:`moeaudit.models.contrac
 Removing an expert masks its logit (-inf: a softmax renormalises over the survivors, as a router without
 that expert does) *and* its selection score (-inf): masking the logit alone would leave
 sigmoid(-inf) + b = b as its selection score, and a large bias could still win the removed expert a slot.
+Where dropped groups are filled with 0 rather than -inf (Mistral 4, A.X-K2), the removed experts are masked
+again after the fill, which would otherwise give one of a dropped group a selection score of 0.
 """
 
 from __future__ import annotations
@@ -229,6 +231,10 @@ def scored_route(rule: ScoredRule, layer: MoELayer, router_logits: torch.Tensor,
         group_mask.scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, per_group).reshape(-1, layer.num_experts)
         choice = choice.masked_fill(~score_mask.bool(), rule.group_fill)
+        if removed is not None and rule.group_fill != float("-inf"):
+            # a fill of 0 would make a removed expert of a dropped group selectable again; the router
+            # without it never selects it
+            choice = choice.masked_fill(removed, float("-inf"))
     top_value, topk_idx = torch.topk(choice, k=layer.top_k, dim=-1, sorted=rule.sorted_topk)
     raw_gate = scores.gather(1, topk_idx)
     weights = top_value if rule.weights_from_selection else raw_gate
@@ -299,6 +305,61 @@ class MistralLarge4Adapter(ScoredTopKAdapter):
 
     def backbone(self, model):
         return model.model.language_model
+
+
+class Glm5NextAdapter(DeepseekV3Adapter):
+    """GLM-5.3-Next (``Glm5NextForConditionalGeneration``), audited as a language model on text: DeepSeek-V3's
+    router verbatim (``Glm5NextTextTopkRouter``, ``models/glm5_next/modeling_glm5_next.py``), fused shared
+    experts, decoder layers under ``model.language_model``. Its layers carry ``hc_mult`` residual streams mixed by
+    learned, input-dependent weights (manifold-constrained hyper-connections), beside Kimi Delta Attention and
+    indexed MLA layers that hand their key selection on: interventions run on the reference engine."""
+
+    family = "glm5_next"
+    model_types = ("glm5_next",)
+    architectures = ("Glm5NextForConditionalGeneration",)
+    fast_refusal = ("GLM-5.3-Next's decoder layers carry several residual streams mixed by learned weights "
+                    "(hyper-connections), which the fast engine's rows do not replay")
+
+    def backbone(self, model):
+        return model.model.language_model
+
+
+class HYV4Adapter(DeepseekV3Adapter):
+    """Hy4 / Hunyuan-V4 (``hy_v4``): DeepSeek-V3's router verbatim (``HYV4TopkRouter``,
+    ``models/hy_v4/modeling_hy_v4.py``; one group by default), fused shared experts. Its layers carry
+    ``hc_mult`` residual streams (hyper-connections) and shared sparse-attention layers reuse the previous
+    layer's key selection: interventions run on the reference engine."""
+
+    family = "hy_v4"
+    model_types = ("hy_v4",)
+    architectures = ("HYV4ForCausalLM",)
+    fast_refusal = ("Hy4's decoder layers carry several residual streams mixed by learned weights "
+                    "(hyper-connections), which the fast engine's rows do not replay")
+
+
+_AXK2_GROUPED = ScoredRule("sigmoid_bias_group0_scaled", score="sigmoid", bias="router", grouped=True,
+                           group_fill=0.0, scaled=True)
+_AXK2_FLAT = ScoredRule("sigmoid_bias_scaled", score="sigmoid", bias="router", scaled=True)
+
+
+class AXK2Adapter(ScoredTopKAdapter):
+    """A.X-K2 (``axk2``): sigmoid scores of float32 logits, the router's correction bias, renormalised when
+    ``norm_topk_prob`` (+1e-20), scaled; group-limited only when ``n_group`` is set (the Light checkpoints
+    route over all experts), and then the dropped groups' selection scores are filled with 0, not -inf
+    (``AXK2TopkRouter.apply_group_scoring``, ``models/axk2/modeling_axk2.py``): with a negative correction bias
+    an expert of a dropped group can win a slot. Fused shared experts; MLA with a DSA indexer, run by the fast
+    engine on windows up to ``index_topk``."""
+
+    family = "axk2"
+    model_types = ("axk2",)
+    architectures = ("AXK2ForCausalLM",)
+    rule = _AXK2_GROUPED
+
+    def rule_for(self, layer: MoELayer) -> ScoredRule:
+        return _AXK2_FLAT if layer.router.num_group is None else _AXK2_GROUPED
+
+    def routing_rule(self, config) -> str:
+        return (_AXK2_FLAT if getattr(config, "n_group", None) is None else _AXK2_GROUPED).name
 
 
 class MiniMaxM2Adapter(ScoredTopKAdapter):

@@ -19,7 +19,7 @@ FAMILIES: tuple[str, ...] = (
     "afmoe", "lfm2_moe", "bailing_hybrid", "kimi_linear", "deepseek_v32", "glm_moe_dsa",
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
     "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx", "deepseek_v4",
-    "mistral_large4", "dots3_note", "qwen4_exp", "inkling2", "granitemoe_swa",
+    "mistral_large4", "dots3_note", "qwen4_exp", "inkling2", "granitemoe_swa", "glm5_next", "hy_v4", "axk2",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -33,6 +33,8 @@ REFERENCE_ONLY: dict[str, str] = {
     "mistral_large4": "shared_kv_states",  # keys/values and the indexer's selection handed to later layers
     "qwen4_exp": "gated-residual hyper-connections",  # several residual streams, n-gram embeddings, QSA indexer
     "inkling2": "short convolution before the residual stream",  # and block attention residuals
+    "glm5_next": "hyper-connections",  # several residual streams; KDA and indexed MLA layers
+    "hy_v4": "hyper-connections",  # several residual streams; shared key selections
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -65,7 +67,8 @@ def tiny_config(family: str, **overrides: Any):
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
     from transformers import (DbrxConfig, DeepseekV4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig,
                               MistralLarge4Config, Step3p7Config)
-    from transformers import (Dots3NoteTextConfig, GraniteMoeSWAConfig, Inkling2TextConfig, Qwen4ExpTextConfig)
+    from transformers import (AXK2Config, Dots3NoteTextConfig, Glm5NextConfig, GraniteMoeSWAConfig, HYV4Config,
+                              Inkling2TextConfig, Qwen4ExpTextConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -349,6 +352,25 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(granite, sliding_window=4, shared_intermediate_size=24,
                       layer_types=["full_attention", "sliding_attention", "sliding_attention"])
         cls = GraniteMoeSWAConfig
+    elif family == "glm5_next":  # KDA and indexed MLA (NoPE) layers, 4 hyper-connection streams, a dense first layer
+        fields = dict(scored, num_key_value_heads=4, num_hidden_layers=4, n_routed_experts=8, n_shared_experts=1,
+                      q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=0, qk_nope_head_dim=8, v_head_dim=8,
+                      index_topk=8, index_kpool=2, index_head_dim=8, index_n_heads=2, linear_head_dim=8,
+                      linear_num_heads=4, hc_mult=4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                      layer_types=["linear_attention", "indexed_attention", "indexed_attention", "linear_attention"],
+                      indexer_types=["full", "full", "shared", "full"])
+        cls = Glm5NextConfig
+    elif family == "hy_v4":  # DeepSeek-V3's router (one group), MLA + DSA, 2 hyper-connection streams
+        fields = dict(scored, **dict(_MLA, q_lora_rank=16, num_key_value_heads=4), n_routed_experts=8,
+                      n_shared_experts=1, n_group=1, topk_group=1, index_topk=64, index_n_heads=2, index_head_dim=16,
+                      hc_mult=2, swiglu_limit=10.0, mlp_layer_types=["dense", "sparse", "sparse"],
+                      indexer_types=["full", "full", "shared"])
+        cls = HYV4Config
+    elif family == "axk2":  # sigmoid + bias, 2 groups filled with 0 when dropped; MLA + DSA; a gated norm
+        fields = dict(scored, **dict(_MLA, q_lora_rank=16, num_key_value_heads=4), n_routed_experts=8,
+                      n_shared_experts=1, index_topk=64, index_n_heads=2, index_head_dim=16, gated_norm_rank=4,
+                      mlp_layer_types=["dense", "sparse", "sparse"])
+        cls = AXK2Config
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     if family == "dbrx":  # DBRX's own names for the common fields (its attribute_map would leave ffn_config behind)
@@ -371,6 +393,10 @@ def tiny_config(family: str, **overrides: Any):
         fields.setdefault("rope_theta", [10000.0 if kind == "sliding_attention" else 50000.0 for kind in kinds])
         return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, image_size=28, patch_size=14))
+    if family == "glm5_next":  # a one-block vision tower (audited on text)
+        return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                                                          out_hidden_size=fields["hidden_size"],
+                                                          projection_intermediate_size=16))
     if family == "mistral_large4":  # a small Pixtral vision tower (audited on text)
         return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, image_size=28, patch_size=14))
