@@ -21,7 +21,10 @@ HAND_WRITTEN_ONLY = {"phimoe": "no routing rule moeaudit knows reproduces",     
                      "step3p7": "is not its experts' weighted sum plus its shared experts",  # scaled in the block
                      "axk1": "is not its experts' weighted sum plus its shared experts",  # a norm in the block
                      "dbrx": "no MoE layers found",  # routing in the block, 2-D expert weights
-                     "deepseek_v4": "not a tensor of its block"}  # hash routers read the token ids
+                     "deepseek_v4": "not a tensor of its block",  # hash routers read the token ids
+                     "minimax_m3": "is not its experts' weighted sum plus its shared experts",  # scaled in the block
+                     "laguna": "the router's first output is not its raw logits",  # soft-capped (and block-scaled)
+                     "beam": "is not its experts' weighted sum plus its shared experts"}  # scaled in the block
 RULE_BASED = [f for f in FAMILIES if f not in HAND_WRITTEN_ONLY]
 
 from tests.conftest import assert_fast_equals_reference

@@ -65,6 +65,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
         "sigmoid scores; top-k of score + correction bias; weights = scores, renormalised if norm_topk_prob, "
         "x routed_scaling_factor"
     ),
+    "sigmoid_bias_group_renorm": (
+        "sigmoid scores; top groups by the sum of their two best (score + correction bias), top-k of score + bias "
+        "inside them; weights = scores, renormalised if norm_topk_prob (the block scales the routed sum)"
+    ),
     "softmax_group_sum_scaled": (
         "softmax scores; top groups by the sum of their two best, top-k inside them; weights renormalised if "
         "norm_topk_prob, x routed_scaling_factor"
@@ -430,6 +434,11 @@ class FamilyAdapter(abc.ABC):
     def call_router(self, layer: MoELayer, hidden: torch.Tensor):
         """Call ``layer.router`` on hidden states [N, H] as the family's block does."""
         return layer.router(hidden)
+
+    def router_output_logits(self, layer: MoELayer, linear: torch.Tensor) -> torch.Tensor:
+        """The logits the router returns, from its linear map ``linear`` [N, E]: the map itself but for a router
+        that soft-caps it (Laguna)."""
+        return linear
 
     def router_linear_input(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:
         """What the router's linear map reads from the router's input ``hidden`` [N, H]: ``hidden`` itself but

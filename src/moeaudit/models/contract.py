@@ -7,7 +7,8 @@ would be wrong without an error. So each MoE layer is probed on a few random hid
 1. the experts module holds fused 3-D weights with one slice per routed expert;
 2. the router returns the 3-tuple ``(router_logits, topk_weights, topk_idx)`` and the logits are the raw
    linear map of the input (plus bias where the family has one; of the normed input where the router
-   normalises it first, :meth:`~moeaudit.models.FamilyAdapter.router_linear_input`);
+   normalises it first, :meth:`~moeaudit.models.FamilyAdapter.router_linear_input`; soft-capped where the
+   router caps it, :meth:`~moeaudit.models.FamilyAdapter.router_output_logits`);
 3. the adapter's re-implemented routing reproduces the module's indices exactly and its weights to
    rounding;
 4. ``experts(hidden, topk_idx, topk_weights)`` equals the sum of the slots' terms that moeaudit computes
@@ -66,6 +67,7 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
         bias = getattr(layer.router, "bias", None)
         linear_input = layer.adapter.router_linear_input(layer, hidden)
         expected = F.linear(linear_input.float(), weight.float(), None if bias is None else bias.float())
+        expected = layer.adapter.router_output_logits(layer, expected)
         _require_finite(expected, f"{where}: the router gives")
         rtol = _RTOL.get(weight.dtype, 1e-3)
         if not torch.allclose(router_logits.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item()):

@@ -19,7 +19,7 @@ from moeaudit.models.longcat import LongcatFlashAdapter
 from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
 from moeaudit.models.qwen3_moe import Qwen3MoeAdapter, Qwen3OmniMoeAdapter
-from moeaudit.models.step3p7 import Step3p7Adapter
+from moeaudit.models.step3p7 import BeamAdapter, LagunaAdapter, MiniMaxM3Adapter, Step3p7Adapter
 from moeaudit.models.scored import (AXK2Adapter, DeepseekV3Adapter, Ernie45MoeAdapter, Glm4vMoeAdapter,
                                     Glm5NextAdapter, HYV4Adapter, MiniMaxM2Adapter, Mistral4Adapter,
                                     MistralLarge4Adapter, NemotronHAdapter)
@@ -60,6 +60,9 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     Glm5NextAdapter,
     HYV4Adapter,
     AXK2Adapter,
+    MiniMaxM3Adapter,
+    LagunaAdapter,
+    BeamAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -120,15 +123,12 @@ GENERIC_FAST_REFUSALS: dict[str, str] = {
 UNSUPPORTED_MOE: dict[str, str] = {
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "bailing_moe": "routing variant not adapted yet",
-    "minimax_m3_vl": "indexer sparse attention, block-level output scales and a wrapper",
     "inkling": "a 4-tuple router over routed and shared experts with joint normalisation; short convolutions",
     "inkling2": "a vision-language wrapper whose text model (inkling2_text, Inkling2ForCausalLM) is supported; "
                 "save or load the text model",
     "zaya": "a router with cross-layer state; convolutions inside attention",
     "doge": "product-key expert selection",
     "muse_spark": "residual gates and per-layer attention kinds",
-    "beam": "block-level output scaling and per-layer attention arguments",
-    "laguna": "soft-capped router logits and per-layer attention shapes",
     "step3p5": "no causal-LM class (Step3p7TextConfig has a base model only), so no logits to audit",
     "switch_transformers": "an encoder-decoder model",
     "nllb_moe": "an encoder-decoder model",

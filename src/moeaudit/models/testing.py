@@ -20,6 +20,7 @@ FAMILIES: tuple[str, ...] = (
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
     "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx", "deepseek_v4",
     "mistral_large4", "dots3_note", "qwen4_exp", "inkling2", "granitemoe_swa", "glm5_next", "hy_v4", "axk2",
+    "minimax_m3", "laguna", "beam",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -35,6 +36,8 @@ REFERENCE_ONLY: dict[str, str] = {
     "inkling2": "short convolution before the residual stream",  # and block attention residuals
     "glm5_next": "hyper-connections",  # several residual streams; KDA and indexed MLA layers
     "hy_v4": "hyper-connections",  # several residual streams; shared key selections
+    "minimax_m3": "MiniMaxM3VLIndexer",  # key blocks chosen per query by an indexer
+    "beam": "attention_scaling",  # a per-layer attention argument the rows do not carry
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -67,8 +70,8 @@ def tiny_config(family: str, **overrides: Any):
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
     from transformers import (DbrxConfig, DeepseekV4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig,
                               MistralLarge4Config, Step3p7Config)
-    from transformers import (AXK2Config, Dots3NoteTextConfig, Glm5NextConfig, GraniteMoeSWAConfig, HYV4Config,
-                              Inkling2TextConfig, Qwen4ExpTextConfig)
+    from transformers import (AXK2Config, BeamConfig, Dots3NoteTextConfig, Glm5NextConfig, GraniteMoeSWAConfig,
+                              HYV4Config, Inkling2TextConfig, LagunaConfig, MiniMaxM3VLConfig, Qwen4ExpTextConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
                               MiMoV2FlashConfig, Qwen3_5MoeTextConfig, Qwen3NextConfig, SolarOpenConfig)
 
@@ -371,6 +374,25 @@ def tiny_config(family: str, **overrides: Any):
                       n_shared_experts=1, index_topk=64, index_n_heads=2, index_head_dim=16, gated_norm_rank=4,
                       mlp_layer_types=["dense", "sparse", "sparse"])
         cls = AXK2Config
+    elif family == "minimax_m3":  # block-scaled routed output; a sparse (indexer) attention layer between full ones
+        fields = dict(_COMMON, head_dim=8, intermediate_size=16, dense_intermediate_size=48, shared_intermediate_size=16,
+                      rotary_dim=4, num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2,
+                      routed_scaling_factor=2.0, index_n_heads=2, index_head_dim=8, index_block_size=4,
+                      index_topk_blocks=2, index_local_blocks=1, mlp_layer_types=["dense", "sparse", "sparse"],
+                      layer_types=["full_attention", "minimax_m3_sparse", "full_attention"])
+        cls = MiniMaxM3VLConfig
+    elif family == "laguna":  # block-scaled routed output, soft-capped router logits, heads per layer
+        fields = dict(_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=24, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
+                      sliding_window=4, moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=3.0,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                      num_attention_heads_per_layer=[4, 2, 4])
+        cls = LagunaConfig
+    elif family == "beam":  # DeepSeek-V3's groups without the scale, which the block applies; depth-scaled residuals
+        fields = dict(_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                      num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                      norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=4)
+        cls = BeamConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     if family == "dbrx":  # DBRX's own names for the common fields (its attribute_map would leave ffn_config behind)
@@ -393,6 +415,10 @@ def tiny_config(family: str, **overrides: Any):
         fields.setdefault("rope_theta", [10000.0 if kind == "sliding_attention" else 50000.0 for kind in kinds])
         return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, image_size=28, patch_size=14))
+    if family == "minimax_m3":  # a one-layer vision tower (audited on text)
+        return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, patch_size=14, spatial_merge_size=2),
+                   projector_hidden_size=16, image_token_index=95, video_token_index=94)
     if family == "glm5_next":  # a one-block vision tower (audited on text)
         return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
                                                           out_hidden_size=fields["hidden_size"],
