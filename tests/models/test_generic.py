@@ -241,10 +241,15 @@ def _wrapper_of_text_model(family: str):
                      adapter_input_size=16, adapter_out_dim=32, downsample_hidden_size=8, feature_size=16)
         config = transformers.Dots3NoteConfig(text_config=text, vision_config=vision, audio_config=audio)
         cls = transformers.Dots3NoteForConditionalGeneration
-    else:
+    elif family == "qwen4_exp":
         config = transformers.Qwen4ExpConfig(text_config=text, vision_config=dict(
             depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32))
         cls = transformers.Qwen4ExpForConditionalGeneration
+    else:
+        config = transformers.Inkling2Config(text_config=text, vision_config=dict(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, patch_size=14,
+            projection_hidden_dim=16, text_hidden_size=32))
+        cls = transformers.Inkling2ForConditionalGeneration
     torch.manual_seed(0)
     wrapper = cls(config).eval()
     with torch.no_grad():
@@ -255,18 +260,27 @@ def _wrapper_of_text_model(family: str):
 
 
 @pytest.mark.parametrize("family, text_class", [("dots3_note", "Dots3NoteForCausalLM"),
-                                                ("qwen4_exp", "Qwen4ExpForCausalLM")])
+                                                ("qwen4_exp", "Qwen4ExpForCausalLM"),
+                                                ("inkling2", "Inkling2ForConditionalGeneration")])
 def test_vision_language_checkpoints_load_as_their_text_model(family, text_class, tmp_path):
     """dots3-note and Qwen4-Exp ship vision-language checkpoints whose config ``AutoModelForCausalLM`` maps to
     the text model: moeaudit loads that one (the vision weights are left out), with the language model's
-    logits, and audits it with the generic adapter (Qwen4-Exp on the reference engine, as its refusal says)."""
+    logits; Inkling-2's, which it does not map, load as the wrapper its config names. The generic adapter
+    audits each (Qwen4-Exp and Inkling-2 on the reference engine, as their refusals say; sequence removal
+    checked by brute force through Inkling-2's convolutions)."""
     from moeaudit.models import load_model
+
+    from tests.conftest import assert_sequence_removal_is_brute_force
 
     wrapper = _wrapper_of_text_model(family)
     wrapper.save_pretrained(tmp_path / "source")
     moe = load_model(str(tmp_path / "source"))
     assert type(moe.model).__name__ == text_class and isinstance(moe.adapter, GenericAdapter)
     assert moe.moe_layer_indices == ([1, 2] if family == "dots3_note" else [0, 1, 2, 3])
-    assert (moe.adapter.fast_refusal is not None) == (family == "qwen4_exp")
+    assert (moe.adapter.fast_refusal is not None) == (family != "dots3_note")
     with torch.no_grad():
         assert torch.equal(wrapper(input_ids=IDS).logits, moe.model(input_ids=IDS).logits)
+    if family == "inkling2":
+        result = compute_effects(moe, IDS[:1], Selection.sample(2, seed=0), config=InterveneConfig(scopes=("sequence",)))
+        assert result.stats.engine == "reference"
+        assert_sequence_removal_is_brute_force(moe, IDS[:1], result.effects)

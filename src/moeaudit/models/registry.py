@@ -101,6 +101,8 @@ GENERIC_FAMILIES: dict[str, str] = {
     "qwen4_exp": "Qwen3-MoE's rule and a gated shared expert (Qwen4ExpForCausalLM); reference engine",
     "qwen4_exp_text": "Qwen3-MoE's rule and a gated shared expert; reference engine",
     "inkling2_text": "sigmoid + the router's bias, renormalised, times route_scale; reference engine",
+    "inkling2": "Inkling-2's rule in its language model (Inkling2ForConditionalGeneration, audited on text); "
+                "reference engine",
     "granitemoe_swa": "top-k of the logits, softmax over the k; Granite's multipliers, attention sinks, a shared "
                       "MLP beside the block",
 }
@@ -113,9 +115,9 @@ GENERIC_FAST_REFUSALS: dict[str, str] = {
         "Qwen4-Exp's decoder layers carry several residual streams that gated-residual hyper-connections mix "
         "(Qwen4ExpTextGatedResidual), with n-gram embeddings and a QSA indexer, which the fast engine's rows do "
         "not replay")),
-    "inkling2_text": ("Inkling-2 passes each MoE block's output through a causal short convolution before the "
-                      "residual stream and feeds blocks from block attention residuals, which the fast engine's "
-                      "rows do not replay"),
+    **dict.fromkeys(("inkling2", "inkling2_text"), (
+        "Inkling-2 passes each MoE block's output through a causal short convolution before the residual stream "
+        "and feeds blocks from block attention residuals, which the fast engine's rows do not replay")),
 }
 
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
@@ -124,8 +126,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "bailing_moe": "routing variant not adapted yet",
     "inkling": "a 4-tuple router over routed and shared experts with joint normalisation; short convolutions",
-    "inkling2": "a vision-language wrapper whose text model (inkling2_text, Inkling2ForCausalLM) is supported; "
-                "save or load the text model",
     "zaya": "a router with cross-layer state; convolutions inside attention",
     "doge": "product-key expert selection",
     "muse_spark": "residual gates and per-layer attention kinds",
