@@ -281,6 +281,7 @@ def test_vision_language_checkpoints_load_as_their_text_model(family, text_class
     with torch.no_grad():
         assert torch.equal(wrapper(input_ids=IDS).logits, moe.model(input_ids=IDS).logits)
     if family == "inkling2":
-        result = compute_effects(moe, IDS[:1], Selection.sample(2, seed=0), config=InterveneConfig(scopes=("sequence",)))
+        result = compute_effects(moe, IDS[:1], Selection.sample(2, seed=0),
+                                 config=InterveneConfig(scopes=("sequence",)))
         assert result.stats.engine == "reference"
         assert_sequence_removal_is_brute_force(moe, IDS[:1], result.effects)

@@ -375,8 +375,8 @@ def tiny_config(family: str, **overrides: Any):
                       mlp_layer_types=["dense", "sparse", "sparse"])
         cls = AXK2Config
     elif family == "minimax_m3":  # block-scaled routed output; a sparse (indexer) attention layer between full ones
-        fields = dict(_COMMON, head_dim=8, intermediate_size=16, dense_intermediate_size=48, shared_intermediate_size=16,
-                      rotary_dim=4, num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2,
+        fields = dict(_COMMON, head_dim=8, intermediate_size=16, dense_intermediate_size=48,
+                      shared_intermediate_size=16, rotary_dim=4, num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2,
                       routed_scaling_factor=2.0, index_n_heads=2, index_head_dim=8, index_block_size=4,
                       index_topk_blocks=2, index_local_blocks=1, mlp_layer_types=["dense", "sparse", "sparse"],
                       layer_types=["full_attention", "minimax_m3_sparse", "full_attention"])
