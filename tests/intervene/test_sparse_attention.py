@@ -1,4 +1,5 @@
-"""DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): exact on either engine.
+"""Indexer sparse attention (DeepSeek Sparse Attention: DeepSeek-V3.2, GLM-5; MiniMax-M3's block indexer):
+exact on either engine.
 
 Windows no longer than ``index_topk`` (2048 in the released checkpoints) keep every key, and the fast engine
 runs them (the tiny configs keep 64 keys, more than any test window, so the every-family tests hold the fast
@@ -21,8 +22,13 @@ from moeaudit.models import wrap_model
 from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import tiny_model
 
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
-SPARSE = {"index_topk": 4}
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "minimax_m3")
+#: 4 keys per query: 4 best keys (DSA), or the query's own block of 4 keys (MiniMax-M3: 1 block kept).
+SPARSE_OF = {"deepseek_v32": {"index_topk": 4}, "glm_moe_dsa": {"index_topk": 4},
+             "minimax_m3": {"index_topk_blocks": 1}}
+#: What the record pass says it would drop on a 20-token window.
+DROPPED = {"deepseek_v32": "keeps 4 of 20 keys", "glm_moe_dsa": "keeps 4 of 20 keys",
+           "minimax_m3": "keeps 1 of 5 blocks of 4 keys"}
 KEYS = ["layer", "seq", "pos", "expert", "kind", "scope"]
 
 
@@ -36,7 +42,7 @@ def test_the_sparse_configs_indexer_drops_keys(family):
     run through a really sparse attention."""
     ids = window()
     with torch.no_grad():
-        sparse = tiny_model(family, seed=3, **SPARSE)(ids).logits
+        sparse = tiny_model(family, seed=3, **SPARSE_OF[family])(ids).logits
         dense = tiny_model(family, seed=3)(ids).logits
     torch.testing.assert_close(sparse[:, :4], dense[:, :4], rtol=0, atol=1e-6)
     assert (sparse[:, 4:] - dense[:, 4:]).abs().max() > 1e-2
@@ -44,10 +50,10 @@ def test_the_sparse_configs_indexer_drops_keys(family):
 
 @pytest.mark.parametrize("family", DSA_FAMILIES)
 def test_windows_past_index_topk_go_to_the_reference_engine_with_the_reason(family, caplog):
-    moe = wrap_model(tiny_model(family, seed=3, **SPARSE), name=family)
+    moe = wrap_model(tiny_model(family, seed=3, **SPARSE_OF[family]), name=family)
     result = compute_effects(moe, window(), Selection.sample(3, seed=0))
     reason = result.stats.fallback_reason
-    assert "windows of 20 tokens exceed the 4 keys" in reason and "DeepSeek Sparse Attention" in reason
+    assert "windows of 20 tokens exceed the 4 keys per query" in reason and "Indexer)" in reason
     assert reason in caplog.text and set(result.effects["engine"]) == {"reference"}
 
 
@@ -55,8 +61,8 @@ def test_windows_past_index_topk_go_to_the_reference_engine_with_the_reason(fami
 def test_the_record_pass_refuses_a_selection_that_drops_keys(family):
     """The second guard, inside the attention function: if a window past index_topk reached the fast engine,
     its clean pass would stop instead of recording a dense attention."""
-    moe = wrap_model(tiny_model(family, seed=3, **SPARSE), name=family)
-    with pytest.raises(UnsupportedAttention, match="keeps 4 of 20 keys"):
+    moe = wrap_model(tiny_model(family, seed=3, **SPARSE_OF[family]), name=family)
+    with pytest.raises(UnsupportedAttention, match=DROPPED[family]):
         capture_clean(moe, window())
 
 
@@ -64,7 +70,7 @@ def test_the_record_pass_refuses_a_selection_that_drops_keys(family):
 def test_sequence_removal_equals_the_model_without_the_expert(family):
     """Brute force: zero kind in sequence scope removes the expert's term wherever it is active, which is the
     model whose expert has a zero down projection; the library's sparse attention runs in both forwards."""
-    moe = wrap_model(tiny_model(family, seed=3, **SPARSE), name=family)
+    moe = wrap_model(tiny_model(family, seed=3, **SPARSE_OF[family]), name=family)
     ids = window()
     result = compute_effects(moe, ids, Selection.sample(4, seed=0), config=InterveneConfig(scopes=("sequence",)))
     effects = result.effects

@@ -20,9 +20,10 @@ Two modes, both selected by :func:`attention_mode`:
     implementation (``sdpa`` or ``eager``, with the mask the native mask builder made), so the clean
     logits are bit-identical to a plain forward; the keys, values and the boolean mask are kept per layer.
     DeepSeek Sparse Attention hands a non-native implementation its indexer's top-k ``indices`` instead of a
-    sparsified mask (``modeling_deepseek_v32.py``, ``DeepseekV32Attention.forward``); a window no longer
-    than ``index_topk`` keeps every key, where the native branch's mask is the unsparsified one, so the
-    indices are dropped. A window whose indexer drops keys raises :class:`UnsupportedAttention`.
+    sparsified mask (``modeling_deepseek_v32.py``, ``DeepseekV32Attention.forward``), MiniMax-M3 its selected
+    key blocks (``block_indices``, ``MiniMaxM3VLAttention.forward``); a window no longer than the indexer's
+    budget keeps every key, where the native branch's mask is the unsparsified one, so the selection is
+    dropped. A window whose indexer drops keys raises :class:`UnsupportedAttention`.
 ``rows``
     Used for the interventions: the row kernel below (eager arithmetic: ``softmax(q k^T * scaling)`` in
     float32, sinks appended as an extra logit and dropped after the softmax).
@@ -99,6 +100,13 @@ class AttentionState:
         if indices is not None and indices.shape[-1] < seq_len:
             raise UnsupportedAttention(f"the indexer of layer {layer_idx} keeps {indices.shape[-1]} of {seq_len} keys "
                                        "per query, a selection the rows would have to redo")
+        blocks = kwargs.pop("block_indices", None)  # MiniMax-M3's key-block selection [B, H, S, topk_blocks]
+        if blocks is not None:
+            size = int(module.indexer.block_size)
+            if blocks.shape[-1] < -(-seq_len // size):
+                raise UnsupportedAttention(f"the indexer of layer {layer_idx} keeps {blocks.shape[-1]} of "
+                                           f"{-(-seq_len // size)} blocks of {size} keys per query, a selection the "
+                                           "rows would have to redo")
         self.caches[layer_idx] = LayerCache(key[0].detach(), value[0].detach(),
                                             _allowed_from_mask(attention_mask, seq_len, key.device))
         family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -246,6 +254,29 @@ def _register() -> None:
     _REGISTERED = True
 
 
+def _returns_no_selection(*args, **kwargs) -> None:
+    return None
+
+
+@contextmanager
+def _block_indexers_idle(model) -> Iterator[None]:
+    """MiniMax-M3's block indexers (``MiniMaxM3VLIndexer``) select nothing while rows run: the rows' attention
+    reads no selection, and the fast engine runs only windows where the selection is every key block
+    (:func:`moeaudit.intervene.engine.indexer_key_budget`); the indexer's own forward numbers key blocks by the
+    window's absolute positions, which a row's own keys (a suffix of the window) do not span."""
+    indexers = model.__dict__.get("_moeaudit_block_indexers")
+    if indexers is None:  # found once per model, not per rows call
+        indexers = [m for m in model.modules() if hasattr(m, "topk_blocks") and hasattr(m, "build_block_mask")]
+        model.__dict__["_moeaudit_block_indexers"] = indexers
+    for indexer in indexers:
+        indexer.forward = _returns_no_selection
+    try:
+        yield
+    finally:
+        for indexer in indexers:
+            indexer.__dict__.pop("forward", None)
+
+
 @contextmanager
 def attention_mode(model, state: AttentionState) -> Iterator[AttentionState]:
     """Route ``model``'s attention through :class:`AttentionState` for the block; always restore it."""
@@ -255,7 +286,11 @@ def attention_mode(model, state: AttentionState) -> Iterator[AttentionState]:
     token = _ACTIVE.set(state)
     try:
         config._attn_implementation = IMPLEMENTATION
-        yield state
+        if state.mode == "rows":
+            with _block_indexers_idle(model):
+                yield state
+        else:
+            yield state
     finally:
         config._attn_implementation = original
         _ACTIVE.reset(token)

@@ -213,28 +213,44 @@ def fast_unsupported_reason(moe: MoEModel) -> str | None:
     return None
 
 
-def _sparse_attention_reason(moe: MoEModel, seq_len: int) -> str | None:
-    """Why windows of ``seq_len`` tokens cannot run fast through DeepSeek Sparse Attention, or None.
+def indexer_key_budget(indexer: torch.nn.Module) -> int | None:
+    """The window length up to which ``indexer`` keeps every key for every query, or None for a selection rule
+    moeaudit does not know (Qwen4-Exp's QSA indexer).
 
-    DeepSeek Sparse Attention (``DeepseekV32Attention``, ``GlmMoeDsaAttention`` in transformers 5.23; arXiv
-    2512.02556) scores every key with a small indexer and lets each query attend to its ``index_topk`` best
-    keys only (``topk = min(index_topk, T)``). A row whose hidden state an intervention changed has new indexer
-    queries and keys, so on a window longer than ``index_topk`` the clean pass's key selection does not carry
-    over to it, and the fast engine does not redo the selection. On a window no longer than ``index_topk``
-    (2048 in the released checkpoints) every query keeps every key: the attention is the dense causal one,
-    which the fast engine replays exactly."""
+    * DeepSeek Sparse Attention (``DeepseekV32Indexer``, GLM-5's, A.X-K2's; arXiv 2512.02556): each query keeps
+      its ``index_topk`` best keys (``topk = min(index_topk, T)``), so every key up to ``index_topk``;
+    * MiniMax-M3's Lightning Indexer (``MiniMaxM3VLIndexer``): each query keeps its ``topk_blocks`` best blocks
+      of ``block_size`` keys (``topk = min(topk_blocks, ceil(T / block_size))``), so every key up to
+      ``topk_blocks * block_size``.
+    """
+    if getattr(indexer, "index_topk", None) is not None:
+        return int(indexer.index_topk)
+    if getattr(indexer, "topk_blocks", None) is not None and getattr(indexer, "block_size", None) is not None:
+        return int(indexer.topk_blocks) * int(indexer.block_size)
+    return None
+
+
+def _sparse_attention_reason(moe: MoEModel, seq_len: int) -> str | None:
+    """Why windows of ``seq_len`` tokens cannot run fast through an indexer's sparse attention, or None.
+
+    An indexer (DeepSeek Sparse Attention, MiniMax-M3's block indexer: :func:`indexer_key_budget`) scores every
+    key and lets each query attend to the keys it selects. A row whose hidden state an intervention changed has
+    new indexer queries and keys, so on a window longer than the indexer's budget the clean pass's selection
+    does not carry over to it, and the fast engine does not redo the selection. On a window within the budget
+    (2048 tokens in the released DeepSeek-V3.2 and MiniMax-M3 checkpoints) every query keeps every key: the
+    attention is the dense causal one, which the fast engine replays exactly."""
     for index, layer in enumerate(moe.adapter.decoder_layers(moe.model)):
         indexer = getattr(getattr(layer, "self_attn", None), "indexer", None)
         if not isinstance(indexer, torch.nn.Module):
             continue
-        if getattr(indexer, "index_topk", None) is None:  # another selection rule (Qwen4-Exp's QSA indexer)
+        budget = indexer_key_budget(indexer)
+        if budget is None:
             return (f"decoder layer {index}'s attention selects keys with an indexer ({type(indexer).__name__}) "
                     "whose per-row key selection the fast engine does not replay")
-        if seq_len > int(indexer.index_topk):
-            return (f"windows of {seq_len} tokens exceed the {int(indexer.index_topk)} keys per query that decoder "
-                    f"layer {index}'s indexer keeps (DeepSeek Sparse Attention), whose per-row key selection the "
-                    f"fast engine does not replay; windows of at most {int(indexer.index_topk)} tokens "
-                    "(--max-len) run fast")
+        if seq_len > budget:
+            return (f"windows of {seq_len} tokens exceed the {budget} keys per query that decoder layer {index}'s "
+                    f"indexer ({type(indexer).__name__}) keeps, whose per-row key selection the fast engine does "
+                    f"not replay; windows of at most {budget} tokens (--max-len) run fast")
     return None
 
 

@@ -29,14 +29,13 @@ FAMILIES: tuple[str, ...] = (
 #: A.X-K1, Gemma 4, AFMoE) is replayed: the rows restart at the block
 #: (:func:`moeaudit.intervene.fast.restarts_at_block`).
 REFERENCE_ONLY: dict[str, str] = {
-    "deepseek_v32_sparse": "DeepSeek Sparse Attention",  # windows longer than index_topk: the selection changes
+    "deepseek_v32_sparse": "DeepseekV32Indexer",  # windows longer than index_topk: the selection changes
     "deepseek_v4": "hyper-connections",  # several residual streams mixed by learned weights
     "mistral_large4": "shared_kv_states",  # keys/values and the indexer's selection handed to later layers
     "qwen4_exp": "gated-residual hyper-connections",  # several residual streams, n-gram embeddings, QSA indexer
     "inkling2": "short convolution before the residual stream",  # and block attention residuals
     "glm5_next": "hyper-connections",  # several residual streams; KDA and indexed MLA layers
     "hy_v4": "hyper-connections",  # several residual streams; shared key selections
-    "minimax_m3": "MiniMaxM3VLIndexer",  # key blocks chosen per query by an indexer
     "beam": "attention_scaling",  # a per-layer attention argument the rows do not carry
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
@@ -374,11 +373,12 @@ def tiny_config(family: str, **overrides: Any):
                       n_shared_experts=1, index_topk=64, index_n_heads=2, index_head_dim=16, gated_norm_rank=4,
                       mlp_layer_types=["dense", "sparse", "sparse"])
         cls = AXK2Config
-    elif family == "minimax_m3":  # block-scaled routed output; a sparse (indexer) attention layer between full ones
+    elif family == "minimax_m3":  # block-scaled routed output; a sparse (indexer) attention layer between full ones;
+        # 16 blocks of 4 keys kept per query: windows up to 64 tokens keep every key (the fast engine runs them)
         fields = dict(_COMMON, head_dim=8, intermediate_size=16, dense_intermediate_size=48,
                       shared_intermediate_size=16, rotary_dim=4, num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2,
                       routed_scaling_factor=2.0, index_n_heads=2, index_head_dim=8, index_block_size=4,
-                      index_topk_blocks=2, index_local_blocks=1, mlp_layer_types=["dense", "sparse", "sparse"],
+                      index_topk_blocks=16, index_local_blocks=1, mlp_layer_types=["dense", "sparse", "sparse"],
                       layer_types=["full_attention", "minimax_m3_sparse", "full_attention"])
         cls = MiniMaxM3VLConfig
     elif family == "laguna":  # block-scaled routed output, soft-capped router logits, heads per layer
