@@ -331,8 +331,7 @@ def tiny_config(family: str, **overrides: Any):
         fields = dict(scored, **dict(_MLA, q_lora_rank=16, head_dim=16), shared_experts_intermediate_size=24,
                       n_routed_experts=8, n_shared_experts=1, index_topk=64, index_n_heads=2, index_head_dim=16,
                       sliding_window=6, swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16,
-                      swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8,
-                      mlp_layer_types=["dense", "sparse", "sparse"])
+                      swa_kv_lora_rank=16, swa_head_dim=16, swa_qk_nope_head_dim=8)
         cls = Dots3NoteTextConfig
     elif family == "qwen4_exp":  # Gated DeltaNet + indexed attention, 4 hyper-connection streams, n-gram embeddings
         fields = dict(_COMMON, head_dim=8, num_hidden_layers=4, linear_key_head_dim=8, linear_value_head_dim=8,
@@ -346,52 +345,43 @@ def tiny_config(family: str, **overrides: Any):
     elif family == "inkling2":  # sliding and full hybrid layers, a short convolution after each MoE block
         fields = dict(_COMMON, unpadded_vocab_size=96, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2,
                       swa_head_dim=8, sliding_window_size=8, d_rel=4, rel_extent=16, num_hidden_layers=4,
-                      layer_types=["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
                       n_layers_per_attn_res_block=2, n_routed_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=16, route_scale=2.5)
         cls = Inkling2TextConfig
     elif family == "granitemoe_swa":  # Granite's multipliers; sliding layers with attention sinks; a shared MLP
-        fields = dict(granite, sliding_window=4, shared_intermediate_size=24,
-                      layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+        fields = dict(granite, sliding_window=4, shared_intermediate_size=24)
         cls = GraniteMoeSWAConfig
     elif family == "glm5_next":  # KDA and indexed MLA (NoPE) layers, 4 hyper-connection streams, a dense first layer
         fields = dict(scored, num_key_value_heads=4, num_hidden_layers=4, n_routed_experts=8, n_shared_experts=1,
                       q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=0, qk_nope_head_dim=8, v_head_dim=8,
                       index_topk=8, index_kpool=2, index_head_dim=8, index_n_heads=2, linear_head_dim=8,
-                      linear_num_heads=4, hc_mult=4, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
-                      layer_types=["linear_attention", "indexed_attention", "indexed_attention", "linear_attention"],
-                      indexer_types=["full", "full", "shared", "full"])
+                      linear_num_heads=4, hc_mult=4)
         cls = Glm5NextConfig
     elif family == "hy_v4":  # DeepSeek-V3's router (one group), MLA + DSA, 2 hyper-connection streams
         fields = dict(scored, **dict(_MLA, q_lora_rank=16, num_key_value_heads=4), n_routed_experts=8,
                       n_shared_experts=1, n_group=1, topk_group=1, index_topk=64, index_n_heads=2, index_head_dim=16,
-                      hc_mult=2, swiglu_limit=10.0, mlp_layer_types=["dense", "sparse", "sparse"],
-                      indexer_types=["full", "full", "shared"])
+                      hc_mult=2, swiglu_limit=10.0)
         cls = HYV4Config
     elif family == "axk2":  # sigmoid + bias, 2 groups filled with 0 when dropped; MLA + DSA; a gated norm
         fields = dict(scored, **dict(_MLA, q_lora_rank=16, num_key_value_heads=4), n_routed_experts=8,
-                      n_shared_experts=1, index_topk=64, index_n_heads=2, index_head_dim=16, gated_norm_rank=4,
-                      mlp_layer_types=["dense", "sparse", "sparse"])
+                      n_shared_experts=1, index_topk=64, index_n_heads=2, index_head_dim=16, gated_norm_rank=4)
         cls = AXK2Config
     elif family == "minimax_m3":  # block-scaled routed output; a sparse (indexer) attention layer between full ones;
         # 16 blocks of 4 keys kept per query: windows up to 64 tokens keep every key (the fast engine runs them)
         fields = dict(_COMMON, head_dim=8, intermediate_size=16, dense_intermediate_size=48,
                       shared_intermediate_size=16, rotary_dim=4, num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2,
                       routed_scaling_factor=2.0, index_n_heads=2, index_head_dim=8, index_block_size=4,
-                      index_topk_blocks=16, index_local_blocks=1, mlp_layer_types=["dense", "sparse", "sparse"],
-                      layer_types=["full_attention", "minimax_m3_sparse", "full_attention"])
+                      index_topk_blocks=16, index_local_blocks=1)
         cls = MiniMaxM3VLConfig
     elif family == "laguna":  # block-scaled routed output, soft-capped router logits, heads per layer
         fields = dict(_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16,
                       shared_expert_intermediate_size=24, num_hidden_layers=3, num_experts=8, num_experts_per_tok=2,
-                      sliding_window=4, moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=3.0,
-                      layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                      num_attention_heads_per_layer=[4, 2, 4])
+                      sliding_window=4, moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=3.0)
         cls = LagunaConfig
     elif family == "beam":  # DeepSeek-V3's groups without the scale, which the block applies; depth-scaled residuals
         fields = dict(_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
                       num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
-                      norm_topk_prob=True, mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=4)
+                      norm_topk_prob=True, sliding_window=4)
         cls = BeamConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
@@ -415,14 +405,6 @@ def tiny_config(family: str, **overrides: Any):
         fields.setdefault("rope_theta", [10000.0 if kind == "sliding_attention" else 50000.0 for kind in kinds])
         return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, image_size=28, patch_size=14))
-    if family == "minimax_m3":  # a one-layer vision tower (audited on text)
-        return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                                                          num_attention_heads=2, patch_size=14, spatial_merge_size=2),
-                   projector_hidden_size=16, image_token_index=95, video_token_index=94)
-    if family == "glm5_next":  # a one-block vision tower (audited on text)
-        return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
-                                                          out_hidden_size=fields["hidden_size"],
-                                                          projection_intermediate_size=16))
     if family == "mistral_large4":  # a small Pixtral vision tower (audited on text)
         return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, image_size=28, patch_size=14))
@@ -438,8 +420,25 @@ def tiny_config(family: str, **overrides: Any):
         return cls(text_config=fields, vision_config=vision)
     n_layers = fields.get("num_hidden_layers", len(fields.get("layers_block_type", ())))
     if family in ("glm4_moe_lite", "exaone_moe", "mimo_v2_flash", "deepseek_v32", "deepseek_v32_sparse",
-                  "glm_moe_dsa", "axk1") and "mlp_layer_types" not in overrides:
+                  "glm_moe_dsa", "axk1", "dots3_note", "hy_v4", "axk2", "beam", "glm5_next",
+                  "minimax_m3") and "mlp_layer_types" not in overrides:
         fields["mlp_layer_types"] = ["dense"] + ["sparse"] * (n_layers - 1)
+    if family == "hy_v4" and "indexer_types" not in overrides:  # full, full, shared, full, full, shared, ...
+        fields["indexer_types"] = [("full", "full", "shared")[i % 3] for i in range(n_layers)]
+    if family == "glm5_next":  # KDA, indexed, indexed (reusing the one before's selection), KDA, ...
+        fields.setdefault("layer_types", [("linear_attention", "indexed_attention", "indexed_attention",
+                                           "linear_attention")[i % 4] for i in range(n_layers)])
+        fields.setdefault("indexer_types", ["shared" if i % 4 == 2 else "full" for i in range(n_layers)])
+    if family == "minimax_m3" and "layer_types" not in overrides:  # full, sparse (indexer), full, ...
+        fields["layer_types"] = [("full_attention", "minimax_m3_sparse")[i % 2] for i in range(n_layers)]
+    if family == "laguna":  # sliding (4 heads), full (2 heads), sliding, ...
+        fields.setdefault("layer_types", [("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)])
+        fields.setdefault("num_attention_heads_per_layer", [(4, 2)[i % 2] for i in range(n_layers)])
+    if family == "inkling2" and "layer_types" not in overrides:  # hybrid sliding, hybrid, ...
+        fields["layer_types"] = [("hybrid_sliding", "hybrid")[i % 2] for i in range(n_layers)]
+    if family == "granitemoe_swa" and "layer_types" not in overrides:  # full, sliding, sliding, ...
+        fields["layer_types"] = [("full_attention", "sliding_attention", "sliding_attention")[i % 3]
+                                 for i in range(n_layers)]
     if family == "glm_moe_dsa" and "indexer_types" not in overrides:  # full, shared, full, ...
         fields["indexer_types"] = [("full", "shared")[i % 2] for i in range(n_layers)]
     if family == "exaone_moe" and "layer_types" not in overrides:  # every third layer full attention
@@ -464,6 +463,14 @@ def tiny_config(family: str, **overrides: Any):
     if family == "gpt_oss" and "layer_types" not in overrides:  # GPT-OSS alternates sliding and full attention
         fields["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
                                  for i in range(fields["num_hidden_layers"])]
+    if family == "minimax_m3":  # a one-layer vision tower (audited on text)
+        return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                                          num_attention_heads=2, patch_size=14, spatial_merge_size=2),
+                   projector_hidden_size=16, image_token_index=95, video_token_index=94)
+    if family == "glm5_next":  # a one-block vision tower (audited on text)
+        return cls(text_config=fields, vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2,
+                                                          out_hidden_size=fields["hidden_size"],
+                                                          projection_intermediate_size=16))
     return cls(**fields)
 
 
