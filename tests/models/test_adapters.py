@@ -207,6 +207,7 @@ def brute_force_route(layer, logits_row: np.ndarray, removed: int) -> tuple[set,
         "sigmoid_bias_group0_scaled": ("sigmoid", "router", 0.0, "config", True),                # A.X-K2
         "sigmoid_bias_scaled": ("sigmoid", "router", None, "config", True),                      # A.X-K2 Light
         "sigmoid_bias_group_renorm": ("sigmoid", "router", -np.inf, "config", False),            # Beam
+        "sigmoid_bias_renorm_scaled": ("sigmoid", "router", None, "always", True),               # Muse-Spark
     }
     if rule == "inferred_scored_topk":  # the generic adapter: the rule its parameters describe
         params = layer.adapter.routing_parameters(layer)

@@ -76,16 +76,18 @@ def test_checkpoint_missing_a_tensor_is_refused_not_left_random(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_nemotron_h_with_latent_experts_is_refused_in_one_line():
-    """Nemotron-H experts that work in a latent space (moe_latent_size) do not output into the residual stream."""
+def test_latent_experts_whose_up_projection_has_a_bias_are_refused_in_one_line():
+    """Nemotron 3's latent experts project back with ``fc2_latent_proj``; with a bias (``mlp_bias``) it is added
+    once to the routed sum, not once per expert, so the sum is no weighted sum of expert terms: refused."""
     import pytest
 
     from moeaudit.errors import UnsupportedModelError
     from moeaudit.models import wrap_model
 
-    wrap_model(tiny_model("nemotron_h", seed=3))  # without a latent size: adapted
-    with pytest.raises(UnsupportedModelError, match=r"latent space \(moe_latent_size=8"):
-        wrap_model(tiny_model("nemotron_h", seed=3, moe_latent_size=8))
+    assert wrap_model(tiny_model("nemotron_h_latent", seed=3)).layers[0].experts.inner is not None  # adapted
+    with pytest.raises(UnsupportedModelError, match=r"projects its experts' latent output back with a bias") as err:
+        wrap_model(tiny_model("nemotron_h_latent", seed=3, mlp_bias=True))
+    assert "\n" not in str(err.value)
 
 
 def test_a_config_without_a_causal_lm_class_is_refused_in_one_line(tmp_path):

@@ -78,6 +78,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
         "renormalised (sum + 1e-20), x routed_scaling_factor"
     ),
     "sigmoid_bias_renorm": "sigmoid scores; top-k of score + correction bias; weights = scores renormalised",
+    "sigmoid_bias_renorm_scaled": (
+        "sigmoid scores of the router's logits (times its output multiplier); top-k of score + correction bias; "
+        "weights = scores renormalised (sum + 1e-15), x routed_scaling_factor"
+    ),
     "softmax_bias_renorm": (
         "softmax over all experts; top-k of probability + correction bias; weights = probabilities "
         "renormalised (sum clamped below)"
@@ -294,6 +298,10 @@ class ExpertsView(nn.Module):
     @property
     def gate_up_proj(self) -> nn.Parameter:
         return self.inner.gate_up_proj
+
+    @property
+    def up_proj(self) -> nn.Parameter:  # ungated experts (Nemotron-H's ReLU²)
+        return self.inner.up_proj
 
     @property
     def down_proj(self) -> nn.Parameter:

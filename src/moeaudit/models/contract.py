@@ -79,7 +79,12 @@ def check_layer(layer: MoELayer, *, tokens: int = 6, seed: int = 0) -> None:
         if not torch.allclose(routing.combine_weight.float(), topk_weights.float(), rtol=rtol, atol=1e-7):
             raise ContractError(f"{where}: moeaudit's {layer.routing_rule} routing gives other weights than "
                                 f"the library's router; {fix}")
-        combined = experts(hidden, topk_idx, topk_weights)
+        try:
+            combined = experts(hidden, topk_idx, topk_weights)
+        except RuntimeError as err:  # experts of another width (a latent space) than the block's input
+            raise ContractError(f"{where}: the experts do not take the block's input of width {hidden.shape[-1]} "
+                                f"({str(err).splitlines()[0][:120]}); experts working in another space need an "
+                                "adapter that projects into it") from None
         terms = layer.weighted_terms(hidden, topk_idx, topk_weights)
         _require_finite(terms, f"{where}: the experts give")
         recomposed = terms.float().sum(dim=1)

@@ -15,6 +15,7 @@ from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapte
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
 from moeaudit.models.llama4 import Llama4Adapter
+from moeaudit.models.latent import MuseSparkAdapter
 from moeaudit.models.longcat import LongcatFlashAdapter
 from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
@@ -63,6 +64,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     MiniMaxM3Adapter,
     LagunaAdapter,
     BeamAdapter,
+    MuseSparkAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -128,7 +130,6 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "inkling": "a 4-tuple router over routed and shared experts with joint normalisation; short convolutions",
     "zaya": "a router with cross-layer state; convolutions inside attention",
     "doge": "product-key expert selection",
-    "muse_spark": "residual gates and per-layer attention kinds",
     "step3p5": "no causal-LM class (Step3p7TextConfig has a base model only), so no logits to audit",
     "switch_transformers": "an encoder-decoder model",
     "nllb_moe": "an encoder-decoder model",

@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from moeaudit.models.base import FamilyAdapter, MoELayer, Routing
+from moeaudit.models.base import FamilyAdapter, MoELayer, Routing, check_same_as_library
 
 
 #: How :meth:`ScoredTopKAdapter.routing_parameters` names a group's score (``ScoredRule.group_score``).
@@ -391,9 +391,9 @@ class NemotronHAdapter(ScoredTopKAdapter):
     bias, groups filled with -inf, renormalised when ``norm_topk_prob`` (+1e-20), scaled) in the decoder
     block's ``mixer``; ungated ReLU² experts (``up_proj`` / ``down_proj``) and one ungated shared MLP
     (``shared_experts``, ``moe_shared_expert_intermediate_size`` wide). Mamba-2 and attention blocks in
-    between, so interventions run on the reference engine. Checkpoints whose experts work in a latent space
-    (``moe_latent_size``: projections around the experts, so the experts' outputs are not in the residual
-    stream's space) are refused."""
+    between. Checkpoints whose experts work in a latent space (``moe_latent_size``, Nemotron 3's latent MoE)
+    are seen through :class:`moeaudit.models.latent.LatentExpertsView`: each expert's term is its latent output
+    projected back to the residual stream."""
 
     family = "nemotron_h"
     model_types = ("nemotron_h",)
@@ -402,14 +402,24 @@ class NemotronHAdapter(ScoredTopKAdapter):
     rule = ScoredRule("sigmoid_bias_group_scaled", score="sigmoid", bias="router", grouped=True, scaled=True)
 
     def describe_layer(self, config, index, block):
-        if getattr(config, "moe_latent_size", None) is not None:
-            from moeaudit.errors import UnsupportedModelError
+        if getattr(config, "moe_latent_size", None) is None:
+            return super().describe_layer(config, index, block)
+        from moeaudit.models.latent import nemotron_h_latent_experts
 
-            raise UnsupportedModelError(
-                f"this Nemotron-H checkpoint's experts work in a latent space (moe_latent_size="
-                f"{config.moe_latent_size}: projections around the experts), which moeaudit does not adapt yet; "
-                "Nemotron-H checkpoints without moe_latent_size are supported")
-        return super().describe_layer(config, index, block)
+        experts = nemotron_h_latent_experts(block, index)
+        layer = super().describe_layer(config, index, block)
+        layer.experts = experts
+        return layer
+
+    def routing_parameters(self, layer: MoELayer) -> dict:
+        params = super().routing_parameters(layer)
+        latent = getattr(layer.experts, "__dict__", {}).get("_up")
+        return params if latent is None else {**params, "latent_size": int(latent.in_features)}
+
+    def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
+        """A latent block's re-expressed forward equals the library's ``NemotronHMoE.forward`` bit for bit."""
+        if "_moeaudit_view" in layer.block.__dict__:
+            check_same_as_library(layer.block, (hidden.unsqueeze(0),), layer.layer, "Nemotron-H latent MoE block")
 
     def shared_layout(self, config, shared):
         if shared is None:

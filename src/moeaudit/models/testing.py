@@ -20,7 +20,7 @@ FAMILIES: tuple[str, ...] = (
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
     "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx", "deepseek_v4",
     "mistral_large4", "dots3_note", "qwen4_exp", "inkling2", "granitemoe_swa", "glm5_next", "hy_v4", "axk2",
-    "minimax_m3", "laguna", "beam",
+    "minimax_m3", "laguna", "beam", "nemotron_h_latent", "muse_spark",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -37,12 +37,13 @@ REFERENCE_ONLY: dict[str, str] = {
     "glm5_next": "hyper-connections",  # several residual streams; KDA and indexed MLA layers
     "hy_v4": "hyper-connections",  # several residual streams; shared key selections
     "beam": "attention_scaling",  # a per-layer attention argument the rows do not carry
+    "muse_spark": "layers without rotary embeddings",  # NoPE layers, a logit multiplier
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
 RECURRENT_FAMILIES: dict[str, str] = {
     "qwen3_next": "Gated DeltaNet", "qwen3_5_moe": "Gated DeltaNet", "jamba": "Mamba",
-    "granitemoehybrid": "Mamba-2", "nemotron_h": "Mamba-2", "lfm2_moe": "short convolution",
+    "granitemoehybrid": "Mamba-2", "nemotron_h": "Mamba-2", "nemotron_h_latent": "Mamba-2", "lfm2_moe": "short convolution",
     "bailing_hybrid": "KDA linear attention", "kimi_linear": "KDA linear attention",
     "minimax": "Lightning attention",
 }
@@ -69,6 +70,7 @@ def tiny_config(family: str, **overrides: Any):
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
     from transformers import (DbrxConfig, DeepseekV4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig,
                               MistralLarge4Config, Step3p7Config)
+    from transformers import MuseSparkConfig
     from transformers import (AXK2Config, BeamConfig, Dots3NoteTextConfig, Glm5NextConfig, GraniteMoeSWAConfig,
                               HYV4Config, Inkling2TextConfig, LagunaConfig, MiniMaxM3VLConfig, Qwen4ExpTextConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
@@ -266,10 +268,12 @@ def tiny_config(family: str, **overrides: Any):
                       num_local_experts=8, num_experts_per_tok=2, head_dim=8, interleave_moe_layer_step=2,
                       attention_chunk_size=8, no_rope_layer_interval=4)
         cls = Llama4TextConfig
-    elif family == "nemotron_h":  # Mamba-2, MoE, attention, MoE blocks; DeepSeek-V3's router; ReLU² experts
+    elif family in ("nemotron_h", "nemotron_h_latent"):  # Mamba-2, MoE, attention, MoE; ReLU² experts; the latent
+        # variant's experts work on a 16-wide projection of the residual stream (Nemotron 3's latent MoE)
         fields = dict(scored, moe_shared_expert_intermediate_size=24, n_routed_experts=8, head_dim=8,
                       layers_block_type=["linear_attention", "moe", "full_attention", "moe"], ssm_state_size=8,
-                      mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=16)
+                      mamba_num_heads=4, mamba_head_dim=16, n_groups=1, chunk_size=16,
+                      moe_latent_size=16 if family == "nemotron_h_latent" else None)
         fields.pop("num_hidden_layers")
         cls = NemotronHConfig
     elif family == "glm4v_moe":  # GLM-4.5's text fields; the vision tower is built small below
@@ -383,6 +387,11 @@ def tiny_config(family: str, **overrides: Any):
                       num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                       norm_topk_prob=True, sliding_window=4)
         cls = BeamConfig
+    elif family == "muse_spark":  # latent experts (16 wide), a logit multiplier; sliding, sliding, full (NoPE)
+        fields = dict(_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16, moe_hidden_size=16,
+                      num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+                      routed_scaling_factor=2.0)
+        cls = MuseSparkConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     if family == "dbrx":  # DBRX's own names for the common fields (its attribute_map would leave ffn_config behind)
@@ -463,6 +472,13 @@ def tiny_config(family: str, **overrides: Any):
     if family == "gpt_oss" and "layer_types" not in overrides:  # GPT-OSS alternates sliding and full attention
         fields["layer_types"] = [("sliding_attention", "full_attention")[i % 2]
                                  for i in range(fields["num_hidden_layers"])]
+    if family == "muse_spark":  # small vision and audio towers (audited on text)
+        return cls(text_config=fields, vision_config=dict(num_hidden_layers=1, hidden_size=16, intermediate_size=16,
+                                                          num_attention_heads=2, pos_emb_height=4, pos_emb_width=4,
+                                                          max_position_embeddings=16),
+                   audio_config=dict(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_hidden_size=32),
+                   out_hidden_size=16, projector_hidden_size=16, image_token_id=90, video_token_id=91,
+                   audio_token_id=92)
     if family == "minimax_m3":  # a one-layer vision tower (audited on text)
         return cls(text_config=fields, vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                                           num_attention_heads=2, patch_size=14, spatial_merge_size=2),
