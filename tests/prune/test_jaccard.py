@@ -24,6 +24,18 @@ def test_expected_random_jaccard_by_enumeration(n, d):
     assert expected_random_jaccard(n, d) == pytest.approx(brute, abs=1e-12)
 
 
+@pytest.mark.parametrize("n, d, g", [(8, 2, 2), (8, 4, 2), (12, 6, 3), (8, 4, 4), (6, 4, 2)])
+def test_expected_group_balanced_jaccard_by_enumeration(n, d, g):
+    """Two group-balanced draws (d/g of each of g groups of n/g): the convolution equals the mean over all
+    pairs of such sets, and differs from the unconstrained expectation."""
+    size, share = n // g, d // g
+    per_group = [list(itertools.combinations(range(k * size, (k + 1) * size), share)) for k in range(g)]
+    subsets = [set(itertools.chain(*parts)) for parts in itertools.product(*per_group)]
+    brute = np.mean([jaccard(a, b) for a in subsets for b in subsets])
+    assert expected_random_jaccard(n, d, groups=g) == pytest.approx(brute, abs=1e-12)
+    assert abs(expected_random_jaccard(n, d, groups=g) - expected_random_jaccard(n, d)) > 1e-3
+
+
 def test_jaccard_table_self_is_one_and_random_rows():
     dropped = {("a", 0.25, None): {0: [0, 1], 1: [2, 3]}, ("b", 0.25, None): {0: [0, 2], 1: [4, 5]},
                ("random", 0.25, 1): {0: [0, 1], 1: [6, 7]}, ("random", 0.25, 2): {0: [5, 6], 1: [2, 3]}}

@@ -294,6 +294,10 @@ def test_group_balanced_prune_stage_evaluates_what_exports(tmp_path):
     assert all(list(d) == [0, 2, 4, 7] for d in table[table.criterion == "frequency"].dropped)
     assert info["selection"] == "group_balanced" and info["config"]["group_balanced"] is True
     assert "from each expert group" in pruning_summary(table).frames()[0].title
+    from moeaudit.prune import expected_random_jaccard
+
+    # the random reference of the Jaccard table is two group-balanced draws (4 of 8 as 2 + 2)
+    assert np.allclose(run.read("jaccard").expected_random, expected_random_jaccard(8, 4, groups=2))
     whole = table[(table.criterion == "frequency") & (table["mode"] == "all_layers")].iloc[0]
     export_pruned(moe, select_kept(run, "frequency", 0.5, group_balanced=True), tmp_path / "balanced")
     ids, mask, _ = split_windows(run.read("tokens"), "heldout", 0)

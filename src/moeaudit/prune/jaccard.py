@@ -26,24 +26,36 @@ def jaccard(a: Iterable[int], b: Iterable[int]) -> float:
     return len(a & b) / len(union) if union else 1.0
 
 
-def expected_random_jaccard(num_experts: int, n_dropped: int) -> float:
-    r"""Expected Jaccard overlap of two independent uniform ``n_dropped``-subsets of ``num_experts``.
+def expected_random_jaccard(num_experts: int, n_dropped: int, groups: int = 1) -> float:
+    r"""Expected Jaccard overlap of two independent uniform ``n_dropped``-subsets of ``num_experts``; with
+    ``groups`` > 1, of two group-balanced ones (``n_dropped / groups`` uniform from each of ``groups`` equal
+    groups, :func:`moeaudit.prune.criteria.dropped_experts`' ``groups``).
 
     Notes
     -----
     The intersection X of two uniform d-subsets of E items is hypergeometric (E, d, d), and
-    :math:`J = X / (2d - X)`, so :math:`E[J] = \sum_x P(X = x)\, x / (2d - x)` (exact; 1 when d = E).
+    :math:`J = X / (2d - X)`, so :math:`E[J] = \sum_x P(X = x)\, x / (2d - x)` (exact; 1 when d = E). Two
+    group-balanced draws intersect independently in each group, so X is the sum of ``groups`` hypergeometric
+    (E/g, d/g, d/g) variables: its pmf is their convolution.
     """
-    d = int(n_dropped)
+    d, g = int(n_dropped), max(int(groups), 1)
     if d <= 0:
         return 1.0
-    x = np.arange(max(0, 2 * d - num_experts), d + 1)
-    pmf = hypergeom.pmf(x, num_experts, d, d)
+    if g == 1 or d % g or num_experts % g:
+        x = np.arange(max(0, 2 * d - num_experts), d + 1)
+        pmf = hypergeom.pmf(x, num_experts, d, d)
+        return float(np.sum(pmf * x / (2 * d - x)))
+    per, share = num_experts // g, d // g
+    one = hypergeom.pmf(np.arange(share + 1), per, share, share)  # overlap within one group, 0..share
+    pmf = np.ones(1)
+    for _ in range(g):
+        pmf = np.convolve(pmf, one)
+    x = np.arange(len(pmf))  # 0..d
     return float(np.sum(pmf * x / (2 * d - x)))
 
 
 def jaccard_table(dropped: Mapping[tuple[str, float, int | None], Mapping[int, Sequence[int]]],
-                  num_experts: Mapping[int, int]) -> pd.DataFrame:
+                  num_experts: Mapping[int, int], groups: Mapping[int, int] | None = None) -> pd.DataFrame:
     """Per (ratio, layer): Jaccard of the dropped sets of every pair of criteria, and of each vs random.
 
     Parameters
@@ -51,6 +63,9 @@ def jaccard_table(dropped: Mapping[tuple[str, float, int | None], Mapping[int, S
     dropped : mapping (criterion, ratio, seed) -> {layer: dropped experts}
         Deterministic criteria have seed None; ``random`` has one entry per seed.
     num_experts : mapping layer -> int
+    groups : mapping layer -> int, optional
+        The expert groups of a group-balanced selection (the random draws' reference is then two
+        group-balanced draws).
 
     Returns
     -------
@@ -59,7 +74,8 @@ def jaccard_table(dropped: Mapping[tuple[str, float, int | None], Mapping[int, S
         ``expected_random``, ``n_dropped``, ``num_experts``. One row per unordered pair of deterministic
         criteria (a before b in the order given, diagonal included: 1 by definition), one row
         (a, ``random``) per criterion with the mean over seeds, and (``random``, ``random``) with the mean
-        over pairs of distinct seeds; ``expected_random`` is the exact expectation for two uniform draws.
+        over pairs of distinct seeds; ``expected_random`` is the exact expectation for two uniform draws
+        (group-balanced ones with ``groups``).
     """
     criteria = list(dict.fromkeys(c for c, _, _ in dropped if c != RANDOM))
     ratios = sorted({r for _, r, _ in dropped})
@@ -73,7 +89,8 @@ def jaccard_table(dropped: Mapping[tuple[str, float, int | None], Mapping[int, S
             sizes = {len(sets[layer]) for sets in list(fixed.values()) + draws if layer in sets}
             d = max(sizes) if sizes else 0
             base = dict(ratio=float(ratio), layer=int(layer), expected_random=expected_random_jaccard(
-                num_experts[layer], d), n_dropped=d, num_experts=int(num_experts[layer]))
+                num_experts[layer], d, (groups or {}).get(layer, 1)), n_dropped=d,
+                num_experts=int(num_experts[layer]))
             present = [c for c in criteria if c in fixed and layer in fixed[c]]
             for i, a in enumerate(present):
                 for b in present[i:]:

@@ -438,7 +438,7 @@ def run_prune(
     selection = "group_balanced" if groups is not None else "global"
     run.write_frame("pruning", pruning_rows(configurations, results, clean, dropped, single, num_experts,
                                             directions, settings["guard"], budget, selection))
-    run.write_frame("jaccard", jaccard_table(dropped, num_experts))
+    run.write_frame("jaccard", jaccard_table(dropped, num_experts, groups))
     run.write_frame("pruning_scores", scores)
     if domains is not None:
         run.write_frame("pruning_domains", domain_rows(configurations, results, clean))
