@@ -117,6 +117,10 @@ ROUTING_RULE_DOC: dict[str, str] = {
 }
 
 
+#: How a group-limited router's group score is named in the routing parameters (``ScoredRule.group_score``).
+GROUP_SCORE_LABELS: dict[str, str] = {"top2_sum": "sum of its 2 best", "max": "its best"}
+
+
 @dataclass(frozen=True)
 class Routing:
     """The routing decision for N tokens at one MoE layer.
@@ -472,6 +476,22 @@ class FamilyAdapter(abc.ABC):
     def routing_parameters(self, layer: MoELayer) -> dict:
         """The parameters of the routing rule at ``layer`` (shown by ``moeaudit inspect``); JSON-ready."""
         return {}
+
+    def group_limits(self, layer: MoELayer) -> tuple[int, int] | None:
+        """(n_group, experts each group must keep at least) of ``layer``'s group-limited routing (from its
+        routing parameters: a group scored by its two best experts needs two), or None where it does not group
+        (one group, or greedy routing)."""
+        params = self.routing_parameters(layer)
+        n_group = params.get("n_group")
+        if not n_group or int(n_group) <= 1:
+            return None
+        return int(n_group), 2 if params.get("group_score") == GROUP_SCORE_LABELS["top2_sum"] else 1
+
+    def expert_groups(self, layer: MoELayer) -> int:
+        """The number of equal consecutive expert groups ``layer``'s routing limits tokens to (``n_group``), 1
+        where it does not group (:func:`moeaudit.prune.criteria.dropped_experts`' group-balanced selection)."""
+        limits = self.group_limits(layer)
+        return 1 if limits is None else limits[0]
 
     @abc.abstractmethod
     def routing_rule(self, config) -> str:

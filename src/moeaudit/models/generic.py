@@ -48,6 +48,20 @@ TOP_K_FIELDS: tuple[str, ...] = ("num_experts_per_tok", "moe_k", "moe_topk", "to
 SCALE_ATTRS: tuple[str, ...] = ("routed_scaling_factor", "router_scaling_factor", "route_scale")
 PROBE_TOKENS = 64
 
+#: Generic families (:data:`moeaudit.models.registry.GENERIC_FAMILIES`) the fast engine must not run, with the
+#: reason it logs (their interventions run on the reference engine, which runs the model's own forward). Set on
+#: :class:`GenericAdapter` as ``fast_refusal``, checked first by
+#: :func:`moeaudit.intervene.engine.fast_unsupported_reason`.
+GENERIC_FAST_REFUSALS: dict[str, str] = {
+    **dict.fromkeys(("qwen4_exp", "qwen4_exp_text"), (
+        "Qwen4-Exp's decoder layers carry several residual streams that gated-residual hyper-connections mix "
+        "(Qwen4ExpTextGatedResidual), with n-gram embeddings and a QSA indexer, which the fast engine's rows do "
+        "not replay")),
+    **dict.fromkeys(("inkling2", "inkling2_text"), (
+        "Inkling-2 passes each MoE block's output through a causal short convolution before the residual stream "
+        "and feeds blocks from block attention residuals, which the fast engine's rows do not replay")),
+}
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -221,10 +235,8 @@ class GenericAdapter(ScoredTopKAdapter):
     architectures = ()
 
     def __init__(self, model_type: str):
-        from moeaudit.models.registry import GENERIC_FAST_REFUSALS
-
         self.family = model_type
-        #: Why the fast engine must not run this family (:data:`moeaudit.models.registry.GENERIC_FAST_REFUSALS`).
+        #: Why the fast engine must not run this family (:data:`GENERIC_FAST_REFUSALS`).
         self.fast_refusal = GENERIC_FAST_REFUSALS.get(model_type)
         self.layout: Layout | None = None
         self.rules: dict[int, ScoredRule] = {}

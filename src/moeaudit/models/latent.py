@@ -79,6 +79,45 @@ def nemotron_h_latent_experts(block: nn.Module, index: int) -> LatentExpertsView
                                                           block.fc2_latent_proj), nemotron_h_latent_forward)
 
 
+class NemotronHAdapter(ScoredTopKAdapter):
+    """Nemotron-H / Nemotron 3 (``nemotron_h``): DeepSeek-V3's router (sigmoid of float32 logits, router-held
+    bias, groups filled with -inf, renormalised when ``norm_topk_prob`` (+1e-20), scaled) in the decoder
+    block's ``mixer``; ungated ReLU² experts (``up_proj`` / ``down_proj``) and one ungated shared MLP
+    (``shared_experts``, ``moe_shared_expert_intermediate_size`` wide). Mamba-2 and attention blocks in
+    between. Checkpoints whose experts work in a latent space (``moe_latent_size``, Nemotron 3's latent MoE)
+    are seen through :class:`moeaudit.models.latent.LatentExpertsView`: each expert's term is its latent output
+    projected back to the residual stream."""
+
+    family = "nemotron_h"
+    model_types = ("nemotron_h",)
+    architectures = ("NemotronHForCausalLM",)
+    block_attr = "mixer"
+    rule = ScoredRule("sigmoid_bias_group_scaled", score="sigmoid", bias="router", grouped=True, scaled=True)
+
+    def describe_layer(self, config, index, block):
+        if getattr(config, "moe_latent_size", None) is None:
+            return super().describe_layer(config, index, block)
+        experts = nemotron_h_latent_experts(block, index)
+        layer = super().describe_layer(config, index, block)
+        layer.experts = experts
+        return layer
+
+    def routing_parameters(self, layer: MoELayer) -> dict:
+        params = super().routing_parameters(layer)
+        latent = getattr(layer.experts, "__dict__", {}).get("_up")
+        return params if latent is None else {**params, "latent_size": int(latent.in_features)}
+
+    def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
+        """A latent block's re-expressed forward equals the library's ``NemotronHMoE.forward`` bit for bit."""
+        if "_moeaudit_view" in layer.block.__dict__:
+            check_same_as_library(layer.block, (hidden.unsqueeze(0),), layer.layer, "Nemotron-H latent MoE block")
+
+    def shared_layout(self, config, shared):
+        if shared is None:
+            return 0, 0
+        return 1, int(config.moe_shared_expert_intermediate_size)
+
+
 class MuseSparkAdapter(ScoredTopKAdapter):
     """Muse-Spark (``MuseSparkForConditionalGeneration``), audited as a language model on text. Its router
     (``MuseSparkTopkRouter``) multiplies the float32 logits by ``output_multiplier`` and returns them; sigmoid
@@ -123,5 +162,5 @@ class MuseSparkAdapter(ScoredTopKAdapter):
         check_same_as_library(layer.block, (hidden.unsqueeze(0),), layer.layer, "Muse-Spark MoE block")
 
 
-__all__ = ["LatentExpertsView", "MuseSparkAdapter", "muse_spark_forward",
+__all__ = ["LatentExpertsView", "MuseSparkAdapter", "NemotronHAdapter", "muse_spark_forward",
            "nemotron_h_latent_experts", "nemotron_h_latent_forward"]

@@ -557,9 +557,7 @@ def model_record(moe: MoEModel) -> dict[str, Any]:
               "top_k": {str(l.layer): l.top_k for l in moe.layers},
               "max_position_embeddings": getattr(moe.config, "max_position_embeddings", None),
               "pad_token_id": getattr(moe.config, "pad_token_id", None)}
-    from moeaudit.prune.export import expert_groups
-
-    record["expert_groups"] = {str(l.layer): expert_groups(moe, l) for l in moe.layers}
+    record["expert_groups"] = {str(l.layer): moe.adapter.expert_groups(l) for l in moe.layers}
     identity = {str(l.layer): moe.adapter.identity_experts(l) for l in moe.layers}
     if any(identity.values()):
         record["identity_experts"] = identity

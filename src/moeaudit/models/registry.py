@@ -15,7 +15,7 @@ from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapte
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
 from moeaudit.models.llama4 import Llama4Adapter
-from moeaudit.models.latent import MuseSparkAdapter
+from moeaudit.models.latent import MuseSparkAdapter, NemotronHAdapter
 from moeaudit.models.longcat import LongcatFlashAdapter
 from moeaudit.models.phimoe import PhimoeAdapter
 from moeaudit.models.qwen2_moe import Qwen2MoeAdapter, Qwen3NextAdapter, Qwen35MoeAdapter, Qwen3VLMoeAdapter
@@ -23,7 +23,7 @@ from moeaudit.models.qwen3_moe import Qwen3MoeAdapter, Qwen3OmniMoeAdapter
 from moeaudit.models.step3p7 import BeamAdapter, LagunaAdapter, MiniMaxM3Adapter, Step3p7Adapter
 from moeaudit.models.scored import (AXK2Adapter, DeepseekV3Adapter, Ernie45MoeAdapter, Glm4vMoeAdapter,
                                     Glm5NextAdapter, HYV4Adapter, MiniMaxM2Adapter, Mistral4Adapter,
-                                    MistralLarge4Adapter, NemotronHAdapter)
+                                    MistralLarge4Adapter)
 
 ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     OlmoeAdapter,
@@ -107,19 +107,6 @@ GENERIC_FAMILIES: dict[str, str] = {
                 "reference engine",
     "granitemoe_swa": "top-k of the logits, softmax over the k; Granite's multipliers, attention sinks, a shared "
                       "MLP beside the block",
-}
-
-#: Generic families the fast engine must not run, with the reason it logs (their interventions run on the
-#: reference engine, which runs the model's own forward). Set on :class:`moeaudit.models.generic.GenericAdapter`
-#: as ``fast_refusal``, checked first by :func:`moeaudit.intervene.engine.fast_unsupported_reason`.
-GENERIC_FAST_REFUSALS: dict[str, str] = {
-    **dict.fromkeys(("qwen4_exp", "qwen4_exp_text"), (
-        "Qwen4-Exp's decoder layers carry several residual streams that gated-residual hyper-connections mix "
-        "(Qwen4ExpTextGatedResidual), with n-gram embeddings and a QSA indexer, which the fast engine's rows do "
-        "not replay")),
-    **dict.fromkeys(("inkling2", "inkling2_text"), (
-        "Inkling-2 passes each MoE block's output through a causal short convolution before the residual stream "
-        "and feeds blocks from block attention residuals, which the fast engine's rows do not replay")),
 }
 
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.

@@ -32,11 +32,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from moeaudit.models.base import FamilyAdapter, MoELayer, Routing, check_same_as_library
-
-
-#: How :meth:`ScoredTopKAdapter.routing_parameters` names a group's score (``ScoredRule.group_score``).
-GROUP_SCORE_LABELS: dict[str, str] = {"top2_sum": "sum of its 2 best", "max": "its best"}
+from moeaudit.models.base import GROUP_SCORE_LABELS, FamilyAdapter, MoELayer, Routing
 
 
 @dataclass(frozen=True)
@@ -384,47 +380,6 @@ class Ernie45MoeAdapter(ScoredTopKAdapter):
     architectures = ("Ernie4_5_MoeForCausalLM",)
     rule = ScoredRule("softmax_bias_renorm", score="softmax", score_float32=True, bias="statics", sorted_topk=True,
                       renorm="always", renorm_guard="clamp", weights_in_expert_dtype=True)
-
-
-class NemotronHAdapter(ScoredTopKAdapter):
-    """Nemotron-H / Nemotron 3 (``nemotron_h``): DeepSeek-V3's router (sigmoid of float32 logits, router-held
-    bias, groups filled with -inf, renormalised when ``norm_topk_prob`` (+1e-20), scaled) in the decoder
-    block's ``mixer``; ungated ReLU² experts (``up_proj`` / ``down_proj``) and one ungated shared MLP
-    (``shared_experts``, ``moe_shared_expert_intermediate_size`` wide). Mamba-2 and attention blocks in
-    between. Checkpoints whose experts work in a latent space (``moe_latent_size``, Nemotron 3's latent MoE)
-    are seen through :class:`moeaudit.models.latent.LatentExpertsView`: each expert's term is its latent output
-    projected back to the residual stream."""
-
-    family = "nemotron_h"
-    model_types = ("nemotron_h",)
-    architectures = ("NemotronHForCausalLM",)
-    block_attr = "mixer"
-    rule = ScoredRule("sigmoid_bias_group_scaled", score="sigmoid", bias="router", grouped=True, scaled=True)
-
-    def describe_layer(self, config, index, block):
-        if getattr(config, "moe_latent_size", None) is None:
-            return super().describe_layer(config, index, block)
-        from moeaudit.models.latent import nemotron_h_latent_experts
-
-        experts = nemotron_h_latent_experts(block, index)
-        layer = super().describe_layer(config, index, block)
-        layer.experts = experts
-        return layer
-
-    def routing_parameters(self, layer: MoELayer) -> dict:
-        params = super().routing_parameters(layer)
-        latent = getattr(layer.experts, "__dict__", {}).get("_up")
-        return params if latent is None else {**params, "latent_size": int(latent.in_features)}
-
-    def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
-        """A latent block's re-expressed forward equals the library's ``NemotronHMoE.forward`` bit for bit."""
-        if "_moeaudit_view" in layer.block.__dict__:
-            check_same_as_library(layer.block, (hidden.unsqueeze(0),), layer.layer, "Nemotron-H latent MoE block")
-
-    def shared_layout(self, config, shared):
-        if shared is None:
-            return 0, 0
-        return 1, int(config.moe_shared_expert_intermediate_size)
 
 
 class Glm4vMoeAdapter(DeepseekV3Adapter):

@@ -40,7 +40,6 @@ import torch
 
 from moeaudit.errors import HubUploadError, InvalidParameterError, RunDirectoryError, first_line, invalid
 from moeaudit.models.moe_model import MoEModel
-from moeaudit.models.scored import GROUP_SCORE_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -114,27 +113,16 @@ def check_kept(moe: MoEModel, kept: Mapping[int, Sequence[int]]) -> dict[int, li
     return full
 
 
-def _group_limits(moe: MoEModel, described) -> tuple[int, int] | None:
-    """(n_group, experts each group must keep at least) of ``described``'s group-limited routing (the
-    adapter's routing parameters), or None where it does not group (one group, or greedy routing)."""
-    params = moe.adapter.routing_parameters(described)
-    n_group = params.get("n_group")
-    if not n_group or int(n_group) <= 1:
-        return None
-    return int(n_group), 2 if params.get("group_score") == GROUP_SCORE_LABELS["top2_sum"] else 1
-
-
 def expert_groups(moe: MoEModel, described) -> int:
     """The number of equal consecutive expert groups ``described``'s routing limits tokens to (``n_group``), 1
-    where it does not group (:func:`moeaudit.prune.criteria.dropped_experts`' group-balanced selection)."""
-    limits = _group_limits(moe, described)
-    return 1 if limits is None else limits[0]
+    where it does not group (:meth:`moeaudit.models.FamilyAdapter.expert_groups`)."""
+    return moe.adapter.expert_groups(described)
 
 
 def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
     """Group-limited routing needs equal-sized groups after slicing (see the module notes)."""
     for described in moe.layers:
-        limits = _group_limits(moe, described)
+        limits = moe.adapter.group_limits(described)
         if limits is None:
             continue
         n_group, least = limits
