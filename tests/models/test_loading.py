@@ -261,3 +261,32 @@ def test_revision_picks_the_snapshot(tmp_path):
     snapshot = {tag: model_fingerprint(load_model(str(repo / "snapshots" / commit)))
                 for tag, commit in (("main", "1" * 40), ("v2", "2" * 40))}
     assert main != v2 and (main, v2) == (snapshot["main"], snapshot["v2"])
+
+
+def test_doge_is_refused_because_its_routing_reads_later_tokens():
+    """The reason moeaudit gives for refusing Doge, measured on the installed transformers: changing only the
+    last token of a window changes the logits of earlier positions (its product-key router views the flat
+    batch's logits as two halves). Should transformers make it causal, this fails: time to adapt Doge."""
+    import pytest
+    import torch
+    from transformers import DogeConfig, DogeForCausalLM
+
+    from moeaudit.errors import UnsupportedModelError
+    from moeaudit.models import wrap_model
+
+    config = DogeConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, is_moe=True, num_experts=16,
+                        num_experts_per_tok=2, keep_window_size=2048, pad_token_id=0)
+    torch.manual_seed(0)
+    model = DogeForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0, 0.2)
+        ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+        other = ids.clone()
+        other[0, -1] = (ids[0, -1] + 1 - 3) % 93 + 3
+        moved = (model(ids).logits[0, :-1] - model(other).logits[0, :-1]).abs().max()
+    assert moved > 1e-5  # a causal model leaves them bit for bit as they were
+    with pytest.raises(UnsupportedModelError, match="reads other tokens and other sequences") as err:
+        wrap_model(model)
+    assert "\n" not in str(err.value)

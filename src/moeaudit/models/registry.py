@@ -116,7 +116,9 @@ UNSUPPORTED_MOE: dict[str, str] = {
     "bailing_moe": "routing variant not adapted yet",
     "inkling": "a 4-tuple router over routed and shared experts with joint normalisation; short convolutions",
     "zaya": "a router with cross-layer state; convolutions inside attention",
-    "doge": "product-key expert selection",
+    "doge": "product-key expert selection whose full-forward routing, in transformers 5.23, reads other tokens "
+            "and other sequences of the batch (DogeCDMoE views its logits as two halves of the flat batch), so "
+            "a token's loss depends on later tokens and no per-token removal is defined",
     "step3p5": "no causal-LM class (Step3p7TextConfig has a base model only), so no logits to audit",
     "switch_transformers": "an encoder-decoder model",
     "nllb_moe": "an encoder-decoder model",
