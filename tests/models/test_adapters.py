@@ -58,6 +58,8 @@ def test_router_logits_match_transformers_recorder(moe, input_ids):
     with torch.no_grad(), moe.capture("all") as trace:
         out = moe.model(input_ids, output_router_logits=True)
     recorded = [r for r in out.router_logits if r is not None]
+    if moe.family == "jetmoe":  # per layer: the attention experts' gate, the attention (the same logits), the MLP's
+        recorded = recorded[2::3]
     assert len(recorded) == len(moe.layers)
     for layer, theirs in zip(moe.layers, recorded):
         ours = trace[layer.layer].rows.router_logits
@@ -121,12 +123,15 @@ def score_function(layer) -> str:
 
 
 def independent_shared_part(layer, hidden):
+    """The shared experts' part of the block's output, plus a routing-independent offset (JetMoE's bias)."""
+    offset = layer.adapter.block_offset(layer)
+    out = torch.zeros_like(hidden) if offset is None else offset.expand_as(hidden)
     if layer.shared is None:
-        return torch.zeros_like(hidden)
-    out = layer.shared(hidden)
+        return out
+    shared = layer.shared(hidden)
     if layer.shared_gate is not None:
-        out = torch.sigmoid(layer.shared_gate(hidden)) * out
-    return out
+        shared = torch.sigmoid(layer.shared_gate(hidden)) * shared
+    return out + shared
 
 
 def slot_terms(layer, record, weights=None):

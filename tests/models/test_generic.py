@@ -26,7 +26,8 @@ HAND_WRITTEN_ONLY = {"phimoe": "no routing rule moeaudit knows reproduces",     
                      "laguna": "the router's first output is not its raw logits",  # soft-capped (and block-scaled)
                      "beam": "is not its experts' weighted sum plus its shared experts",  # scaled in the block
                      "nemotron_h_latent": "the experts do not take the block's input of width 32",  # latent
-                     "muse_spark": "the router's first output is not its raw logits"}  # times a multiplier
+                     "muse_spark": "the router's first output is not its raw logits",  # times a multiplier
+                     "jetmoe": "no MoE layers found"}  # routing in the block, experts as two parallel linears
 RULE_BASED = [f for f in FAMILIES if f not in HAND_WRITTEN_ONLY]
 
 from tests.conftest import assert_fast_equals_reference

@@ -447,6 +447,11 @@ class FamilyAdapter(abc.ABC):
         """Call ``layer.router`` on hidden states [N, H] as the family's block does."""
         return layer.router(hidden)
 
+    def block_offset(self, layer: MoELayer) -> torch.Tensor | None:
+        """A term the block adds to every token's output whatever the routing (JetMoE's learned bias), or None:
+        neither an expert nor touched by a removal; the load-time check adds it to the block's expected sum."""
+        return None
+
     def router_output_logits(self, layer: MoELayer, linear: torch.Tensor) -> torch.Tensor:
         """The logits the router returns, from its linear map ``linear`` [N, E]: the map itself but for a router
         that soft-caps it (Laguna)."""

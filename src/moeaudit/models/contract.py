@@ -14,7 +14,8 @@ would be wrong without an error. So each MoE layer is probed on a few random hid
 4. ``experts(hidden, topk_idx, topk_weights)`` equals the sum of the slots' terms that moeaudit computes
    by calling the experts with weight 1 (:meth:`MoELayer.weighted_terms`; for Llama 4, whose weights scale
    the experts' input, on the scaled input);
-5. the block's output is that routed output plus its (gated) shared experts, nothing else (the experts
+5. the block's output is that routed output plus its (gated) shared experts (and a routing-independent
+   offset, :meth:`~moeaudit.models.FamilyAdapter.block_offset`: JetMoE's bias), nothing else (the experts
    reading the block's input, or what the family's block makes of it for them,
    :meth:`~moeaudit.models.FamilyAdapter.experts_input`: Gemma 4 normalises it);
 6. whatever the family's adapter checks of its block (:meth:`FamilyAdapter.check_block`: Llama 4's
@@ -110,6 +111,9 @@ def _check_block_sum(layer: MoELayer, hidden: torch.Tensor, routed: torch.Tensor
         if layer.shared_gate is not None:
             shared = torch.sigmoid(layer.shared_gate(hidden).float()) * shared
         expected = expected + shared
+    offset = layer.adapter.block_offset(layer)
+    if offset is not None:
+        expected = expected + offset.float()
     scale = expected.abs().max().item() + 1e-12
     if not torch.allclose(out, expected, rtol=rtol, atol=rtol * scale):
         raise ContractError(f"{where}: the MoE block's output is not its experts' weighted sum plus its shared "

@@ -13,6 +13,7 @@ from moeaudit.models.mixtral import MixtralAdapter
 from moeaudit.models.gemma4 import Gemma4Adapter
 from moeaudit.models.granitemoe import GraniteMoeAdapter, GraniteMoeSharedAdapter
 from moeaudit.models.hunyuan_v1_moe import HunYuanMoeAdapter
+from moeaudit.models.jetmoe import JetMoeAdapter
 from moeaudit.models.olmoe import FlexOlmoAdapter, JambaAdapter, MellumAdapter, OlmoeAdapter
 from moeaudit.models.llama4 import Llama4Adapter
 from moeaudit.models.latent import MuseSparkAdapter, NemotronHAdapter
@@ -65,6 +66,7 @@ ADAPTERS: tuple[type[FamilyAdapter], ...] = (
     LagunaAdapter,
     BeamAdapter,
     MuseSparkAdapter,
+    JetMoeAdapter,
 )
 
 _BY_MODEL_TYPE = {mt: cls for cls in ADAPTERS for mt in cls.model_types}
@@ -112,7 +114,6 @@ GENERIC_FAMILIES: dict[str, str] = {
 #: MoE families transformers 5.23 knows and moeaudit does not adapt (yet), with the assumption that fails.
 #: Used to word the refusal and by ``moeaudit inspect --supported``.
 UNSUPPORTED_MOE: dict[str, str] = {
-    "jetmoe": "mixture of attention heads (routed attention) as well as routed MLPs",
     "bailing_moe": "routing variant not adapted yet",
     "inkling": "a 4-tuple router over routed and shared experts with joint normalisation; short convolutions",
     "zaya": "a router with cross-layer state; convolutions inside attention",

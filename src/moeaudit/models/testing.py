@@ -20,7 +20,7 @@ FAMILIES: tuple[str, ...] = (
     "deepseek_v32_sparse", "kolibri1", "gemma4_text", "axk1", "qwen3_omni_moe",
     "ernie4_5_vl_moe", "longcat_flash", "step3p7", "minimax", "dbrx", "deepseek_v4",
     "mistral_large4", "dots3_note", "qwen4_exp", "inkling2", "granitemoe_swa", "glm5_next", "hy_v4", "axk2",
-    "minimax_m3", "laguna", "beam", "nemotron_h_latent", "muse_spark",
+    "minimax_m3", "laguna", "beam", "nemotron_h_latent", "muse_spark", "jetmoe",
 )
 
 #: Families the fast engine cannot replay, with a phrase of the reason it gives: their interventions run on
@@ -70,7 +70,7 @@ def tiny_config(family: str, **overrides: Any):
                               NemotronHConfig, PhimoeConfig, Qwen3OmniMoeThinkerConfig, Qwen3VLMoeConfig)
     from transformers import (DbrxConfig, DeepseekV4Config, Ernie4_5_VLMoeConfig, LongcatFlashConfig,
                               MistralLarge4Config, Step3p7Config)
-    from transformers import MuseSparkConfig
+    from transformers import JetMoeConfig, MuseSparkConfig
     from transformers import (AXK2Config, BeamConfig, Dots3NoteTextConfig, Glm5NextConfig, GraniteMoeSWAConfig,
                               HYV4Config, Inkling2TextConfig, LagunaConfig, MiniMaxM3VLConfig, Qwen4ExpTextConfig)
     from transformers import (FlexOlmoConfig, GraniteMoeConfig, HunYuanMoEV1Config, JambaConfig, MellumConfig,
@@ -392,6 +392,11 @@ def tiny_config(family: str, **overrides: Any):
                       num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
                       routed_scaling_factor=2.0)
         cls = MuseSparkConfig
+    elif family == "jetmoe":  # routed MLPs and routed attention heads (2 of 8 per token: 4 heads = 2 kv x 2)
+        fields = {k: v for k, v in _COMMON.items() if k != "num_attention_heads"}
+        fields.update(num_key_value_heads=2, kv_channels=8, intermediate_size=16, num_hidden_layers=3,
+                      num_local_experts=8, num_experts_per_tok=2)
+        cls = JetMoeConfig
     else:
         raise ValueError(f"`family` must be one of {', '.join(FAMILIES)}; got {family!r}.")
     if family == "dbrx":  # DBRX's own names for the common fields (its attribute_map would leave ffn_config behind)
