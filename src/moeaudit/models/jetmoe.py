@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from moeaudit.models.base import MoELayer, attached_view, check_same_as_library
-from moeaudit.models.scored import ScoredRule, ScoredTopKAdapter
+from moeaudit.models.granitemoe import GraniteMoeAdapter
+from moeaudit.models.scored import ScoredTopKAdapter
 
 
 class JetMoeRouterView(nn.Module):
@@ -107,8 +108,7 @@ class JetMoeAdapter(ScoredTopKAdapter):
     model_types = ("jetmoe",)
     architectures = ("JetMoeForCausalLM",)
     router_attr = "router"
-    rule = ScoredRule("topk_logits_softmax", score="softmax", select="logits", sorted_topk=True, renorm="never",
-                      weights_in_expert_dtype=True)
+    rule = GraniteMoeAdapter.rule  # JetMoeTopKGating routes as Granite's router
     export_refusal = ("JetMoE's attention experts (mixture of attention heads) share num_local_experts with its "
                       "MLP experts, so its config cannot describe a copy with fewer MLP experts; evaluate the "
                       "pruning by masking (moeaudit prune)")
