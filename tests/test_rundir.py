@@ -80,7 +80,7 @@ BAD_VALUES = {
     "audit_n": 2, "correction": "sidak", "alpha": 0, "audit_metrics": "reap", "designs": ["pairs"], "ci": "boot", "audit_cluster": "token", "audit_mixed": "pair", "dz_ddof": 2, "position_sets": "global", "reap_gate": "signed", "paper_code_padding": "sometimes",
     "equivalence_bound": 0, "n_permutations": 0,
     # prune
-    "ratios": [1.5], "criteria": "reap", "random_seeds": -1, "single_layer": "maybe", "guard": -1,
+    "ratios": [1.5], "criteria": "reap", "random_seeds": -1, "single_layer": "maybe", "group_balanced": "maybe", "guard": -1,
     "budget_weights": "flat", "directions": {"reap": "up"},
     # calibration
     "resamples": 1, "flip_ratio": 1.0, "tau_target": 0, "curve_points": 0, "curve_repeats": 0,

@@ -71,13 +71,13 @@ def test_qwen2_moe_without_experts_is_dense(tmp_path, cli):
 
 
 def test_unsupported_moe_family_refused(tmp_path, cli):
-    from transformers import JetMoeConfig  # JetMoE routes attention heads as well as MLPs (not adapted)
+    from transformers import DogeConfig  # Doge's product-key routing reads later tokens (not adapted)
 
-    save_config_only(tmp_path, JetMoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_key_value_heads=2,
-                                            kv_channels=8, intermediate_size=8, num_local_experts=4,
-                                            num_experts_per_tok=2))
+    save_config_only(tmp_path, DogeConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=2, is_moe=True, num_experts=16,
+                                          num_experts_per_tok=2))
     code, _, err = cli("inspect", str(tmp_path))
-    one_line_error(code, err, "'jetmoe' MoE model", "does not adapt yet", "(mixture of attention heads",
+    one_line_error(code, err, "'doge' MoE model", "does not adapt yet", "(product-key expert selection",
                    "supported families", "inspect --supported")
 
 
@@ -95,11 +95,11 @@ def test_supported_lists_every_family_with_its_status(cli):
     assert {mt for mt, row in rows.items() if row["status"] == "adapted"} == adapted
     assert {"deepseek_v3", "glm4_moe", "minimax_m2", "ernie4_5_moe", "qwen3_next"} <= adapted
     assert rows["kimi_k2"]["status"] == "alias" and "deepseek_v3" in rows["kimi_k2"]["note"]
-    assert rows["jetmoe"] == dict(model_type="jetmoe", status="refused", note=UNSUPPORTED_MOE["jetmoe"])
+    assert rows["doge"] == dict(model_type="doge", status="refused", note=UNSUPPORTED_MOE["doge"])
     assert rows["phimoe"]["status"] == rows["llama4"]["status"] == "adapted"
     assert not adapted & set(UNSUPPORTED_MOE)  # a family is adapted or refused, never both
     code, out, _ = cli("inspect", "--supported")
-    assert code == 0 and "deepseek_v3" in out and "attention heads" in out
+    assert code == 0 and "deepseek_v3" in out and "product-key" in out
     code, _, err = cli("inspect")
     one_line_error(code, err, "MODEL is missing", "--supported")
 
