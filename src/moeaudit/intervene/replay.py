@@ -51,7 +51,8 @@ def residual_scale(moe: MoEModel) -> float:
 def scaled_logits(moe: MoEModel, logits: torch.Tensor) -> torch.Tensor:
     """The LM head's output scaled as the model's own forward scales it: divided by Granite's
     ``logits_scaling``, multiplied by Cohere's ``logit_scale`` (``models/cohere2_moe/modeling_cohere2_moe.py``),
-    soft-capped by Gemma 4's ``final_logit_softcapping`` (``models/gemma4/modeling_gemma4.py``).
+    soft-capped by Gemma 4's ``final_logit_softcapping`` (``models/gemma4/modeling_gemma4.py``), after
+    Muse-Spark's ``output_multiplier`` (``MuseSparkForConditionalGeneration.forward``).
 
     In place: ``logits`` is the caller's fresh LM-head output, and a scaled copy would be a second
     rows x vocabulary tensor at the call's peak (autograd allows it: a linear layer's backward does not read
@@ -63,8 +64,13 @@ def scaled_logits(moe: MoEModel, logits: torch.Tensor) -> torch.Tensor:
         return logits.mul_(model.logit_scale)
     cap = getattr(moe.config, "final_logit_softcapping", None)
     if cap is not None:  # Gemma 4: cap * tanh(logits / cap), ``Gemma4ForCausalLM.forward``'s three steps
+        multiplier = getattr(moe.config, "output_multiplier", None)  # Muse-Spark multiplies first
         if logits.requires_grad:  # the gradient estimate: tanh's backward reads its output
+            if multiplier is not None:
+                logits = logits * multiplier
             return torch.tanh(logits / cap) * cap
+        if multiplier is not None:
+            logits.mul_(multiplier)
         return logits.div_(cap).tanh_().mul_(cap)
     return logits
 
@@ -73,12 +79,21 @@ def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids:
                               n_layers: int) -> list:
     """The rotary embeddings each decoder layer receives, as the model's own forward computes them: one per
     layer type where ``rotary_emb`` takes a ``layer_type`` (Mellum, MiMo-V2-Flash: sliding and full layers
-    rotate with different bases), else one shared by every layer; None per layer for a family without
-    rotary embeddings. The rotary module is the backbone's (:meth:`moeaudit.models.FamilyAdapter.backbone`:
+    rotate with different bases) or per layer base (``layer_rope_theta``: Granite-SWA's rotary module per base,
+    Muse-Spark's one; a base of 0 gives the layer none), else one shared by every layer; None per layer for a
+    family without rotary embeddings. The rotary module is the backbone's (:meth:`moeaudit.models.FamilyAdapter.backbone`:
     a vision-language model's language model)."""
     rotary = rotary_module(moe)
     if rotary is None:
         return [None] * n_layers
+    thetas = getattr(moe.config, "layer_rope_theta", None)
+    if thetas is not None:  # a base per layer, 0 for none (NoPE): Granite-SWA, Muse-Spark
+        backbone = moe.adapter.backbone(moe.model)
+        own = {emb.config.rope_parameters["rope_theta"]: emb for emb in getattr(backbone, "rotary_embs", ())}
+        computed: dict = {}
+        for theta in dict.fromkeys(t for t in thetas[:n_layers] if t):
+            computed[theta] = (own[theta] if own else rotary)(hidden, position_ids)  # Muse-Spark: one rotary
+        return [computed[t] if t else None for t in thetas[:n_layers]]
     if "layer_type" in inspect.signature(rotary.forward).parameters:
         types = list(moe.config.layer_types)
         by_type = {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}

@@ -124,16 +124,14 @@ class MuseSparkAdapter(ScoredTopKAdapter):
     scores, the router's correction bias, unsorted top-k, renormalised by the sum + 1e-15, times
     ``routed_scaling_factor``. Its experts work in a latent space (:class:`LatentExpertsView`:
     ``post_expert_proj(experts(pre_expert_norm(pre_expert_proj(x))))``, each expert with a norm of its own
-    output). Its layers without rotary embeddings (``layer_rope_theta`` 0) and its logit multiplier are not
-    replayed by the fast engine's rows: the reference engine measures."""
+    output). The fast engine replays its layers without rotary embeddings (``layer_rope_theta`` 0) and its
+    logits' multiplier before the soft-cap (:mod:`moeaudit.intervene.replay`)."""
 
     family = "muse_spark"
     model_types = ("muse_spark",)
     architectures = ("MuseSparkForConditionalGeneration",)
     rule = ScoredRule("sigmoid_bias_renorm_scaled", score="sigmoid", score_float32=True, bias="router",
                       renorm="always", renorm_eps=1e-15, scaled=True)
-    fast_refusal = ("Muse-Spark's layers without rotary embeddings (layer_rope_theta 0) and its output logit "
-                    "multiplier are not replayed by the fast engine's rows")
 
     def backbone(self, model):
         return model.model.language_model

@@ -37,7 +37,6 @@ REFERENCE_ONLY: dict[str, str] = {
     "glm5_next": "hyper-connections",  # several residual streams; KDA and indexed MLA layers
     "hy_v4": "hyper-connections",  # several residual streams; shared key selections
     "beam": "attention_scaling",  # a per-layer attention argument the rows do not carry
-    "muse_spark": "layers without rotary embeddings",  # NoPE layers, a logit multiplier
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -352,7 +351,8 @@ def tiny_config(family: str, **overrides: Any):
                       n_layers_per_attn_res_block=2, n_routed_experts=8, num_experts_per_tok=2,
                       moe_intermediate_size=16, route_scale=2.5)
         cls = Inkling2TextConfig
-    elif family == "granitemoe_swa":  # Granite's multipliers; sliding layers with attention sinks; a shared MLP
+    elif family == "granitemoe_swa":  # Granite's multipliers; sliding layers with attention sinks; a shared MLP;
+        # a rotary base per layer, one layer without (NoPE)
         fields = dict(granite, sliding_window=4, shared_intermediate_size=24)
         cls = GraniteMoeSWAConfig
     elif family == "glm5_next":  # KDA and indexed MLA (NoPE) layers, 4 hyper-connection streams, a dense first layer
@@ -387,7 +387,7 @@ def tiny_config(family: str, **overrides: Any):
                       num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                       norm_topk_prob=True, sliding_window=4)
         cls = BeamConfig
-    elif family == "muse_spark":  # latent experts (16 wide), a logit multiplier; sliding, sliding, full (NoPE)
+    elif family == "muse_spark":  # latent experts (16 wide), logit multipliers; sliding, sliding, full (NoPE)
         fields = dict(_COMMON, head_dim=8, intermediate_size=48, moe_intermediate_size=16, moe_hidden_size=16,
                       num_hidden_layers=3, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
                       routed_scaling_factor=2.0)
@@ -453,6 +453,8 @@ def tiny_config(family: str, **overrides: Any):
     if family == "granitemoe_swa" and "layer_types" not in overrides:  # full, sliding, sliding, ...
         fields["layer_types"] = [("full_attention", "sliding_attention", "sliding_attention")[i % 3]
                                  for i in range(n_layers)]
+    if family == "granitemoe_swa" and "layer_rope_theta" not in overrides:  # a rotary base per layer, 0: none
+        fields["layer_rope_theta"] = [(10000.0, 0.0, 500000.0)[i % 3] for i in range(n_layers)]
     if family == "glm_moe_dsa" and "indexer_types" not in overrides:  # full, shared, full, ...
         fields["indexer_types"] = [("full", "shared")[i % 2] for i in range(n_layers)]
     if family == "exaone_moe" and "layer_types" not in overrides:  # every third layer full attention
@@ -481,7 +483,8 @@ def tiny_config(family: str, **overrides: Any):
         return cls(text_config=fields, vision_config=dict(num_hidden_layers=1, hidden_size=16, intermediate_size=16,
                                                           num_attention_heads=2, pos_emb_height=4, pos_emb_width=4,
                                                           max_position_embeddings=16),
-                   audio_config=dict(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1], out_hidden_size=32),
+                   audio_config=dict(hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1],
+                                     out_hidden_size=fields["hidden_size"]),
                    out_hidden_size=16, projector_hidden_size=16, image_token_id=90, video_token_id=91,
                    audio_token_id=92)
     if family == "minimax_m3":  # a one-layer vision tower (audited on text)
