@@ -81,8 +81,8 @@ def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids:
     layer type where ``rotary_emb`` takes a ``layer_type`` (Mellum, MiMo-V2-Flash: sliding and full layers
     rotate with different bases) or per layer base (``layer_rope_theta``: Granite-SWA's rotary module per base,
     Muse-Spark's one; a base of 0 gives the layer none), else one shared by every layer; None per layer for a
-    family without rotary embeddings. The rotary module is the backbone's (:meth:`moeaudit.models.FamilyAdapter.backbone`:
-    a vision-language model's language model)."""
+    family without rotary embeddings. The rotary module is the backbone's
+    (:meth:`moeaudit.models.FamilyAdapter.backbone`: a vision-language model's language model)."""
     rotary = rotary_module(moe)
     if rotary is None:
         return [None] * n_layers

@@ -454,7 +454,7 @@ class FamilyAdapter(abc.ABC):
 
     def router_output_logits(self, layer: MoELayer, linear: torch.Tensor) -> torch.Tensor:
         """The logits the router returns, from its linear map ``linear`` [N, E]: the map itself but for a router
-        that soft-caps it (Laguna)."""
+        that soft-caps it (Laguna) or scales it (Muse-Spark's ``output_multiplier``)."""
         return linear
 
     def router_linear_input(self, layer: MoELayer, hidden: torch.Tensor) -> torch.Tensor:

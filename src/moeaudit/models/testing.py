@@ -42,7 +42,8 @@ REFERENCE_ONLY: dict[str, str] = {
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
 RECURRENT_FAMILIES: dict[str, str] = {
     "qwen3_next": "Gated DeltaNet", "qwen3_5_moe": "Gated DeltaNet", "jamba": "Mamba",
-    "granitemoehybrid": "Mamba-2", "nemotron_h": "Mamba-2", "nemotron_h_latent": "Mamba-2", "lfm2_moe": "short convolution",
+    "granitemoehybrid": "Mamba-2", "nemotron_h": "Mamba-2", "nemotron_h_latent": "Mamba-2",
+    "lfm2_moe": "short convolution",
     "bailing_hybrid": "KDA linear attention", "kimi_linear": "KDA linear attention",
     "minimax": "Lightning attention",
 }

@@ -113,12 +113,6 @@ def check_kept(moe: MoEModel, kept: Mapping[int, Sequence[int]]) -> dict[int, li
     return full
 
 
-def expert_groups(moe: MoEModel, described) -> int:
-    """The number of equal consecutive expert groups ``described``'s routing limits tokens to (``n_group``), 1
-    where it does not group (:meth:`moeaudit.models.FamilyAdapter.expert_groups`)."""
-    return moe.adapter.expert_groups(described)
-
-
 def _check_groups(moe: MoEModel, kept: dict[int, list[int]]) -> None:
     """Group-limited routing needs equal-sized groups after slicing (see the module notes)."""
     for described in moe.layers:

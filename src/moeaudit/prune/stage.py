@@ -160,12 +160,10 @@ def _identity_experts(run: RunDir, moe, layers: list[int]) -> dict[int, int]:
 
 def _expert_groups(run: RunDir, moe, layers: list[int]) -> dict[int, int] | None:
     """Expert groups of group-limited routing per layer (``n_group``, 1 where a layer does not group): the
-    model's (:func:`moeaudit.prune.export.expert_groups`), else the manifest's record of them (None when the
-    run predates that record)."""
+    model's (:meth:`moeaudit.models.FamilyAdapter.expert_groups`), else the manifest's record of them (None when
+    the run predates that record)."""
     if moe is not None:
-        from moeaudit.prune.export import expert_groups
-
-        return {l: expert_groups(moe, moe.layer(l)) for l in layers}
+        return {l: moe.adapter.expert_groups(moe.layer(l)) for l in layers}
     recorded = (run.manifest.get("model") or {}).get("expert_groups")
     if not recorded or not all(str(l) in recorded for l in layers):
         return None
