@@ -37,6 +37,11 @@ class LatentExpertsView(ExpertsView):
         self.__dict__["_down"] = down
         self.__dict__["_up"] = up
 
+    @property
+    def latent_size(self) -> int:
+        """The width of the latent space the experts work in (the up-projection's input)."""
+        return int(self.__dict__["_up"].in_features)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         latent = self.__dict__["_down"](hidden_states)
@@ -104,12 +109,13 @@ class NemotronHAdapter(ScoredTopKAdapter):
 
     def routing_parameters(self, layer: MoELayer) -> dict:
         params = super().routing_parameters(layer)
-        latent = getattr(layer.experts, "__dict__", {}).get("_up")
-        return params if latent is None else {**params, "latent_size": int(latent.in_features)}
+        if not isinstance(layer.experts, LatentExpertsView):
+            return params
+        return {**params, "latent_size": layer.experts.latent_size}
 
     def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
         """A latent block's re-expressed forward equals the library's ``NemotronHMoE.forward`` bit for bit."""
-        if "_moeaudit_view" in layer.block.__dict__:
+        if isinstance(layer.experts, LatentExpertsView):
             check_same_as_library(layer.block, (hidden.unsqueeze(0),), layer.layer, "Nemotron-H latent MoE block")
 
     def shared_layout(self, config, shared):
@@ -153,7 +159,7 @@ class MuseSparkAdapter(ScoredTopKAdapter):
 
     def routing_parameters(self, layer: MoELayer) -> dict:
         return {**super().routing_parameters(layer), "logit_multiplier": float(layer.router.output_multiplier),
-                "latent_size": int(layer.experts.inner.hidden_dim)}
+                "latent_size": layer.experts.latent_size}
 
     def check_block(self, layer: MoELayer, hidden: torch.Tensor) -> None:
         """The re-expressed block forward equals the library's ``MuseSparkMoE.forward`` bit for bit."""

@@ -44,13 +44,13 @@ def expected_random_jaccard(num_experts: int, n_dropped: int, groups: int = 1) -
     if g == 1 or d % g or num_experts % g:
         x = np.arange(max(0, 2 * d - num_experts), d + 1)
         pmf = hypergeom.pmf(x, num_experts, d, d)
-        return float(np.sum(pmf * x / (2 * d - x)))
-    per, share = num_experts // g, d // g
-    one = hypergeom.pmf(np.arange(share + 1), per, share, share)  # overlap within one group, 0..share
-    pmf = np.ones(1)
-    for _ in range(g):
-        pmf = np.convolve(pmf, one)
-    x = np.arange(len(pmf))  # 0..d
+    else:
+        per, share = num_experts // g, d // g
+        one = hypergeom.pmf(np.arange(share + 1), per, share, share)  # overlap within one group, 0..share
+        pmf = np.ones(1)
+        for _ in range(g):
+            pmf = np.convolve(pmf, one)
+        x = np.arange(len(pmf))  # 0..d
     return float(np.sum(pmf * x / (2 * d - x)))
 
 
