@@ -57,3 +57,25 @@ def test_attention_mode_restores_on_error(moe, input_ids):
     assert moe.model.config._attn_implementation == original
     with torch.no_grad():
         moe.model(input_ids[:1])  # still runs natively
+
+
+def test_dense_causal_pattern_check():
+    """The record pass's check on layers with an indexer: the causal pattern over the real keys passes (right or
+    left padding included); a dropped key, a sliding window or a pattern with no real query does not."""
+    from moeaudit.intervene.attention import _dense_causal
+
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    assert _dense_causal(causal)
+    right = causal.clone()
+    right[:, 4:] = False  # two padded keys; padded queries see the real keys before them
+    assert _dense_causal(right)
+    left = causal.clone()
+    left[:, :2] = False
+    left[:2] = False
+    assert _dense_causal(left)
+    dropped = causal.clone()
+    dropped[5, 1] = False
+    assert not _dense_causal(dropped)
+    sliding = causal & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
+    assert not _dense_causal(sliding)
+    assert not _dense_causal(torch.zeros(6, 6, dtype=torch.bool))

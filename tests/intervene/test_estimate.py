@@ -34,14 +34,15 @@ def nll_with_scaled_removal(moe, input_ids, layer, pos, term, scale):
     return -torch.log_softmax(logits, -1)[input_ids[0, pos + 1]].item()
 
 
-@pytest.mark.parametrize("family", ["olmoe", "deepseek_v2", "gpt_oss", "flex_olmo", "axk1", "gemma4_text",
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v2", "gpt_oss", "flex_olmo", "axk1", "gemma4_text", "hy_v4",
                                     *sorted(RECURRENT_FAMILIES)])
 def test_estimate_is_the_first_order_term(family, input_ids):
     """Removing ε × (w_e f_e): (NLL(+ε) - NLL(-ε)) / 2ε equals the estimate, up to O(ε²).
 
     FlexOlmo, A.X-K1 and Gemma 4 normalise the block's output before the residual add: their rows restart at
     the block (:func:`moeaudit.intervene.fast.restarts_at_block`), and the estimate differentiates at the
-    block's output (Gemma 4: through per-layer inputs, shared keys/values and soft-capped logits).
+    block's output (Gemma 4: through per-layer inputs, shared keys/values and soft-capped logits; Hy4 and
+    GLM-5.3-Next: through several residual streams, the leaf one stream wide).
 
     The hybrid families' rows differentiate through their recurrent layers' decode steps, which overwrite
     their states in place (:func:`moeaudit.intervene.recurrent.saved_states_copied`); the finite difference

@@ -1,6 +1,6 @@
-"""Families whose MoE block output passes a norm before the residual stream: the fast engine's rows restart at
-the intervened layer (:func:`moeaudit.intervene.fast.restarts_at_block`), and what they measure is the model
-without the expert."""
+"""Families whose MoE block output passes a norm before the residual stream, or enters several residual streams
+with input-dependent weights (hyper-connections): the fast engine's rows restart at the intervened layer
+(:func:`moeaudit.intervene.fast.restarts_at_block`), and what they measure is the model without the expert."""
 
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ from tests.conftest import assert_sequence_removal_is_brute_force
 
 #: A norm after the block (FlexOlmo, Kolibri-1, AFMoE: its attention also gates and `.view`s the rows' output),
 #: inside it (A.X-K1), or two beside a dense MLP, with per-layer inputs and shared keys/values (Gemma 4).
-NORM_AFTER_BLOCK = ("flex_olmo", "kolibri1", "afmoe", "axk1", "gemma4_text")
+NORM_AFTER_BLOCK = ("flex_olmo", "kolibri1", "afmoe", "axk1", "gemma4_text", "beam")
+#: Several residual streams: Hy4 (2, beside DSA attention), GLM-5.3-Next (4, beside KDA and a pooled indexer).
+STREAMS = ("hy_v4", "glm5_next")
 IDS = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("family", NORM_AFTER_BLOCK)
+@pytest.mark.parametrize("family", NORM_AFTER_BLOCK + STREAMS)
 def test_sequence_removal_equals_the_model_without_the_expert(family):
     """Brute force: the zero kind in sequence scope removes the expert's term wherever it is active, which is
     the model whose expert has a zero down projection (its absence then passes the norm), at every MoE layer."""
@@ -43,3 +45,19 @@ def test_a_scaled_block_output_is_added_not_restarted(family, factor):
 
     moe = wrap_model(tiny_model(family, seed=3), name=family)
     assert residual_scale(moe) == factor and not restarts_at_block(moe)
+
+
+@pytest.mark.parametrize("family", STREAMS)
+def test_several_residual_streams_restart_at_the_block_without_a_second_probe_run(family):
+    """The coupling probe sees a decoder layer whose output [1, T, N, H] has another shape than its block's
+    [1, T, H] and answers "not additive" at once: Δy reaches each stream with its own input-dependent weight."""
+    from moeaudit.intervene.fast import couples_additively
+
+    moe = wrap_model(tiny_model(family, seed=3), name=family)
+    calls = []
+    handle = moe.layers[0].block.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        assert couples_additively(moe) is False
+    finally:
+        handle.remove()
+    assert len(calls) == 1

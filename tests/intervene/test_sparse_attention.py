@@ -1,8 +1,8 @@
-"""Indexer sparse attention (DeepSeek Sparse Attention: DeepSeek-V3.2, GLM-5; MiniMax-M3's block indexer):
-exact on either engine.
+"""Indexer sparse attention (DeepSeek Sparse Attention: DeepSeek-V3.2, GLM-5, Hy4; GLM-5.3-Next's pooled indexer;
+MiniMax-M3's block indexer): exact on either engine.
 
 Windows no longer than ``index_topk`` (2048 in the released checkpoints) keep every key, and the fast engine
-runs them (the tiny configs keep 64 keys, more than any test window, so the every-family tests hold the fast
+runs them (the tiny configs keep 64 keys or more, more than any test window, so the every-family tests hold the fast
 engine to the reference one on them). The tests here keep 4 keys per query, so that at 20 tokens the indexer
 really drops keys and the reference engine must measure.
 """
@@ -22,13 +22,19 @@ from moeaudit.models import wrap_model
 from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import tiny_model
 
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "minimax_m3")
-#: 4 keys per query: 4 best keys (DSA), or the query's own block of 4 keys (MiniMax-M3: 1 block kept).
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "minimax_m3", "hy_v4", "glm5_next")
+#: 4 keys per query: 4 best keys (DSA), or the query's own block of 4 keys (MiniMax-M3: 1 block kept); GLM-5.3-Next:
+#: 2 best complete pools of 2 keys and the query's incomplete pool, so every key up to 5 tokens.
 SPARSE_OF = {"deepseek_v32": {"index_topk": 4}, "glm_moe_dsa": {"index_topk": 4},
-             "minimax_m3": {"index_topk_blocks": 1}}
-#: What the record pass says it would drop on a 20-token window.
+             "minimax_m3": {"index_topk_blocks": 1}, "hy_v4": {"index_topk": 4},
+             "glm5_next": {"index_topk": 4, "index_kpool": 2}}
+#: Keys per query up to which the sparse configs keep every key.
+BUDGET = {"glm5_next": 5}
+#: What the record pass says it would drop on a 20-token window: the selection handed to the attention as
+#: indices or blocks, or folded into its mask (GLM-5.3-Next).
 DROPPED = {"deepseek_v32": "keeps 4 of 20 keys", "glm_moe_dsa": "keeps 4 of 20 keys",
-           "minimax_m3": "keeps 1 of 5 blocks of 4 keys"}
+           "minimax_m3": "keeps 1 of 5 blocks of 4 keys", "hy_v4": "keeps 4 of 20 keys",
+           "glm5_next": "drops keys of this window"}
 KEYS = ["layer", "seq", "pos", "expert", "kind", "scope"]
 
 
@@ -53,7 +59,7 @@ def test_windows_past_index_topk_go_to_the_reference_engine_with_the_reason(fami
     moe = wrap_model(tiny_model(family, seed=3, **SPARSE_OF[family]), name=family)
     result = compute_effects(moe, window(), Selection.sample(3, seed=0))
     reason = result.stats.fallback_reason
-    assert "windows of 20 tokens exceed the 4 keys per query" in reason and "Indexer)" in reason
+    assert f"windows of 20 tokens exceed the {BUDGET.get(family, 4)} keys per query" in reason and "Indexer)" in reason
     assert reason in caplog.text and set(result.effects["engine"]) == {"reference"}
 
 
@@ -99,7 +105,7 @@ def test_the_fast_engine_equals_the_reference_within_index_topk(family):
     reference = compute_effects(moe, ids, config=InterveneConfig(engine="reference", **kinds))
     assert fast.stats.fallback_reason is None and fast.stats.estimates > 0
     exact = fast.effects[~fast.effects["estimate"]]
-    assert set(exact["engine"]) == {"fast"} and set(exact["layer"]) == {1, 2}
+    assert set(exact["engine"]) == {"fast"} and set(exact["layer"]) == set(moe.moe_layer_indices)
     merged = exact.merge(reference.effects, on=KEYS, suffixes=("_fast", "_ref"))
     assert len(merged) == len(reference.effects) == len(exact)
     pd.testing.assert_series_equal(merged["delta_nll_fast"], merged["delta_nll_ref"], check_names=False,

@@ -1,4 +1,4 @@
-"""DeepSeek-V4: its learned-router layers audited (on the reference engine through hyper-connections:
+"""DeepSeek-V4: its learned-router layers audited (on the reference engine, through its compressed attention:
 tests/intervene/test_reference_families.py); its hash-routed layers listed and left alone; pruning evaluated by
 masking, the export refused."""
 

@@ -23,7 +23,9 @@ Two modes, both selected by :func:`attention_mode`:
     sparsified mask (``modeling_deepseek_v32.py``, ``DeepseekV32Attention.forward``), MiniMax-M3 its selected
     key blocks (``block_indices``, ``MiniMaxM3VLAttention.forward``); a window no longer than the indexer's
     budget keeps every key, where the native branch's mask is the unsparsified one, so the selection is
-    dropped. A window whose indexer drops keys raises :class:`UnsupportedAttention`.
+    dropped. A window whose indexer drops keys raises :class:`UnsupportedAttention`, whether the selection comes
+    as indices or folded into the mask (every layer with an indexer, or reusing an earlier layer's selection:
+    ``skip_topk``, must record the dense causal pattern).
 ``rows``
     Used for the interventions: the row kernel below (eager arithmetic: ``softmax(q k^T * scaling)`` in
     float32, sinks appended as an extra logit and dropped after the softmax).
@@ -107,8 +109,12 @@ class AttentionState:
                 raise UnsupportedAttention(f"the indexer of layer {layer_idx} keeps {blocks.shape[-1]} of "
                                            f"{-(-seq_len // size)} blocks of {size} keys per query, a selection the "
                                            "rows would have to redo")
-        self.caches[layer_idx] = LayerCache(key[0].detach(), value[0].detach(),
-                                            _allowed_from_mask(attention_mask, seq_len, key.device))
+        allowed = _allowed_from_mask(attention_mask, seq_len, key.device)
+        selects = getattr(module, "indexer", None) is not None or getattr(module, "skip_topk", False)
+        if selects and not _dense_causal(allowed):  # an indexer's selection (or an earlier one reused) in the mask
+            raise UnsupportedAttention(f"the indexer of layer {layer_idx} drops keys of this window from some "
+                                       "query's attention, a selection the rows would have to redo")
+        self.caches[layer_idx] = LayerCache(key[0].detach(), value[0].detach(), allowed)
         family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if family_eager is None:
             raise UnsupportedAttention(f"{type(module).__module__} defines no eager_attention_forward")
@@ -141,6 +147,18 @@ class AttentionState:
 
 
 _ACTIVE: ContextVar[AttentionState | None] = ContextVar("moeaudit_attention_state", default=None)
+
+
+def _dense_causal(allowed: torch.Tensor) -> bool:
+    """Whether a recorded [T, T] pattern lets every real query see every real key up to itself: the causal
+    pattern over the keys that attend to themselves (padding attends to nothing real). An indexer's selection
+    that an ``eager`` / ``sdpa`` attention receives folded into its mask (GLM-5.3-Next's
+    ``build_attention_mask_from_topk``) shows here as a missing key."""
+    real = allowed.diagonal()
+    if not bool(real.any()):
+        return False
+    expected = torch.ones_like(allowed).tril() & real[None, :]
+    return bool((allowed[real] == expected[real]).all())
 
 
 def _allowed_from_mask(attention_mask, seq_len: int, device) -> torch.Tensor:

@@ -221,8 +221,16 @@ def indexer_key_budget(indexer: torch.nn.Module) -> int | None:
       its ``index_topk`` best keys (``topk = min(index_topk, T)``), so every key up to ``index_topk``;
     * MiniMax-M3's Lightning Indexer (``MiniMaxM3VLIndexer``): each query keeps its ``topk_blocks`` best blocks
       of ``block_size`` keys (``topk = min(topk_blocks, ceil(T / block_size))``), so every key up to
-      ``topk_blocks * block_size``.
+      ``topk_blocks * block_size``;
+    * GLM-5.3-Next's pooled indexer (``Glm5NextTextIndexer``): each query keeps its ``index_topk / index_kpool``
+      best complete pools of ``index_kpool`` keys plus, with ``index_kpool_always_select_tail``, the incomplete
+      pool it sits in, so every key up to ``index_topk + index_kpool - 1``; without the tail a query never keeps
+      the keys of its own incomplete pool (None).
     """
+    kpool = getattr(indexer, "index_kpool", None)
+    if kpool is not None:
+        return int(indexer.index_topk) + int(kpool) - 1 if getattr(indexer, "index_kpool_always_select_tail",
+                                                                   False) else None
     if getattr(indexer, "index_topk", None) is not None:
         return int(indexer.index_topk)
     if getattr(indexer, "topk_blocks", None) is not None and getattr(indexer, "block_size", None) is not None:

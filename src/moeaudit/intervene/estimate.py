@@ -61,7 +61,8 @@ def nll_gradients(moe: MoEModel, clean: CleanWindow, layers: list[int], position
         pos = positions[lo:lo + per_call]
         hidden = base[pos].unsqueeze(1)
         with torch.enable_grad():
-            leaves = {layer: torch.zeros_like(hidden, requires_grad=True) for layer in layers}
+            shape = (*hidden.shape[:2], hidden.shape[-1])  # a block's output: one stream, where the layers carry N
+            leaves = {layer: hidden.new_zeros(shape, requires_grad=True) for layer in layers}
             if restart:  # the differentiation point at the block's output, not the layer's
                 logits = forward_rows(moe, clean, first, hidden, pos,
                                       patch={layer: (leaf, None) for layer, leaf in leaves.items()})[:, 0]

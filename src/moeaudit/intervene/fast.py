@@ -39,7 +39,7 @@ from moeaudit.intervene.attention import AttentionState, attention_mode
 from moeaudit.intervene.clean import OUTCOME_ROWS, CleanWindow, upcast
 from moeaudit.intervene.delta import gap_statistics
 from moeaudit.intervene.recurrent import row_cache, saved_states_copied
-from moeaudit.intervene.replay import (call_decoder_layer, final_norm, layer_position_embeddings, residual_scale,
+from moeaudit.intervene.replay import (call_decoder_layer, final_hidden, layer_position_embeddings, residual_scale,
                                        rotary_module, scaled_logits)
 from moeaudit.models.base import block_hidden
 from moeaudit.models.moe_model import MoEModel
@@ -81,12 +81,15 @@ def couples_additively(moe: MoEModel, *, rtol: float = 1e-3) -> bool:
     the larger of that output and the layer's (so the residual stream's rounding stays small beside it), and
     compares the layer's output change with the scaled δ to ``rtol`` plus 8 units in the last place of the
     model's dtype, of its norm. A norm after the block (FlexOlmo, Kolibri-1, A.X-K1) or any other transform
-    between the block and the residual stream misses by far; every additive family passes to rounding."""
+    between the block and the residual stream misses by far; every additive family passes to rounding. A
+    decoder layer whose output has another shape than its block's (several residual streams, each receiving
+    the block's output with its own input-dependent weight: Hy4's and GLM-5.3-Next's hyper-connections) is
+    not additive, without a second run."""
     layer = moe.layers[0]
     decoder = moe.adapter.decoder_layers(moe.model)[layer.layer]
     vocab = int(moe.config.vocab_size)
     ids = (torch.arange(PROBE_TOKENS, device=moe.device) % max(vocab - 1, 1) + 1)[None]
-    outputs, deltas = [], []
+    outputs, deltas, shapes = [], [], []
 
     def perturb(module, args, output):
         if not deltas:
@@ -97,6 +100,7 @@ def couples_additively(moe: MoEModel, *, rtol: float = 1e-3) -> bool:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     def stop(module, args, output):
+        shapes.append(block_hidden(output).shape)
         outputs.append(block_hidden(output).reshape(-1, block_hidden(output).shape[-1])[-1].float())
         raise _Stop
 
@@ -113,6 +117,8 @@ def couples_additively(moe: MoEModel, *, rtol: float = 1e-3) -> bool:
     with moe.intervene((), blocks=[layer.layer]) as trace:
         run()
     block_out = trace.block_outputs[layer.layer][-1]
+    if block_out.shape != shapes[0]:  # several residual streams (hyper-connections) beside one block output
+        return False
     block_out = block_out.reshape(-1, block_out.shape[-1])[-1].float()
     size = max(float(block_out.norm()), float(outputs[0].norm()), 1e-3)
     generator = torch.Generator(device="cpu").manual_seed(0)
@@ -166,8 +172,9 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
         layers (:class:`moeaudit.intervene.recurrent.CleanStates`).
     first_layer : int
         First decoder layer to run (``len(layers)`` runs only the final norm and the LM head).
-    hidden : Tensor [R, S, H]
-        The residual stream entering ``first_layer`` at positions ``row_start[r] .. row_start[r] + S - 1``.
+    hidden : Tensor [R, S, H] or [R, S, N, H]
+        The residual stream entering ``first_layer`` at positions ``row_start[r] .. row_start[r] + S - 1``
+        (N streams where the decoder layers carry several: hyper-connections).
     row_start : LongTensor [R]
     add_after : mapping int -> Tensor [R, S, H], optional
         Added to the output of the given decoder layers (used by the gradient estimate).
@@ -209,7 +216,7 @@ def forward_rows(moe: MoEModel, clean: CleanWindow, first_layer: int, hidden: to
                                             rotary=rotary, extra=extra)
             if add_after is not None and index in add_after:
                 hidden = hidden + add_after[index]
-        hidden = final_norm(moe)(hidden)
+        hidden = final_hidden(moe, hidden)
         logits = scaled_logits(moe, model.get_output_embeddings()(hidden))
     return upcast(logits)
 
@@ -383,10 +390,10 @@ def run_sequence_rows(moe: MoEModel, clean: CleanWindow, layer: int,
         per_call = max(1, min(max_rows, max_logit_elements // max(1, span * vocab)))
         batch = order[i:i + per_call]
         i += len(batch)
-        hidden = base[start:].unsqueeze(0).repeat(len(batch), 1, 1)
+        hidden = base[start:].unsqueeze(0).repeat(len(batch), *[1] * base.dim())  # [R, S, H] or [R, S, N, H]
         patch = None
         if restart:  # layer ℓ again, its block's output replaced at the changed positions
-            values = torch.zeros_like(hidden)
+            values = hidden.new_zeros(*hidden.shape[:2], hidden.shape[-1])
             where = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
             for row, index in enumerate(batch):
                 pos, delta = changes[index]

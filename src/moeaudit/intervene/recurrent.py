@@ -343,9 +343,18 @@ class _PassThroughLayer:
 
     is_sliding = False
     is_compileable = False
+    #: The keys last handed through (GLM-5.3-Next's indexer reads the key length off its cache layer).
+    keys = None
 
     def update(self, key_states, value_states, *args, **kwargs):
+        self.keys = key_states
         return key_states, value_states
+
+    def update_indexer(self, indexer_states, *args, **kwargs):
+        """A sparse-attention indexer's keys (``DynamicIndexedLayer.update_indexer``: Hy4's, GLM-5.3-Next's), back
+        unchanged: the rows run only where the indexer keeps every key, and their attention does not read its
+        selection (:func:`moeaudit.intervene.replay.indexer_arguments`)."""
+        return indexer_states
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return 0

@@ -21,6 +21,10 @@ ROTARY_NAMES = ("rotary_emb", "pos_emb")
 #: Where they keep the norm before the LM head: ``norm`` (most), ``norm_f`` (Nemotron-H),
 #: ``final_layernorm`` (Jamba), ``embedding_norm`` (LFM2).
 FINAL_NORM_NAMES = ("norm", "norm_f", "final_layernorm", "embedding_norm")
+#: Where a backbone whose decoder layers carry several residual streams (hyper-connections, [B, S, N, H])
+#: keeps the module that collapses them into one before the final norm: ``hc_head`` (Hy4's ``HYV4HyperHead``,
+#: GLM-5.3-Next's ``Glm5NextTextHyperHead``, DeepSeek-V4's ``DeepseekV4HyperHead``).
+STREAM_HEAD_NAMES = ("hc_head",)
 
 
 def rotary_module(moe: MoEModel):
@@ -33,6 +37,21 @@ def final_norm(moe: MoEModel):
     """The backbone's norm before the LM head, or None when it has none under a known name."""
     inner = moe.adapter.backbone(moe.model)
     return next((getattr(inner, name) for name in FINAL_NORM_NAMES if getattr(inner, name, None) is not None), None)
+
+
+def stream_head(moe: MoEModel):
+    """The backbone's module that collapses its residual streams into one before the final norm
+    (:data:`STREAM_HEAD_NAMES`), or None for a family with a single residual stream."""
+    inner = moe.adapter.backbone(moe.model)
+    return next((getattr(inner, name) for name in STREAM_HEAD_NAMES if getattr(inner, name, None) is not None), None)
+
+
+def final_hidden(moe: MoEModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The last decoder layer's output [R, S, H] (or [R, S, N, H] with N residual streams) as the LM head
+    reads it: the streams collapsed by :func:`stream_head` where there are several (``HYV4Model.forward``:
+    ``self.norm(self.hc_head(hidden_states))``), then the final norm."""
+    head = stream_head(moe)
+    return final_norm(moe)(hidden if head is None else head(hidden))
 
 
 def residual_scale(moe: MoEModel) -> float:
@@ -79,7 +98,8 @@ def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids:
                               n_layers: int) -> list:
     """The rotary embeddings each decoder layer receives, as the model's own forward computes them: one per
     layer type where ``rotary_emb`` takes a ``layer_type`` (Mellum, MiMo-V2-Flash: sliding and full layers
-    rotate with different bases) or per layer base (``layer_rope_theta``: Granite-SWA's rotary module per base,
+    rotate with different bases; None for a type whose ``rope_parameters`` entry is None, Beam's NoPE full
+    attention) or per layer base (``layer_rope_theta``: Granite-SWA's rotary module per base,
     Muse-Spark's one; a base of 0 gives the layer none), else one shared by every layer; None per layer for a
     family without rotary embeddings. The rotary module is the backbone's
     (:meth:`moeaudit.models.FamilyAdapter.backbone`: a vision-language model's language model)."""
@@ -96,7 +116,9 @@ def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids:
         return [computed[t] if t else None for t in thetas[:n_layers]]
     if "layer_type" in inspect.signature(rotary.forward).parameters:
         types = list(moe.config.layer_types)
-        by_type = {kind: rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
+        parameters = getattr(moe.config, "rope_parameters", None) or {}
+        by_type = {kind: None if kind in parameters and parameters[kind] is None  # Beam: no rotary on this type
+                   else rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
         return [by_type[kind] for kind in types]
     return [rotary(hidden, position_ids)] * n_layers
 

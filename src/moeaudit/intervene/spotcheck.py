@@ -136,7 +136,7 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
     selection = Selection.explicit(items)
     try:
         fast = compute(moe, ids, selection, config=dataclasses.replace(base, engine="fast")).effects
-    except (TypeError, RuntimeError, ValueError, IndexError, AttributeError) as err:  # rows a layer cannot run
+    except (TypeError, RuntimeError, ValueError, LookupError, AttributeError) as err:  # rows a layer cannot run
         first = first_line(err)
         return (f"the fast engine cannot run this model's decoder layers on single rows ({type(err).__name__}: "
                 f"{first[:160]}), so every effect is measured with full forward passes")

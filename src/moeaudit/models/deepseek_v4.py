@@ -20,8 +20,10 @@ What moeaudit audits, and why not more:
   removed expert has no next-best replacement (``reroute``) and a pruned layer no defined routing; moeaudit's
   routing contract (re-routing from the logits) does not hold there.
 * Interventions run on the reference engine (whole forward passes of the model with the block edited): the
-  fast engine's rows add a change of the MoE block to one residual stream, and V4's layers carry several
-  mixed by learned weights (:attr:`DeepseekV4Adapter.fast_refusal`).
+  fast engine's rows carry several residual streams (as for Hy4 and GLM-5.3-Next), but not V4's compressed
+  attention, whose compressors pool the keys of blocks of positions into entries of their own caches
+  (``DeepseekV4HCACompressor``, ``DeepseekV4CSACompressor``) that an intervened row would have to recompute
+  (:attr:`DeepseekV4Adapter.fast_refusal`).
 * The pruned checkpoint is not exported: the hash layers keep every expert, and the config has one expert
   count for all layers (:attr:`DeepseekV4Adapter.export_refusal`).
 """
@@ -40,8 +42,8 @@ class DeepseekV4Adapter(ScoredTopKAdapter):
     architectures = ("DeepseekV4ForCausalLM",)
     rule = ScoredRule("sqrtsoftplus_bias_renorm_scaled", score="sqrtsoftplus", bias="router", renorm="always",
                       scaled=True)
-    fast_refusal = ("DeepSeek-V4's decoder layers carry several residual streams mixed by learned weights "
-                    "(hyper-connections), which the fast engine's rows do not replay")
+    fast_refusal = ("DeepSeek-V4's compressed attention pools the keys of blocks of positions into entries of its "
+                    "own caches (HCA/CSA compressors), which the fast engine's rows do not replay")
     export_refusal = ("DeepSeek-V4's hash-routed layers keep every expert (moeaudit does not prune them) and its "
                       "config holds one expert count for all layers, so the pruned model has no checkpoint form; "
                       "use the masked evaluation of `moeaudit prune` (pruning.parquet)")

@@ -308,29 +308,41 @@ class Glm5NextAdapter(DeepseekV3Adapter):
     router verbatim (``Glm5NextTextTopkRouter``, ``models/glm5_next/modeling_glm5_next.py``), fused shared
     experts, decoder layers under ``model.language_model``. Its layers carry ``hc_mult`` residual streams mixed by
     learned, input-dependent weights (manifold-constrained hyper-connections), beside Kimi Delta Attention and
-    indexed MLA layers that hand their key selection on: interventions run on the reference engine."""
+    indexed MLA layers without rotary embeddings that hand their key selection on. The fast engine's rows carry
+    the streams (restarting at the intervened block: :func:`moeaudit.intervene.fast.restarts_at_block`), the
+    KDA states (:mod:`moeaudit.intervene.recurrent`) and, on windows within the indexer's ``index_topk``, the
+    dense selection (:func:`moeaudit.intervene.replay.indexer_arguments`)."""
 
     family = "glm5_next"
     model_types = ("glm5_next",)
     architectures = ("Glm5NextForConditionalGeneration",)
-    fast_refusal = ("GLM-5.3-Next's decoder layers carry several residual streams mixed by learned weights "
-                    "(hyper-connections), which the fast engine's rows do not replay")
+    replayed_layer_arguments = frozenset({"input_ids"})
 
     def backbone(self, model):
         return model.model.language_model
+
+    def row_layer_arguments(self, moe, clean, position_ids: torch.Tensor, first_layer: int):
+        """What ``Glm5NextTextModel.forward`` hands every decoder layer, at the rows' positions: the token ids
+        (an intervention changes no token: the window's) and its attention mask, which in this family is the
+        [B, S] padding mask (``create_recurrent_attention_mask``, all True without padding; the indexer applies
+        causality itself, ``Glm5NextTextIndexer.get_visible_tokens``): all True, as a window's rows hold no
+        padding."""
+        arguments = {"input_ids": clean.input_ids[position_ids],
+                     "attention_mask": torch.ones(position_ids.shape, dtype=torch.bool, device=position_ids.device)}
+        return lambda index: arguments
 
 
 class HYV4Adapter(DeepseekV3Adapter):
     """Hy4 / Hunyuan-V4 (``hy_v4``): DeepSeek-V3's router verbatim (``HYV4TopkRouter``,
     ``models/hy_v4/modeling_hy_v4.py``; one group by default), fused shared experts. Its layers carry
-    ``hc_mult`` residual streams (hyper-connections) and shared sparse-attention layers reuse the previous
-    layer's key selection: interventions run on the reference engine."""
+    ``hc_mult`` residual streams (hyper-connections), which the fast engine's rows carry (restarting at the
+    intervened block: :func:`moeaudit.intervene.fast.restarts_at_block`), and shared sparse-attention layers
+    reuse the previous layer's key selection, dense on windows within ``index_topk``
+    (:func:`moeaudit.intervene.replay.indexer_arguments`)."""
 
     family = "hy_v4"
     model_types = ("hy_v4",)
     architectures = ("HYV4ForCausalLM",)
-    fast_refusal = ("Hy4's decoder layers carry several residual streams mixed by learned weights "
-                    "(hyper-connections), which the fast engine's rows do not replay")
 
 
 _AXK2_GROUPED = ScoredRule("sigmoid_bias_group0_scaled", score="sigmoid", bias="router", grouped=True,

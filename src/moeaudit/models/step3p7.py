@@ -153,9 +153,11 @@ class BeamAdapter(ScaledBlockAdapter):
     """Beam (``BeamForCausalLM``): DeepSeek-V3's group-limited sigmoid routing without its scaling factor
     (``BeamTopKRouter``: float32 logits, the router's correction bias, sorted top-k, renormalised when
     ``norm_topk_prob`` (+1e-20)); the block scales the routed sum by ``routed_scaling_factor`` (``BeamMoE``,
-    ``models/beam/modeling_beam.py``), no shared expert. Its decoder layers add the block's output with
-    depth-scaled residual weights and hand each layer an attention scaling, which the fast engine's self-check
-    finds it does not replay: the reference engine measures."""
+    ``models/beam/modeling_beam.py``), no shared expert. Its decoder layers normalise the block's output before
+    a depth-scaled residual sum (the fast engine's rows restart at the block,
+    :func:`moeaudit.intervene.fast.restarts_at_block`), and its full-attention layers run without rotary
+    embeddings, scaling their queries by position instead (``attention_scaling``, supplied per row by
+    :meth:`row_layer_arguments`)."""
 
     family = "beam"
     model_types = ("beam",)
@@ -164,3 +166,15 @@ class BeamAdapter(ScaledBlockAdapter):
     block_forward = staticmethod(beam_block_forward)
     block_name = "Beam MoE block"
     shared_attr = None
+    replayed_layer_arguments = frozenset({"attention_scaling"})
+
+    def row_layer_arguments(self, moe, clean, position_ids: torch.Tensor, first_layer: int):
+        """Each layer's ``attention_scaling`` at the rows' positions, as ``BeamModel.forward`` computes it: the
+        library's ``compute_attention_scaling(position_ids)`` (scalable softmax, ``(1 + (p + 1) / 2048) ** 0.1``)
+        for a layer type without rotary parameters (NoPE), None for the others."""
+        from transformers.models.beam.modeling_beam import compute_attention_scaling
+
+        config = moe.config
+        scaling = compute_attention_scaling(position_ids)
+        nope = {kind for kind in set(config.layer_types) if config.rope_parameters[kind] is None}
+        return lambda index: {"attention_scaling": scaling if config.layer_types[index] in nope else None}

@@ -30,13 +30,10 @@ FAMILIES: tuple[str, ...] = (
 #: (:func:`moeaudit.intervene.fast.restarts_at_block`).
 REFERENCE_ONLY: dict[str, str] = {
     "deepseek_v32_sparse": "DeepseekV32Indexer",  # windows longer than index_topk: the selection changes
-    "deepseek_v4": "hyper-connections",  # several residual streams mixed by learned weights
+    "deepseek_v4": "compressed attention",  # compressors pool blocks of keys into their own caches
     "mistral_large4": "shared_kv_states",  # keys/values and the indexer's selection handed to later layers
     "qwen4_exp": "gated-residual hyper-connections",  # several residual streams, n-gram embeddings, QSA indexer
     "inkling2": "short convolution before the residual stream",  # and block attention residuals
-    "glm5_next": "hyper-connections",  # several residual streams; KDA and indexed MLA layers
-    "hy_v4": "hyper-connections",  # several residual streams; shared key selections
-    "beam": "attention_scaling",  # a per-layer attention argument the rows do not carry
 }
 #: Families whose decoder layers mix tokens with recurrent or convolutional layers (conv / recurrent states,
 #: :mod:`moeaudit.intervene.recurrent`), with the kind of layer.
@@ -44,7 +41,7 @@ RECURRENT_FAMILIES: dict[str, str] = {
     "qwen3_next": "Gated DeltaNet", "qwen3_5_moe": "Gated DeltaNet", "jamba": "Mamba",
     "granitemoehybrid": "Mamba-2", "nemotron_h": "Mamba-2", "nemotron_h_latent": "Mamba-2",
     "lfm2_moe": "short convolution",
-    "bailing_hybrid": "KDA linear attention", "kimi_linear": "KDA linear attention",
+    "bailing_hybrid": "KDA linear attention", "kimi_linear": "KDA linear attention", "glm5_next": "KDA linear attention",
     "minimax": "Lightning attention",
 }
 #: Families the fast engine replays exactly.
@@ -359,7 +356,7 @@ def tiny_config(family: str, **overrides: Any):
     elif family == "glm5_next":  # KDA and indexed MLA (NoPE) layers, 4 hyper-connection streams, a dense first layer
         fields = dict(scored, num_key_value_heads=4, num_hidden_layers=4, n_routed_experts=8, n_shared_experts=1,
                       q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=0, qk_nope_head_dim=8, v_head_dim=8,
-                      index_topk=8, index_kpool=2, index_head_dim=8, index_n_heads=2, linear_head_dim=8,
+                      index_topk=128, index_kpool=2, index_head_dim=8, index_n_heads=2, linear_head_dim=8,
                       linear_num_heads=4, hc_mult=4)
         cls = Glm5NextConfig
     elif family == "hy_v4":  # DeepSeek-V3's router (one group), MLA + DSA, 2 hyper-connection streams
