@@ -94,8 +94,10 @@ def load_benchmark_model(choice: str = "auto"):
     if choice.startswith("random:"):
         family = choice.split(":", 1)[1]
         scale = dict(hidden_size=128, num_hidden_layers=6, vocab_size=8192, max_position_embeddings=1024)
-        if family in ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note", "hy_v4", "glm5_next"):
+        if family in ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note", "hy_v4", "glm5_next", "mistral_large4"):
             scale["index_topk"] = 2048  # the released checkpoints' (the tiny configs keep 64 or 128)
+        if family == "mistral_large4":  # the tiny config's sharing pattern, twice: layers 2 and 5 reuse 1 and 4
+            scale.update(kv_source_layers=[0, 1, 1, 3, 4, 4], indexer_types=["full", "full", "shared"] * 2)
         if family == "glm5_next":  # its configuration's default pools of 16 keys (the tiny config: of 2)
             scale["index_kpool"] = 16
         if family == "minimax_m3":  # the released checkpoints' 16 blocks of 128 keys (the tiny config: of 4)

@@ -1,5 +1,5 @@
-"""Indexer sparse attention (DeepSeek Sparse Attention: DeepSeek-V3.2, GLM-5, Hy4; GLM-5.3-Next's pooled indexer;
-MiniMax-M3's block indexer): exact on either engine.
+"""Indexer sparse attention (DeepSeek Sparse Attention: DeepSeek-V3.2, GLM-5, Hy4, Mistral-Large-4; GLM-5.3-Next's
+pooled indexer; MiniMax-M3's block indexer): exact on either engine.
 
 Windows no longer than ``index_topk`` (2048 in the released checkpoints) keep every key, and the fast engine
 runs them (the tiny configs keep 64 keys or more, more than any test window, so the every-family tests hold the fast
@@ -22,19 +22,19 @@ from moeaudit.models import wrap_model
 from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import tiny_model
 
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "minimax_m3", "hy_v4", "glm5_next")
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "minimax_m3", "hy_v4", "glm5_next", "mistral_large4")
 #: 4 keys per query: 4 best keys (DSA), or the query's own block of 4 keys (MiniMax-M3: 1 block kept); GLM-5.3-Next:
 #: 2 best complete pools of 2 keys and the query's incomplete pool, so every key up to 5 tokens.
 SPARSE_OF = {"deepseek_v32": {"index_topk": 4}, "glm_moe_dsa": {"index_topk": 4},
              "minimax_m3": {"index_topk_blocks": 1}, "hy_v4": {"index_topk": 4},
-             "glm5_next": {"index_topk": 4, "index_kpool": 2}}
+             "glm5_next": {"index_topk": 4, "index_kpool": 2}, "mistral_large4": {"index_topk": 4}}
 #: Keys per query up to which the sparse configs keep every key.
 BUDGET = {"glm5_next": 5}
 #: What the record pass says it would drop on a 20-token window: the selection handed to the attention as
 #: indices or blocks, or folded into its mask (GLM-5.3-Next).
 DROPPED = {"deepseek_v32": "keeps 4 of 20 keys", "glm_moe_dsa": "keeps 4 of 20 keys",
            "minimax_m3": "keeps 1 of 5 blocks of 4 keys", "hy_v4": "keeps 4 of 20 keys",
-           "glm5_next": "drops keys of this window"}
+           "glm5_next": "drops keys of this window", "mistral_large4": "keeps 4 of 20 keys"}
 KEYS = ["layer", "seq", "pos", "expert", "kind", "scope"]
 
 

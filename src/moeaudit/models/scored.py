@@ -26,8 +26,9 @@ again after the fill, which would otherwise give one of a dropped group a select
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -287,20 +288,67 @@ class MistralLarge4Adapter(ScoredTopKAdapter):
     """Mistral-Large-4 (``MistralLarge4ForConditionalGeneration``), audited as a language model on text: Mistral 4's
     group-limited softmax routing on float32 logits, always renormalised (+1e-20), scaled
     (``MistralLarge4TextTopkRouter``, ``models/mistral_large4/modeling_mistral_large4.py``); its decoder layers
-    under ``model.language_model``. Its attention passes keys and values from one layer to later ones
-    (``shared_kv_states``) and the indexer's selection to the next layer, which the fast engine's rows do not
-    carry: interventions run on the reference engine (:attr:`fast_refusal`)."""
+    under ``model.language_model``. Its attention passes compressed keys/values from a "store" layer to later
+    "reuse" layers (``shared_kv_states``, ``config.kv_sharing_modes``) and the indexer's selection to the next
+    layer. The fast engine's rows carry both: the clean pass records each store layer's latents
+    (:meth:`recording_layer_extras`) and the rows hand a reuse layer those at their positions, or the rows' own
+    where the rows run the store layer (:meth:`row_layer_arguments`); the selection is every key on windows
+    within ``index_topk`` (:func:`moeaudit.intervene.replay.indexer_arguments`)."""
 
     family = "mistral_large4"
     model_types = ("mistral_large4",)
     architectures = ("MistralLarge4ForConditionalGeneration",)
     rule = ScoredRule("softmax_group_sum_renorm_scaled", score="softmax", grouped=True, group_fill=0.0,
                       renorm="always", scaled=True)
-    fast_refusal = ("Mistral-Large-4's layers hand keys/values and the indexer's key selection to later layers "
-                    "(shared_kv_states, prev_topk_indices), which the fast engine's rows do not carry")
+    replayed_layer_arguments = frozenset({"shared_kv_states"})
 
     def backbone(self, model):
         return model.model.language_model
+
+    @staticmethod
+    def _stores(moe) -> dict[int, str]:
+        """The store layers (``kv_sharing_modes`` "store"), each with its ``shared_kv_states`` key ("rope" or
+        "nope", as ``MistralLarge4TextAttention.forward`` files it)."""
+        layers = moe.adapter.decoder_layers(moe.model)
+        return {index: "rope" if layers[index].self_attn.use_rope else "nope"
+                for index, mode in enumerate(moe.config.kv_sharing_modes) if mode == "store"}
+
+    @contextmanager
+    def recording_layer_extras(self, moe) -> Iterator[dict]:
+        """Each store layer's shared latents, ``k_pass`` [1, 1, T, kv_lora_rank] and ``k_rot`` [1, 1, T, r]
+        concatenated on the last axis ([1, 1, T, kv_lora_rank + r]), read from the ``shared_kv_states`` it was
+        handed once it has run."""
+        recorded: dict = {}
+        layers = self.decoder_layers(moe.model)
+
+        def hook(index, key):
+            def record(module, args, kwargs, output):
+                k_pass, k_rot = kwargs["shared_kv_states"][key]
+                recorded[index] = torch.cat([k_pass, k_rot], dim=-1).detach()
+
+            return record
+
+        handles = [layers[index].register_forward_hook(hook(index, key), with_kwargs=True)
+                   for index, key in self._stores(moe).items()]
+        try:
+            yield recorded
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def row_layer_arguments(self, moe, clean, position_ids: torch.Tensor, first_layer: int):
+        """One ``KVSharingDict`` for the whole call: a store layer before ``first_layer`` files its clean latents at
+        the rows' positions ([R, 1, S, .]: an intervention does not change a position before its layer), one the
+        rows run files the rows' own as it runs, and each reuse layer reads them there."""
+        from transformers.cache_utils import KVSharingDict
+
+        shared = KVSharingDict()
+        rank = int(moe.config.kv_lora_rank)
+        for index, key in self._stores(moe).items():
+            if index < first_layer:
+                latents = clean.layer_extras[index][:, position_ids].transpose(0, 1)  # [1, T, D] -> [R, 1, S, D]
+                shared[key] = (latents[..., :rank], latents[..., rank:])
+        return lambda index: {"shared_kv_states": shared}
 
 
 class Glm5NextAdapter(DeepseekV3Adapter):

@@ -31,7 +31,6 @@ FAMILIES: tuple[str, ...] = (
 REFERENCE_ONLY: dict[str, str] = {
     "deepseek_v32_sparse": "DeepseekV32Indexer",  # windows longer than index_topk: the selection changes
     "deepseek_v4": "compressed attention",  # compressors pool blocks of keys into their own caches
-    "mistral_large4": "shared_kv_states",  # keys/values and the indexer's selection handed to later layers
     "qwen4_exp": "gated-residual hyper-connections",  # several residual streams, n-gram embeddings, QSA indexer
     "inkling2": "short convolution before the residual stream",  # and block attention residuals
 }
