@@ -401,6 +401,42 @@ UNFINGERPRINTED = frozenset({"execution", "prune", "calibration", "interactions"
 EXECUTION_FIELDS = frozenset(ExecutionConfig.model_fields)
 
 
+class _Unset:
+    """What ``--set NAME=none`` gives a setting that may be unset (:func:`unsets`): None once the settings are
+    merged (:func:`unset_to_none`). A sentinel, not None itself, because every layer of settings drops None as
+    "not given" (TOML has no null either)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+UNSET = _Unset()
+
+
+def unsets(name: str) -> bool:
+    """Whether a bare ``none`` (or ``null``) given to setting ``name`` (its flat name, ``intervene_n``) unsets it:
+    its type admits None and offers no ``"none"`` choice of its own (``cluster_by = "none"`` stays that choice)."""
+    import typing
+
+    cls = PARTS[FLAT_PATHS[name]] if name in FLAT_PATHS else AuditConfig if name in ROOT_FIELDS else None
+    if cls is None:
+        return False
+
+    def leaves(annotation):
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) is Literal:
+            return list(args)
+        return [annotation] if not args else [leaf for arg in args for leaf in leaves(arg)]
+
+    found = leaves(cls.model_fields[name].annotation)
+    return type(None) in found and "none" not in found
+
+
+def unset_to_none(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every :data:`UNSET` as None (the settings' last step before they merge)."""
+    return {name: None if value is UNSET else value for name, value in values.items()}
+
+
 def nest(values: dict[str, Any]) -> dict[str, Any]:
     """Route flat settings (``max_len``) into their part (``observe``); nested ones pass through.
 

@@ -27,6 +27,23 @@ def test_values_are_read_as_toml_or_bare_text():
             parse_settings([bad])
 
 
+def test_a_bare_none_unsets_a_setting_that_may_be_unset(tmp_path):
+    """TOML has no null: ``--set NAME=none`` (or ``null``) unsets a setting whose type admits None, overriding a
+    stored run's value; a setting with a "none" choice of its own keeps it, a quoted "none" is the string, and a
+    setting that cannot be unset gets the string (and then its own one-line error)."""
+    from moeaudit.cli.common import resolve_config
+    from moeaudit.config import UNSET
+
+    assert parse_settings(["intervene_n=none", "text_field=NULL", "cluster_by=none", 'domain_field="none"']) == {
+        "intervene_n": UNSET, "text_field": UNSET, "cluster_by": "none", "domain_field": "none"}
+    base = build_config({"model": "tiny-olmoe", "intervene_n": 5, "text_field": "body", "max_docs": 3})
+    config = resolve_config(tmp_path, with_settings(["intervene_n=none", "max_docs=null"], {}), None, base=base)
+    assert config.intervene.intervene_n is None and config.observe.max_docs is None
+    assert config.observe.text_field == "body"  # not given: kept
+    with pytest.raises(InvalidParameterError, match="max_len"):
+        resolve_config(tmp_path, with_settings(["max_len=none"], {}), None, base=base)
+
+
 def test_every_setting_can_be_given_by_name():
     """Each setting, given through --set with a valid value of its own type, lands in its part."""
     from moeaudit.config import AuditConfig

@@ -34,15 +34,19 @@ UNIT_WINDOWS_OPTION = typer.Option(None, "--unit-windows", help="Windows per res
 # Any setting by its configuration name, for the settings without a flag of their own.
 SET_OPTION = typer.Option(None, "--set", help="NAME=VALUE: any setting by its name in the configuration (TOML) "
                           "file, repeatable, value in TOML syntax; e.g. --set alpha=0.01 --set "
-                          "designs='[\"paired\"]'. Flags named after a setting win.")
+                          "designs='[\"paired\"]'; a bare none unsets a setting that may be unset "
+                          "(--set intervene_n=none). Flags named after a setting win.")
 
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
     """``--set NAME=VALUE`` items as settings: each value read as a TOML value (``0.01``, ``true``,
-    ``[1, 2]``, ``"text"``), or as the bare text when it is not one (``--set correction=holm``). Names are
-    checked with the whole configuration (an unknown one suggests the closest)."""
+    ``[1, 2]``, ``"text"``), or as the bare text when it is not one (``--set correction=holm``); a bare
+    ``none`` or ``null`` unsets a setting that may be unset (``--set intervene_n=none``: every token again;
+    :func:`moeaudit.config.unsets`). Names are checked with the whole configuration (an unknown one suggests
+    the closest)."""
     import tomllib
 
+    from moeaudit.config import UNSET, unsets
     from moeaudit.errors import invalid
 
     out: dict[str, Any] = {}
@@ -51,6 +55,9 @@ def parse_settings(items: list[str] | None) -> dict[str, Any]:
         name = name.strip()
         if not sep or not name or not text.strip():
             raise invalid("--set", "NAME=VALUE, e.g. --set alpha=0.01", item)
+        if text.strip().lower() in ("none", "null") and unsets(name):
+            out[name] = UNSET
+            continue
         try:
             value = tomllib.loads(f"value = {text.strip()}")["value"]
         except tomllib.TOMLDecodeError:
@@ -121,7 +128,7 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path |
     stands in for the stored manifest. A run made from a preset records where the file or the flags depart
     from it (:meth:`~moeaudit.config.AuditConfig.departing_from`).
     """
-    from moeaudit.config import AuditConfig, build_config, merge_values, read_toml
+    from moeaudit.config import AuditConfig, build_config, merge_values, read_toml, unset_to_none
     from moeaudit.errors import RunDirectoryError
     from moeaudit.rundir import MANIFEST
 
@@ -133,7 +140,7 @@ def resolve_config(run_dir: Path, overrides: dict[str, Any], config_file: Path |
             if not overwrite:
                 raise
     from_file = read_toml(config_file) if config_file is not None else {}
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given = unset_to_none({k: v for k, v in overrides.items() if v is not None})  # --set NAME=none: None
     layers = ([base.model_dump()] if base is not None else []) + [from_file, given]
     config = build_config(merge_values(*layers))
     if base is not None:
