@@ -49,6 +49,7 @@ __all__ = [
     "EVALS_SCHEMA",
     "EVALS_SCHEMA_FIELDS",
     "INTERACTION_COLUMNS",
+    "INTERACTION_DTYPES",
     "INTERACTION_SET_COLUMNS",
     "JACCARD_COLUMNS",
     "PRUNING_COLUMNS",
@@ -56,6 +57,7 @@ __all__ = [
     "SHAPLEY_COLUMNS",
     "TOKENS_SCHEMA",
     "WINDOWS_SCHEMA",
+    "empty_frame",
     "html_summary",
     "router_logits_schema",
     "router_probs_schema",
@@ -213,6 +215,25 @@ SHAPLEY_COLUMNS: tuple[str, ...] = (
 INTERACTION_SET_COLUMNS: tuple[str, ...] = (
     "criterion", "ratio", "seed", "layer", "seq", "pos", "kind", "n_removed", "delta_nll_joint", "delta_nll_sum",
 )
+
+#: pandas dtypes of the columns of :data:`INTERACTION_COLUMNS`, :data:`SHAPLEY_COLUMNS` and
+#: :data:`INTERACTION_SET_COLUMNS` (one name, one type across the three): what an empty table of them holds, so
+#: that a work unit without target tokens merges with the others (:func:`empty_frame`).
+INTERACTION_DTYPES: dict[str, str] = {
+    "layer": "int64", "seq": "int64", "pos": "int64", "kind": "str", "expert_a": "int64", "expert_b": "int64",
+    "gate_rank_a": "int64", "gate_rank_b": "int64", "delta_nll_a": "float64", "delta_nll_b": "float64",
+    "delta_nll_joint": "float64", "interaction": "float64", "kl_joint": "float64", "top1_flip_joint": "bool",
+    "expert": "int64", "gate_rank": "int64", "raw_gate": "float64", "combine_weight": "float64",
+    "delta_nll_single": "float64", "shapley": "float64", "shapley_se": "float64", "delta_nll_all": "float64",
+    "n_players": "int64", "estimate": "bool", "criterion": "str", "ratio": "float64", "seed": "Int64",
+    "n_removed": "int64", "delta_nll_sum": "float64",
+}
+
+
+def empty_frame(columns: Collection[str], dtypes: dict[str, str] = INTERACTION_DTYPES) -> pd.DataFrame:
+    """A table of ``columns`` without rows, each column of its type in ``dtypes``."""
+    return pd.DataFrame({name: pd.Series(dtype=dtypes[name]) for name in columns})
+
 
 #: Columns of :attr:`moeaudit.prune.DownstreamResult.table`, in order.
 DOWNSTREAM_COLUMNS: tuple[str, ...] = ("task", "metric", "filter", "value", "stderr", "n")

@@ -95,3 +95,44 @@ def test_the_report_section_shows_the_tables(run_dir, tmp_path):
     assert len(re.findall(r"<tr>", tables[1])) == 2  # ratio 0.25 at layers 0 and 3
     assert "on single effects" in body and "on Shapley values" in body
     assert list((tmp_path / "figures").glob("*interactions.png"))
+
+
+def test_an_interrupted_stage_resumes_to_the_uninterrupted_tables(run_dir, tmp_path, monkeypatch):
+    """Units of 2 windows: a Ctrl-C after the first unit keeps it; the re-run computes only the others and writes
+    the tables an uninterrupted run writes (bit for bit), on a copy of the same run. Other interactions settings
+    make other unit ids, so a changed re-run starts afresh instead of merging stale units."""
+    from moeaudit.errors import RunInterrupted
+    from moeaudit.interactions import run_interactions
+    from moeaudit.scale.units import UnitStore
+
+    write_pruning(run_dir)
+    other = copy_run(run_dir, tmp_path / "other")
+
+    def configured(path, **changes):
+        run = RunDir(path)
+        return RunDir(path, run.config.replace(interactions_n=12, interactions_layers=[0, 3], unit_windows=2,
+                                               **changes))
+
+    commit = UnitStore.commit
+
+    def interrupted_commit(self, unit_id, result):
+        commit(self, unit_id, result)
+        if self.stage == "interactions" and len(self.entry["done"]) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(UnitStore, "commit", interrupted_commit)
+    with pytest.raises(RunInterrupted, match="1 of 3 work units are finished"):
+        run_interactions(configured(run_dir))
+    assert not (run_dir / "shapley.parquet").exists()
+    monkeypatch.setattr(UnitStore, "commit", commit)
+    resumed = run_interactions(configured(run_dir))
+    assert (resumed["units"], resumed["computed"], resumed["resumed"]) == (3, 2, 1)
+    whole = run_interactions(configured(other))
+    assert whole["computed"] == 3 and whole["tokens"] == resumed["tokens"] == {"0": 12, "3": 12}
+    for table in ("interactions", "shapley", "interaction_sets", "shapley_tests"):
+        pd.testing.assert_frame_equal(RunDir(run_dir).read(table), RunDir(other).read(table), check_exact=True)
+    # other settings: other unit ids, the stored units dropped; the same settings again: nothing recomputed
+    changed = run_interactions(configured(run_dir, interactions_kind="renorm"))
+    assert changed["computed"] == 3 and set(RunDir(run_dir).read("shapley")["kind"]) == {"renorm"}
+    again = run_interactions(configured(run_dir, interactions_kind="renorm"))
+    assert again["computed"] == 0 and again["resumed"] == 3

@@ -33,8 +33,9 @@ def interactions_command(
 ) -> None:
     """Remove every pair and every subset of each sampled token's active experts (exactly): pairwise
     interactions, Shapley values and the joint cost of the pruned sets; writes interactions.parquet,
-    shapley.parquet, interaction_sets.parquet and shapley_tests.parquet."""
-    from moeaudit.cli.common import parse_int_list, resolve_config
+    shapley.parquet, interaction_sets.parquet and shapley_tests.parquet. Interrupted, it keeps its finished
+    work units: the same command resumes."""
+    from moeaudit.cli.common import parse_int_list, progress_bar, resolve_config
     from moeaudit.errors import invalid
     from moeaudit.interactions import run_interactions
     from moeaudit.options import ABLATION_KINDS, one_of
@@ -54,7 +55,8 @@ def interactions_command(
         if every_token:
             config = config.replace(interactions_n=None)
         run = RunDir(run_dir, config)
-    info = run_interactions(run)
+    with progress_bar("interactions", quiet=as_json) as update:
+        info = run_interactions(run, on_batch=update)
     if as_json:
         typer.echo(json.dumps(info, indent=2, default=str))
         return

@@ -41,7 +41,7 @@ from moeaudit.intervene.selection import Selection, gate_ranks, sample_targets
 from moeaudit.models.edits import mean_refusal
 from moeaudit.models.moe_model import MoEModel
 from moeaudit.options import ABLATION_KINDS, one_of
-from moeaudit.tables import INTERACTION_COLUMNS, INTERACTION_SET_COLUMNS, SHAPLEY_COLUMNS
+from moeaudit.tables import INTERACTION_COLUMNS, INTERACTION_SET_COLUMNS, SHAPLEY_COLUMNS, empty_frame
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def measure_interactions(
     max_exact_players: int = MAX_EXACT_PLAYERS,
     permutations: int = 200,
     seq_offset: int = 0,
+    windows: tuple[int, int] | None = None,
 ) -> InteractionsResult:
     """Pairwise joint removals, Shapley values of the active set and pruning sets at sampled tokens.
 
@@ -162,8 +163,13 @@ def measure_interactions(
         Active sets of at most this many experts get exact Shapley values (all 2^k coalitions); larger ones
         a permutation estimate (``estimate=True`` rows with a standard error).
     permutations : int
-        Orderings per token for the permutation estimate.
+        Orderings per token for the permutation estimate (drawn per window: a generator seeded by ``seed`` and
+        the window's index in ``input_ids``).
     seq_offset : int
+    windows : (start, stop), optional
+        Measure only windows ``start .. stop - 1`` of ``input_ids``. The targets are drawn over every window
+        and each window's orderings from its own generator, so the pieces of a run cut into windows
+        (the interactions stage's work units) are the rows one call over every window gives.
 
     Returns
     -------
@@ -202,13 +208,16 @@ def measure_interactions(
     valid = valid_next_mask(input_ids, attention_mask)
     selection = Selection.sample(n, seed=seed, layers=layers) if n is not None else Selection.census(layers)
     targets = sample_targets(selection, layers, valid)
-    rng = np.random.default_rng([seed, 0x5A])
+    start, stop = (0, input_ids.shape[0]) if windows is None else windows
+    if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= input_ids.shape[0]):
+        raise invalid("windows", f"(start, stop) with 0 <= start <= stop <= {input_ids.shape[0]}", windows)
     parts: dict[str, list[pd.DataFrame]] = {"pairs": [], "shapley": [], "sets": []}
     counts = {"removals": 0, "exact": 0, "estimated": 0}
     tokens: dict[int, int] = {layer: 0 for layer in layers}
     noise: list[float] = []
     seconds_clean = 0.0
-    for b in range(input_ids.shape[0]):
+    for b in range(start, stop):
+        rng = np.random.default_rng([seed, 0x5A, b])  # the window's orderings, whichever windows run with it
         chosen = {layer: _window_targets(targets, layer, b, valid) for layer in layers}
         if not any(len(pos) for pos in chosen.values()):
             continue
@@ -277,7 +286,7 @@ def _window_targets(targets, layer: int, b: int, valid: torch.Tensor) -> np.ndar
 def _concat(frames: list[pd.DataFrame], columns) -> pd.DataFrame:
     frames = [f for f in frames if len(f)]
     if not frames:
-        return pd.DataFrame({name: pd.Series(dtype=object) for name in columns})
+        return empty_frame(columns)
     return pd.concat(frames, ignore_index=True)[list(columns)]
 
 

@@ -39,7 +39,65 @@ def _pruning_sets(run: RunDir) -> pd.DataFrame | None:
     return pruning.drop_duplicates(subset=["criterion", "ratio", "seed", "layer", "dropped"]).reset_index(drop=True)
 
 
-def run_interactions(run: RunDir, *, moe=None) -> dict[str, Any]:
+#: The tables every work unit writes (``interaction_sets`` too when the run has a pruning table).
+UNIT_TABLES = ("interactions", "shapley")
+
+
+def interactions_unit(moe, payload: dict[str, Any]):
+    """Compute one interactions work unit: :func:`moeaudit.interactions.measure_interactions` on its windows
+    (the targets drawn over every window), its tables keyed by the run's window numbers, plus counters."""
+    import pyarrow as pa
+
+    from moeaudit.interactions.measure import measure_interactions
+    from moeaudit.scale import UnitResult
+
+    result = measure_interactions(moe, payload["input_ids"], attention_mask=payload["attention_mask"],
+                                  windows=payload["windows"], **payload["settings"])
+    frames = {"interactions": result.pairs, "shapley": result.shapley}
+    if payload["settings"].get("sets") is not None:
+        frames["interaction_sets"] = result.sets
+    tables = {}
+    for name, frame in frames.items():
+        if len(frame):
+            frame["seq"] = payload["seqs"][frame["seq"].to_numpy(dtype=np.int64)]
+        tables[name] = pa.Table.from_pandas(frame, preserve_index=False)
+    stats = result.stats.to_dict()
+    stats["tokens"] = {str(layer): count for layer, count in stats["tokens"].items()}
+    return UnitResult(tables, stats)
+
+
+def _unit_prefix(settings: dict[str, Any]) -> str:
+    """``interactions-<digest>``: the unit ids name the settings they were measured with, so a run whose
+    interactions settings changed (they are not part of the run's fingerprint) starts its units afresh."""
+    import hashlib
+    import json
+
+    sets = settings.get("sets")
+    described = {name: value for name, value in settings.items() if name not in ("sets", "config")}
+    described["config"] = settings["config"].__dict__ if hasattr(settings["config"], "__dict__") else None
+    described["sets"] = None if sets is None else sets.astype({"seed": "float64"}).to_dict(orient="split")
+    text = json.dumps(described, sort_keys=True, default=str)
+    return "interactions-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _merged_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The counters of every unit as one call's (:class:`moeaudit.interactions.measure.InteractionsStats`)."""
+    tokens: dict[str, int] = {}
+    for part in parts:
+        for layer, count in part["tokens"].items():
+            tokens[str(layer)] = tokens.get(str(layer), 0) + int(count)
+    floors = [p["noise_floor"] for p in parts if np.isfinite(p["noise_floor"])]
+    engines = sorted({p["engine"] for p in parts if sum(int(c) for c in p["tokens"].values())})
+    return {"engine": "+".join(engines) or parts[0]["engine"],
+            "fallback_reason": next((p["fallback_reason"] for p in parts if p["fallback_reason"]), None),
+            "tokens": tokens, **{name: int(sum(p[name] for p in parts))
+                                 for name in ("removals", "exact_tokens", "estimated_tokens")},
+            "noise_floor": max(floors) if floors else float("nan"),
+            "seconds_measured": float(sum(p["seconds"] for p in parts)),
+            "seconds_clean": float(sum(p["seconds_clean"] for p in parts))}
+
+
+def run_interactions(run: RunDir, *, moe=None, executor=None, on_batch=None) -> dict[str, Any]:
     """Measure pairwise interactions and Shapley values at sampled held-out tokens; write the tables.
 
     Writes ``interactions.parquet`` and ``shapley.parquet`` (:func:`moeaudit.interactions.measure_interactions`),
@@ -47,12 +105,16 @@ def run_interactions(run: RunDir, *, moe=None) -> dict[str, Any]:
     (:func:`moeaudit.interactions.summary.shapley_tests`) when it has ``expert_metrics.parquet``. The settings
     are the run's ``interactions`` part; the manifest's stage record holds them, the engine's counters and the
     per-layer summary.
+
+    The windows are cut into work units of ``unit_windows`` (:mod:`moeaudit.scale.units`), run by ``executor``
+    (default: from the config; ``on_batch(done, total)`` reports windows): an interrupted stage keeps its
+    finished units and a re-run of the same command resumes, with the tables one uninterrupted run writes.
     """
     from moeaudit.audit.stage import audit_settings, window_documents
-    from moeaudit.interactions.measure import measure_interactions
     from moeaudit.interactions.summary import interaction_summary, shapley_tests
     from moeaudit.intervene.stage import engine_config_for, windows_from_tokens
-    from moeaudit.models.loading import model_from_config, model_record
+    from moeaudit.scale import WorkUnit, make_executor, run_units
+    from moeaudit.scale.units import chunks, unit_id
 
     config = run.config
     if not run.stage("observe") or not run.has("tokens"):
@@ -63,37 +125,45 @@ def run_interactions(run: RunDir, *, moe=None) -> dict[str, Any]:
     chosen, split = run.intervened_tokens(["pos", "token_id"])
     sets = _pruning_sets(run)
     started = time.perf_counter()
-    moe = moe or model_from_config(config)
-    run.check_model(model_record(moe))
-    seqs, input_ids, attention_mask = windows_from_tokens(chosen, moe.config.pad_token_id or 0)
-    if bool(attention_mask.all()):
-        attention_mask = None
-    result = measure_interactions(
-        moe, input_ids, layers=layers, n=part.interactions_n, seed=config.seed, kind=kind,
-        config=engine_config_for(config), attention_mask=attention_mask, sets=sets,
-        max_exact_players=part.shapley_exact_players, permutations=part.shapley_permutations)
-    tables = {"interactions": result.pairs, "shapley": result.shapley}
-    if sets is not None:
-        tables["interaction_sets"] = result.sets
-    for frame in tables.values():
-        frame["seq"] = seqs[frame["seq"].to_numpy(dtype=np.int64)] if len(frame) else frame["seq"]
-    for name, frame in tables.items():
-        run.write_frame(name, frame)
+    own_executor = executor is None
+    executor = executor or make_executor(config, moe)
+    try:
+        model = executor.describe_model()
+        run.check_model(model)
+        seqs, input_ids, attention_mask = windows_from_tokens(chosen, model.get("pad_token_id") or 0)
+        if bool(attention_mask.all()):
+            attention_mask = None
+        settings = dict(layers=layers, n=part.interactions_n, seed=config.seed, kind=kind,
+                        config=engine_config_for(config), sets=sets, max_exact_players=part.shapley_exact_players,
+                        permutations=part.shapley_permutations)
+        prefix = _unit_prefix(settings)
+        units = [WorkUnit(unit_id(prefix, start, stop),
+                          {"input_ids": input_ids, "attention_mask": attention_mask, "seqs": seqs,
+                           "windows": (start, stop), "settings": settings}, windows=stop - start)
+                 for start, stop in chunks(len(seqs), config.unit_windows)]
+        names = UNIT_TABLES + (("interaction_sets",) if sets is not None else ())
+        store, progress = run_units(run, "interactions", units, names, interactions_unit, executor,
+                                    on_unit=on_batch)
+    finally:
+        if own_executor:
+            executor.close()
+    stats = _merged_stats(store.stats())
     tested = 0
-    if run.has("expert_metrics") and len(result.shapley):
-        tests = shapley_tests(result.shapley, run.read("expert_metrics"), audit_settings(config),
+    shapley = run.read("shapley")
+    if run.has("expert_metrics") and len(shapley):
+        tests = shapley_tests(shapley, run.read("expert_metrics"), audit_settings(config),
                               documents=window_documents(run))
         run.write_frame("shapley_tests", tests)
         tested = len(tests)
     for name in ("interaction_sets", "shapley_tests"):  # an earlier run's tables that this one did not rewrite
-        if name not in tables and not (name == "shapley_tests" and tested) and run.has(name):
+        if not (name == "interaction_sets" and sets is not None) and not (name == "shapley_tests" and tested) \
+                and run.has(name):
             run.table_path(name).unlink()
-    summary = interaction_summary(result.pairs, result.shapley)
-    info = dict(result.stats.to_dict(), split=split or "all", kind=kind, n=part.interactions_n,
-                layers=sorted(result.stats.tokens), sets=0 if sets is None else int(len(sets)),
-                shapley_tests=tested, seconds=time.perf_counter() - started,
-                settings=part.model_dump(mode="json"),
-                summary=summary.to_dict(orient="records"))
-    info["tokens"] = {str(layer): count for layer, count in info["tokens"].items()}
+    summary = interaction_summary(run.read("interactions"), shapley)
+    info = dict(stats, split=split or "all", kind=kind, n=part.interactions_n,
+                layers=sorted(int(layer) for layer in stats["tokens"]),
+                sets=0 if sets is None else int(len(sets)), shapley_tests=tested,
+                seconds=time.perf_counter() - started, settings=part.model_dump(mode="json"),
+                summary=summary.to_dict(orient="records"), executor=executor.name, **progress)
     run.record_stage("interactions", info)
     return info
