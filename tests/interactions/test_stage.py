@@ -136,3 +136,35 @@ def test_an_interrupted_stage_resumes_to_the_uninterrupted_tables(run_dir, tmp_p
     assert changed["computed"] == 3 and set(RunDir(run_dir).read("shapley")["kind"]) == {"renorm"}
     again = run_interactions(configured(run_dir, interactions_kind="renorm"))
     assert again["computed"] == 0 and again["resumed"] == 3
+
+
+def test_a_unit_out_of_memory_is_retried_with_smaller_batches(run_dir, tmp_path, monkeypatch):
+    """As the intervene stage: rows per call halved until the unit fits, the size that ran recorded, the same
+    tables (rows are computed independently; only rounding may differ)."""
+    import moeaudit.interactions.measure as measure_module
+    from moeaudit.interactions import run_interactions
+    from tests.scale.test_faults import _oom
+
+    other = copy_run(run_dir, tmp_path / "other")
+
+    def configured(path):
+        run = RunDir(path)
+        return RunDir(path, run.config.replace(interactions_n=8, interactions_layers=[1]))
+
+    plain = run_interactions(configured(other))
+    real = measure_module.removal_outcomes
+    seen = []
+
+    def limited(*args, config, **kwargs):
+        seen.append(config.rows_per_call)
+        if config.rows_per_call > 64:
+            raise _oom()
+        return real(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(measure_module, "removal_outcomes", limited)
+    info = run_interactions(configured(run_dir))
+    assert (plain["rows_per_call_used"], info["rows_per_call_used"]) == (256, 64) and seen[:3] == [256, 128, 64]
+    got, expected = RunDir(run_dir).read("shapley"), RunDir(other).read("shapley")
+    pd.testing.assert_frame_equal(got.drop(columns=["shapley", "delta_nll_single", "delta_nll_all"]),
+                                  expected.drop(columns=["shapley", "delta_nll_single", "delta_nll_all"]))
+    np.testing.assert_allclose(got["shapley"], expected["shapley"], atol=1e-5)

@@ -45,14 +45,19 @@ UNIT_TABLES = ("interactions", "shapley")
 
 def interactions_unit(moe, payload: dict[str, Any]):
     """Compute one interactions work unit: :func:`moeaudit.interactions.measure_interactions` on its windows
-    (the targets drawn over every window), its tables keyed by the run's window numbers, plus counters."""
+    (the targets drawn over every window), its tables keyed by the run's window numbers, plus counters. On
+    out-of-memory the unit is retried with smaller batches
+    (:func:`moeaudit.intervene.stage.with_halved_batches`)."""
     import pyarrow as pa
 
     from moeaudit.interactions.measure import measure_interactions
+    from moeaudit.intervene.stage import with_halved_batches
     from moeaudit.scale import UnitResult
 
-    result = measure_interactions(moe, payload["input_ids"], attention_mask=payload["attention_mask"],
-                                  windows=payload["windows"], **payload["settings"])
+    settings = dict(payload["settings"])
+    result, used = with_halved_batches(settings.pop("config"), lambda config: measure_interactions(
+        moe, payload["input_ids"], attention_mask=payload["attention_mask"], windows=payload["windows"],
+        config=config, **settings))
     frames = {"interactions": result.pairs, "shapley": result.shapley}
     if payload["settings"].get("sets") is not None:
         frames["interaction_sets"] = result.sets
@@ -61,7 +66,7 @@ def interactions_unit(moe, payload: dict[str, Any]):
         if len(frame):
             frame["seq"] = payload["seqs"][frame["seq"].to_numpy(dtype=np.int64)]
         tables[name] = pa.Table.from_pandas(frame, preserve_index=False)
-    stats = result.stats.to_dict()
+    stats = dict(result.stats.to_dict(), **used)
     stats["tokens"] = {str(layer): count for layer, count in stats["tokens"].items()}
     return UnitResult(tables, stats)
 
@@ -94,7 +99,9 @@ def _merged_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
                                  for name in ("removals", "exact_tokens", "estimated_tokens")},
             "noise_floor": max(floors) if floors else float("nan"),
             "seconds_measured": float(sum(p["seconds"] for p in parts)),
-            "seconds_clean": float(sum(p["seconds_clean"] for p in parts))}
+            "seconds_clean": float(sum(p["seconds_clean"] for p in parts)),
+            **{field: min(p[field] for p in parts) for field in ("rows_per_call_used", "reference_batch_used")
+               if field in parts[0]}}
 
 
 def run_interactions(run: RunDir, *, moe=None, executor=None, on_batch=None) -> dict[str, Any]:

@@ -50,19 +50,14 @@ def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def intervene_unit(moe: MoEModel, payload: dict[str, Any]):
-    """Compute one intervene work unit: the effects of its selection on its windows, plus counters.
-
-    On out-of-memory the fast engine's rows per call and logit elements per call (or the reference
-    engine's batch) are halved and the unit retried; the counters record the size that ran.
-    """
+def with_halved_batches(engine_config: InterveneConfig, compute: Callable[[InterveneConfig], Any]):
+    """``compute(engine_config)``, retried on out-of-memory with the fast engine's rows per call and logit
+    elements per call (or the reference engine's batch) halved each time
+    (:func:`moeaudit.scale.with_halving`). Returns (result, counters): ``{"<field>_used": size that ran}``."""
     import dataclasses
 
-    import pyarrow as pa
+    from moeaudit.scale import with_halving
 
-    from moeaudit.scale import UnitResult, with_halving
-
-    engine_config: InterveneConfig = payload["engine_config"]
     field = "reference_batch" if engine_config.engine == "reference" else "rows_per_call"
     first = getattr(engine_config, field)
 
@@ -71,14 +66,27 @@ def intervene_unit(moe: MoEModel, payload: dict[str, Any]):
         if field == "rows_per_call":
             # sequence-scope calls are bounded by logit elements instead of rows: shrink both alike
             sizes["max_logit_elements"] = max(1, engine_config.max_logit_elements * size // first)
-        return compute_effects(moe, payload["input_ids"], payload["selection"],
-                               config=dataclasses.replace(engine_config, **sizes),
-                               attention_mask=payload["attention_mask"])
+        return compute(dataclasses.replace(engine_config, **sizes))
 
     result, used = with_halving(attempt, first, field)
+    return result, {f"{field}_used": used}
+
+
+def intervene_unit(moe: MoEModel, payload: dict[str, Any]):
+    """Compute one intervene work unit: the effects of its selection on its windows, plus counters.
+
+    On out-of-memory the unit is retried with smaller batches (:func:`with_halved_batches`); the counters
+    record the size that ran.
+    """
+    import pyarrow as pa
+
+    from moeaudit.scale import UnitResult
+
+    result, used = with_halved_batches(payload["engine_config"], lambda config: compute_effects(
+        moe, payload["input_ids"], payload["selection"], config=config, attention_mask=payload["attention_mask"]))
     effects = result.effects
     effects["seq"] = payload["seqs"][effects["seq"].to_numpy()]
-    stats = dict(result.stats.to_dict(), **{f"{field}_used": used})
+    stats = dict(result.stats.to_dict(), **used)
     return UnitResult({"effects": pa.Table.from_pandas(effects, preserve_index=False)}, stats)
 
 
