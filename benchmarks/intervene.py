@@ -96,6 +96,12 @@ def load_benchmark_model(choice: str = "auto"):
         scale = dict(hidden_size=128, num_hidden_layers=6, vocab_size=8192, max_position_embeddings=1024)
         if family in ("deepseek_v32", "glm_moe_dsa", "axk2", "dots3_note", "hy_v4", "glm5_next", "mistral_large4"):
             scale["index_topk"] = 2048  # the released checkpoints' (the tiny configs keep 64 or 128)
+        if family == "deepseek_v4":  # the released pattern's kinds, twice: sliding, CSA (4 positions per entry,
+            # the best 512 entries: every one up to 2,051 tokens) and HCA (128) layers; a hash-routed first layer
+            scale.update(layer_types=["sliding_attention", "compressed_sparse_attention",
+                                      "heavily_compressed_attention"] * 2,
+                         mlp_layer_types=["hash_moe"] + ["moe"] * 5, index_topk=512,
+                         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 128})
         if family == "mistral_large4":  # the tiny config's sharing pattern, twice: layers 2 and 5 reuse 1 and 4
             scale.update(kv_source_layers=[0, 1, 1, 3, 4, 4], indexer_types=["full", "full", "shared"] * 2)
         if family == "glm5_next":  # its configuration's default pools of 16 keys (the tiny config: of 2)

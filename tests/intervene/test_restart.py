@@ -17,8 +17,9 @@ from tests.conftest import assert_sequence_removal_is_brute_force
 #: A norm after the block (FlexOlmo, Kolibri-1, AFMoE: its attention also gates and `.view`s the rows' output),
 #: inside it (A.X-K1), or two beside a dense MLP, with per-layer inputs and shared keys/values (Gemma 4).
 NORM_AFTER_BLOCK = ("flex_olmo", "kolibri1", "afmoe", "axk1", "gemma4_text", "beam")
-#: Several residual streams: Hy4 (2, beside DSA attention), GLM-5.3-Next (4, beside KDA and a pooled indexer).
-STREAMS = ("hy_v4", "glm5_next")
+#: Several residual streams: Hy4 (2, beside DSA attention), GLM-5.3-Next (4, beside KDA and a pooled indexer),
+#: DeepSeek-V4 (2, beside compressed attention and a hash-routed layer).
+STREAMS = ("hy_v4", "glm5_next", "deepseek_v4")
 IDS = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
 
 

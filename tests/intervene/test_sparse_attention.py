@@ -1,5 +1,5 @@
 """Indexer sparse attention (DeepSeek Sparse Attention: DeepSeek-V3.2, GLM-5, Hy4, Mistral-Large-4; GLM-5.3-Next's
-pooled indexer; MiniMax-M3's block indexer): exact on either engine.
+pooled indexer; MiniMax-M3's block indexer; DeepSeek-V4's indexer of compressed entries): exact on either engine.
 
 Windows no longer than ``index_topk`` (2048 in the released checkpoints) keep every key, and the fast engine
 runs them (the tiny configs keep 64 keys or more, more than any test window, so the every-family tests hold the fast
@@ -22,19 +22,22 @@ from moeaudit.models import wrap_model
 from moeaudit.models.moe_model import nll_from_logits
 from moeaudit.models.testing import tiny_model
 
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "minimax_m3", "hy_v4", "glm5_next", "mistral_large4")
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "minimax_m3", "hy_v4", "glm5_next", "mistral_large4", "deepseek_v4")
 #: 4 keys per query: 4 best keys (DSA), or the query's own block of 4 keys (MiniMax-M3: 1 block kept); GLM-5.3-Next:
 #: 2 best complete pools of 2 keys and the query's incomplete pool, so every key up to 5 tokens.
 SPARSE_OF = {"deepseek_v32": {"index_topk": 4}, "glm_moe_dsa": {"index_topk": 4},
              "minimax_m3": {"index_topk_blocks": 1}, "hy_v4": {"index_topk": 4},
-             "glm5_next": {"index_topk": 4, "index_kpool": 2}, "mistral_large4": {"index_topk": 4}}
-#: Keys per query up to which the sparse configs keep every key.
-BUDGET = {"glm5_next": 5}
+             "glm5_next": {"index_topk": 4, "index_kpool": 2}, "mistral_large4": {"index_topk": 4},
+             "deepseek_v4": {"index_topk": 1}}
+#: Tokens up to which the sparse configs keep every key (DeepSeek-V4: its best compressed entry of 4 positions, so
+#: every entry up to 7 tokens; its sliding keys are not selected).
+BUDGET = {"glm5_next": 5, "deepseek_v4": 7}
 #: What the record pass says it would drop on a 20-token window: the selection handed to the attention as
 #: indices or blocks, or folded into its mask (GLM-5.3-Next).
 DROPPED = {"deepseek_v32": "keeps 4 of 20 keys", "glm_moe_dsa": "keeps 4 of 20 keys",
            "minimax_m3": "keeps 1 of 5 blocks of 4 keys", "hy_v4": "keeps 4 of 20 keys",
-           "glm5_next": "drops keys of this window", "mistral_large4": "keeps 4 of 20 keys"}
+           "glm5_next": "drops keys of this window", "mistral_large4": "keeps 4 of 20 keys",
+           "deepseek_v4": "keeps a selection of its entries"}
 KEYS = ["layer", "seq", "pos", "expert", "kind", "scope"]
 
 
@@ -59,7 +62,8 @@ def test_windows_past_index_topk_go_to_the_reference_engine_with_the_reason(fami
     moe = wrap_model(tiny_model(family, seed=3, **SPARSE_OF[family]), name=family)
     result = compute_effects(moe, window(), Selection.sample(3, seed=0))
     reason = result.stats.fallback_reason
-    assert f"windows of 20 tokens exceed the {BUDGET.get(family, 4)} keys per query" in reason and "Indexer)" in reason
+    assert f"windows of 20 tokens exceed the {BUDGET.get(family, 4)} tokens up to which" in reason
+    assert "Indexer) keeps every key" in reason
     assert reason in caplog.text and set(result.effects["engine"]) == {"reference"}
 
 

@@ -41,6 +41,9 @@ from typing import Iterator
 
 import torch
 
+from moeaudit.intervene import compressed as compressed_attention
+from moeaudit.intervene.compressed import CompressedCache
+
 IMPLEMENTATION = "moeaudit_rows"
 #: Native attention implementations whose masks and outputs the record mode can reproduce.
 SUPPORTED_NATIVE = ("sdpa", "eager")
@@ -62,11 +65,15 @@ class LayerCache:
         MLA, after the latent expansion).
     allowed : bool Tensor [T, T]
         ``allowed[q, j]``: query position q may attend to key position j (the model's own mask).
+    compressed : CompressedCache, optional
+        A compressed attention layer's clean projections and entries (DeepSeek-V4:
+        :mod:`moeaudit.intervene.compressed`), whose keys follow the positions' in the attention's input.
     """
 
     key: torch.Tensor
     value: torch.Tensor
     allowed: torch.Tensor
+    compressed: "CompressedCache | None" = None
 
 
 @dataclass
@@ -76,6 +83,10 @@ class AttentionState:
     mode: str  # "record" | "rows"
     native: str
     caches: dict[int, LayerCache] = field(default_factory=dict)
+    # record mode: compressed layers' per-position projections, until their attention records them
+    pending: dict = field(default_factory=dict)
+    # rows mode: which row query sees which entry a compressed layer appended to its keys in this call
+    appended: dict = field(default_factory=dict)
     # rows mode: start position of each row [R] and the number of positions per row
     row_start: torch.Tensor | None = None
     row_len: int = 1
@@ -97,7 +108,11 @@ class AttentionState:
             raise UnsupportedAttention("attention logit soft-capping is not replayed by the row kernel")
         if layer_idx in self.caches:
             raise UnsupportedAttention(f"attention of layer {layer_idx} ran twice in one forward")
-        seq_len = key.shape[2]
+        seq_len = query.shape[2]
+        compressed = None
+        if key.shape[2] != seq_len or layer_idx in self.pending:  # a compressed layer (DeepSeek-V4): entries
+            # appended after the positions' keys, none on a window shorter than one block
+            compressed = self._record_entries(module, layer_idx, key, attention_mask, seq_len)
         indices = kwargs.pop("indices", None)  # DeepSeek Sparse Attention's key selection [B, S, topk]
         if indices is not None and indices.shape[-1] < seq_len:
             raise UnsupportedAttention(f"the indexer of layer {layer_idx} keeps {indices.shape[-1]} of {seq_len} keys "
@@ -109,12 +124,14 @@ class AttentionState:
                 raise UnsupportedAttention(f"the indexer of layer {layer_idx} keeps {blocks.shape[-1]} of "
                                            f"{-(-seq_len // size)} blocks of {size} keys per query, a selection the "
                                            "rows would have to redo")
-        allowed = _allowed_from_mask(attention_mask, seq_len, key.device)
+        raw_mask = attention_mask if compressed is None else attention_mask[..., :seq_len]
+        allowed = _allowed_from_mask(raw_mask, seq_len, key.device)
         selects = getattr(module, "indexer", None) is not None or getattr(module, "skip_topk", False)
         if selects and not _dense_causal(allowed):  # an indexer's selection (or an earlier one reused) in the mask
             raise UnsupportedAttention(f"the indexer of layer {layer_idx} drops keys of this window from some "
                                        "query's attention, a selection the rows would have to redo")
-        self.caches[layer_idx] = LayerCache(key[0].detach(), value[0].detach(), allowed)
+        self.caches[layer_idx] = LayerCache(key[0, :, :seq_len].detach(), value[0, :, :seq_len].detach(), allowed,
+                                            compressed)
         family_eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if family_eager is None:
             raise UnsupportedAttention(f"{type(module).__module__} defines no eager_attention_forward")
@@ -123,12 +140,43 @@ class AttentionState:
         native = ALL_ATTENTION_FUNCTIONS.get_interface(self.native, family_eager)
         return native(module, query, key, value, attention_mask, **kwargs)
 
+    def _record_entries(self, module, layer_idx: int, key, attention_mask, seq_len: int):
+        """The clean state of a compressed layer whose attention received ``key.shape[2] - seq_len`` entries after
+        the positions' keys (:func:`moeaudit.intervene.compressed.recorded`); any other layer with more keys than
+        queries is refused."""
+        from moeaudit.intervene.compressed import recorded
+
+        compressor = getattr(module, "compressor", None)
+        entries = key.shape[2] - seq_len
+        if compressor is None or layer_idx not in self.pending or (entries and attention_mask is None):
+            raise UnsupportedAttention(f"the attention of layer {layer_idx} receives {key.shape[2]} keys for "
+                                       f"{seq_len} positions")
+        if attention_mask is None:  # no entry to mask
+            return recorded(compressor, self.pending.pop(layer_idx), key[0, 0, seq_len:].detach(),
+                            torch.zeros(seq_len, 0, dtype=torch.bool, device=key.device))
+        tail = attention_mask[..., seq_len:]
+        tail = tail[:, 0] if tail.dim() == 4 else tail
+        tail = tail[0]
+        if tail.dtype != torch.bool:
+            if not bool(((tail == 0) | (tail == float("-inf")) | (tail == torch.finfo(tail.dtype).min)).all()):
+                raise UnsupportedAttention(f"the mask of layer {layer_idx}'s compressed entries carries a bias")
+            tail = tail == 0
+        return recorded(compressor, self.pending.pop(layer_idx), key[0, 0, seq_len:].detach(), tail)
+
     # ------------------------------------------------------------------ rows
     def rows(self, module, query, key, value, scaling, sinks):
         cache = self.caches[module.layer_idx]
         allow_clean, allow_own = self._row_masks(cache.allowed)
+        appended = self.appended.pop(module.layer_idx, None)
+        extra = None
+        if key.shape[2] != self.row_len:  # a compressed layer's entries after the rows' own keys
+            if appended is None or key.shape[2] != self.row_len + appended.shape[-1]:
+                raise UnsupportedAttention(f"the attention of layer {module.layer_idx} receives {key.shape[2]} keys "
+                                           f"for rows of {self.row_len} positions")
+            extra = (key[:, :, self.row_len:], value[:, :, self.row_len:], appended)
+            key, value = key[:, :, :self.row_len], value[:, :, :self.row_len]
         return rows_attention(query, key, value, cache.key, cache.value, allow_clean, allow_own,
-                              scaling=scaling, sinks=sinks)
+                              scaling=scaling, sinks=sinks, extra=extra)
 
     def _row_masks(self, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row masks against the clean prefix [R, S, P] and within the row's own block [R, S, S]."""
@@ -181,7 +229,8 @@ def _allowed_from_mask(attention_mask, seq_len: int, device) -> torch.Tensor:
     return mask == 0
 
 
-def rows_attention(query, key, value, clean_key, clean_value, allow_clean, allow_own, *, scaling, sinks=None):
+def rows_attention(query, key, value, clean_key, clean_value, allow_clean, allow_own, *, scaling, sinks=None,
+                   extra=None):
     """Attention of R rows against a shared clean prefix plus each row's own keys/values.
 
     Parameters
@@ -198,6 +247,9 @@ def rows_attention(query, key, value, clean_key, clean_value, allow_clean, allow
     scaling : float
     sinks : Tensor [Hq], optional
         GPT-OSS attention-sink logits: one extra logit per head, dropped after the softmax.
+    extra : (Tensor [R, Hkv, N, Dk], Tensor [R, Hkv, N, Dv], bool Tensor [R, S, N]), optional
+        Further keys/values of each row and which of its queries see them (DeepSeek-V4's compressed entries,
+        :func:`moeaudit.intervene.compressed.row_entries`).
 
     Returns
     -------
@@ -226,6 +278,11 @@ def rows_attention(query, key, value, clean_key, clean_value, allow_clean, allow
     own = torch.matmul(q, key.unsqueeze(2).transpose(-1, -2)) * scaling  # [R, Hkv, g, S, S]
     own = own.to(acc).masked_fill(~allow_own[:, None, None], neg).permute(1, 0, 2, 3, 4)
     logits.append(own)
+    entries = 0 if extra is None else extra[0].shape[2]
+    if entries:
+        appended = torch.matmul(q, extra[0].unsqueeze(2).transpose(-1, -2)) * scaling  # [R, Hkv, g, S, N]
+        appended = appended.to(acc).masked_fill(~extra[2][:, None, None], neg).permute(1, 0, 2, 3, 4)
+        logits.append(appended)
     if sinks is not None:
         sink = sinks.to(acc).reshape(kv_heads, 1, groups, 1, 1).expand(-1, rows, -1, span, 1)
         logits.append(sink)
@@ -235,6 +292,9 @@ def rows_attention(query, key, value, clean_key, clean_value, allow_clean, allow
     if prefix > 0:
         clean_probs = probs[..., :prefix].reshape(kv_heads, rows * groups * span, prefix)
         out = out + torch.matmul(clean_probs, clean_value[:, :prefix]).view(kv_heads, rows, groups, span, -1)
+    if entries:
+        entry_probs = probs[..., prefix + span:prefix + span + entries]  # [Hkv, R, g, S, N]
+        out = out + torch.matmul(entry_probs, extra[1].permute(1, 0, 2, 3).unsqueeze(2))
     # contiguous, as transformers' eager attention returns it: AFMoE's attention `.view`s the output
     out = out.permute(1, 3, 0, 2, 4).reshape(rows, span, heads, -1).contiguous()
     return out, None
@@ -305,10 +365,11 @@ def attention_mode(model, state: AttentionState) -> Iterator[AttentionState]:
     try:
         config._attn_implementation = IMPLEMENTATION
         if state.mode == "rows":
-            with _block_indexers_idle(model):
+            with _block_indexers_idle(model), compressed_attention.replaying(model, state):
                 yield state
         else:
-            yield state
+            with compressed_attention.recording(model, state.pending):
+                yield state
     finally:
         config._attn_implementation = original
         _ACTIVE.reset(token)

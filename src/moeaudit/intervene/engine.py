@@ -222,11 +222,17 @@ def indexer_key_budget(indexer: torch.nn.Module) -> int | None:
     * MiniMax-M3's Lightning Indexer (``MiniMaxM3VLIndexer``): each query keeps its ``topk_blocks`` best blocks
       of ``block_size`` keys (``topk = min(topk_blocks, ceil(T / block_size))``), so every key up to
       ``topk_blocks * block_size``;
+    * DeepSeek-V4's Lightning Indexer (``DeepseekV4Indexer``, in its CSA compressor): each query keeps its
+      ``index_topk`` best compressed entries of ``compress_rate`` positions, so every entry up to
+      ``(index_topk + 1) * compress_rate - 1`` positions (its sliding-window keys are not selected);
     * GLM-5.3-Next's pooled indexer (``Glm5NextTextIndexer``): each query keeps its ``index_topk / index_kpool``
       best complete pools of ``index_kpool`` keys plus, with ``index_kpool_always_select_tail``, the incomplete
       pool it sits in, so every key up to ``index_topk + index_kpool - 1``; without the tail a query never keeps
       the keys of its own incomplete pool (None).
     """
+    rate = getattr(indexer, "compress_rate", None)
+    if rate is not None and getattr(indexer, "index_topk", None) is not None:
+        return (int(indexer.index_topk) + 1) * int(rate) - 1
     kpool = getattr(indexer, "index_kpool", None)
     if kpool is not None:
         return int(indexer.index_topk) + int(kpool) - 1 if getattr(indexer, "index_kpool_always_select_tail",
@@ -248,7 +254,10 @@ def _sparse_attention_reason(moe: MoEModel, seq_len: int) -> str | None:
     (2048 tokens in the released DeepSeek-V3.2 and MiniMax-M3 checkpoints) every query keeps every key: the
     attention is the dense causal one, which the fast engine replays exactly."""
     for index, layer in enumerate(moe.adapter.decoder_layers(moe.model)):
-        indexer = getattr(getattr(layer, "self_attn", None), "indexer", None)
+        attention = getattr(layer, "self_attn", None)
+        indexer = getattr(attention, "indexer", None)
+        if indexer is None:  # DeepSeek-V4: inside its CSA layers' compressor
+            indexer = getattr(getattr(attention, "compressor", None), "indexer", None)
         if not isinstance(indexer, torch.nn.Module):
             continue
         budget = indexer_key_budget(indexer)
@@ -256,9 +265,10 @@ def _sparse_attention_reason(moe: MoEModel, seq_len: int) -> str | None:
             return (f"decoder layer {index}'s attention selects keys with an indexer ({type(indexer).__name__}) "
                     "whose per-row key selection the fast engine does not replay")
         if seq_len > budget:
-            return (f"windows of {seq_len} tokens exceed the {budget} keys per query that decoder layer {index}'s "
-                    f"indexer ({type(indexer).__name__}) keeps, whose per-row key selection the fast engine does "
-                    f"not replay; windows of at most {budget} tokens (--max-len) run fast")
+            return (f"windows of {seq_len} tokens exceed the {budget} tokens up to which decoder layer {index}'s "
+                    f"indexer ({type(indexer).__name__}) keeps every key for every query, whose per-row key "
+                    f"selection the fast engine does not replay; windows of at most {budget} tokens (--max-len) "
+                    "run fast")
     return None
 
 

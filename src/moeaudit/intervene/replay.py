@@ -99,7 +99,8 @@ def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids:
     """The rotary embeddings each decoder layer receives, as the model's own forward computes them: one per
     layer type where ``rotary_emb`` takes a ``layer_type`` (Mellum, MiMo-V2-Flash: sliding and full layers
     rotate with different bases; None for a type whose ``rope_parameters`` entry is None, Beam's NoPE full
-    attention) or per layer base (``layer_rope_theta``: Granite-SWA's rotary module per base,
+    attention; rope parameters keyed by rope type instead, DeepSeek-V4's ``main`` / ``compress``: all of them
+    to every layer) or per layer base (``layer_rope_theta``: Granite-SWA's rotary module per base,
     Muse-Spark's one; a base of 0 gives the layer none), else one shared by every layer; None per layer for a
     family without rotary embeddings. The rotary module is the backbone's
     (:meth:`moeaudit.models.FamilyAdapter.backbone`: a vision-language model's language model)."""
@@ -117,6 +118,11 @@ def layer_position_embeddings(moe: MoEModel, hidden: torch.Tensor, position_ids:
     if "layer_type" in inspect.signature(rotary.forward).parameters:
         types = list(moe.config.layer_types)
         parameters = getattr(moe.config, "rope_parameters", None) or {}
+        if parameters and not set(types) & set(parameters) and all(isinstance(v, dict) for v in parameters.values()):
+            # keyed by rope type, not layer type (DeepSeek-V4: main, compress): every layer gets them all and picks
+            # its own, as ``DeepseekV4Model.forward`` hands them
+            every = {kind: rotary(hidden, position_ids, kind) for kind in parameters}
+            return [every] * n_layers
         by_type = {kind: None if kind in parameters and parameters[kind] is None  # Beam: no rotary on this type
                    else rotary(hidden, position_ids, kind) for kind in dict.fromkeys(types)}
         return [by_type[kind] for kind in types]

@@ -1,5 +1,5 @@
 """DeepSeek-V4 (``DeepseekV4ForCausalLM``; DeepSeek-V4-Flash, V4-Pro): the learned-router MoE layers, audited on
-the reference engine.
+the fast engine.
 
 What transformers 5.23 implements (``transformers/models/deepseek_v4/modeling_deepseek_v4.py``):
 
@@ -19,11 +19,12 @@ What moeaudit audits, and why not more:
 * Not the hash-routed layers (``moeaudit inspect`` lists them): their selection is a table lookup, so a
   removed expert has no next-best replacement (``reroute``) and a pruned layer no defined routing; moeaudit's
   routing contract (re-routing from the logits) does not hold there.
-* Interventions run on the reference engine (whole forward passes of the model with the block edited): the
-  fast engine's rows carry several residual streams (as for Hy4 and GLM-5.3-Next), but not V4's compressed
-  attention, whose compressors pool the keys of blocks of positions into entries of their own caches
-  (``DeepseekV4HCACompressor``, ``DeepseekV4CSACompressor``) that an intervened row would have to recompute
-  (:attr:`DeepseekV4Adapter.fast_refusal`).
+* Interventions run on the fast engine: its rows carry the ``hc_mult`` residual streams (restarting at the
+  intervened block, :func:`moeaudit.intervene.fast.restarts_at_block`), the hash layers' token ids
+  (:meth:`DeepseekV4Adapter.row_layer_arguments`) and the compressed attention's entries, recomputed per row
+  where its own positions close a block (:mod:`moeaudit.intervene.compressed`); windows longer than the CSA
+  indexer keeps every entry for, ``(index_topk + 1) * 4 - 1`` = 2,051 tokens in the released configs, run on
+  the reference engine.
 * The pruned checkpoint is not exported: the hash layers keep every expert, and the config has one expert
   count for all layers (:attr:`DeepseekV4Adapter.export_refusal`).
 """
@@ -42,8 +43,8 @@ class DeepseekV4Adapter(ScoredTopKAdapter):
     architectures = ("DeepseekV4ForCausalLM",)
     rule = ScoredRule("sqrtsoftplus_bias_renorm_scaled", score="sqrtsoftplus", bias="router", renorm="always",
                       scaled=True)
-    fast_refusal = ("DeepSeek-V4's compressed attention pools the keys of blocks of positions into entries of its "
-                    "own caches (HCA/CSA compressors), which the fast engine's rows do not replay")
+    #: The hash-routed layers read the token ids: :meth:`row_layer_arguments` hands the rows theirs.
+    replayed_layer_arguments = frozenset({"input_ids"})
     export_refusal = ("DeepSeek-V4's hash-routed layers keep every expert (moeaudit does not prune them) and its "
                       "config holds one expert count for all layers, so the pruned model has no checkpoint form; "
                       "use the masked evaluation of `moeaudit prune` (pruning.parquet)")
@@ -56,3 +57,9 @@ class DeepseekV4Adapter(ScoredTopKAdapter):
         blocks = {index: getattr(layer, self.block_attr) for index, layer in enumerate(self.decoder_layers(model))}
         return {index: (self.describe_layer(config, index, block), "hash-routed (experts fixed per token id)")
                 for index, block in blocks.items() if getattr(block, "is_hash", False)}
+
+    def row_layer_arguments(self, moe, clean, position_ids, first_layer: int):
+        """The rows' token ids (``DeepseekV4Model.forward`` hands ``input_ids`` to every decoder layer; the hash
+        router looks its experts up by them): an intervention changes no token, so the window's."""
+        ids = clean.input_ids[position_ids]
+        return lambda index: {"input_ids": ids}

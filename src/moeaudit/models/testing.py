@@ -30,7 +30,6 @@ FAMILIES: tuple[str, ...] = (
 #: (:func:`moeaudit.intervene.fast.restarts_at_block`).
 REFERENCE_ONLY: dict[str, str] = {
     "deepseek_v32_sparse": "DeepseekV32Indexer",  # windows longer than index_topk: the selection changes
-    "deepseek_v4": "compressed attention",  # compressors pool blocks of keys into their own caches
     "qwen4_exp": "gated-residual hyper-connections",  # several residual streams, n-gram embeddings, QSA indexer
     "inkling2": "short convolution before the residual stream",  # and block attention residuals
 }
@@ -169,12 +168,15 @@ def tiny_config(family: str, **overrides: Any):
                                       moe_normalize_expert_weights=1.0))
         cls = DbrxConfig
     elif family == "deepseek_v4":  # a hash-routed first layer, then sqrt-softplus top-k layers; 2 residual streams
-        # sliding window 8 < the tests' windows, compressed attention in every layer (the released default)
+        # sliding window 8 < the tests' windows; sliding, CSA (entries of 4 positions, every one kept up to 259
+        # tokens) and HCA (of 8) layers, so the tests' windows close several blocks of each
         fields = dict(_COMMON, moe_intermediate_size=16, num_hidden_layers=3, num_key_value_heads=1, head_dim=16,
                       q_lora_rank=16, num_experts_per_tok=2, n_routed_experts=8, n_shared_experts=1, hc_mult=2,
                       hc_sinkhorn_iters=3, sliding_window=8, o_groups=2, o_lora_rank=16, index_n_heads=2,
                       index_head_dim=8, index_topk=64, num_nextn_predict_layers=0,
-                      mlp_layer_types=["hash_moe", "moe", "moe"])
+                      mlp_layer_types=["hash_moe", "moe", "moe"],
+                      layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+                      compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8})
         cls = DeepseekV4Config
     elif family == "mistral_large4":  # MLA + indexer; layer 2 reuses layer 1's keys/values and key selection;
         # layer 3 without RoPE (every 4th); a dense first layer; 2 groups of 4 experts, the best group kept
