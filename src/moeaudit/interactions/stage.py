@@ -119,7 +119,7 @@ def run_interactions(run: RunDir, *, moe=None, executor=None, on_batch=None) -> 
     """
     from moeaudit.audit.stage import audit_settings, window_documents
     from moeaudit.interactions.summary import interaction_summary, shapley_tests
-    from moeaudit.intervene.stage import engine_config_for, windows_from_tokens
+    from moeaudit.intervene.stage import engine_config_for, model_windows
     from moeaudit.scale import WorkUnit, make_executor, run_units
     from moeaudit.scale.units import chunks, unit_id
 
@@ -135,11 +135,7 @@ def run_interactions(run: RunDir, *, moe=None, executor=None, on_batch=None) -> 
     own_executor = executor is None
     executor = executor or make_executor(config, moe)
     try:
-        model = executor.describe_model()
-        run.check_model(model)
-        seqs, input_ids, attention_mask = windows_from_tokens(chosen, model.get("pad_token_id") or 0)
-        if bool(attention_mask.all()):
-            attention_mask = None
+        seqs, input_ids, attention_mask = model_windows(run, executor, chosen)
         settings = dict(layers=layers, n=part.interactions_n, seed=config.seed, kind=kind,
                         config=engine_config_for(config), sets=sets, max_exact_players=part.shapley_exact_players,
                         permutations=part.shapley_permutations)

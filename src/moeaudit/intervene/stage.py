@@ -26,6 +26,15 @@ def windows_from_tokens(tokens: pd.DataFrame, pad_id: int = 0) -> tuple[np.ndarr
     return windows.seqs, torch.from_numpy(windows.token_ids), torch.from_numpy(windows.attention_mask)
 
 
+def model_windows(run: RunDir, executor, chosen: pd.DataFrame) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
+    """The executor's model checked against the run's (:meth:`moeaudit.rundir.RunDir.check_model`), then the
+    windows of ``chosen`` padded with its pad token: (seqs, input_ids, attention_mask or None without padding)."""
+    model = executor.describe_model()
+    run.check_model(model)
+    seqs, input_ids, attention_mask = windows_from_tokens(chosen, model.get("pad_token_id") or 0)
+    return seqs, input_ids, None if bool(attention_mask.all()) else attention_mask
+
+
 def _merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     merged: dict[str, Any] = {"calls": len(parts)}
     for key in ("windows", "interventions", "estimates", "noise_interventions"):
@@ -156,11 +165,7 @@ def run_intervene(run: RunDir, *, moe: MoEModel | None = None,
     own_executor = executor is None
     executor = executor or make_executor(config, moe)
     try:
-        model = executor.describe_model()
-        run.check_model(model)
-        seqs, input_ids, attention_mask = windows_from_tokens(chosen, model.get("pad_token_id") or 0)
-        if bool(attention_mask.all()):
-            attention_mask = None
+        seqs, input_ids, attention_mask = model_windows(run, executor, chosen)
         engine_config = engine_config_for(config)
         if position_sets is not None:  # the union of the sets, at every layer, windows counted from the first
             local = {int(seq): b for b, seq in enumerate(seqs)}
