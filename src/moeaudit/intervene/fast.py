@@ -83,8 +83,8 @@ def couples_additively(moe: MoEModel, *, rtol: float = 1e-3) -> bool:
     model's dtype, of its norm. A norm after the block (FlexOlmo, Kolibri-1, A.X-K1) or any other transform
     between the block and the residual stream misses by far; every additive family passes to rounding. A
     decoder layer whose output has another shape than its block's (several residual streams, each receiving
-    the block's output with its own input-dependent weight: Hy4's and GLM-5.3-Next's hyper-connections) is
-    not additive, without a second run."""
+    the block's output with its own input-dependent weight: Hy4's, GLM-5.3-Next's and DeepSeek-V4's
+    hyper-connections) is not additive, without a second run."""
     layer = moe.layers[0]
     decoder = moe.adapter.decoder_layers(moe.model)[layer.layer]
     vocab = int(moe.config.vocab_size)
