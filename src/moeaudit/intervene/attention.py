@@ -142,9 +142,10 @@ class AttentionState:
 
     def _record_entries(self, module, layer_idx: int, key, attention_mask, seq_len: int):
         """The clean state of a compressed layer whose attention received ``key.shape[2] - seq_len`` entries after
-        the positions' keys (:func:`moeaudit.intervene.compressed.recorded`); any other layer with more keys than
-        queries is refused."""
-        from moeaudit.intervene.compressed import recorded
+        the positions' keys (:func:`moeaudit.intervene.compressed.recorded`), refused where the rows could not
+        replay it (:func:`~moeaudit.intervene.compressed.replay_problem`); any other layer with more keys than
+        queries is refused too."""
+        from moeaudit.intervene.compressed import recorded, replay_problem
 
         compressor = getattr(module, "compressor", None)
         entries = key.shape[2] - seq_len
@@ -152,16 +153,19 @@ class AttentionState:
             raise UnsupportedAttention(f"the attention of layer {layer_idx} receives {key.shape[2]} keys for "
                                        f"{seq_len} positions")
         if attention_mask is None:  # no entry to mask
-            return recorded(compressor, self.pending.pop(layer_idx), key[0, 0, seq_len:].detach(),
-                            torch.zeros(seq_len, 0, dtype=torch.bool, device=key.device))
-        tail = attention_mask[..., seq_len:]
-        tail = tail[:, 0] if tail.dim() == 4 else tail
-        tail = tail[0]
-        if tail.dtype != torch.bool:
-            if not bool(((tail == 0) | (tail == float("-inf")) | (tail == torch.finfo(tail.dtype).min)).all()):
-                raise UnsupportedAttention(f"the mask of layer {layer_idx}'s compressed entries carries a bias")
-            tail = tail == 0
-        return recorded(compressor, self.pending.pop(layer_idx), key[0, 0, seq_len:].detach(), tail)
+            tail = torch.zeros(seq_len, 0, dtype=torch.bool, device=key.device)
+        else:
+            tail = attention_mask[..., seq_len:]
+            tail = (tail[:, 0] if tail.dim() == 4 else tail)[0]
+            if tail.dtype != torch.bool:
+                if not bool(((tail == 0) | (tail == float("-inf")) | (tail == torch.finfo(tail.dtype).min)).all()):
+                    raise UnsupportedAttention(f"the mask of layer {layer_idx}'s compressed entries carries a bias")
+                tail = tail == 0
+        cache = recorded(self.pending.pop(layer_idx), key[0, 0, seq_len:].detach())
+        problem = replay_problem(compressor, cache, tail)
+        if problem is not None:
+            raise UnsupportedAttention(f"the compressed attention of layer {layer_idx} {problem}")
+        return cache
 
     # ------------------------------------------------------------------ rows
     def rows(self, module, query, key, value, scaling, sinks):

@@ -169,21 +169,22 @@ def recording(model, pending: dict[int, dict]) -> Iterator[None]:
             handle.remove()
 
 
-def recorded(compressor, pending: dict, entries: torch.Tensor, allowed: torch.Tensor) -> CompressedCache:
-    """The clean state of one compressed layer (its projections from ``pending``, the library's ``entries``
-    [N, D] that its attention received after the raw keys, and the mask ``allowed`` [T, N] it applied to them),
-    after two checks that raise :class:`moeaudit.intervene.attention.UnsupportedAttention`: every real query
-    saw every closed entry (the indexer dropped none), and :func:`pooled_entries` reproduces the library's
-    entries (to float32 rounding of the model's dtype)."""
-    from moeaudit.intervene.attention import UnsupportedAttention
+def recorded(pending: dict, entries: torch.Tensor) -> CompressedCache:
+    """The clean state of one compressed layer: its projections from ``pending`` (:func:`recording`) and the
+    library's ``entries`` [N, D] that its attention received after the raw keys."""
+    return CompressedCache(kv=pending["kv"][0], gate=pending["gate"][0], entries=entries)
 
-    kv, gate = pending["kv"][0], pending["gate"][0]  # [T, C]
+
+def replay_problem(compressor, cache: CompressedCache, allowed: torch.Tensor) -> str | None:
+    """Why the rows cannot replay this compressed layer on this window, or None: some query did not see a
+    closed entry (the indexer dropped it; ``allowed`` [T, N] is the mask the attention applied to the entries),
+    or :func:`pooled_entries` does not reproduce the library's entries (to 8 units in the last place of the
+    model's dtype)."""
     m = int(compressor.compress_rate)
+    kv, gate, entries = cache.kv, cache.gate, cache.entries
     positions = torch.arange(kv.shape[0], device=kv.device)
     if not bool((allowed == visible(positions[None], entries.shape[0], m)[0]).all()):
-        raise UnsupportedAttention(f"the compressed attention of layer {getattr(compressor, 'layer_idx', '?')} keeps "
-                                   "a selection of its entries on this window, which the rows would have to redo")
-    cache = CompressedCache(kv=kv, gate=gate, entries=entries)
+        return "keeps a selection of its entries on this window, which the rows would have to redo"
     if entries.shape[0]:
         count = entries.shape[0]
         span = torch.cat([torch.zeros_like(kv[:m]), kv[:count * m]])[None]
@@ -191,9 +192,9 @@ def recorded(compressor, pending: dict, entries: torch.Tensor, allowed: torch.Te
         again = pooled_entries(compressor, span, span_gate, torch.zeros(1, dtype=torch.long, device=kv.device))[0]
         tolerance = 8 * torch.finfo(entries.dtype).eps * float(entries.abs().max()) + 1e-30
         if float((again.float() - entries.float()).abs().max()) > tolerance:
-            raise UnsupportedAttention("moeaudit's replay of the compressed attention's entries differs from the "
-                                       "library's (transformers changed DeepseekV4's compressors)")
-    return cache
+            return ("has entries that moeaudit's replay of the compressed attention does not reproduce "
+                    "(transformers changed DeepseekV4's compressors)")
+    return None
 
 
 @contextmanager
