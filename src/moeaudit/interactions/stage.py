@@ -74,13 +74,13 @@ def interactions_unit(moe, payload: dict[str, Any]):
 def _unit_prefix(settings: dict[str, Any]) -> str:
     """``interactions-<digest>``: the unit ids name the settings they were measured with, so a run whose
     interactions settings changed (they are not part of the run's fingerprint) starts its units afresh."""
+    import dataclasses
     import hashlib
     import json
 
-    sets = settings.get("sets")
-    described = {name: value for name, value in settings.items() if name not in ("sets", "config")}
-    described["config"] = settings["config"].__dict__ if hasattr(settings["config"], "__dict__") else None
-    described["sets"] = None if sets is None else sets.astype({"seed": "float64"}).to_dict(orient="split")
+    sets = settings["sets"]
+    described = dict(settings, config=dataclasses.asdict(settings["config"]),
+                     sets=None if sets is None else sets.astype({"seed": "float64"}).to_dict(orient="split"))
     text = json.dumps(described, sort_keys=True, default=str)
     return "interactions-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 

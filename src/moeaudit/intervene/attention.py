@@ -145,8 +145,6 @@ class AttentionState:
         the positions' keys (:func:`moeaudit.intervene.compressed.recorded`), refused where the rows could not
         replay it (:func:`~moeaudit.intervene.compressed.replay_problem`); any other layer with more keys than
         queries is refused too."""
-        from moeaudit.intervene.compressed import recorded, replay_problem
-
         compressor = getattr(module, "compressor", None)
         entries = key.shape[2] - seq_len
         if compressor is None or layer_idx not in self.pending or (entries and attention_mask is None):
@@ -161,8 +159,8 @@ class AttentionState:
                 if not bool(((tail == 0) | (tail == float("-inf")) | (tail == torch.finfo(tail.dtype).min)).all()):
                     raise UnsupportedAttention(f"the mask of layer {layer_idx}'s compressed entries carries a bias")
                 tail = tail == 0
-        cache = recorded(self.pending.pop(layer_idx), key[0, 0, seq_len:].detach())
-        problem = replay_problem(compressor, cache, tail)
+        cache = compressed_attention.recorded(self.pending.pop(layer_idx), key[0, 0, seq_len:].detach())
+        problem = compressed_attention.replay_problem(compressor, cache, tail)
         if problem is not None:
             raise UnsupportedAttention(f"the compressed attention of layer {layer_idx} {problem}")
         return cache

@@ -50,6 +50,10 @@ REPLAYED_LAYER_ARGUMENTS = frozenset({"attention_mask", "past_key_values", "posi
                                       "use_cache", "cache_position", "output_router_logits", "output_attentions",
                                       "prev_topk_indices"})
 
+#: What a decoder layer raises when it cannot run on the fast engine's rows (an argument or a shape the rows do
+#: not give it): a reason to measure with the reference engine, not a crash.
+ROW_ERRORS = (TypeError, RuntimeError, ValueError, LookupError, AttributeError)
+
 _VERDICTS: "weakref.WeakKeyDictionary[torch.nn.Module, str | None]" = weakref.WeakKeyDictionary()
 
 
@@ -136,7 +140,7 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
     selection = Selection.explicit(items)
     try:
         fast = compute(moe, ids, selection, config=dataclasses.replace(base, engine="fast")).effects
-    except (TypeError, RuntimeError, ValueError, LookupError, AttributeError) as err:  # rows a layer cannot run
+    except ROW_ERRORS as err:  # rows a layer cannot run
         first = first_line(err)
         return (f"the fast engine cannot run this model's decoder layers on single rows ({type(err).__name__}: "
                 f"{first[:160]}), so every effect is measured with full forward passes")
@@ -150,7 +154,7 @@ def _check(moe, input_ids, attention_mask, compute, config) -> str | None:
     set_restart_at_block(moe, not restart)
     try:
         other = compute(moe, ids, selection, config=dataclasses.replace(base, engine="fast")).effects
-    except (TypeError, RuntimeError, ValueError, LookupError, AttributeError):  # e.g. Δy added to several streams
+    except ROW_ERRORS:  # e.g. Δy added to several residual streams
         other = None
     if other is not None and _disagreeing(moe, other, reference).empty:
         logger.info("the fast engine's rows %s", "restart at the intervened MoE layer with the block's output "
